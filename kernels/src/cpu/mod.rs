@@ -1,0 +1,309 @@
+//! The CPU backend: SIMD kernels with runtime detection, threads only over output tiles.
+//!
+//! * **ISA paths.** [`Isa::Avx512`] (AVX-512 F/BW/VL), [`Isa::Avx2`] (AVX2 + FMA + F16C) and
+//!   [`Isa::Scalar`] (a plain loop over the 16 logical lanes, the path for every other target) all
+//!   evaluate the same logical-lane order, so they agree with [`crate::reference`] bit for bit.
+//!   Any path can be forced ([`CpuConfig::isa`]) so the contract tests cover each one.
+//! * **Threads.** A private rayon pool of `threads` workers. Work is cut into output tiles (rows of
+//!   `M`, columns of `N`, query rows for attention); one output element is always computed by one
+//!   thread in the contract's order, so the thread count cannot change a bit.
+//! * **Weights** stay as stored (f32 / bf16 / f16, usually memory-mapped) and are widened exactly
+//!   in registers. The bf16 dot-product instructions (`vdpbf16ps`) are never used: their internal
+//!   rounding is not the fma chain of the contract.
+//! * **Fast mode** replaces the matmul by the `gemm` crate (shape-dependent blocking, not
+//!   invariant) for comparison; everything else stays on the contract path.
+
+mod linear;
+mod ops;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use rayon::prelude::*;
+
+use crate::{
+    reference, AttnParams, AttnSeq, Backend, DType, HostWeight, KernelError, KernelMode, KvLayout, NumericsConfig,
+    RopeTables, SampleRequest, SegmentRange, Segmentation, ShardSample, SharedBytes, VocabShard, WeightView,
+};
+
+/// A SIMD instruction-set path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+    /// Every path this CPU can run, best last.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_available()).collect()
+    }
+    pub fn best() -> Isa {
+        *Isa::available().last().expect("scalar is always available")
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "scalar" => Ok(Isa::Scalar),
+            "avx2" => Ok(Isa::Avx2),
+            "avx512" => Ok(Isa::Avx512),
+            o => Err(format!("unknown isa {o:?} (scalar|avx2|avx512)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuConfig {
+    /// Worker threads (≥ 1).
+    pub threads: usize,
+    /// Force an ISA path; `None` picks the best available.
+    pub isa: Option<Isa>,
+    pub mode: KernelMode,
+    pub numerics: NumericsConfig,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            isa: None,
+            mode: KernelMode::Invariant,
+            numerics: NumericsConfig::default(),
+        }
+    }
+}
+
+pub struct CpuBackend {
+    cfg: CpuConfig,
+    isa: Isa,
+    pool: rayon::ThreadPool,
+}
+
+/// A raw pointer that tiles of one output may share across threads: every tile writes a disjoint
+/// set of elements, which is what makes this sound.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub *mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl CpuBackend {
+    pub fn new(cfg: CpuConfig) -> Result<Self, KernelError> {
+        cfg.numerics.validate()?;
+        let isa = cfg.isa.unwrap_or_else(Isa::best);
+        if !isa.is_available() {
+            return Err(KernelError::IsaUnavailable(isa));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.max(1))
+            .thread_name(|i| format!("lockstep-cpu-{i}"))
+            .build()
+            .expect("thread pool");
+        Ok(CpuBackend { cfg, isa, pool })
+    }
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    pub fn threads(&self) -> usize {
+        self.cfg.threads.max(1)
+    }
+    pub fn config(&self) -> &CpuConfig {
+        &self.cfg
+    }
+    pub(crate) fn pool(&self) -> &rayon::ThreadPool {
+        &self.pool
+    }
+
+    /// Row-parallel partial on slices: `x` is `[m, segs.real_range().len()]`, `w` `[n, same]`.
+    pub fn linear_partial_into(&self, x: &[f32], m: usize, w: WeightView<'_>, segs: SegmentRange, y: &mut [f32]) {
+        assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
+        assert_eq!(x.len(), m * w.cols, "x shape");
+        assert_eq!(y.len(), m * w.rows, "y shape");
+        match self.cfg.mode {
+            KernelMode::Invariant => linear::linear_invariant(self, x, m, w, segs, y),
+            KernelMode::Fast => crate::fast::linear_fast(self, x, m, w, y),
+        }
+    }
+
+    /// `y = x · Wᵀ (+ bias)` on slices.
+    pub fn linear_into(&self, x: &[f32], m: usize, w: WeightView<'_>, bias: Option<WeightView<'_>>, y: &mut [f32]) {
+        let segs = Segmentation::new(w.cols, self.cfg.numerics.reduce_segments).expect("validated").full();
+        self.linear_partial_into(x, m, w, segs, y);
+        if let Some(b) = bias {
+            reference::add_bias(y, b);
+        }
+    }
+
+    pub fn rms_norm_into(&self, x: &[f32], w: WeightView<'_>, eps: f32, out: &mut [f32]) {
+        ops::rms_norm(self, x, w, eps, out)
+    }
+
+    pub fn swiglu_into(&self, gate: &[f32], up: &[f32], out: &mut [f32]) {
+        ops::swiglu(self, gate, up, out)
+    }
+
+    pub fn attention_into(
+        &self,
+        q: &[f32],
+        seqs: &[AttnSeq<'_>],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        layout: &KvLayout,
+        p: AttnParams,
+        out: &mut [f32],
+    ) {
+        ops::attention(self, q, seqs, k_cache, v_cache, layout, p, out)
+    }
+
+    pub fn sample_shard_slice(&self, logits: &[f32], shard: VocabShard, requests: &[SampleRequest]) -> Vec<ShardSample> {
+        assert_eq!(logits.len(), requests.len() * shard.rows);
+        self.pool.install(|| {
+            requests
+                .par_iter()
+                .enumerate()
+                .map(|(i, r)| ops::shard_sample(self, &logits[i * shard.rows..(i + 1) * shard.rows], &shard, r))
+                .collect()
+        })
+    }
+}
+
+/// One layer's paged K and V in host memory.
+pub struct CpuKvCache {
+    pub layout: KvLayout,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Keeps an f32 buffer aligned when it is shared as bytes (the fast GEMM reads it as `&[f32]`).
+struct F32Bytes(Vec<f32>);
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: f32 has no padding or invalid bit patterns; u8 has alignment 1.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 4) }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = HostWeight;
+    type KvCache = CpuKvCache;
+
+    fn fingerprint_name(&self) -> String {
+        "cpu".to_string()
+    }
+    fn numerics(&self) -> NumericsConfig {
+        self.cfg.numerics
+    }
+    fn mode(&self) -> KernelMode {
+        self.cfg.mode
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn prepare_weight(&self, w: HostWeight) -> HostWeight {
+        // Fast mode hands matrices to a conventional f32 GEMM: widen once at load, as PyTorch's CPU
+        // path effectively does, instead of on every call.
+        if self.cfg.mode == KernelMode::Fast && w.dtype != DType::F32 && w.rows > 1 {
+            let v = w.view().to_f32();
+            let (rows, cols) = (w.rows, w.cols);
+            let len = v.len() * 4;
+            return HostWeight::new(DType::F32, SharedBytes::new(std::sync::Arc::new(F32Bytes(v)), 0..len), rows, cols)
+                .expect("same shape");
+        }
+        w
+    }
+    fn alloc_kv(&self, layout: KvLayout) -> CpuKvCache {
+        CpuKvCache { layout, k: vec![0.0; layout.floats()], v: vec![0.0; layout.floats()] }
+    }
+    fn linear(&self, x: &Vec<f32>, m: usize, w: &HostWeight, bias: Option<&HostWeight>, y: &mut Vec<f32>) {
+        self.linear_into(x, m, w.view(), bias.map(|b| b.view()), y)
+    }
+    fn linear_partial(&self, x: &Vec<f32>, m: usize, w: &HostWeight, segs: SegmentRange, y: &mut Vec<f32>) {
+        self.linear_partial_into(x, m, w.view(), segs, y)
+    }
+    fn tree_combine(&self, partials: &[&Vec<f32>], y: &mut Vec<f32>) {
+        let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
+        ops::tree_combine(&parts, y)
+    }
+    fn add_bias(&self, y: &mut Vec<f32>, bias: &HostWeight) {
+        reference::add_bias(y, bias.view())
+    }
+    fn embedding(&self, ids: &[u32], table: &HostWeight, out: &mut Vec<f32>) {
+        let t = table.view();
+        assert_eq!(out.len(), ids.len() * t.cols);
+        for (row, &id) in out.chunks_exact_mut(t.cols).zip(ids) {
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = t.get(id as usize, c);
+            }
+        }
+    }
+    fn rms_norm(&self, x: &Vec<f32>, weight: &HostWeight, eps: f32, out: &mut Vec<f32>) {
+        self.rms_norm_into(x, weight.view(), eps, out)
+    }
+    fn rope(&self, x: &mut Vec<f32>, n_heads: usize, positions: &[u32], tables: &RopeTables) {
+        reference::rope(x, n_heads, positions, tables)
+    }
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) {
+        self.swiglu_into(gate, up, out)
+    }
+    fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) {
+        assert_eq!(y.len(), x.len());
+        for (a, b) in y.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+    fn gather_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], out: &mut Vec<f32>) {
+        assert_eq!(out.len(), rows.len() * width);
+        for (o, &r) in out.chunks_exact_mut(width).zip(rows) {
+            o.copy_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
+        }
+    }
+    fn write_kv(&self, cache: &mut CpuKvCache, k: &Vec<f32>, v: &Vec<f32>, slots: &[u32]) {
+        let w = cache.layout.row_width();
+        assert!(k.len() == slots.len() * w && v.len() == k.len());
+        for (i, &s) in slots.iter().enumerate() {
+            let s = s as usize;
+            cache.k[s * w..(s + 1) * w].copy_from_slice(&k[i * w..(i + 1) * w]);
+            cache.v[s * w..(s + 1) * w].copy_from_slice(&v[i * w..(i + 1) * w]);
+        }
+    }
+    fn attention(&self, q: &Vec<f32>, seqs: &[AttnSeq<'_>], cache: &CpuKvCache, params: AttnParams, out: &mut Vec<f32>) {
+        self.attention_into(q, seqs, &cache.k, &cache.v, &cache.layout, params, out)
+    }
+    fn sample_shard(&self, logits: &Vec<f32>, shard: VocabShard, requests: &[SampleRequest]) -> Vec<ShardSample> {
+        self.sample_shard_slice(logits, shard, requests)
+    }
+}

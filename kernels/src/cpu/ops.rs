@@ -1,0 +1,208 @@
+//! The element-wise and per-row ops of the CPU backend.
+//!
+//! These are scalar loops in the contract order (they cost O(hidden) per token, against O(hidden²)
+//! for the matmuls). On x86 they are compiled a second time with the `fma` target feature, so the
+//! contract's `mul_add` becomes one `vfmadd` instruction instead of a call into libm's software
+//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads; each
+//! row's bits never depend on which thread ran it.
+
+use rayon::prelude::*;
+
+use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
+use crate::math::{exp, silu};
+use crate::sampling::{lane_tree, shard_sample as shard_sample_scalar};
+use crate::{AttnParams, AttnSeq, KvLayout, SampleRequest, Segmentation, ShardSample, VocabShard, WeightView, LANES};
+
+/// Run `$body` (a generic `#[inline(always)]` fn call) through a copy compiled with FMA when the
+/// backend's ISA has it.
+macro_rules! with_fma {
+    ($be:expr, $name:ident ( $($arg:expr),* )) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "fma")]
+            unsafe fn fma_copy<R>(f: impl FnOnce() -> R) -> R { f() }
+            if $be.isa() != Isa::Scalar {
+                // SAFETY: AVX2 and AVX-512 paths are only selected when FMA is present.
+                unsafe { fma_copy(|| $name($($arg),*)) }
+            } else {
+                $name($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $name($($arg),*)
+        }
+    }};
+}
+
+/// The canonical dot product of two real-length slices over a full segmentation, without
+/// allocating: the same order as [`crate::reference::dot`].
+#[inline(always)]
+fn dot_full(x: &[f32], w: &[f32], seg: Segmentation) -> f32 {
+    let mut sums = [0.0f32; 64];
+    for (s, sum) in sums.iter_mut().enumerate().take(seg.segments) {
+        let mut acc = [0.0f32; LANES];
+        for e in s * seg.seg_len..((s + 1) * seg.seg_len).min(x.len()) {
+            acc[e % LANES] = x[e].mul_add(w[e], acc[e % LANES]);
+        }
+        // Padding lanes would add fma(0, 0, acc) = acc + 0: the same as skipping them, since
+        // every accumulator is either +0.0 or has absorbed a product already (−0 + +0 = +0 is
+        // the one case that differs, and it cannot arise from a +0.0 start).
+        *sum = lane_tree(acc);
+    }
+    segment_tree_inplace(&mut sums[..seg.segments])
+}
+
+#[inline(always)]
+fn rms_norm_row(row: &[f32], w: WeightView<'_>, eps: f32, seg: Segmentation, out: &mut [f32]) {
+    let n = row.len();
+    let mean = dot_full(row, row, seg) / n as f32;
+    let r = 1.0 / (mean + eps).sqrt();
+    for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+        *o = (v * r) * w.get(0, i);
+    }
+}
+
+pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, out: &mut [f32]) {
+    let n = w.rows * w.cols;
+    assert!(x.len() % n == 0 && out.len() == x.len());
+    let seg = Segmentation::new(n, be.config().numerics.reduce_segments).expect("validated");
+    be.pool().install(|| {
+        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, row)| with_fma!(be, rms_norm_row(row, w, eps, seg, o)))
+    });
+}
+
+#[inline(always)]
+fn swiglu_slice(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+pub(crate) fn swiglu(be: &CpuBackend, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == up.len() && out.len() == gate.len());
+    const CHUNK: usize = 4096;
+    be.pool().install(|| {
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| with_fma!(be, swiglu_slice(g, u, o)))
+    });
+}
+
+pub(crate) fn tree_combine(parts: &[&[f32]], y: &mut [f32]) {
+    let t = parts.len();
+    assert!(t.is_power_of_two() && t <= 64 && parts.iter().all(|p| p.len() == y.len()));
+    let mut v = [0.0f32; 64];
+    for (j, o) in y.iter_mut().enumerate() {
+        for (r, p) in parts.iter().enumerate() {
+            v[r] = p[j];
+        }
+        *o = segment_tree_inplace(&mut v[..t]);
+    }
+}
+
+/// One segment's 16-lane dot (the attention score rule: head_dim is one zero-padded segment).
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (e, (&x, &y)) in a.iter().zip(b).enumerate() {
+        acc[e % LANES] = x.mul_add(y, acc[e % LANES]);
+    }
+    lane_tree(acc)
+}
+
+/// All heads of one query row (see [`crate::reference::attention`] for the rule).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_row(
+    qrow: &[f32],
+    pos: usize,
+    table: &[u32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    layout: &KvLayout,
+    p: AttnParams,
+    out: &mut [f32],
+) {
+    let d = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let scale = p.scale();
+    let mut scores = vec![0.0f32; p.kv_chunk];
+    let mut o = vec![0.0f32; d];
+    let mut o_c = vec![0.0f32; d];
+    for h in 0..p.n_heads {
+        let qh = &qrow[h * d..(h + 1) * d];
+        let kvh = h / group;
+        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+        for c in 0..=pos / p.kv_chunk {
+            let first = c * p.kv_chunk;
+            let keys = ((c + 1) * p.kv_chunk).min(pos + 1) - first;
+            let at = |kp: usize| {
+                let slot = table[kp / p.block_size] as usize * p.block_size + kp % p.block_size;
+                (slot * layout.n_kv_heads + kvh) * d
+            };
+            let mut m_c = f32::NEG_INFINITY;
+            for (i, s) in scores[..keys].iter_mut().enumerate() {
+                let a = at(first + i);
+                *s = lane_dot(qh, &k_cache[a..a + d]) * scale;
+                m_c = m_c.max(*s);
+            }
+            let mut l_c = 0.0f32;
+            o_c.fill(0.0);
+            for (i, &s) in scores[..keys].iter().enumerate() {
+                let pr = exp(s - m_c);
+                l_c += pr;
+                let a = at(first + i);
+                for (acc, &v) in o_c.iter_mut().zip(&v_cache[a..a + d]) {
+                    *acc = pr.mul_add(v, *acc);
+                }
+            }
+            if c == 0 {
+                (m, l) = (m_c, l_c);
+                o.copy_from_slice(&o_c);
+            } else {
+                let mn = m.max(m_c);
+                let (fa, fb) = (exp(m - mn), exp(m_c - mn));
+                l = l * fa + l_c * fb;
+                for (x, &y) in o.iter_mut().zip(&o_c) {
+                    *x = *x * fa + y * fb;
+                }
+                m = mn;
+            }
+        }
+        for (dst, &x) in out[h * d..(h + 1) * d].iter_mut().zip(&o) {
+            *dst = x / l;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    be: &CpuBackend,
+    q: &[f32],
+    seqs: &[AttnSeq<'_>],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    layout: &KvLayout,
+    p: AttnParams,
+    out: &mut [f32],
+) {
+    let width = p.n_heads * p.head_dim;
+    assert!(q.len() == out.len() && q.len() % width == 0);
+    assert!(p.n_kv_heads == layout.n_kv_heads && p.head_dim == layout.head_dim && p.block_size == layout.block_size);
+    let rows: Vec<(usize, usize, &[u32])> =
+        seqs.iter().flat_map(|s| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, s.block_table))).collect();
+    let dst = SharedOut(out.as_mut_ptr());
+    be.pool().install(|| {
+        rows.par_iter().for_each(|&(row, pos, table)| {
+            let dst = dst;
+            // SAFETY: each query row appears once across the sequences, so rows are disjoint.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
+            with_fma!(be, attention_row(&q[row * width..(row + 1) * width], pos, table, k_cache, v_cache, layout, p, o))
+        })
+    });
+}
+
+pub(crate) fn shard_sample(be: &CpuBackend, logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> ShardSample {
+    with_fma!(be, shard_sample_scalar(logits, shard, req))
+}

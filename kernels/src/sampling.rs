@@ -1,0 +1,330 @@
+//! Sampling: greedy argmax, canonical log-sum-exp, Gumbel-max with counter-based noise.
+
+use crate::math::{exp, ln};
+use crate::{KernelError, VocabShard, LANES};
+
+/// Per-request sampling parameters. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1`
+/// switch those filters off.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+    pub fn validate(&self) -> Result<(), KernelError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(KernelError::BadSampling(format!("temperature must be >= 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(KernelError::BadSampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+/// What to sample for one logits row: the parameters and the index of the generated token
+/// (`step` 0 is the first generated token), which keys the noise.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SampleRequest {
+    pub params: SamplingParams,
+    pub step: u64,
+}
+
+/// Log-sum-exp state of a run of segments: `max` and `sum = Σ exp(x - max)`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LsePartial {
+    pub max: f32,
+    pub sum: f32,
+}
+
+/// One token considered by the sampler.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Candidate {
+    pub id: u32,
+    /// The raw logit.
+    pub logit: f32,
+    /// The temperature-scaled logit `logit / T` (equal to `logit` when greedy).
+    pub z: f32,
+    /// The selection score: `z + gumbel(seed, step, id)` (or `logit` when greedy).
+    pub score: f32,
+}
+
+/// What one vocab shard reports for one row: never the full logits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardSample {
+    pub lse: LsePartial,
+    pub lse_scaled: Option<LsePartial>,
+    pub best: Option<Candidate>,
+    pub candidates: Vec<Candidate>,
+}
+
+/// The merged choice for one row.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// Most candidates a shard reports when top-k or top-p is on: top-k is clamped to it, and the
+/// top-p nucleus is searched among this many most likely tokens. A constant of the contract, so
+/// the candidate set never depends on the sharding.
+pub const MAX_CANDIDATES: usize = 1024;
+
+/// Domain-separation word in the Philox counter, so lockstep's noise never collides with another
+/// user of the same generator and seed.
+const NOISE_DOMAIN: u32 = 0x6c6f_636b; // "lock"
+
+/// Philox4x32-10 (Salmon et al., SC'11): a counter-based generator, so noise is a pure function of
+/// its inputs and any shard can evaluate any token's noise without shared state.
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    const M0: u64 = 0xD251_1F53;
+    const M1: u64 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    let (mut c, mut k) = (counter, key);
+    for round in 0..10 {
+        if round > 0 {
+            k[0] = k[0].wrapping_add(W0);
+            k[1] = k[1].wrapping_add(W1);
+        }
+        let p0 = M0 * c[0] as u64;
+        let p1 = M1 * c[2] as u64;
+        c = [
+            ((p1 >> 32) as u32) ^ c[1] ^ k[0],
+            p1 as u32,
+            ((p0 >> 32) as u32) ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+    }
+    c
+}
+
+/// Uniform `u ∈ (0, 1)` (exclusive both ends) for `(seed, step, token)`: 23 random bits as the odd
+/// numerator `2j + 1` over 2^24, exact in f32.
+pub fn uniform(seed: u64, step: u64, token: u32) -> f32 {
+    let r = philox4x32_10([token, step as u32, (step >> 32) as u32, NOISE_DOMAIN], [seed as u32, (seed >> 32) as u32]);
+    ((r[0] >> 9) * 2 + 1) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// Standard Gumbel noise `-ln(-ln u)` with the contract's `ln`.
+pub fn gumbel(seed: u64, step: u64, token: u32) -> f32 {
+    -ln(-ln(uniform(seed, step, token)))
+}
+
+/// Combine two log-sum-exp states (the node of the tree): rebase both sums to the larger max.
+pub fn lse_combine(a: LsePartial, b: LsePartial) -> LsePartial {
+    if a.max == f32::NEG_INFINITY {
+        return b;
+    }
+    if b.max == f32::NEG_INFINITY {
+        return a;
+    }
+    let max = a.max.max(b.max);
+    LsePartial { max, sum: a.sum * exp(a.max - max) + b.sum * exp(b.max - max) }
+}
+
+/// Reduce partials in order with the balanced binary tree of adjacent pairs (length a power of two).
+pub fn lse_tree(parts: &[LsePartial]) -> LsePartial {
+    assert!(parts.len().is_power_of_two(), "lse tree needs a power of two of partials");
+    let mut v = parts.to_vec();
+    while v.len() > 1 {
+        v = v.chunks(2).map(|p| lse_combine(p[0], p[1])).collect();
+    }
+    v[0]
+}
+
+impl LsePartial {
+    pub const EMPTY: LsePartial = LsePartial { max: f32::NEG_INFINITY, sum: 0.0 };
+    /// `max + ln(sum)`.
+    pub fn value(&self) -> f32 {
+        self.max + ln(self.sum)
+    }
+}
+
+/// Log-sum-exp of one vocab shard of `values` (ids `shard.offset..`): per segment of the canonical
+/// vocab segmentation, the segment max, then `exp(x − max)` summed in 16 logical lanes (lane `l`
+/// takes the segment's elements `l, l+16, …`) and the lane tree; segments by the segment tree.
+pub fn lse_shard(values: &[f32], shard: &VocabShard) -> LsePartial {
+    let seg = shard.segs.seg;
+    let parts: Vec<LsePartial> = (shard.segs.first..shard.segs.first + shard.segs.count)
+        .map(|s| {
+            let lo = (s * seg.seg_len).min(seg.len);
+            let hi = ((s + 1) * seg.seg_len).min(seg.len);
+            let xs = &values[lo - shard.offset..hi - shard.offset];
+            let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            if max == f32::NEG_INFINITY {
+                return LsePartial::EMPTY;
+            }
+            let mut lanes = [0.0f32; LANES];
+            for (i, &x) in xs.iter().enumerate() {
+                lanes[i % LANES] += exp(x - max);
+            }
+            LsePartial { max, sum: lane_tree(lanes) }
+        })
+        .collect();
+    lse_tree(&parts)
+}
+
+/// The contract's fold of 16 lanes: `(l, l+8)`, `(l, l+4)`, `(l, l+2)`, `(l, l+1)`.
+#[inline]
+pub fn lane_tree(mut a: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w >= 1 {
+        for l in 0..w {
+            a[l] += a[l + w];
+        }
+        w /= 2;
+    }
+    a[0]
+}
+
+/// Ranking key: NaN never wins.
+#[inline]
+fn key(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// `a` ranks before `b`: higher value first, ties to the lower token id.
+#[inline]
+fn ranks_before(av: f32, aid: u32, bv: f32, bid: u32) -> bool {
+    let (av, bv) = (key(av), key(bv));
+    av > bv || (av == bv && aid < bid)
+}
+
+fn filters_on(p: &SamplingParams) -> bool {
+    p.temperature > 0.0 && (p.top_k > 0 || p.top_p < 1.0)
+}
+
+fn candidate_cap(p: &SamplingParams) -> usize {
+    if p.top_k > 0 {
+        (p.top_k as usize).min(MAX_CANDIDATES)
+    } else {
+        MAX_CANDIDATES
+    }
+}
+
+/// Everything one vocab shard reports for one logits row (`logits` = the shard's `rows` values).
+pub fn shard_sample(logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> ShardSample {
+    let p = &req.params;
+    let lse = lse_shard(logits, shard);
+    let cand = |i: usize| {
+        let id = (shard.offset + i) as u32;
+        let logit = logits[i];
+        if p.temperature > 0.0 {
+            let z = logit / p.temperature;
+            Candidate { id, logit, z, score: z + gumbel(p.seed, req.step, id) }
+        } else {
+            Candidate { id, logit, z: logit, score: logit }
+        }
+    };
+    if !filters_on(p) {
+        let mut best: Option<Candidate> = None;
+        for i in 0..logits.len() {
+            let c = cand(i);
+            if best.is_none_or(|b| ranks_before(c.score, c.id, b.score, b.id)) {
+                best = Some(c);
+            }
+        }
+        return ShardSample { lse, lse_scaled: None, best, candidates: Vec::new() };
+    }
+    let z: Vec<f32> = logits.iter().map(|&x| x / p.temperature).collect();
+    let lse_scaled = (p.top_p < 1.0).then(|| lse_shard(&z, shard));
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let order = |a: &u32, b: &u32| {
+        if ranks_before(z[*a as usize], *a, z[*b as usize], *b) {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    };
+    let cap = candidate_cap(p).min(idx.len());
+    if cap < idx.len() && cap > 0 {
+        idx.select_nth_unstable_by(cap - 1, order);
+        idx.truncate(cap);
+    }
+    idx.sort_unstable_by(order);
+    let candidates = idx.iter().map(|&i| cand(i as usize)).collect();
+    ShardSample { lse, lse_scaled, best: None, candidates }
+}
+
+/// Merge the shards' reports (in rank order) into the chosen token and its log-probability under
+/// the raw (temperature-1) distribution. Equal to the unsharded choice by construction: argmax,
+/// Gumbel-max and top-k are exact maxima/orderings, and log-sum-exp uses the same tree.
+pub fn merge_shard_samples(shards: &[&ShardSample], req: &SampleRequest) -> SampledToken {
+    let p = &req.params;
+    let lse = lse_tree(&shards.iter().map(|s| s.lse).collect::<Vec<_>>()).value();
+    let winner = if !filters_on(p) {
+        shards
+            .iter()
+            .filter_map(|s| s.best)
+            .reduce(|a, b| if ranks_before(b.score, b.id, a.score, a.id) { b } else { a })
+    } else {
+        let mut all: Vec<Candidate> = shards.iter().flat_map(|s| s.candidates.iter().copied()).collect();
+        all.sort_unstable_by(|a, b| {
+            if ranks_before(a.z, a.id, b.z, b.id) {
+                std::cmp::Ordering::Less
+            } else {
+                std::cmp::Ordering::Greater
+            }
+        });
+        all.truncate(candidate_cap(p));
+        if p.top_p < 1.0 {
+            let parts: Vec<LsePartial> = shards.iter().map(|s| s.lse_scaled.unwrap_or(LsePartial::EMPTY)).collect();
+            let lse_z = lse_tree(&parts).value();
+            let mut cum = 0.0f32;
+            let mut keep = 0;
+            for c in &all {
+                keep += 1;
+                cum += exp(c.z - lse_z);
+                if cum >= p.top_p {
+                    break;
+                }
+            }
+            all.truncate(keep);
+        }
+        all.into_iter().reduce(|a, b| if ranks_before(b.score, b.id, a.score, a.id) { b } else { a })
+    };
+    match winner {
+        Some(c) => SampledToken { id: c.id, logprob: c.logit - lse },
+        // Only reachable with an empty vocabulary: there is nothing to choose.
+        None => SampledToken { id: 0, logprob: f32::NEG_INFINITY },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn philox_matches_random123_known_answer() {
+        // Random123 kat_vectors: philox4x32_10, counter 0, key 0.
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        let all = u32::MAX;
+        assert_eq!(philox4x32_10([all; 4], [all; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
+    }
+
+    #[test]
+    fn uniform_stays_strictly_inside_unit_interval() {
+        for t in 0..10_000 {
+            let u = uniform(7, t as u64, t);
+            assert!(u > 0.0 && u < 1.0);
+            assert!(gumbel(7, 3, t).is_finite());
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers for lockstep's system-level tests.
