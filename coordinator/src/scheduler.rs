@@ -101,10 +101,7 @@ impl SchedulerConfig {
             });
         }
         if (self.block_size as u64) * (self.num_blocks as u64) > u32::MAX as u64 {
-            return Err(ConfigError::CacheTooLarge {
-                block_size: self.block_size,
-                num_blocks: self.num_blocks,
-            });
+            return Err(ConfigError::CacheTooLarge { block_size: self.block_size, num_blocks: self.num_blocks });
         }
         Ok(())
     }
@@ -120,9 +117,7 @@ pub enum ConfigError {
          ({max_running}) so that every running sequence can decode in every step"
     )]
     BudgetBelowMaxRunning { max_batch_tokens: u32, max_running: u32 },
-    #[error(
-        "scheduler config: block_size ({block_size}) × num_blocks ({num_blocks}) overflows u32 KV slots"
-    )]
+    #[error("scheduler config: block_size ({block_size}) × num_blocks ({num_blocks}) overflows u32 KV slots")]
     CacheTooLarge { block_size: u32, num_blocks: u32 },
 }
 
@@ -269,12 +264,7 @@ pub struct OutOfBlocks {
 impl BlockAllocator {
     pub fn new(block_size: u32, num_blocks: u32) -> Self {
         assert!(block_size > 0, "block_size must be positive");
-        BlockAllocator {
-            block_size,
-            num_blocks,
-            free: (0..num_blocks).collect(),
-            tables: HashMap::new(),
-        }
+        BlockAllocator { block_size, num_blocks, free: (0..num_blocks).collect(), tables: HashMap::new() }
     }
 
     pub fn block_size(&self) -> u32 {
@@ -328,7 +318,9 @@ impl BlockAllocator {
 
     /// Returns every block of the sequence to the free list; returns how many.
     pub fn free_sequence(&mut self, seq_id: u64) -> u32 {
-        let Some(table) = self.tables.remove(&seq_id) else { return 0 };
+        let Some(table) = self.tables.remove(&seq_id) else {
+            return 0;
+        };
         for &block in &table {
             let was_free = !self.free.insert(block);
             assert!(!was_free, "block {block} of sequence {seq_id} was already free");
@@ -466,10 +458,7 @@ impl Scheduler {
         }
         let max_model_len = self.config.max_model_len;
         if prompt_tokens.len() >= max_model_len as usize {
-            return Err(AddRequestError::PromptTooLong {
-                prompt_len: prompt_tokens.len(),
-                max_model_len,
-            });
+            return Err(AddRequestError::PromptTooLong { prompt_len: prompt_tokens.len(), max_model_len });
         }
         if params.max_tokens == 0 {
             return Err(AddRequestError::ZeroMaxTokens);
@@ -558,10 +547,8 @@ impl Scheduler {
             let first_pos = seq.num_computed;
             let end = first_pos + n;
             let samples = end == seq.len();
-            let sample = samples.then(|| SampleRequest {
-                params: seq.params.sampling,
-                step: seq.num_generated() as u64,
-            });
+            let sample =
+                samples.then(|| SampleRequest { params: seq.params.sampling, step: seq.num_generated() as u64 });
             seq.num_computed = end;
             in_flight.push(InFlightChunk { seq_id, arrival: seq.arrival, first_pos, samples });
             chunks.push(SeqChunk {
@@ -579,22 +566,13 @@ impl Scheduler {
     /// Finds room for up to `want` tokens of a running sequence, evicting later arrivals if not
     /// even one token fits. Returns the tokens granted (blocks already allocated), or `None` when
     /// the sequence itself was preempted or failed.
-    fn fit_running(
-        &mut self,
-        seq_id: u64,
-        want: u32,
-        planned: &mut Vec<(u64, u32)>,
-        budget: &mut u32,
-    ) -> Option<u32> {
+    fn fit_running(&mut self, seq_id: u64, want: u32, planned: &mut Vec<(u64, u32)>, budget: &mut u32) -> Option<u32> {
         loop {
             let num_computed = self.seqs[&seq_id].num_computed;
-            let room = self.blocks.capacity(seq_id) - num_computed
-                + self.blocks.free_blocks() * self.config.block_size;
+            let room = self.blocks.capacity(seq_id) - num_computed + self.blocks.free_blocks() * self.config.block_size;
             let n = want.min(room);
             if n > 0 {
-                self.blocks
-                    .ensure_capacity(seq_id, num_computed + n)
-                    .expect("room was computed from the free blocks");
+                self.blocks.ensure_capacity(seq_id, num_computed + n).expect("room was computed from the free blocks");
                 return Some(n);
             }
             let victim = *self.running.last().expect("seq_id itself is running");
@@ -626,7 +604,9 @@ impl Scheduler {
     /// the queue.
     fn admit_waiting(&mut self, planned: &mut Vec<(u64, u32)>, budget: &mut u32) {
         while *budget > 0 && self.running.len() < self.config.max_running as usize {
-            let Some(&seq_id) = self.waiting.front() else { break };
+            let Some(&seq_id) = self.waiting.front() else {
+                break;
+            };
             let seq = &self.seqs[&seq_id];
             let want = seq.remaining().min(self.config.prefill_chunk).min(*budget);
             if self.blocks.ensure_capacity(seq_id, want).is_err() {
@@ -696,7 +676,9 @@ impl Scheduler {
         };
         let sampled: HashMap<u64, SampledToken> = result.sampled.into_iter().collect();
         for chunk in step.chunks.iter().filter(|c| c.samples) {
-            let Some(seq) = self.seqs.get_mut(&chunk.seq_id) else { continue };
+            let Some(seq) = self.seqs.get_mut(&chunk.seq_id) else {
+                continue;
+            };
             if seq.arrival != chunk.arrival {
                 continue;
             }
@@ -837,14 +819,7 @@ mod tests {
         prefill_chunk: u32,
         max_running: u32,
     ) -> SchedulerConfig {
-        SchedulerConfig {
-            block_size,
-            num_blocks,
-            max_batch_tokens,
-            prefill_chunk,
-            max_running,
-            max_model_len: 256,
-        }
+        SchedulerConfig { block_size, num_blocks, max_batch_tokens, prefill_chunk, max_running, max_model_len: 256 }
     }
 
     fn tok(id: u32) -> SampledToken {
@@ -857,12 +832,7 @@ mod tests {
 
     /// Answers every sampling chunk of `plan` with `token`.
     fn answer_all(plan: &StepPlan, token: u32) -> StepResult {
-        let sampled = plan
-            .chunks
-            .iter()
-            .filter(|c| c.sample.is_some())
-            .map(|c| (c.seq_id, tok(token)))
-            .collect();
+        let sampled = plan.chunks.iter().filter(|c| c.sample.is_some()).map(|c| (c.seq_id, tok(token))).collect();
         StepResult { step_id: plan.step_id, sampled }
     }
 
@@ -1027,18 +997,14 @@ mod tests {
         let mut c = cfg(4, 3, 16, 8, 4);
         c.max_model_len = 16;
         let mut s = Scheduler::new(c).unwrap();
-        let err = |s: &mut Scheduler, id, len, params| {
-            s.add_request(id, prompt(id, len), params).unwrap_err().error_type()
-        };
+        let err =
+            |s: &mut Scheduler, id, len, params| s.add_request(id, prompt(id, len), params).unwrap_err().error_type();
         assert_eq!(err(&mut s, 1, 0, SeqParams::greedy(3)), "empty_prompt");
         assert_eq!(err(&mut s, 1, 16, SeqParams::greedy(3)), "prompt_too_long");
         assert_eq!(err(&mut s, 1, 4, SeqParams::greedy(0)), "invalid_max_tokens");
         // 10 + 100 is capped at max_model_len 16: 15 KV slots = 4 blocks > 3.
         let e = s.add_request(1, prompt(1, 10), SeqParams::greedy(100)).unwrap_err();
-        assert_eq!(
-            e,
-            AddRequestError::KvCacheTooSmall { needed_slots: 15, needed_blocks: 4, num_blocks: 3 }
-        );
+        assert_eq!(e, AddRequestError::KvCacheTooSmall { needed_slots: 15, needed_blocks: 4, num_blocks: 3 });
         let mut bad = SeqParams::greedy(3);
         bad.sampling.temperature = -1.0;
         assert_eq!(err(&mut s, 1, 4, bad), "invalid_sampling_params");
@@ -1063,10 +1029,13 @@ mod tests {
             assert_eq!(c.tokens, p[first_pos as usize..(first_pos + len) as usize]);
             assert_eq!(c.sample.map(|r| r.step), step);
             assert_eq!(c.block_table.len(), table_len);
-            assert_eq!(s.on_step_result(answer_all(&plan, 50)), match step {
-                None => vec![],
-                Some(_) => vec![SeqEvent::Token { seq_id: 1, token: tok(50), index: 0 }],
-            });
+            assert_eq!(
+                s.on_step_result(answer_all(&plan, 50)),
+                match step {
+                    None => vec![],
+                    Some(_) => vec![SeqEvent::Token { seq_id: 1, token: tok(50), index: 0 }],
+                }
+            );
         }
         // Decodes: the previous token at the next position, sample step = generated index.
         for (pos, index) in [(10u32, 1u32), (11, 2)] {
@@ -1150,10 +1119,8 @@ mod tests {
         s.add_request(3, prompt(3, 5), params(true)).unwrap();
         let plan = s.schedule().unwrap();
         assert_eq!(s.used_blocks(), 6);
-        let events = s.on_step_result(StepResult {
-            step_id: plan.step_id,
-            sampled: vec![(1, tok(7)), (2, tok(7)), (3, tok(9))],
-        });
+        let events = s
+            .on_step_result(StepResult { step_id: plan.step_id, sampled: vec![(1, tok(7)), (2, tok(7)), (3, tok(9))] });
         assert_eq!(
             events,
             vec![
@@ -1201,10 +1168,7 @@ mod tests {
         assert_eq!(s.used_blocks(), 6);
         // Aborted while its step is in flight (a stop string found by the caller), then the id is
         // reused at once: the late result must land on neither.
-        assert_eq!(
-            s.abort(2, FinishReason::Stop),
-            Some(SeqEvent::Finished { seq_id: 2, reason: FinishReason::Stop })
-        );
+        assert_eq!(s.abort(2, FinishReason::Stop), Some(SeqEvent::Finished { seq_id: 2, reason: FinishReason::Stop }));
         assert_eq!(s.used_blocks(), 4);
         s.add_request(2, prompt(2, 4), SeqParams::greedy(10)).unwrap();
         let events = s.on_step_result(answer_all(&plan, 11));
@@ -1226,10 +1190,7 @@ mod tests {
         for (a, b) in [(30, 40), (31, 41)] {
             let plan = s.schedule().unwrap();
             assert_eq!(plan.chunks.len(), 2);
-            out.apply(s.on_step_result(StepResult {
-                step_id: plan.step_id,
-                sampled: vec![(1, tok(a)), (2, tok(b))],
-            }));
+            out.apply(s.on_step_result(StepResult { step_id: plan.step_id, sampled: vec![(1, tok(a)), (2, tok(b))] }));
         }
         assert_eq!(s.free_blocks(), 0);
         // A needs a block: B, the later arrival, is evicted before it is planned.
@@ -1259,6 +1220,38 @@ mod tests {
         out.apply(events);
         assert_eq!(out.tokens(2), vec![40, 41, 42]);
         assert_eq!(s.used_blocks(), 0);
+    }
+
+    #[test]
+    fn earlier_prefill_evicts_a_later_decode_already_planned() {
+        // 6 blocks of 2 slots, 2-token prefill chunks. A (long prompt) arrives first, B (short)
+        // second; B decodes while A is still prefilling, until A's chunk finds no free block.
+        let c = cfg(2, 6, 4, 2, 2);
+        let mut s = Scheduler::new(c).unwrap();
+        s.add_request(1, prompt(1, 10), SeqParams::greedy(1)).unwrap();
+        s.add_request(2, prompt(2, 2), SeqParams::greedy(8)).unwrap();
+        let mut engine = FakeEngine::new(&c, SOLO_VOCAB);
+        let mut out = Outputs::default();
+        let mut shapes = Vec::new();
+        while let Some(plan) = s.schedule() {
+            assert_blocks_partitioned(&s);
+            check_plan(&s, &plan, &out);
+            shapes.push(plan.chunks.iter().map(|c| (c.seq_id, c.first_pos)).collect::<Vec<_>>());
+            out.apply(s.on_step_result(engine.run(&plan)));
+        }
+        // Step 3: B's decode (planned first) is withdrawn and B evicted so A can continue.
+        assert_eq!(shapes[2], vec![(2, 3), (1, 4)]);
+        assert_eq!(shapes[3], vec![(1, 6)]);
+        assert_eq!(s.num_preemptions(), 1);
+        // A's last chunk frees nothing yet, but there is room to readmit B: it recomputes from 0.
+        assert_eq!(shapes[4], vec![(1, 8), (2, 0)]);
+        assert_eq!(shapes[5], vec![(2, 2)]);
+        for a in [
+            Arrival { step: 0, seq_id: 1, prompt: prompt(1, 10), params: SeqParams::greedy(1) },
+            Arrival { step: 0, seq_id: 2, prompt: prompt(2, 2), params: SeqParams::greedy(8) },
+        ] {
+            assert_eq!((out.tokens(a.seq_id), out.finished[&a.seq_id].clone()), solo_output(&c, &a));
+        }
     }
 
     fn sampled_params(seed: u64, max_tokens: u32) -> SeqParams {
@@ -1393,12 +1386,15 @@ mod tests {
         params: SeqParams,
     }
 
+    /// The fake engine's vocabulary in runs compared with [`solo_output`].
+    const SOLO_VOCAB: u32 = 41;
+
     /// The sequence's output when it runs alone in an ample cache.
     fn solo_output(config: &SchedulerConfig, a: &Arrival) -> (Vec<u32>, FinishReason) {
         let ample = SchedulerConfig { num_blocks: 4096, max_batch_tokens: 4096, ..*config };
         let mut s = Scheduler::new(ample).unwrap();
         s.add_request(a.seq_id, a.prompt.clone(), a.params.clone()).unwrap();
-        let (out, _) = run_to_completion(&mut s, &mut FakeEngine::new(&ample, 41), 10_000);
+        let (out, _) = run_to_completion(&mut s, &mut FakeEngine::new(&ample, SOLO_VOCAB), 10_000);
         (out.tokens(a.seq_id), out.finished[&a.seq_id].clone())
     }
 
@@ -1431,7 +1427,7 @@ mod tests {
                 })
                 .collect();
             let mut s = Scheduler::new(config).unwrap();
-            let mut engine = FakeEngine::new(&config, 41);
+            let mut engine = FakeEngine::new(&config, SOLO_VOCAB);
             let mut out = Outputs::default();
             let mut accepted: Vec<&Arrival> = Vec::new();
             let mut aborted: HashSet<u64> = HashSet::new();
@@ -1448,8 +1444,7 @@ mod tests {
                     }
                 }
                 if rng.chance(3) {
-                    let live: Vec<u64> =
-                        accepted.iter().map(|a| a.seq_id).filter(|id| s.contains(*id)).collect();
+                    let live: Vec<u64> = accepted.iter().map(|a| a.seq_id).filter(|id| s.contains(*id)).collect();
                     if !live.is_empty() {
                         let id = live[rng.range(0, live.len() as u32 - 1) as usize];
                         out.apply(s.abort(id, FinishReason::Abort).into_iter().collect());

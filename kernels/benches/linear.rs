@@ -1,1 +1,162 @@
-fn main() {}
+//! `cargo bench -p lockstep-kernels`: GFLOP/s of the linear at the Qwen2.5-0.5B shapes, invariant
+//! vs fast, f32 and bf16 weights, 1 and 2 threads; plus this machine's FMA peak and memory read
+//! bandwidth as the physical limits. Prints a Markdown table (numbers, never assertions).
+//!
+//! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows;
+//! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4).
+
+use std::time::{Duration, Instant};
+
+use lockstep_kernels::{Backend, CpuBackend, CpuConfig, DType, HostWeight, Isa, KernelMode, NumericsConfig};
+
+fn seconds() -> f64 {
+    std::env::var("LOCKSTEP_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0.4)
+}
+
+/// Median seconds per call over repeated calls lasting about `seconds()` in total.
+fn time<F: FnMut()>(mut f: F) -> f64 {
+    f(); // warm-up (page in weights, fill caches)
+    let budget = Duration::from_secs_f64(seconds());
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < budget || samples.len() < 3 {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples[samples.len() / 2]
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_peak_gflops(threads: usize) -> f64 {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f")]
+    unsafe fn spin512(iters: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        let a = _mm512_set1_ps(0.999_999);
+        let b = _mm512_set1_ps(1e-7);
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn spin256(iters: usize) -> f32 {
+        let mut acc = [_mm256_set1_ps(1.0); 12];
+        let a = _mm256_set1_ps(0.999_999);
+        let b = _mm256_set1_ps(1e-7);
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut out = [0.0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+        out[0]
+    }
+    let wide = Isa::Avx512.is_available();
+    let lanes = if wide { 16.0 } else { 8.0 };
+    let iters = 20_000_000;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(move || unsafe { std::hint::black_box(if wide { spin512(iters) } else { spin256(iters) }) });
+        }
+    });
+    (threads * iters * 12) as f64 * lanes * 2.0 / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peak_gflops(_threads: usize) -> f64 {
+    f64::NAN
+}
+
+fn read_bandwidth_gbs(threads: usize) -> f64 {
+    let len = 256 << 20; // 1 GiB of f32
+    let buf: Vec<f32> = vec![1.0; len];
+    let chunk = len / threads;
+    let run = || {
+        std::thread::scope(|s| {
+            for part in buf.chunks(chunk) {
+                s.spawn(move || {
+                    // Eight independent sums so the adds are not the bottleneck.
+                    let mut acc = [0.0f32; 16];
+                    for c in part.chunks_exact(16) {
+                        for (a, v) in acc.iter_mut().zip(c) {
+                            *a += v;
+                        }
+                    }
+                    std::hint::black_box(acc);
+                });
+            }
+        })
+    };
+    let secs = time(run);
+    (len * 4) as f64 / secs / 1e9
+}
+
+fn main() {
+    let filter = std::env::var("LOCKSTEP_BENCH_FILTER").unwrap_or_default();
+    println!("# lockstep-kernels linear benchmark");
+    println!("isa: {:?}, available: {:?}", Isa::best(), Isa::available());
+    if filter.is_empty() || filter.contains("peak") {
+        for t in [1, 2] {
+            println!(
+                "threads {t}: FMA peak {:.0} GFLOP/s, memory read {:.1} GB/s",
+                fma_peak_gflops(t),
+                read_bandwidth_gbs(t)
+            );
+        }
+    }
+    let shapes = [(896usize, 4864usize, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
+    println!();
+    println!("| shape K→N | M | weights | threads | invariant GFLOP/s | fast GFLOP/s | inv/fast | invariant GB/s (weights) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut seed = 1u64;
+    for (k, n, name) in shapes {
+        for dtype in [DType::F32, DType::Bf16] {
+            // Deterministic pseudo-random weights in [-0.05, 0.05).
+            let vals: Vec<f32> = (0..n * k)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+                })
+                .collect();
+            let w = HostWeight::from_f32(&vals, dtype, n, k);
+            drop(vals);
+            for threads in [1, 2] {
+                let mk = |mode| {
+                    CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() }).unwrap()
+                };
+                let (inv, fast) = (mk(KernelMode::Invariant), mk(KernelMode::Fast));
+                let wi = inv.prepare_weight(w.clone());
+                let wf = fast.prepare_weight(w.clone());
+                for m in [1usize, 8, 64, 512] {
+                    let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
+                    if !filter.is_empty() && !row.contains(&filter) {
+                        continue;
+                    }
+                    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+                    let mut y = vec![0.0f32; m * n];
+                    let flops = 2.0 * (m * n * k) as f64;
+                    let ti = time(|| inv.linear(&x, m, &wi, None, &mut y));
+                    let tf = time(|| fast.linear(&x, m, &wf, None, &mut y));
+                    println!(
+                        "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
+                        flops / ti / 1e9,
+                        flops / tf / 1e9,
+                        tf / ti,
+                        (n * k * dtype.size()) as f64 / ti / 1e9
+                    );
+                }
+            }
+        }
+    }
+}

@@ -88,10 +88,7 @@ impl ModelConfig {
     /// Parse and validate config JSON text; `source` only names the file in errors.
     pub fn from_json_str(text: &str, source: impl AsRef<Path>) -> Result<Self> {
         let source = source.as_ref().to_path_buf();
-        let raw: Value = serde_json::from_str(text).map_err(|e| LoadError::Json {
-            path: source.clone(),
-            source: e,
-        })?;
+        let raw: Value = serde_json::from_str(text).map_err(|e| LoadError::Json { path: source.clone(), source: e })?;
         Parser { file: &source }.parse(&raw).map(|mut cfg| {
             cfg.raw = raw;
             cfg
@@ -100,11 +97,7 @@ impl ModelConfig {
 
     /// RoPE parameters for the kernels' table builder.
     pub fn rope_config(&self) -> RopeConfig {
-        RopeConfig {
-            head_dim: self.head_dim,
-            theta: self.rope_theta,
-            scaling: self.rope_scaling.clone(),
-        }
+        RopeConfig { head_dim: self.head_dim, theta: self.rope_theta, scaling: self.rope_scaling.clone() }
     }
 
     /// Width of the concatenated query heads (`num_attention_heads × head_dim`).
@@ -220,10 +213,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn invalid(&self, reason: impl Into<String>) -> LoadError {
-        LoadError::InvalidConfig {
-            file: self.file.to_path_buf(),
-            reason: reason.into(),
-        }
+        LoadError::InvalidConfig { file: self.file.to_path_buf(), reason: reason.into() }
     }
 
     /// A key that is absent or `null` reads as `None`.
@@ -254,20 +244,16 @@ impl Parser<'_> {
     fn opt_f64(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
         match self.opt(obj, key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.invalid(format!("{key} must be a number, got {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.invalid(format!("{key} must be a number, got {v}"))),
         }
     }
 
     fn opt_bool(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
         match self.opt(obj, key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.invalid(format!("{key} must be true or false, got {v}"))),
+            Some(v) => {
+                v.as_bool().map(Some).ok_or_else(|| self.invalid(format!("{key} must be true or false, got {v}")))
+            }
         }
     }
 
@@ -287,9 +273,7 @@ impl Parser<'_> {
     }
 
     fn parse(&self, raw: &Value) -> Result<ModelConfig> {
-        let obj = raw
-            .as_object()
-            .ok_or_else(|| self.invalid("config.json must be a JSON object"))?;
+        let obj = raw.as_object().ok_or_else(|| self.invalid("config.json must be a JSON object"))?;
 
         let arch = self.architecture(obj)?;
 
@@ -345,9 +329,7 @@ impl Parser<'_> {
 
         let hidden_act = match self.opt(obj, "hidden_act") {
             None => "silu",
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| self.invalid(format!("hidden_act must be a string, got {v}")))?,
+            Some(v) => v.as_str().ok_or_else(|| self.invalid(format!("hidden_act must be a string, got {v}")))?,
         };
         if hidden_act != "silu" {
             return Err(self.invalid(format!("hidden_act {hidden_act:?} is not supported (only silu)")));
@@ -401,10 +383,7 @@ impl Parser<'_> {
     }
 
     fn architecture(&self, obj: &Map<String, Value>) -> Result<Architecture> {
-        let unsupported = |arch: String| LoadError::UnsupportedArchitecture {
-            file: self.file.to_path_buf(),
-            arch,
-        };
+        let unsupported = |arch: String| LoadError::UnsupportedArchitecture { file: self.file.to_path_buf(), arch };
         let archs = match self.opt(obj, "architectures") {
             Some(Value::Array(a)) => a,
             Some(v) => return Err(self.invalid(format!("architectures must be a list, got {v}"))),
@@ -468,9 +447,7 @@ impl Parser<'_> {
             })
             .transpose()?;
         let factor = |key: &str| -> Result<f64> {
-            let v = self
-                .opt_f64(s, key)?
-                .ok_or_else(|| self.invalid(format!("rope_scaling is missing {key}")))?;
+            let v = self.opt_f64(s, key)?.ok_or_else(|| self.invalid(format!("rope_scaling is missing {key}")))?;
             if !(v.is_finite() && v > 0.0) {
                 return Err(self.invalid(format!("rope_scaling {key} must be positive, got {v}")));
             }
@@ -494,10 +471,9 @@ impl Parser<'_> {
                     original_max_position_embeddings: factor("original_max_position_embeddings")?,
                 }))
             }
-            Some(other) => Err(LoadError::UnsupportedRopeScaling {
-                file: self.file.to_path_buf(),
-                kind: other.to_string(),
-            }),
+            Some(other) => {
+                Err(LoadError::UnsupportedRopeScaling { file: self.file.to_path_buf(), kind: other.to_string() })
+            }
         }
     }
 }
@@ -528,10 +504,7 @@ mod tests {
         }
         let c = ModelConfig::from_dir(dir).unwrap();
         assert_eq!(c.arch, Architecture::Llama);
-        assert_eq!(
-            (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
-            (64, 172, 5)
-        );
+        assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (64, 172, 5));
         assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 8));
         assert_eq!(c.vocab_size, 512);
         assert!(c.tie_word_embeddings);
@@ -564,7 +537,10 @@ mod tests {
     #[test]
     fn qwen2_has_qkv_bias_and_eos_list() {
         let j = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
-        let j = format!("{},\"eos_token_id\":[5,6],\"bos_token_id\":null,\"head_dim\":null}}", j.trim_end().trim_end_matches('}'));
+        let j = format!(
+            "{},\"eos_token_id\":[5,6],\"bos_token_id\":null,\"head_dim\":null}}",
+            j.trim_end().trim_end_matches('}')
+        );
         let c = parse(&j).unwrap();
         assert_eq!(c.arch, Architecture::Qwen2);
         assert!(c.qkv_bias && !c.o_bias);

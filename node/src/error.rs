@@ -46,38 +46,18 @@ pub enum LoadError {
         "{}: file is truncated: tensor {name:?} needs bytes up to {needed}, the file has {file_len}",
         file.display()
     )]
-    Truncated {
-        file: PathBuf,
-        name: String,
-        needed: u64,
-        file_len: u64,
-    },
+    Truncated { file: PathBuf, name: String, needed: u64, file_len: u64 },
     #[error(
         "{}: tensor {name:?} has dtype {dtype} (supported: F32, BF16, F16)",
         file.display()
     )]
-    UnsupportedDType {
-        file: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    UnsupportedDType { file: PathBuf, name: String, dtype: String },
     #[error("{}: tensor {name:?} is missing", file.display())]
     MissingTensor { file: PathBuf, name: String },
     #[error("{}: tensor {name:?} has shape {got:?}, expected {expected:?}", file.display())]
-    ShapeMismatch {
-        file: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    ShapeMismatch { file: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("{}: tensor {name:?}: {range} is out of bounds for {len} {what}", file.display())]
-    SliceOutOfBounds {
-        file: PathBuf,
-        name: String,
-        what: &'static str,
-        range: String,
-        len: usize,
-    },
+    SliceOutOfBounds { file: PathBuf, name: String, what: &'static str, range: String, len: usize },
     #[error("{}: invalid shard index: {reason}", file.display())]
     BadIndex { file: PathBuf, reason: String },
     #[error("{}: tensor {name:?}: {source}", file.display())]
@@ -91,10 +71,7 @@ pub enum LoadError {
 
 impl LoadError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        LoadError::Io {
-            path: path.into(),
-            source,
-        }
+        LoadError::Io { path: path.into(), source }
     }
 }
 

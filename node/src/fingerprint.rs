@@ -70,9 +70,7 @@ impl HashCache {
 
     /// A cache in `dir` (created on first write).
     pub fn at(dir: impl Into<PathBuf>) -> Self {
-        HashCache {
-            dir: Some(dir.into()),
-        }
+        HashCache { dir: Some(dir.into()) }
     }
 
     /// No cache: every call hashes.
@@ -106,21 +104,14 @@ impl HashCache {
             total.update(f.size.to_le_bytes());
             frame(&mut total, digest.as_bytes());
         }
-        Ok(WeightsHash {
-            hex: hex(&total.finalize()),
-            files_hashed,
-            cache_hits,
-        })
+        Ok(WeightsHash { hex: hex(&total.finalize()), files_hashed, cache_hits })
     }
 
     /// Hex SHA-256 of one file's bytes, and whether it came from the cache.
     pub fn file_sha256(&self, path: &Path) -> Result<(String, bool)> {
         let meta = std::fs::metadata(path).map_err(|e| LoadError::io(path, e))?;
         let mtime = meta.modified().map_err(|e| LoadError::io(path, e))?;
-        let mtime_ns = mtime
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let mtime_ns = mtime.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let canonical = std::fs::canonicalize(path).map_err(|e| LoadError::io(path, e))?;
         let key_path = canonical.to_string_lossy().into_owned();
         let entry_path = self.dir.as_ref().map(|d| d.join(entry_name(&key_path)));
@@ -131,9 +122,7 @@ impl HashCache {
             }
         }
         let digest = sha256_file(path)?;
-        let racy = SystemTime::now()
-            .duration_since(mtime)
-            .map_or(true, |age| age < RACY_WINDOW);
+        let racy = SystemTime::now().duration_since(mtime).map_or(true, |age| age < RACY_WINDOW);
         if let (Some(p), false) = (&entry_path, racy) {
             let entry = CacheEntry {
                 version: HASH_VERSION.into(),
@@ -174,11 +163,7 @@ fn write_entry(p: &Path, e: &CacheEntry) -> std::io::Result<()> {
     let dir = p.parent().expect("cache entries live in a directory");
     std::fs::create_dir_all(dir)?;
     // Write then rename, so a concurrent reader never sees half an entry.
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        p.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.{}.tmp", p.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec(e).map_err(std::io::Error::other)?)?;
     std::fs::rename(&tmp, p).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
@@ -253,16 +238,8 @@ pub fn determinism_fingerprint(
     reduce_segments: usize,
     kv_chunk: usize,
 ) -> String {
-    FingerprintInputs {
-        weights_hash,
-        config_json,
-        dtypes,
-        contract_version,
-        backend,
-        reduce_segments,
-        kv_chunk,
-    }
-    .fingerprint()
+    FingerprintInputs { weights_hash, config_json, dtypes, contract_version, backend, reduce_segments, kv_chunk }
+        .fingerprint()
 }
 
 #[cfg(test)]
@@ -294,10 +271,7 @@ mod tests {
         assert!(fp.starts_with("fp_") && fp.len() == 19, "{fp}");
         assert!(fp[3..].bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(fp, base.clone().fingerprint(), "pure function");
-        assert_eq!(
-            fp,
-            determinism_fingerprint("aa", "{}", &[DType::Bf16], 1, "cpu", 8, 64)
-        );
+        assert_eq!(fp, determinism_fingerprint("aa", "{}", &[DType::Bf16], 1, "cpu", 8, 64));
         let variants = [
             FingerprintInputs { weights_hash: "ab", ..base.clone() },
             FingerprintInputs { config_json: "{\"a\":1}", ..base.clone() },

@@ -93,23 +93,16 @@ impl SafetensorsFile {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| LoadError::io(&path, e))?;
         let len = file.metadata().map_err(|e| LoadError::io(&path, e))?.len();
-        let corrupt = |reason: String| LoadError::CorruptHeader {
-            file: path.clone(),
-            reason,
-        };
+        let corrupt = |reason: String| LoadError::CorruptHeader { file: path.clone(), reason };
         if len < 8 {
-            return Err(corrupt(format!(
-                "the file has {len} bytes, fewer than the 8-byte header length"
-            )));
+            return Err(corrupt(format!("the file has {len} bytes, fewer than the 8-byte header length")));
         }
         // SAFETY: the map is read-only and model files are treated as immutable while served
         // (see the module docs); all reads are bounds-checked against `len` below.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(&path, e))?;
         let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
         if header_len > MAX_HEADER_BYTES {
-            return Err(corrupt(format!(
-                "header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
-            )));
+            return Err(corrupt(format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")));
         }
         if 8 + header_len > len {
             return Err(corrupt(format!(
@@ -119,9 +112,7 @@ impl SafetensorsFile {
         let data_start = 8 + header_len as usize;
         let header: Value = serde_json::from_slice(&map[8..data_start])
             .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
-        let entries = header
-            .as_object()
-            .ok_or_else(|| corrupt("header is not a JSON object".into()))?;
+        let entries = header.as_object().ok_or_else(|| corrupt("header is not a JSON object".into()))?;
 
         let mut tensors = BTreeMap::new();
         for (name, entry) in entries {
@@ -142,12 +133,7 @@ impl SafetensorsFile {
             }
         }
 
-        Ok(SafetensorsFile {
-            path,
-            len,
-            map: Arc::new(map),
-            tensors,
-        })
+        Ok(SafetensorsFile { path, len, map: Arc::new(map), tensors })
     }
 
     pub fn path(&self) -> &Path {
@@ -177,13 +163,8 @@ fn parse_entry(path: &Path, name: &str, entry: &Value, data_start: usize, file_l
         file: path.to_path_buf(),
         reason: format!("tensor {name:?}: {what}"),
     };
-    let obj = entry
-        .as_object()
-        .ok_or_else(|| corrupt("entry is not an object".into()))?;
-    let tag = obj
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| corrupt("missing dtype".into()))?;
+    let obj = entry.as_object().ok_or_else(|| corrupt("entry is not an object".into()))?;
+    let tag = obj.get("dtype").and_then(Value::as_str).ok_or_else(|| corrupt("missing dtype".into()))?;
     let shape: Vec<usize> = obj
         .get("shape")
         .and_then(Value::as_array)
@@ -217,7 +198,7 @@ fn parse_entry(path: &Path, name: &str, entry: &Value, data_start: usize, file_l
             end - begin
         )));
     }
-    let abs_end = (data_start as u64).checked_add(end).unwrap_or(u64::MAX);
+    let abs_end = (data_start as u64).saturating_add(end);
     if abs_end > file_len {
         return Err(LoadError::Truncated {
             file: path.to_path_buf(),
@@ -226,11 +207,7 @@ fn parse_entry(path: &Path, name: &str, entry: &Value, data_start: usize, file_l
             file_len,
         });
     }
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        bytes: data_start + begin as usize..abs_end as usize,
-    })
+    Ok(TensorInfo { dtype, shape, bytes: data_start + begin as usize..abs_end as usize })
 }
 
 /// A weights file with its size (for listings and the content hash).
@@ -282,35 +259,22 @@ impl SafetensorsRepo {
                 lookup.insert(name.clone(), i);
             }
         }
-        SafetensorsRepo {
-            dir,
-            index,
-            files,
-            lookup,
-        }
+        SafetensorsRepo { dir, index, files, lookup }
     }
 
     fn open_index(dir: &Path, index_path: &Path) -> Result<Self> {
         let text = std::fs::read(index_path).map_err(|e| LoadError::io(index_path, e))?;
         let size = text.len() as u64;
-        let bad = |reason: String| LoadError::BadIndex {
-            file: index_path.to_path_buf(),
-            reason,
-        };
-        let json: Value = serde_json::from_slice(&text).map_err(|e| LoadError::Json {
-            path: index_path.to_path_buf(),
-            source: e,
-        })?;
-        let map = json
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| bad("no weight_map object".into()))?;
+        let bad = |reason: String| LoadError::BadIndex { file: index_path.to_path_buf(), reason };
+        let json: Value =
+            serde_json::from_slice(&text).map_err(|e| LoadError::Json { path: index_path.to_path_buf(), source: e })?;
+        let map =
+            json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no weight_map object".into()))?;
         // Shard name → tensor names the index puts there.
         let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (name, shard) in map {
-            let shard = shard
-                .as_str()
-                .ok_or_else(|| bad(format!("tensor {name:?} maps to {shard}, not a file name")))?;
+            let shard =
+                shard.as_str().ok_or_else(|| bad(format!("tensor {name:?} maps to {shard}, not a file name")))?;
             // The index is data from the download: never let it point outside the directory.
             let plain = Path::new(shard).file_name().is_some_and(|f| f == shard) && shard != "..";
             if !plain {
@@ -327,10 +291,7 @@ impl SafetensorsRepo {
             let file = SafetensorsFile::open(dir.join(shard))?;
             for name in names {
                 if !file.tensors.contains_key(*name) {
-                    return Err(LoadError::MissingTensor {
-                        file: file.path.clone(),
-                        name: name.to_string(),
-                    });
+                    return Err(LoadError::MissingTensor { file: file.path.clone(), name: name.to_string() });
                 }
                 lookup.insert(name.to_string(), i);
             }
@@ -338,10 +299,7 @@ impl SafetensorsRepo {
         }
         Ok(SafetensorsRepo {
             dir: dir.to_path_buf(),
-            index: Some(WeightFile {
-                path: index_path.to_path_buf(),
-                size,
-            }),
+            index: Some(WeightFile { path: index_path.to_path_buf(), size }),
             files,
             lookup,
         })
@@ -358,13 +316,7 @@ impl SafetensorsRepo {
 
     /// The safetensors files with their sizes, in file-name order.
     pub fn files(&self) -> Vec<WeightFile> {
-        self.files
-            .iter()
-            .map(|f| WeightFile {
-                path: f.path.clone(),
-                size: f.len,
-            })
-            .collect()
+        self.files.iter().map(|f| WeightFile { path: f.path.clone(), size: f.len }).collect()
     }
 
     /// Every file the weights consist of: the index (if any) first, then the safetensors files.
@@ -397,23 +349,18 @@ impl SafetensorsRepo {
     /// The distinct dtypes stored, sorted.
     pub fn dtypes(&self) -> Vec<DType> {
         let set: BTreeSet<&str> = self.infos().map(|(_, _, t)| t.dtype.as_str()).collect();
-        [DType::F32, DType::Bf16, DType::F16]
-            .into_iter()
-            .filter(|d| set.contains(d.as_str()))
-            .collect()
+        [DType::F32, DType::Bf16, DType::F16].into_iter().filter(|d| set.contains(d.as_str())).collect()
     }
 
     fn infos(&self) -> impl Iterator<Item = (&str, &SafetensorsFile, &TensorInfo)> {
-        self.lookup
-            .iter()
-            .map(|(name, &i)| (name.as_str(), &self.files[i], &self.files[i].tensors[name]))
+        self.lookup.iter().map(|(name, &i)| (name.as_str(), &self.files[i], &self.files[i].tensors[name]))
     }
 
     fn locate(&self, name: &str) -> Result<(&SafetensorsFile, &TensorInfo)> {
-        let i = self.lookup.get(name).ok_or_else(|| LoadError::MissingTensor {
-            file: self.source(),
-            name: name.to_string(),
-        })?;
+        let i = self
+            .lookup
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor { file: self.source(), name: name.to_string() })?;
         let file = &self.files[*i];
         Ok((file, &file.tensors[name]))
     }
@@ -589,18 +536,9 @@ impl LlamaWeights {
             });
         }
         let norm = repo.get_vector("model.norm.weight", h)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            repo.get_shaped("lm_head.weight", &[v, h])?
-        };
-        Ok(LlamaWeights {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            lm_head_tied: cfg.tie_word_embeddings,
-        })
+        let lm_head =
+            if cfg.tie_word_embeddings { embed_tokens.clone() } else { repo.get_shaped("lm_head.weight", &[v, h])? };
+        Ok(LlamaWeights { embed_tokens, layers, norm, lm_head, lm_head_tied: cfg.tie_word_embeddings })
     }
 
     /// The distinct dtypes of the loaded tensors, sorted as `f32 < bf16 < f16`.
@@ -622,17 +560,9 @@ impl LlamaWeights {
                 .iter()
                 .map(|w| w.dtype),
             );
-            all.extend(
-                [&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias]
-                    .into_iter()
-                    .flatten()
-                    .map(|w| w.dtype),
-            );
+            all.extend([&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias].into_iter().flatten().map(|w| w.dtype));
         }
-        [DType::F32, DType::Bf16, DType::F16]
-            .into_iter()
-            .filter(|d| all.contains(d))
-            .collect()
+        [DType::F32, DType::Bf16, DType::F16].into_iter().filter(|d| all.contains(d)).collect()
     }
 }
 
@@ -684,9 +614,7 @@ pub(crate) mod tests {
             );
         }
         let mut h = Value::Object(header).to_string().into_bytes();
-        while h.len() % 8 != 0 {
-            h.push(b' ');
-        }
+        h.resize(h.len().next_multiple_of(8), b' ');
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
         out.extend_from_slice(&h);
         out.extend_from_slice(&data);
@@ -827,24 +755,14 @@ pub(crate) mod tests {
         // Offsets / sizes / dtypes.
         let header = |h: &str| {
             let mut h = h.as_bytes().to_vec();
-            while h.len() % 8 != 0 {
-                h.push(b' ');
-            }
+            h.resize(h.len().next_multiple_of(8), b' ');
             let mut out = (h.len() as u64).to_le_bytes().to_vec();
             out.extend_from_slice(&h);
             out.extend_from_slice(&[0u8; 64]);
             out
         };
-        check(
-            "order.safetensors",
-            &header(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#),
-            "begin > end",
-        );
-        check(
-            "size.safetensors",
-            &header(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#),
-            "needs 12",
-        );
+        check("order.safetensors", &header(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#), "begin > end");
+        check("size.safetensors", &header(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#), "needs 12");
         check(
             "overlap.safetensors",
             &header(
@@ -852,18 +770,16 @@ pub(crate) mod tests {
             ),
             "overlap",
         );
-        check(
-            "noshape.safetensors",
-            &header(r#"{"w":{"dtype":"F32","data_offsets":[0,8]}}"#),
-            "missing shape",
-        );
+        check("noshape.safetensors", &header(r#"{"w":{"dtype":"F32","data_offsets":[0,8]}}"#), "missing shape");
         let e = check(
             "i64.safetensors",
             &header(r#"{"__metadata__":{"format":"pt"},"idx":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#),
             "I64",
         );
         match &e {
-            LoadError::UnsupportedDType { name, dtype, .. } => assert_eq!((name.as_str(), dtype.as_str()), ("idx", "I64")),
+            LoadError::UnsupportedDType { name, dtype, .. } => {
+                assert_eq!((name.as_str(), dtype.as_str()), ("idx", "I64"))
+            }
             other => panic!("wrong error {other}"),
         }
         assert!(e.to_string().contains("\"idx\""));

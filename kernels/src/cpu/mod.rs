@@ -131,6 +131,14 @@ impl CpuBackend {
     pub fn isa(&self) -> Isa {
         self.isa
     }
+    /// The backend's name in the determinism fingerprint. ISA and thread count are absent on
+    /// purpose (they cannot change a bit); fast mode gets its own name, since it promises nothing.
+    pub fn fingerprint_name_for(mode: KernelMode) -> &'static str {
+        match mode {
+            KernelMode::Invariant => "cpu",
+            KernelMode::Fast => "cpu-fast",
+        }
+    }
     pub fn threads(&self) -> usize {
         self.cfg.threads.max(1)
     }
@@ -216,7 +224,7 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn fingerprint_name(&self) -> String {
-        "cpu".to_string()
+        Self::fingerprint_name_for(self.cfg.mode).to_string()
     }
     fn numerics(&self) -> NumericsConfig {
         self.cfg.numerics

@@ -11,19 +11,48 @@ use crate::DType;
 
 // ---------------------------------------------------------------- AVX-512
 
-/// Load 16 weights starting at element `col` of a row with `k_real` real elements, widened to f32;
-/// lanes at or past `k_real` are zero (masked loads never touch those addresses).
-#[inline(always)]
-unsafe fn load_w512(dtype: DType, row: *const u8, col: usize, k_real: usize) -> __m512 {
-    let rem = k_real.saturating_sub(col);
-    let mask: __mmask16 = if rem >= 16 { 0xffff } else { ((1u32 << rem) - 1) as __mmask16 };
-    match dtype {
-        DType::F32 => _mm512_maskz_loadu_ps(mask, (row as *const f32).add(col)),
-        DType::Bf16 => {
-            let h = _mm256_maskz_loadu_epi16(mask, (row as *const i16).add(col) as *const _);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        }
-        DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (row as *const i16).add(col) as *const _)),
+/// Widening loads of 16 weights, one type per storage dtype so the tile kernels are
+/// monomorphised with no dtype branch in the inner loop.
+trait Load512 {
+    /// 16 weights from element `col` of `row`.
+    unsafe fn full(row: *const u8, col: usize) -> __m512;
+    /// Lanes outside `mask` are zero and their addresses are never touched.
+    unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512;
+}
+struct F32x16;
+struct Bf16x16;
+struct F16x16;
+
+impl Load512 for F32x16 {
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        _mm512_loadu_ps((row as *const f32).add(col))
+    }
+    #[inline(always)]
+    unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, (row as *const f32).add(col))
+    }
+}
+impl Load512 for Bf16x16 {
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let h = _mm256_loadu_si256((row as *const u16).add(col) as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+    #[inline(always)]
+    unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
+        let h = _mm256_maskz_loadu_epi16(mask, (row as *const i16).add(col) as *const _);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+impl Load512 for F16x16 {
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256((row as *const u16).add(col) as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (row as *const i16).add(col) as *const _))
     }
 }
 
@@ -69,23 +98,36 @@ unsafe fn fold16(acc: &mut [__m512; 16]) -> __m512 {
 
 /// A tile of `MR × NR = 16` outputs (4×4 or 1×16): 16 zmm accumulators, one fold per segment.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn tile512<const MR: usize, const NR: usize>(t: &Tile<'_>, out: &mut [f32; 16]) {
+unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, out: &mut [f32; 16]) {
+    let xs: [*const f32; MR] = std::array::from_fn(|i| t.xs[i]);
+    let ws: [*const u8; NR] = std::array::from_fn(|j| t.ws[j]);
+    // Blocks below `full_end` lie wholly inside the real row; the rest are masked (zeros beyond).
+    let full_end = t.k_real / 16 * 16;
     let mut seg_sums = [_mm512_setzero_ps(); 64];
     for (s, seg_sum) in seg_sums.iter_mut().enumerate().take(t.count) {
         let mut acc = [_mm512_setzero_ps(); 16];
-        let start = s * t.seg_len;
-        for col in (start..start + t.seg_len).step_by(16) {
+        let (start, end) = (s * t.seg_len, (s + 1) * t.seg_len);
+        let mut block = |col: usize, masked: bool| {
             let mut xv = [_mm512_setzero_ps(); MR];
             for i in 0..MR {
-                xv[i] = _mm512_loadu_ps(t.xs[i].add(col));
+                xv[i] = _mm512_loadu_ps(xs[i].add(col));
             }
+            let rem = t.k_real.saturating_sub(col).min(16);
+            let mask = ((1u32 << rem) - 1) as __mmask16;
             // One weight vector live at a time: MR x registers + 16 accumulators + 1 never spill.
             for j in 0..NR {
-                let wv = load_w512(t.dtype, t.ws[j], col, t.k_real);
+                let wv = if masked { L::masked(ws[j], col, mask) } else { L::full(ws[j], col) };
                 for i in 0..MR {
                     acc[i * NR + j] = _mm512_fmadd_ps(xv[i], wv, acc[i * NR + j]);
                 }
             }
+        };
+        let split = full_end.clamp(start, end);
+        for col in (start..split).step_by(16) {
+            block(col, false);
+        }
+        for col in (split..end).step_by(16) {
+            block(col, true);
         }
         *seg_sum = fold16(&mut acc);
     }
@@ -102,9 +144,13 @@ unsafe fn tile512<const MR: usize, const NR: usize>(t: &Tile<'_>, out: &mut [f32
 /// # Safety
 /// AVX-512 F/BW/VL must be available; `t` must describe valid rows (see [`Tile`]).
 pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
-    match (t.xs.len(), t.ws.len()) {
-        (4, 4) => tile512::<4, 4>(t, out),
-        (1, 16) => tile512::<1, 16>(t, out),
+    match (t.xs.len(), t.ws.len(), t.dtype) {
+        (4, 4, DType::F32) => tile512::<4, 4, F32x16>(t, out),
+        (4, 4, DType::Bf16) => tile512::<4, 4, Bf16x16>(t, out),
+        (4, 4, DType::F16) => tile512::<4, 4, F16x16>(t, out),
+        (1, 16, DType::F32) => tile512::<1, 16, F32x16>(t, out),
+        (1, 16, DType::Bf16) => tile512::<1, 16, Bf16x16>(t, out),
+        (1, 16, DType::F16) => tile512::<1, 16, F16x16>(t, out),
         other => unreachable!("no AVX-512 tile of shape {other:?}"),
     }
 }

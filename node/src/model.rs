@@ -1,0 +1,358 @@
+//! The forward pass: one **step** over a mixed batch of prefill chunks and decode tokens.
+//!
+//! A step is a [`StepPlan`]: for each sequence, some tokens at known positions, the KV blocks they
+//! go to, and whether to sample after the last one. The model concatenates every sequence's tokens
+//! into one `[T, hidden]` activation and runs each layer once for all of them; only attention
+//! looks at sequence boundaries. Every kernel is batch-invariant, so a sequence's bits do not
+//! depend on what else is in `T`, and because each step writes its own K/V into the paged cache
+//! *before* attention reads it back, prefill, chunked prefill, decode and recompute after
+//! preemption all see identical keys.
+//!
+//! The model holds one tensor-parallel shard ([`ShardPlan`]); with `tp = 1` that is the whole model.
+//! Row-parallel layers (o_proj, down_proj) produce segment-subtree partials that the
+//! [`Collective`] finishes; sampling returns each vocab shard's [`ShardSample`], never logits.
+
+use std::path::Path;
+
+use lockstep_kernels::{
+    AttnParams, AttnSeq, Backend, HostWeight, KvLayout, RopeTables, SampleRequest, ShardSample,
+};
+use lockstep_proto::step::StepPlan;
+
+use crate::config::ModelConfig;
+use crate::error::LoadError;
+use crate::shard::{ShardError, ShardPlan};
+use crate::weights::{layer_tensor, SafetensorsRepo};
+
+/// Finishes the segment tree of a row-parallel layer across ranks.
+pub trait Collective: Send + Sync {
+    /// Number of ranks in the group.
+    fn ranks(&self) -> usize;
+    /// Every rank passes its partial (same length everywhere); every rank gets back the tree
+    /// combine of all partials in rank order.
+    fn all_reduce(&self, partial: Vec<f32>) -> Result<Vec<f32>, StepError>;
+}
+
+/// The collective of a one-rank group: the partial already is the whole tree.
+pub struct SingleRank;
+impl Collective for SingleRank {
+    fn ranks(&self) -> usize {
+        1
+    }
+    fn all_reduce(&self, partial: Vec<f32>) -> Result<Vec<f32>, StepError> {
+        Ok(partial)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StepError {
+    #[error("position {pos} of sequence {seq} is beyond the model's context of {max} positions")]
+    PositionOutOfRange { seq: u64, pos: usize, max: usize },
+    #[error("sequence {seq}: block table covers {have} positions, the step needs {need}")]
+    BlockTableTooShort { seq: u64, have: usize, need: usize },
+    #[error("sequence {seq}: block {block} is outside the KV cache of {blocks} blocks")]
+    BlockOutOfRange { seq: u64, block: u32, blocks: usize },
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("all-reduce failed: {0}")]
+    Collective(String),
+}
+
+/// Engine-side sizing of one model instance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelOptions {
+    /// KV cache blocks (each `block_size` positions, all layers).
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Longest context served (≤ `max_position_embeddings`); sizes the RoPE tables.
+    pub max_context: usize,
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    q: B::Weight,
+    k: B::Weight,
+    v: B::Weight,
+    q_bias: Option<B::Weight>,
+    k_bias: Option<B::Weight>,
+    v_bias: Option<B::Weight>,
+    o: B::Weight,
+    o_bias: Option<B::Weight>,
+    post_norm: B::Weight,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+pub struct Model<B: Backend> {
+    be: B,
+    cfg: ModelConfig,
+    plan: ShardPlan,
+    opts: ModelOptions,
+    layers: Vec<Layer<B>>,
+    embed: B::Weight,
+    norm: B::Weight,
+    lm_head: B::Weight,
+    rope: RopeTables,
+    kv_layout: KvLayout,
+    kv: Vec<B::KvCache>,
+    collective: Box<dyn Collective>,
+}
+
+/// One sampled row of a step: which sequence, and this shard's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSample {
+    pub seq_id: u64,
+    pub request: SampleRequest,
+    pub sample: ShardSample,
+}
+
+impl<B: Backend> Model<B> {
+    /// Load rank `plan.rank`'s shard of the model in `dir`, reading only the bytes that shard needs
+    /// (column slices of row-parallel weights are copied, everything else is memory-mapped).
+    pub fn load(
+        be: B,
+        dir: &Path,
+        cfg: ModelConfig,
+        plan: ShardPlan,
+        opts: ModelOptions,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self, ModelError> {
+        let repo = SafetensorsRepo::open(dir)?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        if plan.segments != be.numerics().reduce_segments {
+            return Err(ModelError::Invalid(format!(
+                "shard plan uses {} segments but the backend {}",
+                plan.segments,
+                be.numerics().reduce_segments
+            )));
+        }
+        if opts.max_context > cfg.max_position_embeddings {
+            return Err(ModelError::Invalid(format!(
+                "max context {} exceeds the model's max_position_embeddings {}",
+                opts.max_context, cfg.max_position_embeddings
+            )));
+        }
+        let check = |name: &str, shape: &[usize]| -> Result<(), LoadError> {
+            let info = repo.info(name)?;
+            if info.shape != shape {
+                return Err(LoadError::ShapeMismatch {
+                    file: repo.file_of(name)?.to_path_buf(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    got: info.shape.clone(),
+                });
+            }
+            Ok(())
+        };
+        // Column-parallel: a slice of rows. Row-parallel: a slice of columns. Vectors: whole.
+        let rows = |name: &str, shape: [usize; 2], r: std::ops::Range<usize>| -> Result<B::Weight, LoadError> {
+            check(name, &shape)?;
+            Ok(be.prepare_weight(repo.get_rows(name, r)?))
+        };
+        let cols = |name: &str, shape: [usize; 2], c: std::ops::Range<usize>| -> Result<B::Weight, LoadError> {
+            check(name, &shape)?;
+            let w = if c.len() == shape[1] { repo.get(name)? } else { repo.get_cols(name, c)? };
+            Ok(be.prepare_weight(w))
+        };
+        let vector = |name: &str, len: usize, part: Option<std::ops::Range<usize>>| -> Result<B::Weight, LoadError> {
+            check(name, &[len])?;
+            let w: HostWeight = match part {
+                Some(c) if c.len() != len => repo.get_cols(name, c)?,
+                _ => repo.get(name)?,
+            };
+            Ok(be.prepare_weight(w))
+        };
+        let (q_dim, kv_dim, inter) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let t = |s: &str| layer_tensor(i, s);
+            let bias = |on: bool, s: &str, len: usize, part: std::ops::Range<usize>| {
+                on.then(|| vector(&t(s), len, Some(part))).transpose()
+            };
+            layers.push(Layer {
+                input_norm: vector(&t("input_layernorm.weight"), h, None)?,
+                q: rows(&t("self_attn.q_proj.weight"), [q_dim, h], plan.q_rows.clone())?,
+                k: rows(&t("self_attn.k_proj.weight"), [kv_dim, h], plan.kv_rows.clone())?,
+                v: rows(&t("self_attn.v_proj.weight"), [kv_dim, h], plan.kv_rows.clone())?,
+                q_bias: bias(cfg.qkv_bias, "self_attn.q_proj.bias", q_dim, plan.q_rows.clone())?,
+                k_bias: bias(cfg.qkv_bias, "self_attn.k_proj.bias", kv_dim, plan.kv_rows.clone())?,
+                v_bias: bias(cfg.qkv_bias, "self_attn.v_proj.bias", kv_dim, plan.kv_rows.clone())?,
+                o: cols(&t("self_attn.o_proj.weight"), [h, q_dim], plan.o_segs.real_range())?,
+                o_bias: bias(cfg.o_bias, "self_attn.o_proj.bias", h, 0..h)?,
+                post_norm: vector(&t("post_attention_layernorm.weight"), h, None)?,
+                gate: rows(&t("mlp.gate_proj.weight"), [inter, h], plan.mlp_rows())?,
+                up: rows(&t("mlp.up_proj.weight"), [inter, h], plan.mlp_rows())?,
+                down: cols(&t("mlp.down_proj.weight"), [h, inter], plan.mlp_rows())?,
+            });
+        }
+        let embed = be.prepare_weight({
+            check("model.embed_tokens.weight", &[v, h])?;
+            repo.get("model.embed_tokens.weight")?
+        });
+        let lm_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let lm_head = rows(lm_name, [v, h], plan.vocab_rows())?;
+        let norm = vector("model.norm.weight", h, None)?;
+        let rope = RopeTables::new(&cfg.rope_config(), opts.max_context).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let kv_layout = KvLayout {
+            num_blocks: opts.num_blocks,
+            block_size: opts.block_size,
+            n_kv_heads: plan.n_kv_heads,
+            head_dim: plan.head_dim,
+        };
+        let kv = (0..cfg.num_hidden_layers).map(|_| be.alloc_kv(kv_layout)).collect();
+        Ok(Model { be, cfg, plan, opts, layers, embed, norm, lm_head, rope, kv_layout, kv, collective })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+    pub fn options(&self) -> &ModelOptions {
+        &self.opts
+    }
+    pub fn kv_layout(&self) -> KvLayout {
+        self.kv_layout
+    }
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    /// Run one step; returns this shard's sampling report for every chunk that asked for one, in
+    /// the order of the plan's chunks.
+    pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<StepSample>, StepError> {
+        let be = &self.be;
+        let (hidden, hd) = (self.cfg.hidden_size, self.plan.head_dim);
+        let (nh, nkv) = (self.plan.n_heads, self.plan.n_kv_heads);
+        let bs = self.opts.block_size;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut sample_rows = Vec::new();
+        let mut requests = Vec::new();
+        let mut sample_seqs = Vec::new();
+        for c in &plan.chunks {
+            let first = c.first_pos as usize;
+            let end = first + c.tokens.len();
+            if end > self.opts.max_context {
+                return Err(StepError::PositionOutOfRange { seq: c.seq_id, pos: end - 1, max: self.opts.max_context });
+            }
+            if c.block_table.len() * bs < end {
+                return Err(StepError::BlockTableTooShort { seq: c.seq_id, have: c.block_table.len() * bs, need: end });
+            }
+            if let Some(&b) = c.block_table.iter().find(|&&b| b as usize >= self.opts.num_blocks) {
+                return Err(StepError::BlockOutOfRange { seq: c.seq_id, block: b, blocks: self.opts.num_blocks });
+            }
+            for (i, &t) in c.tokens.iter().enumerate() {
+                if t as usize >= self.cfg.vocab_size {
+                    return Err(StepError::TokenOutOfRange { token: t, vocab: self.cfg.vocab_size });
+                }
+                let p = first + i;
+                tokens.push(t);
+                positions.push(p as u32);
+                slots.push(c.block_table[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            if let (Some(req), false) = (c.sample, c.tokens.is_empty()) {
+                sample_rows.push((tokens.len() - 1) as u32);
+                requests.push(req);
+                sample_seqs.push(c.seq_id);
+            }
+        }
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let mut seqs = Vec::with_capacity(plan.chunks.len());
+        let mut row = 0;
+        for c in &plan.chunks {
+            seqs.push(AttnSeq { block_table: &c.block_table, q_row: row, n_q: c.tokens.len(), first_pos: c.first_pos as usize });
+            row += c.tokens.len();
+        }
+        let attn = AttnParams {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            kv_chunk: be.numerics().kv_chunk,
+        };
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (qw, kvw) = (nh * hd, nkv * hd);
+        let inter = self.plan.mlp_rows().len();
+
+        let mut x = be.zeros(t * hidden);
+        be.embedding(&tokens, &self.embed, &mut x);
+        let mut h = be.zeros(t * hidden);
+        let mut q = be.zeros(t * qw);
+        let mut k = be.zeros(t * kvw);
+        let mut v = be.zeros(t * kvw);
+        let mut a = be.zeros(t * qw);
+        let mut o = be.zeros(t * hidden);
+        let mut g = be.zeros(t * inter);
+        let mut u = be.zeros(t * inter);
+        let mut s = be.zeros(t * inter);
+        for (layer, cache) in self.layers.iter().zip(self.kv.iter_mut()) {
+            be.rms_norm(&x, &layer.input_norm, eps, &mut h);
+            be.linear(&h, t, &layer.q, layer.q_bias.as_ref(), &mut q);
+            be.linear(&h, t, &layer.k, layer.k_bias.as_ref(), &mut k);
+            be.linear(&h, t, &layer.v, layer.v_bias.as_ref(), &mut v);
+            be.rope(&mut q, nh, &positions, &self.rope);
+            be.rope(&mut k, nkv, &positions, &self.rope);
+            be.write_kv(cache, &k, &v, &slots);
+            be.attention(&q, &seqs, cache, attn, &mut a);
+            be.linear_partial(&a, t, &layer.o, self.plan.o_segs, &mut o);
+            all_reduce(be, self.collective.as_ref(), &mut o)?;
+            if let Some(b) = &layer.o_bias {
+                be.add_bias(&mut o, b);
+            }
+            be.add_assign(&mut x, &o);
+            be.rms_norm(&x, &layer.post_norm, eps, &mut h);
+            be.linear(&h, t, &layer.gate, None, &mut g);
+            be.linear(&h, t, &layer.up, None, &mut u);
+            be.swiglu(&g, &u, &mut s);
+            be.linear_partial(&s, t, &layer.down, self.plan.mlp_segs, &mut o);
+            all_reduce(be, self.collective.as_ref(), &mut o)?;
+            be.add_assign(&mut x, &o);
+        }
+        let r = sample_rows.len();
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        let mut last = be.zeros(r * hidden);
+        be.gather_rows(&x, hidden, &sample_rows, &mut last);
+        let mut normed = be.zeros(r * hidden);
+        be.rms_norm(&last, &self.norm, eps, &mut normed);
+        let mut logits = be.zeros(r * self.plan.vocab.rows);
+        be.linear(&normed, r, &self.lm_head, None, &mut logits);
+        let samples = be.sample_shard(&logits, self.plan.vocab, &requests);
+        Ok(sample_seqs
+            .into_iter()
+            .zip(requests)
+            .zip(samples)
+            .map(|((seq_id, request), sample)| StepSample { seq_id, request, sample })
+            .collect())
+    }
+}
+
+/// Finish a row-parallel partial across ranks (a no-op for one rank, which skips the copies).
+fn all_reduce<B: Backend>(be: &B, c: &dyn Collective, buf: &mut B::Buf) -> Result<(), StepError> {
+    if c.ranks() == 1 {
+        return Ok(());
+    }
+    let host = be.download(buf);
+    let full = c.all_reduce(host)?;
+    *buf = be.upload(&full);
+    Ok(())
+}
+

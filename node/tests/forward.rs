@@ -1,0 +1,66 @@
+//! Forward-pass tests on the real stories260K model (skipped, visibly, without ../shared).
+
+use std::path::PathBuf;
+
+use lockstep_kernels::{CpuBackend, CpuConfig, Isa, KernelMode, NumericsConfig, SampleRequest, SamplingParams};
+use lockstep_node::config::ModelConfig;
+use lockstep_node::model::{Model, ModelOptions, SingleRank};
+use lockstep_node::shard::{auto_reduce_segments, ShardPlan};
+use lockstep_proto::step::{SeqChunk, StepPlan};
+
+fn stories() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K/hf");
+    if p.join("config.json").exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} not found", p.display());
+        None
+    }
+}
+
+fn pieces(dir: &std::path::Path) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("llama2c_vocab.json")).unwrap()).unwrap();
+    v.as_array().unwrap().iter().map(|e| e["piece"].as_str().unwrap().replace('▁', " ")).collect()
+}
+
+fn load(dir: &std::path::Path, threads: usize) -> Model<CpuBackend> {
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let segments = auto_reduce_segments(&cfg);
+    let be = CpuBackend::new(CpuConfig {
+        threads,
+        isa: Some(Isa::best()),
+        mode: KernelMode::Invariant,
+        numerics: NumericsConfig { reduce_segments: segments, kv_chunk: 16 },
+    })
+    .unwrap();
+    let plan = ShardPlan::new(&cfg, 0, 1, segments).unwrap();
+    let opts = ModelOptions { num_blocks: 64, block_size: 16, max_context: 512 };
+    Model::load(be, dir, cfg, plan, opts, Box::new(SingleRank)).unwrap()
+}
+
+#[test]
+fn stories260k_greedy_from_bos_tells_the_lily_story() {
+    let Some(dir) = stories() else { return };
+    let mut model = load(&dir, 2);
+    let table: Vec<u32> = (0..4).collect();
+    let mut tokens = vec![1u32];
+    let mut pos = 0;
+    let mut out = String::new();
+    let p = pieces(&dir);
+    for step in 0..24u64 {
+        let chunk = SeqChunk {
+            seq_id: 7,
+            tokens: tokens[pos..].to_vec(),
+            first_pos: pos as u32,
+            block_table: table.clone(),
+            sample: Some(SampleRequest { params: SamplingParams::greedy(), step }),
+        };
+        pos = tokens.len();
+        let s = model.step(&StepPlan { step_id: step, chunks: vec![chunk] }).unwrap();
+        let tok = lockstep_kernels::merge_shard_samples(&[&s[0].sample], &s[0].request);
+        tokens.push(tok.id);
+        out.push_str(&p[tok.id as usize]);
+    }
+    eprintln!("{out:?}");
+    assert!(out.starts_with(" Once upon a time, there was a little girl named Lily"), "{out:?}");
+}
