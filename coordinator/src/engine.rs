@@ -49,6 +49,8 @@ pub struct EngineOptions {
     pub block_size: usize,
     /// KV cache budget in MiB (all layers, K and V).
     pub kv_cache_mib: usize,
+    /// Exact number of KV blocks (overrides `kv_cache_mib`).
+    pub num_blocks: Option<usize>,
     pub max_batch_tokens: usize,
     pub prefill_chunk: usize,
     pub max_running: usize,
@@ -66,6 +68,7 @@ impl Default for EngineOptions {
             kv_chunk: lockstep_kernels::DEFAULT_KV_CHUNK,
             block_size: 16,
             kv_cache_mib: 512,
+            num_blocks: None,
             max_batch_tokens: 2048,
             prefill_chunk: 512,
             max_running: 64,
@@ -114,7 +117,8 @@ impl ModelInfo {
             numerics.kv_chunk,
         );
         let kv_bytes_per_slot = 2 * config.num_hidden_layers * config.kv_dim() * 4;
-        let num_blocks = (opts.kv_cache_mib << 20) / (kv_bytes_per_slot * opts.block_size).max(1);
+        let num_blocks =
+            opts.num_blocks.unwrap_or((opts.kv_cache_mib << 20) / (kv_bytes_per_slot * opts.block_size).max(1));
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let name = if name == "hf" {
             dir.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or(name)
@@ -159,7 +163,8 @@ impl LocalExecutor {
     pub fn load(info: &ModelInfo, opts: &EngineOptions) -> anyhow::Result<Self> {
         let be = cpu_backend(opts, info.numerics)?;
         let plan = ShardPlan::new(&info.config, 0, 1, info.numerics.reduce_segments)?;
-        let mopts = ModelOptions { num_blocks: info.num_blocks, block_size: info.block_size, max_context: info.max_context };
+        let mopts =
+            ModelOptions { num_blocks: info.num_blocks, block_size: info.block_size, max_context: info.max_context };
         let model = Model::load(be, &info.dir, info.config.clone(), plan, mopts, Box::new(SingleRank))?;
         Ok(LocalExecutor { model })
     }
@@ -318,7 +323,8 @@ impl<E: StepExecutor> Engine<E> {
 
     /// Fail every running and waiting sequence (the executor is gone).
     pub fn fail_all(&mut self, message: &str) -> Vec<EngineEvent> {
-        let ids: Vec<u64> = self.seqs.iter().filter(|(_, s)| s.out.finish_reason.is_none()).map(|(&id, _)| id).collect();
+        let ids: Vec<u64> =
+            self.seqs.iter().filter(|(_, s)| s.out.finish_reason.is_none()).map(|(&id, _)| id).collect();
         let evs = ids
             .into_iter()
             .filter_map(|id| self.scheduler.abort(id, FinishReason::Error(message.to_string())))
@@ -340,11 +346,23 @@ impl<E: StepExecutor> Engine<E> {
                     match s.stop.push(&piece) {
                         StopCheck::Continue { text } => {
                             s.out.text.push_str(&text);
-                            out.push(EngineEvent::Token { seq_id, token_id: token.id, logprob: token.logprob, text, index });
+                            out.push(EngineEvent::Token {
+                                seq_id,
+                                token_id: token.id,
+                                logprob: token.logprob,
+                                text,
+                                index,
+                            });
                         }
                         StopCheck::Stopped { text, .. } => {
                             s.out.text.push_str(&text);
-                            out.push(EngineEvent::Token { seq_id, token_id: token.id, logprob: token.logprob, text, index });
+                            out.push(EngineEvent::Token {
+                                seq_id,
+                                token_id: token.id,
+                                logprob: token.logprob,
+                                text,
+                                index,
+                            });
                             if let Some(fin) = self.scheduler.abort(seq_id, FinishReason::Stop) {
                                 out.extend(self.apply(vec![fin]));
                             }

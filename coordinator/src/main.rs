@@ -29,6 +29,19 @@ enum Command {
     },
     /// Prefill and decode throughput at batch 1, 8 and 32, invariant vs fast.
     Bench(BenchArgs),
+    /// A self-contained demonstration on loopback: the same prompts alone, batched with other
+    /// traffic and on other thread counts, showing identical bytes.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Model directory (default: ../shared/models/stories260K/hf when present, else a synthesized
+    /// tiny model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 48)]
+    max_tokens: u32,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +101,9 @@ struct EngineArgs {
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: usize,
+    /// Exact number of KV cache blocks (overrides --kv-cache-mib).
+    #[arg(long)]
+    num_blocks: Option<usize>,
     /// KV cache block size in positions.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -107,6 +123,7 @@ impl EngineArgs {
             kv_chunk: self.kv_chunk,
             block_size: self.block_size,
             kv_cache_mib: self.kv_cache_mib,
+            num_blocks: self.num_blocks,
             max_batch_tokens: self.max_batch_tokens,
             prefill_chunk: self.prefill_chunk,
             max_running: self.max_running,
@@ -173,8 +190,18 @@ struct BenchArgs {
     engine: EngineArgs,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line; no backtrace noise for user errors.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Generate(a) => generate(a),
         Command::Model { cmd: ModelCmd::Synth { preset, seed, dtype, out, shards } } => {
@@ -190,6 +217,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => bench(a),
+        Command::Demo(a) => demo(a),
     }
 }
 
@@ -203,7 +231,8 @@ fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
             }
             if line.starts_with('"') {
                 prompts.push(
-                    serde_json::from_str(line).with_context(|| format!("{}:{}: bad JSON string", path.display(), i + 1))?,
+                    serde_json::from_str(line)
+                        .with_context(|| format!("{}:{}: bad JSON string", path.display(), i + 1))?,
                 );
             } else {
                 prompts.push(line.to_string());
@@ -304,11 +333,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
-            let dir = lockstep_node::fingerprint::HashCache::from_env()
-                .dir()
-                .map(|d| d.join("synth"))
-                .unwrap_or_else(|| std::env::temp_dir().join("lockstep-synth"))
-                .join("qwen2.5-0.5b-bf16-seed0");
+            let dir = synth_cache_dir("qwen2.5-0.5b-bf16-seed0");
             if !dir.join("config.json").exists() {
                 eprintln!("synthesizing qwen2.5-0.5b (bf16, seed 0) into {} ...", dir.display());
                 synth_with(Preset::Qwen25_05b, 0, DType::Bf16, &dir, &SynthOptions::default())?;
@@ -316,7 +341,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             dir
         }
     };
-    println!("| mode | batch | prompt tok | new tok | prefill tok/s | decode tok/s | new tok/s incl. prefill | backend |");
+    println!(
+        "| mode | batch | prompt tok | new tok | prefill tok/s | decode tok/s | new tok/s incl. prefill | backend |"
+    );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for &mode in &a.modes {
         let mut opts = a.engine.options();
@@ -329,7 +356,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         for &b in &a.batch {
             for i in 0..b {
                 // Distinct prompts of exactly `prompt_tokens` ids, no shared prefix.
-                let prompt_ids = (0..a.prompt_tokens as u32).map(|t| 3 + (t * 7919 + i as u32 * 104_729) % (vocab - 3)).collect();
+                let prompt_ids =
+                    (0..a.prompt_tokens as u32).map(|t| 3 + (t * 7919 + i as u32 * 104_729) % (vocab - 3)).collect();
                 engine.add(GenerateRequest {
                     prompt_ids,
                     sampling: SamplingParams::greedy(),
@@ -368,6 +396,99 @@ fn bench(a: BenchArgs) -> Result<()> {
                 (generated - b) as f64 / (total - pre).max(1e-9),
                 generated as f64 / total,
             );
+        }
+    }
+    Ok(())
+}
+
+/// The synthesized-model cache directory (`$LOCKSTEP_CACHE_DIR`, `$XDG_CACHE_HOME/lockstep`,
+/// `~/.cache/lockstep`, else the temp dir) for `name`.
+fn synth_cache_dir(name: &str) -> PathBuf {
+    lockstep_node::fingerprint::HashCache::from_env()
+        .dir()
+        .map(|d| d.join("synth"))
+        .unwrap_or_else(|| std::env::temp_dir().join("lockstep-synth"))
+        .join(name)
+}
+
+fn demo_model(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(m) = arg {
+        return Ok(m);
+    }
+    let shared = std::env::current_dir()?.join("../shared/models/stories260K/hf");
+    if shared.join("config.json").exists() {
+        return Ok(shared);
+    }
+    let dir = synth_cache_dir("tiny-f32-seed0");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!("../shared/models/stories260K/hf not found: synthesizing a tiny model into {}", dir.display());
+        synth_with(Preset::Tiny, 0, DType::F32, &dir, &SynthOptions::default())?;
+    }
+    Ok(dir)
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let model = demo_model(a.model)?;
+    let prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park"];
+    let sampling = [SamplingParams::greedy(), SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 42 }];
+    println!("lockstep demo — model {}", model.display());
+    // Per answer: token ids, logprob bits, text.
+    type Answer = (Vec<u32>, Vec<u32>, String);
+    let mut first: Option<Vec<Answer>> = None;
+    for (label, threads, others) in [("alone, 1 thread", 1usize, 0usize), ("with 12 other requests, 2 threads", 2, 12)]
+    {
+        let opts = EngineOptions { threads, ..EngineOptions::default() };
+        let info = ModelInfo::load(&model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
+        let exec = LocalExecutor::load(&info, &opts)?;
+        let mut engine = Engine::new(info.scheduler_config(&opts), exec, info.tokenizer.clone())?;
+        let mut ids = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            for s in sampling {
+                // Background traffic arrives before, between and after the demo prompts.
+                for j in 0..others / prompts.len() {
+                    let text = format!("{} {}", prompts[(i + j) % prompts.len()], "and then ".repeat(j));
+                    engine.add(GenerateRequest {
+                        prompt_ids: info.tokenizer.encode(&text, true)?,
+                        sampling: SamplingParams { seed: j as u64, ..s },
+                        max_tokens: 8 + 5 * j as u32,
+                        stop: vec![],
+                        stop_token_ids: vec![],
+                        ignore_eos: false,
+                        skip_special_tokens: true,
+                    })?;
+                    engine.step()?;
+                }
+                ids.push(engine.add(GenerateRequest {
+                    prompt_ids: info.tokenizer.encode(p, true)?,
+                    sampling: s,
+                    max_tokens: a.max_tokens,
+                    stop: vec![],
+                    stop_token_ids: vec![],
+                    ignore_eos: false,
+                    skip_special_tokens: true,
+                })?);
+            }
+        }
+        while engine.has_work() {
+            engine.step()?;
+        }
+        println!("\n== {label} (system_fingerprint {})", info.system_fingerprint);
+        let mut answers = Vec::new();
+        for (k, id) in ids.into_iter().enumerate() {
+            let out = engine.take_output(id).expect("finished");
+            let mode = if k % 2 == 0 { "greedy" } else { "T=0.8 seed 42" };
+            println!("[{}] {:?} → {:?}", mode, prompts[k / 2], out.text);
+            answers.push((out.token_ids, out.logprobs.iter().map(|l| l.to_bits()).collect(), out.text));
+        }
+        match &first {
+            None => first = Some(answers),
+            Some(f) => {
+                let same = f.iter().zip(&answers).filter(|(x, y)| x == y).count();
+                println!("\nidentical token ids, logprob bits and text: {same}/{} answers", answers.len());
+                if same != answers.len() {
+                    bail!("determinism violated");
+                }
+            }
         }
     }
     Ok(())

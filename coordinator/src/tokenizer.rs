@@ -46,23 +46,13 @@ pub enum TokenizerError {
     #[error("{}: not found", path.display())]
     NotFound { path: PathBuf },
     #[error("{}: cannot read: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: invalid JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     #[error("{}: cannot load the tokenizer: {message}", path.display())]
     Load { path: PathBuf, message: String },
     #[error("{}: field `{field}`: {message}", path.display())]
-    BadField {
-        path: PathBuf,
-        field: &'static str,
-        message: String,
-    },
+    BadField { path: PathBuf, field: &'static str, message: String },
     #[error("encoding failed: {0}")]
     Encode(String),
     #[error("decoding failed: {0}")]
@@ -98,10 +88,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -125,27 +112,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.set_unknown_method_callback(python_method);
-        let env = env
-            .add_template_owned(TEMPLATE_NAME, source)
-            .map(|()| Arc::new(env));
-        ChatTemplate {
-            origin,
-            env: env.map_err(|e| describe_jinja_error(&e)),
-        }
+        let env = env.add_template_owned(TEMPLATE_NAME, source).map(|()| Arc::new(env));
+        ChatTemplate { origin, env: env.map_err(|e| describe_jinja_error(&e)) }
     }
 
     fn render(&self, context: Value) -> Result<String> {
-        let error = |message| TokenizerError::ChatTemplate {
-            origin: self.origin.clone(),
-            message,
-        };
+        let error = |message| TokenizerError::ChatTemplate { origin: self.origin.clone(), message };
         let env = self.env.as_ref().map_err(|m| error(m.clone()))?;
-        let template = env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| error(describe_jinja_error(&e)))?;
-        template
-            .render(context)
-            .map_err(|e| error(describe_jinja_error(&e)))
+        let template = env.get_template(TEMPLATE_NAME).map_err(|e| error(describe_jinja_error(&e)))?;
+        template.render(context).map_err(|e| error(describe_jinja_error(&e)))
     }
 }
 
@@ -157,12 +132,7 @@ fn strftime_now(state: &State, format: String) -> Result<String, JinjaError> {
     let now = state
         .lookup(NOW_VARIABLE)
         .and_then(|v| v.as_i64())
-        .ok_or_else(|| {
-            JinjaError::new(
-                JinjaErrorKind::InvalidOperation,
-                "strftime_now: render time not set",
-            )
-        })?;
+        .ok_or_else(|| JinjaError::new(JinjaErrorKind::InvalidOperation, "strftime_now: render time not set"))?;
     Ok(strftime(&format, now))
 }
 
@@ -183,12 +153,7 @@ fn raise_exception(message: String) -> Result<Value, JinjaError> {
 
 /// The Python `str` and `dict` methods that chat templates call, for values minijinja has no
 /// such method on.
-fn python_method(
-    state: &State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> Result<Value, JinjaError> {
+fn python_method(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, JinjaError> {
     if let Some(s) = value.as_str() {
         return string_method(s, method, args);
     }
@@ -211,11 +176,7 @@ fn python_method(
             "get" => {
                 let (key, default): (Value, Option<Value>) = from_args(args)?;
                 let found = value.get_item(&key)?;
-                Ok(if found.is_undefined() {
-                    default.unwrap_or(Value::from(()))
-                } else {
-                    found
-                })
+                Ok(if found.is_undefined() { default.unwrap_or(Value::from(())) } else { found })
             }
             _ => Err(JinjaError::from(JinjaErrorKind::UnknownMethod)),
         };
@@ -267,10 +228,7 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
         "lower" => Value::from(s.to_lowercase()),
         "capitalize" => {
             let mut chars = s.chars();
-            let first = chars
-                .next()
-                .map(|c| c.to_uppercase().collect::<String>())
-                .unwrap_or_default();
+            let first = chars.next().map(|c| c.to_uppercase().collect::<String>()).unwrap_or_default();
             Value::from(first + &chars.as_str().to_lowercase())
         }
         "title" => {
@@ -297,8 +255,7 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
                     let words: Vec<&str> = s.split_whitespace().collect();
                     match limit {
                         Some(n) if words.len() > n => {
-                            let mut head: Vec<String> =
-                                words[..n - 1].iter().map(|w| w.to_string()).collect();
+                            let mut head: Vec<String> = words[..n - 1].iter().map(|w| w.to_string()).collect();
                             let tail_start = words[n - 1].as_ptr() as usize - s.as_ptr() as usize;
                             head.push(s[tail_start..].trim_end().to_string());
                             head
@@ -318,10 +275,7 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
         }
         "find" => {
             let (needle,): (String,) = from_args(args)?;
-            Value::from(
-                s.find(needle.as_str())
-                    .map_or(-1, |i| s[..i].chars().count() as i64),
-            )
+            Value::from(s.find(needle.as_str()).map_or(-1, |i| s[..i].chars().count() as i64))
         }
         "count" => {
             let (needle,): (String,) = from_args(args)?;
@@ -341,15 +295,7 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
 /// Formats a Unix time (UTC) with the strftime directives chat templates use: `%Y %y %m %d %e
 /// %j %H %I %M %S %p %a %A %b %B %%`. Other directives are left as written.
 fn strftime(format: &str, unix_secs: i64) -> String {
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
+    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -460,19 +406,9 @@ fn read_json(path: &Path) -> Result<Option<Json>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(TokenizerError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(TokenizerError::Io { path: path.to_path_buf(), source }),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| TokenizerError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+    serde_json::from_str(&text).map(Some).map_err(|source| TokenizerError::Json { path: path.to_path_buf(), source })
 }
 
 /// A special token as `tokenizer_config.json` writes it: a string, or an object with `content`.
@@ -503,11 +439,7 @@ fn token_ids(config: &Json, field: &'static str, path: &Path) -> Result<Vec<u32>
         field,
         message: format!("expected a token id or a list of token ids, got {v}"),
     };
-    let one = |v: &Json| {
-        v.as_u64()
-            .and_then(|id| u32::try_from(id).ok())
-            .ok_or_else(|| bad(v))
-    };
+    let one = |v: &Json| v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| bad(v));
     match config.get(field) {
         None | Some(Json::Null) => Ok(Vec::new()),
         Some(Json::Array(items)) => items.iter().map(one).collect(),
@@ -518,19 +450,13 @@ fn token_ids(config: &Json, field: &'static str, path: &Path) -> Result<Vec<u32>
 /// The chat template of a model directory: `tokenizer_config.json`'s `chat_template` (a string,
 /// or a list of named templates of which `default` is used), else `chat_template.jinja`, else
 /// `chat_template.json`. Returns (origin, source).
-fn find_chat_template(
-    dir: &Path,
-    config: &Json,
-    config_path: &Path,
-) -> Result<Option<(String, String)>> {
+fn find_chat_template(dir: &Path, config: &Json, config_path: &Path) -> Result<Option<(String, String)>> {
     let origin = |p: &Path| p.display().to_string();
     match config.get("chat_template") {
         Some(Json::String(s)) => return Ok(Some((origin(config_path), s.clone()))),
         Some(Json::Array(named)) => {
             let template = |t: &Json| t.get("template").and_then(Json::as_str).map(String::from);
-            let default = named
-                .iter()
-                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"));
+            let default = named.iter().find(|t| t.get("name").and_then(Json::as_str) == Some("default"));
             return match default.or(named.first()).and_then(template) {
                 Some(s) => Ok(Some((origin(config_path), s))),
                 None => Err(TokenizerError::BadField {
@@ -553,12 +479,7 @@ fn find_chat_template(
     match std::fs::read_to_string(&jinja_path) {
         Ok(s) => return Ok(Some((origin(&jinja_path), s))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(TokenizerError::Io {
-                path: jinja_path,
-                source,
-            })
-        }
+        Err(source) => return Err(TokenizerError::Io { path: jinja_path, source }),
     }
     let json_path = dir.join("chat_template.json");
     if let Some(json) = read_json(&json_path)? {
@@ -585,16 +506,10 @@ impl Tokenizer {
         let dir = model_dir.as_ref();
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
-            return Err(TokenizerError::NotFound {
-                path: tokenizer_path,
-            });
+            return Err(TokenizerError::NotFound { path: tokenizer_path });
         }
-        let inner = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-            TokenizerError::Load {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| TokenizerError::Load { path: tokenizer_path.clone(), message: e.to_string() })?;
 
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?.unwrap_or(Json::Null);
@@ -624,12 +539,8 @@ impl Tokenizer {
 
         let found = find_chat_template(dir, &config, &config_path)?;
         let has_model_chat_template = found.is_some();
-        let (origin, source) = found.unwrap_or_else(|| {
-            (
-                "built-in fallback".to_string(),
-                FALLBACK_CHAT_TEMPLATE.to_string(),
-            )
-        });
+        let (origin, source) =
+            found.unwrap_or_else(|| ("built-in fallback".to_string(), FALLBACK_CHAT_TEMPLATE.to_string()));
         Ok(Tokenizer {
             inner: Arc::new(inner),
             bos_token,
@@ -644,18 +555,14 @@ impl Tokenizer {
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (e.g.
     /// prepends BOS for Llama).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let encoding =
+            self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`; `skip_special` drops special tokens such as BOS/EOS.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     /// Ids that end generation (may be empty when the model declares none).
@@ -695,14 +602,8 @@ impl Tokenizer {
     }
 
     /// Renders the conversation with the chat template; `strftime_now` sees the current time.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         self.apply_chat_template_at(messages, add_generation_prompt, now)
     }
 
@@ -726,15 +627,8 @@ impl Tokenizer {
 
     /// Renders the conversation and encodes it without adding special tokens (the template
     /// writes BOS itself where the model wants one).
-    pub fn encode_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<Vec<u32>> {
-        self.encode(
-            &self.apply_chat_template(messages, add_generation_prompt)?,
-            false,
-        )
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages, add_generation_prompt)?, false)
     }
 
     /// A streaming detokenizer for ids generated from nothing.
@@ -768,26 +662,15 @@ pub struct DecodeStream {
 impl DecodeStream {
     fn new(tokenizer: Tokenizer, prompt_ids: &[u32], skip_special: bool) -> Self {
         let context = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_CONTEXT_IDS)..];
-        DecodeStream {
-            tokenizer,
-            skip_special,
-            ids: context.to_vec(),
-            prefix_offset: 0,
-            read_offset: context.len(),
-        }
+        DecodeStream { tokenizer, skip_special, ids: context.to_vec(), prefix_offset: 0, read_offset: context.len() }
     }
 
     /// Adds one generated id; returns the text it completes (often empty while a character or
     /// word is still incomplete).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix_text = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full_text = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let prefix_text = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full_text = self.tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         if full_text.len() <= prefix_text.len() || full_text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
@@ -804,13 +687,8 @@ impl DecodeStream {
     /// Returns the text still held back (an incomplete character at the end of generation is
     /// emitted as U+FFFD) and marks it emitted.
     pub fn flush(&mut self) -> Result<String> {
-        let prefix_text = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full_text = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let prefix_text = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full_text = self.tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         let rest = text_after(&full_text, &prefix_text).to_string();
         self.ids.drain(..self.read_offset);
         self.prefix_offset = 0;
@@ -826,11 +704,7 @@ fn text_after<'a>(full: &'a str, prefix: &str) -> &'a str {
     if let Some(rest) = full.strip_prefix(prefix) {
         return rest;
     }
-    let mut common = full
-        .bytes()
-        .zip(prefix.bytes())
-        .take_while(|(a, b)| a == b)
-        .count();
+    let mut common = full.bytes().zip(prefix.bytes()).take_while(|(a, b)| a == b).count();
     while !full.is_char_boundary(common) {
         common -= 1;
     }
@@ -863,16 +737,8 @@ pub struct StopStringMatcher {
 impl StopStringMatcher {
     /// Empty stop strings are ignored (they would match everywhere).
     pub fn new<S: Into<String>>(stops: impl IntoIterator<Item = S>) -> Self {
-        let stops = stops
-            .into_iter()
-            .map(Into::into)
-            .filter(|s: &String| !s.is_empty())
-            .collect();
-        StopStringMatcher {
-            stops,
-            held: String::new(),
-            stopped: false,
-        }
+        let stops = stops.into_iter().map(Into::into).filter(|s: &String| !s.is_empty()).collect();
+        StopStringMatcher { stops, held: String::new(), stopped: false }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -891,9 +757,7 @@ impl StopStringMatcher {
     /// Adds newly decoded text.
     pub fn push(&mut self, text: &str) -> StopCheck {
         if self.stopped {
-            return StopCheck::Continue {
-                text: String::new(),
-            };
+            return StopCheck::Continue { text: String::new() };
         }
         self.held.push_str(text);
         if let Some((start, stop_index)) = find_earliest_stop(&self.held, &self.stops) {
@@ -933,9 +797,7 @@ pub fn partial_stop_suffix_len(text: &str, stops: &[String]) -> usize {
         .map(|(i, _)| i)
         .find(|&i| {
             let suffix = &text[i..];
-            stops
-                .iter()
-                .any(|stop| stop.len() > suffix.len() && stop.starts_with(suffix))
+            stops.iter().any(|stop| stop.len() > suffix.len() && stop.starts_with(suffix))
         })
         .map_or(0, |i| text.len() - i)
 }
@@ -959,8 +821,7 @@ mod tests {
 
     impl TempDir {
         fn new(name: &str) -> Self {
-            let path = std::env::temp_dir()
-                .join(format!("lockstep-tokenizer-{}-{name}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("lockstep-tokenizer-{}-{name}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
             std::fs::create_dir_all(&path).unwrap();
             TempDir(path)
@@ -1020,10 +881,7 @@ mod tests {
             "chat_template": template,
         });
         dir.write("tokenizer_config.json", &config.to_string());
-        dir.write(
-            "generation_config.json",
-            r#"{"eos_token_id": [2, 3], "bos_token_id": null}"#,
-        );
+        dir.write("generation_config.json", r#"{"eos_token_id": [2, 3], "bos_token_id": null}"#);
         dir
     }
 
@@ -1036,10 +894,7 @@ mod tests {
         assert_eq!(tok.encode("Once upon a time", false).unwrap(), ids[1..]);
         assert_eq!(tok.bos_token_id(), Some(1));
         assert_eq!(tok.eos_token_ids(), &[2]);
-        assert_eq!(
-            (tok.bos_token(), tok.eos_token()),
-            (Some("<s>"), Some("</s>"))
-        );
+        assert_eq!((tok.bos_token(), tok.eos_token()), (Some("<s>"), Some("</s>")));
         assert_eq!(tok.vocab_size(), 512);
         assert!(!tok.has_chat_template());
     }
@@ -1068,14 +923,8 @@ mod tests {
         let Some(tok) = stories() else { return };
         let prompt = tok.encode("Once upon a time", true).unwrap();
         let generated_text = " there was a crab 🦀 named Ünal. The end!";
-        let full = tok
-            .encode(&format!("Once upon a time{generated_text}"), true)
-            .unwrap();
-        assert_eq!(
-            full[..prompt.len()],
-            prompt[..],
-            "prompt tokens are a prefix"
-        );
+        let full = tok.encode(&format!("Once upon a time{generated_text}"), true).unwrap();
+        assert_eq!(full[..prompt.len()], prompt[..], "prompt tokens are a prefix");
         let generated = &full[prompt.len()..];
         let mut stream = tok.decode_stream_after(&prompt, true);
         let mut pieces = Vec::new();
@@ -1089,10 +938,7 @@ mod tests {
         // From nothing: the first word has no leading space, as in a plain decode.
         let mut stream = tok.decode_stream(true);
         let text: String = full.iter().map(|&id| stream.push(id).unwrap()).collect();
-        assert_eq!(
-            text + &stream.flush().unwrap(),
-            tok.decode(&full, true).unwrap()
-        );
+        assert_eq!(text + &stream.flush().unwrap(), tok.decode(&full, true).unwrap());
     }
 
     #[test]
@@ -1131,10 +977,7 @@ mod tests {
         assert_eq!(tok.eos_token(), Some("<|im_end|>"));
         assert_eq!(tok.eos_token_ids(), &[2, 3]);
         assert_eq!(tok.bos_token_id(), None);
-        let messages = [
-            ChatMessage::new("system", "Be brief."),
-            ChatMessage::new("user", "  Hi there!\n"),
-        ];
+        let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "  Hi there!\n")];
         assert_eq!(
             tok.apply_chat_template(&messages, true).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
@@ -1147,20 +990,12 @@ mod tests {
         );
         let ids = tok.encode_chat(&messages, false).unwrap();
         assert_eq!(ids[0], 1);
-        assert!(
-            ids.contains(&4) && ids.contains(&5) && ids.contains(&2),
-            "{ids:?}"
-        );
+        assert!(ids.contains(&4) && ids.contains(&5) && ids.contains(&2), "{ids:?}");
         // raise_exception surfaces as an error naming the template's file.
-        let err = tok
-            .apply_chat_template(&[ChatMessage::new("tool", "x")], true)
-            .unwrap_err();
+        let err = tok.apply_chat_template(&[ChatMessage::new("tool", "x")], true).unwrap_err();
         assert_eq!(err.error_type(), "chat_template");
         let message = err.to_string();
-        assert!(
-            message.contains("Unknown role: tool") && message.contains("tokenizer_config.json"),
-            "{message}"
-        );
+        assert!(message.contains("Unknown role: tool") && message.contains("tokenizer_config.json"), "{message}");
     }
 
     #[test]
@@ -1173,38 +1008,23 @@ mod tests {
             {{ ', '.join(['p', 'q']) }}";
         let dir = chatml_dir("helpers", template);
         let tok = Tokenizer::from_dir(&dir.0).unwrap();
-        let text = tok
-            .apply_chat_template_at(&[], false, 1_700_000_000)
-            .unwrap();
+        let text = tok.apply_chat_template_at(&[], false, 1_700_000_000).unwrap();
         assert_eq!(
             text,
             "<|im_end|>|2023-11-14 22:13:20 Tue Tuesday Nov November 318 23 10 PM|a/b//c|x/y/z|hi|True|False|\
              Hello World|bXb|17|a=1|p, q"
         );
-        assert_eq!(
-            strftime("%Y-%m-%d %j %a", 951_782_400),
-            "2000-02-29 060 Tue"
-        );
-        assert_eq!(
-            strftime("%Y-%m-%d %j %a %%", -86_400 * 365),
-            "1969-01-01 001 Wed %"
-        );
+        assert_eq!(strftime("%Y-%m-%d %j %a", 951_782_400), "2000-02-29 060 Tue");
+        assert_eq!(strftime("%Y-%m-%d %j %a %%", -86_400 * 365), "1969-01-01 001 Wed %");
     }
 
     #[test]
     fn chat_template_file_and_named_list_are_found() {
         let dir = TempDir::new("jinja-file");
         dir.write("tokenizer.json", CHATML_TOKENIZER_JSON);
-        dir.write(
-            "chat_template.jinja",
-            "{% for m in messages %}[{{ m.content }}]{% endfor %}",
-        );
+        dir.write("chat_template.jinja", "{% for m in messages %}[{{ m.content }}]{% endfor %}");
         let tok = Tokenizer::from_dir(&dir.0).unwrap();
-        assert_eq!(
-            tok.apply_chat_template(&[ChatMessage::new("user", "q")], true)
-                .unwrap(),
-            "[q]"
-        );
+        assert_eq!(tok.apply_chat_template(&[ChatMessage::new("user", "q")], true).unwrap(), "[q]");
         assert_eq!(tok.eos_token_ids(), &[] as &[u32]);
 
         let dir = TempDir::new("named-list");
@@ -1218,11 +1038,7 @@ mod tests {
         });
         dir.write("tokenizer_config.json", &config.to_string());
         let tok = Tokenizer::from_dir(&dir.0).unwrap();
-        assert_eq!(
-            tok.apply_chat_template(&[ChatMessage::new("user", "q")], true)
-                .unwrap(),
-            "default:1"
-        );
+        assert_eq!(tok.apply_chat_template(&[ChatMessage::new("user", "q")], true).unwrap(), "default:1");
         assert_eq!(tok.eos_token_ids(), &[3]);
     }
 
@@ -1274,88 +1090,34 @@ mod tests {
     #[test]
     fn stop_strings_split_across_pushes_are_found_and_never_emitted() {
         let mut m = StopStringMatcher::new(["END", "\n\n"]);
-        let checks: Vec<StopCheck> = ["Hello E", "N", "D? no, ", "EN", "D!"]
-            .iter()
-            .map(|t| m.push(t))
-            .collect();
-        assert_eq!(
-            checks[0],
-            StopCheck::Continue {
-                text: "Hello ".into()
-            }
-        );
+        let checks: Vec<StopCheck> = ["Hello E", "N", "D? no, ", "EN", "D!"].iter().map(|t| m.push(t)).collect();
+        assert_eq!(checks[0], StopCheck::Continue { text: "Hello ".into() });
         assert_eq!(m.held(), "", "after a stop nothing is held");
-        assert_eq!(
-            checks[1],
-            StopCheck::Continue {
-                text: String::new()
-            }
-        );
-        assert_eq!(
-            checks[2],
-            StopCheck::Stopped {
-                text: String::new(),
-                stop_index: 0
-            }
-        );
+        assert_eq!(checks[1], StopCheck::Continue { text: String::new() });
+        assert_eq!(checks[2], StopCheck::Stopped { text: String::new(), stop_index: 0 });
         assert_eq!(emitted(&checks), "Hello ");
         assert!(m.is_stopped());
 
         // A partial match that turns out not to be one is released.
         let mut m = StopStringMatcher::new(["END"]);
-        assert_eq!(
-            m.push("the EN"),
-            StopCheck::Continue {
-                text: "the ".into()
-            }
-        );
+        assert_eq!(m.push("the EN"), StopCheck::Continue { text: "the ".into() });
         assert_eq!(m.held(), "EN");
-        assert_eq!(
-            m.push("TRY"),
-            StopCheck::Continue {
-                text: "ENTRY".into()
-            }
-        );
+        assert_eq!(m.push("TRY"), StopCheck::Continue { text: "ENTRY".into() });
         assert_eq!(m.push("...E"), StopCheck::Continue { text: "...".into() });
         assert_eq!(m.finish(), "E");
 
         // Earliest start wins, whichever stop is listed first.
         let mut m = StopStringMatcher::new(["world", "lo w", "", "o"]);
-        assert_eq!(
-            m.push("hello world"),
-            StopCheck::Stopped {
-                text: "hel".into(),
-                stop_index: 1
-            }
-        );
+        assert_eq!(m.push("hello world"), StopCheck::Stopped { text: "hel".into(), stop_index: 1 });
     }
 
     #[test]
     fn stop_matcher_handles_multibyte_text() {
         let mut m = StopStringMatcher::new(["🦀!", "日本"]);
-        assert_eq!(
-            m.push("crab 🦀"),
-            StopCheck::Continue {
-                text: "crab ".into()
-            }
-        );
-        assert_eq!(
-            m.push("? 日"),
-            StopCheck::Continue {
-                text: "🦀? ".into()
-            }
-        );
-        assert_eq!(
-            m.push("本語"),
-            StopCheck::Stopped {
-                text: String::new(),
-                stop_index: 1
-            }
-        );
-        assert_eq!(
-            partial_stop_suffix_len("ab🦀", &["🦀x".to_string()]),
-            "🦀".len()
-        );
+        assert_eq!(m.push("crab 🦀"), StopCheck::Continue { text: "crab ".into() });
+        assert_eq!(m.push("? 日"), StopCheck::Continue { text: "🦀? ".into() });
+        assert_eq!(m.push("本語"), StopCheck::Stopped { text: String::new(), stop_index: 1 });
+        assert_eq!(partial_stop_suffix_len("ab🦀", &["🦀x".to_string()]), "🦀".len());
         assert_eq!(find_earliest_stop("abc", &["x".to_string()]), None);
         assert!(StopStringMatcher::new(Vec::<String>::new()).is_empty());
     }

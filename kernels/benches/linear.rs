@@ -133,7 +133,8 @@ fn main() {
             drop(vals);
             for threads in [1, 2] {
                 let mk = |mode| {
-                    CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() }).unwrap()
+                    CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() })
+                        .unwrap()
                 };
                 let (inv, fast) = (mk(KernelMode::Invariant), mk(KernelMode::Fast));
                 let wi = inv.prepare_weight(w.clone());

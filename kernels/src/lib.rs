@@ -24,6 +24,9 @@
 //! built. [`KernelMode::Fast`] swaps the matmul for a conventional, non-invariant GEMM to measure what
 //! invariance costs.
 
+// Index loops mirror the written contract (lane l, segment s) more plainly than iterator chains.
+#![allow(clippy::needless_range_loop)]
+
 pub mod cpu;
 mod fast;
 pub mod math;
@@ -35,8 +38,7 @@ mod types;
 pub use cpu::{CpuBackend, CpuConfig, Isa};
 pub use rope::{RopeConfig, RopeScaling, RopeTables};
 pub use sampling::{
-    merge_shard_samples, Candidate, LsePartial, SampleRequest, SampledToken, SamplingParams,
-    ShardSample,
+    merge_shard_samples, Candidate, LsePartial, SampleRequest, SampledToken, SamplingParams, ShardSample,
 };
 pub use types::*;
 
@@ -59,21 +61,11 @@ pub enum KernelError {
     #[error("reduce_segments must be a power of two between 1 and 64, got {0}")]
     BadSegments(usize),
     #[error("segment range {first}+{count} is not an aligned power-of-two subtree of {segments} segments")]
-    BadSegmentRange {
-        first: usize,
-        count: usize,
-        segments: usize,
-    },
+    BadSegmentRange { first: usize, count: usize, segments: usize },
     #[error("kv_chunk must be at least 1")]
     BadKvChunk,
     #[error("weight buffer holds {got} bytes, but {rows}x{cols} {dtype:?} needs {need}")]
-    WeightSize {
-        rows: usize,
-        cols: usize,
-        dtype: DType,
-        got: usize,
-        need: usize,
-    },
+    WeightSize { rows: usize, cols: usize, dtype: DType, got: usize, need: usize },
     #[error("instruction set {0:?} is not available on this CPU")]
     IsaUnavailable(Isa),
     #[error("unsupported rope_scaling type {0:?}")]
@@ -124,10 +116,7 @@ pub struct NumericsConfig {
 
 impl Default for NumericsConfig {
     fn default() -> Self {
-        NumericsConfig {
-            reduce_segments: DEFAULT_REDUCE_SEGMENTS,
-            kv_chunk: DEFAULT_KV_CHUNK,
-        }
+        NumericsConfig { reduce_segments: DEFAULT_REDUCE_SEGMENTS, kv_chunk: DEFAULT_KV_CHUNK }
     }
 }
 
@@ -180,7 +169,14 @@ pub trait Backend: Send + Sync {
     fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[u32], out: &mut Self::Buf);
     /// Store token `i`'s K and V rows (`[T, n_kv_heads * head_dim]`) at cache slot `slots[i]`.
     fn write_kv(&self, cache: &mut Self::KvCache, k: &Self::Buf, v: &Self::Buf, slots: &[u32]);
-    fn attention(&self, q: &Self::Buf, seqs: &[AttnSeq<'_>], cache: &Self::KvCache, params: AttnParams, out: &mut Self::Buf);
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        seqs: &[AttnSeq<'_>],
+        cache: &Self::KvCache,
+        params: AttnParams,
+        out: &mut Self::Buf,
+    );
     /// Sampling on one vocab shard: `logits` is `[requests.len(), shard.rows]`.
     fn sample_shard(&self, logits: &Self::Buf, shard: VocabShard, requests: &[SampleRequest]) -> Vec<ShardSample>;
 }

@@ -6,6 +6,9 @@
 //! The f32 functions are on the hot path and have SIMD twins in [`crate::cpu`]; the f64 functions
 //! only build tables (RoPE) and are never vectorised.
 
+// The f64 constants are quoted digit for digit from fdlibm so they can be checked against it.
+#![allow(clippy::excessive_precision)]
+
 /// `log2(e)` rounded to f32.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// `ln 2` split in two (Cephes): `LN2_HI` has few significant bits so `n × LN2_HI` is exact.
@@ -15,16 +18,7 @@ pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 pub(crate) const EXP_MAX: f32 = 88.722_84;
 pub(crate) const EXP_MIN: f32 = -103.972_08;
 /// Taylor coefficients of e^r, highest degree first (Horner order).
-pub(crate) const EXP_POLY: [f32; 8] = [
-    1.0 / 5040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    0.5,
-    1.0,
-    1.0,
-];
+pub(crate) const EXP_POLY: [f32; 8] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// `2^n` for `n` in the normal exponent range `[-126, 127]`.
 #[inline(always)]
@@ -156,11 +150,13 @@ pub(crate) fn sincos_f64(x: f64) -> (f64, f64) {
     let k = (x * std::f64::consts::FRAC_2_PI).round_ties_even();
     let r = ((x - k * PIO2_1) - k * PIO2_2) - k * PIO2_3;
     let z = r * r;
-    let s = r + r * z * (-1.666_666_666_666_663_243_48e-1
-        + z * (8.333_333_333_322_489_461_24e-3
-            + z * (-1.984_126_982_985_794_931_34e-4
-                + z * (2.755_731_370_707_006_767_89e-6
-                    + z * (-2.505_076_025_340_686_341_95e-8 + z * 1.589_690_995_211_550_102_21e-10)))));
+    let s = r + r
+        * z
+        * (-1.666_666_666_666_663_243_48e-1
+            + z * (8.333_333_333_322_489_461_24e-3
+                + z * (-1.984_126_982_985_794_931_34e-4
+                    + z * (2.755_731_370_707_006_767_89e-6
+                        + z * (-2.505_076_025_340_686_341_95e-8 + z * 1.589_690_995_211_550_102_21e-10)))));
     let c = 1.0 - 0.5 * z
         + z * z
             * (4.166_666_666_666_660_190_37e-2

@@ -15,7 +15,7 @@ use crate::{
 /// One segment's dot product: 16 logical lanes, lane `l` accumulating elements `l, l+16, …` with
 /// fma from +0.0, then [`lane_tree`]. Elements past the end of `x`/`w` (up to `padded`) are zeros.
 pub fn segment_dot(x: &[f32], w: &[f32], padded: usize) -> f32 {
-    debug_assert!(padded % LANES == 0 && x.len() == w.len() && x.len() <= padded);
+    debug_assert!(padded.is_multiple_of(LANES) && x.len() == w.len() && x.len() <= padded);
     let mut acc = [0.0f32; LANES];
     for i in 0..padded {
         let (a, b) = if i < x.len() { (x[i], w[i]) } else { (0.0, 0.0) };

@@ -13,12 +13,7 @@ pub enum RopeScaling {
     /// Position interpolation: every inverse frequency divided by `factor`.
     Linear { factor: f64 },
     /// Llama 3.1 style: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -33,13 +28,16 @@ impl RopeConfig {
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim as f64;
         let ln_theta = ln_f64(self.theta);
-        let base: Vec<f64> = (0..self.head_dim / 2)
-            .map(|i| exp_f64(-((2 * i) as f64 / d) * ln_theta))
-            .collect();
+        let base: Vec<f64> = (0..self.head_dim / 2).map(|i| exp_f64(-((2 * i) as f64 / d) * ln_theta)).collect();
         match &self.scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            }) => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 base.iter()

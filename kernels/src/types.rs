@@ -180,7 +180,7 @@ impl Segmentation {
     }
     /// The segments held by `rank` of `t` (t a power of two dividing `segments`).
     pub fn shard(&self, rank: usize, t: usize) -> Result<SegmentRange, KernelError> {
-        let count = if t == 0 { 0 } else { self.segments / t };
+        let count = self.segments.checked_div(t).unwrap_or(0);
         SegmentRange::new(*self, rank * count, count)
     }
 }
@@ -195,7 +195,10 @@ pub struct SegmentRange {
 
 impl SegmentRange {
     pub fn new(seg: Segmentation, first: usize, count: usize) -> Result<Self, KernelError> {
-        let ok = count.is_power_of_two() && count <= seg.segments && first % count == 0 && first + count <= seg.segments;
+        let ok = count.is_power_of_two()
+            && count <= seg.segments
+            && first.is_multiple_of(count)
+            && first + count <= seg.segments;
         if !ok {
             return Err(KernelError::BadSegmentRange { first, count, segments: seg.segments });
         }

@@ -2,7 +2,7 @@
 //! depends on the batch, the thread count, the ISA or the tensor-parallel split.
 //! Comparisons are on `f32::to_bits`, never with a tolerance.
 
-use lockstep_kernels::sampling::{gumbel, shard_sample, MAX_CANDIDATES};
+use lockstep_kernels::sampling::{gumbel, shard_sample};
 use lockstep_kernels::{
     merge_shard_samples, reference, AttnParams, AttnSeq, Backend, CpuBackend, CpuConfig, DType, HostWeight, Isa,
     KernelMode, KvLayout, NumericsConfig, RopeConfig, RopeScaling, RopeTables, SampleRequest, SamplingParams,
@@ -345,7 +345,8 @@ fn seeded_sampling_is_a_pure_function_and_seeds_differ() {
     let draw = |seed: u64| -> Vec<u32> {
         (0..64)
             .map(|step| {
-                let req = SampleRequest { params: SamplingParams { temperature: 1.0, seed, ..Default::default() }, step };
+                let req =
+                    SampleRequest { params: SamplingParams { temperature: 1.0, seed, ..Default::default() }, step };
                 merge_shard_samples(&[&shard_sample(&logits, &shard, &req)], &req).id
             })
             .collect()
@@ -397,7 +398,6 @@ fn top_k_and_top_p_restrict_the_choice() {
         let p = SampleRequest { params: SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.3, seed: 3 }, step };
         assert_eq!(merge_shard_samples(&[&shard_sample(&logits, &shard, &p)], &p).id, 3, "top-p 0.3 keeps one token");
     }
-    assert!(MAX_CANDIDATES >= 1024);
 }
 
 // ---------------------------------------------------------------- attention
@@ -415,7 +415,13 @@ impl SeqCase {
 }
 
 fn attn_params(layout: &KvLayout, n_heads: usize, kv_chunk: usize) -> AttnParams {
-    AttnParams { n_heads, n_kv_heads: layout.n_kv_heads, head_dim: layout.head_dim, block_size: layout.block_size, kv_chunk }
+    AttnParams {
+        n_heads,
+        n_kv_heads: layout.n_kv_heads,
+        head_dim: layout.head_dim,
+        block_size: layout.block_size,
+        kv_chunk,
+    }
 }
 
 /// Sequences given as (first_pos, n_q), random block placement, random cache contents.
@@ -434,7 +440,8 @@ fn attention_case(
     let mut seqs = Vec::new();
     let mut row = 0;
     for &(first_pos, n_q) in shape {
-        let table = (0..(first_pos + n_q).div_ceil(block_size)).map(|_| free.swap_remove(rng.below(free.len()))).collect();
+        let table =
+            (0..(first_pos + n_q).div_ceil(block_size)).map(|_| free.swap_remove(rng.below(free.len()))).collect();
         seqs.push(SeqCase { table, q_row: row, n_q, first_pos });
         row += n_q;
     }
@@ -446,7 +453,8 @@ fn attention_case(
 fn every_isa_attention_equals_reference() {
     let mut rng = Rng(10);
     for (n_heads, n_kv, d) in [(4, 2, 16), (8, 4, 8), (2, 2, 20), (6, 1, 64)] {
-        let (layout, q, kc, vc, sc) = attention_case(&mut rng, &[(0, 9), (30, 1), (5, 3), (0, 1), (70, 2)], n_heads, n_kv, d);
+        let (layout, q, kc, vc, sc) =
+            attention_case(&mut rng, &[(0, 9), (30, 1), (5, 3), (0, 1), (70, 2)], n_heads, n_kv, d);
         let seqs: Vec<AttnSeq> = sc.iter().map(|s| s.as_seq()).collect();
         for kv_chunk in [1, 5, 64] {
             let p = attn_params(&layout, n_heads, kv_chunk);
@@ -489,7 +497,12 @@ fn attention_is_identical_for_any_prefill_chunking_and_block_placement() {
             // This step: our chunk plus an unrelated decode sequence at a random position.
             let other_pos = rng.below(30);
             let slots: Vec<u32> = (pos..pos + n).map(|p| table[p / 4] * 4 + (p % 4) as u32).collect();
-            be.write_kv(&mut cache, &ks[pos * n_kv * d..(pos + n) * n_kv * d].to_vec(), &vs[pos * n_kv * d..(pos + n) * n_kv * d].to_vec(), &slots);
+            be.write_kv(
+                &mut cache,
+                &ks[pos * n_kv * d..(pos + n) * n_kv * d].to_vec(),
+                &vs[pos * n_kv * d..(pos + n) * n_kv * d].to_vec(),
+                &slots,
+            );
             let mut q = qs[pos * n_heads * d..(pos + n) * n_heads * d].to_vec();
             q.extend_from_slice(&others_q[..n_heads * d]);
             let seqs = [
@@ -521,7 +534,8 @@ fn negative_control_fast_path_batch_variance_is_measured() {
     let w = HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k);
     let x = rng.vec(64 * k);
     for mode in [KernelMode::Fast, KernelMode::Invariant] {
-        let be = CpuBackend::new(CpuConfig { threads: 2, isa: None, mode, numerics: NumericsConfig::default() }).unwrap();
+        let be =
+            CpuBackend::new(CpuConfig { threads: 2, isa: None, mode, numerics: NumericsConfig::default() }).unwrap();
         let w = be.prepare_weight(w.clone());
         let mut row0 = vec![0.0; n];
         be.linear(&x[..k].to_vec(), 1, &w, None, &mut row0);

@@ -14,9 +14,7 @@
 
 use std::path::Path;
 
-use lockstep_kernels::{
-    AttnParams, AttnSeq, Backend, HostWeight, KvLayout, RopeTables, SampleRequest, ShardSample,
-};
+use lockstep_kernels::{AttnParams, AttnSeq, Backend, HostWeight, KvLayout, RopeTables, SampleRequest, ShardSample};
 use lockstep_proto::step::StepPlan;
 
 use crate::config::ModelConfig;
@@ -203,7 +201,8 @@ impl<B: Backend> Model<B> {
         let lm_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let lm_head = rows(lm_name, [v, h], plan.vocab_rows())?;
         let norm = vector("model.norm.weight", h, None)?;
-        let rope = RopeTables::new(&cfg.rope_config(), opts.max_context).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let rope =
+            RopeTables::new(&cfg.rope_config(), opts.max_context).map_err(|e| ModelError::Invalid(e.to_string()))?;
         let kv_layout = KvLayout {
             num_blocks: opts.num_blocks,
             block_size: opts.block_size,
@@ -277,16 +276,16 @@ impl<B: Backend> Model<B> {
         let mut seqs = Vec::with_capacity(plan.chunks.len());
         let mut row = 0;
         for c in &plan.chunks {
-            seqs.push(AttnSeq { block_table: &c.block_table, q_row: row, n_q: c.tokens.len(), first_pos: c.first_pos as usize });
+            seqs.push(AttnSeq {
+                block_table: &c.block_table,
+                q_row: row,
+                n_q: c.tokens.len(),
+                first_pos: c.first_pos as usize,
+            });
             row += c.tokens.len();
         }
-        let attn = AttnParams {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            block_size: bs,
-            kv_chunk: be.numerics().kv_chunk,
-        };
+        let attn =
+            AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, block_size: bs, kv_chunk: be.numerics().kv_chunk };
         let eps = self.cfg.rms_norm_eps as f32;
         let (qw, kvw) = (nh * hd, nkv * hd);
         let inter = self.plan.mlp_rows().len();
@@ -355,4 +354,3 @@ fn all_reduce<B: Backend>(be: &B, c: &dyn Collective, buf: &mut B::Buf) -> Resul
     *buf = be.upload(&full);
     Ok(())
 }
-

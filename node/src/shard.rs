@@ -39,7 +39,7 @@ pub enum ShardError {
 /// large as the KV head count allows — a smaller `S` still bounds the usable TP degrees).
 pub fn auto_reduce_segments(cfg: &ModelConfig) -> usize {
     let mut s = DEFAULT_REDUCE_SEGMENTS;
-    while s > 1 && cfg.q_dim() % (s * LANES) != 0 {
+    while s > 1 && !cfg.q_dim().is_multiple_of(s * LANES) {
         s /= 2;
     }
     s

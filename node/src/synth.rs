@@ -1185,14 +1185,20 @@ mod tests {
 
     /// Write a model for tools outside Rust (e.g. `deploy/check_synth_transformers.py`):
     /// `LOCKSTEP_SYNTH_OUT=/tmp/x LOCKSTEP_SYNTH_PRESET=tiny cargo test -p lockstep-node --lib
-    /// synth::tests::write_for_external_checks -- --ignored`.
+    /// synth::tests::write_for_external_checks -- --ignored` (optional: `LOCKSTEP_SYNTH_DTYPE=
+    /// f32|bf16|f16`, `LOCKSTEP_SYNTH_SHARDS=n`).
     #[test]
     #[ignore]
     fn write_for_external_checks() {
         let out = std::env::var("LOCKSTEP_SYNTH_OUT").expect("set LOCKSTEP_SYNTH_OUT");
         let preset: Preset = std::env::var("LOCKSTEP_SYNTH_PRESET").unwrap_or_else(|_| "tiny".into()).parse().unwrap();
         let shards = std::env::var("LOCKSTEP_SYNTH_SHARDS").map_or(1, |s| s.parse().unwrap());
-        let r = synth_with(preset, 0, DType::F32, &out, &SynthOptions { shards }).unwrap();
+        let dtype = match std::env::var("LOCKSTEP_SYNTH_DTYPE").as_deref() {
+            Ok("bf16") => DType::Bf16,
+            Ok("f16") => DType::F16,
+            _ => DType::F32,
+        };
+        let r = synth_with(preset, 0, dtype, &out, &SynthOptions { shards }).unwrap();
         eprintln!("wrote {preset} to {}", r.dir.display());
     }
 }

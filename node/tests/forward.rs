@@ -19,7 +19,8 @@ fn stories() -> Option<PathBuf> {
 }
 
 fn pieces(dir: &std::path::Path) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("llama2c_vocab.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llama2c_vocab.json")).unwrap()).unwrap();
     v.as_array().unwrap().iter().map(|e| e["piece"].as_str().unwrap().replace('▁', " ")).collect()
 }
 

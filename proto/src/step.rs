@@ -97,11 +97,7 @@ impl StepPlan {
                 return Err(StepPlanError::DuplicateSequence { seq_id });
             }
             if let Some(&block) = chunk.block_table.iter().find(|&&b| b >= num_blocks) {
-                return Err(StepPlanError::BlockOutOfRange {
-                    seq_id,
-                    block,
-                    num_blocks,
-                });
+                return Err(StepPlanError::BlockOutOfRange { seq_id, block, num_blocks });
             }
             let last_pos = chunk
                 .first_pos
@@ -109,11 +105,7 @@ impl StepPlan {
                 .ok_or(StepPlanError::PositionOverflow { seq_id })?;
             let covered = chunk.block_table.len() as u64 * block_size as u64;
             if last_pos as u64 >= covered {
-                return Err(StepPlanError::BlockTableTooShort {
-                    seq_id,
-                    last_pos,
-                    covered,
-                });
+                return Err(StepPlanError::BlockTableTooShort { seq_id, last_pos, covered });
             }
             for pos in chunk.positions() {
                 // Covered was checked above, so the slot exists.
@@ -144,24 +136,12 @@ pub enum StepPlanError {
     EmptyChunk { seq_id: u64 },
     #[error("sequence {seq_id} appears in more than one chunk of the step")]
     DuplicateSequence { seq_id: u64 },
-    #[error(
-        "sequence {seq_id}: block {block} is out of range (the cache has {num_blocks} blocks)"
-    )]
-    BlockOutOfRange {
-        seq_id: u64,
-        block: u32,
-        num_blocks: u32,
-    },
+    #[error("sequence {seq_id}: block {block} is out of range (the cache has {num_blocks} blocks)")]
+    BlockOutOfRange { seq_id: u64, block: u32, num_blocks: u32 },
     #[error("sequence {seq_id}: chunk positions overflow u32")]
     PositionOverflow { seq_id: u64 },
-    #[error(
-        "sequence {seq_id}: block table covers {covered} positions but the chunk reaches position {last_pos}"
-    )]
-    BlockTableTooShort {
-        seq_id: u64,
-        last_pos: u32,
-        covered: u64,
-    },
+    #[error("sequence {seq_id}: block table covers {covered} positions but the chunk reaches position {last_pos}")]
+    BlockTableTooShort { seq_id: u64, last_pos: u32, covered: u64 },
     #[error("sequence {seq_id}: KV slot {slot} is written twice in one step")]
     SlotWrittenTwice { seq_id: u64, slot: u32 },
 }
@@ -192,10 +172,7 @@ mod tests {
             tokens: (0..len).collect(),
             first_pos,
             block_table: table,
-            sample: sample.then(|| SampleRequest {
-                params: SamplingParams::greedy(),
-                step: 0,
-            }),
+            sample: sample.then(|| SampleRequest { params: SamplingParams::greedy(), step: 0 }),
         }
     }
 
@@ -212,13 +189,8 @@ mod tests {
 
     #[test]
     fn plan_counts_tokens_and_samples() {
-        let plan = StepPlan {
-            step_id: 3,
-            chunks: vec![
-                chunk(1, 0, 4, vec![0], false),
-                chunk(2, 9, 1, vec![1, 2, 3], true),
-            ],
-        };
+        let plan =
+            StepPlan { step_id: 3, chunks: vec![chunk(1, 0, 4, vec![0], false), chunk(2, 9, 1, vec![1, 2, 3], true)] };
         assert_eq!(plan.num_tokens(), 5);
         assert_eq!(plan.num_samples(), 1);
         assert_eq!(plan.validate(4, 4), Ok(()));
@@ -228,56 +200,26 @@ mod tests {
     fn validate_rejects_bad_plans() {
         let plan = |chunks| StepPlan { step_id: 0, chunks };
         let err = |p: StepPlan| p.validate(4, 4).unwrap_err().error_type();
+        assert_eq!(err(plan(vec![chunk(1, 0, 0, vec![0], false)])), "empty_chunk");
         assert_eq!(
-            err(plan(vec![chunk(1, 0, 0, vec![0], false)])),
-            "empty_chunk"
-        );
-        assert_eq!(
-            err(plan(vec![
-                chunk(1, 0, 1, vec![0], false),
-                chunk(1, 1, 1, vec![0], false)
-            ])),
+            err(plan(vec![chunk(1, 0, 1, vec![0], false), chunk(1, 1, 1, vec![0], false)])),
             "duplicate_sequence"
         );
+        assert_eq!(err(plan(vec![chunk(1, 0, 1, vec![4], false)])), "block_out_of_range");
+        assert_eq!(err(plan(vec![chunk(1, 2, 3, vec![0], false)])), "block_table_too_short");
         assert_eq!(
-            err(plan(vec![chunk(1, 0, 1, vec![4], false)])),
-            "block_out_of_range"
-        );
-        assert_eq!(
-            err(plan(vec![chunk(1, 2, 3, vec![0], false)])),
-            "block_table_too_short"
-        );
-        assert_eq!(
-            err(plan(vec![
-                chunk(1, 0, 2, vec![0], false),
-                chunk(2, 1, 1, vec![0], false)
-            ])),
+            err(plan(vec![chunk(1, 0, 2, vec![0], false), chunk(2, 1, 1, vec![0], false)])),
             "slot_written_twice"
         );
-        assert_eq!(
-            plan(vec![]).validate(0, 4).unwrap_err().error_type(),
-            "zero_block_size"
-        );
+        assert_eq!(plan(vec![]).validate(0, 4).unwrap_err().error_type(), "zero_block_size");
     }
 
     #[test]
     fn messages_round_trip_through_serde() {
-        let plan = StepPlan {
-            step_id: 1,
-            chunks: vec![chunk(1, 0, 2, vec![3], true)],
-        };
+        let plan = StepPlan { step_id: 1, chunks: vec![chunk(1, 0, 2, vec![3], true)] };
         let json = serde_json::to_string(&plan).unwrap();
         assert_eq!(serde_json::from_str::<StepPlan>(&json).unwrap(), plan);
-        let result = StepResult {
-            step_id: 1,
-            sampled: vec![(
-                1,
-                SampledToken {
-                    id: 5,
-                    logprob: -0.5,
-                },
-            )],
-        };
+        let result = StepResult { step_id: 1, sampled: vec![(1, SampledToken { id: 5, logprob: -0.5 })] };
         let json = serde_json::to_string(&result).unwrap();
         assert_eq!(serde_json::from_str::<StepResult>(&json).unwrap(), result);
     }

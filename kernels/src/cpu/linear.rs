@@ -28,7 +28,14 @@ pub(crate) struct Tile<'a> {
 const TASK_ROWS: usize = 64;
 const TASK_COLS: usize = 64;
 
-pub(crate) fn linear_invariant(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_>, segs: SegmentRange, y: &mut [f32]) {
+pub(crate) fn linear_invariant(
+    be: &CpuBackend,
+    x: &[f32],
+    m: usize,
+    w: WeightView<'_>,
+    segs: SegmentRange,
+    y: &mut [f32],
+) {
     let k_real = w.cols;
     let n = w.rows;
     if m == 0 || n == 0 {
@@ -53,6 +60,8 @@ pub(crate) fn linear_invariant(be: &CpuBackend, x: &[f32], m: usize, w: WeightVi
     let wbase = w.bytes.as_ptr() as usize;
     let xbase = xp.as_ptr() as usize;
     let task = |t: usize| {
+        // Capture the whole `SharedOut` (Send), not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let out = out;
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (r0, r1) = (rb * TASK_ROWS, ((rb + 1) * TASK_ROWS).min(m));
@@ -68,7 +77,18 @@ pub(crate) fn linear_invariant(be: &CpuBackend, x: &[f32], m: usize, w: WeightVi
                 let mut ws = [std::ptr::null(); 16];
                 (0..mr).for_each(|i| xs[i] = xrow(rq + i));
                 (0..nr).for_each(|j| ws[j] = wrow(cq + j));
-                run_tile(isa, &Tile { xs: &xs[..mr], ws: &ws[..nr], dtype: w.dtype, k_real, seg_len: segs.seg.seg_len, count: segs.count }, &mut res);
+                run_tile(
+                    isa,
+                    &Tile {
+                        xs: &xs[..mr],
+                        ws: &ws[..nr],
+                        dtype: w.dtype,
+                        k_real,
+                        seg_len: segs.seg.seg_len,
+                        count: segs.count,
+                    },
+                    &mut res,
+                );
                 for i in 0..mr {
                     for j in 0..nr.min(c1 - cq) {
                         // SAFETY: (rq+i, cq+j) is inside this task's block; blocks are disjoint.
@@ -82,7 +102,18 @@ pub(crate) fn linear_invariant(be: &CpuBackend, x: &[f32], m: usize, w: WeightVi
                 let xs = [xrow(r)];
                 let mut ws = [std::ptr::null(); 16];
                 (0..nr1).for_each(|j| ws[j] = wrow(cq + j));
-                run_tile(isa, &Tile { xs: &xs, ws: &ws[..nr1], dtype: w.dtype, k_real, seg_len: segs.seg.seg_len, count: segs.count }, &mut res);
+                run_tile(
+                    isa,
+                    &Tile {
+                        xs: &xs,
+                        ws: &ws[..nr1],
+                        dtype: w.dtype,
+                        k_real,
+                        seg_len: segs.seg.seg_len,
+                        count: segs.count,
+                    },
+                    &mut res,
+                );
                 for j in 0..nr1.min(c1 - cq) {
                     // SAFETY: as above.
                     unsafe { *out.0.add(r * n + cq + j) = res[j] };

@@ -177,6 +177,7 @@ impl CpuBackend {
         ops::swiglu(self, gate, up, out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_into(
         &self,
         q: &[f32],
@@ -190,7 +191,12 @@ impl CpuBackend {
         ops::attention(self, q, seqs, k_cache, v_cache, layout, p, out)
     }
 
-    pub fn sample_shard_slice(&self, logits: &[f32], shard: VocabShard, requests: &[SampleRequest]) -> Vec<ShardSample> {
+    pub fn sample_shard_slice(
+        &self,
+        logits: &[f32],
+        shard: VocabShard,
+        requests: &[SampleRequest],
+    ) -> Vec<ShardSample> {
         assert_eq!(logits.len(), requests.len() * shard.rows);
         self.pool.install(|| {
             requests
@@ -308,7 +314,14 @@ impl Backend for CpuBackend {
             cache.v[s * w..(s + 1) * w].copy_from_slice(&v[i * w..(i + 1) * w]);
         }
     }
-    fn attention(&self, q: &Vec<f32>, seqs: &[AttnSeq<'_>], cache: &CpuKvCache, params: AttnParams, out: &mut Vec<f32>) {
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        seqs: &[AttnSeq<'_>],
+        cache: &CpuKvCache,
+        params: AttnParams,
+        out: &mut Vec<f32>,
+    ) {
         self.attention_into(q, seqs, &cache.k, &cache.v, &cache.layout, params, out)
     }
     fn sample_shard(&self, logits: &Vec<f32>, shard: VocabShard, requests: &[SampleRequest]) -> Vec<ShardSample> {

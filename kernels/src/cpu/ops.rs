@@ -65,7 +65,7 @@ fn rms_norm_row(row: &[f32], w: WeightView<'_>, eps: f32, seg: Segmentation, out
 
 pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, out: &mut [f32]) {
     let n = w.rows * w.cols;
-    assert!(x.len() % n == 0 && out.len() == x.len());
+    assert!(x.len().is_multiple_of(n) && out.len() == x.len());
     let seg = Segmentation::new(n, be.config().numerics.reduce_segments).expect("validated");
     be.pool().install(|| {
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, row)| with_fma!(be, rms_norm_row(row, w, eps, seg, o)))
@@ -188,13 +188,15 @@ pub(crate) fn attention(
     out: &mut [f32],
 ) {
     let width = p.n_heads * p.head_dim;
-    assert!(q.len() == out.len() && q.len() % width == 0);
+    assert!(q.len() == out.len() && q.len().is_multiple_of(width));
     assert!(p.n_kv_heads == layout.n_kv_heads && p.head_dim == layout.head_dim && p.block_size == layout.block_size);
     let rows: Vec<(usize, usize, &[u32])> =
         seqs.iter().flat_map(|s| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, s.block_table))).collect();
     let dst = SharedOut(out.as_mut_ptr());
     be.pool().install(|| {
         rows.par_iter().for_each(|&(row, pos, table)| {
+            // Capture the whole `SharedOut` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
             let dst = dst;
             // SAFETY: each query row appears once across the sequences, so rows are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };

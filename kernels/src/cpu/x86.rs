@@ -173,7 +173,9 @@ unsafe fn load_w256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> 
         DType::F32 => (_mm256_loadu_ps(src as *const f32), _mm256_loadu_ps((src as *const f32).add(8))),
         DType::Bf16 => {
             let widen = |p: *const u8| {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    p as *const __m128i,
+                ))))
             };
             (widen(src), widen(src.add(16)))
         }

@@ -1,0 +1,138 @@
+//! The `lockstep` command line as a user runs it: real processes, real files.
+
+use std::time::Duration;
+
+use lockstep_tests::{run_lockstep, scratch, stderr, stdout, stories_dir};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+}
+
+/// Refused cleanly: non-zero exit, the expected words in the message, and no panic.
+fn assert_clear_error(args: &[&str], expect: &[&str]) {
+    let out = run_lockstep(args, LIMIT);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for e in expect {
+        assert!(err.contains(e), "{args:?}: expected {e:?} in: {err}");
+    }
+}
+
+#[test]
+fn generate_json_has_every_field_and_replays_a_drawn_seed() {
+    let Some(dir) = stories_dir("generate_json_has_every_field_and_replays_a_drawn_seed") else { return };
+    let dir = dir.to_str().unwrap();
+    let base =
+        ["generate", "--model", dir, "--prompt", "Once upon a time", "--prompt", "The cat", "--max-tokens", "16"];
+    let sampled: Vec<&str> = base.iter().copied().chain(["--temperature", "0.8", "--json"]).collect();
+    let first = json_lines(&stdout(&run_lockstep(&sampled, LIMIT)));
+    assert_eq!(first.len(), 2, "one line per prompt");
+    for (line, prompt) in first.iter().zip(["Once upon a time", "The cat"]) {
+        for key in ["prompt", "text", "token_ids", "logprobs", "finish_reason", "seed", "system_fingerprint"] {
+            assert!(line.get(key).is_some(), "missing {key} in {line}");
+        }
+        assert_eq!(line["prompt"], prompt, "input order");
+    }
+    let seed = first[0]["seed"].as_u64().expect("a drawn seed is reported");
+    let seed_s = seed.to_string();
+    let replay_args: Vec<&str> = sampled.iter().copied().chain(["--seed", &seed_s]).collect();
+    let replay = json_lines(&stdout(&run_lockstep(&replay_args, LIMIT)));
+    assert_eq!(replay, first, "replaying with the reported seed reproduces every byte");
+    // Logprobs round-trip to the same f32 bits.
+    for v in first[0]["logprobs"].as_array().unwrap() {
+        // Parsed exactly (serde_json's float_roundtrip), the printed value is an f32 exactly.
+        let x = v.as_f64().unwrap();
+        assert_eq!(x as f32 as f64, x, "printed logprob {v} is an exact f32");
+    }
+    // A different draw of the seed almost surely differs.
+    let other = json_lines(&stdout(&run_lockstep(&sampled, LIMIT)));
+    assert_ne!(other[0]["seed"], first[0]["seed"], "each run draws a fresh seed");
+}
+
+#[test]
+fn bad_model_directories_are_refused_with_the_file_named() {
+    let root = scratch("cli-bad-models");
+    let missing = root.join("does-not-exist");
+    assert_clear_error(&["generate", "--model", missing.to_str().unwrap(), "--prompt", "hi"], &["does-not-exist"]);
+
+    let Some(stories) = stories_dir("bad_model_directories_are_refused_with_the_file_named") else { return };
+    let copy = |name: &str| {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in std::fs::read_dir(&stories).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    // Corrupt header: a header length that points past the end of the file.
+    let corrupt = copy("corrupt");
+    let st = corrupt.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&st, &bytes).unwrap();
+    assert_clear_error(&["generate", "--model", corrupt.to_str().unwrap(), "--prompt", "hi"], &["model.safetensors"]);
+
+    // Truncated file: the last tensor's bytes are missing.
+    let truncated = copy("truncated");
+    let st = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_clear_error(
+        &["generate", "--model", truncated.to_str().unwrap(), "--prompt", "hi"],
+        &["model.safetensors", "truncated"],
+    );
+
+    // Unknown architecture.
+    let arch = copy("arch");
+    let cfg =
+        std::fs::read_to_string(arch.join("config.json")).unwrap().replace("LlamaForCausalLM", "MambaForCausalLM");
+    std::fs::write(arch.join("config.json"), cfg).unwrap();
+    assert_clear_error(
+        &["generate", "--model", arch.to_str().unwrap(), "--prompt", "hi"],
+        &["MambaForCausalLM", "config.json"],
+    );
+
+    // A prompt longer than the context.
+    let long = "Once upon a time ".repeat(200);
+    assert_clear_error(
+        &["generate", "--model", stories.to_str().unwrap(), "--prompt", &long, "--max-context", "256"],
+        &["context"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn synthesized_model_generates_through_the_cli() {
+    let root = scratch("cli-synth");
+    let dir = root.join("tiny");
+    let out = run_lockstep(
+        &["model", "synth", "--preset", "tiny-qwen2", "--seed", "3", "--dtype", "f32", "--out", dir.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir.join(f).exists(), "{f} written");
+    }
+    let out = run_lockstep(
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "hello world",
+            "--max-tokens",
+            "8",
+            "--json",
+            "--ignore-eos",
+        ],
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = &json_lines(&stdout(&out))[0];
+    assert_eq!(line["token_ids"].as_array().unwrap().len(), 8);
+    let _ = std::fs::remove_dir_all(&root);
+}
