@@ -103,8 +103,12 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
     let ws: [*const u8; NR] = std::array::from_fn(|j| t.ws[j]);
     // Blocks below `full_end` lie wholly inside the real row; the rest are masked (zeros beyond).
     let full_end = t.k_real / 16 * 16;
-    let mut seg_sums = [_mm512_setzero_ps(); 64];
-    for (s, seg_sum) in seg_sums.iter_mut().enumerate().take(t.count) {
+    // The segment tree, built incrementally: `stack[i]` holds a finished subtree of 2^i segments
+    // waiting for its right sibling (like binary carry propagation), so no per-tile buffer of
+    // all S segment sums is needed. For a power-of-two count this is exactly the pairwise tree.
+    let mut stack = [_mm512_setzero_ps(); 7];
+    let mut depth = 0usize;
+    for s in 0..t.count {
         let mut acc = [_mm512_setzero_ps(); 16];
         let (start, end) = (s * t.seg_len, (s + 1) * t.seg_len);
         let mut block = |col: usize, masked: bool| {
@@ -129,16 +133,18 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
         for col in (split..end).step_by(16) {
             block(col, true);
         }
-        *seg_sum = fold16(&mut acc);
-    }
-    let mut n = t.count;
-    while n > 1 {
-        for i in 0..n / 2 {
-            seg_sums[i] = _mm512_add_ps(seg_sums[2 * i], seg_sums[2 * i + 1]);
+        let mut v = fold16(&mut acc);
+        let mut done = s + 1;
+        while done & 1 == 0 {
+            depth -= 1;
+            v = _mm512_add_ps(stack[depth], v);
+            done >>= 1;
         }
-        n /= 2;
+        stack[depth] = v;
+        depth += 1;
     }
-    _mm512_storeu_ps(out.as_mut_ptr(), seg_sums[0]);
+    debug_assert_eq!(depth, 1, "segment count is a power of two");
+    _mm512_storeu_ps(out.as_mut_ptr(), stack[0]);
 }
 
 /// # Safety
