@@ -12,10 +12,8 @@ use std::sync::Arc;
 
 use lockstep_kernels::{
     merge_shard_samples, Backend, CpuBackend, CpuConfig, Isa, KernelMode, NumericsConfig, SamplingParams,
-    CONTRACT_VERSION,
 };
 use lockstep_node::config::ModelConfig;
-use lockstep_node::fingerprint::determinism_fingerprint;
 use lockstep_node::model::{Model, ModelOptions, SingleRank, StepError};
 use lockstep_node::shard::{auto_reduce_segments, ShardPlan};
 use lockstep_node::weights::SafetensorsRepo;
@@ -97,6 +95,8 @@ impl ModelInfo {
         if !dir.is_dir() {
             anyhow::bail!("model directory {} does not exist", dir.display());
         }
+        // Absolute, so node processes started elsewhere find the same files.
+        let dir = &dir.canonicalize().map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         let config = ModelConfig::from_dir(dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
         let reduce_segments = opts.reduce_segments.unwrap_or_else(|| auto_reduce_segments(&config));
@@ -104,18 +104,13 @@ impl ModelInfo {
         numerics.validate()?;
         let max_context = opts.max_context.unwrap_or(config.max_position_embeddings.min(32768));
         let repo = SafetensorsRepo::open(dir)?;
-        let weights = lockstep_node::fingerprint::weights_hash(&repo)?;
-        let mut dtypes = repo.dtypes();
-        dtypes.sort_by_key(|d| d.as_str());
-        let system_fingerprint = determinism_fingerprint(
-            &weights,
-            &config.canonical_json(),
-            &dtypes,
-            CONTRACT_VERSION,
+        let (system_fingerprint, _) = lockstep_node::fingerprint::deployment_fingerprint(
+            &repo,
+            &config,
             backend_name,
             numerics.reduce_segments,
             numerics.kv_chunk,
-        );
+        )?;
         let kv_bytes_per_slot = 2 * config.num_hidden_layers * config.kv_dim() * 4;
         let num_blocks =
             opts.num_blocks.unwrap_or((opts.kv_cache_mib << 20) / (kv_bytes_per_slot * opts.block_size).max(1));
@@ -152,6 +147,12 @@ impl ModelInfo {
 
 pub fn cpu_backend(opts: &EngineOptions, numerics: NumericsConfig) -> anyhow::Result<CpuBackend> {
     Ok(CpuBackend::new(CpuConfig { threads: opts.threads.max(1), isa: opts.isa, mode: opts.mode, numerics })?)
+}
+
+impl StepExecutor for Box<dyn StepExecutor> {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
+        (**self).execute(plan)
+    }
 }
 
 /// The whole model in this process.
@@ -391,6 +392,67 @@ impl<E: StepExecutor> Engine<E> {
         }
         out
     }
+}
+
+/// Run a batch of requests through one engine to completion. Request `(i, r)` joins the engine at
+/// step `i × stagger`; `on_event` sees every event with the request's index (for streaming).
+/// When the executor fails (a node died), every unfinished request ends with
+/// [`FinishReason::Error`] naming the cause, including those that had not arrived yet.
+pub fn run_batch<E: StepExecutor>(
+    engine: &mut Engine<E>,
+    requests: Vec<(usize, GenerateRequest)>,
+    stagger: u64,
+    mut on_event: impl FnMut(usize, &EngineEvent),
+) -> Vec<(usize, SeqOutput)> {
+    let mut pending: std::collections::VecDeque<(usize, usize, GenerateRequest)> =
+        requests.into_iter().enumerate().map(|(k, (i, r))| (k, i, r)).collect();
+    let mut ids: Vec<(usize, u64)> = Vec::new();
+    let mut outputs: Vec<(usize, SeqOutput)> = Vec::new();
+    let mut failure: Option<String> = None;
+    let mut step = 0u64;
+    loop {
+        while let Some((k, _, _)) = pending.front() {
+            if failure.is_none() && *k as u64 * stagger > step {
+                break;
+            }
+            let (_, i, req) = pending.pop_front().expect("front exists");
+            match (&failure, engine.add(req)) {
+                (None, Ok(id)) => ids.push((i, id)),
+                (Some(f), _) => outputs.push((i, failed_output(f.clone()))),
+                (None, Err(e)) => outputs.push((i, failed_output(e.to_string()))),
+            }
+        }
+        if !engine.has_work() && pending.is_empty() {
+            break;
+        }
+        let events = match engine.step() {
+            Ok(evs) => evs,
+            Err(e) => {
+                let msg = e.to_string();
+                failure = Some(msg.clone());
+                engine.fail_all(&msg)
+            }
+        };
+        for ev in &events {
+            let seq = match ev {
+                EngineEvent::Token { seq_id, .. } | EngineEvent::Finished { seq_id, .. } => *seq_id,
+            };
+            if let Some(&(i, _)) = ids.iter().find(|(_, id)| *id == seq) {
+                on_event(i, ev);
+            }
+        }
+        step += 1;
+    }
+    for (i, id) in ids {
+        if let Some(out) = engine.take_output(id) {
+            outputs.push((i, out));
+        }
+    }
+    outputs
+}
+
+fn failed_output(message: String) -> SeqOutput {
+    SeqOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() }
 }
 
 /// A seed for a request that gave none: fresh per call, so creative sampling varies, and always

@@ -14,6 +14,7 @@
 //! token's index and the kernels are batch-invariant (see `docs/DESIGN.md`), so which step, batch
 //! or KV blocks a token was computed in is invisible in the result.
 
+pub mod cluster;
 pub mod engine;
 pub mod scheduler;
 pub mod tokenizer;

@@ -5,9 +5,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode};
 use lockstep_coordinator::engine::{
-    describe_backend, fresh_seed, Engine, EngineEvent, EngineOptions, GenerateRequest, LocalExecutor, ModelInfo,
+    describe_backend, fresh_seed, run_batch, Engine, EngineEvent, EngineOptions, GenerateRequest, LocalExecutor,
+    ModelInfo, StepExecutor,
 };
+use lockstep_coordinator::scheduler::FinishReason;
 use lockstep_kernels::{CpuBackend, DType, Isa, KernelMode, SamplingParams};
 use lockstep_node::synth::{synth_with, Preset, SynthOptions};
 
@@ -29,9 +32,57 @@ enum Command {
     },
     /// Prefill and decode throughput at batch 1, 8 and 32, invariant vs fast.
     Bench(BenchArgs),
+    /// Run a node: join a coordinator, load one shard, serve steps.
+    Node(NodeArgs),
+    /// Cluster certificates (mutual TLS with a cluster CA).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
     /// A self-contained demonstration on loopback: the same prompts alone, batched with other
     /// traffic and on other thread counts, showing identical bytes.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Coordinator address (`host:port`).
+    #[arg(long)]
+    coordinator: String,
+    /// Directory with `ca.pem` and this node's `NAME.pem` / `NAME.key`.
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// This node's name (its certificate's name).
+    #[arg(long, default_value = "node")]
+    name: String,
+    /// Where to accept the ring predecessor.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// Kernel threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Force a SIMD path (never changes a bit).
+    #[arg(long)]
+    isa: Option<Isa>,
+    /// Where this node finds the model (default: the path the coordinator assigns).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create the cluster CA (`ca.pem`, `ca.key`) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by the cluster CA for a node or the coordinator.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -170,6 +221,76 @@ struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Where the model runs: in this process, or on a tensor-parallel cluster of node processes.
+#[derive(Args, Clone)]
+struct ClusterArgs {
+    /// Tensor-parallel degree (a power of two dividing the head counts and ≤ reduce_segments).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Number of tensor-parallel groups; requests are spread across them.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Run on node processes even at TP 1 with one replica.
+    #[arg(long)]
+    cluster: bool,
+    /// `embedded`: spawn the nodes on loopback; `static`: wait for `lockstep node` processes.
+    #[arg(long, value_enum, default_value = "embedded")]
+    nodes: NodesMode,
+    /// Coordinator address for nodes (QUIC).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    cluster_listen: std::net::SocketAddr,
+    /// Cluster CA and certificates (see `lockstep certs`); embedded mode makes a throwaway one.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Kernel threads per node process (default: this machine's cores ÷ nodes, at least 1).
+    #[arg(long)]
+    node_threads: Option<usize>,
+    /// Seconds to wait for every group to become ready.
+    #[arg(long, default_value_t = 300)]
+    join_timeout: u64,
+}
+
+impl ClusterArgs {
+    fn wants_cluster(&self) -> bool {
+        self.cluster || self.tp > 1 || self.replicas > 1 || self.nodes == NodesMode::Static
+    }
+}
+
+/// One step executor per replica, and the cluster they run on (if any), which must outlive them.
+type Executors = (Vec<Box<dyn StepExecutor>>, Option<Cluster>);
+
+/// The step executors to run on: the whole model in-process, or one per cluster group (the
+/// returned cluster must outlive them).
+fn executors(
+    model: &std::path::Path,
+    c: &ClusterArgs,
+    opts: &EngineOptions,
+    info: &ModelInfo,
+) -> Result<Executors> {
+    if !c.wants_cluster() {
+        return Ok((vec![Box::new(LocalExecutor::load(info, opts)?)], None));
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cluster = Cluster::start(ClusterOptions {
+        model_dir: model.to_path_buf(),
+        tp: c.tp,
+        replicas: c.replicas,
+        listen: c.cluster_listen,
+        nodes: c.nodes,
+        tls_dir: c.tls_dir.clone(),
+        engine: opts.clone(),
+        node_threads: c.node_threads.unwrap_or((cores / (c.tp * c.replicas)).max(1)),
+        join_timeout: std::time::Duration::from_secs(c.join_timeout),
+    })?;
+    if cluster.info.system_fingerprint != info.system_fingerprint {
+        bail!("cluster fingerprint {} differs from {}", cluster.info.system_fingerprint, info.system_fingerprint);
+    }
+    let execs = (0..cluster.groups().len()).map(|g| Box::new(cluster.executor(g)) as Box<dyn StepExecutor>).collect();
+    Ok((execs, Some(cluster)))
 }
 
 #[derive(Args)]
@@ -218,6 +339,28 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => bench(a),
         Command::Demo(a) => demo(a),
+        Command::Node(a) => {
+            lockstep_node::server::run_node(lockstep_node::server::NodeOptions {
+                coordinator: a.coordinator,
+                tls_dir: a.tls_dir,
+                name: a.name,
+                listen: a.listen,
+                threads: a.threads.unwrap_or_else(|| EngineOptions::default().threads),
+                isa: a.isa,
+                model_override: a.model,
+            })?;
+            Ok(())
+        }
+        Command::Certs { cmd: CertsCmd::Init { dir } } => {
+            lockstep_node::certs::init_ca(&dir)?;
+            eprintln!("created the cluster CA in {}", dir.display());
+            Ok(())
+        }
+        Command::Certs { cmd: CertsCmd::Issue { dir, name } } => {
+            lockstep_node::certs::issue(&dir, &name)?;
+            eprintln!("issued {}/{name}.pem", dir.display());
+            Ok(())
+        }
     }
 }
 
@@ -275,36 +418,51 @@ fn generate(a: GenerateArgs) -> Result<()> {
             skip_special_tokens: true,
         });
     }
-    let executor = LocalExecutor::load(&info, &opts)?;
-    let mut engine = Engine::new(info.scheduler_config(&opts), executor, info.tokenizer.clone())?;
-    let mut ids = vec![None; requests.len()];
-    let mut pending: std::collections::VecDeque<(usize, GenerateRequest)> = requests.into_iter().enumerate().collect();
-    let mut step = 0u64;
-    loop {
-        while let Some((i, _)) = pending.front() {
-            if *i as u64 * a.stagger_steps > step {
-                break;
-            }
-            let (i, req) = pending.pop_front().expect("front exists");
-            ids[i] = Some(engine.add(req)?);
-        }
-        if !engine.has_work() && pending.is_empty() {
-            break;
-        }
-        for ev in engine.step()? {
-            if let (false, EngineEvent::Token { text, seq_id, .. }) = (a.json, &ev) {
-                if prompts.len() == 1 && Some(*seq_id) == ids[0] {
-                    print!("{text}");
-                }
-            }
-        }
-        step += 1;
+    let (executors, _cluster) = executors(&a.model, &a.cluster, &opts, &info)?;
+    let replicas = executors.len();
+    let single = prompts.len() == 1 && !a.json;
+    let mut by_replica: Vec<Vec<(usize, GenerateRequest)>> = vec![Vec::new(); replicas];
+    for (i, r) in requests.into_iter().enumerate() {
+        by_replica[i % replicas].push((i, r));
     }
-    for (i, id) in ids.iter().enumerate() {
-        let out = engine.take_output(id.expect("every prompt was added")).expect("finished output");
+    let sched = info.scheduler_config(&opts);
+    let mut outputs: Vec<(usize, lockstep_coordinator::engine::SeqOutput)> = std::thread::scope(|s| {
+        let handles: Vec<_> = executors
+            .into_iter()
+            .zip(by_replica)
+            .map(|(exec, reqs)| {
+                let tokenizer = info.tokenizer.clone();
+                let stagger = a.stagger_steps;
+                s.spawn(move || -> Result<Vec<_>> {
+                    let mut engine = Engine::new(sched, exec, tokenizer)?;
+                    Ok(run_batch(&mut engine, reqs, stagger, |_, ev| {
+                        if let (true, EngineEvent::Token { text, .. }) = (single, ev) {
+                            print!("{text}");
+                            let _ = std::io::Write::flush(&mut std::io::stdout());
+                        }
+                    }))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("engine thread")).collect::<Result<Vec<_>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    outputs.sort_by_key(|(i, _)| *i);
+    let mut failed = 0;
+    for (i, out) in &outputs {
+        let i = *i;
         let reason = out.finish_reason.as_ref().map(|r| r.as_str()).unwrap_or("unknown");
+        let error = match &out.finish_reason {
+            Some(FinishReason::Error(m)) => {
+                failed += 1;
+                Some(m.clone())
+            }
+            _ => None,
+        };
         if a.json {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "prompt": prompts[i],
                 "text": out.text,
                 "token_ids": out.token_ids,
@@ -313,6 +471,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "seed": seed,
                 "system_fingerprint": info.system_fingerprint,
             });
+            if let Some(e) = &error {
+                line["error"] = serde_json::json!(e);
+            }
             println!("{line}");
         } else if prompts.len() == 1 {
             println!();
@@ -322,9 +483,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
             println!("{}", out.text);
             println!("[finish_reason={reason}]");
         }
+        if let Some(e) = error {
+            eprintln!("error: prompt {}: {e}", i + 1);
+        }
     }
     if !a.json && prompts.len() > 1 {
         eprintln!("[seed={seed} system_fingerprint={}]", info.system_fingerprint);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} prompts failed", prompts.len());
     }
     Ok(())
 }

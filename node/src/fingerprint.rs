@@ -242,6 +242,32 @@ pub fn determinism_fingerprint(
         .fingerprint()
 }
 
+/// The fingerprint of a deployment of the model in `repo`: everything [`FingerprintInputs`]
+/// names, with the stored dtypes in a fixed order. The coordinator computes it to know what to
+/// expect; every node computes it again from the files it actually loaded.
+pub fn deployment_fingerprint(
+    repo: &SafetensorsRepo,
+    config: &crate::config::ModelConfig,
+    backend: &str,
+    reduce_segments: usize,
+    kv_chunk: usize,
+) -> Result<(String, String)> {
+    let weights = weights_hash(repo)?;
+    let mut dtypes = repo.dtypes();
+    dtypes.sort_by_key(|d| d.as_str());
+    dtypes.dedup();
+    let fp = determinism_fingerprint(
+        &weights,
+        &config.canonical_json(),
+        &dtypes,
+        lockstep_kernels::CONTRACT_VERSION,
+        backend,
+        reduce_segments,
+        kv_chunk,
+    );
+    Ok((fp, weights))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,8 +44,9 @@ use crate::weights::{layer_tensor, INDEX_FILE, SINGLE_FILE};
 /// The model shapes [`synth`] can write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Preset {
-    /// A tiny Llama: hidden 64, intermediate 172, 2 layers, 8 heads = 8 KV heads (so tensor
-    /// parallelism 1/2/4/8 all divide the heads), head_dim 8, vocab 512, untied `lm_head`.
+    /// A tiny Llama: hidden 128, intermediate 344, 2 layers, 8 heads = 8 KV heads of 16 dims, vocab
+    /// 512, untied `lm_head`. `q_dim = 128 = 8 × 16` lanes, so `reduce_segments` is 8 and tensor
+    /// parallelism 1/2/4/8 all split it along whole heads and whole segments.
     Tiny,
     /// A tiny Qwen2: hidden 64, intermediate 176, 2 layers, 8 heads, 4 KV heads, vocab 512, tied
     /// embeddings and q/k/v biases (the Qwen2.5 code paths at test size).
@@ -75,12 +76,12 @@ impl Preset {
         match self {
             Preset::Tiny => Spec {
                 family: Family::Llama,
-                hidden: 64,
-                intermediate: 172,
+                hidden: 128,
+                intermediate: 344,
                 layers: 2,
                 heads: 8,
                 kv_heads: 8,
-                head_dim: 8,
+                head_dim: 16,
                 vocab: 512,
                 tied: false,
                 rope_theta: 10000.0,
@@ -1040,7 +1041,10 @@ mod tests {
                     assert_eq!(p.num_params(), 1_235_814_400);
                 }
                 Preset::Tiny => {
-                    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 8, 8));
+                    assert_eq!(
+                        (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size),
+                        (8, 8, 16, 128)
+                    );
                     assert!(!c.tie_word_embeddings);
                     assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(507), vec![508, 511]));
                 }

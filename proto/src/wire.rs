@@ -4,9 +4,10 @@
 //! # Design
 //!
 //! **Sans-IO.** This module turns values into bytes and bytes into values and nothing else: no
-//! sockets, no async, no clocks. The QUIC transport (`lockstep-node`'s `net` module), tests and
-//! fuzzers all drive the same [`encode`] / [`FrameDecoder`] pair, so the parsing that faces the
-//! network is exercised byte by byte without a network, and hostile input is a unit-test concern.
+//! sockets, no async, no clocks. The QUIC transport (`lockstep-node`'s `net` module) and the tests
+//! drive the same [`encode`] / [`FrameDecoder`] pair, so the parsing that faces the network is
+//! exercised byte by byte without a network, and hostile input is a unit-test concern (see the
+//! property test at the bottom of this file).
 //!
 //! **Framing.** Every frame is `[u32 LE length of the rest][u8 kind][body]`. The length counts the
 //! kind byte and the body, and may not exceed [`MAX_FRAME_BYTES`]; the decoder checks it as soon as

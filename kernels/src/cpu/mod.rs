@@ -15,6 +15,7 @@
 
 mod linear;
 mod ops;
+pub use ops::tree_combine;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
