@@ -265,12 +265,7 @@ type Executors = (Vec<Box<dyn StepExecutor>>, Option<Cluster>);
 
 /// The step executors to run on: the whole model in-process, or one per cluster group (the
 /// returned cluster must outlive them).
-fn executors(
-    model: &std::path::Path,
-    c: &ClusterArgs,
-    opts: &EngineOptions,
-    info: &ModelInfo,
-) -> Result<Executors> {
+fn executors(model: &std::path::Path, c: &ClusterArgs, opts: &EngineOptions, info: &ModelInfo) -> Result<Executors> {
     if !c.wants_cluster() {
         return Ok((vec![Box::new(LocalExecutor::load(info, opts)?)], None));
     }

@@ -66,3 +66,33 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Process ids whose parent is `pid` (from /proc; Linux only).
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // Fields after the parenthesised command name: state, ppid, ...
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+                out.push(child);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released: good enough for a test).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Write `lines` as a prompts file in `dir`.
+pub fn prompts_file(dir: &Path, lines: &[&str]) -> PathBuf {
+    let p = dir.join("prompts.txt");
+    std::fs::write(&p, lines.join("\n")).expect("write prompts");
+    p
+}
