@@ -228,6 +228,7 @@ pub struct Engine<E: StepExecutor> {
     seqs: HashMap<u64, SeqText>,
     next_id: u64,
     steps: u64,
+    last_plan: Vec<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +248,7 @@ impl<E: StepExecutor> Engine<E> {
             seqs: HashMap::new(),
             next_id: 1,
             steps: 0,
+            last_plan: Vec::new(),
         })
     }
 
@@ -259,6 +261,10 @@ impl<E: StepExecutor> Engine<E> {
     /// Steps executed so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+    /// Sequences in the most recent step's plan (to see when a request first left the queue).
+    pub fn last_plan(&self) -> &[u64] {
+        &self.last_plan
     }
 
     /// Queue a request; it joins the running batch at the next step.
@@ -309,6 +315,7 @@ impl<E: StepExecutor> Engine<E> {
             return Ok(self.apply(evs));
         };
         let early = self.scheduler.take_events();
+        self.last_plan = plan.chunks.iter().map(|c| c.seq_id).collect();
         let result = match self.executor.execute(&plan) {
             Ok(r) => r,
             Err(e) => {

@@ -17,4 +17,5 @@
 pub mod cluster;
 pub mod engine;
 pub mod scheduler;
+pub mod service;
 pub mod tokenizer;

@@ -597,11 +597,25 @@ fn demo(a: DemoArgs) -> Result<()> {
     // Per answer: token ids, logprob bits, text.
     type Answer = (Vec<u32>, Vec<u32>, String);
     let mut first: Option<Vec<Answer>> = None;
-    for (label, threads, others) in [("alone, 1 thread", 1usize, 0usize), ("with 12 other requests, 2 threads", 2, 12)]
-    {
+    let runs = [("in-process, TP 1, alone, 1 thread", 1usize, 1usize, 0usize), ("TP 2 cluster on loopback, with 12 other requests", 2, 2, 12)];
+    for (label, tp, threads, others) in runs {
         let opts = EngineOptions { threads, ..EngineOptions::default() };
         let info = ModelInfo::load(&model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
-        let exec = LocalExecutor::load(&info, &opts)?;
+        let cluster_args = ClusterArgs {
+            tp,
+            replicas: 1,
+            cluster: false,
+            nodes: NodesMode::Embedded,
+            cluster_listen: "127.0.0.1:0".parse().expect("address"),
+            tls_dir: None,
+            node_threads: Some(1),
+            join_timeout: 120,
+        };
+        let (mut execs, cluster) = executors(&model, &cluster_args, &opts, &info)?;
+        if let Some(c) = &cluster {
+            println!("\ncoordinator listening for nodes on {} (QUIC, mutual TLS); node pids {:?}", c.addr, c.node_pids());
+        }
+        let exec = execs.remove(0);
         let mut engine = Engine::new(info.scheduler_config(&opts), exec, info.tokenizer.clone())?;
         let mut ids = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
