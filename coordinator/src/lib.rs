@@ -16,6 +16,8 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod ops;
 pub mod scheduler;
 pub mod service;
+pub mod state;
 pub mod tokenizer;

@@ -1,0 +1,4 @@
+//! The determinism canary (being written).
+
+#[derive(Default)]
+pub struct Canary {}

@@ -1,0 +1,4 @@
+//! Operations: Prometheus metrics, the ops API, the determinism canary and the dashboard.
+
+pub mod canary;
+pub mod metrics;
