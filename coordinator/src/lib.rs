@@ -14,10 +14,12 @@
 //! token's index and the kernels are batch-invariant (see `docs/DESIGN.md`), so which step, batch
 //! or KV blocks a token was computed in is invisible in the result.
 
+pub mod api;
 pub mod cluster;
 pub mod engine;
 pub mod ops;
 pub mod scheduler;
 pub mod service;
+pub mod soak;
 pub mod state;
 pub mod tokenizer;

@@ -1,6 +1,7 @@
 //! `lockstep`: the command line of the lockstep inference cluster.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +35,12 @@ enum Command {
     Bench(BenchArgs),
     /// Run a node: join a coordinator, load one shard, serve steps.
     Node(NodeArgs),
+    /// Serve the OpenAI-compatible API over HTTP/1.1 and HTTP/3 until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Closed-loop streaming load against a running server: requests/s, tokens/s, TTFT, ITL.
+    Loadgen(LoadgenArgs),
+    /// The "1000 completions" determinism soak against a running server.
+    Soak(SoakArgs),
     /// Cluster certificates (mutual TLS with a cluster CA).
     Certs {
         #[command(subcommand)]
@@ -67,6 +74,123 @@ struct NodeArgs {
     /// Where this node finds the model (default: the path the coordinator assigns).
     #[arg(long)]
     model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// Server base URL (`http://host:port`).
+    #[arg(long)]
+    url: String,
+    /// A second server to soak the same way and compare against.
+    #[arg(long)]
+    compare_url: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Ops key for posting the summary to `/ops/soak`.
+    #[arg(long)]
+    ops_key: Option<String>,
+    /// Model name (default: the server's first model).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long = "prompt", conflicts_with = "prompts")]
+    prompt: Vec<String>,
+    /// One prompt per line (copies cycle through them).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Copies of the request.
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Copies in flight (one phase).
+    #[arg(long, conflicts_with = "concurrency_ramp")]
+    concurrency: Option<usize>,
+    /// Phases of copies in flight, e.g. 1,8,32,64.
+    #[arg(long, value_delimiter = ',')]
+    concurrency_ramp: Option<Vec<usize>>,
+    /// Background requests per second.
+    #[arg(long, default_value_t = 0.0)]
+    background: f64,
+    /// Stop issuing copies after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Report directory (report.json, report.html).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Do not post the summary to the server's /ops/soak.
+    #[arg(long)]
+    no_post: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// HTTP/1.1 address (TCP).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// HTTP/3 address (UDP). Default: the --listen address and port, on UDP.
+    #[arg(long)]
+    h3_listen: Option<std::net::SocketAddr>,
+    /// Serve HTTP/1.1 only.
+    #[arg(long, conflicts_with = "h3_listen")]
+    no_h3: bool,
+    /// Where to write the self-signed HTTP/3 certificate's PEM when --tls-dir has no
+    /// server.pem/server.key (default: a file in the temp directory, printed at start-up).
+    #[arg(long)]
+    h3_cert_out: Option<PathBuf>,
+    /// A bearer key accepted on /v1/*, /tokenize and /detokenize (repeatable; none: no auth).
+    #[arg(long = "api-key")]
+    api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments ignored).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// A bearer key accepted on /metrics, /ops/* and /dashboard (repeatable; none: no auth).
+    #[arg(long = "ops-key")]
+    ops_key: Vec<String>,
+    /// Most requests waiting for a running slot before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// The model name clients use (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// Server base URL (`http://host:port`).
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Model name (default: the server's first model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Concurrency levels, run one after the other.
+    #[arg(long, default_value = "1,8,32,64", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Requests per concurrency level.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Tokens generated per request (`ignore_eos`: exactly this many unless the context ends).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// A prompt (repeatable; used round-robin).
+    #[arg(long = "prompt")]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Print one JSON object per level instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -334,6 +458,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => bench(a),
         Command::Demo(a) => demo(a),
+        Command::Serve(a) => serve(a),
+        Command::Loadgen(a) => loadgen(a),
+        Command::Soak(a) => soak(a),
         Command::Node(a) => {
             lockstep_node::server::run_node(lockstep_node::server::NodeOptions {
                 coordinator: a.coordinator,
@@ -597,7 +724,10 @@ fn demo(a: DemoArgs) -> Result<()> {
     // Per answer: token ids, logprob bits, text.
     type Answer = (Vec<u32>, Vec<u32>, String);
     let mut first: Option<Vec<Answer>> = None;
-    let runs = [("in-process, TP 1, alone, 1 thread", 1usize, 1usize, 0usize), ("TP 2 cluster on loopback, with 12 other requests", 2, 2, 12)];
+    let runs = [
+        ("in-process, TP 1, alone, 1 thread", 1usize, 1usize, 0usize),
+        ("TP 2 cluster on loopback, with 12 other requests", 2, 2, 12),
+    ];
     for (label, tp, threads, others) in runs {
         let opts = EngineOptions { threads, ..EngineOptions::default() };
         let info = ModelInfo::load(&model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
@@ -613,7 +743,11 @@ fn demo(a: DemoArgs) -> Result<()> {
         };
         let (mut execs, cluster) = executors(&model, &cluster_args, &opts, &info)?;
         if let Some(c) = &cluster {
-            println!("\ncoordinator listening for nodes on {} (QUIC, mutual TLS); node pids {:?}", c.addr, c.node_pids());
+            println!(
+                "\ncoordinator listening for nodes on {} (QUIC, mutual TLS); node pids {:?}",
+                c.addr,
+                c.node_pids()
+            );
         }
         let exec = execs.remove(0);
         let mut engine = Engine::new(info.scheduler_config(&opts), exec, info.tokenizer.clone())?;
@@ -666,6 +800,142 @@ fn demo(a: DemoArgs) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn soak(a: SoakArgs) -> Result<()> {
+    use lockstep_coordinator::soak::{post_summary, run_soak, write_report, Comparison, SoakOptions};
+    let mut prompts = a.prompt.clone();
+    if let Some(p) = &a.prompts {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        prompts.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+    }
+    if prompts.is_empty() {
+        bail!("no prompts: give --prompt TEXT or --prompts FILE");
+    }
+    let ramp = a.concurrency_ramp.clone().unwrap_or_else(|| vec![a.concurrency.unwrap_or(8)]);
+    let opts = SoakOptions {
+        url: a.url.clone(),
+        api_key: a.api_key.clone(),
+        model: a.model.clone(),
+        prompts,
+        requests: a.requests,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        seed: a.seed,
+        concurrency_ramp: ramp,
+        background_per_s: a.background,
+        duration: a.duration.map(std::time::Duration::from_secs_f64),
+        request_timeout: std::time::Duration::from_secs(600),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let out = a.out.clone().unwrap_or_else(lockstep_coordinator::soak::default_out_dir);
+    let first = run_soak(&opts)?;
+    let deterministic = match &a.compare_url {
+        None => {
+            first.print();
+            write_report(&out, &[&first], None)?;
+            first.is_deterministic()
+        }
+        Some(url) => {
+            let second = run_soak(&SoakOptions { url: url.clone(), model: None, ..opts.clone() })?;
+            let c = Comparison::new(first.clone(), second.clone());
+            c.print();
+            write_report(&out, &[&first, &second], Some(&c))?;
+            if !a.no_post {
+                let _ = post_summary(url, a.ops_key.as_deref(), &second);
+            }
+            first.is_deterministic() && second.is_deterministic()
+        }
+    };
+    if !a.no_post {
+        if let Err(e) = post_summary(&a.url, a.ops_key.as_deref(), &first) {
+            eprintln!("note: could not post the summary to {}/ops/soak: {e}", a.url);
+        }
+    }
+    println!("report: {}/report.json and report.html", out.display());
+    if !deterministic {
+        // A soak that finds nondeterminism is a successful measurement, not a tool failure;
+        // the exit code still says so for scripts.
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use lockstep_coordinator::api::{self, H3Options, ServeOptions, TlsSource};
+    use lockstep_coordinator::ops::{canary::Canary, metrics::Metrics};
+    use lockstep_coordinator::service::{Service, ServiceOptions};
+    use lockstep_coordinator::state::{AppState, Auth};
+
+    let mut api_keys = a.api_key.clone();
+    if let Some(path) = &a.api_key_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        api_keys
+            .extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+        if api_keys.is_empty() {
+            bail!("{}: no API keys in the file", path.display());
+        }
+    }
+    let opts = a.engine.options();
+    let mut info = ModelInfo::load(&a.model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
+    if let Some(name) = &a.served_model_name {
+        info.name = name.clone();
+    }
+    let (executors, cluster) = executors(&a.model, &a.cluster, &opts, &info)?;
+    let metrics = Arc::new(Metrics::default());
+    let sched = info.scheduler_config(&opts);
+    let service = Service::start(
+        info,
+        executors,
+        cluster,
+        sched,
+        ServiceOptions { max_waiting: a.max_waiting },
+        metrics.clone(),
+    )?;
+    let state = Arc::new(AppState {
+        service: Arc::new(service),
+        metrics,
+        canary: Arc::new(Canary::default()),
+        auth: Auth { api_keys, ops_keys: a.ops_key.clone() },
+        soak: std::sync::Mutex::new(None),
+    });
+    let h3 = (!a.no_h3).then(|| {
+        let pem_out = a.h3_cert_out.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("lockstep-serve-{}", std::process::id())).join("h3-cert.pem")
+        });
+        H3Options {
+            listen: a.h3_listen,
+            tls: TlsSource::from_dir_or_self_signed(a.cluster.tls_dir.as_deref(), pem_out),
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-http").build()?;
+    runtime.block_on(api::run(state, ServeOptions { listen: a.listen, h3 }))
+}
+
+fn loadgen(a: LoadgenArgs) -> Result<()> {
+    use lockstep_coordinator::api::loadgen::{run, table, LoadgenOptions};
+    let prompts = if a.prompt.is_empty() { vec!["Once upon a time".to_string()] } else { a.prompt.clone() };
+    let opts = LoadgenOptions {
+        url: a.url.clone(),
+        api_key: a.api_key.clone(),
+        model: a.model.clone(),
+        concurrency: a.concurrency.clone(),
+        requests: a.requests,
+        max_tokens: a.max_tokens,
+        prompts,
+        temperature: a.temperature,
+        request_timeout: std::time::Duration::from_secs(600),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let reports = runtime.block_on(run(&opts))?;
+    if a.json {
+        for r in &reports {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", table(&reports));
     }
     Ok(())
 }

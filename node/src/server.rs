@@ -145,7 +145,8 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
         );
         return Err(refuse(RefuseCode::Fingerprint, m).await);
     }
-    let (ring, ring_tasks) = connect_ring(&endpoint, &assignment).await?;
+    let (ring, ring_tasks) =
+        connect_ring(&endpoint, &assignment.ring_next, &assignment.ring_prev_node, assignment.tp).await?;
     let collective =
         Arc::new(RingCollective::new(assignment.rank as usize, assignment.tp as usize, ring, RING_TIMEOUT));
     let mopts = ModelOptions {
@@ -283,26 +284,29 @@ impl RingTransport for QuicRing {
     }
 }
 
-/// Dial the successor and accept the predecessor (in parallel: every rank does both, so doing
-/// them one after the other would deadlock a ring of two).
-async fn connect_ring(
+/// Dial the successor at `ring_next` and accept the predecessor named `ring_prev_node` (in
+/// parallel: every rank does both, so doing them one after the other would deadlock a ring of
+/// two). Returns the blocking transport for [`RingCollective`] and the tasks that pump frames.
+pub async fn connect_ring(
     endpoint: &Endpoint,
-    a: &Assignment,
+    ring_next: &str,
+    ring_prev_node: &str,
+    tp: u32,
 ) -> Result<(QuicRing, Vec<tokio::task::JoinHandle<()>>), NodeError> {
     let (to_next, mut next_rx) = mpsc::unbounded_channel::<RingFrame>();
     let (prev_tx, from_prev) = std_mpsc::channel();
     let ring = QuicRing { to_next, from_prev: Mutex::new(from_prev) };
-    if a.tp <= 1 {
+    if tp <= 1 {
         return Ok((ring, Vec::new()));
     }
     let dial = async {
-        let addr = resolve(&a.ring_next).await?;
+        let addr = resolve(ring_next).await?;
         endpoint.connect(addr, DEFAULT_SERVER_NAME).await
     };
     let accept = async {
         loop {
             match endpoint.accept().await {
-                Some(Ok(c)) if c.peer_name() == a.ring_prev_node => return Ok(c),
+                Some(Ok(c)) if c.peer_name() == ring_prev_node => return Ok(c),
                 Some(Ok(c)) => c.close("not my ring predecessor"),
                 Some(Err(e)) => eprintln!("ring: refused a connection: {e}"),
                 None => {
