@@ -139,7 +139,7 @@ impl Group {
 /// A running cluster: the coordinator endpoint, the registrar, the groups, and (embedded) the
 /// node processes, which are killed when the cluster is dropped.
 pub struct Cluster {
-    rt: tokio::runtime::Runtime,
+    rt: Option<tokio::runtime::Runtime>,
     pub info: ModelInfo,
     pub addr: SocketAddr,
     pub tls_dir: PathBuf,
@@ -151,18 +151,48 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        let parts = Shutdown {
+            rt: self.rt.take(),
+            groups: std::mem::take(&mut self.groups),
+            children: std::mem::take(&mut *self.children.lock().expect("lock")),
+            endpoint: self.endpoint.clone(),
+            tls_dir: self.throwaway_tls.then(|| self.tls_dir.clone()),
+        };
+        // Blocking on (and dropping) a runtime is not allowed from inside another runtime's
+        // worker, which is where the last handle to a serving cluster is often dropped.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || parts.run()).join();
+        } else {
+            parts.run();
+        }
+    }
+}
+
+/// Everything a cluster shutdown needs, owned, so it can run on a plain thread.
+struct Shutdown {
+    rt: Option<tokio::runtime::Runtime>,
+    groups: Vec<Arc<Group>>,
+    children: Vec<Child>,
+    endpoint: Arc<Endpoint>,
+    tls_dir: Option<PathBuf>,
+}
+
+impl Shutdown {
+    fn run(mut self) {
         // Ask every node to exit, give them a moment to do so, then close: a node that sees the
         // connection close without a Shutdown reports an error.
-        for g in &self.groups {
-            for m in &g.members {
-                let conn = m.conn.clone();
-                let _ = self.rt.block_on(async move {
-                    tokio::time::timeout(Duration::from_millis(500), conn.send(&Frame::Control(Message::Shutdown)))
-                        .await
-                });
+        if let Some(rt) = &self.rt {
+            for g in &self.groups {
+                for m in &g.members {
+                    let conn = m.conn.clone();
+                    let _ = rt.block_on(async move {
+                        tokio::time::timeout(Duration::from_millis(500), conn.send(&Frame::Control(Message::Shutdown)))
+                            .await
+                    });
+                }
             }
         }
-        for c in self.children.lock().expect("lock").iter_mut() {
+        for c in self.children.iter_mut() {
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(10));
@@ -171,8 +201,10 @@ impl Drop for Cluster {
             let _ = c.wait();
         }
         self.endpoint.close("coordinator shutting down");
-        if self.throwaway_tls {
-            let _ = std::fs::remove_dir_all(&self.tls_dir);
+        drop(self.groups);
+        drop(self.rt.take());
+        if let Some(d) = self.tls_dir {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }
@@ -274,7 +306,7 @@ impl Cluster {
             info.system_fingerprint
         );
         Ok(Cluster {
-            rt,
+            rt: Some(rt),
             info,
             addr,
             tls_dir,
@@ -302,7 +334,7 @@ impl Cluster {
 
     /// The step executor of group `g`.
     pub fn executor(&self, g: usize) -> GroupExecutor {
-        GroupExecutor { group: self.groups[g].clone(), rt: self.rt.handle().clone() }
+        GroupExecutor { group: self.groups[g].clone(), rt: self.rt.as_ref().expect("running cluster").handle().clone() }
     }
 
     /// Operating-system process ids of the embedded nodes, in node order.

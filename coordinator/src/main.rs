@@ -128,6 +128,7 @@ struct SoakArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Model directory (Hugging Face layout).
     #[arg(long)]
     model: PathBuf,
     /// HTTP/1.1 address (TCP).
@@ -158,6 +159,9 @@ struct ServeArgs {
     /// The model name clients use (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Seconds between determinism canary checks (0: no canary).
+    #[arg(long, default_value_t = 30)]
+    canary_every: u64,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -884,7 +888,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         info.name = name.clone();
     }
     let (executors, cluster) = executors(&a.model, &a.cluster, &opts, &info)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new());
     let sched = info.scheduler_config(&opts);
     let service = Service::start(
         info,
@@ -894,10 +898,15 @@ fn serve(a: ServeArgs) -> Result<()> {
         ServiceOptions { max_waiting: a.max_waiting },
         metrics.clone(),
     )?;
+    let service = Arc::new(service);
+    let canary = match a.canary_every {
+        0 => Arc::new(Canary::new()),
+        secs => Canary::start(service.clone(), metrics.clone(), std::time::Duration::from_secs(secs)),
+    };
     let state = Arc::new(AppState {
-        service: Arc::new(service),
+        service,
         metrics,
-        canary: Arc::new(Canary::default()),
+        canary,
         auth: Auth { api_keys, ops_keys: a.ops_key.clone() },
         soak: std::sync::Mutex::new(None),
     });

@@ -5,8 +5,9 @@
 //! only — never of the batch size, the thread count, the SIMD instruction set or the
 //! tensor-parallel split. The rules are written down in `docs/DESIGN.md` §2 and, executably, in
 //! [`reference`]: plain scalar Rust that *is* the spec. Every other implementation (the SIMD CPU
-//! backend in [`cpu`], the CUDA backend later) must reproduce the reference bit for bit, and the
-//! contract tests compare them with `f32::to_bits`, never with a tolerance.
+//! backend in [`cpu`], the portable mode of the CUDA backend in `cuda`) must reproduce the
+//! reference bit for bit, and the contract tests compare them with `f32::to_bits`, never with a
+//! tolerance.
 //!
 //! The rules in one place (see [`Segmentation`] and [`reference`] for the code):
 //! * **Dot products** over `K`: `K` is zero-padded to a multiple of `S × LANES` (`S =
@@ -23,11 +24,18 @@
 //! [`Backend`] is the one trait the model code calls; [`cpu::CpuBackend`] implements it and is always
 //! built. [`KernelMode::Fast`] swaps the matmul for a conventional, non-invariant GEMM to measure what
 //! invariance costs.
+//!
+//! With the cargo feature `cuda`, `cuda::CudaBackend` implements it on NVIDIA GPUs: *portable*
+//! numerics give the reference's bits (the 16 lanes are a half-warp), *native* numerics use tensor
+//! cores and are invariant within one GPU class. Nothing CUDA is needed to build it: the driver and
+//! NVRTC are loaded at run time and the kernels compiled from embedded sources at start-up.
 
 // Index loops mirror the written contract (lane l, segment s) more plainly than iterator chains.
 #![allow(clippy::needless_range_loop)]
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod fast;
 pub mod math;
 pub mod reference;

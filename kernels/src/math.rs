@@ -10,7 +10,7 @@
 #![allow(clippy::excessive_precision)]
 
 /// `log2(e)` rounded to f32.
-const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// `ln 2` split in two (Cephes): `LN2_HI` has few significant bits so `n × LN2_HI` is exact.
 pub(crate) const LN2_HI: f32 = 0.693_359_4;
 pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;

@@ -152,6 +152,21 @@ impl LsePartial {
 /// vocab segmentation, the segment max, then `exp(x − max)` summed in 16 logical lanes (lane `l`
 /// takes the segment's elements `l, l+16, …`) and the lane tree; segments by the segment tree.
 pub fn lse_shard(values: &[f32], shard: &VocabShard) -> LsePartial {
+    lse_shard_with(values, shard, segment_exp_lanes)
+}
+
+/// The 16 lane sums `Σ exp(x − max)` of one segment (lane `l` takes elements `l, l+16, …`).
+pub fn segment_exp_lanes(xs: &[f32], max: f32) -> [f32; LANES] {
+    let mut lanes = [0.0f32; LANES];
+    for (i, &x) in xs.iter().enumerate() {
+        lanes[i % LANES] += exp(x - max);
+    }
+    lanes
+}
+
+/// [`lse_shard`] with the per-segment lane sums computed by `lanes` (a SIMD twin of
+/// [`segment_exp_lanes`] that must give the same bits).
+pub fn lse_shard_with(values: &[f32], shard: &VocabShard, lanes: impl Fn(&[f32], f32) -> [f32; LANES]) -> LsePartial {
     let seg = shard.segs.seg;
     let parts: Vec<LsePartial> = (shard.segs.first..shard.segs.first + shard.segs.count)
         .map(|s| {
@@ -162,11 +177,7 @@ pub fn lse_shard(values: &[f32], shard: &VocabShard) -> LsePartial {
             if max == f32::NEG_INFINITY {
                 return LsePartial::EMPTY;
             }
-            let mut lanes = [0.0f32; LANES];
-            for (i, &x) in xs.iter().enumerate() {
-                lanes[i % LANES] += exp(x - max);
-            }
-            LsePartial { max, sum: lane_tree(lanes) }
+            LsePartial { max, sum: lane_tree(lanes(xs, max)) }
         })
         .collect();
     lse_tree(&parts)
@@ -216,8 +227,25 @@ fn candidate_cap(p: &SamplingParams) -> usize {
 
 /// Everything one vocab shard reports for one logits row (`logits` = the shard's `rows` values).
 pub fn shard_sample(logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> ShardSample {
+    shard_sample_with(logits, shard, req, segment_exp_lanes)
+}
+
+/// Gumbel noise lies in `[−ln(−ln 2⁻²⁴), −ln(−ln(1−2⁻²⁴))] ≈ [−2.81, 16.64]`, so a token whose
+/// scaled logit is more than ~19.5 below the best can never win the Gumbel-max. Skipping its
+/// noise is exact; the margin also covers f32 rounding of `z + g` (relative term for huge `z`).
+fn gumbel_cutoff(z_max: f32) -> f32 {
+    z_max - (24.0 + z_max.abs() * 1e-4)
+}
+
+/// [`shard_sample`] with the log-sum-exp lane sums computed by `lanes` (see [`lse_shard_with`]).
+pub fn shard_sample_with(
+    logits: &[f32],
+    shard: &VocabShard,
+    req: &SampleRequest,
+    lanes: impl Fn(&[f32], f32) -> [f32; LANES] + Copy,
+) -> ShardSample {
     let p = &req.params;
-    let lse = lse_shard(logits, shard);
+    let lse = lse_shard_with(logits, shard, lanes);
     let cand = |i: usize| {
         let id = (shard.offset + i) as u32;
         let logit = logits[i];
@@ -229,8 +257,23 @@ pub fn shard_sample(logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> 
         }
     };
     if !filters_on(p) {
+        let cutoff = if p.temperature > 0.0 {
+            let z_max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x / p.temperature));
+            if z_max.is_finite() {
+                gumbel_cutoff(z_max)
+            } else {
+                f32::NEG_INFINITY
+            }
+        } else {
+            f32::NEG_INFINITY
+        };
         let mut best: Option<Candidate> = None;
         for i in 0..logits.len() {
+            // NaN scaled logits never win either, so they are skipped too.
+            let z = logits[i] / p.temperature;
+            if cutoff > f32::NEG_INFINITY && (z.is_nan() || z < cutoff) {
+                continue;
+            }
             let c = cand(i);
             if best.is_none_or(|b| ranks_before(c.score, c.id, b.score, b.id)) {
                 best = Some(c);
@@ -239,7 +282,7 @@ pub fn shard_sample(logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> 
         return ShardSample { lse, lse_scaled: None, best, candidates: Vec::new() };
     }
     let z: Vec<f32> = logits.iter().map(|&x| x / p.temperature).collect();
-    let lse_scaled = (p.top_p < 1.0).then(|| lse_shard(&z, shard));
+    let lse_scaled = (p.top_p < 1.0).then(|| lse_shard_with(&z, shard, lanes));
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let order = |a: &u32, b: &u32| {
         if ranks_before(z[*a as usize], *a, z[*b as usize], *b) {

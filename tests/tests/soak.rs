@@ -57,8 +57,21 @@ fn serve(args: &[&str]) -> (Server, String) {
 
 fn soak(url: &str, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
-        "soak", "--url", url, "--prompt", "Once upon a time", "--requests", "200", "--max-tokens", "64",
-        "--concurrency-ramp", "1,8,32", "--background", "20", "--out", out.to_str().unwrap(),
+        "soak",
+        "--url",
+        url,
+        "--prompt",
+        "Once upon a time",
+        "--requests",
+        "200",
+        "--max-tokens",
+        "64",
+        "--concurrency-ramp",
+        "1,8,32",
+        "--background",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     let o = run_lockstep(&args, Duration::from_secs(600));
@@ -69,7 +82,9 @@ fn soak(url: &str, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn short_soak_on_a_tp2_cluster_gives_one_unique_completion_with_identical_logprob_bits() {
-    let Some(model) = stories_dir("short_soak_on_a_tp2_cluster_gives_one_unique_completion_with_identical_logprob_bits") else {
+    let Some(model) =
+        stories_dir("short_soak_on_a_tp2_cluster_gives_one_unique_completion_with_identical_logprob_bits")
+    else {
         return;
     };
     let dir = scratch("soak-short");

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
-use crate::sampling::{lane_tree, shard_sample as shard_sample_scalar};
+use crate::sampling::{lane_tree, shard_sample as shard_sample_scalar, shard_sample_with};
 use crate::{AttnParams, AttnSeq, KvLayout, SampleRequest, Segmentation, ShardSample, VocabShard, WeightView, LANES};
 
 /// Run `$body` (a generic `#[inline(always)]` fn call) through a copy compiled with FMA when the
@@ -83,9 +83,14 @@ pub(crate) fn swiglu(be: &CpuBackend, gate: &[f32], up: &[f32], out: &mut [f32])
     assert!(gate.len() == up.len() && out.len() == gate.len());
     const CHUNK: usize = 4096;
     be.pool().install(|| {
-        out.par_chunks_mut(CHUNK)
-            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| with_fma!(be, swiglu_slice(g, u, o)))
+        out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
+            #[cfg(target_arch = "x86_64")]
+            if be.isa() == Isa::Avx512 {
+                // SAFETY: the AVX-512 path is only selected when the CPU has it.
+                return unsafe { super::x86::swiglu_avx512(g, u, o) };
+            }
+            with_fma!(be, swiglu_slice(g, u, o))
+        })
     });
 }
 
@@ -207,5 +212,11 @@ pub(crate) fn attention(
 }
 
 pub(crate) fn shard_sample(be: &CpuBackend, logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> ShardSample {
+    #[cfg(target_arch = "x86_64")]
+    if be.isa() == Isa::Avx512 {
+        // SAFETY: the AVX-512 path is only selected when the CPU has it.
+        let lanes = |xs: &[f32], max: f32| unsafe { super::x86::segment_exp_lanes_avx512(xs, max) };
+        return with_fma!(be, shard_sample_with(logits, shard, req, lanes));
+    }
     with_fma!(be, shard_sample_scalar(logits, shard, req))
 }

@@ -1,0 +1,143 @@
+//! The route handlers. Each one reads the body through [`JsonBody`], validates it with
+//! [`crate::api::request`], and returns `Result<Response, ApiError>`; nothing else produces an
+//! error response.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use crate::api::error::{ApiError, MAX_BODY_BYTES};
+use crate::api::generate::{collect, Choices, Endpoint, Meta, SseBody};
+use crate::api::request::{detokenize_tokens, TokenizeInput, ValidChat, ValidCompletion, ValidGeneration};
+use crate::state::AppState;
+
+/// A request body that is at most [`MAX_BODY_BYTES`], valid UTF-8 and valid JSON.
+///
+/// A declared `Content-Length` over the cap is refused before a byte of the body is read; a body
+/// without one is read through a limit, so an endless body costs at most the cap.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::BodyTooLarge { limit: MAX_BODY_BYTES });
+        }
+        let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES);
+        let bytes = match limited.collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ApiError::BodyTooLarge { limit: MAX_BODY_BYTES })
+            }
+            Err(e) => return Err(ApiError::BodyRead(e.to_string())),
+        };
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            return Err(ApiError::InvalidUtf8 { valid_up_to: e.valid_up_to() });
+        }
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
+}
+
+pub async fn completions(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let v = ValidCompletion::parse(&body, st.service.info())?;
+    run(&st, v.gen, Endpoint::Completion { logprobs: v.logprobs }).await
+}
+
+pub async fn chat_completions(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let v = ValidChat::parse(&body, st.service.info())?;
+    run(&st, v.gen, Endpoint::Chat { logprobs: v.logprobs }).await
+}
+
+async fn run(st: &AppState, gen: ValidGeneration, endpoint: Endpoint) -> Result<Response, ApiError> {
+    let meta = Meta::new(endpoint, &gen, &st.service.info().system_fingerprint);
+    let stream = gen.stream;
+    let choices = Choices::submit(&st.service, gen.requests)?;
+    if stream {
+        Ok(SseBody::new(choices, meta).into_response())
+    } else {
+        collect(choices, &meta).await
+    }
+}
+
+fn model_card(st: &AppState) -> Value {
+    let info = st.service.info();
+    let created = std::time::SystemTime::now()
+        .checked_sub(st.service.uptime())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "id": info.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "lockstep",
+        "max_model_len": info.max_context,
+        "system_fingerprint": info.system_fingerprint,
+    })
+}
+
+pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+    Json(json!({"object": "list", "data": [model_card(&st)]})).into_response()
+}
+
+pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let info = st.service.info();
+    if id != info.name {
+        return Err(ApiError::ModelNotFound { model: id, served: info.name.clone() });
+    }
+    Ok(Json(model_card(&st)).into_response())
+}
+
+pub async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let healthy = st.service.healthy();
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "replicas": st.service.replicas(),
+    });
+    (status, Json(body)).into_response()
+}
+
+pub async fn version(State(st): State<Arc<AppState>>) -> Response {
+    let info = st.service.info();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "contract_version": lockstep_kernels::CONTRACT_VERSION,
+        "model": info.name,
+        "system_fingerprint": info.system_fingerprint,
+    }))
+    .into_response()
+}
+
+pub async fn tokenize(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let info = st.service.info();
+    let tokens = match TokenizeInput::parse(&body, info)? {
+        TokenizeInput::Prompt { text, add_special_tokens } => info
+            .tokenizer
+            .encode(&text, add_special_tokens)
+            .map_err(|source| ApiError::Tokenizer { param: "prompt", source })?,
+        TokenizeInput::Messages { messages, add_generation_prompt } => info
+            .tokenizer
+            .encode_chat(&messages, add_generation_prompt)
+            .map_err(|source| ApiError::Tokenizer { param: "messages", source })?,
+    };
+    Ok(Json(json!({"count": tokens.len(), "tokens": tokens, "max_model_len": info.max_context})).into_response())
+}
+
+pub async fn detokenize(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let info = st.service.info();
+    let tokens = detokenize_tokens(&body, info)?;
+    let prompt =
+        info.tokenizer.decode(&tokens, false).map_err(|source| ApiError::Tokenizer { param: "tokens", source })?;
+    Ok(Json(json!({ "prompt": prompt })).into_response())
+}
+
+pub async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound { method: method.to_string(), path: uri.path().to_string() }
+}

@@ -1,0 +1,312 @@
+//! The kernel sources, their NVRTC options, and the PTX cache.
+//!
+//! The `.cu` files of `kernels/cuda/` are embedded with `include_str!` and compiled when a backend
+//! starts, for the device's own virtual architecture (`compute_XY`), with the options that pin the
+//! numerics: `--fmad=false --ftz=false --prec-div=true --prec-sqrt=true`. (The sources also spell
+//! every contract operation with an explicit `_rn` intrinsic, so the PTX holds `fma.rn`, `add.rn`,
+//! `mul.rn`, `div.rn`, `sqrt.rn`, which no later JIT may fuse or flush.)
+//!
+//! PTX is cached per (file, architecture, hash of the expanded source + options): in memory for
+//! the process, and on disk under `$LOCKSTEP_CACHE_DIR/ptx`, else `$XDG_CACHE_HOME/lockstep/ptx`,
+//! else `$HOME/.cache/lockstep/ptx`. A cache that cannot be read or written is skipped silently —
+//! it only saves start-up time. The NVRTC version is not part of the key on purpose: every
+//! contract operation is an explicit `.rn` instruction in the PTX, so PTX from another NVRTC
+//! computes the same bits, and a machine with a filled cache (see [`emit_ptx_cache`]) needs no
+//! NVRTC at all.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+
+use super::{libs, CudaError};
+
+/// One `.cu` file and the kernels (`extern "C"` entry points) it must define.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSource {
+    pub file: &'static str,
+    pub text: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+/// Helpers shared by every kernel file, pasted in place of its `#include "common.cuh"`.
+pub const COMMON_CUH: &str = include_str!("../../cuda/common.cuh");
+
+pub const LINEAR_PORTABLE: KernelSource = KernelSource {
+    file: "linear_portable.cu",
+    text: include_str!("../../cuda/linear_portable.cu"),
+    entries: &[
+        "linear_portable_f32_m1",
+        "linear_portable_f32_m2",
+        "linear_portable_f32_m4",
+        "linear_portable_f32_m8",
+        "linear_portable_bf16_m1",
+        "linear_portable_bf16_m2",
+        "linear_portable_bf16_m4",
+        "linear_portable_bf16_m8",
+        "linear_portable_f16_m1",
+        "linear_portable_f16_m2",
+        "linear_portable_f16_m4",
+        "linear_portable_f16_m8",
+        "tree_combine",
+        "add_bias_f32",
+        "add_bias_bf16",
+        "add_bias_f16",
+    ],
+};
+
+pub const LINEAR_NATIVE: KernelSource = KernelSource {
+    file: "linear_native.cu",
+    text: include_str!("../../cuda/linear_native.cu"),
+    entries: &[
+        "convert_x_bf16",
+        "convert_x_f16",
+        "linear_native_bf16_l0",
+        "linear_native_bf16_l1",
+        "linear_native_bf16_l2",
+        "linear_native_bf16_l3",
+        "linear_native_bf16_l4",
+        "linear_native_bf16_l5",
+        "linear_native_bf16_l6",
+        "linear_native_f16_l0",
+        "linear_native_f16_l1",
+        "linear_native_f16_l2",
+        "linear_native_f16_l3",
+        "linear_native_f16_l4",
+        "linear_native_f16_l5",
+        "linear_native_f16_l6",
+    ],
+};
+
+pub const NORM_ROPE_SWIGLU: KernelSource = KernelSource {
+    file: "norm_rope_swiglu.cu",
+    text: include_str!("../../cuda/norm_rope_swiglu.cu"),
+    entries: &[
+        "rms_norm_f32",
+        "rms_norm_bf16",
+        "rms_norm_f16",
+        "rope",
+        "swiglu",
+        "add_assign",
+        "embedding_f32",
+        "embedding_bf16",
+        "embedding_f16",
+        "gather_rows",
+        "write_kv",
+    ],
+};
+
+pub const ATTENTION: KernelSource =
+    KernelSource { file: "attention.cu", text: include_str!("../../cuda/attention.cu"), entries: &["attention_paged"] };
+
+pub const SAMPLING: KernelSource =
+    KernelSource { file: "sampling.cu", text: include_str!("../../cuda/sampling.cu"), entries: &["sample_partials"] };
+
+/// Every kernel file. The native linear needs tensor cores with bf16 (`sm_80` or newer); the rest
+/// compiles for any architecture CUDA 13 supports.
+pub const SOURCES: [KernelSource; 5] = [LINEAR_PORTABLE, LINEAR_NATIVE, NORM_ROPE_SWIGLU, ATTENTION, SAMPLING];
+
+/// The options that fix the numerics, before the architecture.
+pub const NUMERICS_FLAGS: [&str; 4] = ["--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"];
+
+/// Full NVRTC option list for virtual architecture `compute_{arch}` (e.g. 80, 90).
+pub fn nvrtc_options(arch: u32) -> Vec<String> {
+    let mut o: Vec<String> = NUMERICS_FLAGS.iter().map(|s| s.to_string()).collect();
+    o.push(format!("--gpu-architecture=compute_{arch}"));
+    o.push("--std=c++17".to_string());
+    o
+}
+
+/// The source NVRTC sees: `common.cuh` pasted in place of the include, with `#line` markers so
+/// compiler messages name the real file and line.
+pub fn expand(src: &KernelSource) -> String {
+    const INCLUDE: &str = "#include \"common.cuh\"";
+    let at = src.text.find(INCLUDE).unwrap_or_else(|| panic!("{} must include common.cuh", src.file));
+    let line_after = src.text[..at].lines().count() + 2;
+    format!(
+        "{}#line 1 \"common.cuh\"\n{}\n#line {} \"{}\"\n{}",
+        &src.text[..at],
+        COMMON_CUH,
+        line_after,
+        src.file,
+        strip_one_newline(&src.text[at + INCLUDE.len()..])
+    )
+}
+
+fn strip_one_newline(s: &str) -> &str {
+    s.strip_prefix("\r\n").or_else(|| s.strip_prefix('\n')).unwrap_or(s)
+}
+
+/// NVRTC's version `(major, minor)`.
+pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    libs::require_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); both pointers are valid for writes.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::NoNvrtc(format!("nvrtcVersion failed: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// Compile one file to PTX for `compute_{arch}`, without any cache.
+pub fn compile_ptx(src: &KernelSource, arch: u32) -> Result<String, CudaError> {
+    libs::require_nvrtc()?;
+    let opts = CompileOptions { options: nvrtc_options(arch), name: Some(src.file.to_string()), ..Default::default() };
+    let ptx = compile_ptx_with_opts(expand(src), opts).map_err(|e| match e {
+        CompileError::CompileError { log, .. } => {
+            CudaError::Compile { file: src.file, arch, log: log.to_string_lossy().trim().to_string() }
+        }
+        other => CudaError::Compile { file: src.file, arch, log: format!("{other:?}") },
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// FNV-1a 64: a cache key, not a security boundary (the cache lives in the user's own directory).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Where compiled PTX is kept between runs, if anywhere.
+pub fn ptx_cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = env("LOCKSTEP_CACHE_DIR") {
+        return Some(d.join("ptx"));
+    }
+    if let Some(d) = env("XDG_CACHE_HOME") {
+        return Some(d.join("lockstep").join("ptx"));
+    }
+    env("HOME").map(|h| h.join(".cache").join("lockstep").join("ptx"))
+}
+
+/// [`compile_ptx`] behind the memory cache and the disk cache of [`ptx_cache_dir`].
+pub fn compile_ptx_cached(src: &KernelSource, arch: u32) -> Result<String, CudaError> {
+    compile_ptx_cached_in(src, arch, ptx_cache_dir())
+}
+
+/// [`compile_ptx`] behind the memory cache and a disk cache in `dir` (none when `None`).
+pub fn compile_ptx_cached_in(src: &KernelSource, arch: u32, dir: Option<PathBuf>) -> Result<String, CudaError> {
+    static MEMORY: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let text = expand(src);
+    let opts = nvrtc_options(arch).join(" ");
+    let hash = fnv1a(&[text.as_bytes(), opts.as_bytes()]);
+    let stem = src.file.trim_end_matches(".cu");
+    let key = format!("{stem}-compute_{arch}-{hash:016x}");
+    let memory = MEMORY.get_or_init(Default::default);
+    if let Some(ptx) = memory.lock().expect("ptx cache lock").get(&key) {
+        return Ok(ptx.clone());
+    }
+    let file = dir.map(|d| d.join(format!("{key}.ptx")));
+    let cached = file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .filter(|p| src.entries.iter().all(|e| p.contains(&format!(".entry {e}("))));
+    let ptx = match cached {
+        Some(p) => p,
+        None => {
+            let p = compile_ptx(src, arch)?;
+            if let Some(f) = &file {
+                // Write-then-rename: a concurrent reader never sees half a file.
+                let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+                let ok = f.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+                    && std::fs::write(&tmp, &p).is_ok()
+                    && std::fs::rename(&tmp, f).is_ok();
+                if !ok {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+            p
+        }
+    };
+    memory.lock().expect("ptx cache lock").insert(key, ptx.clone());
+    Ok(ptx)
+}
+
+/// Compile every kernel file for each of `arches` into the disk cache `dir` (needs NVRTC, not a
+/// GPU): a GPU machine without NVRTC then starts from `LOCKSTEP_CACHE_DIR` = the parent of `dir`.
+pub fn emit_ptx_cache(arches: &[u32], dir: &std::path::Path) -> Result<usize, CudaError> {
+    let mut n = 0;
+    for &arch in arches {
+        for src in SOURCES {
+            if src.file == LINEAR_NATIVE.file && arch < 80 {
+                continue; // bf16 mma needs sm_80
+            }
+            compile_ptx_cached_in(&src, arch, Some(dir.to_path_buf()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_includes_common_and_expands_with_line_markers() {
+        for s in SOURCES {
+            let e = expand(&s);
+            assert!(!e.contains("#include \"common.cuh\""), "{}", s.file);
+            assert!(e.contains("#line 1 \"common.cuh\""));
+            assert!(e.contains(&format!("\"{}\"", s.file)));
+            for entry in s.entries {
+                assert!(s.text.contains(entry), "{} does not mention {entry}", s.file);
+            }
+        }
+    }
+
+    #[test]
+    fn device_constants_are_the_contracts_bits() {
+        let want: &[(&str, f32)] = &[
+            ("LS_LOG2E", std::f32::consts::LOG2_E),
+            ("LS_LN2_HI", crate::math::LN2_HI),
+            ("LS_LN2_LO", crate::math::LN2_LO),
+            ("LS_EXP_MAX", crate::math::EXP_MAX),
+            ("LS_EXP_MIN", crate::math::EXP_MIN),
+            ("LS_EXP_P0", crate::math::EXP_POLY[0]),
+            ("LS_EXP_P1", crate::math::EXP_POLY[1]),
+            ("LS_EXP_P2", crate::math::EXP_POLY[2]),
+            ("LS_EXP_P3", crate::math::EXP_POLY[3]),
+            ("LS_EXP_P4", crate::math::EXP_POLY[4]),
+            ("LS_EXP_P5", crate::math::EXP_POLY[5]),
+            ("LS_SQRT2", std::f32::consts::SQRT_2),
+            ("LS_LN_P0", 1.0 / 11.0),
+            ("LS_LN_P1", 1.0 / 9.0),
+            ("LS_LN_P2", 1.0 / 7.0),
+            ("LS_LN_P3", 1.0 / 5.0),
+            ("LS_LN_P4", 1.0 / 3.0),
+            ("LS_MIN_POSITIVE", f32::MIN_POSITIVE),
+            ("LS_TWO_23", 8_388_608.0),
+            ("LS_TWO_M24", 1.0 / 16_777_216.0),
+        ];
+        assert_eq!(&crate::math::EXP_POLY[6..], &[1.0, 1.0], "the kernel hard-codes the last two coefficients");
+        for (name, v) in want {
+            let line = COMMON_CUH
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name} missing from common.cuh"));
+            let hex = line.split_whitespace().nth(2).unwrap().trim_end_matches('u');
+            let bits = u32::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap();
+            assert_eq!(bits, v.to_bits(), "{name}: common.cuh has {hex}, the contract {:#010x}", v.to_bits());
+        }
+    }
+
+    #[test]
+    fn cache_key_changes_with_source_options_and_version() {
+        let a = fnv1a(&[b"src", b"opts", b"v1"]);
+        assert_ne!(a, fnv1a(&[b"src2", b"opts", b"v1"]));
+        assert_ne!(a, fnv1a(&[b"src", b"opts2", b"v1"]));
+        assert_ne!(a, fnv1a(&[b"src", b"opts", b"v2"]));
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+}
