@@ -185,9 +185,13 @@ impl Shutdown {
             for g in &self.groups {
                 for m in &g.members {
                     let conn = m.conn.clone();
+                    // `finish` waits until the node has the message, so closing below cannot lose it.
                     let _ = rt.block_on(async move {
-                        tokio::time::timeout(Duration::from_millis(500), conn.send(&Frame::Control(Message::Shutdown)))
-                            .await
+                        tokio::time::timeout(Duration::from_millis(500), async {
+                            conn.send(&Frame::Control(Message::Shutdown)).await?;
+                            conn.finish().await
+                        })
+                        .await
                     });
                 }
             }
@@ -218,6 +222,9 @@ impl Cluster {
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
         if opts.tp == 0 || opts.replicas == 0 {
             bail!("--tp and --replicas must be at least 1");
+        }
+        if opts.engine.device != crate::engine::Device::Cpu {
+            bail!("node processes run on the CPU; a GPU model runs in-process (--tp 1, one replica)");
         }
         let info = ModelInfo::load(
             &opts.model_dir,

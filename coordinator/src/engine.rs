@@ -35,6 +35,30 @@ pub enum ExecError {
     Other(String),
 }
 
+/// Where an in-process model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// `cuda:N`; `native` selects the tensor-core numerics (invariant per GPU class) instead of
+    /// the portable ones (bit-identical to the CPU).
+    Cuda { ordinal: usize, native: bool },
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|ordinal| Device::Cuda { ordinal, native: true })
+                .ok_or_else(|| format!("unknown device {s:?} (cpu or cuda:N)")),
+        }
+    }
+}
+
 /// Everything that sizes and configures one engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineOptions {
@@ -54,6 +78,7 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// `None`: the model's `max_position_embeddings`, at most 32768.
     pub max_context: Option<usize>,
+    pub device: Device,
 }
 
 impl Default for EngineOptions {
@@ -71,8 +96,39 @@ impl Default for EngineOptions {
             prefill_chunk: 512,
             max_running: 64,
             max_context: None,
+            device: Device::Cpu,
         }
     }
+}
+
+/// The backend's name in the determinism fingerprint for these options (for a native-numerics
+/// GPU it names the GPU class, so it asks the device).
+pub fn backend_fingerprint_name(opts: &EngineOptions) -> anyhow::Result<String> {
+    match opts.device {
+        Device::Cpu => Ok(CpuBackend::fingerprint_name_for(opts.mode).to_string()),
+        Device::Cuda { native: false, .. } => Ok("portable".to_string()),
+        Device::Cuda { ordinal, native: true } => cuda_native_name(ordinal),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_native_name(ordinal: usize) -> anyhow::Result<String> {
+    use lockstep_kernels::cuda::{CudaBackend, CudaConfig, CudaMode};
+    let be =
+        CudaBackend::new(CudaConfig { device: ordinal, numerics: NumericsConfig::default(), mode: CudaMode::Native })?;
+    Ok(be.fingerprint_name())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_native_name(_ordinal: usize) -> anyhow::Result<String> {
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this lockstep was built without CUDA support: rebuild with `cargo build --release --features cuda`"
+    )
 }
 
 /// What a loaded model deployment is: its config, tokenizer, numerics and fingerprint.
@@ -155,28 +211,57 @@ impl StepExecutor for Box<dyn StepExecutor> {
     }
 }
 
-/// The whole model in this process.
+/// The whole model in this process, on the CPU or on one GPU.
 pub struct LocalExecutor {
-    model: Model<CpuBackend>,
+    model: LocalModel,
+}
+
+enum LocalModel {
+    Cpu(Model<CpuBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(Model<lockstep_kernels::cuda::CudaBackend>),
 }
 
 impl LocalExecutor {
     pub fn load(info: &ModelInfo, opts: &EngineOptions) -> anyhow::Result<Self> {
-        let be = cpu_backend(opts, info.numerics)?;
         let plan = ShardPlan::new(&info.config, 0, 1, info.numerics.reduce_segments)?;
         let mopts =
             ModelOptions { num_blocks: info.num_blocks, block_size: info.block_size, max_context: info.max_context };
-        let model = Model::load(be, &info.dir, info.config.clone(), plan, mopts, Box::new(SingleRank))?;
+        let model = match opts.device {
+            Device::Cpu => {
+                let be = cpu_backend(opts, info.numerics)?;
+                LocalModel::Cpu(Model::load(be, &info.dir, info.config.clone(), plan, mopts, Box::new(SingleRank))?)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda { ordinal, native } => {
+                use lockstep_kernels::cuda::{CudaBackend, CudaConfig, CudaMode};
+                let mode = if native { CudaMode::Native } else { CudaMode::Portable };
+                let be = CudaBackend::new(CudaConfig { device: ordinal, numerics: info.numerics, mode })?;
+                LocalModel::Cuda(Model::load(be, &info.dir, info.config.clone(), plan, mopts, Box::new(SingleRank))?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda { .. } => return Err(no_cuda()),
+        };
         Ok(LocalExecutor { model })
     }
-    pub fn backend(&self) -> &CpuBackend {
-        self.model.backend()
+
+    /// A description of the backend for benchmark tables.
+    pub fn describe(&self) -> String {
+        match &self.model {
+            LocalModel::Cpu(m) => describe_backend(m.backend()),
+            #[cfg(feature = "cuda")]
+            LocalModel::Cuda(m) => format!("cuda/{}/{}", m.backend().device_name(), m.backend().fingerprint_name()),
+        }
     }
 }
 
 impl StepExecutor for LocalExecutor {
     fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
-        let samples = self.model.step(plan)?;
+        let samples = match &mut self.model {
+            LocalModel::Cpu(m) => m.step(plan)?,
+            #[cfg(feature = "cuda")]
+            LocalModel::Cuda(m) => m.step(plan)?,
+        };
         let sampled = samples.iter().map(|s| (s.seq_id, merge_shard_samples(&[&s.sample], &s.request))).collect();
         Ok(StepResult { step_id: plan.step_id, sampled })
     }

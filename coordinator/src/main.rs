@@ -8,11 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode};
 use lockstep_coordinator::engine::{
-    describe_backend, fresh_seed, run_batch, Engine, EngineEvent, EngineOptions, GenerateRequest, LocalExecutor,
-    ModelInfo, StepExecutor,
+    backend_fingerprint_name, fresh_seed, run_batch, Device, Engine, EngineEvent, EngineOptions, GenerateRequest,
+    LocalExecutor, ModelInfo, StepExecutor,
 };
 use lockstep_coordinator::scheduler::FinishReason;
-use lockstep_kernels::{CpuBackend, DType, Isa, KernelMode, SamplingParams};
+use lockstep_kernels::{DType, Isa, KernelMode, SamplingParams};
 use lockstep_node::synth::{synth_with, Preset, SynthOptions};
 
 #[derive(Parser)]
@@ -289,6 +289,18 @@ struct EngineArgs {
     /// Longest context (default: the model's, at most 32768).
     #[arg(long)]
     max_context: Option<usize>,
+    /// Where the in-process model runs: `cpu` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// GPU numerics: `portable` (bit-identical to the CPU) or `native` (tensor cores; the GPU default).
+    #[arg(long, default_value = "native")]
+    numerics: GpuNumerics,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GpuNumerics {
+    Portable,
+    Native,
 }
 
 impl EngineArgs {
@@ -307,6 +319,10 @@ impl EngineArgs {
             prefill_chunk: self.prefill_chunk,
             max_running: self.max_running,
             max_context: self.max_context,
+            device: match self.device {
+                Device::Cuda { ordinal, .. } => Device::Cuda { ordinal, native: self.numerics == GpuNumerics::Native },
+                Device::Cpu => Device::Cpu,
+            },
         }
     }
 }
@@ -517,7 +533,7 @@ fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
 fn generate(a: GenerateArgs) -> Result<()> {
     let prompts = read_prompts(&a)?;
     let opts = a.engine.options();
-    let info = ModelInfo::load(&a.model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
+    let info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
     let seed = a.seed.unwrap_or_else(fresh_seed);
     let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed };
     sampling.validate()?;
@@ -641,9 +657,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     for &mode in &a.modes {
         let mut opts = a.engine.options();
         opts.mode = mode;
-        let info = ModelInfo::load(&model, &opts, CpuBackend::fingerprint_name_for(mode))?;
+        let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
         let executor = LocalExecutor::load(&info, &opts)?;
-        let backend = describe_backend(executor.backend());
+        let backend = executor.describe();
         let mut engine = Engine::new(info.scheduler_config(&opts), executor, info.tokenizer.clone())?;
         let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
         for &b in &a.batch {
@@ -734,7 +750,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     ];
     for (label, tp, threads, others) in runs {
         let opts = EngineOptions { threads, ..EngineOptions::default() };
-        let info = ModelInfo::load(&model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
+        let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
         let cluster_args = ClusterArgs {
             tp,
             replicas: 1,
@@ -883,7 +899,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         }
     }
     let opts = a.engine.options();
-    let mut info = ModelInfo::load(&a.model, &opts, CpuBackend::fingerprint_name_for(opts.mode))?;
+    let mut info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
     if let Some(name) = &a.served_model_name {
         info.name = name.clone();
     }

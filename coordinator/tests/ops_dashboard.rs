@@ -25,12 +25,14 @@ use ops_common::*;
 
 const NODE_NAMES: [&str; 2] = ["dash-node-0", "dash-node-1"];
 
-/// Node processes, killed if the test fails before the cluster shuts them down.
+/// Node processes: given a moment to exit on the cluster's Shutdown, then killed (the cluster of
+/// `--nodes static` may close its endpoint before that frame is out, and a node that misses it
+/// would wait for its 5 s idle timeout).
 struct Nodes(Vec<Child>);
 impl Drop for Nodes {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + Duration::from_secs(1);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -169,6 +171,11 @@ fn dashboard_renders_a_live_tp2_cluster_in_headless_chromium() {
     assert_eq!(s.mismatches, 0, "{s:?}");
     drop(server);
     drop(canary);
+    // Shut the cluster down between steps, so the nodes see a clean Shutdown, not a lost peer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while service.replicas().iter().any(|r| r.running + r.waiting > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     drop(service);
     let _ = std::fs::remove_dir_all(&scratch);
 }

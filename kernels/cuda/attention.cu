@@ -81,6 +81,8 @@ extern "C" __global__ void attention_paged(const float* __restrict__ q, float* _
         for (int i = 0; i < keys; ++i) lc = __fadd_rn(lc, p[i]);
 #pragma unroll
         for (int jj = 0; jj < ATTN_MAXD / 32; ++jj) oc[jj] = 0.0f;
+        // Unrolled so the next keys' V rows are in flight while the fma chains run in key order.
+#pragma unroll 4
         for (int i = 0; i < keys; ++i) {
             const float pr = p[i];
             const int kp = first + i;

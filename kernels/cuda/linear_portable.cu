@@ -65,6 +65,7 @@ __device__ __forceinline__ void linear_portable_impl(const float* __restrict__ x
                 acc[i] = __fmaf_rn(x3, w3, acc[i]);
             }
         }
+#pragma unroll 4
         for (; e < end; e += 16) {
             const float w0 = ls_load_w<DT>(w, wrow + e);
 #pragma unroll

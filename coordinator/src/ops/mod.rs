@@ -13,8 +13,9 @@
 //! All of them take the ops keys ([`crate::state::Auth::ops_keys`]) when any are configured, as
 //! `Authorization: Bearer KEY` or as HTTP Basic credentials with the key as password. Basic is
 //! there for people: a browser opening `/dashboard` gets a `WWW-Authenticate: Basic` challenge,
-//! asks once, and then sends the same credentials on the page's own polling requests, so the key
-//! never has to appear in a URL. A refusal is a 401 with an OpenAI-style error body.
+//! asks once, and then sends the same credentials on the page's own polling requests. Opened as
+//! `http://ops:KEY@host/dashboard` (scripts, kiosks), the page itself sends the key it was opened
+//! with. A refusal is a 401 with an OpenAI-style error body.
 //!
 //! The dashboard reads `/metrics` itself (and the JSON routes) rather than a private stats route,
 //! so what operators see is exactly what Prometheus scrapes; a test checks that every metric name
@@ -327,6 +328,29 @@ mod tests {
         assert!(!authorized(&headers("Basic b3BzOndyb25n"), &keys)); // ops:wrong
         assert!(!authorized(&headers("Basic !!!"), &keys));
         assert!(!authorized(&headers("Token s3cret"), &keys));
+    }
+
+    /// The dashboard keeps every metric name it reads in one `METRICS` table; each must be a
+    /// family of the exposition (the integration test checks the same against a live service).
+    #[test]
+    fn the_dashboard_reads_only_exported_metrics() {
+        let m = metrics::Metrics::new();
+        let view = metrics::ServiceView {
+            model: "m".into(),
+            system_fingerprint: "fp".into(),
+            replicas: vec![],
+            nodes: vec![],
+        };
+        let text = m.render_view(&view);
+        let table = DASHBOARD_HTML.split("const METRICS = {").nth(1).and_then(|t| t.split("};").next()).unwrap();
+        let names: Vec<&str> = table.split('"').skip(1).step_by(2).collect();
+        assert!(names.len() >= 8, "{names:?}");
+        for n in names {
+            assert!(text.contains(&format!("# TYPE {n} ")), "the dashboard reads {n}, which is not exported");
+        }
+        // And no metric name appears in the page outside that table.
+        let outside = DASHBOARD_HTML.replace(table, "");
+        assert!(!outside.contains("lockstep_"), "metric names belong in the METRICS table");
     }
 
     #[test]

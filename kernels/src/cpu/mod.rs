@@ -133,10 +133,12 @@ impl CpuBackend {
         self.isa
     }
     /// The backend's name in the determinism fingerprint. ISA and thread count are absent on
-    /// purpose (they cannot change a bit); fast mode gets its own name, since it promises nothing.
+    /// purpose (they cannot change a bit). The invariant CPU kernels and the CUDA backend's
+    /// portable mode share the name `portable`: they promise the same bits, so the same
+    /// fingerprint. Fast mode gets its own name, since it promises nothing.
     pub fn fingerprint_name_for(mode: KernelMode) -> &'static str {
         match mode {
-            KernelMode::Invariant => "cpu",
+            KernelMode::Invariant => "portable",
             KernelMode::Fast => "cpu-fast",
         }
     }

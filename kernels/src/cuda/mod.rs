@@ -27,6 +27,16 @@
 //! [`CudaBackend::new`] checks first ([`libs`]) and returns [`CudaError::NoDriver`] ("no CUDA
 //! driver found: …") on a machine without a GPU driver.
 //!
+//! # What is verified where
+//!
+//! Without a GPU (CI): every `.cu` file compiles with NVRTC 13.0 for sm_80 and sm_90 into PTX
+//! holding only correctly rounded float instructions (`tests/cuda_nvrtc.rs`); the kernel sources
+//! run on a CPU SIMT emulator with the backend's own launch geometry ([`plan`]) and equal
+//! [`crate::reference`] bit for bit, the tensor-core kernel against a model of `mma.sync`
+//! (`tests/cuda_emulated.rs`); without a driver, [`CudaBackend::new`] returns the clear error.
+//! On a GPU only: real hardware behaviour, the native kernel's actual bits and invariance, and
+//! speed — `deploy/gpu-check.sh` (`examples/gpu_check.rs`).
+//!
 //! # Buffers
 //!
 //! Activations are device `f32` buffers ([`CudaBuf`]); weights are uploaded in their stored dtype
