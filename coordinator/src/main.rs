@@ -446,6 +446,10 @@ struct BenchArgs {
     /// Kernel modes to compare.
     #[arg(long, default_value = "invariant,fast", value_delimiter = ',')]
     modes: Vec<KernelMode>,
+    /// Tensor-parallel degrees to compare (TP > 1 runs node processes with the machine's cores
+    /// split between them, so every row uses the same total cores).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    tps: Vec<usize>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -651,15 +655,31 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     };
     println!(
-        "| mode | batch | prompt tok | new tok | prefill tok/s | decode tok/s | new tok/s incl. prefill | backend |"
+        "| mode | TP | batch | prompt tok | new tok | prefill tok/s | decode tok/s | new tok/s incl. prefill | backend |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for &mode in &a.modes {
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    for (&mode, &tp) in a.modes.iter().flat_map(|m| a.tps.iter().map(move |t| (m, t))) {
         let mut opts = a.engine.options();
         opts.mode = mode;
         let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
-        let executor = LocalExecutor::load(&info, &opts)?;
-        let backend = executor.describe();
+        let cluster_args = ClusterArgs {
+            tp,
+            replicas: 1,
+            cluster: false,
+            nodes: NodesMode::Embedded,
+            cluster_listen: "127.0.0.1:0".parse().expect("address"),
+            tls_dir: None,
+            node_threads: Some((opts.threads.min(cores) / tp).max(1)),
+            join_timeout: 600,
+        };
+        let (mut execs, _cluster) = executors(&model, &cluster_args, &opts, &info)?;
+        let executor = execs.remove(0);
+        let backend = if tp == 1 {
+            format!("cpu/{} threads/{}", opts.threads, mode.as_str())
+        } else {
+            format!("{tp} nodes × {} threads/{}", (opts.threads.min(cores) / tp).max(1), mode.as_str())
+        };
         let mut engine = Engine::new(info.scheduler_config(&opts), executor, info.tokenizer.clone())?;
         let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
         for &b in &a.batch {
@@ -697,7 +717,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             let total = start.elapsed().as_secs_f64();
             let pre = prefill_done.unwrap_or(total);
             println!(
-                "| {} | {b} | {} | {} | {:.1} | {:.1} | {:.1} | {backend} |",
+                "| {} | {tp} | {b} | {} | {} | {:.1} | {:.1} | {:.1} | {backend} |",
                 mode.as_str(),
                 a.prompt_tokens,
                 a.new_tokens,
