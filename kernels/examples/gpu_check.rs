@@ -66,31 +66,7 @@ fn compare(got: &[f32], want: &[f32]) -> (bool, String) {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn f32(&mut self) -> f32 {
-        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-        let v = 2.0 * u - 1.0;
-        if self.below(16) == 0 {
-            v * 8.0
-        } else {
-            v
-        }
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
-}
+use lockstep_kernels::testdata::SplitMix64 as Rng;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 

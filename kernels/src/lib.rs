@@ -41,6 +41,7 @@ pub mod math;
 pub mod reference;
 pub mod rope;
 pub mod sampling;
+pub mod testdata;
 mod types;
 
 pub use cpu::{CpuBackend, CpuConfig, Isa};
