@@ -8,6 +8,8 @@
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
+    // An infinite stream, not an iterator: callers draw from it in several shapes.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
