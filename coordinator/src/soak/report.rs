@@ -356,7 +356,7 @@ fn svg_frequency(p: &PromptReport) -> String {
     let max = p.variants.iter().map(|v| v.count).max().unwrap_or(1) as f64;
     let mut s = format!(r#"<svg viewBox="0 0 {w} {}" class="plot">"#, 24 * rows + 10);
     for (i, v) in p.variants.iter().take(rows).enumerate() {
-        let bw = (w - 160.0) * v.count as f64 / max;
+        let bw = (w - 210.0) * v.count as f64 / max;
         let y = 5 + 24 * i;
         let label = match &v.divergence {
             None => "most common".to_string(),
