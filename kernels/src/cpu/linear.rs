@@ -21,6 +21,10 @@ pub(crate) struct Tile<'a> {
     pub k_real: usize,
     pub seg_len: usize,
     pub count: usize,
+    /// Bytes of weights the *next* tile will read (contiguous rows), to prefetch while this one
+    /// computes: a decode step streams every weight once, and rows are too short for the
+    /// hardware prefetcher to ramp up on its own.
+    pub prefetch: &'a [u8],
 }
 
 /// Rows of output per task and columns per task: small enough that a task's x and W blocks stay
@@ -69,6 +73,12 @@ pub(crate) fn linear_invariant(
         let xrow = |i: usize| (xbase as *const f32).wrapping_add(i * padded);
         // Past the last real column, tiles read the last row again and drop the results.
         let wrow = |j: usize| (wbase as *const u8).wrapping_add(j.min(n - 1) * row_bytes);
+        // The bytes of weight rows `first..first + rows` (clamped to W): contiguous in row-major W.
+        let next_rows = |first: usize, rows: usize| -> &[u8] {
+            let (a, b) = (first.min(n), (first + rows).min(n));
+            // SAFETY: rows `a..b` lie inside W, which outlives this call.
+            unsafe { std::slice::from_raw_parts((wbase as *const u8).add(a * row_bytes), (b - a) * row_bytes) }
+        };
         let mut res = [0.0f32; 16];
         let multi_end = if mr > 1 { r0 + (r1 - r0) / mr * mr } else { r0 };
         for rq in (r0..multi_end).step_by(mr) {
@@ -77,6 +87,8 @@ pub(crate) fn linear_invariant(
                 let mut ws = [std::ptr::null(); 16];
                 (0..mr).for_each(|i| xs[i] = xrow(rq + i));
                 (0..nr).for_each(|j| ws[j] = wrow(cq + j));
+                // The first row quad meets each weight row first: prefetch the next quad's rows.
+                let prefetch = if rq == r0 { next_rows(cq + nr, nr) } else { &[][..] };
                 run_tile(
                     isa,
                     &Tile {
@@ -86,6 +98,7 @@ pub(crate) fn linear_invariant(
                         k_real,
                         seg_len: segs.seg.seg_len,
                         count: segs.count,
+                        prefetch,
                     },
                     &mut res,
                 );
@@ -102,6 +115,7 @@ pub(crate) fn linear_invariant(
                 let xs = [xrow(r)];
                 let mut ws = [std::ptr::null(); 16];
                 (0..nr1).for_each(|j| ws[j] = wrow(cq + j));
+                let prefetch = next_rows(cq + nr1, nr1);
                 run_tile(
                     isa,
                     &Tile {
@@ -111,6 +125,7 @@ pub(crate) fn linear_invariant(
                         k_real,
                         seg_len: segs.seg.seg_len,
                         count: segs.count,
+                        prefetch,
                     },
                     &mut res,
                 );

@@ -104,6 +104,11 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
     let ws: [*const u8; NR] = std::array::from_fn(|j| t.ws[j]);
     // Blocks below `full_end` lie wholly inside the real row; the rest are masked (zeros beyond).
     let full_end = t.k_real / 16 * 16;
+    // Spread the next tile's prefetches evenly over this tile's blocks.
+    let blocks = (t.count * t.seg_len / 16).max(1);
+    let lines = t.prefetch.len().div_ceil(64);
+    let per_block = lines.div_ceil(blocks);
+    let mut next_line = 0usize;
     // The segment tree, built incrementally: `stack[i]` holds a finished subtree of 2^i segments
     // waiting for its right sibling (like binary carry propagation), so no per-tile buffer of
     // all S segment sums is needed. For a power-of-two count this is exactly the pairwise tree.
@@ -113,6 +118,12 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
         let mut acc = [_mm512_setzero_ps(); 16];
         let (start, end) = (s * t.seg_len, (s + 1) * t.seg_len);
         let mut block = |col: usize, masked: bool| {
+            for _ in 0..per_block {
+                if next_line < lines {
+                    _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
+                    next_line += 1;
+                }
+            }
             let mut xv = [_mm512_setzero_ps(); MR];
             for i in 0..MR {
                 xv[i] = _mm512_loadu_ps(xs[i].add(col));
