@@ -399,6 +399,21 @@ struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// One embedded group of `tp` local node processes with `node_threads` kernel threads each
+    /// (TP 1: the model runs in-process).
+    fn embedded(tp: usize, node_threads: usize) -> Self {
+        ClusterArgs {
+            tp,
+            replicas: 1,
+            cluster: false,
+            nodes: NodesMode::Embedded,
+            cluster_listen: "127.0.0.1:0".parse().expect("a valid address"),
+            tls_dir: None,
+            node_threads: Some(node_threads),
+            join_timeout: 300,
+        }
+    }
+
     fn wants_cluster(&self) -> bool {
         self.cluster || self.tp > 1 || self.replicas > 1 || self.nodes == NodesMode::Static
     }
@@ -663,16 +678,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let mut opts = a.engine.options();
         opts.mode = mode;
         let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
-        let cluster_args = ClusterArgs {
-            tp,
-            replicas: 1,
-            cluster: false,
-            nodes: NodesMode::Embedded,
-            cluster_listen: "127.0.0.1:0".parse().expect("address"),
-            tls_dir: None,
-            node_threads: Some((opts.threads.min(cores) / tp).max(1)),
-            join_timeout: 600,
-        };
+        let cluster_args = ClusterArgs::embedded(tp, (opts.threads.min(cores) / tp).max(1));
         let (mut execs, _cluster) = executors(&model, &cluster_args, &opts, &info)?;
         let executor = execs.remove(0);
         let backend = if tp == 1 {
@@ -771,16 +777,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     for (label, tp, threads, others) in runs {
         let opts = EngineOptions { threads, ..EngineOptions::default() };
         let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
-        let cluster_args = ClusterArgs {
-            tp,
-            replicas: 1,
-            cluster: false,
-            nodes: NodesMode::Embedded,
-            cluster_listen: "127.0.0.1:0".parse().expect("address"),
-            tls_dir: None,
-            node_threads: Some(1),
-            join_timeout: 120,
-        };
+        let cluster_args = ClusterArgs::embedded(tp, 1);
         let (mut execs, cluster) = executors(&model, &cluster_args, &opts, &info)?;
         if let Some(c) = &cluster {
             println!(
