@@ -11,13 +11,7 @@ use lockstep_kernels::{CpuBackend, DType, KernelMode, SamplingParams};
 use lockstep_node::synth::{synth, Preset};
 
 fn stories() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K/hf");
-    if p.join("config.json").exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED (stories260K part): {} not found", p.display());
-        None
-    }
+    lockstep_tests::stories_dir("engine_invariance (stories260K part)")
 }
 
 /// A synthesized model, written once per test binary.

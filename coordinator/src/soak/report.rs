@@ -8,6 +8,8 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::api::loadgen::percentile;
+
 use super::{group_variants, BackgroundStats, CopyResult, LoadSample, SoakOptions};
 
 /// How a variant departs from the most common completion.
@@ -79,14 +81,6 @@ pub struct SoakReport {
     /// Copy index → (start time, variant rank within its prompt) for the divergence plot.
     pub copy_variants: Vec<(f64, usize, usize)>,
     pub verdict: String,
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Character index (at a char boundary) where two texts first differ.
@@ -206,11 +200,11 @@ impl SoakReport {
             completion_tokens_per_s: completion_tokens as f64 / duration_s.max(1e-9),
             requests_per_s: ok.len() as f64 / duration_s.max(1e-9),
             latency_s: Latency {
-                p50: percentile(&mut lat, 0.5),
-                p90: percentile(&mut lat, 0.9),
-                p99: percentile(&mut lat, 0.99),
-                ttft_p50: (!ttft.is_empty()).then(|| percentile(&mut ttft, 0.5)),
-                ttft_p99: (!ttft.is_empty()).then(|| percentile(&mut ttft, 0.99)),
+                p50: percentile(&mut lat, 50.0),
+                p90: percentile(&mut lat, 90.0),
+                p99: percentile(&mut lat, 99.0),
+                ttft_p50: (!ttft.is_empty()).then(|| percentile(&mut ttft, 50.0)),
+                ttft_p99: (!ttft.is_empty()).then(|| percentile(&mut ttft, 99.0)),
             },
             background,
             load,

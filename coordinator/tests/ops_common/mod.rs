@@ -23,15 +23,7 @@ use lockstep_coordinator::state::{AppState, Auth};
 use lockstep_kernels::{CpuBackend, SamplingParams};
 
 /// `../shared/models/stories260K/hf`, or `None` after printing a visible SKIPPED line.
-pub fn stories(test: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K/hf");
-    if p.join("config.json").exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED {test}: {} not found", p.display());
-        None
-    }
-}
+pub use lockstep_tests::stories_dir as stories;
 
 pub fn engine_options() -> EngineOptions {
     // A small KV cache so the dashboard's KV gauge visibly moves under load.
