@@ -267,6 +267,18 @@ impl StepExecutor for LocalExecutor {
     }
 }
 
+/// The one identity of a request, from the front end that accepted it to the scheduler's sequence
+/// id, the engine's events, the logs and the ops API. The [`crate::service::Service`] hands them
+/// out; a request keeps its id when it migrates to another group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "req-{}", self.0)
+    }
+}
+
 /// A generation request after validation: token ids and resolved parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -280,48 +292,149 @@ pub struct GenerateRequest {
     pub skip_special_tokens: bool,
 }
 
-/// What a sequence produced so far.
-#[derive(Debug, Clone, Default)]
-pub struct SeqOutput {
-    pub prompt_len: usize,
-    pub token_ids: Vec<u32>,
-    pub logprobs: Vec<f32>,
-    pub text: String,
-    pub finish_reason: Option<FinishReason>,
+/// Why a request never ran, or stopped being served. `error_type` names are stable: the API's
+/// error body and the metrics' labels use them.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// The engine refused the request (empty prompt, too long, does not fit the KV cache, …).
+    #[error(transparent)]
+    Invalid(#[from] AddRequestError),
+    /// No replica can serve it now (every group is down and none formed in time).
+    #[error("no replica is available: {0}")]
+    Unavailable(String),
+    /// The engine thread that held the request is gone.
+    #[error("the engine stopped")]
+    EngineStopped,
 }
 
-struct SeqText {
-    out: SeqOutput,
-    decode: DecodeStream,
-    stop: StopStringMatcher,
+impl RequestError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RequestError::Invalid(e) => e.error_type(),
+            RequestError::Unavailable(_) => "unavailable",
+            RequestError::EngineStopped => "internal",
+        }
+    }
+    /// The client's fault (HTTP 400), as opposed to the server's state (503) or a bug (500).
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, RequestError::Invalid(_))
+    }
 }
 
-/// One thing that happened to a sequence during a step.
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What happened to a request: the one event type from the engine to every front end (HTTP,
+/// command line, canary, tests). A request's events are some `Token`s, then exactly one
+/// `Finished` or `Rejected`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
-    /// A generated token and the text it completed (possibly empty: a partial UTF-8 character
-    /// or a possible stop-string prefix is held back).
-    Token { seq_id: u64, token_id: u32, logprob: f32, text: String, index: u32 },
-    /// The sequence ended; `text` is any held-back text released at the end.
-    Finished { seq_id: u64, reason: FinishReason, text: String },
+    /// Generated token number `index` and the text it completed (possibly empty: a partial UTF-8
+    /// character or a possible stop-string prefix is held back).
+    Token { id: RequestId, token_id: u32, logprob: f32, text: String, index: u32 },
+    /// The request ended; `text` is any held-back text released at the end.
+    Finished { id: RequestId, reason: FinishReason, text: String, usage: Usage },
+    /// The request never ran (or could not be continued anywhere).
+    Rejected { id: RequestId, error: RequestError },
 }
 
+impl EngineEvent {
+    pub fn id(&self) -> RequestId {
+        match self {
+            EngineEvent::Token { id, .. } | EngineEvent::Finished { id, .. } | EngineEvent::Rejected { id, .. } => *id,
+        }
+    }
+    /// The request's last event.
+    pub fn is_last(&self) -> bool {
+        !matches!(self, EngineEvent::Token { .. })
+    }
+}
+
+/// A request's answer assembled from its events: what the command line prints, the non-streaming
+/// API returns and the tests compare. The engine keeps none of this; whoever needs the whole
+/// answer collects it here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqOutput {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// The text each token completed (for per-token logprobs).
+    pub pieces: Vec<String>,
+    pub text: String,
+    pub finish_reason: Option<FinishReason>,
+    pub usage: Usage,
+    pub error: Option<RequestError>,
+}
+
+impl SeqOutput {
+    pub fn push(&mut self, ev: &EngineEvent) {
+        match ev {
+            EngineEvent::Token { token_id, logprob, text, .. } => {
+                self.token_ids.push(*token_id);
+                self.logprobs.push(*logprob);
+                self.pieces.push(text.clone());
+                self.text.push_str(text);
+            }
+            EngineEvent::Finished { reason, text, usage, .. } => {
+                self.text.push_str(text);
+                self.finish_reason = Some(reason.clone());
+                self.usage = *usage;
+            }
+            EngineEvent::Rejected { error, .. } => {
+                self.error = Some(error.clone());
+                self.finish_reason = Some(FinishReason::Error(error.to_string()));
+            }
+        }
+    }
+    pub fn is_finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+}
+
+/// Everything an engine keeps about one request besides the scheduler's token history: the text
+/// state that turns token ids into the client's bytes. It travels with the request when it
+/// migrates, so the text continues exactly as it would have.
+#[derive(Debug, Clone)]
+struct SeqText {
+    request: GenerateRequest,
+    decode: DecodeStream,
+    stop: StopStringMatcher,
+    completion_tokens: usize,
+}
+
+/// An unfinished request taken out of an engine whose executor failed ([`Engine::evacuate`]), to be
+/// resumed on another engine with [`Engine::resume`]: prompt, tokens so far and text state.
+#[derive(Debug, Clone)]
+pub struct Migrating {
+    pub id: RequestId,
+    /// The prompt followed by the generated ids.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    params: SeqParams,
+    text: SeqText,
+    /// How many times this request has moved (the service's `--migration-limit`).
+    pub migrations: u32,
+}
+
+impl Migrating {
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// One replica's engine: the sans-IO [`Scheduler`], the [`StepExecutor`] that runs its plans, and
+/// each request's text state. [`Engine::step`] is one turn of the loop; the service's engine
+/// thread is the only loop that drives it outside tests.
 pub struct Engine<E: StepExecutor> {
     scheduler: Scheduler,
     executor: E,
     tokenizer: Arc<Tokenizer>,
-    seqs: HashMap<u64, SeqText>,
-    next_id: u64,
+    seqs: HashMap<RequestId, SeqText>,
     steps: u64,
-    last_plan: Vec<u64>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    Add(#[from] AddRequestError),
-    #[error(transparent)]
-    Exec(#[from] ExecError),
+    last_plan: Vec<RequestId>,
 }
 
 impl<E: StepExecutor> Engine<E> {
@@ -331,7 +444,6 @@ impl<E: StepExecutor> Engine<E> {
             executor,
             tokenizer,
             seqs: HashMap::new(),
-            next_id: 1,
             steps: 0,
             last_plan: Vec::new(),
         })
@@ -347,37 +459,69 @@ impl<E: StepExecutor> Engine<E> {
     pub fn steps(&self) -> u64 {
         self.steps
     }
-    /// Sequences in the most recent step's plan (to see when a request first left the queue).
-    pub fn last_plan(&self) -> &[u64] {
+    /// Requests in the most recent step's plan (to see when a request first left the queue).
+    pub fn last_plan(&self) -> &[RequestId] {
         &self.last_plan
     }
 
-    /// Queue a request; it joins the running batch at the next step.
-    pub fn add(&mut self, req: GenerateRequest) -> Result<u64, EngineError> {
-        let seq_id = self.next_id;
-        self.next_id += 1;
-        let params = SeqParams {
+    fn seq_params(&self, req: &GenerateRequest) -> SeqParams {
+        SeqParams {
             sampling: req.sampling,
             max_tokens: req.max_tokens,
             eos_token_ids: self.tokenizer.eos_token_ids().to_vec(),
             stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,
-        };
-        self.scheduler.add_request(seq_id, req.prompt_ids.clone(), params)?;
-        self.seqs.insert(
-            seq_id,
-            SeqText {
-                out: SeqOutput { prompt_len: req.prompt_ids.len(), ..Default::default() },
-                decode: self.tokenizer.decode_stream_after(&req.prompt_ids, req.skip_special_tokens),
-                stop: StopStringMatcher::new(req.stop),
-            },
-        );
-        Ok(seq_id)
+        }
     }
 
-    /// End a sequence now (client disconnected): frees its KV blocks at once.
-    pub fn abort(&mut self, seq_id: u64) -> Option<EngineEvent> {
-        let ev = self.scheduler.abort(seq_id, FinishReason::Abort)?;
+    /// Queue a request under the caller's id; it joins the running batch at the next step.
+    pub fn add(&mut self, id: RequestId, req: GenerateRequest) -> Result<(), AddRequestError> {
+        let params = self.seq_params(&req);
+        self.scheduler.add_request(id.0, req.prompt_ids.clone(), params)?;
+        let text = SeqText {
+            decode: self.tokenizer.decode_stream_after(&req.prompt_ids, req.skip_special_tokens),
+            stop: StopStringMatcher::new(req.stop.clone()),
+            completion_tokens: 0,
+            request: req,
+        };
+        self.seqs.insert(id, text);
+        Ok(())
+    }
+
+    /// Continue a request that another engine started: it is re-prefilled from its prompt and
+    /// the tokens already emitted, and its next token is the one the uninterrupted run would
+    /// have produced (sampling is keyed by the generated token's index).
+    pub fn resume(&mut self, m: Migrating) -> Result<(), Box<(AddRequestError, Migrating)>> {
+        if let Err(e) = self.scheduler.resume_request(m.id.0, m.tokens.clone(), m.prompt_len, m.params.clone()) {
+            return Err(Box::new((e, m)));
+        }
+        self.seqs.insert(m.id, m.text);
+        Ok(())
+    }
+
+    /// Take every unfinished request out (the executor failed), oldest first, for
+    /// [`Engine::resume`] elsewhere. The engine is empty afterwards.
+    pub fn evacuate(&mut self) -> Vec<Migrating> {
+        let mut out = Vec::new();
+        for s in self.scheduler.evacuate() {
+            let id = RequestId(s.seq_id);
+            let Some(text) = self.seqs.remove(&id) else { continue };
+            out.push(Migrating {
+                id,
+                tokens: s.tokens,
+                prompt_len: s.prompt_len,
+                params: s.params,
+                text,
+                migrations: 0,
+            });
+        }
+        self.seqs.clear();
+        out
+    }
+
+    /// End a request now (client disconnected): frees its KV blocks at once.
+    pub fn abort(&mut self, id: RequestId) -> Option<EngineEvent> {
+        let ev = self.scheduler.abort(id.0, FinishReason::Abort)?;
         self.apply(vec![ev]).pop()
     }
 
@@ -385,27 +529,29 @@ impl<E: StepExecutor> Engine<E> {
         self.scheduler.num_running() + self.scheduler.num_waiting() > 0
     }
 
-    /// Output of a sequence (finished ones stay until taken).
-    pub fn output(&self, seq_id: u64) -> Option<&SeqOutput> {
-        self.seqs.get(&seq_id).map(|s| &s.out)
-    }
-    pub fn take_output(&mut self, seq_id: u64) -> Option<SeqOutput> {
-        self.seqs.remove(&seq_id).map(|s| s.out)
+    /// Whether a request is still in this engine (waiting or running).
+    pub fn contains(&self, id: RequestId) -> bool {
+        self.seqs.contains_key(&id)
     }
 
-    /// One turn of the loop. Returns the events of the step (empty when idle).
-    pub fn step(&mut self) -> Result<Vec<EngineEvent>, EngineError> {
+    /// One turn of the loop. Returns the events of the step (empty when idle). When the
+    /// executor fails, the step is forgotten by the scheduler and every request stays queued:
+    /// the caller decides whether to fail them ([`Engine::fail_all`]) or move them elsewhere
+    /// ([`Engine::evacuate`]).
+    pub fn step(&mut self) -> Result<Vec<EngineEvent>, ExecError> {
         let Some(plan) = self.scheduler.schedule() else {
             let evs = self.scheduler.take_events();
             return Ok(self.apply(evs));
         };
         let early = self.scheduler.take_events();
-        self.last_plan = plan.chunks.iter().map(|c| c.seq_id).collect();
+        self.last_plan = plan.chunks.iter().map(|c| RequestId(c.seq_id)).collect();
         let result = match self.executor.execute(&plan) {
             Ok(r) => r,
             Err(e) => {
                 self.scheduler.on_step_failed(plan.step_id);
-                return Err(e.into());
+                // Sequences that ended while planning have ended whatever happens next.
+                let _ = self.apply(early);
+                return Err(e);
             }
         };
         self.steps += 1;
@@ -414,13 +560,13 @@ impl<E: StepExecutor> Engine<E> {
         Ok(self.apply(evs))
     }
 
-    /// Fail every running and waiting sequence (the executor is gone).
+    /// Fail every request (the executor is gone and nothing can take them).
     pub fn fail_all(&mut self, message: &str) -> Vec<EngineEvent> {
-        let ids: Vec<u64> =
-            self.seqs.iter().filter(|(_, s)| s.out.finish_reason.is_none()).map(|(&id, _)| id).collect();
+        let mut ids: Vec<RequestId> = self.seqs.keys().copied().collect();
+        ids.sort();
         let evs = ids
             .into_iter()
-            .filter_map(|id| self.scheduler.abort(id, FinishReason::Error(message.to_string())))
+            .filter_map(|id| self.scheduler.abort(id.0, FinishReason::Error(message.to_string())))
             .collect();
         self.apply(evs)
     }
@@ -430,43 +576,24 @@ impl<E: StepExecutor> Engine<E> {
         for ev in evs {
             match ev {
                 SeqEvent::Token { seq_id, token, index } => {
-                    let Some(s) = self.seqs.get_mut(&seq_id) else { continue };
-                    s.out.token_ids.push(token.id);
-                    s.out.logprobs.push(token.logprob);
+                    let id = RequestId(seq_id);
+                    let Some(s) = self.seqs.get_mut(&id) else { continue };
+                    s.completion_tokens += 1;
                     // A decode error cannot happen for ids the model produced within the
                     // tokenizer's vocab; ids beyond it (padded embedding rows) decode to nothing.
                     let piece = s.decode.push(token.id).unwrap_or_default();
-                    match s.stop.push(&piece) {
-                        StopCheck::Continue { text } => {
-                            s.out.text.push_str(&text);
-                            out.push(EngineEvent::Token {
-                                seq_id,
-                                token_id: token.id,
-                                logprob: token.logprob,
-                                text,
-                                index,
-                            });
-                        }
-                        StopCheck::Stopped { text, .. } => {
-                            s.out.text.push_str(&text);
-                            out.push(EngineEvent::Token {
-                                seq_id,
-                                token_id: token.id,
-                                logprob: token.logprob,
-                                text,
-                                index,
-                            });
-                            if let Some(fin) = self.scheduler.abort(seq_id, FinishReason::Stop) {
-                                out.extend(self.apply(vec![fin]));
-                            }
+                    let (StopCheck::Continue { text } | StopCheck::Stopped { text, .. }) = s.stop.push(&piece);
+                    let stopped = s.stop.is_stopped();
+                    out.push(EngineEvent::Token { id, token_id: token.id, logprob: token.logprob, text, index });
+                    if stopped {
+                        if let Some(fin) = self.scheduler.abort(seq_id, FinishReason::Stop) {
+                            out.extend(self.apply(vec![fin]));
                         }
                     }
                 }
                 SeqEvent::Finished { seq_id, reason } => {
-                    let Some(s) = self.seqs.get_mut(&seq_id) else { continue };
-                    if s.out.finish_reason.is_some() {
-                        continue;
-                    }
+                    let id = RequestId(seq_id);
+                    let Some(mut s) = self.seqs.remove(&id) else { continue };
                     let mut tail = String::new();
                     if !s.stop.is_stopped() {
                         let rest = s.decode.flush().unwrap_or_default();
@@ -476,75 +603,14 @@ impl<E: StepExecutor> Engine<E> {
                             tail.push_str(&s.stop.finish());
                         }
                     }
-                    s.out.text.push_str(&tail);
-                    s.out.finish_reason = Some(reason.clone());
-                    out.push(EngineEvent::Finished { seq_id, reason, text: tail });
+                    let usage =
+                        Usage { prompt_tokens: s.request.prompt_ids.len(), completion_tokens: s.completion_tokens };
+                    out.push(EngineEvent::Finished { id, reason, text: tail, usage });
                 }
             }
         }
         out
     }
-}
-
-/// Run a batch of requests through one engine to completion. Request `(i, r)` joins the engine at
-/// step `i × stagger`; `on_event` sees every event with the request's index (for streaming).
-/// When the executor fails (a node died), every unfinished request ends with
-/// [`FinishReason::Error`] naming the cause, including those that had not arrived yet.
-pub fn run_batch<E: StepExecutor>(
-    engine: &mut Engine<E>,
-    requests: Vec<(usize, GenerateRequest)>,
-    stagger: u64,
-    mut on_event: impl FnMut(usize, &EngineEvent),
-) -> Vec<(usize, SeqOutput)> {
-    let mut pending: std::collections::VecDeque<(usize, usize, GenerateRequest)> =
-        requests.into_iter().enumerate().map(|(k, (i, r))| (k, i, r)).collect();
-    let mut ids: Vec<(usize, u64)> = Vec::new();
-    let mut outputs: Vec<(usize, SeqOutput)> = Vec::new();
-    let mut failure: Option<String> = None;
-    let mut step = 0u64;
-    loop {
-        while let Some((k, _, _)) = pending.front() {
-            if failure.is_none() && *k as u64 * stagger > step {
-                break;
-            }
-            let (_, i, req) = pending.pop_front().expect("front exists");
-            match (&failure, engine.add(req)) {
-                (None, Ok(id)) => ids.push((i, id)),
-                (Some(f), _) => outputs.push((i, failed_output(f.clone()))),
-                (None, Err(e)) => outputs.push((i, failed_output(e.to_string()))),
-            }
-        }
-        if !engine.has_work() && pending.is_empty() {
-            break;
-        }
-        let events = match engine.step() {
-            Ok(evs) => evs,
-            Err(e) => {
-                let msg = e.to_string();
-                failure = Some(msg.clone());
-                engine.fail_all(&msg)
-            }
-        };
-        for ev in &events {
-            let seq = match ev {
-                EngineEvent::Token { seq_id, .. } | EngineEvent::Finished { seq_id, .. } => *seq_id,
-            };
-            if let Some(&(i, _)) = ids.iter().find(|(_, id)| *id == seq) {
-                on_event(i, ev);
-            }
-        }
-        step += 1;
-    }
-    for (i, id) in ids {
-        if let Some(out) = engine.take_output(id) {
-            outputs.push((i, out));
-        }
-    }
-    outputs
-}
-
-fn failed_output(message: String) -> SeqOutput {
-    SeqOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() }
 }
 
 /// A seed for a request that gave none: fresh per call, so creative sampling varies, and always

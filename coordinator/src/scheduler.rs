@@ -241,6 +241,16 @@ impl SeqEvent {
     }
 }
 
+/// A sequence taken out of a scheduler by [`Scheduler::evacuate`], ready to be resumed elsewhere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvacuatedSeq {
+    pub seq_id: u64,
+    pub prompt_len: usize,
+    /// The prompt followed by the tokens generated so far.
+    pub tokens: Vec<u32>,
+    pub params: SeqParams,
+}
+
 /// The KV cache's blocks: a free list and one block table per sequence.
 ///
 /// Allocation takes the lowest free block id, so placement is a deterministic function of the call
@@ -440,31 +450,70 @@ impl Scheduler {
         prompt_tokens: Vec<u32>,
         params: SeqParams,
     ) -> Result<(), AddRequestError> {
-        self.insert_request(seq_id, prompt_tokens, params, true)
+        let prompt_len = prompt_tokens.len();
+        self.insert_request(seq_id, prompt_tokens, prompt_len, params, true)
+    }
+
+    /// Queues a sequence that already generated tokens elsewhere (a request migrated from a failed
+    /// group): `tokens` is the prompt (`prompt_len` ids) followed by the generated ids. It is
+    /// recomputed like a preempted sequence, and because sampling noise is keyed by the generated
+    /// token's index, it continues exactly where the uninterrupted run would have; the tokens it
+    /// brings are not emitted again.
+    pub fn resume_request(
+        &mut self,
+        seq_id: u64,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SeqParams,
+    ) -> Result<(), AddRequestError> {
+        self.insert_request(seq_id, tokens, prompt_len, params, true)
+    }
+
+    /// Removes every sequence, oldest arrival first, with its tokens and parameters, so they can
+    /// be resumed on another scheduler ([`Scheduler::resume_request`]). The step in flight is
+    /// forgotten (its result will be ignored) and every block is freed.
+    pub fn evacuate(&mut self) -> Vec<EvacuatedSeq> {
+        let mut seqs: Vec<(u64, Sequence)> = self.seqs.drain().collect();
+        seqs.sort_by_key(|(_, s)| s.arrival);
+        for (seq_id, _) in &seqs {
+            self.blocks.free_sequence(*seq_id);
+        }
+        self.running.clear();
+        self.waiting.clear();
+        self.in_flight = None;
+        seqs.into_iter()
+            .map(|(seq_id, s)| EvacuatedSeq {
+                seq_id,
+                prompt_len: s.prompt_len as usize,
+                tokens: s.tokens,
+                params: s.params,
+            })
+            .collect()
     }
 
     fn insert_request(
         &mut self,
         seq_id: u64,
         prompt_tokens: Vec<u32>,
+        prompt_len: usize,
         params: SeqParams,
         check_capacity: bool,
     ) -> Result<(), AddRequestError> {
         if self.seqs.contains_key(&seq_id) {
             return Err(AddRequestError::DuplicateSeqId { seq_id });
         }
-        if prompt_tokens.is_empty() {
+        if prompt_len == 0 || prompt_tokens.is_empty() {
             return Err(AddRequestError::EmptyPrompt);
         }
         let max_model_len = self.config.max_model_len;
-        if prompt_tokens.len() >= max_model_len as usize {
-            return Err(AddRequestError::PromptTooLong { prompt_len: prompt_tokens.len(), max_model_len });
+        if prompt_len >= max_model_len as usize {
+            return Err(AddRequestError::PromptTooLong { prompt_len, max_model_len });
         }
         if params.max_tokens == 0 {
             return Err(AddRequestError::ZeroMaxTokens);
         }
         params.sampling.validate().map_err(|e| AddRequestError::InvalidSampling(e.to_string()))?;
-        let prompt_len = prompt_tokens.len() as u32;
+        let prompt_len = prompt_len.min(prompt_tokens.len()) as u32;
         let max_len = (prompt_len as u64 + params.max_tokens as u64).min(max_model_len as u64) as u32;
         // The last generated token is never fed back, so it needs no KV slot.
         let needed_slots = max_len - 1;
@@ -803,7 +852,8 @@ impl Scheduler {
         prompt_tokens: Vec<u32>,
         params: SeqParams,
     ) -> Result<(), AddRequestError> {
-        self.insert_request(seq_id, prompt_tokens, params, false)
+        let prompt_len = prompt_tokens.len();
+        self.insert_request(seq_id, prompt_tokens, prompt_len, params, false)
     }
 }
 
@@ -947,7 +997,16 @@ mod tests {
     /// Runs the scheduler against the fake engine until nothing is left; checks the block
     /// partition and the sample steps at every step. Returns the outputs and the number of steps.
     fn run_to_completion(s: &mut Scheduler, engine: &mut FakeEngine, max_steps: usize) -> (Outputs, usize) {
-        let mut out = Outputs::default();
+        continue_to_completion(s, engine, Outputs::default(), max_steps)
+    }
+
+    /// [`run_to_completion`] for sequences whose earlier tokens are already in `out`.
+    fn continue_to_completion(
+        s: &mut Scheduler,
+        engine: &mut FakeEngine,
+        mut out: Outputs,
+        max_steps: usize,
+    ) -> (Outputs, usize) {
         for steps in 0..max_steps {
             let plan = s.schedule();
             out.apply(s.take_events());
@@ -1483,5 +1542,50 @@ mod tests {
             }
         }
         assert!(total_preemptions > 0, "the workloads should exercise preemption");
+    }
+
+    /// Guards request migration (a failed group's requests continue on another): sequences
+    /// evacuated mid-run — with a step in flight, some mid-prefill, some decoding — and resumed on
+    /// a scheduler with another cache shape emit exactly the tokens of an uninterrupted run, and
+    /// never re-emit the ones they bring.
+    #[test]
+    fn evacuated_and_resumed_sequences_continue_as_if_uninterrupted() {
+        let ample = cfg(2, 200, 64, 64, 6);
+        let mut whole = Scheduler::new(ample).unwrap();
+        for id in 0..6 {
+            whole.add_request(id, prompt(id, 3 + 4 * id as u32), sampled_params(id, 12)).unwrap();
+        }
+        let (reference, _) = run_to_completion(&mut whole, &mut FakeEngine::new(&ample, 97), 10_000);
+        for cut in [1usize, 2, 3, 5, 8, 11] {
+            let first = cfg(4, 40, 24, 7, 4);
+            let mut a = Scheduler::new(first).unwrap();
+            for id in 0..6 {
+                a.add_request(id, prompt(id, 3 + 4 * id as u32), sampled_params(id, 12)).unwrap();
+            }
+            let mut engine = FakeEngine::new(&first, 97);
+            let mut out = Outputs::default();
+            for _ in 0..cut {
+                let Some(plan) = a.schedule() else { break };
+                out.apply(a.take_events());
+                out.apply(a.on_step_result(engine.run(&plan)));
+            }
+            // A step in flight whose result never arrives: the group died mid-step.
+            let _lost = a.schedule();
+            let moved = a.evacuate();
+            assert_eq!(a.num_running() + a.num_waiting(), 0);
+            assert_eq!(a.used_blocks(), 0, "evacuation frees every block");
+            let second = cfg(2, 60, 16, 5, 3);
+            let mut b = Scheduler::new(second).unwrap();
+            for m in moved {
+                let brought = m.tokens.len() - m.prompt_len;
+                assert_eq!(out.tokens(m.seq_id).len(), brought, "seq {}: tokens brought", m.seq_id);
+                b.resume_request(m.seq_id, m.tokens, m.prompt_len, m.params).unwrap();
+            }
+            let (all, _) = continue_to_completion(&mut b, &mut FakeEngine::new(&second, 97), out, 10_000);
+            for id in 0..6 {
+                assert_eq!(all.tokens(id), reference.tokens(id), "cut {cut}, seq {id}");
+                assert_eq!(all.finished.get(&id), Some(&reference.finished[&id]), "cut {cut}, seq {id}");
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! loop of [`Engine`]: it takes [`Submission`]s and aborts from a channel, steps while there is
 //! work, and pushes every sequence's tokens to that request's own channel. HTTP handlers never
 //! touch an engine: they [`Service::submit`] a validated [`GenerateRequest`] and read
-//! [`SeqUpdate`]s until `Finished`. Dropping a [`Submission`] before it finished (a client that
+//! [`EngineEvent`]s until the last one. Dropping a [`Submission`] before it finished (a client that
 //! disconnected) aborts the sequence, which frees its KV blocks at once.
 //!
 //! Admission is bounded: when `max_waiting` requests already wait for a slot across the replicas,
@@ -14,7 +14,7 @@
 //! Everything observable — queue, TTFT, inter-token latency, finishes, errors — is reported to a
 //! [`ServiceObserver`] (the Prometheus metrics), never computed twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -23,19 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::cluster::{Cluster, NodeStatus};
-use crate::engine::{Engine, EngineEvent, GenerateRequest, ModelInfo, StepExecutor};
+use crate::engine::{
+    Engine, EngineEvent, GenerateRequest, ModelInfo, RequestError, RequestId, SeqOutput, StepExecutor, Usage,
+};
 use crate::scheduler::{FinishReason, SchedulerConfig};
-
-/// What happens to one submitted request, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SeqUpdate {
-    /// A generated token and the text it completed (possibly empty while text is held back).
-    Token { token_id: u32, logprob: f32, text: String, index: u32 },
-    /// The request ended. `text` is held-back text released at the end.
-    Finished { reason: FinishReason, text: String, prompt_tokens: usize, completion_tokens: usize },
-    /// The engine would not take the request (it never ran).
-    Rejected { error_type: &'static str, message: String },
-}
 
 /// Hooks for metrics. Every method has a no-op default.
 pub trait ServiceObserver: Send + Sync {
@@ -81,6 +72,18 @@ impl Default for ServiceOptions {
     }
 }
 
+/// How one request joins its engine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubmitOptions {
+    /// Join the batch only after the engine has run this many more loop turns (idle turns
+    /// count), so the command line and tests can make requests arrive mid-generation of others.
+    pub delay_steps: u64,
+}
+
+/// Where a request's events go. Several requests may share one sink: every event names its
+/// request.
+pub type EventSink = mpsc::UnboundedSender<EngineEvent>;
+
 /// Load and health of one replica, for routing and the ops API.
 #[derive(Debug, Default)]
 pub struct ReplicaLoad {
@@ -95,6 +98,8 @@ pub struct ReplicaLoad {
     pub steps: AtomicU64,
     pub down: AtomicBool,
     pub down_reason: Mutex<Option<String>>,
+    /// Requests submitted here that have not ended (routing weight).
+    pub outstanding: AtomicUsize,
 }
 
 /// A snapshot of one replica.
@@ -111,15 +116,22 @@ pub struct ReplicaStatus {
     pub steps: u64,
 }
 
+struct Pending {
+    id: RequestId,
+    req: GenerateRequest,
+    sink: EventSink,
+    at: Instant,
+    delay_steps: u64,
+}
+
 enum Cmd {
-    Submit { id: u64, req: GenerateRequest, tx: mpsc::UnboundedSender<SeqUpdate>, at: Instant },
-    Abort(u64),
+    Submit(Box<Pending>),
+    Abort(RequestId),
 }
 
 struct Replica {
     tx: std_mpsc::Sender<Cmd>,
     load: Arc<ReplicaLoad>,
-    outstanding: Arc<AtomicUsize>,
 }
 
 pub struct Service {
@@ -132,26 +144,53 @@ pub struct Service {
     started: Instant,
 }
 
-/// A request in flight. Read `updates` until `Finished` or `Rejected`; dropping it earlier aborts
-/// the sequence.
+/// Aborts its request when dropped before [`AbortOnDrop::disarm`]: a client that went away frees
+/// the sequence's KV blocks at once.
+pub struct AbortOnDrop {
+    id: RequestId,
+    tx: Option<std_mpsc::Sender<Cmd>>,
+}
+
+impl AbortOnDrop {
+    /// The request ended: dropping no longer aborts anything.
+    pub fn disarm(&mut self) {
+        self.tx = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Cmd::Abort(self.id));
+        }
+    }
+}
+
+/// A request in flight with its own event channel. Read `events` until the last event
+/// ([`EngineEvent::is_last`]); dropping it earlier aborts the request.
 pub struct Submission {
-    pub id: u64,
-    pub updates: mpsc::UnboundedReceiver<SeqUpdate>,
-    abort: Option<std_mpsc::Sender<Cmd>>,
+    pub id: RequestId,
+    pub events: mpsc::UnboundedReceiver<EngineEvent>,
+    guard: AbortOnDrop,
 }
 
 impl Submission {
     /// The request finished: dropping no longer aborts anything.
     pub fn disarm(&mut self) {
-        self.abort = None;
+        self.guard.disarm();
     }
-}
 
-impl Drop for Submission {
-    fn drop(&mut self) {
-        if let Some(tx) = self.abort.take() {
-            let _ = tx.send(Cmd::Abort(self.id));
+    /// The next event, blocking the calling (non-async) thread. A closed channel — the engine
+    /// thread went away — reads as a last `Rejected` event, so a reader never hangs.
+    pub fn blocking_next(&mut self) -> EngineEvent {
+        let ev = self
+            .events
+            .blocking_recv()
+            .unwrap_or(EngineEvent::Rejected { id: self.id, error: RequestError::EngineStopped });
+        if ev.is_last() {
+            self.disarm();
         }
+        ev
     }
 }
 
@@ -171,12 +210,9 @@ impl Service {
             let (tx, rx) = std_mpsc::channel();
             let load = Arc::new(ReplicaLoad::default());
             load.kv_total_blocks.store(sched.num_blocks as usize, Ordering::Relaxed);
-            let outstanding = Arc::new(AtomicUsize::new(0));
-            let (l, o, obs) = (load.clone(), outstanding.clone(), observer.clone());
-            std::thread::Builder::new()
-                .name(format!("lockstep-engine-{g}"))
-                .spawn(move || engine_loop(engine, rx, l, o, obs))?;
-            replicas.push(Replica { tx, load, outstanding });
+            let mut worker = EngineThread::new(engine, load.clone(), observer.clone());
+            std::thread::Builder::new().name(format!("lockstep-engine-{g}")).spawn(move || worker.run(rx))?;
+            replicas.push(Replica { tx, load });
         }
         Ok(Service { info, replicas, observer, opts, next_id: AtomicU64::new(1), cluster, started: Instant::now() })
     }
@@ -191,8 +227,21 @@ impl Service {
         self.started.elapsed()
     }
 
-    /// Queue a validated request on the least-loaded live replica.
+    /// Queue a validated request on the least-loaded live replica, with its own event channel.
     pub fn submit(&self, req: GenerateRequest) -> Result<Submission, SubmitError> {
+        let (tx, events) = mpsc::unbounded_channel();
+        let guard = self.submit_to(req, SubmitOptions::default(), tx)?;
+        Ok(Submission { id: guard.id, events, guard })
+    }
+
+    /// Queue a validated request whose events go to `sink` (which may be shared by many
+    /// requests). Returns the guard that aborts it when dropped.
+    pub fn submit_to(
+        &self,
+        req: GenerateRequest,
+        opts: SubmitOptions,
+        sink: EventSink,
+    ) -> Result<AbortOnDrop, SubmitError> {
         let waiting: usize = self
             .replicas
             .iter()
@@ -206,23 +255,62 @@ impl Service {
             .replicas
             .iter()
             .filter(|r| !r.load.down.load(Ordering::Relaxed))
-            .min_by_key(|r| r.outstanding.load(Ordering::Relaxed))
+            .min_by_key(|r| r.load.outstanding.load(Ordering::Relaxed))
         else {
-            let why = self.replicas.iter().filter_map(|r| r.load.down_reason.lock().expect("lock").clone()).next();
+            let why = self.replicas.iter().find_map(|r| r.load.down_reason.lock().expect("lock").clone());
             self.observer.on_error("unavailable");
             return Err(SubmitError::Unavailable(why.unwrap_or_else(|| "no replicas".into())));
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, updates) = mpsc::unbounded_channel();
-        r.outstanding.fetch_add(1, Ordering::Relaxed);
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        r.load.outstanding.fetch_add(1, Ordering::Relaxed);
         r.load.queued.fetch_add(1, Ordering::Relaxed);
-        if r.tx.send(Cmd::Submit { id, req, tx, at: Instant::now() }).is_err() {
-            r.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let pending = Pending { id, req, sink, at: Instant::now(), delay_steps: opts.delay_steps };
+        if r.tx.send(Cmd::Submit(Box::new(pending))).is_err() {
+            r.load.outstanding.fetch_sub(1, Ordering::Relaxed);
             r.load.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(SubmitError::Unavailable("engine thread stopped".into()));
         }
         self.observer.on_admitted();
-        Ok(Submission { id, updates, abort: Some(r.tx.clone()) })
+        Ok(AbortOnDrop { id, tx: Some(r.tx.clone()) })
+    }
+
+    /// Submit every request and block until each has ended; the answers come back in input
+    /// order. `on_event(i, event)` sees request `i`'s events as they arrive (for streaming).
+    /// Must not be called from inside an async runtime.
+    pub fn run_blocking(
+        &self,
+        requests: Vec<(GenerateRequest, SubmitOptions)>,
+        mut on_event: impl FnMut(usize, &EngineEvent),
+    ) -> Result<Vec<SeqOutput>, SubmitError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut outputs = vec![SeqOutput::default(); requests.len()];
+        let mut index = HashMap::new();
+        let mut guards = Vec::with_capacity(requests.len());
+        for (i, (req, opts)) in requests.into_iter().enumerate() {
+            let guard = self.submit_to(req, opts, tx.clone())?;
+            index.insert(guard.id, i);
+            guards.push(guard);
+        }
+        drop(tx);
+        let mut open = outputs.len();
+        while open > 0 {
+            let Some(ev) = rx.blocking_recv() else { break };
+            let Some(&i) = index.get(&ev.id()) else { continue };
+            on_event(i, &ev);
+            outputs[i].push(&ev);
+            if ev.is_last() {
+                guards[i].disarm();
+                open -= 1;
+            }
+        }
+        // Every engine thread is gone: whatever had not ended never will.
+        for (i, out) in outputs.iter_mut().enumerate() {
+            if !out.is_finished() {
+                guards[i].disarm();
+                out.push(&EngineEvent::Rejected { id: guards[i].id, error: RequestError::EngineStopped });
+            }
+        }
+        Ok(outputs)
     }
 
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
@@ -252,174 +340,188 @@ impl Service {
         self.cluster.as_ref().map(|c| c.groups().iter().flat_map(|g| g.status()).collect()).unwrap_or_default()
     }
 
+    /// The cluster the replicas run on, if any.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
     /// True when at least one replica can serve.
     pub fn healthy(&self) -> bool {
         self.replicas.iter().any(|r| !r.load.down.load(Ordering::Relaxed))
     }
 }
 
-struct Live {
-    tx: mpsc::UnboundedSender<SeqUpdate>,
+/// What the engine thread remembers of a request for its client: where its events go and the
+/// timestamps behind the latency metrics. Tokens and text live in the engine alone.
+struct Client {
+    sink: EventSink,
     submitted: Instant,
     scheduled: bool,
     last_token: Option<Instant>,
     prompt_tokens: usize,
-    completion_tokens: usize,
-    outstanding_done: bool,
 }
 
-fn engine_loop<E: StepExecutor>(
-    mut engine: Engine<E>,
-    rx: std_mpsc::Receiver<Cmd>,
+/// The one loop that drives an engine, for `serve`, `generate`, `bench`, `demo` and the canary:
+/// it takes submissions and aborts from its channel, steps while there is work, and sends every
+/// request's events to its sink.
+struct EngineThread<E: StepExecutor> {
+    engine: Engine<E>,
     load: Arc<ReplicaLoad>,
-    outstanding: Arc<AtomicUsize>,
     obs: Arc<dyn ServiceObserver>,
-) {
-    let mut live: HashMap<u64, Live> = HashMap::new(); // engine seq id → request
-    let mut by_service_id: HashMap<u64, u64> = HashMap::new();
-    loop {
-        // Block only when idle; otherwise take whatever arrived and keep stepping.
-        let first = if engine.has_work() {
-            rx.try_recv().ok()
-        } else {
-            match rx.recv() {
-                Ok(c) => Some(c),
-                Err(_) => return,
-            }
-        };
-        let mut cmds: Vec<Cmd> = first.into_iter().collect();
-        cmds.extend(rx.try_iter());
-        for cmd in cmds {
-            match cmd {
-                Cmd::Submit { id, req, tx, at } => {
-                    load.queued.fetch_sub(1, Ordering::Relaxed);
-                    if load.down.load(Ordering::Relaxed) {
-                        let reason = load.down_reason.lock().expect("lock").clone().unwrap_or_default();
-                        let _ = tx.send(SeqUpdate::Rejected { error_type: "unavailable", message: reason });
-                        outstanding.fetch_sub(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let prompt_tokens = req.prompt_ids.len();
-                    match engine.add(req) {
-                        Ok(seq) => {
-                            by_service_id.insert(id, seq);
-                            live.insert(
-                                seq,
-                                Live {
-                                    tx,
-                                    submitted: at,
-                                    scheduled: false,
-                                    last_token: None,
-                                    prompt_tokens,
-                                    completion_tokens: 0,
-                                    outstanding_done: false,
-                                },
-                            );
-                        }
-                        Err(e) => {
-                            let (error_type, message) = match &e {
-                                crate::engine::EngineError::Add(a) => (a.error_type(), a.to_string()),
-                                other => ("internal", other.to_string()),
-                            };
-                            obs.on_error(error_type);
-                            let _ = tx.send(SeqUpdate::Rejected { error_type, message });
-                            outstanding.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                Cmd::Abort(id) => {
-                    if let Some(seq) = by_service_id.remove(&id) {
-                        if let Some(ev) = engine.abort(seq) {
-                            dispatch(&mut live, ev, &outstanding, &load, obs.as_ref());
-                        }
-                    }
-                }
-            }
-        }
-        if !engine.has_work() {
-            sync_load(&engine, &load, &live);
-            continue;
-        }
-        let events = match engine.step() {
-            Ok(evs) => evs,
-            Err(e) => {
-                let msg = e.to_string();
-                load.down.store(true, Ordering::SeqCst);
-                *load.down_reason.lock().expect("lock") = Some(msg.clone());
-                obs.on_error("replica_down");
-                engine.fail_all(&msg)
-            }
-        };
-        load.steps.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        for seq in engine.last_plan().to_vec() {
-            if let Some(l) = live.get_mut(&seq) {
-                if !l.scheduled {
-                    l.scheduled = true;
-                    obs.on_queue_time(now.duration_since(l.submitted).as_secs_f64());
-                    obs.on_prompt_tokens(l.prompt_tokens);
-                }
-            }
-        }
-        for ev in events {
-            dispatch(&mut live, ev, &outstanding, &load, obs.as_ref());
-        }
-        live.retain(|seq, l| {
-            let keep = !l.outstanding_done;
-            if !keep {
-                engine.take_output(*seq);
-                by_service_id.retain(|_, s| s != seq);
-            }
-            keep
-        });
-        sync_load(&engine, &load, &live);
+    clients: HashMap<RequestId, Client>,
+    /// Submissions held back by `delay_steps`, by the loop turn at which they join.
+    delayed: BTreeMap<(u64, RequestId), Box<Pending>>,
+    turns: u64,
+}
+
+impl<E: StepExecutor> EngineThread<E> {
+    fn new(engine: Engine<E>, load: Arc<ReplicaLoad>, obs: Arc<dyn ServiceObserver>) -> Self {
+        EngineThread { engine, load, obs, clients: HashMap::new(), delayed: BTreeMap::new(), turns: 0 }
     }
-}
 
-fn sync_load<E: StepExecutor>(engine: &Engine<E>, load: &ReplicaLoad, _live: &HashMap<u64, Live>) {
-    let s = engine.scheduler();
-    load.running.store(s.num_running(), Ordering::Relaxed);
-    load.waiting.store(s.num_waiting(), Ordering::Relaxed);
-    load.kv_used_blocks.store(s.used_blocks() as usize, Ordering::Relaxed);
-}
-
-fn dispatch(
-    live: &mut HashMap<u64, Live>,
-    ev: EngineEvent,
-    outstanding: &AtomicUsize,
-    load: &ReplicaLoad,
-    obs: &dyn ServiceObserver,
-) {
-    match ev {
-        EngineEvent::Token { seq_id, token_id, logprob, text, index } => {
-            let Some(l) = live.get_mut(&seq_id) else { return };
+    fn run(&mut self, rx: std_mpsc::Receiver<Cmd>) {
+        loop {
+            // Block only when idle; otherwise take whatever arrived and keep stepping.
+            let busy = self.engine.has_work() || !self.delayed.is_empty();
+            let first = if busy {
+                rx.try_recv().ok()
+            } else {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            for cmd in first.into_iter().chain(rx.try_iter()) {
+                match cmd {
+                    Cmd::Submit(p) => {
+                        self.load.queued.fetch_sub(1, Ordering::Relaxed);
+                        if p.delay_steps == 0 {
+                            self.admit(*p);
+                        } else {
+                            self.delayed.insert((self.turns + p.delay_steps, p.id), p);
+                        }
+                    }
+                    Cmd::Abort(id) => self.abort(id),
+                }
+            }
+            // Held-back submissions whose turn came; when nothing else runs, time jumps to the
+            // next one (idle turns count).
+            if !self.engine.has_work() {
+                if let Some(&(at, _)) = self.delayed.keys().next() {
+                    self.turns = self.turns.max(at);
+                }
+            }
+            while let Some(entry) = self.delayed.first_entry() {
+                if entry.key().0 > self.turns {
+                    break;
+                }
+                let p = entry.remove();
+                self.admit(*p);
+            }
+            self.turns += 1;
+            if !self.engine.has_work() {
+                self.sync_load();
+                continue;
+            }
+            let events = match self.engine.step() {
+                Ok(evs) => evs,
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.load.down.store(true, Ordering::SeqCst);
+                    *self.load.down_reason.lock().expect("lock") = Some(msg.clone());
+                    self.obs.on_error("replica_down");
+                    self.engine.fail_all(&msg)
+                }
+            };
+            self.load.steps.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
-            match l.last_token {
-                None => obs.on_first_token(now.duration_since(l.submitted).as_secs_f64()),
-                Some(t) => obs.on_inter_token(now.duration_since(t).as_secs_f64()),
+            for id in self.engine.last_plan() {
+                if let Some(c) = self.clients.get_mut(id) {
+                    if !c.scheduled {
+                        c.scheduled = true;
+                        self.obs.on_queue_time(now.duration_since(c.submitted).as_secs_f64());
+                        self.obs.on_prompt_tokens(c.prompt_tokens);
+                    }
+                }
             }
-            l.last_token = Some(now);
-            l.completion_tokens += 1;
-            obs.on_generation_tokens(1);
-            load.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let _ = l.tx.send(SeqUpdate::Token { token_id, logprob, text, index });
+            for ev in events {
+                self.dispatch(ev);
+            }
+            self.sync_load();
         }
-        EngineEvent::Finished { seq_id, reason, text } => {
-            let Some(l) = live.get_mut(&seq_id) else { return };
-            if let FinishReason::Error(_) = &reason {
-                obs.on_error("engine");
+    }
+
+    fn admit(&mut self, p: Pending) {
+        if self.load.down.load(Ordering::Relaxed) {
+            let reason = self.load.down_reason.lock().expect("lock").clone().unwrap_or_default();
+            self.reject(p.id, &p.sink, RequestError::Unavailable(reason));
+            return;
+        }
+        let prompt_tokens = p.req.prompt_ids.len();
+        match self.engine.add(p.id, p.req) {
+            Ok(()) => {
+                let client =
+                    Client { sink: p.sink, submitted: p.at, scheduled: false, last_token: None, prompt_tokens };
+                self.clients.insert(p.id, client);
             }
-            obs.on_finished(&reason, l.submitted.elapsed().as_secs_f64());
-            let _ = l.tx.send(SeqUpdate::Finished {
-                reason,
-                text,
-                prompt_tokens: l.prompt_tokens,
-                completion_tokens: l.completion_tokens,
-            });
-            if !l.outstanding_done {
-                l.outstanding_done = true;
-                outstanding.fetch_sub(1, Ordering::Relaxed);
+            Err(e) => self.reject(p.id, &p.sink, RequestError::Invalid(e)),
+        }
+    }
+
+    fn reject(&self, id: RequestId, sink: &EventSink, error: RequestError) {
+        self.obs.on_error(error.error_type());
+        let _ = sink.send(EngineEvent::Rejected { id, error });
+        self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn abort(&mut self, id: RequestId) {
+        let key = self.delayed.keys().find(|(_, d)| *d == id).copied();
+        if let Some(p) = key.and_then(|k| self.delayed.remove(&k)) {
+            // Never joined: it ends as aborted without having run.
+            let usage = Usage { prompt_tokens: p.req.prompt_ids.len(), completion_tokens: 0 };
+            let _ = p.sink.send(EngineEvent::Finished { id, reason: FinishReason::Abort, text: String::new(), usage });
+            self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(ev) = self.engine.abort(id) {
+            self.dispatch(ev);
+        }
+    }
+
+    fn sync_load(&self) {
+        let s = self.engine.scheduler();
+        self.load.running.store(s.num_running(), Ordering::Relaxed);
+        self.load.waiting.store(s.num_waiting(), Ordering::Relaxed);
+        self.load.kv_used_blocks.store(s.used_blocks() as usize, Ordering::Relaxed);
+    }
+
+    fn dispatch(&mut self, ev: EngineEvent) {
+        let id = ev.id();
+        let Some(c) = self.clients.get_mut(&id) else { return };
+        match &ev {
+            EngineEvent::Token { .. } => {
+                let now = Instant::now();
+                match c.last_token {
+                    None => self.obs.on_first_token(now.duration_since(c.submitted).as_secs_f64()),
+                    Some(t) => self.obs.on_inter_token(now.duration_since(t).as_secs_f64()),
+                }
+                c.last_token = Some(now);
+                self.obs.on_generation_tokens(1);
+                self.load.generated_tokens.fetch_add(1, Ordering::Relaxed);
             }
+            EngineEvent::Finished { reason, .. } => {
+                if let FinishReason::Error(_) = reason {
+                    self.obs.on_error("engine");
+                }
+                self.obs.on_finished(reason, c.submitted.elapsed().as_secs_f64());
+            }
+            EngineEvent::Rejected { error, .. } => self.obs.on_error(error.error_type()),
+        }
+        let last = ev.is_last();
+        let _ = c.sink.send(ev);
+        if last {
+            self.clients.remove(&id);
+            self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use lockstep_coordinator::engine::{Engine, EngineOptions, GenerateRequest, LocalExecutor, ModelInfo};
+use lockstep_coordinator::engine::{
+    Engine, EngineOptions, GenerateRequest, LocalExecutor, ModelInfo, RequestId, SeqOutput,
+};
 use lockstep_kernels::{CpuBackend, DType, KernelMode, SamplingParams};
 use lockstep_node::synth::{synth, Preset};
 
@@ -94,7 +96,7 @@ fn request(info: &ModelInfo, prompt: &str, sampling: SamplingParams, max_tokens:
 fn run(
     dir: &Path,
     opts: &EngineOptions,
-    target: &str,
+    target_prompt: &str,
     sampling: SamplingParams,
     arrival: u64,
     others: &[(String, u64, u32)],
@@ -102,30 +104,37 @@ fn run(
     let info = ModelInfo::load(dir, opts, CpuBackend::fingerprint_name_for(opts.mode)).unwrap();
     let exec = LocalExecutor::load(&info, opts).unwrap();
     let mut engine = Engine::new(info.scheduler_config(opts), exec, info.tokenizer.clone()).unwrap();
-    let mut target_id = None;
+    const TARGET: RequestId = RequestId(0);
+    let mut target_added = false;
+    let mut target = SeqOutput::default();
     let mut step = 0;
     let mut pending: Vec<(u64, Option<GenerateRequest>)> = others
         .iter()
         .map(|(p, at, n)| (*at, Some(request(&info, p, SamplingParams { seed: 99, ..sampling }, *n))))
         .collect();
     loop {
-        if step == arrival && target_id.is_none() {
-            target_id = Some(engine.add(request(&info, target, sampling, 24)).unwrap());
+        if step == arrival && !target_added {
+            engine.add(TARGET, request(&info, target_prompt, sampling, 24)).unwrap();
+            target_added = true;
         }
-        for (at, req) in pending.iter_mut() {
+        for (k, (at, req)) in pending.iter_mut().enumerate() {
             if *at == step {
-                engine.add(req.take().unwrap()).unwrap();
+                engine.add(RequestId(k as u64 + 1), req.take().unwrap()).unwrap();
             }
         }
-        let done_adding = target_id.is_some() && pending.iter().all(|(_, r)| r.is_none());
+        let done_adding = target_added && pending.iter().all(|(_, r)| r.is_none());
         if done_adding && !engine.has_work() {
             break;
         }
-        engine.step().unwrap();
+        for ev in engine.step().unwrap() {
+            if ev.id() == TARGET {
+                target.push(&ev);
+            }
+        }
         step += 1;
     }
     let preemptions = engine.scheduler().num_preemptions();
-    let out = engine.take_output(target_id.unwrap()).unwrap();
+    let out = target;
     Run {
         answer: Answer {
             ids: out.token_ids,
@@ -234,5 +243,73 @@ fn negative_control_fast_kernels_are_measured() {
     for dir in dirs {
         let (differ, total) = invariance_matrix(&dir, KernelMode::Fast, greedy());
         eprintln!("NEGATIVE CONTROL {}: fast kernels differ from alone in {differ}/{total} conditions", dir.display());
+    }
+}
+
+/// Guards request migration: requests taken out of an engine mid-generation (some still
+/// prefilling, some decoding, a stop string half-matched) and resumed on another engine with
+/// other threads, prefill chunk and cache give the uninterrupted run's token ids, logprob bits
+/// and text — greedy and seeded.
+#[test]
+fn stories260k_requests_migrated_mid_generation_continue_identically() {
+    let Some(dir) = stories() else { return };
+    let opts = base_opts();
+    let info = ModelInfo::load(&dir, &opts, CpuBackend::fingerprint_name_for(opts.mode)).unwrap();
+    let prompts = ["Once upon a time", "The little dog ran to the park and saw a big red ball", "Lily said"];
+    let requests: Vec<GenerateRequest> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let mut greedy_req = request(&info, p, greedy(), 20 + 3 * i as u32);
+            greedy_req.stop = vec!["park".into()];
+            [greedy_req, request(&info, p, seeded(77 + i as u64), 24)]
+        })
+        .collect();
+    let collect = |outs: &mut Vec<SeqOutput>, evs: Vec<lockstep_coordinator::engine::EngineEvent>| {
+        for ev in evs {
+            outs[ev.id().0 as usize].push(&ev);
+        }
+    };
+    let engine_with = |opts: &EngineOptions| {
+        let exec = LocalExecutor::load(&info, opts).unwrap();
+        Engine::new(info.scheduler_config(opts), exec, info.tokenizer.clone()).unwrap()
+    };
+    let mut whole = engine_with(&opts);
+    let mut reference = vec![SeqOutput::default(); requests.len()];
+    for (i, r) in requests.iter().enumerate() {
+        whole.add(RequestId(i as u64), r.clone()).unwrap();
+    }
+    while whole.has_work() {
+        let evs = whole.step().unwrap();
+        collect(&mut reference, evs);
+    }
+    for cut in [1usize, 2, 5, 9] {
+        let mut outs = vec![SeqOutput::default(); requests.len()];
+        let mut first = engine_with(&EngineOptions { prefill_chunk: 4, ..opts.clone() });
+        for (i, r) in requests.iter().enumerate() {
+            first.add(RequestId(i as u64), r.clone()).unwrap();
+        }
+        for _ in 0..cut {
+            let evs = first.step().unwrap();
+            collect(&mut outs, evs);
+        }
+        let moved = first.evacuate();
+        assert!(!first.has_work());
+        let mut second = engine_with(&EngineOptions { threads: 3, prefill_chunk: 7, ..opts.clone() });
+        for m in moved {
+            assert_eq!(m.generated(), outs[m.id.0 as usize].token_ids.len());
+            second.resume(m).map_err(|b| b.0).unwrap();
+        }
+        while second.has_work() {
+            let evs = second.step().unwrap();
+            collect(&mut outs, evs);
+        }
+        for (i, (got, want)) in outs.iter().zip(&reference).enumerate() {
+            assert_eq!(got.token_ids, want.token_ids, "cut {cut}, request {i}");
+            let bits = |o: &SeqOutput| o.logprobs.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(got), bits(want), "cut {cut}, request {i}");
+            assert_eq!(got.text, want.text, "cut {cut}, request {i}");
+            assert_eq!(got.finish_reason, want.finish_reason, "cut {cut}, request {i}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::engine::RequestError;
 use crate::service::SubmitError;
 use crate::tokenizer::TokenizerError;
 
@@ -60,9 +61,9 @@ pub enum ApiError {
     #[error("{0}")]
     Submit(#[from] SubmitError),
     /// The engine refused the request after admission (its own validation, or its replica went
-    /// down in between). `error_type` is the engine's name for it.
-    #[error("{message}")]
-    Rejected { error_type: &'static str, message: String },
+    /// down in between).
+    #[error("{0}")]
+    Rejected(RequestError),
     /// Generation failed after it started (a replica failure that could not be recovered).
     #[error("generation failed: {0}")]
     Engine(String),
@@ -94,10 +95,10 @@ impl ApiError {
             ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::Submit(SubmitError::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Submit(SubmitError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Rejected { error_type, .. } => match *error_type {
-                "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-                "internal" => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::BAD_REQUEST,
+            ApiError::Rejected(e) => match e {
+                RequestError::Invalid(_) => StatusCode::BAD_REQUEST,
+                RequestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                RequestError::EngineStopped => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Tokenizer { source, .. } => match source {
@@ -129,7 +130,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::Submit(e) => e.error_type(),
-            ApiError::Rejected { error_type, .. } => error_type,
+            ApiError::Rejected(e) => e.error_type(),
             ApiError::Engine(_) => "engine_error",
         }
     }
@@ -166,7 +167,8 @@ impl ApiError {
     fn already_recorded(&self) -> bool {
         match self {
             ApiError::Submit(_) => true,
-            ApiError::Rejected { error_type, .. } => *error_type != "unavailable" && *error_type != "internal",
+            // The engine thread counts every request it rejects; a vanished thread counts none.
+            ApiError::Rejected(e) => !matches!(e, RequestError::EngineStopped),
             // Counted by the engine loop as an `engine` error.
             ApiError::Engine(_) => true,
             _ => false,
@@ -193,7 +195,7 @@ impl IntoResponse for ApiError {
             ApiError::Submit(SubmitError::Overloaded { retry_after_secs, .. }) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::Submit(SubmitError::Unavailable(_)) => {
+            ApiError::Submit(SubmitError::Unavailable(_)) | ApiError::Rejected(RequestError::Unavailable(_)) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u64));
             }
             ApiError::InvalidApiKey => {

@@ -32,9 +32,9 @@ use serde_json::{json, Value};
 
 use crate::api::error::ApiError;
 use crate::api::request::ValidGeneration;
-use crate::engine::{fresh_seed, GenerateRequest};
+use crate::engine::{fresh_seed, EngineEvent, GenerateRequest, RequestError, SeqOutput};
 use crate::scheduler::FinishReason;
-use crate::service::{SeqUpdate, Service, Submission};
+use crate::service::{Service, Submission};
 
 /// Which API shapes the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,16 +71,16 @@ impl Choices {
     }
 
     /// The next update of any choice; `None` once every choice has ended.
-    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, SeqUpdate)>> {
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, EngineEvent)>> {
         let n = self.subs.len();
         let mut live = false;
         for k in 0..n {
             let i = (self.next + k) % n;
             let Some(sub) = self.subs[i].as_mut() else { continue };
             live = true;
-            match sub.updates.poll_recv(cx) {
+            match sub.events.poll_recv(cx) {
                 Poll::Ready(Some(u)) => {
-                    if matches!(u, SeqUpdate::Finished { .. } | SeqUpdate::Rejected { .. }) {
+                    if u.is_last() {
                         sub.disarm();
                         self.subs[i] = None;
                     }
@@ -89,10 +89,9 @@ impl Choices {
                 }
                 Poll::Ready(None) => {
                     // The engine thread dropped the channel without a last word.
-                    if let Some(mut s) = self.subs[i].take() {
-                        s.disarm();
-                    }
-                    let u = SeqUpdate::Rejected { error_type: "internal", message: "the engine stopped".into() };
+                    let Some(mut s) = self.subs[i].take() else { continue };
+                    s.disarm();
+                    let u = EngineEvent::Rejected { id: s.id, error: RequestError::EngineStopped };
                     return Poll::Ready(Some((i, u)));
                 }
                 Poll::Pending => {}
@@ -105,7 +104,7 @@ impl Choices {
         }
     }
 
-    pub async fn next(&mut self) -> Option<(usize, SeqUpdate)> {
+    pub async fn next(&mut self) -> Option<(usize, EngineEvent)> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 }
@@ -266,42 +265,22 @@ fn finish_reason(r: &FinishReason) -> Result<&'static str, String> {
 }
 
 /// The error of a choice that was refused or failed.
-fn choice_error(u: SeqUpdate) -> Option<ApiError> {
+fn choice_error(u: EngineEvent) -> Option<ApiError> {
     match u {
-        SeqUpdate::Rejected { error_type, message } => Some(ApiError::Rejected { error_type, message }),
-        SeqUpdate::Finished { reason: FinishReason::Error(m), .. } => Some(ApiError::Engine(m)),
+        EngineEvent::Rejected { error, .. } => Some(ApiError::Rejected(error)),
+        EngineEvent::Finished { reason: FinishReason::Error(m), .. } => Some(ApiError::Engine(m)),
         _ => None,
     }
 }
 
-/// Everything one choice produced.
-#[derive(Debug, Default, Clone)]
-struct ChoiceOut {
-    text: String,
-    token_ids: Vec<u32>,
-    logprobs: Vec<f32>,
-    pieces: Vec<String>,
-    finish: Option<&'static str>,
-}
-
 /// Runs every choice to its end and renders the whole response.
 pub async fn collect(mut choices: Choices, meta: &Meta) -> Result<Response, ApiError> {
-    let mut outs = vec![ChoiceOut::default(); choices.len()];
+    let mut outs = vec![SeqOutput::default(); choices.len()];
     while let Some((i, u)) = choices.next().await {
-        let out = &mut outs[i];
-        match u {
-            SeqUpdate::Token { token_id, logprob, text, .. } => {
-                out.text.push_str(&text);
-                out.token_ids.push(token_id);
-                out.logprobs.push(logprob);
-                out.pieces.push(text);
-            }
-            SeqUpdate::Finished { reason, text, .. } => {
-                out.text.push_str(&text);
-                out.finish = Some(finish_reason(&reason).map_err(ApiError::Engine)?);
-            }
-            u @ SeqUpdate::Rejected { .. } => return Err(choice_error(u).expect("a rejection")),
+        if let Some(e) = choice_error(u.clone()) {
+            return Err(e);
         }
+        outs[i].push(&u);
     }
     let completion_tokens = outs.iter().map(|o| o.token_ids.len()).sum();
     let rendered = outs
@@ -309,7 +288,8 @@ pub async fn collect(mut choices: Choices, meta: &Meta) -> Result<Response, ApiE
         .enumerate()
         .map(|(i, o)| {
             let lp = meta.logprobs(&o.pieces, &o.logprobs, 0);
-            meta.choice(false, i, &o.text, lp, o.finish, &o.token_ids)
+            let finish = o.finish_reason.as_ref().and_then(|r| finish_reason(r).ok());
+            meta.choice(false, i, &o.text, lp, finish, &o.token_ids)
         })
         .collect();
     let mut body = meta.envelope(false, rendered, true);
@@ -371,9 +351,9 @@ impl SseBody {
         self.push_event(&env);
     }
 
-    fn on_update(&mut self, i: usize, u: SeqUpdate) {
+    fn on_update(&mut self, i: usize, u: EngineEvent) {
         match u {
-            SeqUpdate::Token { token_id, logprob, text, .. } => {
+            EngineEvent::Token { token_id, logprob, text, .. } => {
                 self.completion_tokens += 1;
                 let pieces = [text];
                 let lp = self.meta.logprobs(&pieces, &[logprob], self.offsets[i]);
@@ -381,13 +361,13 @@ impl SseBody {
                 let c = self.meta.choice(true, i, &pieces[0], lp, None, &[token_id]);
                 self.push_chunk(vec![c]);
             }
-            SeqUpdate::Finished { reason: FinishReason::Error(m), .. } => self.fail(ApiError::Engine(m)),
-            SeqUpdate::Finished { reason, text, .. } => {
+            EngineEvent::Finished { reason: FinishReason::Error(m), .. } => self.fail(ApiError::Engine(m)),
+            EngineEvent::Finished { reason, text, .. } => {
                 let finish = finish_reason(&reason).unwrap_or("stop");
                 let c = self.meta.choice(true, i, &text, Value::Null, Some(finish), &[]);
                 self.push_chunk(vec![c]);
             }
-            u @ SeqUpdate::Rejected { .. } => self.fail(choice_error(u).expect("a rejection")),
+            EngineEvent::Rejected { error, .. } => self.fail(ApiError::Rejected(error)),
         }
     }
 

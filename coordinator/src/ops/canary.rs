@@ -34,8 +34,9 @@ use lockstep_kernels::SamplingParams;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{CanaryResult, Metrics};
+use crate::engine::EngineEvent;
 use crate::engine::GenerateRequest;
-use crate::service::{SeqUpdate, Service};
+use crate::service::Service;
 
 /// How often a check runs unless configured otherwise.
 pub const DEFAULT_EVERY: Duration = Duration::from_secs(30);
@@ -405,27 +406,22 @@ fn run_requests(
         loop {
             // Every submission ends with Finished or Rejected (a failed node fails its group's
             // requests), and the channel closes if the engine goes away, so this cannot hang.
-            match sub.updates.blocking_recv() {
-                Some(SeqUpdate::Token { token_id, logprob, .. }) => {
+            match sub.blocking_next() {
+                EngineEvent::Token { token_id, logprob, .. } => {
                     run.token_ids.push(token_id);
                     run.logprob_bits.push(logprob.to_bits());
                     if let Some(svc) = service.upgrade() {
                         max_running = max_running.max(running(&svc));
                     }
                 }
-                Some(SeqUpdate::Finished { reason, .. }) => {
-                    sub.disarm();
-                    match reason {
-                        crate::scheduler::FinishReason::Error(e) => return Err(format!("canary request failed: {e}")),
-                        crate::scheduler::FinishReason::Abort => return Err("canary request aborted".into()),
-                        _ => break,
-                    }
+                EngineEvent::Finished { reason, .. } => match reason {
+                    crate::scheduler::FinishReason::Error(e) => return Err(format!("canary request failed: {e}")),
+                    crate::scheduler::FinishReason::Abort => return Err("canary request aborted".into()),
+                    _ => break,
+                },
+                EngineEvent::Rejected { error, .. } => {
+                    return Err(format!("canary request rejected ({}): {error}", error.error_type()));
                 }
-                Some(SeqUpdate::Rejected { error_type, message }) => {
-                    sub.disarm();
-                    return Err(format!("canary request rejected ({error_type}): {message}"));
-                }
-                None => return Err("the engine stopped".into()),
             }
         }
         runs.push(run);

@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
 
+use lockstep_coordinator::engine::EngineEvent;
 use lockstep_coordinator::engine::{EngineOptions, GenerateRequest, LocalExecutor, ModelInfo, StepExecutor};
 use lockstep_coordinator::ops::canary::Canary;
 use lockstep_coordinator::ops::metrics::Metrics;
 use lockstep_coordinator::ops::ops_router;
-use lockstep_coordinator::service::{SeqUpdate, Service, ServiceOptions};
+use lockstep_coordinator::service::{Service, ServiceOptions};
 use lockstep_coordinator::state::{AppState, Auth};
 use lockstep_kernels::{CpuBackend, SamplingParams};
 
@@ -228,13 +229,8 @@ impl Background {
                             std::thread::sleep(Duration::from_millis(20));
                             continue;
                         };
-                        while let Some(u) = sub.updates.blocking_recv() {
-                            if matches!(u, SeqUpdate::Finished { .. } | SeqUpdate::Rejected { .. }) {
-                                sub.disarm();
-                                done.fetch_add(1, Ordering::Relaxed);
-                                break;
-                            }
-                        }
+                        while !sub.blocking_next().is_last() {}
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
                 })
             })
@@ -265,17 +261,13 @@ pub fn generate(service: &Service, prompt: &str, max_tokens: u32) -> (Vec<u32>, 
     };
     let mut sub = service.submit(req).expect("submit");
     let mut ids = Vec::new();
-    while let Some(u) = sub.updates.blocking_recv() {
-        match u {
-            SeqUpdate::Token { token_id, .. } => ids.push(token_id),
-            SeqUpdate::Finished { reason, .. } => {
-                sub.disarm();
-                return (ids, reason.as_str().to_string());
-            }
-            SeqUpdate::Rejected { message, .. } => panic!("rejected: {message}"),
+    loop {
+        match sub.blocking_next() {
+            EngineEvent::Token { token_id, .. } => ids.push(token_id),
+            EngineEvent::Finished { reason, .. } => return (ids, reason.as_str().to_string()),
+            EngineEvent::Rejected { error, .. } => panic!("rejected: {error}"),
         }
     }
-    panic!("the engine stopped")
 }
 
 /// Every `lockstep_*` name in the dashboard page (it keeps them in one `METRICS` table).

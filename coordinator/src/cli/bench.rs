@@ -1,0 +1,115 @@
+//! `lockstep bench`: prefill and decode throughput per batch size, kernel mode and TP degree,
+//! measured through the same serving core that `serve` runs.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use lockstep_coordinator::engine::{backend_fingerprint_name, EngineEvent, GenerateRequest, ModelInfo};
+use lockstep_coordinator::service::SubmitOptions;
+use lockstep_kernels::{DType, KernelMode, SamplingParams};
+use lockstep_node::synth::{synth_with, Preset, SynthOptions};
+
+use super::{start_service, synth_cache_dir, ClusterArgs, EngineArgs, UNBOUNDED};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Model directory (default: synthesize qwen2.5-0.5b bf16 into the cache directory).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    batch: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    new_tokens: u32,
+    /// Kernel modes to compare.
+    #[arg(long, default_value = "invariant,fast", value_delimiter = ',')]
+    modes: Vec<KernelMode>,
+    /// Tensor-parallel degrees to compare (TP > 1 runs node processes with the machine's cores
+    /// split between them, so every row uses the same total cores).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    tps: Vec<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+pub(crate) fn run(a: BenchArgs) -> Result<()> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = synth_cache_dir("qwen2.5-0.5b-bf16-seed0");
+            if !dir.join("config.json").exists() {
+                eprintln!("synthesizing qwen2.5-0.5b (bf16, seed 0) into {} ...", dir.display());
+                synth_with(Preset::Qwen25_05b, 0, DType::Bf16, &dir, &SynthOptions::default())?;
+            }
+            dir
+        }
+    };
+    println!(
+        "| mode | TP | batch | prompt tok | new tok | prefill tok/s | decode tok/s | new tok/s incl. prefill | backend |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    for (&mode, &tp) in a.modes.iter().flat_map(|m| a.tps.iter().map(move |t| (m, t))) {
+        let mut opts = a.engine.options();
+        opts.mode = mode;
+        let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
+        let node_threads = (opts.threads.min(cores) / tp).max(1);
+        let backend = if tp == 1 {
+            format!("cpu/{} threads/{}", opts.threads, mode.as_str())
+        } else {
+            format!("{tp} nodes × {node_threads} threads/{}", mode.as_str())
+        };
+        let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
+        let service = start_service(&model, &ClusterArgs::embedded(tp, node_threads), &opts, info, UNBOUNDED, None)?;
+        for &b in &a.batch {
+            let requests = (0..b)
+                .map(|i| {
+                    // Distinct prompts of exactly `prompt_tokens` ids, no shared prefix.
+                    let prompt_ids = (0..a.prompt_tokens as u32)
+                        .map(|t| 3 + (t * 7919 + i as u32 * 104_729) % (vocab - 3))
+                        .collect();
+                    let req = GenerateRequest {
+                        prompt_ids,
+                        sampling: SamplingParams::greedy(),
+                        max_tokens: a.new_tokens,
+                        stop: vec![],
+                        stop_token_ids: vec![],
+                        ignore_eos: true,
+                        skip_special_tokens: true,
+                    };
+                    (req, SubmitOptions::default())
+                })
+                .collect();
+            let start = Instant::now();
+            let mut first_tokens = 0;
+            let mut prefill_done = None;
+            let mut generated = 0usize;
+            service.run_blocking(requests, |_, ev| {
+                if let EngineEvent::Token { index, .. } = ev {
+                    generated += 1;
+                    if *index == 0 {
+                        first_tokens += 1;
+                        if first_tokens == b {
+                            prefill_done = Some(start.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+            })?;
+            let total = start.elapsed().as_secs_f64();
+            let pre = prefill_done.unwrap_or(total);
+            println!(
+                "| {} | {tp} | {b} | {} | {} | {:.1} | {:.1} | {:.1} | {backend} |",
+                mode.as_str(),
+                a.prompt_tokens,
+                a.new_tokens,
+                (b * a.prompt_tokens) as f64 / pre,
+                (generated - b) as f64 / (total - pre).max(1e-9),
+                generated as f64 / total,
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The `lockstep` command line: one module per command, and what they share — the engine and
+//! cluster options, where the model runs ([`executors`]) and the serving core every model-running
+//! command drives ([`start_service`]).
+//!
+//! `generate`, `bench`, `demo` and `serve` all run their requests through the same
+//! [`Service`] and its engine threads: there is one engine loop in the program.
+
+pub(crate) mod bench;
+pub(crate) mod certs;
+pub(crate) mod demo;
+pub(crate) mod generate;
+pub(crate) mod loadgen;
+pub(crate) mod model;
+pub(crate) mod node;
+pub(crate) mod serve;
+pub(crate) mod soak;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode};
+use lockstep_coordinator::engine::{Device, EngineOptions, LocalExecutor, ModelInfo, StepExecutor};
+use lockstep_coordinator::service::{NoopObserver, Service, ServiceObserver, ServiceOptions};
+use lockstep_kernels::{DType, Isa, KernelMode};
+
+use bench::BenchArgs;
+use certs::CertsCmd;
+use demo::DemoArgs;
+use generate::GenerateArgs;
+use loadgen::LoadgenArgs;
+use model::ModelCmd;
+use node::NodeArgs;
+use serve::ServeArgs;
+use soak::SoakArgs;
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Bitwise-reproducible LLM inference")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Generate completions for one or more prompts, all batched through the scheduler together.
+    Generate(GenerateArgs),
+    /// Model utilities.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Prefill and decode throughput at batch 1, 8 and 32, invariant vs fast.
+    Bench(BenchArgs),
+    /// Run a node: join a coordinator, load one shard, serve steps.
+    Node(NodeArgs),
+    /// Serve the OpenAI-compatible API over HTTP/1.1 and HTTP/3 until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Closed-loop streaming load against a running server: requests/s, tokens/s, TTFT, ITL.
+    Loadgen(LoadgenArgs),
+    /// The "1000 completions" determinism soak against a running server.
+    Soak(SoakArgs),
+    /// Cluster certificates (mutual TLS with a cluster CA).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// A self-contained demonstration on loopback: the same prompts alone, batched with other
+    /// traffic and on other thread counts, showing identical bytes.
+    Demo(DemoArgs),
+}
+
+pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "bf16" => Ok(DType::Bf16),
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        o => Err(format!("unknown dtype {o:?} (bf16|f16|f32)")),
+    }
+}
+
+/// Options shared by every command that runs a model.
+#[derive(Args, Clone)]
+pub(crate) struct EngineArgs {
+    /// Numerics of the matmuls: the invariant contract, or a conventional GEMM for comparison.
+    #[arg(long, default_value = "invariant")]
+    kernels: KernelMode,
+    /// CPU threads of the kernels (never changes a bit).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Force a SIMD path (scalar|avx2|avx512; never changes a bit).
+    #[arg(long)]
+    isa: Option<Isa>,
+    /// Reduction segments S (power of two; part of the fingerprint). Default: from the model shape.
+    #[arg(long)]
+    reduce_segments: Option<usize>,
+    /// Attention key chunk in positions (part of the fingerprint).
+    #[arg(long, default_value_t = lockstep_kernels::DEFAULT_KV_CHUNK)]
+    kv_chunk: usize,
+    /// Most prompt tokens of one sequence per step.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Token budget of one step (decode tokens + prefill chunks).
+    #[arg(long, default_value_t = 2048)]
+    max_batch_tokens: usize,
+    /// Most sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// KV cache budget in MiB.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mib: usize,
+    /// Exact number of KV cache blocks (overrides --kv-cache-mib).
+    #[arg(long)]
+    num_blocks: Option<usize>,
+    /// KV cache block size in positions.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Longest context (default: the model's, at most 32768).
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Where the in-process model runs: `cpu` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// GPU numerics: `portable` (bit-identical to the CPU) or `native` (tensor cores; the GPU default).
+    #[arg(long, default_value = "native")]
+    numerics: GpuNumerics,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum GpuNumerics {
+    Portable,
+    Native,
+}
+
+impl EngineArgs {
+    pub(crate) fn options(&self) -> EngineOptions {
+        let d = EngineOptions::default();
+        EngineOptions {
+            threads: self.threads.unwrap_or(d.threads),
+            mode: self.kernels,
+            isa: self.isa,
+            reduce_segments: self.reduce_segments,
+            kv_chunk: self.kv_chunk,
+            block_size: self.block_size,
+            kv_cache_mib: self.kv_cache_mib,
+            num_blocks: self.num_blocks,
+            max_batch_tokens: self.max_batch_tokens,
+            prefill_chunk: self.prefill_chunk,
+            max_running: self.max_running,
+            max_context: self.max_context,
+            device: match self.device {
+                Device::Cuda { ordinal, .. } => Device::Cuda { ordinal, native: self.numerics == GpuNumerics::Native },
+                Device::Cpu => Device::Cpu,
+            },
+        }
+    }
+}
+
+/// Where the model runs: in this process, or on a tensor-parallel cluster of node processes.
+#[derive(Args, Clone)]
+pub(crate) struct ClusterArgs {
+    /// Tensor-parallel degree (a power of two dividing the head counts and ≤ reduce_segments).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) tp: usize,
+    /// Number of tensor-parallel groups; requests are spread across them.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) replicas: usize,
+    /// Run on node processes even at TP 1 with one replica.
+    #[arg(long)]
+    pub(crate) cluster: bool,
+    /// `embedded`: spawn the nodes on loopback; `static`: wait for `lockstep node` processes.
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub(crate) nodes: NodesMode,
+    /// Coordinator address for nodes (QUIC).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub(crate) cluster_listen: std::net::SocketAddr,
+    /// Cluster CA and certificates (see `lockstep certs`); embedded mode makes a throwaway one.
+    #[arg(long)]
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// Kernel threads per node process (default: this machine's cores ÷ nodes, at least 1).
+    #[arg(long)]
+    pub(crate) node_threads: Option<usize>,
+    /// Seconds to wait for every group to become ready.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) join_timeout: u64,
+}
+
+impl ClusterArgs {
+    /// One embedded group of `tp` local node processes with `node_threads` kernel threads each
+    /// (TP 1: the model runs in-process).
+    pub(crate) fn embedded(tp: usize, node_threads: usize) -> Self {
+        ClusterArgs {
+            tp,
+            replicas: 1,
+            cluster: false,
+            nodes: NodesMode::Embedded,
+            cluster_listen: "127.0.0.1:0".parse().expect("a valid address"),
+            tls_dir: None,
+            node_threads: Some(node_threads),
+            join_timeout: 300,
+        }
+    }
+
+    fn wants_cluster(&self) -> bool {
+        self.cluster || self.tp > 1 || self.replicas > 1 || self.nodes == NodesMode::Static
+    }
+}
+
+/// One step executor per replica, and the cluster they run on (if any), which must outlive them.
+pub(crate) type Executors = (Vec<Box<dyn StepExecutor>>, Option<Cluster>);
+
+/// The step executors to run on: the whole model in-process, or one per cluster group (the
+/// returned cluster must outlive them).
+pub(crate) fn executors(
+    model: &std::path::Path,
+    c: &ClusterArgs,
+    opts: &EngineOptions,
+    info: &ModelInfo,
+) -> Result<Executors> {
+    if !c.wants_cluster() {
+        return Ok((vec![Box::new(LocalExecutor::load(info, opts)?)], None));
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cluster = Cluster::start(ClusterOptions {
+        model_dir: model.to_path_buf(),
+        tp: c.tp,
+        replicas: c.replicas,
+        listen: c.cluster_listen,
+        nodes: c.nodes,
+        tls_dir: c.tls_dir.clone(),
+        engine: opts.clone(),
+        node_threads: c.node_threads.unwrap_or((cores / (c.tp * c.replicas)).max(1)),
+        join_timeout: std::time::Duration::from_secs(c.join_timeout),
+    })?;
+    if cluster.info.system_fingerprint != info.system_fingerprint {
+        bail!("cluster fingerprint {} differs from {}", cluster.info.system_fingerprint, info.system_fingerprint);
+    }
+    let execs = (0..cluster.groups().len()).map(|g| Box::new(cluster.executor(g)) as Box<dyn StepExecutor>).collect();
+    Ok((execs, Some(cluster)))
+}
+
+/// The synthesized-model cache directory (`$LOCKSTEP_CACHE_DIR`, `$XDG_CACHE_HOME/lockstep`,
+/// `~/.cache/lockstep`, else the temp dir) for `name`.
+pub(crate) fn synth_cache_dir(name: &str) -> PathBuf {
+    lockstep_node::fingerprint::HashCache::from_env()
+        .dir()
+        .map(|d| d.join("synth"))
+        .unwrap_or_else(|| std::env::temp_dir().join("lockstep-synth"))
+        .join(name)
+}
+
+pub(crate) fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Generate(a) => generate::run(a),
+        Command::Model { cmd } => model::run(cmd),
+        Command::Bench(a) => bench::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Loadgen(a) => loadgen::run(a),
+        Command::Soak(a) => soak::run(a),
+        Command::Node(a) => node::run(a),
+        Command::Certs { cmd } => certs::run(cmd),
+    }
+}
+
+/// Load the model where `cluster` says and start the serving core on it, with the admission limit
+/// of a command-line batch (no limit) unless `opts` says otherwise.
+pub(crate) fn start_service(
+    model: &std::path::Path,
+    cluster: &ClusterArgs,
+    engine: &EngineOptions,
+    info: ModelInfo,
+    opts: ServiceOptions,
+    observer: Option<Arc<dyn ServiceObserver>>,
+) -> Result<Service> {
+    let (execs, cluster) = executors(model, cluster, engine, &info)?;
+    let sched = info.scheduler_config(engine);
+    Service::start(info, execs, cluster, sched, opts, observer.unwrap_or_else(|| Arc::new(NoopObserver)))
+}
+
+/// A command-line batch is never refused for queue length: it waits its turn.
+pub(crate) const UNBOUNDED: ServiceOptions = ServiceOptions { max_waiting: usize::MAX };

@@ -1,0 +1,46 @@
+//! `lockstep node`: join a coordinator, load one shard, serve steps.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use lockstep_coordinator::engine::EngineOptions;
+use lockstep_kernels::Isa;
+
+#[derive(Args)]
+pub(crate) struct NodeArgs {
+    /// Coordinator address (`host:port`).
+    #[arg(long)]
+    coordinator: String,
+    /// Directory with `ca.pem` and this node's `NAME.pem` / `NAME.key`.
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// This node's name (its certificate's name).
+    #[arg(long, default_value = "node")]
+    name: String,
+    /// Where to accept the ring predecessor.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// Kernel threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Force a SIMD path (never changes a bit).
+    #[arg(long)]
+    isa: Option<Isa>,
+    /// Where this node finds the model (default: the path the coordinator assigns).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+pub(crate) fn run(a: NodeArgs) -> Result<()> {
+    lockstep_node::server::run_node(lockstep_node::server::NodeOptions {
+        coordinator: a.coordinator,
+        tls_dir: a.tls_dir,
+        name: a.name,
+        listen: a.listen,
+        threads: a.threads.unwrap_or_else(|| EngineOptions::default().threads),
+        isa: a.isa,
+        model_override: a.model,
+    })?;
+    Ok(())
+}
