@@ -62,14 +62,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<Vec<LevelReport>> {
     }
     let model = match &opts.model {
         Some(m) => m.clone(),
-        None => {
-            let mut c = Client::from_url(&opts.url, opts.api_key.clone())?;
-            let (status, _, body) = c.get("/v1/models").await?;
-            if !status.is_success() {
-                bail!("GET /v1/models: {status} {body}");
-            }
-            body["data"][0]["id"].as_str().ok_or_else(|| anyhow!("GET /v1/models: no model in {body}"))?.to_string()
-        }
+        None => Client::from_url(&opts.url, opts.api_key.clone())?.served_model().await?,
     };
     let mut reports = Vec::new();
     for &c in &opts.concurrency {
@@ -145,14 +138,7 @@ async fn one(client: &mut Client, body: &Value) -> Result<Sample> {
     let (mut first, mut last) = (None, None);
     let mut itls = Vec::new();
     let mut tokens = 0;
-    while let Some(d) = sse.next_data().await? {
-        if d == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(&d)?;
-        if v.get("error").is_some() {
-            bail!("stream error: {v}");
-        }
+    while let Some(v) = sse.next_chunk().await? {
         let n: usize = v["choices"]
             .as_array()
             .map(|cs| cs.iter().map(|c| c["token_ids"].as_array().map_or(0, Vec::len)).sum())

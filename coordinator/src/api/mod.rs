@@ -24,8 +24,9 @@
 //! field `token_ids`. See [`request`] for how the choices of `n > 1` get their seeds.
 //!
 //! Modules: [`request`] validates (once), [`generate`] runs and renders, [`handlers`] ties them to
-//! routes, [`error`] is the one error type, [`h3`] is the HTTP/3 transport, [`client`] is a small
-//! HTTP/1.1 client (for `lockstep loadgen` and tests) and [`loadgen`] the load generator.
+//! routes, [`error`] is the one error type, [`h3`] is the HTTP/3 transport, [`client`] is the one
+//! HTTP/1.1 client (for `lockstep loadgen`, `lockstep soak` and tests), [`sse`] its stream parser,
+//! and [`loadgen`] the load generator.
 
 pub mod client;
 pub mod error;
@@ -34,6 +35,7 @@ pub mod h3;
 pub mod handlers;
 pub mod loadgen;
 pub mod request;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

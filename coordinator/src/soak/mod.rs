@@ -8,6 +8,13 @@
 //! random arrival times, some streaming, some cancelled midway — so the copies land in batches of
 //! every size and position. Copies alternate between streaming and non-streaming.
 //!
+//! Every request is a tokio task talking through [`crate::api::client`] (one worker task per
+//! in-flight copy, each on its own kept-alive connection; one task per background request, on a
+//! connection of its own so that hanging up cancels just that request). Streams are read with the
+//! API's one SSE parser, which decodes whole events only, so a character split across reads cannot
+//! show up as a false divergence. A copy whose stream reports an error midway is an error in the
+//! report, never a (short) completion.
+//!
 //! The report counts unique completions (by token ids when the server reports them, else by
 //! text), how often each occurred, where every variant first diverges from the most common one
 //! (token index, the text just before, both continuations), whether the per-token logprob bits
@@ -16,8 +23,9 @@
 //! posted to the server's `/ops/soak` for the dashboard. A comparison mode runs the same soak
 //! against a second server and says whether the two agree.
 
-pub mod http;
 mod report;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,11 +33,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use http::{Method, StatusCode};
 use serde_json::{json, Value};
+use tokio::task::JoinSet;
 
-use self::http::{request, BaseUrl};
 pub use self::report::{write_report, Comparison, SoakReport};
+use crate::api::client::Client;
+use crate::api::request::splitmix64;
 
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
@@ -48,6 +59,7 @@ pub struct SoakOptions {
     pub background_per_s: f64,
     /// Stop issuing copies after this long.
     pub duration: Option<Duration>,
+    /// Longest one request may take, from sending it to the end of its answer.
     pub request_timeout: Duration,
     /// Show a live progress line on stderr.
     pub progress: bool,
@@ -89,9 +101,11 @@ pub struct LoadSample {
     pub copies_done: usize,
 }
 
+const COMPLETIONS: &str = "/v1/completions";
+
 struct Shared {
-    base: BaseUrl,
-    key: Option<String>,
+    /// Never connected itself: every task talks through a [`Client::fresh`] copy of it.
+    client: Client,
     model: String,
     start: Instant,
     copies_in_flight: AtomicUsize,
@@ -101,15 +115,13 @@ struct Shared {
     bg: Mutex<BackgroundStats>,
 }
 
-/// splitmix64 for the background generator's choices.
+/// SplitMix64 over a counter, for the background generator's choices.
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
+        let z = splitmix64(self.0);
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        z
     }
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
@@ -125,31 +137,31 @@ const WORDS: &[&str] = &[
     "sky",
 ];
 
-/// The model the server serves (first of `/v1/models`).
-pub fn served_model(base: &BaseUrl, key: Option<&str>) -> Result<String> {
-    let mut r = request(base, "GET", "/v1/models", None, key, Duration::from_secs(30))?;
-    let body = r.body_string()?;
-    if r.status != 200 {
-        bail!("GET /v1/models answered {}: {body}", r.status);
-    }
-    let v: Value = serde_json::from_str(&body)?;
-    v["data"][0]["id"].as_str().map(str::to_string).context("GET /v1/models lists no model")
+/// The soak's tasks run on a runtime of their own, so the callers (the CLI) stay synchronous.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-soak").build()?)
 }
 
 /// Run one soak against one server.
 pub fn run_soak(opts: &SoakOptions) -> Result<SoakReport> {
+    runtime()?.block_on(soak(opts))
+}
+
+async fn soak(opts: &SoakOptions) -> Result<SoakReport> {
     if opts.prompts.is_empty() || opts.requests == 0 || opts.concurrency_ramp.is_empty() {
         bail!("a soak needs at least one prompt, one request and one concurrency level");
     }
-    let base = BaseUrl::parse(&opts.url)?;
+    let client = Client::from_url(&opts.url, opts.api_key.clone())?;
     let model = match &opts.model {
         Some(m) => m.clone(),
-        None => served_model(&base, opts.api_key.as_deref())
+        None => tokio::time::timeout(Duration::from_secs(30), client.fresh().served_model())
+            .await
+            .map_err(|_| anyhow!("no answer within 30 s"))
+            .and_then(|r| r)
             .with_context(|| format!("asking {} for its model", opts.url))?,
     };
     let shared = Arc::new(Shared {
-        base,
-        key: opts.api_key.clone(),
+        client,
         model,
         start: Instant::now(),
         copies_in_flight: AtomicUsize::new(0),
@@ -158,56 +170,62 @@ pub fn run_soak(opts: &SoakOptions) -> Result<SoakReport> {
         stop: AtomicBool::new(false),
         bg: Mutex::new(BackgroundStats::default()),
     });
-    let load = Arc::new(Mutex::new(Vec::<LoadSample>::new()));
-    let sampler = {
-        let (s, load, total, progress) = (shared.clone(), load.clone(), opts.requests, opts.progress);
-        std::thread::spawn(move || sample_load(&s, &load, total, progress))
-    };
-    let background = (opts.background_per_s > 0.0).then(|| {
-        let (s, o) = (shared.clone(), opts.clone());
-        std::thread::spawn(move || background_traffic(&s, &o))
-    });
-    let results = Arc::new(Mutex::new(Vec::<CopyResult>::with_capacity(opts.requests)));
+    let sampler = tokio::spawn(sample_load(shared.clone(), opts.requests, opts.progress));
+    let background =
+        (opts.background_per_s > 0.0).then(|| tokio::spawn(background_traffic(shared.clone(), opts.clone())));
+    let mut results = Vec::<CopyResult>::with_capacity(opts.requests);
     let phases = opts.concurrency_ramp.len();
-    let mut next = 0usize;
+    let mut first = 0usize;
     for (p, &conc) in opts.concurrency_ramp.iter().enumerate() {
         let end = (opts.requests * (p + 1)) / phases;
-        let queue: Arc<Mutex<std::ops::Range<usize>>> = Arc::new(Mutex::new(next..end));
-        next = end;
-        let workers: Vec<_> = (0..conc.max(1))
-            .map(|_| {
-                let (s, q, r, o) = (shared.clone(), queue.clone(), results.clone(), opts.clone());
-                std::thread::spawn(move || loop {
-                    if s.stop.load(Ordering::Relaxed) || o.duration.is_some_and(|d| s.start.elapsed() > d) {
-                        return;
+        let next = Arc::new(AtomicUsize::new(first));
+        first = end;
+        let mut workers = JoinSet::new();
+        for _ in 0..conc.max(1) {
+            let (s, next, o) = (shared.clone(), next.clone(), opts.clone());
+            workers.spawn(async move {
+                // Each worker keeps one connection alive across its copies.
+                let mut client = s.client.fresh();
+                let mut done = Vec::new();
+                loop {
+                    if o.duration.is_some_and(|d| s.start.elapsed() > d) {
+                        break;
                     }
-                    let Some(i) = q.lock().expect("lock").next() else { return };
-                    let res = one_copy(&s, &o, i, conc);
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        break;
+                    }
+                    let res = one_copy(&s, &o, &mut client, i, conc).await;
+                    if res.error.is_some() {
+                        // The connection may be mid-answer (a timeout) or gone: start clean.
+                        client = s.client.fresh();
+                    }
                     s.copies_done.fetch_add(1, Ordering::Relaxed);
-                    r.lock().expect("lock").push(res);
-                })
-            })
-            .collect();
-        for w in workers {
-            let _ = w.join();
+                    done.push(res);
+                }
+                done
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            results.extend(done.context("a soak worker panicked")?);
         }
     }
     shared.stop.store(true, Ordering::Relaxed);
     if let Some(b) = background {
-        let _ = b.join();
+        b.await.context("the background generator panicked")?;
     }
-    let _ = sampler.join();
+    let load = sampler.await.context("the load sampler panicked")?;
     if opts.progress {
         eprintln!();
     }
-    let mut results = Arc::try_unwrap(results).map(|m| m.into_inner().expect("lock")).unwrap_or_default();
     results.sort_by_key(|r| r.index);
     let bg = shared.bg.lock().expect("lock").clone();
-    let load = load.lock().expect("lock").clone();
     Ok(SoakReport::build(opts, &shared.model, results, bg, load, shared.start.elapsed().as_secs_f64()))
 }
 
-fn sample_load(s: &Shared, load: &Mutex<Vec<LoadSample>>, total: usize, progress: bool) {
+/// Samples the in-flight counts every 200 ms until the copies are done.
+async fn sample_load(s: Arc<Shared>, total: usize, progress: bool) -> Vec<LoadSample> {
+    let mut load = Vec::new();
     while !s.stop.load(Ordering::Relaxed) {
         let sample = LoadSample {
             t: s.start.elapsed().as_secs_f64(),
@@ -229,9 +247,10 @@ fn sample_load(s: &Shared, load: &Mutex<Vec<LoadSample>>, total: usize, progress
                 sample.t
             );
         }
-        load.lock().expect("lock").push(sample);
-        std::thread::sleep(Duration::from_millis(200));
+        load.push(sample);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    load
 }
 
 fn completion_body(
@@ -241,7 +260,7 @@ fn completion_body(
     temperature: f32,
     seed: Option<u64>,
     stream: bool,
-) -> String {
+) -> Value {
     let mut b = json!({
         "model": model,
         "prompt": prompt,
@@ -253,7 +272,7 @@ fn completion_body(
     if let Some(s) = seed {
         b["seed"] = json!(s);
     }
-    b.to_string()
+    b
 }
 
 /// Collects a completion from a non-streamed body or from stream chunks.
@@ -264,6 +283,8 @@ struct Collected {
     logprob_bits: Vec<u32>,
     fingerprint: Option<String>,
     finish: Option<String>,
+    /// Seconds from sending to the first chunk with text (streams only).
+    ttft_s: Option<f64>,
 }
 
 impl Collected {
@@ -289,93 +310,87 @@ impl Collected {
     }
 }
 
-fn one_copy(s: &Shared, o: &SoakOptions, index: usize, conc: usize) -> CopyResult {
+/// Sends one copy and reads its whole answer. A stream that reports an error midway (or ends
+/// without `[DONE]`) fails here, so its partial text never counts as a completion.
+async fn fetch_copy(client: &mut Client, body: &Value, streamed: bool, sent: Instant) -> Result<Collected> {
+    let mut c = Collected::default();
+    if streamed {
+        let (status, mut sse) = client.post_stream(COMPLETIONS, body).await?;
+        if status != StatusCode::OK {
+            bail!("HTTP {status}: {}", sse.into_text().await.unwrap_or_default());
+        }
+        while let Some(v) = sse.next_chunk().await? {
+            if c.ttft_s.is_none() && v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+                c.ttft_s = Some(sent.elapsed().as_secs_f64());
+            }
+            c.absorb(&v);
+        }
+    } else {
+        let (status, _, answer) = client.bytes(Method::POST, COMPLETIONS, Some(body)).await?;
+        if status != StatusCode::OK {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&answer));
+        }
+        c.absorb(&serde_json::from_slice(&answer).context("the answer is not JSON")?);
+    }
+    if c.finish.as_deref() == Some("error") {
+        bail!("finished with an error");
+    }
+    Ok(c)
+}
+
+async fn one_copy(s: &Shared, o: &SoakOptions, client: &mut Client, index: usize, conc: usize) -> CopyResult {
     let prompt = index % o.prompts.len();
     let streamed = index % 2 == 1;
     let body = completion_body(&s.model, &o.prompts[prompt], o.max_tokens, o.temperature, o.seed, streamed);
-    let started = s.start.elapsed().as_secs_f64();
+    let started_s = s.start.elapsed().as_secs_f64();
     s.copies_in_flight.fetch_add(1, Ordering::Relaxed);
     let t0 = Instant::now();
-    let mut ttft = None;
-    let outcome = (|| -> Result<Collected> {
-        let mut r = request(&s.base, "POST", "/v1/completions", Some(&body), s.key.as_deref(), o.request_timeout)?;
-        if r.status != 200 {
-            let status = r.status;
-            bail!("HTTP {status}: {}", r.body_string().unwrap_or_default());
-        }
-        let mut c = Collected::default();
-        if streamed {
-            let mut bad = None;
-            r.for_each_event(|d| {
-                if d == "[DONE]" {
-                    return false;
-                }
-                match serde_json::from_str::<Value>(d) {
-                    Ok(v) => {
-                        if ttft.is_none() && v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
-                            ttft = Some(t0.elapsed().as_secs_f64());
-                        }
-                        c.absorb(&v);
-                        true
-                    }
-                    Err(e) => {
-                        bad = Some(e.to_string());
-                        false
-                    }
-                }
-            })?;
-            if let Some(e) = bad {
-                bail!("bad stream chunk: {e}");
-            }
-        } else {
-            c.absorb(&serde_json::from_str(&r.body_string()?)?);
-        }
-        if c.finish.as_deref() == Some("error") {
-            bail!("finished with an error");
-        }
-        Ok(c)
-    })();
+    let outcome = tokio::time::timeout(o.request_timeout, fetch_copy(client, &body, streamed, t0))
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("no whole answer within {:?}", o.request_timeout)));
     s.copies_in_flight.fetch_sub(1, Ordering::Relaxed);
     let latency_s = t0.elapsed().as_secs_f64();
+    let result = CopyResult {
+        index,
+        prompt,
+        phase_concurrency: conc,
+        streamed,
+        error: None,
+        text: String::new(),
+        token_ids: None,
+        logprob_bits: Vec::new(),
+        fingerprint: None,
+        started_s,
+        latency_s,
+        ttft_s: None,
+    };
     match outcome {
         Ok(c) => CopyResult {
-            index,
-            prompt,
-            phase_concurrency: conc,
-            streamed,
-            error: None,
             text: c.text,
             token_ids: c.token_ids,
             logprob_bits: c.logprob_bits,
             fingerprint: c.fingerprint,
-            started_s: started,
-            latency_s,
-            ttft_s: ttft,
+            ttft_s: c.ttft_s,
+            ..result
         },
-        Err(e) => CopyResult {
-            index,
-            prompt,
-            phase_concurrency: conc,
-            streamed,
-            error: Some(e.to_string()),
-            text: String::new(),
-            token_ids: None,
-            logprob_bits: Vec::new(),
-            fingerprint: None,
-            started_s: started,
-            latency_s,
-            ttft_s: None,
-        },
+        Err(e) => CopyResult { error: Some(format!("{e:#}")), ..result },
     }
 }
 
+enum BackgroundOutcome {
+    Completed,
+    Cancelled,
+    Failed,
+}
+
 /// Random other requests at Poisson arrivals until the copies are done.
-fn background_traffic(s: &Arc<Shared>, o: &SoakOptions) {
+async fn background_traffic(s: Arc<Shared>, o: SoakOptions) {
     let mut rng = Rng(0x5eed ^ (o.requests as u64) << 7);
-    let mut handles = Vec::new();
+    let mut requests = JoinSet::new();
     while !s.stop.load(Ordering::Relaxed) {
         let wait = -(1.0 - rng.unit()).ln() / o.background_per_s;
-        std::thread::sleep(Duration::from_secs_f64(wait.min(2.0)));
+        tokio::time::sleep(Duration::from_secs_f64(wait.min(2.0))).await;
+        while requests.try_join_next().is_some() {}
         if s.background_in_flight.load(Ordering::Relaxed) >= 96 {
             continue;
         }
@@ -384,60 +399,77 @@ fn background_traffic(s: &Arc<Shared>, o: &SoakOptions) {
         let max_tokens = 1 + rng.below(o.max_tokens.max(8) as u64) as u32;
         let temperature = [0.0f32, 0.7, 1.0][rng.below(3) as usize];
         let stream = rng.below(2) == 0;
-        let cancel = rng.below(5) == 0;
+        // One in five hangs up midway: a stream after two events, a plain request after a
+        // random moment (its answer arrives all at once, so only time can cut it short).
+        let hang_up = (rng.below(5) == 0).then(|| Duration::from_secs_f64(0.5 * rng.unit()));
         let body =
             completion_body(&s.model, &prompt.join(" "), max_tokens, temperature, Some(rng.next() >> 11), stream);
-        let s2 = s.clone();
-        let timeout = o.request_timeout;
         s.background_in_flight.fetch_add(1, Ordering::Relaxed);
         s.bg.lock().expect("lock").sent += 1;
-        handles.push(std::thread::spawn(move || {
-            let r = request(&s2.base, "POST", "/v1/completions", Some(&body), s2.key.as_deref(), timeout);
-            let outcome = match r {
-                Ok(mut resp) if cancel => {
-                    // Hang up midway: after two events when streaming, else right away.
-                    let mut n = 0;
-                    if stream {
-                        let _ = resp.for_each_event(|_| {
-                            n += 1;
-                            n < 2
-                        });
-                    }
-                    drop(resp);
-                    "cancelled"
-                }
-                Ok(mut resp) => {
-                    if resp.status == 200 && resp.body_string().is_ok() {
-                        "completed"
-                    } else {
-                        "failed"
-                    }
-                }
-                Err(_) => "failed",
-            };
-            s2.background_in_flight.fetch_sub(1, Ordering::Relaxed);
-            let mut bg = s2.bg.lock().expect("lock");
+        let (s, timeout) = (s.clone(), o.request_timeout);
+        requests.spawn(async move {
+            let mut client = s.client.fresh();
+            let outcome = tokio::time::timeout(timeout, background_request(&mut client, &body, stream, hang_up))
+                .await
+                .unwrap_or(BackgroundOutcome::Failed);
+            s.background_in_flight.fetch_sub(1, Ordering::Relaxed);
+            let mut bg = s.bg.lock().expect("lock");
             match outcome {
-                "completed" => bg.completed += 1,
-                "cancelled" => bg.cancelled += 1,
-                _ => bg.failed += 1,
+                BackgroundOutcome::Completed => bg.completed += 1,
+                BackgroundOutcome::Cancelled => bg.cancelled += 1,
+                BackgroundOutcome::Failed => bg.failed += 1,
             }
-        }));
-        handles.retain(|h| !h.is_finished());
+        });
     }
-    for h in handles {
-        let _ = h.join();
+    while requests.join_next().await.is_some() {}
+}
+
+async fn background_request(
+    client: &mut Client,
+    body: &Value,
+    stream: bool,
+    hang_up: Option<Duration>,
+) -> BackgroundOutcome {
+    let whole = async {
+        if stream {
+            let (status, mut sse) = client.post_stream(COMPLETIONS, body).await?;
+            if status != StatusCode::OK {
+                bail!("HTTP {status}");
+            }
+            let mut events = 0;
+            while sse.next_chunk().await?.is_some() {
+                events += 1;
+                if hang_up.is_some() && events == 2 {
+                    return Ok(BackgroundOutcome::Cancelled); // dropping the stream hangs up
+                }
+            }
+        } else {
+            let (status, _, _) = client.bytes(Method::POST, COMPLETIONS, Some(body)).await?;
+            if status != StatusCode::OK {
+                bail!("HTTP {status}");
+            }
+        }
+        anyhow::Ok(BackgroundOutcome::Completed)
+    };
+    match hang_up {
+        Some(after) if !stream => match tokio::time::timeout(after, whole).await {
+            Ok(Ok(_)) | Err(_) => BackgroundOutcome::Cancelled,
+            Ok(Err(_)) => BackgroundOutcome::Failed,
+        },
+        _ => whole.await.unwrap_or(BackgroundOutcome::Failed),
     }
 }
 
 /// POST a summary of the report to the server's `/ops/soak` (for the dashboard).
 pub fn post_summary(url: &str, ops_key: Option<&str>, report: &SoakReport) -> Result<()> {
-    let base = BaseUrl::parse(url)?;
-    let body = serde_json::to_string(&report.summary())?;
-    let mut r = request(&base, "POST", "/ops/soak", Some(&body), ops_key, Duration::from_secs(10))?;
-    let answer = r.body_string().unwrap_or_default();
-    if !(200..300).contains(&r.status) {
-        bail!("POST /ops/soak answered {}: {answer}", r.status);
+    let mut client = Client::from_url(url, ops_key.map(str::to_string))?;
+    let summary = report.summary();
+    let post = client.bytes(Method::POST, "/ops/soak", Some(&summary));
+    let (status, _, answer) = runtime()?
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), post).await })
+        .map_err(|_| anyhow!("no answer within 10 s"))??;
+    if !status.is_success() {
+        bail!("POST /ops/soak answered {status}: {}", String::from_utf8_lossy(&answer));
     }
     Ok(())
 }
