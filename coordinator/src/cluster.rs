@@ -339,6 +339,11 @@ impl Cluster {
         &self.groups
     }
 
+    /// Every node the cluster knows, for the ops API.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.groups.iter().flat_map(|g| g.status()).collect()
+    }
+
     /// The step executor of group `g`.
     pub fn executor(&self, g: usize) -> GroupExecutor {
         GroupExecutor { group: self.groups[g].clone(), rt: self.rt.as_ref().expect("running cluster").handle().clone() }

@@ -403,6 +403,8 @@ struct SeqText {
     decode: DecodeStream,
     stop: StopStringMatcher,
     completion_tokens: usize,
+    /// Times this request has moved to another engine.
+    migrations: u32,
 }
 
 /// An unfinished request taken out of an engine whose executor failed ([`Engine::evacuate`]), to be
@@ -423,6 +425,15 @@ impl Migrating {
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+}
+
+/// A step whose executor failed. The requests stay in the engine (see [`Engine::step`]); `events`
+/// are those that happened anyway (requests failed while planning) and must still be delivered.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct StepFailure {
+    pub error: ExecError,
+    pub events: Vec<EngineEvent>,
 }
 
 /// One replica's engine: the sans-IO [`Scheduler`], the [`StepExecutor`] that runs its plans, and
@@ -482,6 +493,7 @@ impl<E: StepExecutor> Engine<E> {
             decode: self.tokenizer.decode_stream_after(&req.prompt_ids, req.skip_special_tokens),
             stop: StopStringMatcher::new(req.stop.clone()),
             completion_tokens: 0,
+            migrations: 0,
             request: req,
         };
         self.seqs.insert(id, text);
@@ -495,7 +507,9 @@ impl<E: StepExecutor> Engine<E> {
         if let Err(e) = self.scheduler.resume_request(m.id.0, m.tokens.clone(), m.prompt_len, m.params.clone()) {
             return Err(Box::new((e, m)));
         }
-        self.seqs.insert(m.id, m.text);
+        let mut text = m.text;
+        text.migrations = m.migrations;
+        self.seqs.insert(m.id, text);
         Ok(())
     }
 
@@ -506,14 +520,8 @@ impl<E: StepExecutor> Engine<E> {
         for s in self.scheduler.evacuate() {
             let id = RequestId(s.seq_id);
             let Some(text) = self.seqs.remove(&id) else { continue };
-            out.push(Migrating {
-                id,
-                tokens: s.tokens,
-                prompt_len: s.prompt_len,
-                params: s.params,
-                text,
-                migrations: 0,
-            });
+            let migrations = text.migrations;
+            out.push(Migrating { id, tokens: s.tokens, prompt_len: s.prompt_len, params: s.params, text, migrations });
         }
         self.seqs.clear();
         out
@@ -538,7 +546,7 @@ impl<E: StepExecutor> Engine<E> {
     /// executor fails, the step is forgotten by the scheduler and every request stays queued:
     /// the caller decides whether to fail them ([`Engine::fail_all`]) or move them elsewhere
     /// ([`Engine::evacuate`]).
-    pub fn step(&mut self) -> Result<Vec<EngineEvent>, ExecError> {
+    pub fn step(&mut self) -> Result<Vec<EngineEvent>, StepFailure> {
         let Some(plan) = self.scheduler.schedule() else {
             let evs = self.scheduler.take_events();
             return Ok(self.apply(evs));
@@ -547,11 +555,10 @@ impl<E: StepExecutor> Engine<E> {
         self.last_plan = plan.chunks.iter().map(|c| RequestId(c.seq_id)).collect();
         let result = match self.executor.execute(&plan) {
             Ok(r) => r,
-            Err(e) => {
+            Err(error) => {
                 self.scheduler.on_step_failed(plan.step_id);
                 // Sequences that ended while planning have ended whatever happens next.
-                let _ = self.apply(early);
-                return Err(e);
+                return Err(StepFailure { error, events: self.apply(early) });
             }
         };
         self.steps += 1;

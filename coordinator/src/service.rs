@@ -11,20 +11,38 @@
 //! `submit` refuses with [`SubmitError::Overloaded`] (HTTP 429 with `Retry-After`) instead of
 //! queueing without limit. Requests go to the live replica with the least outstanding work.
 //!
+//! # Replicas come and go; requests move
+//!
+//! Replicas are added at any time ([`Service::add_replica`]: a tensor-parallel group that has just
+//! formed). When a replica's executor fails, its engine thread takes every unfinished request out
+//! of the engine ([`Engine::evacuate`]: prompt, tokens so far, text state) and hands it back to the
+//! [`Router`], which resumes it on another replica. There it is re-prefilled from prompt plus the
+//! tokens already emitted and continues with the next token index, so — sampling noise being keyed
+//! by that index and every kernel being batch- and TP-invariant — the client receives exactly the
+//! bytes an uninterrupted run would have produced, on the same event channel, with no error and no
+//! repeated token. A request that has moved `migration_limit` times fails, naming the failures.
+//! While no replica serves, new and moving requests are *parked*; those still parked after
+//! `queue_timeout` are refused as unavailable (HTTP 503 with `Retry-After`).
+//!
+//! The routing table (live replicas, where each request is, the parked queue) sits behind one
+//! lock, and every send to an engine thread happens under it: a replica that failed removes itself
+//! under the lock and then drains its channel, so no submission or abort can be lost in between.
+//!
 //! Everything observable — queue, TTFT, inter-token latency, finishes, errors — is reported to a
 //! [`ServiceObserver`] (the Prometheus metrics), never computed twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::cluster::{Cluster, NodeStatus};
 use crate::engine::{
-    Engine, EngineEvent, GenerateRequest, ModelInfo, RequestError, RequestId, SeqOutput, StepExecutor, Usage,
+    Engine, EngineEvent, GenerateRequest, Migrating, ModelInfo, RequestError, RequestId, SeqOutput, StepExecutor,
+    StepFailure, Usage,
 };
 use crate::scheduler::{FinishReason, SchedulerConfig};
 
@@ -38,6 +56,8 @@ pub trait ServiceObserver: Send + Sync {
     fn on_generation_tokens(&self, _n: usize) {}
     fn on_finished(&self, _reason: &FinishReason, _e2e_secs: f64) {}
     fn on_error(&self, _error_type: &str) {}
+    /// A request moved to another replica after its replica failed.
+    fn on_migration(&self) {}
 }
 
 pub struct NoopObserver;
@@ -60,15 +80,28 @@ impl SubmitError {
     }
 }
 
+/// `--migration-limit` default.
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
+/// `--queue-timeout-s` default.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceOptions {
     /// Most requests waiting for a running slot, across all replicas.
     pub max_waiting: usize,
+    /// How many times a request may move to another replica before it fails.
+    pub migration_limit: u32,
+    /// How long a request waits for a serving replica when none is left.
+    pub queue_timeout: Duration,
 }
 
 impl Default for ServiceOptions {
     fn default() -> Self {
-        ServiceOptions { max_waiting: 256 }
+        ServiceOptions {
+            max_waiting: 256,
+            migration_limit: DEFAULT_MIGRATION_LIMIT,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+        }
     }
 }
 
@@ -98,7 +131,7 @@ pub struct ReplicaLoad {
     pub steps: AtomicU64,
     pub down: AtomicBool,
     pub down_reason: Mutex<Option<String>>,
-    /// Requests submitted here that have not ended (routing weight).
+    /// Requests routed here that have not ended or moved on (routing weight).
     pub outstanding: AtomicUsize,
 }
 
@@ -124,44 +157,259 @@ struct Pending {
     delay_steps: u64,
 }
 
+/// What the engine thread remembers of a request for its client: where its events go and the
+/// timestamps behind the latency metrics. Tokens and text live in the engine alone.
+struct Client {
+    sink: EventSink,
+    submitted: Instant,
+    scheduled: bool,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+}
+
+/// A request on its way to another replica.
+struct Moving {
+    request: Migrating,
+    client: Client,
+    /// Why it had to move (the failure that named the nodes).
+    reason: String,
+}
+
 enum Cmd {
     Submit(Box<Pending>),
+    Resume(Box<Moving>),
     Abort(RequestId),
 }
 
+/// A request that waits for a replica (none serves right now).
+enum Parked {
+    New(Box<Pending>),
+    Moving(Box<Moving>),
+}
+
+impl Parked {
+    fn id(&self) -> RequestId {
+        match self {
+            Parked::New(p) => p.id,
+            Parked::Moving(m) => m.request.id,
+        }
+    }
+}
+
 struct Replica {
+    /// The replica's label: its tensor-parallel group id (or its index when in-process).
+    group: usize,
     tx: std_mpsc::Sender<Cmd>,
     load: Arc<ReplicaLoad>,
 }
 
+/// The routing table: live replicas, where each request is, and the parked requests. One lock,
+/// and every send to an engine thread happens under it (see the module docs).
+#[derive(Default)]
+struct Table {
+    replicas: Vec<Replica>,
+    location: HashMap<RequestId, usize>,
+    parked: VecDeque<(Instant, Parked)>,
+    /// Why the last replica went down (for 503 messages and `/health`).
+    last_failure: Option<String>,
+    /// Aborts that arrived while their request was between replicas.
+    orphan_aborts: std::collections::HashSet<RequestId>,
+}
+
+/// Routes requests to replicas and moves them when a replica fails.
+pub struct Router {
+    table: Mutex<Table>,
+    /// Wakes the expiry thread when something is parked.
+    parked_cv: Condvar,
+    obs: Arc<dyn ServiceObserver>,
+    opts: ServiceOptions,
+    sched: SchedulerConfig,
+    info: ModelInfo,
+    migrations: AtomicU64,
+}
+
+impl Router {
+    /// The least-loaded live replica (by outstanding requests), if any.
+    fn pick(table: &Table) -> Option<usize> {
+        table
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.load.down.load(Ordering::Relaxed))
+            .min_by_key(|(_, r)| r.load.outstanding.load(Ordering::Relaxed))
+            .map(|(i, _)| i)
+    }
+
+    /// Send a new request to a replica, or park it when none serves. Called with the lock held.
+    fn route_new(&self, table: &mut Table, p: Box<Pending>) {
+        let mut p = p;
+        while let Some(i) = Self::pick(table) {
+            let r = &table.replicas[i];
+            r.load.outstanding.fetch_add(1, Ordering::Relaxed);
+            r.load.queued.fetch_add(1, Ordering::Relaxed);
+            let (group, id) = (r.group, p.id);
+            match r.tx.send(Cmd::Submit(p)) {
+                Ok(()) => {
+                    table.location.insert(id, group);
+                    return;
+                }
+                Err(std_mpsc::SendError(Cmd::Submit(back))) => {
+                    // The engine thread is gone without removing itself (it panicked).
+                    let r = table.replicas.remove(i);
+                    r.load.down.store(true, Ordering::SeqCst);
+                    p = back;
+                }
+                Err(_) => unreachable!("the command sent comes back"),
+            }
+        }
+        table.location.remove(&p.id);
+        table.parked.push_back((Instant::now() + self.opts.queue_timeout, Parked::New(p)));
+        self.parked_cv.notify_all();
+    }
+
+    /// Send a moving request to a replica, or park it. Called with the lock held.
+    fn route_moving(&self, table: &mut Table, m: Box<Moving>) {
+        let mut m = m;
+        while let Some(i) = Self::pick(table) {
+            let r = &table.replicas[i];
+            r.load.outstanding.fetch_add(1, Ordering::Relaxed);
+            let (group, id) = (r.group, m.request.id);
+            match r.tx.send(Cmd::Resume(m)) {
+                Ok(()) => {
+                    table.location.insert(id, group);
+                    return;
+                }
+                Err(std_mpsc::SendError(Cmd::Resume(back))) => {
+                    let r = table.replicas.remove(i);
+                    r.load.down.store(true, Ordering::SeqCst);
+                    m = back;
+                }
+                Err(_) => unreachable!("the command sent comes back"),
+            }
+        }
+        table.location.remove(&m.request.id);
+        table.parked.push_back((Instant::now() + self.opts.queue_timeout, Parked::Moving(m)));
+        self.parked_cv.notify_all();
+    }
+
+    /// A request left a failed replica: count the move and send it on, or fail it past the limit.
+    fn migrate(&self, table: &mut Table, mut m: Moving) {
+        if table.orphan_aborts.remove(&m.request.id) {
+            table.location.remove(&m.request.id);
+            self.finish_elsewhere(&m, FinishReason::Abort);
+            return;
+        }
+        m.request.migrations += 1;
+        self.migrations.fetch_add(1, Ordering::Relaxed);
+        self.obs.on_migration();
+        if m.request.migrations > self.opts.migration_limit {
+            let message = format!(
+                "the request was moved {} times (--migration-limit {}); last failure: {}",
+                m.request.migrations - 1,
+                self.opts.migration_limit,
+                m.reason
+            );
+            table.location.remove(&m.request.id);
+            self.finish_elsewhere(&m, FinishReason::Error(message));
+            return;
+        }
+        self.route_moving(table, Box::new(m));
+    }
+
+    /// End a request that is not in any engine (parked or over the migration limit).
+    fn finish_elsewhere(&self, m: &Moving, reason: FinishReason) {
+        if let FinishReason::Error(_) = &reason {
+            self.obs.on_error("engine");
+        }
+        self.obs.on_finished(&reason, m.client.submitted.elapsed().as_secs_f64());
+        let usage = Usage { prompt_tokens: m.client.prompt_tokens, completion_tokens: m.request.generated() };
+        let _ = m.client.sink.send(EngineEvent::Finished { id: m.request.id, reason, text: String::new(), usage });
+    }
+
+    fn abort(&self, id: RequestId) {
+        let mut table = self.table.lock().expect("routing table");
+        if let Some(&group) = table.location.get(&id) {
+            match table.replicas.iter().find(|r| r.group == group) {
+                Some(r) => {
+                    let _ = r.tx.send(Cmd::Abort(id));
+                }
+                // Its replica just failed and is handing it over: end it when it arrives.
+                None => {
+                    table.orphan_aborts.insert(id);
+                }
+            }
+            return;
+        }
+        if let Some(k) = table.parked.iter().position(|(_, p)| p.id() == id) {
+            let (_, parked) = table.parked.remove(k).expect("found");
+            match parked {
+                Parked::New(p) => {
+                    let usage = Usage { prompt_tokens: p.req.prompt_ids.len(), completion_tokens: 0 };
+                    let _ = p.sink.send(EngineEvent::Finished {
+                        id,
+                        reason: FinishReason::Abort,
+                        text: String::new(),
+                        usage,
+                    });
+                }
+                Parked::Moving(m) => self.finish_elsewhere(&m, FinishReason::Abort),
+            }
+        }
+    }
+
+    /// Refuse the parked requests whose wait ran out; returns the next deadline.
+    fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut table = self.table.lock().expect("routing table");
+        let why = table.last_failure.clone().unwrap_or_else(|| "no replica has formed".into());
+        let message = format!("no replica could serve within {:?}: {why}", self.opts.queue_timeout);
+        while table.parked.front().is_some_and(|(deadline, _)| *deadline <= now) {
+            let (_, parked) = table.parked.pop_front().expect("front exists");
+            match parked {
+                Parked::New(p) => {
+                    self.obs.on_error("unavailable");
+                    let error = RequestError::Unavailable(message.clone());
+                    let _ = p.sink.send(EngineEvent::Rejected { id: p.id, error });
+                }
+                Parked::Moving(m) => {
+                    self.obs.on_error("unavailable");
+                    let error = RequestError::Unavailable(message.clone());
+                    let _ = m.client.sink.send(EngineEvent::Rejected { id: m.request.id, error });
+                }
+            }
+        }
+        table.parked.front().map(|(d, _)| *d)
+    }
+}
+
 pub struct Service {
     info: ModelInfo,
-    replicas: Vec<Replica>,
+    router: Arc<Router>,
     observer: Arc<dyn ServiceObserver>,
     opts: ServiceOptions,
     next_id: AtomicU64,
+    next_replica: AtomicUsize,
     cluster: Option<Cluster>,
     started: Instant,
 }
 
 /// Aborts its request when dropped before [`AbortOnDrop::disarm`]: a client that went away frees
-/// the sequence's KV blocks at once.
+/// the sequence's KV blocks at once, wherever the request is by then.
 pub struct AbortOnDrop {
     id: RequestId,
-    tx: Option<std_mpsc::Sender<Cmd>>,
+    router: Option<Weak<Router>>,
 }
 
 impl AbortOnDrop {
     /// The request ended: dropping no longer aborts anything.
     pub fn disarm(&mut self) {
-        self.tx = None;
+        self.router = None;
     }
 }
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Cmd::Abort(self.id));
+        if let Some(router) = self.router.take().and_then(|r| r.upgrade()) {
+            router.abort(self.id);
         }
     }
 }
@@ -195,7 +443,8 @@ impl Submission {
 }
 
 impl Service {
-    /// Start one engine thread per executor.
+    /// Start one engine thread per executor (more can be added later with
+    /// [`Service::add_replica`]).
     pub fn start(
         info: ModelInfo,
         executors: Vec<Box<dyn StepExecutor>>,
@@ -204,17 +453,44 @@ impl Service {
         opts: ServiceOptions,
         observer: Arc<dyn ServiceObserver>,
     ) -> anyhow::Result<Service> {
-        let mut replicas = Vec::new();
-        for (g, exec) in executors.into_iter().enumerate() {
-            let engine = Engine::new(sched, exec, info.tokenizer.clone())?;
-            let (tx, rx) = std_mpsc::channel();
-            let load = Arc::new(ReplicaLoad::default());
-            load.kv_total_blocks.store(sched.num_blocks as usize, Ordering::Relaxed);
-            let mut worker = EngineThread::new(engine, load.clone(), observer.clone());
-            std::thread::Builder::new().name(format!("lockstep-engine-{g}")).spawn(move || worker.run(rx))?;
-            replicas.push(Replica { tx, load });
+        let router = Arc::new(Router {
+            table: Mutex::new(Table::default()),
+            parked_cv: Condvar::new(),
+            obs: observer.clone(),
+            opts,
+            sched,
+            info: info.clone(),
+            migrations: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&router);
+        std::thread::Builder::new().name("lockstep-router".into()).spawn(move || expiry_loop(weak))?;
+        let service = Service {
+            info,
+            router,
+            observer,
+            opts,
+            next_id: AtomicU64::new(1),
+            next_replica: AtomicUsize::new(0),
+            cluster,
+            started: Instant::now(),
+        };
+        for exec in executors {
+            let g = service.next_replica.fetch_add(1, Ordering::Relaxed);
+            service.add_replica(g, exec)?;
         }
-        Ok(Service { info, replicas, observer, opts, next_id: AtomicU64::new(1), cluster, started: Instant::now() })
+        Ok(service)
+    }
+
+    /// Start serving on one more replica (a group that has just formed), labelled `group`.
+    /// Parked requests go to it at once.
+    pub fn add_replica(&self, group: usize, exec: Box<dyn StepExecutor>) -> anyhow::Result<()> {
+        add_replica(&self.router, group, exec)
+    }
+
+    /// A handle that adds replicas without holding the service (for the cluster's membership
+    /// driver).
+    pub fn replica_sink(&self) -> ReplicaSink {
+        ReplicaSink(Arc::downgrade(&self.router))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -226,6 +502,10 @@ impl Service {
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
+    /// Requests moved to another replica so far.
+    pub fn migrations(&self) -> u64 {
+        self.router.migrations.load(Ordering::Relaxed)
+    }
 
     /// Queue a validated request on the least-loaded live replica, with its own event channel.
     pub fn submit(&self, req: GenerateRequest) -> Result<Submission, SubmitError> {
@@ -235,43 +515,30 @@ impl Service {
     }
 
     /// Queue a validated request whose events go to `sink` (which may be shared by many
-    /// requests). Returns the guard that aborts it when dropped.
+    /// requests). Returns the guard that aborts it when dropped. When no replica serves right
+    /// now, the request waits up to `queue_timeout` for one.
     pub fn submit_to(
         &self,
         req: GenerateRequest,
         opts: SubmitOptions,
         sink: EventSink,
     ) -> Result<AbortOnDrop, SubmitError> {
-        let waiting: usize = self
+        let mut table = self.router.table.lock().expect("routing table");
+        let waiting: usize = table
             .replicas
             .iter()
             .map(|r| r.load.waiting.load(Ordering::Relaxed) + r.load.queued.load(Ordering::Relaxed))
-            .sum();
+            .sum::<usize>()
+            + table.parked.len();
         if waiting >= self.opts.max_waiting {
             self.observer.on_error("overloaded");
             return Err(SubmitError::Overloaded { waiting, retry_after_secs: 1 });
         }
-        let Some(r) = self
-            .replicas
-            .iter()
-            .filter(|r| !r.load.down.load(Ordering::Relaxed))
-            .min_by_key(|r| r.load.outstanding.load(Ordering::Relaxed))
-        else {
-            let why = self.replicas.iter().find_map(|r| r.load.down_reason.lock().expect("lock").clone());
-            self.observer.on_error("unavailable");
-            return Err(SubmitError::Unavailable(why.unwrap_or_else(|| "no replicas".into())));
-        };
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        r.load.outstanding.fetch_add(1, Ordering::Relaxed);
-        r.load.queued.fetch_add(1, Ordering::Relaxed);
         let pending = Pending { id, req, sink, at: Instant::now(), delay_steps: opts.delay_steps };
-        if r.tx.send(Cmd::Submit(Box::new(pending))).is_err() {
-            r.load.outstanding.fetch_sub(1, Ordering::Relaxed);
-            r.load.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(SubmitError::Unavailable("engine thread stopped".into()));
-        }
+        self.router.route_new(&mut table, Box::new(pending));
         self.observer.on_admitted();
-        Ok(AbortOnDrop { id, tx: Some(r.tx.clone()) })
+        Ok(AbortOnDrop { id, router: Some(Arc::downgrade(&self.router)) })
     }
 
     /// Submit every request and block until each has ended; the answers come back in input
@@ -314,14 +581,15 @@ impl Service {
     }
 
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.replicas
+        let table = self.router.table.lock().expect("routing table");
+        table
+            .replicas
             .iter()
-            .enumerate()
-            .map(|(g, r)| {
+            .map(|r| {
                 let l = &r.load;
                 let down = l.down.load(Ordering::Relaxed);
                 ReplicaStatus {
-                    group: g,
+                    group: r.group,
                     state: if down { "down" } else { "ready" },
                     down_reason: l.down_reason.lock().expect("lock").clone(),
                     running: l.running.load(Ordering::Relaxed),
@@ -335,9 +603,14 @@ impl Service {
             .collect()
     }
 
+    /// Requests waiting for a replica because none serves.
+    pub fn parked(&self) -> usize {
+        self.router.table.lock().expect("routing table").parked.len()
+    }
+
     /// The node processes (empty when the model runs in-process).
     pub fn nodes(&self) -> Vec<NodeStatus> {
-        self.cluster.as_ref().map(|c| c.groups().iter().flat_map(|g| g.status()).collect()).unwrap_or_default()
+        self.cluster.as_ref().map(|c| c.nodes()).unwrap_or_default()
     }
 
     /// The cluster the replicas run on, if any.
@@ -347,27 +620,77 @@ impl Service {
 
     /// True when at least one replica can serve.
     pub fn healthy(&self) -> bool {
-        self.replicas.iter().any(|r| !r.load.down.load(Ordering::Relaxed))
+        self.unhealthy_reason().is_none()
+    }
+
+    /// Why no replica serves (`None` while one does).
+    pub fn unhealthy_reason(&self) -> Option<String> {
+        let table = self.router.table.lock().expect("routing table");
+        if table.replicas.iter().any(|r| !r.load.down.load(Ordering::Relaxed)) {
+            return None;
+        }
+        Some(table.last_failure.clone().unwrap_or_else(|| "no replica has formed yet".into()))
     }
 }
 
-/// What the engine thread remembers of a request for its client: where its events go and the
-/// timestamps behind the latency metrics. Tokens and text live in the engine alone.
-struct Client {
-    sink: EventSink,
-    submitted: Instant,
-    scheduled: bool,
-    last_token: Option<Instant>,
-    prompt_tokens: usize,
+/// Adds replicas to a running service from elsewhere (the cluster's membership driver); holds
+/// the service only weakly.
+#[derive(Clone)]
+pub struct ReplicaSink(Weak<Router>);
+
+impl ReplicaSink {
+    /// Start serving on a new replica; `false` when the service is gone.
+    pub fn add(&self, group: usize, exec: Box<dyn StepExecutor>) -> anyhow::Result<bool> {
+        match self.0.upgrade() {
+            Some(router) => add_replica(&router, group, exec).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+fn add_replica(router: &Arc<Router>, group: usize, exec: Box<dyn StepExecutor>) -> anyhow::Result<()> {
+    let engine = Engine::new(router.sched, exec, router.info.tokenizer.clone())?;
+    let (tx, rx) = std_mpsc::channel();
+    let load = Arc::new(ReplicaLoad::default());
+    load.kv_total_blocks.store(router.sched.num_blocks as usize, Ordering::Relaxed);
+    let mut worker = EngineThread::new(engine, group, load.clone(), router.obs.clone(), Arc::downgrade(router));
+    std::thread::Builder::new().name(format!("lockstep-engine-{group}")).spawn(move || worker.run(rx))?;
+    let mut table = router.table.lock().expect("routing table");
+    table.replicas.push(Replica { group, tx, load });
+    // Whatever waited for a replica goes now, oldest first.
+    let parked: Vec<_> = table.parked.drain(..).collect();
+    for (_, p) in parked {
+        match p {
+            Parked::New(p) => router.route_new(&mut table, p),
+            Parked::Moving(m) => router.route_moving(&mut table, m),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses parked requests whose wait ran out; ends with the service.
+fn expiry_loop(router: Weak<Router>) {
+    loop {
+        let Some(r) = router.upgrade() else { return };
+        let next = r.expire(Instant::now());
+        let table = r.table.lock().expect("routing table");
+        // Wake at the next deadline, when something is parked, or now and then to notice that
+        // the service is gone.
+        let wait = next.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now()));
+        let _ = r.parked_cv.wait_timeout(table, wait.min(Duration::from_millis(500)));
+    }
 }
 
 /// The one loop that drives an engine, for `serve`, `generate`, `bench`, `demo` and the canary:
 /// it takes submissions and aborts from its channel, steps while there is work, and sends every
-/// request's events to its sink.
+/// request's events to its sink. When its executor fails it hands its requests to the router and
+/// ends.
 struct EngineThread<E: StepExecutor> {
     engine: Engine<E>,
+    group: usize,
     load: Arc<ReplicaLoad>,
     obs: Arc<dyn ServiceObserver>,
+    router: Weak<Router>,
     clients: HashMap<RequestId, Client>,
     /// Submissions held back by `delay_steps`, by the loop turn at which they join.
     delayed: BTreeMap<(u64, RequestId), Box<Pending>>,
@@ -375,8 +698,14 @@ struct EngineThread<E: StepExecutor> {
 }
 
 impl<E: StepExecutor> EngineThread<E> {
-    fn new(engine: Engine<E>, load: Arc<ReplicaLoad>, obs: Arc<dyn ServiceObserver>) -> Self {
-        EngineThread { engine, load, obs, clients: HashMap::new(), delayed: BTreeMap::new(), turns: 0 }
+    fn new(
+        engine: Engine<E>,
+        group: usize,
+        load: Arc<ReplicaLoad>,
+        obs: Arc<dyn ServiceObserver>,
+        router: Weak<Router>,
+    ) -> Self {
+        EngineThread { engine, group, load, obs, router, clients: HashMap::new(), delayed: BTreeMap::new(), turns: 0 }
     }
 
     fn run(&mut self, rx: std_mpsc::Receiver<Cmd>) {
@@ -392,17 +721,7 @@ impl<E: StepExecutor> EngineThread<E> {
                 }
             };
             for cmd in first.into_iter().chain(rx.try_iter()) {
-                match cmd {
-                    Cmd::Submit(p) => {
-                        self.load.queued.fetch_sub(1, Ordering::Relaxed);
-                        if p.delay_steps == 0 {
-                            self.admit(*p);
-                        } else {
-                            self.delayed.insert((self.turns + p.delay_steps, p.id), p);
-                        }
-                    }
-                    Cmd::Abort(id) => self.abort(id),
-                }
+                self.command(cmd);
             }
             // Held-back submissions whose turn came; when nothing else runs, time jumps to the
             // next one (idle turns count).
@@ -423,40 +742,116 @@ impl<E: StepExecutor> EngineThread<E> {
                 self.sync_load();
                 continue;
             }
-            let events = match self.engine.step() {
-                Ok(evs) => evs,
-                Err(e) => {
-                    let msg = e.to_string();
-                    self.load.down.store(true, Ordering::SeqCst);
-                    *self.load.down_reason.lock().expect("lock") = Some(msg.clone());
-                    self.obs.on_error("replica_down");
-                    self.engine.fail_all(&msg)
+            match self.engine.step() {
+                Ok(events) => {
+                    self.load.steps.fetch_add(1, Ordering::Relaxed);
+                    self.note_scheduled();
+                    for ev in events {
+                        self.dispatch(ev);
+                    }
+                    self.sync_load();
                 }
-            };
-            self.load.steps.fetch_add(1, Ordering::Relaxed);
-            let now = Instant::now();
-            for id in self.engine.last_plan() {
-                if let Some(c) = self.clients.get_mut(id) {
-                    if !c.scheduled {
-                        c.scheduled = true;
-                        self.obs.on_queue_time(now.duration_since(c.submitted).as_secs_f64());
-                        self.obs.on_prompt_tokens(c.prompt_tokens);
+                Err(failure) => return self.fail_over(failure, rx),
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit(p) => {
+                self.load.queued.fetch_sub(1, Ordering::Relaxed);
+                if p.delay_steps == 0 {
+                    self.admit(*p);
+                } else {
+                    self.delayed.insert((self.turns + p.delay_steps, p.id), p);
+                }
+            }
+            Cmd::Resume(m) => {
+                let Moving { request, client, reason } = *m;
+                let id = request.id;
+                match self.engine.resume(request) {
+                    Ok(()) => {
+                        self.clients.insert(id, client);
+                    }
+                    Err(b) => {
+                        let (e, request) = *b;
+                        let message = format!("could not resume after a failure ({reason}): {e}");
+                        if let Some(r) = self.router.upgrade() {
+                            r.finish_elsewhere(&Moving { request, client, reason }, FinishReason::Error(message));
+                        }
+                        self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
             }
-            for ev in events {
-                self.dispatch(ev);
+            Cmd::Abort(id) => self.abort(id),
+        }
+    }
+
+    /// The executor failed: deliver what happened anyway, leave the routing table, and hand
+    /// every request — running, waiting, held back or still in the channel — to the router.
+    fn fail_over(&mut self, failure: StepFailure, rx: std_mpsc::Receiver<Cmd>) {
+        let StepFailure { error, events } = failure;
+        for ev in events {
+            self.dispatch(ev);
+        }
+        let reason = error.to_string();
+        self.load.down.store(true, Ordering::SeqCst);
+        *self.load.down_reason.lock().expect("lock") = Some(reason.clone());
+        self.obs.on_error("replica_down");
+        let Some(router) = self.router.upgrade() else { return };
+        let drained: Vec<Cmd> = {
+            let mut table = router.table.lock().expect("routing table");
+            table.replicas.retain(|r| r.group != self.group);
+            table.last_failure = Some(format!("group {} failed: {reason}", self.group));
+            // Nothing can be sent to this thread any more (sends happen under the lock): what is
+            // in the channel now is everything.
+            rx.try_iter().collect()
+        };
+        let mut resubmit = Vec::new();
+        let mut resume = Vec::new();
+        for cmd in drained {
+            match cmd {
+                Cmd::Submit(p) => resubmit.push(p),
+                Cmd::Resume(m) => resume.push(m),
+                Cmd::Abort(id) => self.abort(id),
             }
-            self.sync_load();
+        }
+        resubmit.extend(std::mem::take(&mut self.delayed).into_values());
+        let moving: Vec<Moving> = self
+            .engine
+            .evacuate()
+            .into_iter()
+            .filter_map(|m| {
+                let client = self.clients.remove(&m.id)?;
+                Some(Moving { request: m, client, reason: reason.clone() })
+            })
+            .collect();
+        let mut table = router.table.lock().expect("routing table");
+        for m in moving {
+            router.migrate(&mut table, m);
+        }
+        for m in resume {
+            router.route_moving(&mut table, m);
+        }
+        for p in resubmit {
+            router.route_new(&mut table, p);
+        }
+    }
+
+    fn note_scheduled(&mut self) {
+        let now = Instant::now();
+        for id in self.engine.last_plan() {
+            if let Some(c) = self.clients.get_mut(id) {
+                if !c.scheduled {
+                    c.scheduled = true;
+                    self.obs.on_queue_time(now.duration_since(c.submitted).as_secs_f64());
+                    self.obs.on_prompt_tokens(c.prompt_tokens);
+                }
+            }
         }
     }
 
     fn admit(&mut self, p: Pending) {
-        if self.load.down.load(Ordering::Relaxed) {
-            let reason = self.load.down_reason.lock().expect("lock").clone().unwrap_or_default();
-            self.reject(p.id, &p.sink, RequestError::Unavailable(reason));
-            return;
-        }
         let prompt_tokens = p.req.prompt_ids.len();
         match self.engine.add(p.id, p.req) {
             Ok(()) => {
@@ -464,14 +859,24 @@ impl<E: StepExecutor> EngineThread<E> {
                     Client { sink: p.sink, submitted: p.at, scheduled: false, last_token: None, prompt_tokens };
                 self.clients.insert(p.id, client);
             }
-            Err(e) => self.reject(p.id, &p.sink, RequestError::Invalid(e)),
+            Err(e) => {
+                let error = RequestError::Invalid(e);
+                self.obs.on_error(error.error_type());
+                let _ = p.sink.send(EngineEvent::Rejected { id: p.id, error });
+                self.ended(p.id);
+            }
         }
     }
 
-    fn reject(&self, id: RequestId, sink: &EventSink, error: RequestError) {
-        self.obs.on_error(error.error_type());
-        let _ = sink.send(EngineEvent::Rejected { id, error });
+    /// A request ended here: it no longer weighs on this replica.
+    fn ended(&self, id: RequestId) {
         self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let Some(r) = self.router.upgrade() {
+            let mut table = r.table.lock().expect("routing table");
+            if table.location.get(&id) == Some(&self.group) {
+                table.location.remove(&id);
+            }
+        }
     }
 
     fn abort(&mut self, id: RequestId) {
@@ -480,7 +885,7 @@ impl<E: StepExecutor> EngineThread<E> {
             // Never joined: it ends as aborted without having run.
             let usage = Usage { prompt_tokens: p.req.prompt_ids.len(), completion_tokens: 0 };
             let _ = p.sink.send(EngineEvent::Finished { id, reason: FinishReason::Abort, text: String::new(), usage });
-            self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
+            self.ended(id);
             return;
         }
         if let Some(ev) = self.engine.abort(id) {
@@ -521,7 +926,7 @@ impl<E: StepExecutor> EngineThread<E> {
         let _ = c.sink.send(ev);
         if last {
             self.clients.remove(&id);
-            self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
+            self.ended(id);
         }
     }
 }

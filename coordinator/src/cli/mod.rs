@@ -280,4 +280,8 @@ pub(crate) fn start_service(
 }
 
 /// A command-line batch is never refused for queue length: it waits its turn.
-pub(crate) const UNBOUNDED: ServiceOptions = ServiceOptions { max_waiting: usize::MAX };
+pub(crate) const UNBOUNDED: ServiceOptions = ServiceOptions {
+    max_waiting: usize::MAX,
+    migration_limit: lockstep_coordinator::service::DEFAULT_MIGRATION_LIMIT,
+    queue_timeout: lockstep_coordinator::service::DEFAULT_QUEUE_TIMEOUT,
+};

@@ -77,7 +77,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         &a.cluster,
         &opts,
         info,
-        ServiceOptions { max_waiting: a.max_waiting },
+        ServiceOptions { max_waiting: a.max_waiting, ..ServiceOptions::default() },
         Some(metrics.clone()),
     )?;
     let service = Arc::new(service);

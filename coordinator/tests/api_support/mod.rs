@@ -65,7 +65,7 @@ pub async fn start(model: &std::path::Path, opts: Options) -> TestServer {
         vec![exec],
         None,
         sched,
-        ServiceOptions { max_waiting: opts.max_waiting },
+        ServiceOptions { max_waiting: opts.max_waiting, ..ServiceOptions::default() },
         metrics.clone(),
     )
     .expect("service");
