@@ -254,7 +254,13 @@ impl World {
                 self.drain();
                 self.check(true);
             }
-            _ => self.now = idle_until,
+            _ => {
+                // Nothing is due before `poll_timeout`, so waking early must change nothing: this
+                // is what catches a deadline missing from `poll_timeout`.
+                self.now = idle_until;
+                self.m.handle_timeout(self.now);
+                assert_eq!(self.m.poll_action(), None, "handle_timeout acted before poll_timeout");
+            }
         }
     }
 
