@@ -13,10 +13,9 @@
 //!
 //! ```text
 //! hello ─▶ Joining ─first heartbeat ack─▶ Waiting ─Assign─▶ Forming{g,r} ─all Ready─▶ Serving{g,r}
-//!             │                             ▲  │                │                      │
-//!             │                             │  │                └──── group dissolved ─┤ Release
-//!             │                             └──┴──────────────────────────────────────┘
-//!             └── lost / silent / refused / replaced (any state) ──▶ Down{reason}
+//!                                           ▲                    │                       │
+//!                                           └───── Release: the group was dissolved ─────┘
+//! any state ─ lost / silent / refused / replaced / did not answer ─▶ Down{reason}
 //! ```
 //!
 //! A node must answer one heartbeat (sent at once on hello) before it is given a rank, so a node
@@ -55,8 +54,9 @@
 //! so a group must have served for at least `node_timeout` before it is dissolved for an upgrade:
 //! each group is upgraded at most once, and a lineage of groups at most once per `node_timeout`.
 //! The least preferred group is upgraded first (ties: the oldest id). Layouts depend on arrival
-//! order: with `tp_prefs = [2, 1]` and two replicas, two nodes arriving one at a time serve as two
-//! TP 1 groups and stay so, since only *waiting* nodes trigger an upgrade.
+//! order: with `tp_prefs = [2, 1]` the first node to arrive serves alone at TP 1 until a second one
+//! waits and the hold-off has passed; with two replicas, two nodes arriving one at a time serve as
+//! two TP 1 groups and stay so, since only *waiting* nodes trigger an upgrade.
 //!
 //! Every transition is recorded in a bounded event history for the ops API.
 
@@ -192,10 +192,18 @@ pub enum NodeState {
     /// Alive and unassigned: the next group's candidate, or a hot spare.
     Waiting,
     /// Assigned rank `rank` of `group`, which is not serving yet.
-    Forming { group: GroupId, rank: usize },
-    Serving { group: GroupId, rank: usize },
+    Forming {
+        group: GroupId,
+        rank: usize,
+    },
+    Serving {
+        group: GroupId,
+        rank: usize,
+    },
     /// The session is over; the node must say hello again.
-    Down { reason: String },
+    Down {
+        reason: String,
+    },
 }
 
 impl NodeState {
@@ -293,17 +301,42 @@ pub struct ClusterEvent {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
-    Joined { name: String, session: SessionId },
+    Joined {
+        name: String,
+        session: SessionId,
+    },
     /// A session ended: connection lost, silent, refused, replaced or did not answer.
-    Lost { name: String, session: SessionId, reason: String },
-    Forming { group: GroupId, tp: usize, members: Vec<String> },
-    Serving { group: GroupId, tp: usize, members: Vec<String> },
+    Lost {
+        name: String,
+        session: SessionId,
+        reason: String,
+    },
+    Forming {
+        group: GroupId,
+        tp: usize,
+        members: Vec<String>,
+    },
+    Serving {
+        group: GroupId,
+        tp: usize,
+        members: Vec<String>,
+    },
     /// A serving group stopped.
-    Failed { group: GroupId, reason: String, culprits: Vec<String> },
+    Failed {
+        group: GroupId,
+        reason: String,
+        culprits: Vec<String>,
+    },
     /// A forming group gave up before it served.
-    Abandoned { group: GroupId, reason: String },
+    Abandoned {
+        group: GroupId,
+        reason: String,
+    },
     /// The I/O layer moved a failed group's in-flight requests elsewhere.
-    Migrated { group: GroupId, requests: usize },
+    Migrated {
+        group: GroupId,
+        requests: usize,
+    },
 }
 
 impl fmt::Display for EventKind {
@@ -377,10 +410,6 @@ pub struct Membership {
     actions: VecDeque<Action>,
     events: VecDeque<ClusterEvent>,
     last_failure: Option<String>,
-}
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
 }
 
 impl Membership {
@@ -534,8 +563,8 @@ impl Membership {
                     s,
                     format!(
                         "silent for {} ms (node timeout {} ms)",
-                        ms(now - n.last_heard),
-                        ms(self.cfg.node_timeout)
+                        (now - n.last_heard).as_millis(),
+                        self.cfg.node_timeout.as_millis()
                     ),
                 )
             })
@@ -547,11 +576,12 @@ impl Membership {
         for g in self.groups.values() {
             match &g.phase {
                 Phase::Serving { step: Some(s), .. } if now >= s.started + self.cfg.step_timeout => {
-                    let why = format!("did not answer step {} within {} ms", s.step_id, ms(self.cfg.step_timeout));
+                    let why =
+                        format!("did not answer step {} within {} ms", s.step_id, self.cfg.step_timeout.as_millis());
                     unanswered.extend(g.members.iter().filter(|m| !s.answered.contains(m)).map(|m| (*m, why.clone())));
                 }
                 Phase::Forming { assigned_at, ready } if now >= *assigned_at + self.cfg.form_timeout => {
-                    let why = format!("not ready within the form timeout ({} ms)", ms(self.cfg.form_timeout));
+                    let why = format!("not ready within the form timeout ({} ms)", self.cfg.form_timeout.as_millis());
                     not_ready.extend(g.members.iter().filter(|m| !ready.contains(m)).map(|m| (*m, why.clone())));
                 }
                 _ => {}
@@ -636,8 +666,7 @@ impl Membership {
             why.push(format!("group {id} (TP {}) is forming", g.tp));
         }
         let count = |want: fn(&NodeState) -> bool| self.live.values().filter(|n| want(&self.nodes[*n].state)).count();
-        let (waiting, joining) =
-            (count(|s| *s == NodeState::Waiting), count(|s| *s == NodeState::Joining));
+        let (waiting, joining) = (count(|s| *s == NodeState::Waiting), count(|s| *s == NodeState::Joining));
         if self.live.is_empty() {
             why.push("no node is connected".into());
         } else if self.groups.is_empty() {
@@ -716,7 +745,11 @@ impl Membership {
         let Some(g) = self.groups.remove(&group) else { return };
         match g.phase {
             Phase::Serving { .. } => {
-                self.actions.push_back(Action::GroupFailed { group, reason: reason.clone(), culprits: culprits.clone() });
+                self.actions.push_back(Action::GroupFailed {
+                    group,
+                    reason: reason.clone(),
+                    culprits: culprits.clone(),
+                });
                 self.last_failure = Some(format!("group {group} failed: {reason}"));
                 self.record(now, EventKind::Failed { group, reason: reason.clone(), culprits });
             }
@@ -765,7 +798,11 @@ impl Membership {
             }
             self.groups.insert(
                 group,
-                Group { tp, members: sessions.clone(), phase: Phase::Forming { assigned_at: now, ready: BTreeSet::new() } },
+                Group {
+                    tp,
+                    members: sessions.clone(),
+                    phase: Phase::Forming { assigned_at: now, ready: BTreeSet::new() },
+                },
             );
             let members = self.members(&sessions);
             let names = members.iter().map(|m| m.name.clone()).collect();

@@ -204,7 +204,8 @@ impl World {
             }
             // Mostly quick; sometimes past the step timeout; rarely a failure.
             let d = if self.rng.below(20) == 0 { self.ms(4000) } else { self.ms(300) };
-            let msg = if self.rng.below(40) == 0 { Msg::StepFailed(group, *s, step) } else { Msg::Answer(group, *s, step) };
+            let msg =
+                if self.rng.below(40) == 0 { Msg::StepFailed(group, *s, step) } else { Msg::Answer(group, *s, step) };
             self.send(d, msg);
         }
         self.steps.insert(group, (step, members.into_iter().collect()));
@@ -307,7 +308,10 @@ impl World {
                 self.requests.push(None);
                 self.place_requests();
             }
-            _ => return self.advance(1500 * MS),
+            _ => {
+                let max = MS + self.ms(1500);
+                return self.advance(max);
+            }
         }
         self.drain();
         self.check(false);
@@ -363,9 +367,9 @@ impl World {
             n.deaf_until = self.now;
         }
         // Nodes closed for what they did before (silent, refused, late) restart, as under a
-        // supervisor; in the last minute nothing may be closed any more.
-        let restarts_end = self.now + Duration::from_secs(60);
-        let end = restarts_end + Duration::from_secs(60);
+        // supervisor; in the last 45 s nothing may be closed any more.
+        let restarts_end = self.now + Duration::from_secs(30);
+        let end = restarts_end + Duration::from_secs(45);
         while self.now < end {
             if self.now < restarts_end {
                 for i in 0..self.nodes.len() {

@@ -165,7 +165,9 @@ fn a_node_waits_only_after_answering_its_first_heartbeat() {
     sim.ready(0);
     assert_eq!(sim.state("a"), NodeState::Serving { group: 0, rank: 0 });
     let served = sim.actions();
-    assert!(matches!(&served[..], [Action::GroupServing { group: 0, members }] if members[0].ring_addr == "a.ring:9000"));
+    assert!(
+        matches!(&served[..], [Action::GroupServing { group: 0, members }] if members[0].ring_addr == "a.ring:9000")
+    );
 }
 
 #[test]
@@ -499,7 +501,13 @@ fn spares_wait_once_every_replica_is_formed() {
     let states: Vec<String> = sim.m.nodes(sim.now).iter().map(|n| format!("{} {}", n.name, n.state)).collect();
     assert_eq!(
         states,
-        ["a in group 0 rank 0", "b in group 0 rank 1", "c forming group 1 rank 0", "d forming group 1 rank 1", "e waiting"]
+        [
+            "a in group 0 rank 0",
+            "b in group 0 rank 1",
+            "c forming group 1 rank 0",
+            "d forming group 1 rank 1",
+            "e waiting"
+        ]
     );
 }
 
