@@ -9,6 +9,8 @@
 //!   preemption by recompute) as a sans-IO state machine: it consumes requests and step results
 //!   and produces step plans and sequence events, with no threads, clocks or I/O, so tests drive
 //!   it directly.
+//! * [`membership`]: which nodes are alive and which tensor-parallel groups they form, as a
+//!   sans-IO state machine with time as an input.
 //!
 //! The scheduler never changes a request's output bits: sampling noise is keyed by the generated
 //! token's index and the kernels are batch-invariant (see `docs/DESIGN.md`), so which step, batch
@@ -17,6 +19,7 @@
 pub mod api;
 pub mod cluster;
 pub mod engine;
+pub mod membership;
 pub mod ops;
 pub mod scheduler;
 pub mod service;
