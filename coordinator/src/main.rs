@@ -513,12 +513,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Certs { cmd: CertsCmd::Init { dir } } => {
-            lockstep_node::certs::init_ca(&dir)?;
+            lockstep_transport::certs::init_ca(&dir)?;
             eprintln!("created the cluster CA in {}", dir.display());
             Ok(())
         }
         Command::Certs { cmd: CertsCmd::Issue { dir, name } } => {
-            lockstep_node::certs::issue(&dir, &name)?;
+            lockstep_transport::certs::issue(&dir, &name)?;
             eprintln!("issued {}/{name}.pem", dir.display());
             Ok(())
         }
