@@ -42,10 +42,19 @@
 //! in a `select!` loses no bytes); sending is not, and a send abandoned midway poisons the sender,
 //! since half a frame is on the stream.
 //!
-pub mod certs;
-mod net;
+//! Modules: [`certs`] (the cluster PKI on disk), `config` (TLS and QUIC settings, peer checks),
+//! `endpoint` (binding, dialling, accepting), `conn` (the message stream and its framing), `error`
+//! (what went wrong, from quinn's and rustls's errors).
 
-pub use net::{
-    certificate_name, close_code, resolve, Conn, ConnReceiver, ConnSender, Endpoint, NetError, ACCEPT_QUEUE,
-    DEFAULT_SERVER_NAME, IDLE_TIMEOUT, KEEP_ALIVE, PREFACE_TIMEOUT,
-};
+pub mod certs;
+mod config;
+mod conn;
+mod endpoint;
+mod error;
+#[cfg(test)]
+mod tests;
+
+pub use config::{certificate_name, IDLE_TIMEOUT, KEEP_ALIVE};
+pub use conn::{Conn, ConnReceiver, ConnSender};
+pub use endpoint::{resolve, Endpoint, ACCEPT_QUEUE, DEFAULT_SERVER_NAME, PREFACE_TIMEOUT};
+pub use error::{close_code, NetError};
