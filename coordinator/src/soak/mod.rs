@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use lockstep_kernels::splitmix::SplitMix64;
 use serde_json::{json, Value};
 
 use self::http::{request, BaseUrl};
@@ -99,24 +100,6 @@ struct Shared {
     copies_done: AtomicUsize,
     stop: AtomicBool,
     bg: Mutex<BackgroundStats>,
-}
-
-/// splitmix64 for the background generator's choices.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 const WORDS: &[&str] = &[
@@ -371,22 +354,22 @@ fn one_copy(s: &Shared, o: &SoakOptions, index: usize, conc: usize) -> CopyResul
 
 /// Random other requests at Poisson arrivals until the copies are done.
 fn background_traffic(s: &Arc<Shared>, o: &SoakOptions) {
-    let mut rng = Rng(0x5eed ^ (o.requests as u64) << 7);
+    let mut rng = SplitMix64::new(0x5eed ^ (o.requests as u64) << 7);
     let mut handles = Vec::new();
     while !s.stop.load(Ordering::Relaxed) {
-        let wait = -(1.0 - rng.unit()).ln() / o.background_per_s;
+        let wait = -(1.0 - rng.unit_f64()).ln() / o.background_per_s;
         std::thread::sleep(Duration::from_secs_f64(wait.min(2.0)));
         if s.background_in_flight.load(Ordering::Relaxed) >= 96 {
             continue;
         }
-        let words = 1 + rng.below(60) as usize;
-        let prompt: Vec<&str> = (0..words).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect();
-        let max_tokens = 1 + rng.below(o.max_tokens.max(8) as u64) as u32;
-        let temperature = [0.0f32, 0.7, 1.0][rng.below(3) as usize];
+        let words = 1 + rng.below(60);
+        let prompt: Vec<&str> = (0..words).map(|_| WORDS[rng.below(WORDS.len())]).collect();
+        let max_tokens = 1 + rng.below(o.max_tokens.max(8) as usize) as u32;
+        let temperature = [0.0f32, 0.7, 1.0][rng.below(3)];
         let stream = rng.below(2) == 0;
         let cancel = rng.below(5) == 0;
         let body =
-            completion_body(&s.model, &prompt.join(" "), max_tokens, temperature, Some(rng.next() >> 11), stream);
+            completion_body(&s.model, &prompt.join(" "), max_tokens, temperature, Some(rng.next_u64() >> 11), stream);
         let s2 = s.clone();
         let timeout = o.request_timeout;
         s.background_in_flight.fetch_add(1, Ordering::Relaxed);

@@ -15,8 +15,9 @@
 //!   real special tokens at their real ids) and `tokenizer_config.json` with a chat template.
 //!
 //! **Determinism.** Every byte is a function of (preset, seed, dtype, options). Tensor `name`
-//! draws from its own counter-based stream (splitmix64 keyed by the seed and an FNV-1a hash of the
-//! name), so a value does not depend on the order tensors are written or how they are sharded.
+//! draws from its own counter-based stream ([`lockstep_kernels::splitmix`] keyed by the seed and an
+//! FNV-1a hash of the name), so a value does not depend on the order tensors are written or how
+//! they are sharded.
 //! JSON is written with sorted keys (or in a fixed order) by our own writer, so the output does
 //! not depend on serde_json features either. The tokenizer does not depend on the seed.
 //!

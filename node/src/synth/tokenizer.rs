@@ -5,10 +5,10 @@
 
 use std::collections::HashMap;
 
+use lockstep_kernels::splitmix::SplitMix64;
 use serde_json::{json, Value};
 
 use super::presets::{Family, Spec};
-use super::weights::SplitMix64;
 
 /// Original English text the BPE merges are learned from (written for this purpose).
 const CORPUS: &str = "\
@@ -292,8 +292,8 @@ fn pad_with_pseudo_words(
     // Fixed key: the tokenizer is the same for every weights seed.
     let mut rng = SplitMix64::new(0x746f_6b65_6e69_7a65);
     while tokens.len() < limit {
-        let a = stems[(rng.next_u64() % stems.len() as u64) as usize];
-        let b = suffixes[(rng.next_u64() % suffixes.len() as u64) as usize];
+        let a = stems[rng.below(stems.len())];
+        let b = suffixes[rng.below(suffixes.len())];
         let merged = format!("{}{}", tokens[a as usize], tokens[b as usize]);
         if merged.chars().count() > 16 || ids.contains_key(&merged) {
             continue;

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use lockstep_kernels::splitmix::SplitMix64;
 use lockstep_kernels::DType;
 
 use super::presets::{Init, TensorSpec};
@@ -57,51 +58,15 @@ pub(super) fn split_into_shards(tensors: &[TensorSpec], dtype: DType, n: usize) 
 // ---------------------------------------------------------------------------------------------
 // Random numbers
 
-/// splitmix64 (Steele, Lea, Flood 2014): a counter-based generator, value `i` of a stream is a
-/// pure function of (key, i); tiny, fast, and good enough for initial weights.
-#[derive(Clone)]
-pub(super) struct SplitMix64 {
-    state: u64,
-}
-
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-impl SplitMix64 {
-    pub(super) fn new(key: u64) -> Self {
-        SplitMix64 { state: key }
-    }
-
-    #[inline]
-    pub(super) fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Approximately N(0, 1): the sum of four 16-bit uniforms, centred and scaled to unit
-    /// variance (Irwin–Hall, n = 4). One 64-bit draw per value.
-    #[inline]
-    fn next_normal(&mut self) -> f32 {
-        let r = self.next_u64();
-        let sum = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
-        // Each (u + 0.5) / 65536 is uniform on (0, 1) with mean 1/2: the sum has mean 2 and
-        // variance 4/12, hence the centring at 2 and the factor sqrt(3).
-        let s = (sum as f64 + 2.0) / 65536.0;
-        ((s - 2.0) * 3f64.sqrt()) as f32
-    }
-}
-
 /// FNV-1a over a name, to key each tensor's stream.
 fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
+/// Tensor `name`'s own stream: a value does not depend on which tensors are written before it.
 fn tensor_stream(seed: u64, name: &str) -> SplitMix64 {
     // Mix once so that nearby seeds do not give related streams.
-    let mut k = SplitMix64::new(seed ^ fnv1a(name));
-    SplitMix64::new(k.next_u64())
+    SplitMix64::new(SplitMix64::mix(seed ^ fnv1a(name)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,8 +121,8 @@ pub(super) fn write_safetensors(path: &Path, tensors: &[TensorSpec], seed: u64, 
 
 fn fill(buf: &mut Vec<u8>, rng: &mut SplitMix64, init: Init, n: usize, dtype: DType) {
     let value = |rng: &mut SplitMix64| match init {
-        Init::Normal(std) => std * rng.next_normal(),
-        Init::AroundOne(std) => 1.0 + std * rng.next_normal(),
+        Init::Normal(std) => std * rng.normal_f32(),
+        Init::AroundOne(std) => 1.0 + std * rng.normal_f32(),
     };
     // Monomorphic loops per dtype: this is the hot path of a multi-gigabyte write.
     match dtype {
@@ -172,18 +137,6 @@ mod tests {
     use super::*;
     use crate::synth::{synth_with, Preset, SynthOptions};
     use crate::weights::tests::TempDir;
-
-    #[test]
-    fn normal_generator_moments() {
-        let mut r = SplitMix64::new(42);
-        let n = 200_000;
-        let xs: Vec<f64> = (0..n).map(|_| r.next_normal() as f64).collect();
-        let mean = xs.iter().sum::<f64>() / n as f64;
-        let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.01, "{mean}");
-        assert!((var - 1.0).abs() < 0.02, "{var}");
-        assert!(xs.iter().all(|x| x.abs() <= 3.47));
-    }
 
     #[test]
     fn shard_split_is_balanced_and_complete() {
