@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check that a synthetic lockstep model directory loads in Hugging Face transformers.
 
-lockstep's synthetic models (node/src/synth.rs) are meant to be ordinary HF directories that any
+lockstep's synthetic models (node/src/synth/) are meant to be ordinary HF directories that any
 tool reads. This script loads one with `AutoConfig`, `AutoTokenizer` and `AutoModelForCausalLM`,
 checks the tokenizer round-trips text and the chat template renders, runs a forward pass and a
 few greedy steps, and checks the safetensors files with the `safetensors` library itself.

@@ -30,10 +30,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use lockstep_kernels::{merge_shard_samples, ShardSample};
-use lockstep_node::certs::{init_ca, issue, TlsIdentity};
-use lockstep_node::net::{Conn, ConnSender, Endpoint};
 use lockstep_proto::step::{StepPlan, StepResult};
 use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, PROTOCOL_VERSION};
+use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
+use lockstep_transport::{Conn, ConnSender, Endpoint};
 
 use crate::engine::{EngineOptions, ExecError, ModelInfo, StepExecutor};
 

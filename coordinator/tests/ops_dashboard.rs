@@ -47,10 +47,10 @@ impl Drop for Nodes {
 /// cluster CA.
 fn tp2_cluster(model: &Path, scratch: &Path) -> (Cluster, Nodes) {
     let tls = scratch.join("tls");
-    lockstep_node::certs::init_ca(&tls).unwrap();
-    lockstep_node::certs::issue(&tls, "coordinator").unwrap();
+    lockstep_transport::certs::init_ca(&tls).unwrap();
+    lockstep_transport::certs::issue(&tls, "coordinator").unwrap();
     for n in NODE_NAMES {
-        lockstep_node::certs::issue(&tls, n).unwrap();
+        lockstep_transport::certs::issue(&tls, n).unwrap();
     }
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

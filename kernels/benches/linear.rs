@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use lockstep_kernels::splitmix::SplitMix64;
 use lockstep_kernels::{Backend, CpuBackend, CpuConfig, DType, HostWeight, Isa, KernelMode, NumericsConfig};
 
 fn seconds() -> f64 {
@@ -131,16 +132,11 @@ fn main() {
     println!();
     println!("| shape K→N | M | weights | threads | invariant GFLOP/s | fast GFLOP/s | inv/fast | invariant GB/s (weights) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    let mut seed = 1u64;
+    let mut rng = SplitMix64::new(1);
     for (k, n, name) in shapes {
         for dtype in [DType::F32, DType::Bf16] {
-            // Deterministic pseudo-random weights in [-0.05, 0.05).
-            let vals: Vec<f32> = (0..n * k)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-                })
-                .collect();
+            // Deterministic pseudo-random weights, uniform in ±0.05.
+            let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
             let w = HostWeight::from_f32(&vals, dtype, n, k);
             drop(vals);
             for threads in [1, 2] {

@@ -66,7 +66,9 @@ fn compare(got: &[f32], want: &[f32]) -> (bool, String) {
     }
 }
 
-use lockstep_kernels::testdata::SplitMix64 as Rng;
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{ContractData, Rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 
@@ -161,7 +163,7 @@ fn up(be: &CudaBackend, w: &HostWeight) -> lockstep_kernels::cuda::CudaWeight {
 
 /// The contract tests' shapes, GPU portable against the reference.
 fn portable_contract(be: &CudaBackend, r: &mut Report) {
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     // Linear, every dtype and segment count, with bias.
     let (mut bad, mut first) = (0, String::new());
     for case in 0..40 {
@@ -319,7 +321,7 @@ fn attention_checks(be: &CudaBackend, r: &mut Report, rng: &mut Rng) {
     let layout = KvLayout { num_blocks: 40, block_size: 4, n_kv_heads: n_kv, head_dim: d };
     let p = AttnParams { n_heads, n_kv_heads: n_kv, head_dim: d, block_size: 4, kv_chunk: 16 };
     let run = |chunk: usize, seed: u64| -> Vec<u32> {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut cache = be.alloc_kv(layout);
         let mut free: Vec<u32> = (0..40).collect();
         let table: Vec<u32> = (0..len.div_ceil(4)).map(|_| free.swap_remove(rng.below(free.len()))).collect();
@@ -430,7 +432,7 @@ fn sampling_checks(be: &CudaBackend, r: &mut Report, rng: &mut Rng) {
 
 /// Qwen2.5-0.5B / Llama-3.2-1B layer shapes: GPU portable == CPU backend (itself == reference).
 fn portable_models(be: &CudaBackend, cpu: &CpuBackend, r: &mut Report) {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for (name, n, k) in model_shapes() {
         let w = HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k);
         let dw = up(be, &w);
@@ -457,7 +459,7 @@ fn nccl_check(be: &CudaBackend, r: &mut Report) {
             return;
         }
     };
-    let x: Vec<f32> = Rng(4).vec(4099);
+    let x: Vec<f32> = Rng::new(4).vec(4099);
     let part = be.upload(&x);
     let mut y = be.zeros(x.len());
     match nccl_all_gather_tree(be, &comm, &part, &mut y) {
@@ -479,7 +481,7 @@ fn native_checks(portable: &CudaBackend, cpu: &CpuBackend, r: &mut Report) -> Op
         }
     };
     r.check("start native backend", true, be.fingerprint_name());
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     // Rows alone == rows inside batches of 1..256 (Qwen qkv shape).
     let (n, k) = (1152, 896);
     for dtype in [DType::Bf16, DType::F16] {
@@ -548,7 +550,7 @@ fn timings(portable: &CudaBackend, native: Option<&CudaBackend>, quick: bool) {
     println!("memory bandwidth: theoretical {peak:.0} GB/s, measured copy {copy:.0} GB/s");
 
     println!("portable decode (M=1, bf16 weights): weight bytes / time");
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for (name, n, k) in model_shapes() {
         let w = portable.prepare_weight(HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k));
         let x = portable.upload(&rng.vec(k));

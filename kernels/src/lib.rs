@@ -41,7 +41,7 @@ pub mod math;
 pub mod reference;
 pub mod rope;
 pub mod sampling;
-pub mod testdata;
+pub mod splitmix;
 mod types;
 
 pub use cpu::{CpuBackend, CpuConfig, Isa};

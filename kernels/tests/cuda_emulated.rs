@@ -545,7 +545,8 @@ impl Drop for Emu {
 
 // ---------------------------------------------------------------- test data
 
-use lockstep_kernels::testdata::SplitMix64 as Rng;
+mod common;
+use common::{ContractData, Rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 
@@ -615,10 +616,10 @@ fn emulated_common_cuh_math_equals_the_rust_contract() {
         b = b.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
         xs.push(f32::from_bits(b));
     }
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut philox_cases = vec![([0u32; 4], [0u32; 2]), ([u32::MAX; 4], [u32::MAX; 2])];
     for _ in 0..2000 {
-        let r = [rng.next(), rng.next(), rng.next()];
+        let r = [rng.next_u64(), rng.next_u64(), rng.next_u64()];
         philox_cases.push((
             [r[0] as u32, (r[0] >> 32) as u32, r[1] as u32, (r[1] >> 32) as u32],
             [r[2] as u32, (r[2] >> 32) as u32],
@@ -626,9 +627,9 @@ fn emulated_common_cuh_math_equals_the_rust_contract() {
     }
     let mut noise_cases = Vec::new();
     for i in 0..20_000u64 {
-        let seed = if i % 3 == 0 { i } else { rng.next() };
-        let step = if i % 2 == 0 { i % 97 } else { rng.next() };
-        noise_cases.push((seed, step, (rng.next() % 200_000) as u32));
+        let seed = if i % 3 == 0 { i } else { rng.next_u64() };
+        let step = if i % 2 == 0 { i % 97 } else { rng.next_u64() };
+        noise_cases.push((seed, step, (rng.next_u64() % 200_000) as u32));
     }
     // Write everything, then read the answers (a writer thread keeps the pipe from filling up).
     let mut input = String::new();
@@ -690,7 +691,7 @@ fn emulated_common_cuh_math_equals_the_rust_contract() {
 #[test]
 fn emulated_portable_linear_equals_reference_for_every_dtype_segment_count_and_batch() {
     let Some(mut emu) = Emu::start() else { return };
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let mut cases = 0;
     for case in 0..21 {
         let m = [1, 2, 3, 5, 9, 13, 20][case % 7];
@@ -725,7 +726,7 @@ fn emulated_portable_linear_equals_reference_for_every_dtype_segment_count_and_b
 #[test]
 fn emulated_row_parallel_shards_tree_combine_and_bias_equal_unsplit() {
     let Some(mut emu) = Emu::start() else { return };
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     for case in 0..6 {
         let (m, k, n) = (1 + rng.below(5), 1 + rng.below(400), 1 + rng.below(20));
         let dtype = DTYPES[case % 3];
@@ -768,7 +769,7 @@ fn emulated_row_parallel_shards_tree_combine_and_bias_equal_unsplit() {
 #[test]
 fn emulated_row_and_elementwise_ops_equal_reference() {
     let Some(mut emu) = Emu::start() else { return };
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     for case in 0..14 {
         let m = 1 + rng.below(4);
         let n = 1 + rng.below(300);
@@ -878,7 +879,7 @@ fn emulated_rope_equals_reference() {
         }),
     };
     let t = RopeTables::new(&cfg, 300).unwrap();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let (n_heads, d) = (3, 16);
     let pos = [0u32, 3, 17, 255, 299];
     let x = rng.vec(pos.len() * n_heads * d);
@@ -909,7 +910,7 @@ fn emulated_rope_equals_reference() {
 #[test]
 fn emulated_paged_attention_equals_reference() {
     let Some(mut emu) = Emu::start() else { return };
-    let mut rng = Rng(10);
+    let mut rng = Rng::new(10);
     let shape = [(0usize, 9usize), (30, 1), (5, 3), (0, 1), (70, 2)];
     for (n_heads, n_kv, d) in [(4, 2, 16), (8, 4, 8), (2, 2, 20), (6, 1, 64)] {
         let block_size = 4;
@@ -975,7 +976,7 @@ fn emulated_paged_attention_equals_reference() {
 #[test]
 fn emulated_sampling_partials_equal_shard_sample() {
     let Some(mut emu) = Emu::start() else { return };
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     let params = [
         SamplingParams { temperature: 0.0, ..Default::default() },
         SamplingParams { temperature: 0.8, seed: 42, ..Default::default() },
@@ -1099,7 +1100,7 @@ fn native_model(x: &[f32], m: usize, w: &HostWeight, segs: lockstep_kernels::Seg
 #[test]
 fn emulated_native_linear_matches_its_mma_model_and_is_batch_and_tp_invariant() {
     let Some(mut emu) = Emu::start() else { return };
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     for (case, &(m, k, n, segments)) in
         [(1, 64, 9, 1), (5, 37, 70, 2), (70, 96, 13, 8), (3, 300, 64, 64), (66, 200, 65, 4), (2, 16, 1, 32)]
             .iter()

@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockstep_node::certs::{init_ca, issue, TlsIdentity};
 use lockstep_node::model::Collective;
-use lockstep_node::net::{Endpoint, DEFAULT_SERVER_NAME};
 use lockstep_node::ring::RingCollective;
 use lockstep_node::server::{connect_ring, QuicRing};
 use lockstep_proto::wire::Frame;
+use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
+use lockstep_transport::{Conn, Endpoint, DEFAULT_SERVER_NAME};
 
 const ITERS: usize = 200;
 
@@ -124,8 +124,8 @@ fn ring_time(ranks: &[Arc<RingCollective<QuicRing>>], src: &[f32]) -> f64 {
 }
 
 struct RawPair {
-    a: lockstep_node::net::Conn,
-    b: lockstep_node::net::Conn,
+    a: Conn,
+    b: Conn,
     _eps: (Endpoint, Endpoint),
 }
 

@@ -10,12 +10,10 @@
 //! truncated file, a missing tensor or a wrong shape is a [`LoadError`] naming the file and the
 //! tensor, because a model that loads "almost right" gives wrong answers bit-reproducibly.
 
-pub mod certs;
 pub mod config;
 pub mod error;
 pub mod fingerprint;
 pub mod model;
-pub mod net;
 pub mod ring;
 pub mod server;
 pub mod shard;

@@ -23,13 +23,13 @@ use std::time::Duration;
 use lockstep_kernels::{CpuBackend, CpuConfig, Isa, NumericsConfig};
 use lockstep_proto::step::StepPlan;
 use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, RingFrame, PROTOCOL_VERSION};
+use lockstep_transport::certs::TlsIdentity;
+use lockstep_transport::{resolve, ConnReceiver, ConnSender, Endpoint, NetError, DEFAULT_SERVER_NAME};
 use tokio::sync::mpsc;
 
-use crate::certs::TlsIdentity;
 use crate::config::ModelConfig;
 use crate::fingerprint::deployment_fingerprint;
 use crate::model::{Collective, Model, ModelOptions, StepError};
-use crate::net::{resolve, ConnSender, Endpoint, NetError, DEFAULT_SERVER_NAME};
 use crate::ring::{RingCollective, RingError, RingTransport};
 use crate::shard::ShardPlan;
 use crate::weights::SafetensorsRepo;
@@ -59,7 +59,7 @@ pub enum NodeError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
-    Cert(#[from] crate::certs::CertError),
+    Cert(#[from] lockstep_transport::certs::CertError),
     #[error("refused by the coordinator ({code:?}): {message}")]
     Refused { code: RefuseCode, message: String },
     #[error("assignment refused: {0}")]
@@ -236,7 +236,7 @@ fn model_thread(
 
 async fn serve_steps(
     tx: &ConnSender,
-    rx: &mut crate::net::ConnReceiver,
+    rx: &mut ConnReceiver,
     plans: &std_mpsc::Sender<StepPlan>,
     done: &mut mpsc::UnboundedReceiver<Message>,
 ) -> Result<(), NodeError> {

@@ -4,7 +4,7 @@
 //! # Design
 //!
 //! **Sans-IO.** This module turns values into bytes and bytes into values and nothing else: no
-//! sockets, no async, no clocks. The QUIC transport (`lockstep-node`'s `net` module) and the tests
+//! sockets, no async, no clocks. The QUIC transport (the `lockstep-transport` crate) and the tests
 //! drive the same [`encode`] / [`FrameDecoder`] pair, so the parsing that faces the network is
 //! exercised byte by byte without a network, and hostile input is a unit-test concern (see the
 //! property test at the bottom of this file).

@@ -250,9 +250,9 @@ fn bad_joiners_are_refused_with_clear_errors_and_the_cluster_keeps_serving() {
 
 /// Join as a node that says it speaks protocol version 0; return what the coordinator answers.
 fn old_protocol_hello(tls: &Path, addr: &str) -> String {
-    use lockstep_node::certs::TlsIdentity;
-    use lockstep_node::net::{resolve, Endpoint, DEFAULT_SERVER_NAME};
     use lockstep_proto::wire::{Frame, Hello, Message};
+    use lockstep_transport::certs::TlsIdentity;
+    use lockstep_transport::{resolve, Endpoint, DEFAULT_SERVER_NAME};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let id = TlsIdentity::load(tls, "old-protocol").unwrap();

@@ -30,6 +30,7 @@ use serde_json::{Map, Value};
 use crate::api::error::ApiError;
 use crate::engine::{fresh_seed, GenerateRequest, ModelInfo};
 use crate::tokenizer::ChatMessage;
+use lockstep_kernels::splitmix::SplitMix64;
 use lockstep_kernels::SamplingParams;
 
 /// Most choices (`n`) per prompt.
@@ -90,16 +91,8 @@ pub fn choice_seed(seed: u64, index: u64) -> u64 {
     if index == 0 {
         seed
     } else {
-        splitmix64(seed ^ index) >> 11
+        SplitMix64::mix(seed ^ index) >> 11
     }
-}
-
-/// SplitMix64's output function: a bijective 64-bit mixer.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The request body as an object, with typed accessors that name the parameter on failure.

@@ -153,7 +153,7 @@ impl StreamEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::request::splitmix64;
+    use lockstep_kernels::splitmix::SplitMix64;
 
     /// A stream as the server writes it, with multibyte characters (2, 3 and 4 bytes) inside and
     /// across tokens, a comment, a CRLF event and a multi-line data field.
@@ -206,7 +206,7 @@ mod tests {
         }
         for trial in 0..500u64 {
             let mut cuts: Vec<usize> =
-                (0..1 + trial % 12).map(|k| (splitmix64(trial << 8 | k) % bytes.len() as u64) as usize).collect();
+                (0..1 + trial % 12).map(|k| (SplitMix64::mix(trial << 8 | k) % bytes.len() as u64) as usize).collect();
             cuts.sort_unstable();
             assert_eq!(parse_in_pieces(&bytes, &cuts), whole, "cuts {cuts:?}");
         }

@@ -24,11 +24,11 @@ pub(crate) enum CertsCmd {
 pub(crate) fn run(cmd: CertsCmd) -> Result<()> {
     match cmd {
         CertsCmd::Init { dir } => {
-            lockstep_node::certs::init_ca(&dir)?;
+            lockstep_transport::certs::init_ca(&dir)?;
             eprintln!("created the cluster CA in {}", dir.display());
         }
         CertsCmd::Issue { dir, name } => {
-            lockstep_node::certs::issue(&dir, &name)?;
+            lockstep_transport::certs::issue(&dir, &name)?;
             eprintln!("issued {}/{name}.pem", dir.display());
         }
     }

@@ -3,7 +3,7 @@
 //! the membership's invariants checked after every input, and a quiet phase at the end that must
 //! leave every node in a group whenever one can be formed.
 
-use lockstep_kernels::testdata::SplitMix64 as Rng;
+use lockstep_kernels::splitmix::SplitMix64 as Rng;
 
 use super::*;
 
@@ -57,7 +57,7 @@ fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> Option<T> {
 
 impl World {
     fn new(seed: u64) -> World {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let prefs: &[&[usize]] = &[&[1], &[2], &[2, 1], &[4, 2, 1], &[3, 1], &[4, 2], &[1, 2]];
         let cfg = MembershipConfig {
             tp_prefs: prefs[rng.below(prefs.len())].to_vec(),

@@ -35,12 +35,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use http::{Method, StatusCode};
+use lockstep_kernels::splitmix::SplitMix64;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 pub use self::report::{write_report, Comparison, SoakReport};
 use crate::api::client::Client;
-use crate::api::request::splitmix64;
 
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
@@ -113,22 +113,6 @@ struct Shared {
     copies_done: AtomicUsize,
     stop: AtomicBool,
     bg: Mutex<BackgroundStats>,
-}
-
-/// SplitMix64 over a counter, for the background generator's choices.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let z = splitmix64(self.0);
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 const WORDS: &[&str] = &[
@@ -385,25 +369,25 @@ enum BackgroundOutcome {
 
 /// Random other requests at Poisson arrivals until the copies are done.
 async fn background_traffic(s: Arc<Shared>, o: SoakOptions) {
-    let mut rng = Rng(0x5eed ^ (o.requests as u64) << 7);
+    let mut rng = SplitMix64::new(0x5eed ^ (o.requests as u64) << 7);
     let mut requests = JoinSet::new();
     while !s.stop.load(Ordering::Relaxed) {
-        let wait = -(1.0 - rng.unit()).ln() / o.background_per_s;
+        let wait = -(1.0 - rng.unit_f64()).ln() / o.background_per_s;
         tokio::time::sleep(Duration::from_secs_f64(wait.min(2.0))).await;
         while requests.try_join_next().is_some() {}
         if s.background_in_flight.load(Ordering::Relaxed) >= 96 {
             continue;
         }
-        let words = 1 + rng.below(60) as usize;
-        let prompt: Vec<&str> = (0..words).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect();
-        let max_tokens = 1 + rng.below(o.max_tokens.max(8) as u64) as u32;
-        let temperature = [0.0f32, 0.7, 1.0][rng.below(3) as usize];
+        let words = 1 + rng.below(60);
+        let prompt: Vec<&str> = (0..words).map(|_| WORDS[rng.below(WORDS.len())]).collect();
+        let max_tokens = 1 + rng.below(o.max_tokens.max(8) as usize) as u32;
+        let temperature = [0.0f32, 0.7, 1.0][rng.below(3)];
         let stream = rng.below(2) == 0;
         // One in five hangs up midway: a stream after two events, a plain request after a
         // random moment (its answer arrives all at once, so only time can cut it short).
-        let hang_up = (rng.below(5) == 0).then(|| Duration::from_secs_f64(0.5 * rng.unit()));
+        let hang_up = (rng.below(5) == 0).then(|| Duration::from_secs_f64(0.5 * rng.unit_f64()));
         let body =
-            completion_body(&s.model, &prompt.join(" "), max_tokens, temperature, Some(rng.next() >> 11), stream);
+            completion_body(&s.model, &prompt.join(" "), max_tokens, temperature, Some(rng.next_u64() >> 11), stream);
         s.background_in_flight.fetch_add(1, Ordering::Relaxed);
         s.bg.lock().expect("lock").sent += 1;
         let (s, timeout) = (s.clone(), o.request_timeout);

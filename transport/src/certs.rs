@@ -1,7 +1,7 @@
 //! The cluster's private PKI: one CA per cluster, one certificate per node (and per coordinator),
 //! all on disk as PEM.
 //!
-//! Every QUIC connection in lockstep is mutual TLS against the cluster CA (see [`crate::net`]): a
+//! Every QUIC connection in lockstep is mutual TLS against the cluster CA (see [`crate::Endpoint`]): a
 //! process proves which node it is with a certificate the CA signed, and trusts nothing else. There
 //! are no public CAs involved and no host-name conventions to configure: [`init_ca`] makes a fresh
 //! CA in a directory, [`issue`] signs a certificate for a name, and [`TlsIdentity::load`] reads
