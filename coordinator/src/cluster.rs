@@ -1,25 +1,32 @@
-//! The tensor-parallel cluster as the coordinator sees it.
+//! The tensor-parallel cluster as the coordinator sees it: the I/O shell around the sans-IO
+//! [`Membership`] core.
 //!
-//! Nodes dial the coordinator over mutual-TLS QUIC and say `Hello`. A *registrar* task admits
-//! them into tensor-parallel groups in arrival order (rank = order of arrival within the group),
-//! and once a group is full sends every member its `Assign`ment: the model, its rank, the
-//! numerics and its ring neighbours. Each node loads only its shard, forms the ring, recomputes
-//! the determinism fingerprint from the files it actually has and answers `Ready` — or refuses,
-//! and is dropped with the reason logged on both sides. A node speaking another protocol version,
-//! or joining when every slot is taken, is refused; a peer without a certificate from the cluster
-//! CA never gets past the TLS handshake. The registrar keeps running after start-up, so bad
-//! joiners are turned away while the cluster serves.
+//! Nodes dial the coordinator over mutual-TLS QUIC and say `Hello`. The accept task checks the
+//! protocol version and that the node calls itself by its certificate's name, then hands the
+//! connection to the *driver*: one task that owns the [`Membership`] state machine and every
+//! session, feeds it what happens (hellos, heartbeat acks, `Ready`, lost connections, step
+//! time-outs) with the current time, and carries out the [`Action`]s it returns — heartbeats,
+//! `Assign`, `Release`, `Refused`, closing sessions, and starting or failing groups. A node whose
+//! connection drops, that is silent past `--node-timeout-ms` (idle, loading or stepping), or that
+//! does not answer a step within `--step-timeout-ms` is down; its group stops serving at once and
+//! is re-formed from the surviving members and any hot spare, at the most preferred degree of
+//! `--tp` that the live nodes allow. A node that comes back under the same name replaces its old
+//! session.
 //!
-//! Each ready group is driven through a [`GroupExecutor`], the [`StepExecutor`] of the engine
-//! loop: a step goes to every rank, every rank answers with its vocab shard's sampling report,
-//! and the coordinator merges them in rank order (never seeing logits). A node that disconnects
-//! or fails a step takes its group down: the step fails with an error naming the node, and the
-//! engine fails that group's requests. Other groups keep serving.
+//! Each serving group is driven through a [`GroupExecutor`], the [`StepExecutor`] of one engine
+//! thread of the [`crate::service::Service`]: a step goes to every rank, every rank answers with
+//! its vocab shard's sampling report, and the coordinator merges them in rank order (never seeing
+//! logits). When a group fails, its executor fails the step in flight (or the service retires the
+//! idle replica) naming the node at fault, and the service migrates the group's requests to the
+//! groups that still serve, where they continue with identical bytes.
 //!
-//! `--nodes embedded` (the default) spawns the `T × R` node processes itself on loopback, with a
-//! throwaway cluster CA; `--nodes static` waits for nodes started elsewhere with `lockstep node`.
+//! `--nodes embedded` (the default) spawns the node processes itself on loopback with a throwaway
+//! cluster CA, reaps and respawns any that exit (as systemd's `Restart=always` does for static
+//! nodes) and kills and respawns any that the membership closed (a paused process); `--spare-nodes
+//! N` spawns N more that wait as hot spares. `--nodes static` waits for `lockstep node` processes
+//! started elsewhere.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,13 +41,24 @@ use lockstep_proto::step::{StepPlan, StepResult};
 use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, PROTOCOL_VERSION};
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, ConnSender, Endpoint};
+use tokio::sync::mpsc;
 
 use crate::engine::{EngineOptions, ExecError, ModelInfo, StepExecutor};
+use crate::membership::{
+    Action, ClusterEvent, GroupId, GroupMember, Membership, MembershipConfig, NodeState, SessionId,
+    DEFAULT_HEARTBEAT_EVERY, DEFAULT_NODE_TIMEOUT, DEFAULT_STEP_TIMEOUT,
+};
+use crate::service::ReplicaSink;
 
-/// Longest a step may take before its group is declared down.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often the coordinator pings every node.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a joiner has to say `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an executor waiting for a step looks whether its group was failed meanwhile.
+const STEP_POLL: Duration = Duration::from_millis(20);
+/// Least time between two respawns of the same embedded node (a node that cannot start must
+/// not spin).
+const RESPAWN_BACKOFF: Duration = Duration::from_secs(1);
+/// Most entries of the event history shown by the ops API.
+const EVENTS_SHOWN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NodesMode {
@@ -53,7 +71,8 @@ pub enum NodesMode {
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub model_dir: PathBuf,
-    pub tp: usize,
+    /// Tensor-parallel degrees, most preferred first (`--tp 4,2,1`).
+    pub tp: Vec<usize>,
     pub replicas: usize,
     /// The coordinator's QUIC address for nodes.
     pub listen: SocketAddr,
@@ -65,44 +84,100 @@ pub struct ClusterOptions {
     pub node_threads: usize,
     /// How long to wait for every group to be ready.
     pub join_timeout: Duration,
+    /// Embedded nodes beyond `max(tp) × replicas`, waiting as hot spares.
+    pub spare_nodes: usize,
+    pub heartbeat_every: Duration,
+    pub node_timeout: Duration,
+    pub step_timeout: Duration,
+}
+
+impl ClusterOptions {
+    /// Options with the membership timings at their defaults.
+    pub fn new(model_dir: PathBuf, tp: Vec<usize>, replicas: usize, nodes: NodesMode, engine: EngineOptions) -> Self {
+        ClusterOptions {
+            model_dir,
+            tp,
+            replicas,
+            listen: "127.0.0.1:0".parse().expect("a valid address"),
+            nodes,
+            tls_dir: None,
+            engine,
+            node_threads: 1,
+            join_timeout: Duration::from_secs(300),
+            spare_nodes: 0,
+            heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+            step_timeout: DEFAULT_STEP_TIMEOUT,
+        }
+    }
 }
 
 /// What the coordinator knows about one node (for the ops API and error messages).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeStatus {
     pub name: String,
-    pub group: usize,
-    pub rank: usize,
+    /// `None` while the node is in no group (joining, waiting, down).
+    pub group: Option<usize>,
+    pub rank: Option<usize>,
     pub ring_addr: String,
+    /// `joining`, `waiting`, `forming`, `ready` (serving) or `down`.
     pub state: String,
+    /// The state in words (`in group 3 rank 1`, `down: …`).
+    pub detail: String,
     pub last_heartbeat_ms_ago: Option<u64>,
     pub rtt_us: u64,
     pub fingerprint: String,
+    /// Operating-system process id, for nodes this coordinator spawned.
+    pub pid: Option<u32>,
+    pub session: u64,
+}
+
+/// One entry of the cluster's event history, for the ops API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventStatus {
+    /// Seconds since the Unix epoch.
+    pub unix_s: f64,
+    pub message: String,
+    #[serde(flatten)]
+    pub kind: crate::membership::EventKind,
+}
+
+/// Counters of the cluster's life, for the metrics.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Groups that stopped serving (a member lost, a step failed, an upgrade).
+    pub reformations: AtomicU64,
+    /// Node sessions that ended other than by shutdown.
+    pub node_failures: AtomicU64,
+}
+
+/// A step answer or failure of one member, routed straight from its connection to the group's
+/// executor (the hot path never goes through the driver).
+enum StepEvent {
+    Done { step_id: u64, samples: Vec<(u64, ShardSample)> },
+    Failed { step_id: u64, message: String },
 }
 
 struct Member {
+    session: SessionId,
     name: String,
     rank: usize,
     conn: ConnSender,
-    raw: Arc<Conn>,
-    inbox: Mutex<std_mpsc::Receiver<NodeEvent>>,
-    last_ack: Arc<Mutex<Option<Instant>>>,
-    ring_addr: String,
-    fingerprint: String,
 }
 
-enum NodeEvent {
-    Done { step_id: u64, samples: Vec<(u64, ShardSample)> },
-    Failed { step_id: u64, message: String },
-    Gone(String),
-}
+/// Where a serving member's step answers go: its group's inbox, tagged with its rank.
+type StepSink = Arc<Mutex<Option<(usize, std_mpsc::Sender<(usize, StepEvent)>)>>>;
 
-/// One ready tensor-parallel group.
+/// One serving tensor-parallel group.
 pub struct Group {
-    pub id: usize,
+    pub id: GroupId,
     members: Vec<Member>,
+    /// Every member's step answers, tagged with the member's rank.
+    inbox: Mutex<std_mpsc::Receiver<(usize, StepEvent)>>,
     down: AtomicBool,
     down_reason: Mutex<Option<String>>,
+    /// Back to the driver, to report a step time-out or failure.
+    inputs: mpsc::UnboundedSender<Input>,
 }
 
 impl Group {
@@ -113,50 +188,104 @@ impl Group {
         self.down_reason.lock().expect("lock").clone()
     }
     fn mark_down(&self, reason: String) {
-        if !self.down.swap(true, Ordering::SeqCst) {
-            eprintln!("[coordinator] group {} is down: {reason}", self.id);
-            *self.down_reason.lock().expect("lock") = Some(reason);
+        let mut r = self.down_reason.lock().expect("lock");
+        if r.is_none() {
+            *r = Some(reason);
         }
+        self.down.store(true, Ordering::SeqCst);
     }
-    pub fn status(&self) -> Vec<NodeStatus> {
-        let down = self.is_down();
-        self.members
-            .iter()
-            .map(|m| NodeStatus {
-                name: m.name.clone(),
-                group: self.id,
-                rank: m.rank,
-                ring_addr: m.ring_addr.clone(),
-                state: if down { "down".into() } else { "ready".into() },
-                last_heartbeat_ms_ago: m.last_ack.lock().expect("lock").map(|t| t.elapsed().as_millis() as u64),
-                rtt_us: m.raw.rtt().as_micros() as u64,
-                fingerprint: m.fingerprint.clone(),
-            })
-            .collect()
+    pub fn member_names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
     }
 }
 
-/// A running cluster: the coordinator endpoint, the registrar, the groups, and (embedded) the
-/// node processes, which are killed when the cluster is dropped.
+/// What the driver is told.
+enum Input {
+    Hello {
+        conn: Arc<Conn>,
+        hello: Hello,
+    },
+    Frame {
+        session: SessionId,
+        frame: Frame,
+    },
+    Lost {
+        session: SessionId,
+        reason: String,
+    },
+    /// The executor gave up on a step: these members never answered.
+    StepTimedOut {
+        group: GroupId,
+        silent: Vec<SessionId>,
+        reason: String,
+    },
+    /// A member answered a step with a failure.
+    StepFailed {
+        group: GroupId,
+        session: SessionId,
+        reason: String,
+    },
+    /// The service is attached: serving groups go to it from now on.
+    Attach(ReplicaSink),
+    /// The service retired a group's replica after it failed.
+    Stop,
+}
+
+struct Session {
+    name: String,
+    conn: Arc<Conn>,
+    /// Set while the session serves in a group: where its step answers go.
+    step_sink: StepSink,
+    fingerprint: String,
+}
+
+/// What the ops API reads: refreshed by the driver after every input.
+#[derive(Default)]
+struct Snapshot {
+    nodes: Vec<NodeStatus>,
+    events: VecDeque<EventStatus>,
+    health: Option<String>,
+    serving: usize,
+}
+
+/// State shared between the driver, the supervisor, the executors and the [`Cluster`] handle.
+struct Shared {
+    snapshot: Mutex<Snapshot>,
+    counters: ClusterCounters,
+    /// Embedded node processes by name.
+    children: Mutex<HashMap<String, Child>>,
+    /// Embedded nodes the membership closed (paused, wedged): killed and respawned.
+    to_restart: Mutex<Vec<String>>,
+    stopping: AtomicBool,
+}
+
+/// A running cluster: the coordinator endpoint, the driver, and (embedded) the node processes,
+/// which are killed when the cluster is dropped.
 pub struct Cluster {
     rt: Option<tokio::runtime::Runtime>,
     pub info: ModelInfo,
     pub addr: SocketAddr,
     pub tls_dir: PathBuf,
-    groups: Vec<Arc<Group>>,
-    children: Mutex<Vec<Child>>,
+    shared: Arc<Shared>,
+    inputs: mpsc::UnboundedSender<Input>,
     throwaway_tls: bool,
     endpoint: Arc<Endpoint>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+    /// Every session's sender, for the shutdown message.
+    senders: Arc<Mutex<HashMap<SessionId, ConnSender>>>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.inputs.send(Input::Stop);
         let parts = Shutdown {
             rt: self.rt.take(),
-            groups: std::mem::take(&mut self.groups),
-            children: std::mem::take(&mut *self.children.lock().expect("lock")),
+            senders: std::mem::take(&mut *self.senders.lock().expect("lock")),
+            children: std::mem::take(&mut *self.shared.children.lock().expect("lock")),
             endpoint: self.endpoint.clone(),
             tls_dir: self.throwaway_tls.then(|| self.tls_dir.clone()),
+            supervisor: self.supervisor.take(),
         };
         // Blocking on (and dropping) a runtime is not allowed from inside another runtime's
         // worker, which is where the last handle to a serving cluster is often dropped.
@@ -171,32 +300,34 @@ impl Drop for Cluster {
 /// Everything a cluster shutdown needs, owned, so it can run on a plain thread.
 struct Shutdown {
     rt: Option<tokio::runtime::Runtime>,
-    groups: Vec<Arc<Group>>,
-    children: Vec<Child>,
+    senders: HashMap<SessionId, ConnSender>,
+    children: HashMap<String, Child>,
     endpoint: Arc<Endpoint>,
     tls_dir: Option<PathBuf>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Shutdown {
     fn run(mut self) {
+        if let Some(s) = self.supervisor.take() {
+            let _ = s.join();
+        }
         // Ask every node to exit, give them a moment to do so, then close: a node that sees the
         // connection close without a Shutdown reports an error.
         if let Some(rt) = &self.rt {
-            for g in &self.groups {
-                for m in &g.members {
-                    let conn = m.conn.clone();
-                    // `finish` waits until the node has the message, so closing below cannot lose it.
-                    let _ = rt.block_on(async move {
-                        tokio::time::timeout(Duration::from_millis(500), async {
-                            conn.send(&Frame::Control(Message::Shutdown)).await?;
-                            conn.finish().await
-                        })
-                        .await
-                    });
-                }
+            for conn in self.senders.values() {
+                let conn = conn.clone();
+                // `finish` waits until the node has the message, so closing below cannot lose it.
+                let _ = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_millis(500), async {
+                        conn.send(&Frame::Control(Message::Shutdown)).await?;
+                        conn.finish().await
+                    })
+                    .await
+                });
             }
         }
-        for c in self.children.iter_mut() {
+        for c in self.children.values_mut() {
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(10));
@@ -205,7 +336,6 @@ impl Shutdown {
             let _ = c.wait();
         }
         self.endpoint.close("coordinator shutting down");
-        drop(self.groups);
         drop(self.rt.take());
         if let Some(d) = self.tls_dir {
             let _ = std::fs::remove_dir_all(d);
@@ -218,9 +348,20 @@ fn node_name(i: usize) -> String {
     format!("node-{i}")
 }
 
+fn spawn_node(exe: &Path, addr: SocketAddr, tls_dir: &Path, name: &str, threads: usize) -> Result<Child> {
+    Command::new(exe)
+        .args(["node", "--coordinator", &addr.to_string(), "--tls-dir"])
+        .arg(tls_dir)
+        .args(["--name", name, "--threads", &threads.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawning {}", exe.display()))
+}
+
 impl Cluster {
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
-        if opts.tp == 0 || opts.replicas == 0 {
+        if opts.tp.is_empty() || opts.tp.contains(&0) || opts.replicas == 0 {
             bail!("--tp and --replicas must be at least 1");
         }
         if opts.engine.device != crate::engine::Device::Cpu {
@@ -232,9 +373,17 @@ impl Cluster {
             lockstep_kernels::CpuBackend::fingerprint_name_for(opts.engine.mode),
         )?;
         // Refuse impossible splits before any process starts.
-        lockstep_node::shard::ShardPlan::new(&info.config, 0, opts.tp, info.numerics.reduce_segments)
-            .with_context(|| format!("tensor-parallel degree {}", opts.tp))?;
-        let n_nodes = opts.tp * opts.replicas;
+        for &tp in &opts.tp {
+            lockstep_node::shard::ShardPlan::new(&info.config, 0, tp, info.numerics.reduce_segments)
+                .with_context(|| format!("tensor-parallel degree {tp}"))?;
+        }
+        let mut mcfg = MembershipConfig::new(opts.tp.clone(), opts.replicas);
+        mcfg.heartbeat_every = opts.heartbeat_every;
+        mcfg.node_timeout = opts.node_timeout;
+        mcfg.step_timeout = opts.step_timeout;
+        let membership = Membership::new(mcfg, Instant::now()).context("cluster membership options")?;
+        let max_tp = *opts.tp.iter().max().expect("not empty");
+        let n_nodes = max_tp * opts.replicas + opts.spare_nodes;
         let (tls_dir, throwaway) = match (&opts.tls_dir, opts.nodes) {
             (Some(d), _) => (d.clone(), false),
             (None, NodesMode::Embedded) => {
@@ -262,241 +411,182 @@ impl Cluster {
         let identity = TlsIdentity::load(&tls_dir, "coordinator")?;
         let endpoint = Arc::new(rt.block_on(async { Endpoint::bind(opts.listen, &identity) })?);
         let addr = endpoint.local_addr()?;
-        let mut children = Vec::new();
+        let shared = Arc::new(Shared {
+            snapshot: Mutex::new(Snapshot::default()),
+            counters: ClusterCounters::default(),
+            children: Mutex::new(HashMap::new()),
+            to_restart: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+        });
+        let mut supervisor = None;
         if opts.nodes == NodesMode::Embedded {
             let exe = std::env::current_exe().context("locating the lockstep binary")?;
+            let mut children = shared.children.lock().expect("lock");
             for i in 0..n_nodes {
-                let child = Command::new(&exe)
-                    .args(["node", "--coordinator", &addr.to_string(), "--tls-dir"])
-                    .arg(&tls_dir)
-                    .args(["--name", &node_name(i), "--threads", &opts.node_threads.to_string()])
-                    .args(["--listen", "127.0.0.1:0"])
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("spawning {}", exe.display()))?;
-                children.push(child);
+                children.insert(node_name(i), spawn_node(&exe, addr, &tls_dir, &node_name(i), opts.node_threads)?);
             }
+            drop(children);
+            let (shared, tls_dir, threads) = (shared.clone(), tls_dir.clone(), opts.node_threads);
+            supervisor = Some(
+                std::thread::Builder::new()
+                    .name("lockstep-supervisor".into())
+                    .spawn(move || supervise(shared, exe, addr, tls_dir, threads))?,
+            );
         } else {
             eprintln!(
-                "[coordinator] waiting for {n_nodes} node(s) on {addr}: lockstep node --coordinator {addr} --tls-dir {} --name NAME",
+                "[coordinator] waiting for nodes on {addr}: lockstep node --coordinator {addr} --tls-dir {} --name NAME",
                 tls_dir.display()
             );
         }
-        let registrar = Registrar::new(&opts, &info);
-        let ready = registrar.ready.clone();
-        rt.spawn(registrar_loop(endpoint.clone(), registrar.clone()));
-        let deadline = Instant::now() + opts.join_timeout;
-        let groups = loop {
-            if let Some(g) = ready.lock().expect("lock").take_if_complete(opts.replicas) {
-                break g;
-            }
-            for c in children.iter_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    let mut failed = Cluster::cleanup(children, &tls_dir, throwaway);
-                    failed.push_str(&format!("a node process exited during start-up ({status})"));
-                    bail!("{failed}");
-                }
-            }
-            if Instant::now() > deadline {
-                let _ = Cluster::cleanup(children, &tls_dir, throwaway);
-                bail!("the cluster did not become ready within {:?}", opts.join_timeout);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let template = Assignment {
+            group: 0,
+            rank: 0,
+            tp: 0,
+            model_dir: info.dir.to_string_lossy().into_owned(),
+            reduce_segments: info.numerics.reduce_segments as u32,
+            kv_chunk: info.numerics.kv_chunk as u32,
+            kernel_mode: opts.engine.mode,
+            block_size: info.block_size as u32,
+            num_blocks: info.num_blocks as u32,
+            max_context: info.max_context as u32,
+            expected_fingerprint: info.system_fingerprint.clone(),
+            ring_next: String::new(),
+            ring_prev_node: String::new(),
         };
-        for g in &groups {
-            rt.spawn(heartbeats(g.clone()));
-        }
-        eprintln!(
-            "[coordinator] {} group(s) × TP {} ready on {addr} (system_fingerprint {})",
-            groups.len(),
-            opts.tp,
-            info.system_fingerprint
-        );
-        Ok(Cluster {
+        let (inputs, rx) = mpsc::unbounded_channel();
+        let senders = Arc::new(Mutex::new(HashMap::new()));
+        let driver = Driver {
+            m: membership,
+            sessions: HashMap::new(),
+            groups: HashMap::new(),
+            template,
+            shared: shared.clone(),
+            inputs: inputs.clone(),
+            sink: None,
+            unattached: Vec::new(),
+            senders: senders.clone(),
+            step_timeout: opts.step_timeout,
+        };
+        rt.spawn(driver.run(rx));
+        rt.spawn(accept_loop(endpoint.clone(), inputs.clone()));
+        let cluster = Cluster {
             rt: Some(rt),
             info,
             addr,
             tls_dir,
-            groups,
-            children: Mutex::new(children),
+            shared,
+            inputs,
             throwaway_tls: throwaway,
             endpoint,
-        })
+            supervisor,
+            senders,
+        };
+        let deadline = Instant::now() + opts.join_timeout;
+        loop {
+            let serving = cluster.shared.snapshot.lock().expect("lock").serving;
+            if serving >= opts.replicas {
+                break;
+            }
+            if Instant::now() > deadline {
+                let why = cluster.health().err().unwrap_or_default();
+                bail!("the cluster did not become ready within {:?}: {why}", opts.join_timeout);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "[coordinator] {} group(s) ready on {addr} (--tp {:?}, system_fingerprint {})",
+            opts.replicas, opts.tp, cluster.info.system_fingerprint
+        );
+        Ok(cluster)
     }
 
-    fn cleanup(mut children: Vec<Child>, tls_dir: &Path, throwaway: bool) -> String {
-        for c in children.iter_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if throwaway {
-            let _ = std::fs::remove_dir_all(tls_dir);
-        }
-        String::new()
-    }
-
-    pub fn groups(&self) -> &[Arc<Group>] {
-        &self.groups
+    /// Start handing serving groups to the service (those already serving go at once).
+    pub fn attach(&self, sink: ReplicaSink) {
+        let _ = self.inputs.send(Input::Attach(sink));
     }
 
     /// Every node the cluster knows, for the ops API.
     pub fn nodes(&self) -> Vec<NodeStatus> {
-        self.groups.iter().flat_map(|g| g.status()).collect()
+        self.shared.snapshot.lock().expect("lock").nodes.clone()
     }
 
-    /// The step executor of group `g`.
-    pub fn executor(&self, g: usize) -> GroupExecutor {
-        GroupExecutor { group: self.groups[g].clone(), rt: self.rt.as_ref().expect("running cluster").handle().clone() }
+    /// The recent membership events, oldest first.
+    pub fn events(&self) -> Vec<EventStatus> {
+        self.shared.snapshot.lock().expect("lock").events.iter().cloned().collect()
     }
 
-    /// Operating-system process ids of the embedded nodes, in node order.
+    /// `Ok` while a group serves; otherwise why not.
+    pub fn health(&self) -> Result<(), String> {
+        match &self.shared.snapshot.lock().expect("lock").health {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
+    }
+
+    pub fn counters(&self) -> &ClusterCounters {
+        &self.shared.counters
+    }
+
+    /// Operating-system process ids of the embedded nodes, by node name order.
     pub fn node_pids(&self) -> Vec<u32> {
-        self.children.lock().expect("lock").iter().map(Child::id).collect()
+        let children = self.shared.children.lock().expect("lock");
+        let mut named: Vec<(&String, u32)> = children.iter().map(|(n, c)| (n, c.id())).collect();
+        named.sort();
+        named.into_iter().map(|(_, pid)| pid).collect()
+    }
+
+    /// The pid of embedded node `name`.
+    pub fn node_pid(&self, name: &str) -> Option<u32> {
+        self.shared.children.lock().expect("lock").get(name).map(Child::id)
     }
 }
 
-/// Runs one step on every rank of a group and merges their sampling reports.
-pub struct GroupExecutor {
-    group: Arc<Group>,
-    rt: tokio::runtime::Handle,
-}
-
-impl GroupExecutor {
-    pub fn group(&self) -> &Arc<Group> {
-        &self.group
-    }
-    fn fail(&self, reason: String) -> ExecError {
-        self.group.mark_down(reason.clone());
-        ExecError::Other(reason)
-    }
-}
-
-impl StepExecutor for GroupExecutor {
-    fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
-        if let Some(r) = self.group.down_reason() {
-            return Err(ExecError::Other(format!("group {} is down: {r}", self.group.id)));
+/// Reaps embedded node processes that exited and respawns them under the same name; kills and
+/// respawns those the membership closed. Ends when the cluster stops.
+fn supervise(shared: Arc<Shared>, exe: PathBuf, addr: SocketAddr, tls_dir: PathBuf, threads: usize) {
+    let mut last_spawn: HashMap<String, Instant> = HashMap::new();
+    while !shared.stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+        let restart: Vec<String> = std::mem::take(&mut *shared.to_restart.lock().expect("lock"));
+        let mut children = shared.children.lock().expect("lock");
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
         }
-        let msg = Frame::Control(Message::Step(plan.clone()));
-        for m in &self.group.members {
-            let conn = m.conn.clone();
-            let msg = msg.clone();
-            if let Err(e) = self.rt.block_on(async move { conn.send(&msg).await }) {
-                return Err(
-                    self.fail(format!("node {} (group {} rank {}) is unreachable: {e}", m.name, self.group.id, m.rank))
-                );
+        for name in restart {
+            if let Some(c) = children.get_mut(&name) {
+                let _ = c.kill();
             }
         }
-        let mut per_rank: Vec<Vec<(u64, ShardSample)>> = Vec::with_capacity(self.group.members.len());
-        for m in &self.group.members {
-            let inbox = m.inbox.lock().expect("lock");
-            loop {
-                match inbox.recv_timeout(STEP_TIMEOUT) {
-                    Ok(NodeEvent::Done { step_id, samples }) if step_id == plan.step_id => {
-                        per_rank.push(samples);
-                        break;
-                    }
-                    Ok(NodeEvent::Done { .. }) => continue, // a stale answer to an abandoned step
-                    Ok(NodeEvent::Failed { step_id, message }) if step_id == plan.step_id => {
-                        return Err(
-                            self.fail(format!("node {} (rank {}) failed step {step_id}: {message}", m.name, m.rank))
-                        );
-                    }
-                    Ok(NodeEvent::Failed { .. }) => continue,
-                    Ok(NodeEvent::Gone(reason)) => {
-                        return Err(self.fail(format!(
-                            "node {} (group {} rank {}) disconnected: {reason}",
-                            m.name, self.group.id, m.rank
-                        )));
-                    }
-                    Err(_) => {
-                        return Err(self.fail(format!(
-                            "node {} (rank {}) did not answer step {} within {STEP_TIMEOUT:?}",
-                            m.name, m.rank, plan.step_id
-                        )));
-                    }
+        let names: Vec<String> = children.keys().cloned().collect();
+        for name in names {
+            let child = children.get_mut(&name).expect("listed");
+            let Ok(Some(status)) = child.try_wait() else { continue };
+            if last_spawn.get(&name).is_some_and(|t| t.elapsed() < RESPAWN_BACKOFF) {
+                continue;
+            }
+            eprintln!("[coordinator] node process {name} (pid {}) exited ({status}); respawning", child.id());
+            match spawn_node(&exe, addr, &tls_dir, &name, threads) {
+                Ok(c) => {
+                    children.insert(name.clone(), c);
                 }
+                Err(e) => eprintln!("[coordinator] could not respawn {name}: {e:#}"),
             }
+            last_spawn.insert(name, Instant::now());
         }
-        // Merge in rank order: every rank reports the same sequences in plan order.
-        let requests: HashMap<u64, lockstep_kernels::SampleRequest> =
-            plan.chunks.iter().filter_map(|c| c.sample.map(|s| (c.seq_id, s))).collect();
-        let mut sampled = Vec::with_capacity(per_rank[0].len());
-        for (i, (seq_id, _)) in per_rank[0].iter().enumerate() {
-            let shards: Vec<&ShardSample> = per_rank.iter().map(|r| &r[i].1).collect();
-            if per_rank.iter().any(|r| r.get(i).map(|x| x.0) != Some(*seq_id)) {
-                return Err(self.fail(format!("ranks of group {} disagree on the sampled sequences", self.group.id)));
-            }
-            let req = requests
-                .get(seq_id)
-                .ok_or_else(|| ExecError::Other(format!("unplanned sample for sequence {seq_id}")))?;
-            sampled.push((*seq_id, merge_shard_samples(&shards, req)));
-        }
-        Ok(StepResult { step_id: plan.step_id, sampled })
     }
 }
 
-// ---------------------------------------------------------------- registrar
-
-struct Pending {
-    name: String,
-    ring_addr: String,
-    conn: Arc<Conn>,
-}
-
-#[derive(Default)]
-struct ReadyGroups {
-    groups: Vec<Arc<Group>>,
-    taken: bool,
-}
-
-impl ReadyGroups {
-    fn take_if_complete(&mut self, n: usize) -> Option<Vec<Arc<Group>>> {
-        if !self.taken && self.groups.len() >= n {
-            self.taken = true;
-            let mut g = self.groups.clone();
-            g.sort_by_key(|g| g.id);
-            return Some(g);
-        }
-        None
-    }
-}
-
-#[derive(Clone)]
-struct Registrar {
-    tp: usize,
-    replicas: usize,
-    assignment: Assignment,
-    waiting: Arc<tokio::sync::Mutex<Vec<Pending>>>,
-    next_group: Arc<AtomicU64>,
-    names: Arc<Mutex<Vec<String>>>,
-    ready: Arc<Mutex<ReadyGroups>>,
-}
-
-impl Registrar {
-    fn new(opts: &ClusterOptions, info: &ModelInfo) -> Self {
-        Registrar {
-            tp: opts.tp,
-            replicas: opts.replicas,
-            assignment: Assignment {
-                group: 0,
-                rank: 0,
-                tp: opts.tp as u32,
-                model_dir: info.dir.to_string_lossy().into_owned(),
-                reduce_segments: info.numerics.reduce_segments as u32,
-                kv_chunk: info.numerics.kv_chunk as u32,
-                kernel_mode: opts.engine.mode,
-                block_size: info.block_size as u32,
-                num_blocks: info.num_blocks as u32,
-                max_context: info.max_context as u32,
-                expected_fingerprint: info.system_fingerprint.clone(),
-                ring_next: String::new(),
-                ring_prev_node: String::new(),
-            },
-            waiting: Default::default(),
-            next_group: Default::default(),
-            names: Default::default(),
-            ready: Default::default(),
-        }
+/// Accepts joiners and hands their checked `Hello` to the driver.
+async fn accept_loop(endpoint: Arc<Endpoint>, inputs: mpsc::UnboundedSender<Input>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let conn = match incoming {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                eprintln!("[coordinator] refused a connection: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(admit(conn, inputs.clone()));
     }
 }
 
@@ -507,22 +597,9 @@ async fn refuse(conn: &Conn, code: RefuseCode, message: String) {
     conn.close("refused");
 }
 
-async fn registrar_loop(endpoint: Arc<Endpoint>, reg: Registrar) {
-    while let Some(incoming) = endpoint.accept().await {
-        let conn = match incoming {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                eprintln!("[coordinator] refused a connection: {e}");
-                continue;
-            }
-        };
-        tokio::spawn(admit(conn, reg.clone()));
-    }
-}
-
-/// One joiner: read its Hello, check it, and queue it for the next group.
-async fn admit(conn: Arc<Conn>, reg: Registrar) {
-    let hello = match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+/// One joiner: read its Hello and check it.
+async fn admit(conn: Arc<Conn>, inputs: mpsc::UnboundedSender<Input>) {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
         Ok(Ok(Frame::Control(Message::Hello(h)))) => h,
         Ok(Ok(other)) => {
             let m = format!("expected Hello as the first message, got {}", frame_kind(&other));
@@ -533,7 +610,7 @@ async fn admit(conn: Arc<Conn>, reg: Registrar) {
             conn.close("bad frame");
             return;
         }
-        Err(_) => return refuse(&conn, RefuseCode::BadRequest, "no Hello within 10 s".into()).await,
+        Err(_) => return refuse(&conn, RefuseCode::BadRequest, format!("no Hello within {HELLO_TIMEOUT:?}")).await,
     };
     if let Err(m) = check_hello(&hello, conn.peer_name()) {
         let code = if hello.protocol_version != PROTOCOL_VERSION {
@@ -543,31 +620,8 @@ async fn admit(conn: Arc<Conn>, reg: Registrar) {
         };
         return refuse(&conn, code, m).await;
     }
-    let refusal = {
-        let mut names = reg.names.lock().expect("lock");
-        if names.contains(&hello.node_id) {
-            Some((RefuseCode::BadRequest, format!("a node named {} is already in the cluster", hello.node_id)))
-        } else if reg.next_group.load(Ordering::SeqCst) as usize >= reg.replicas {
-            Some((RefuseCode::Busy, "every group of the cluster is already complete".to_string()))
-        } else {
-            names.push(hello.node_id.clone());
-            None
-        }
-    };
-    if let Some((code, m)) = refusal {
-        return refuse(&conn, code, m).await;
-    }
     let _ = conn.send(&Frame::Control(Message::Welcome { coordinator_id: "coordinator".into() })).await;
-    let group_members = {
-        let mut waiting = reg.waiting.lock().await;
-        waiting.push(Pending { name: hello.node_id.clone(), ring_addr: hello.ring_addr.clone(), conn });
-        if waiting.len() < reg.tp {
-            return;
-        }
-        std::mem::take(&mut *waiting)
-    };
-    let gid = reg.next_group.fetch_add(1, Ordering::SeqCst) as usize;
-    form_group(gid, group_members, reg).await;
+    let _ = inputs.send(Input::Hello { conn, hello });
 }
 
 fn check_hello(h: &Hello, cert_name: &str) -> Result<(), String> {
@@ -586,149 +640,414 @@ fn check_hello(h: &Hello, cert_name: &str) -> Result<(), String> {
 fn frame_kind(f: &Frame) -> &'static str {
     match f {
         Frame::Ring(_) => "a ring frame",
-        Frame::Control(_) => "another control message",
+        Frame::Control(m) => m.name(),
     }
 }
 
-/// Send every member its assignment, wait for all of them to be ready, then publish the group.
-/// A member that refuses (other weights) or fails is dropped and the rest go back to waiting.
-async fn form_group(gid: usize, members: Vec<Pending>, reg: Registrar) {
-    let tp = members.len();
-    for (rank, m) in members.iter().enumerate() {
-        let a = Assignment {
-            group: gid as u32,
-            rank: rank as u32,
-            ring_next: members[(rank + 1) % tp].ring_addr.clone(),
-            ring_prev_node: members[(rank + tp - 1) % tp].name.clone(),
-            ..reg.assignment.clone()
-        };
-        let _ = m.conn.send(&Frame::Control(Message::Assign(a))).await;
-    }
-    let mut ready = Vec::with_capacity(tp);
-    let mut failed: Option<(usize, String)> = None;
-    for (rank, m) in members.iter().enumerate() {
-        let answer = tokio::time::timeout(Duration::from_secs(300), async {
-            loop {
-                match m.conn.recv().await {
-                    Ok(Frame::Control(Message::HeartbeatAck { .. })) => continue,
-                    other => return other,
+/// Reads one session's frames: step answers go straight to its group's executor, everything else
+/// to the driver; a lost connection becomes `Lost`.
+async fn session_reader(
+    session: SessionId,
+    conn: Arc<Conn>,
+    step_sink: StepSink,
+    inputs: mpsc::UnboundedSender<Input>,
+) {
+    loop {
+        match conn.recv().await {
+            Ok(Frame::Control(Message::StepDone { step_id, samples })) => {
+                if let Some((rank, tx)) = step_sink.lock().expect("lock").as_ref() {
+                    let _ = tx.send((*rank, StepEvent::Done { step_id, samples }));
                 }
             }
-        })
-        .await;
-        match answer {
-            Ok(Ok(Frame::Control(Message::Ready { fingerprint, .. })))
-                if fingerprint == reg.assignment.expected_fingerprint =>
-            {
-                ready.push(fingerprint)
+            Ok(Frame::Control(Message::StepFailed { step_id, message })) => {
+                if let Some((rank, tx)) = step_sink.lock().expect("lock").as_ref() {
+                    let _ = tx.send((*rank, StepEvent::Failed { step_id, message }));
+                }
             }
-            Ok(Ok(Frame::Control(Message::Ready { fingerprint, .. }))) => {
-                let msg = format!(
-                    "node {} reports fingerprint {fingerprint}, expected {}",
-                    m.name, reg.assignment.expected_fingerprint
+            Ok(frame) => {
+                if inputs.send(Input::Frame { session, frame }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = inputs.send(Input::Lost { session, reason: e.to_string() });
+                return;
+            }
+        }
+    }
+}
+
+/// The task that owns the membership and every session.
+struct Driver {
+    m: Membership,
+    sessions: HashMap<SessionId, Session>,
+    groups: HashMap<GroupId, Arc<Group>>,
+    template: Assignment,
+    shared: Arc<Shared>,
+    inputs: mpsc::UnboundedSender<Input>,
+    sink: Option<ReplicaSink>,
+    /// Groups that served before the service was attached.
+    unattached: Vec<Arc<Group>>,
+    senders: Arc<Mutex<HashMap<SessionId, ConnSender>>>,
+    step_timeout: Duration,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.m.poll_timeout());
+            tokio::select! {
+                input = rx.recv() => match input {
+                    None | Some(Input::Stop) => return,
+                    Some(i) => self.input(i),
+                },
+                _ = tokio::time::sleep_until(deadline) => self.m.handle_timeout(Instant::now()),
+            }
+            while let Some(action) = self.m.poll_action() {
+                self.perform(action);
+            }
+            self.publish();
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Hello { conn, hello } => {
+                let session = self.m.node_hello(now, &hello.node_id, hello.ring_addr.clone());
+                let step_sink = Arc::new(Mutex::new(None));
+                tokio::spawn(session_reader(session, conn.clone(), step_sink.clone(), self.inputs.clone()));
+                self.senders.lock().expect("lock").insert(session, conn.sender());
+                self.sessions
+                    .insert(session, Session { name: hello.node_id, conn, step_sink, fingerprint: String::new() });
+            }
+            Input::Frame { session, frame } => match frame {
+                Frame::Control(Message::HeartbeatAck { .. }) => self.m.heartbeat_ack(now, session),
+                Frame::Control(Message::Ready { fingerprint, .. }) => {
+                    let Some((group, _)) = self.node_group(session) else { return };
+                    let verdict = if fingerprint == self.template.expected_fingerprint {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "reports fingerprint {fingerprint}, expected {}",
+                            self.template.expected_fingerprint
+                        ))
+                    };
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.fingerprint = fingerprint;
+                    }
+                    self.m.node_ready(now, session, group, verdict);
+                }
+                Frame::Control(Message::Refused { code, message }) => {
+                    let name = self.sessions.get(&session).map(|s| s.name.clone()).unwrap_or_default();
+                    eprintln!("[coordinator] node {name} refused its assignment ({}): {message}", code.as_str());
+                    match self.node_group(session) {
+                        Some((group, _)) => self.m.node_ready(now, session, group, Err(message)),
+                        None => self.m.connection_lost(now, session, format!("refused: {message}")),
+                    }
+                }
+                Frame::Control(Message::Error { code, message }) => {
+                    self.m.connection_lost(now, session, format!("node error {code}: {message}"));
+                }
+                other => {
+                    let reason = format!("protocol error: unexpected {}", frame_kind(&other));
+                    self.m.connection_lost(now, session, reason);
+                }
+            },
+            Input::Lost { session, reason } => self.m.connection_lost(now, session, reason),
+            Input::StepTimedOut { group, silent, reason } => {
+                for session in silent {
+                    self.m.connection_lost(now, session, reason.clone());
+                }
+                // If every silent session was already gone the group still must stop.
+                if self.groups.get(&group).is_some_and(|g| !g.is_down()) {
+                    self.m.step_failed(now, group, None, reason);
+                }
+            }
+            Input::StepFailed { group, session, reason } => self.m.step_failed(now, group, Some(session), reason),
+            Input::Attach(sink) => {
+                for g in std::mem::take(&mut self.unattached) {
+                    if !g.is_down() {
+                        Self::add_to_service(&sink, &g, self.step_timeout);
+                    }
+                }
+                self.sink = Some(sink);
+            }
+            Input::Stop => {}
+        }
+    }
+
+    fn node_group(&self, session: SessionId) -> Option<(GroupId, usize)> {
+        self.m.nodes(Instant::now()).into_iter().find(|n| n.session == session).and_then(|n| n.state.group())
+    }
+
+    fn send(&self, session: SessionId, msg: Message) {
+        if let Some(s) = self.sessions.get(&session) {
+            let conn = s.conn.sender();
+            tokio::spawn(async move {
+                // A failed send surfaces in the session's reader as a lost connection.
+                let _ = conn.send(&Frame::Control(msg)).await;
+            });
+        }
+    }
+
+    fn end_session(&mut self, session: SessionId, refusal: Option<(RefuseCode, String)>, reason: &str) {
+        let Some(s) = self.sessions.remove(&session) else { return };
+        self.senders.lock().expect("lock").remove(&session);
+        *s.step_sink.lock().expect("lock") = None;
+        if !self.shared.stopping.load(Ordering::SeqCst) {
+            self.shared.counters.node_failures.fetch_add(1, Ordering::Relaxed);
+            eprintln!("[coordinator] node {} is down: {reason}", s.name);
+        }
+        // An embedded node that is still running (paused, wedged) is replaced by a fresh process.
+        if self.shared.children.lock().expect("lock").contains_key(&s.name) {
+            self.shared.to_restart.lock().expect("lock").push(s.name.clone());
+        }
+        let conn = s.conn;
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            if let Some((code, message)) = refusal {
+                refuse(&conn, code, message).await;
+            } else {
+                conn.close(&reason);
+            }
+        });
+    }
+
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::SendHeartbeats { sessions } => {
+                let now =
+                    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+                for session in sessions {
+                    self.send(session, Message::Heartbeat { seq: 0, sent_unix_ns: now });
+                }
+            }
+            Action::Assign { group, tp, members } => {
+                eprintln!(
+                    "[coordinator] forming group {group} (TP {tp}): {}",
+                    members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
                 );
-                refuse(&m.conn, RefuseCode::Fingerprint, msg.clone()).await;
-                failed = Some((rank, msg));
-                break;
+                for (rank, member) in members.iter().enumerate() {
+                    let a = Assignment {
+                        group: group as u32,
+                        rank: rank as u32,
+                        tp: tp as u32,
+                        ring_next: members[(rank + 1) % tp].ring_addr.clone(),
+                        ring_prev_node: members[(rank + tp - 1) % tp].name.clone(),
+                        ..self.template.clone()
+                    };
+                    self.send(member.session, Message::Assign(a));
+                }
             }
-            Ok(Ok(Frame::Control(Message::Refused { code, message }))) => {
-                eprintln!("[coordinator] node {} refused its assignment ({}): {message}", m.name, code.as_str());
-                failed = Some((rank, message));
-                break;
+            Action::GroupServing { group, members } => self.start_group(group, members),
+            Action::GroupFailed { group, reason, culprits } => {
+                self.shared.counters.reformations.fetch_add(1, Ordering::Relaxed);
+                let why = if culprits.is_empty() { reason } else { format!("{reason} (node {})", culprits.join(", ")) };
+                eprintln!("[coordinator] group {group} stopped serving: {why}");
+                if let Some(g) = self.groups.remove(&group) {
+                    for m in &g.members {
+                        if let Some(s) = self.sessions.get(&m.session) {
+                            *s.step_sink.lock().expect("lock") = None;
+                        }
+                    }
+                    g.mark_down(why.clone());
+                    if let Some(sink) = &self.sink {
+                        sink.fail(group as usize, why);
+                    }
+                }
             }
-            Ok(Ok(other)) => {
-                failed = Some((rank, format!("unexpected {other:?} instead of Ready")));
-                break;
+            Action::Release { session, reason } => {
+                if let Some(s) = self.sessions.get(&session) {
+                    *s.step_sink.lock().expect("lock") = None;
+                }
+                self.send(session, Message::Release { reason });
             }
-            Ok(Err(e)) => {
-                failed = Some((rank, format!("{e}")));
-                break;
-            }
-            Err(_) => {
-                failed = Some((rank, "not ready within 300 s".into()));
-                break;
+            Action::Close { session, reason } => self.end_session(session, None, &reason),
+            Action::Refuse { session, reason } => {
+                let code =
+                    if reason.contains("fingerprint") { RefuseCode::Fingerprint } else { RefuseCode::BadRequest };
+                self.end_session(session, Some((code, reason.clone())), &reason);
             }
         }
     }
-    if let Some((bad, why)) = failed {
-        eprintln!("[coordinator] group {gid} did not form: node {} dropped: {why}", members[bad].name);
-        reg.names.lock().expect("lock").retain(|n| *n != members[bad].name);
-        // The others go back to the front of the queue; they will be reassigned when the group
-        // is complete again (their ring connections are renegotiated on the next assignment).
-        for (i, m) in members.into_iter().enumerate() {
-            if i != bad {
-                m.conn.close("group re-forming: reconnect");
-                reg.names.lock().expect("lock").retain(|n| *n != m.name);
-            }
+
+    fn start_group(&mut self, group: GroupId, members: Vec<GroupMember>) {
+        let mut built = Vec::with_capacity(members.len());
+        let (tx, rx) = std_mpsc::channel();
+        for (rank, gm) in members.iter().enumerate() {
+            let Some(s) = self.sessions.get(&gm.session) else { return };
+            *s.step_sink.lock().expect("lock") = Some((rank, tx.clone()));
+            built.push(Member { session: gm.session, name: gm.name.clone(), rank, conn: s.conn.sender() });
         }
-        reg.next_group.fetch_sub(1, Ordering::SeqCst);
-        return;
+        let g = Arc::new(Group {
+            id: group,
+            members: built,
+            inbox: Mutex::new(rx),
+            down: AtomicBool::new(false),
+            down_reason: Mutex::new(None),
+            inputs: self.inputs.clone(),
+        });
+        eprintln!("[coordinator] group {group} ready: {}", g.member_names().join(", "));
+        self.groups.insert(group, g.clone());
+        match &self.sink {
+            Some(sink) => Self::add_to_service(sink, &g, self.step_timeout),
+            None => self.unattached.push(g),
+        }
     }
-    let group = Arc::new(Group {
-        id: gid,
-        members: members
+
+    fn add_to_service(sink: &ReplicaSink, g: &Arc<Group>, step_timeout: Duration) {
+        let exec = GroupExecutor { group: g.clone(), rt: tokio::runtime::Handle::current(), step_timeout };
+        if let Err(e) = sink.add(g.id as usize, Box::new(exec)) {
+            eprintln!("[coordinator] could not start an engine for group {}: {e:#}", g.id);
+        }
+    }
+
+    /// Refresh what the ops API reads.
+    fn publish(&self) {
+        let now = Instant::now();
+        let children = self.shared.children.lock().expect("lock");
+        let nodes = self
+            .m
+            .nodes(now)
             .into_iter()
-            .enumerate()
-            .zip(ready)
-            .map(|((rank, p), fingerprint)| {
-                let (tx, rx) = std_mpsc::channel();
-                let last_ack = Arc::new(Mutex::new(Some(Instant::now())));
-                let member = Member {
-                    name: p.name.clone(),
-                    rank,
-                    conn: p.conn.sender(),
-                    raw: p.conn.clone(),
-                    inbox: Mutex::new(rx),
-                    last_ack: last_ack.clone(),
-                    ring_addr: p.ring_addr,
-                    fingerprint,
+            .map(|n| {
+                let session = self.sessions.get(&n.session);
+                let (state, group, rank) = match &n.state {
+                    NodeState::Joining => ("joining", None, None),
+                    NodeState::Waiting => ("waiting", None, None),
+                    NodeState::Forming { group, rank } => ("forming", Some(*group as usize), Some(*rank)),
+                    NodeState::Serving { group, rank } => ("ready", Some(*group as usize), Some(*rank)),
+                    NodeState::Down { .. } => ("down", None, None),
                 };
-                tokio::spawn(member_reader(p.conn, tx, last_ack));
-                member
+                NodeStatus {
+                    name: n.name.clone(),
+                    group,
+                    rank,
+                    ring_addr: n.ring_addr.clone(),
+                    state: state.to_string(),
+                    detail: n.state.to_string(),
+                    last_heartbeat_ms_ago: Some(n.heartbeat_age.as_millis() as u64),
+                    rtt_us: session.map_or(0, |s| s.conn.rtt().as_micros() as u64),
+                    fingerprint: session.map(|s| s.fingerprint.clone()).unwrap_or_default(),
+                    pid: children.get(&n.name).map(Child::id),
+                    session: n.session,
+                }
             })
-            .collect(),
-        down: AtomicBool::new(false),
-        down_reason: Mutex::new(None),
-    });
-    eprintln!(
-        "[coordinator] group {gid} ready: {}",
-        group.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-    );
-    reg.ready.lock().expect("lock").groups.push(group);
-}
-
-/// Routes one node's messages to its group's inbox; a lost connection becomes `Gone`.
-async fn member_reader(conn: Arc<Conn>, tx: std_mpsc::Sender<NodeEvent>, last_ack: Arc<Mutex<Option<Instant>>>) {
-    loop {
-        let ev = match conn.recv().await {
-            Ok(Frame::Control(Message::StepDone { step_id, samples })) => NodeEvent::Done { step_id, samples },
-            Ok(Frame::Control(Message::StepFailed { step_id, message })) => NodeEvent::Failed { step_id, message },
-            Ok(Frame::Control(Message::HeartbeatAck { .. })) => {
-                *last_ack.lock().expect("lock") = Some(Instant::now());
-                continue;
-            }
-            Ok(other) => NodeEvent::Gone(format!("protocol error: unexpected {}", frame_kind(&other))),
-            Err(e) => NodeEvent::Gone(e.to_string()),
-        };
-        let gone = matches!(ev, NodeEvent::Gone(_));
-        if tx.send(ev).is_err() || gone {
-            return;
-        }
+            .collect();
+        drop(children);
+        let wall = SystemTime::now();
+        let events = self
+            .m
+            .events()
+            .iter()
+            .rev()
+            .take(EVENTS_SHOWN)
+            .rev()
+            .map(|e: &ClusterEvent| EventStatus {
+                unix_s: wall
+                    .checked_sub(now.saturating_duration_since(e.at))
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                message: e.kind.to_string(),
+                kind: e.kind.clone(),
+            })
+            .collect();
+        let mut snap = self.shared.snapshot.lock().expect("lock");
+        snap.nodes = nodes;
+        snap.events = events;
+        snap.health = self.m.health().err();
+        snap.serving = self.m.serving_groups().len();
     }
 }
 
-async fn heartbeats(group: Arc<Group>) {
-    let mut seq = 0u64;
-    loop {
-        tokio::time::sleep(HEARTBEAT_EVERY).await;
-        if group.is_down() {
-            return;
+/// Runs one step on every rank of a group and merges their sampling reports.
+pub struct GroupExecutor {
+    group: Arc<Group>,
+    rt: tokio::runtime::Handle,
+    step_timeout: Duration,
+}
+
+impl GroupExecutor {
+    pub fn group(&self) -> &Arc<Group> {
+        &self.group
+    }
+
+    fn down(&self) -> ExecError {
+        let why = self.group.down_reason().unwrap_or_else(|| "stopped".into());
+        ExecError::Other(format!("group {} stopped serving: {why}", self.group.id))
+    }
+}
+
+impl StepExecutor for GroupExecutor {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
+        if self.group.is_down() {
+            return Err(self.down());
         }
-        seq += 1;
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        for m in &group.members {
-            // A failed send surfaces in the member's reader as a lost connection.
-            let _ = m.conn.send(&Frame::Control(Message::Heartbeat { seq, sent_unix_ns: now })).await;
+        let msg = Frame::Control(Message::Step(plan.clone()));
+        for m in &self.group.members {
+            let conn = m.conn.clone();
+            let msg = msg.clone();
+            // A failed send shows up as the member's lost connection, which stops the group.
+            let _ = self.rt.block_on(async move { conn.send(&msg).await });
         }
+        let deadline = Instant::now() + self.step_timeout;
+        let mut per_rank: Vec<Option<Vec<(u64, ShardSample)>>> = vec![None; self.group.members.len()];
+        while per_rank.iter().any(Option::is_none) {
+            if self.group.is_down() {
+                return Err(self.down());
+            }
+            if Instant::now() > deadline {
+                let silent: Vec<&Member> =
+                    self.group.members.iter().zip(&per_rank).filter(|(_, a)| a.is_none()).map(|(m, _)| m).collect();
+                let names: Vec<String> = silent.iter().map(|m| format!("{} (rank {})", m.name, m.rank)).collect();
+                let reason = format!("did not answer step {} within {:?}", plan.step_id, self.step_timeout);
+                let _ = self.group.inputs.send(Input::StepTimedOut {
+                    group: self.group.id,
+                    silent: silent.iter().map(|m| m.session).collect(),
+                    reason: reason.clone(),
+                });
+                let why = format!("node {} {reason}", names.join(", "));
+                self.group.mark_down(why);
+                return Err(self.down());
+            }
+            let got = self.group.inbox.lock().expect("lock").recv_timeout(STEP_POLL);
+            match got {
+                Ok((rank, StepEvent::Done { step_id, samples })) if step_id == plan.step_id => {
+                    per_rank[rank] = Some(samples);
+                }
+                Ok((rank, StepEvent::Failed { step_id, message })) if step_id == plan.step_id => {
+                    let m = &self.group.members[rank];
+                    let why = format!("node {} (rank {}) failed step {step_id}: {message}", m.name, m.rank);
+                    let _ = self.group.inputs.send(Input::StepFailed {
+                        group: self.group.id,
+                        session: m.session,
+                        reason: why.clone(),
+                    });
+                    self.group.mark_down(why);
+                    return Err(self.down());
+                }
+                // A stale answer to an abandoned step, or nothing yet.
+                _ => {}
+            }
+        }
+        let per_rank: Vec<Vec<(u64, ShardSample)>> = per_rank.into_iter().map(|a| a.expect("all answered")).collect();
+        // Merge in rank order: every rank reports the same sequences in plan order.
+        let requests: HashMap<u64, lockstep_kernels::SampleRequest> =
+            plan.chunks.iter().filter_map(|c| c.sample.map(|s| (c.seq_id, s))).collect();
+        let mut sampled = Vec::with_capacity(per_rank[0].len());
+        for (i, (seq_id, _)) in per_rank[0].iter().enumerate() {
+            if per_rank.iter().any(|r| r.get(i).map(|x| x.0) != Some(*seq_id)) {
+                let why = format!("ranks of group {} disagree on the sampled sequences", self.group.id);
+                self.group.mark_down(why);
+                return Err(self.down());
+            }
+            let shards: Vec<&ShardSample> = per_rank.iter().map(|r| &r[i].1).collect();
+            let req = requests
+                .get(seq_id)
+                .ok_or_else(|| ExecError::Other(format!("unplanned sample for sequence {seq_id}")))?;
+            sampled.push((*seq_id, merge_shard_samples(&shards, req)));
+        }
+        Ok(StepResult { step_id: plan.step_id, sampled })
     }
 }

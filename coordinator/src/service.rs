@@ -179,6 +179,9 @@ enum Cmd {
     Submit(Box<Pending>),
     Resume(Box<Moving>),
     Abort(RequestId),
+    /// The replica's group stopped serving (its membership said so): hand everything over now,
+    /// even if idle.
+    Fail(String),
 }
 
 /// A request that waits for a replica (none serves right now).
@@ -478,6 +481,9 @@ impl Service {
             let g = service.next_replica.fetch_add(1, Ordering::Relaxed);
             service.add_replica(g, exec)?;
         }
+        if let Some(c) = &service.cluster {
+            c.attach(service.replica_sink());
+        }
         Ok(service)
     }
 
@@ -646,6 +652,17 @@ impl ReplicaSink {
             None => Ok(false),
         }
     }
+
+    /// Retire replica `group` at once: its requests move to the replicas that still serve.
+    pub fn fail(&self, group: usize, reason: String) {
+        if let Some(router) = self.0.upgrade() {
+            let table = router.table.lock().expect("routing table");
+            if let Some(r) = table.replicas.iter().find(|r| r.group == group) {
+                r.load.down.store(true, Ordering::SeqCst);
+                let _ = r.tx.send(Cmd::Fail(reason));
+            }
+        }
+    }
 }
 
 fn add_replica(router: &Arc<Router>, group: usize, exec: Box<dyn StepExecutor>) -> anyhow::Result<()> {
@@ -720,8 +737,16 @@ impl<E: StepExecutor> EngineThread<E> {
                     Err(_) => return,
                 }
             };
+            let mut failed = None;
             for cmd in first.into_iter().chain(rx.try_iter()) {
-                self.command(cmd);
+                match cmd {
+                    Cmd::Fail(reason) => failed = Some(reason),
+                    cmd => self.command(cmd),
+                }
+            }
+            if let Some(reason) = failed {
+                let error = crate::engine::ExecError::Other(reason);
+                return self.fail_over(StepFailure { error, events: Vec::new() }, rx);
             }
             // Held-back submissions whose turn came; when nothing else runs, time jumps to the
             // next one (idle turns count).
@@ -784,6 +809,7 @@ impl<E: StepExecutor> EngineThread<E> {
                 }
             }
             Cmd::Abort(id) => self.abort(id),
+            Cmd::Fail(_) => {}
         }
     }
 
@@ -814,6 +840,7 @@ impl<E: StepExecutor> EngineThread<E> {
                 Cmd::Submit(p) => resubmit.push(p),
                 Cmd::Resume(m) => resume.push(m),
                 Cmd::Abort(id) => self.abort(id),
+                Cmd::Fail(_) => {}
             }
         }
         resubmit.extend(std::mem::take(&mut self.delayed).into_values());

@@ -178,6 +178,11 @@ pub enum Message {
     },
     /// Coordinator → node: finish and exit.
     Shutdown,
+    /// Coordinator → node: your group was dissolved; drop the assignment (shard, KV cache, ring),
+    /// stay connected and wait for the next `Assign`.
+    Release {
+        reason: String,
+    },
 }
 
 impl Message {
@@ -196,6 +201,7 @@ impl Message {
             Message::HeartbeatAck { .. } => "HeartbeatAck",
             Message::Error { .. } => "Error",
             Message::Shutdown => "Shutdown",
+            Message::Release { .. } => "Release",
         }
     }
 }

@@ -17,12 +17,16 @@ pub(crate) mod soak;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode};
 use lockstep_coordinator::engine::{Device, EngineOptions, LocalExecutor, ModelInfo, StepExecutor};
-use lockstep_coordinator::service::{NoopObserver, Service, ServiceObserver, ServiceOptions};
+use lockstep_coordinator::membership::{DEFAULT_HEARTBEAT_EVERY, DEFAULT_NODE_TIMEOUT, DEFAULT_STEP_TIMEOUT};
+use lockstep_coordinator::service::{
+    NoopObserver, Service, ServiceObserver, ServiceOptions, DEFAULT_MIGRATION_LIMIT, DEFAULT_QUEUE_TIMEOUT,
+};
 use lockstep_kernels::{DType, Isa, KernelMode};
 
 use bench::BenchArgs;
@@ -160,9 +164,11 @@ impl EngineArgs {
 /// Where the model runs: in this process, or on a tensor-parallel cluster of node processes.
 #[derive(Args, Clone)]
 pub(crate) struct ClusterArgs {
-    /// Tensor-parallel degree (a power of two dividing the head counts and ≤ reduce_segments).
-    #[arg(long, default_value_t = 1)]
-    pub(crate) tp: usize,
+    /// Tensor-parallel degree, or a preference list, most preferred first (`--tp 4,2,1`): after
+    /// any node loss or join, groups re-form at the most preferred degree the live nodes allow.
+    /// Each degree must divide the head counts and be ≤ reduce_segments.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub(crate) tp: Vec<usize>,
     /// Number of tensor-parallel groups; requests are spread across them.
     #[arg(long, default_value_t = 1)]
     pub(crate) replicas: usize,
@@ -184,6 +190,25 @@ pub(crate) struct ClusterArgs {
     /// Seconds to wait for every group to become ready.
     #[arg(long, default_value_t = 300)]
     pub(crate) join_timeout: u64,
+    /// Embedded mode: extra node processes that wait as hot spares.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) spare_nodes: usize,
+    /// How often the coordinator pings every node, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_HEARTBEAT_EVERY.as_millis() as u64)]
+    pub(crate) heartbeat_ms: u64,
+    /// A node silent this long (idle, loading or busy) is down, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_NODE_TIMEOUT.as_millis() as u64)]
+    pub(crate) node_timeout_ms: u64,
+    /// A step not answered by every member within this long fails its group, naming the members
+    /// that did not answer, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_STEP_TIMEOUT.as_millis() as u64)]
+    pub(crate) step_timeout_ms: u64,
+    /// How many times a request may move to another group after its group failed.
+    #[arg(long, default_value_t = DEFAULT_MIGRATION_LIMIT)]
+    pub(crate) migration_limit: u32,
+    /// How long requests wait for a serving group when none is left before they get 503.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_TIMEOUT.as_secs())]
+    pub(crate) queue_timeout_s: u64,
 }
 
 impl ClusterArgs {
@@ -191,7 +216,7 @@ impl ClusterArgs {
     /// (TP 1: the model runs in-process).
     pub(crate) fn embedded(tp: usize, node_threads: usize) -> Self {
         ClusterArgs {
-            tp,
+            tp: vec![tp],
             replicas: 1,
             cluster: false,
             nodes: NodesMode::Embedded,
@@ -199,11 +224,31 @@ impl ClusterArgs {
             tls_dir: None,
             node_threads: Some(node_threads),
             join_timeout: 300,
+            spare_nodes: 0,
+            heartbeat_ms: DEFAULT_HEARTBEAT_EVERY.as_millis() as u64,
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT.as_millis() as u64,
+            step_timeout_ms: DEFAULT_STEP_TIMEOUT.as_millis() as u64,
+            migration_limit: DEFAULT_MIGRATION_LIMIT,
+            queue_timeout_s: DEFAULT_QUEUE_TIMEOUT.as_secs(),
         }
     }
 
     fn wants_cluster(&self) -> bool {
-        self.cluster || self.tp > 1 || self.replicas > 1 || self.nodes == NodesMode::Static
+        self.cluster
+            || self.tp.iter().any(|&t| t > 1)
+            || self.tp.len() > 1
+            || self.replicas > 1
+            || self.spare_nodes > 0
+            || self.nodes == NodesMode::Static
+    }
+
+    /// The service's migration and queueing limits from these flags, on top of `base`.
+    pub(crate) fn service_options(&self, base: ServiceOptions) -> ServiceOptions {
+        ServiceOptions {
+            migration_limit: self.migration_limit,
+            queue_timeout: Duration::from_secs(self.queue_timeout_s),
+            ..base
+        }
     }
 }
 
@@ -222,22 +267,27 @@ pub(crate) fn executors(
         return Ok((vec![Box::new(LocalExecutor::load(info, opts)?)], None));
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let max_tp = c.tp.iter().copied().max().unwrap_or(1);
     let cluster = Cluster::start(ClusterOptions {
         model_dir: model.to_path_buf(),
-        tp: c.tp,
+        tp: c.tp.clone(),
         replicas: c.replicas,
         listen: c.cluster_listen,
         nodes: c.nodes,
         tls_dir: c.tls_dir.clone(),
         engine: opts.clone(),
-        node_threads: c.node_threads.unwrap_or((cores / (c.tp * c.replicas)).max(1)),
-        join_timeout: std::time::Duration::from_secs(c.join_timeout),
+        node_threads: c.node_threads.unwrap_or((cores / (max_tp * c.replicas)).max(1)),
+        join_timeout: Duration::from_secs(c.join_timeout),
+        spare_nodes: c.spare_nodes,
+        heartbeat_every: Duration::from_millis(c.heartbeat_ms),
+        node_timeout: Duration::from_millis(c.node_timeout_ms),
+        step_timeout: Duration::from_millis(c.step_timeout_ms),
     })?;
     if cluster.info.system_fingerprint != info.system_fingerprint {
         bail!("cluster fingerprint {} differs from {}", cluster.info.system_fingerprint, info.system_fingerprint);
     }
-    let execs = (0..cluster.groups().len()).map(|g| Box::new(cluster.executor(g)) as Box<dyn StepExecutor>).collect();
-    Ok((execs, Some(cluster)))
+    // The cluster's groups join the service as they form (Service::start attaches it).
+    Ok((Vec::new(), Some(cluster)))
 }
 
 /// The synthesized-model cache directory (`$LOCKSTEP_CACHE_DIR`, `$XDG_CACHE_HOME/lockstep`,
@@ -274,6 +324,7 @@ pub(crate) fn start_service(
     opts: ServiceOptions,
     observer: Option<Arc<dyn ServiceObserver>>,
 ) -> Result<Service> {
+    let opts = cluster.service_options(opts);
     let (execs, cluster) = executors(model, cluster, engine, &info)?;
     let sched = info.scheduler_config(engine);
     Service::start(info, execs, cluster, sched, opts, observer.unwrap_or_else(|| Arc::new(NoopObserver)))

@@ -173,7 +173,8 @@ pub fn cluster_json(state: &AppState) -> Value {
     let groups: Vec<Value> = replicas
         .iter()
         .map(|r| {
-            let members: Vec<&str> = nodes.iter().filter(|n| n.group == r.group).map(|n| n.name.as_str()).collect();
+            let members: Vec<&str> =
+                nodes.iter().filter(|n| n.group == Some(r.group)).map(|n| n.name.as_str()).collect();
             json!({
                 "group": r.group,
                 "state": r.state,
@@ -192,10 +193,11 @@ pub fn cluster_json(state: &AppState) -> Value {
     let nodes_json: Vec<Value> = nodes
         .iter()
         .map(|n| {
-            let tp = nodes.iter().filter(|m| m.group == n.group).count().max(1);
+            let tp = if n.group.is_some() { nodes.iter().filter(|m| m.group == n.group).count().max(1) } else { 0 };
             // The node's shard, recomputed from the model and the numerics exactly as the
             // registrar assigned it (the plan is a pure function of them).
-            let shard = lockstep_node::shard::ShardPlan::new(cfg, n.rank, tp, segments).ok().map(|p| {
+            let plan = n.rank.and_then(|rank| lockstep_node::shard::ShardPlan::new(cfg, rank, tp, segments).ok());
+            let shard = plan.map(|p| {
                 json!({
                     "q_heads": [p.q_rows.start / p.head_dim, p.q_rows.end / p.head_dim],
                     "kv_heads": [p.kv_rows.start / p.head_dim, p.kv_rows.end / p.head_dim],
@@ -216,6 +218,9 @@ pub fn cluster_json(state: &AppState) -> Value {
                 "fingerprint": n.fingerprint,
                 "fingerprint_matches": n.fingerprint == info.system_fingerprint,
                 "shard": shard,
+                "detail": n.detail,
+                "pid": n.pid,
+                "session": n.session,
             })
         })
         .collect();
@@ -225,6 +230,9 @@ pub fn cluster_json(state: &AppState) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "system_fingerprint": info.system_fingerprint,
         "healthy": svc.healthy(),
+        "unhealthy_reason": svc.unhealthy_reason(),
+        "migrations": svc.migrations(),
+        "events": svc.cluster().map(|c| c.events()).unwrap_or_default(),
         "uptime_secs": svc.uptime().as_secs_f64(),
         "now_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         "model": {

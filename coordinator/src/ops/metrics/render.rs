@@ -106,7 +106,7 @@ impl Metrics {
         header(w, "lockstep_node_heartbeat_age_seconds", "gauge", "Seconds since each node last answered a heartbeat.");
         for n in &v.nodes {
             if let Some(ms) = n.last_heartbeat_ms_ago {
-                let (g, r) = (n.group.to_string(), n.rank.to_string());
+                let (g, r) = (opt_label(n.group), opt_label(n.rank));
                 sample(
                     w,
                     "lockstep_node_heartbeat_age_seconds",
@@ -117,7 +117,7 @@ impl Metrics {
         }
         header(w, "lockstep_node_rtt_seconds", "gauge", "QUIC round-trip time to each node, seconds.");
         for n in &v.nodes {
-            let (g, r) = (n.group.to_string(), n.rank.to_string());
+            let (g, r) = (opt_label(n.group), opt_label(n.rank));
             sample(
                 w,
                 "lockstep_node_rtt_seconds",
@@ -287,6 +287,11 @@ fn format_value(v: f64) -> String {
     }
 }
 
+/// A group or rank label: the number, or empty for a node in no group.
+fn opt_label(x: Option<usize>) -> String {
+    x.map(|v| v.to_string()).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -312,13 +317,16 @@ mod tests {
             }],
             nodes: vec![NodeStatus {
                 name: "node-0".into(),
-                group: 0,
-                rank: 0,
+                group: Some(0),
+                rank: Some(0),
                 ring_addr: "127.0.0.1:1".into(),
                 state: "ready".into(),
+                detail: "in group 0 rank 0".into(),
                 last_heartbeat_ms_ago: Some(250),
                 rtt_us: 120,
                 fingerprint: "fp_test".into(),
+                pid: None,
+                session: 1,
             }],
         }
     }
