@@ -41,6 +41,10 @@ use crate::engine::{EngineOptions, ExecError, ModelInfo, StepExecutor};
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the coordinator pings every node.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a joiner has to say `Hello` after its connection is accepted.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an assigned node has to load its shard, form the ring and answer `Ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NodesMode {
@@ -292,13 +296,12 @@ impl Cluster {
             }
             for c in children.iter_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    let mut failed = Cluster::cleanup(children, &tls_dir, throwaway);
-                    failed.push_str(&format!("a node process exited during start-up ({status})"));
-                    bail!("{failed}");
+                    Cluster::cleanup(children, &tls_dir, throwaway);
+                    bail!("a node process exited during start-up ({status})");
                 }
             }
             if Instant::now() > deadline {
-                let _ = Cluster::cleanup(children, &tls_dir, throwaway);
+                Cluster::cleanup(children, &tls_dir, throwaway);
                 bail!("the cluster did not become ready within {:?}", opts.join_timeout);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -324,7 +327,8 @@ impl Cluster {
         })
     }
 
-    fn cleanup(mut children: Vec<Child>, tls_dir: &Path, throwaway: bool) -> String {
+    /// A failed start: kill the node processes and remove a throwaway CA.
+    fn cleanup(mut children: Vec<Child>, tls_dir: &Path, throwaway: bool) {
         for c in children.iter_mut() {
             let _ = c.kill();
             let _ = c.wait();
@@ -332,7 +336,6 @@ impl Cluster {
         if throwaway {
             let _ = std::fs::remove_dir_all(tls_dir);
         }
-        String::new()
     }
 
     pub fn groups(&self) -> &[Arc<Group>] {
@@ -517,7 +520,7 @@ async fn registrar_loop(endpoint: Arc<Endpoint>, reg: Registrar) {
 
 /// One joiner: read its Hello, check it, and queue it for the next group.
 async fn admit(conn: Arc<Conn>, reg: Registrar) {
-    let hello = match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
         Ok(Ok(Frame::Control(Message::Hello(h)))) => h,
         Ok(Ok(other)) => {
             let m = format!("expected Hello as the first message, got {}", frame_kind(&other));
@@ -528,7 +531,7 @@ async fn admit(conn: Arc<Conn>, reg: Registrar) {
             conn.close("bad frame");
             return;
         }
-        Err(_) => return refuse(&conn, RefuseCode::BadRequest, "no Hello within 10 s".into()).await,
+        Err(_) => return refuse(&conn, RefuseCode::BadRequest, format!("no Hello within {HELLO_TIMEOUT:?}")).await,
     };
     if let Err(m) = check_hello(&hello, conn.peer_name()) {
         let code = if hello.protocol_version != PROTOCOL_VERSION {
@@ -602,7 +605,7 @@ async fn form_group(gid: usize, members: Vec<Pending>, reg: Registrar) {
     let mut ready = Vec::with_capacity(tp);
     let mut failed: Option<(usize, String)> = None;
     for (rank, m) in members.iter().enumerate() {
-        let answer = tokio::time::timeout(Duration::from_secs(300), async {
+        let answer = tokio::time::timeout(READY_TIMEOUT, async {
             loop {
                 match m.conn.recv().await {
                     Ok(Frame::Control(Message::HeartbeatAck { .. })) => continue,
@@ -640,7 +643,7 @@ async fn form_group(gid: usize, members: Vec<Pending>, reg: Registrar) {
                 break;
             }
             Err(_) => {
-                failed = Some((rank, "not ready within 300 s".into()));
+                failed = Some((rank, format!("not ready within {READY_TIMEOUT:?}")));
                 break;
             }
         }

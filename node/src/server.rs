@@ -36,6 +36,8 @@ use crate::weights::SafetensorsRepo;
 
 /// How long one all-reduce waits for its ring predecessor before the step fails.
 pub const RING_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node waits for its ring neighbours to connect after its assignment.
+pub const RING_FORM_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -316,9 +318,9 @@ pub async fn connect_ring(
             }
         }
     };
-    let (next, prev) = tokio::time::timeout(Duration::from_secs(60), async { tokio::try_join!(dial, accept) })
+    let (next, prev) = tokio::time::timeout(RING_FORM_TIMEOUT, async { tokio::try_join!(dial, accept) })
         .await
-        .map_err(|_| NodeError::Protocol("ring did not form within 60 s".into()))??;
+        .map_err(|_| NodeError::Protocol(format!("ring did not form within {RING_FORM_TIMEOUT:?}")))??;
     let sender = tokio::spawn(async move {
         while let Some(f) = next_rx.recv().await {
             if next.send_ring(f.step_id, f.op, f.origin_rank, &f.data).await.is_err() {
