@@ -806,14 +806,10 @@ pub fn partial_stop_suffix_len(text: &str, stops: &[String]) -> usize {
 mod tests {
     use super::*;
 
-    const STORIES_DIR: &str = "/work/shared/models/stories260K/hf";
-
+    /// stories260K's tokenizer, or `None` when the test is skipped (see `lockstep_test_env`).
     fn stories() -> Option<Tokenizer> {
-        if !Path::new(STORIES_DIR).join("tokenizer.json").is_file() {
-            eprintln!("SKIPPED: {STORIES_DIR}/tokenizer.json not found");
-            return None;
-        }
-        Some(Tokenizer::from_dir(STORIES_DIR).expect("stories260K tokenizer loads"))
+        let dir = lockstep_test_env::stories260k()?;
+        Some(Tokenizer::from_dir(&dir).expect("stories260K tokenizer loads"))
     }
 
     /// A fresh directory under the system temp dir, removed on drop.

@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api_support::{start, stories, Options};
+use api_support::{start, Options};
 use bytes::{Buf, Bytes};
 use lockstep_coordinator::api::client::Client;
+use lockstep_test_env::stories260k;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
@@ -79,7 +80,7 @@ fn sse_events(body: &[u8]) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http3_serves_the_same_answers_as_http1_and_http1_advertises_it() {
-    let Some(model) = stories("http3_serves_the_same_answers_as_http1_and_http1_advertises_it") else { return };
+    let Some(model) = stories260k() else { return };
     let srv = start(&model, Options { h3: true, ..Options::default() }).await;
     let h3_addr = srv.server.h3_addr.expect("HTTP/3 is on");
     let cert = srv.server.cert_pem.clone().expect("a self-signed certificate was generated");

@@ -8,8 +8,9 @@ mod api_support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use api_support::{ids, logprob_bits, start, stories, Options};
+use api_support::{ids, logprob_bits, start, Options};
 use lockstep_coordinator::api::client::Client;
+use lockstep_test_env::stories260k;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -86,7 +87,7 @@ async fn complete(client: &mut Client, body: &Value) -> Answer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_clients_get_identical_answers_for_identical_requests() {
-    let Some(model) = stories("sixty_four_concurrent_clients_get_identical_answers_for_identical_requests") else {
+    let Some(model) = stories260k() else {
         return;
     };
     let srv = start(&model, Options::default()).await;
@@ -167,7 +168,7 @@ fn post_head(path: &str, key: Option<&str>, len: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_openai_error_objects_and_the_server_keeps_serving() {
-    let Some(model) = stories("bad_inputs_get_openai_error_objects_and_the_server_keeps_serving") else { return };
+    let Some(model) = stories260k() else { return };
     let key = "sk-lockstep-test";
     let srv = start(&model, Options { api_keys: vec![key.into()], ..Options::default() }).await;
     let addr = srv.server.http_addr;
@@ -449,7 +450,7 @@ async fn bad_inputs_get_openai_error_objects_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_server_answers_429_with_retry_after() {
-    let Some(model) = stories("an_overloaded_server_answers_429_with_retry_after") else { return };
+    let Some(model) = stories260k() else { return };
     // No request may wait: every submission is refused as overloaded.
     let srv = start(&model, Options { max_waiting: 0, ..Options::default() }).await;
     let mut client = Client::new(srv.server.http_addr, None);
@@ -465,7 +466,7 @@ async fn an_overloaded_server_answers_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_client_that_disconnects_frees_its_kv_blocks() {
-    let Some(model) = stories("a_streaming_client_that_disconnects_frees_its_kv_blocks") else { return };
+    let Some(model) = stories260k() else { return };
     let srv = start(&model, Options::default()).await;
     let addr = srv.server.http_addr;
     let run = async {
@@ -516,7 +517,7 @@ async fn a_streaming_client_that_disconnects_frees_its_kv_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n_choices_differ_seeds_replay_and_every_response_has_fingerprint_and_seed() {
-    let Some(model) = stories("n_choices_differ_seeds_replay_and_every_response_has_fingerprint_and_seed") else {
+    let Some(model) = stories260k() else {
         return;
     };
     let srv = start(&model, Options::default()).await;
@@ -614,7 +615,7 @@ async fn n_choices_differ_seeds_replay_and_every_response_has_fingerprint_and_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_measures_a_running_server() {
     use lockstep_coordinator::api::loadgen::{run, table, LoadgenOptions};
-    let Some(model) = stories("loadgen_measures_a_running_server") else { return };
+    let Some(model) = stories260k() else { return };
     let srv = start(&model, Options::default()).await;
     let opts = LoadgenOptions {
         url: srv.url(),

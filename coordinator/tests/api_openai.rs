@@ -3,14 +3,12 @@
 //! (completions, chat, streaming, `n = 2`, logprobs, seeds, typed errors). Skipped visibly when the
 //! model or the package is absent; `.ci/run` installs the package so CI runs it.
 
-mod api_support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use api_support::stories;
+use lockstep_test_env::{missing, stories260k};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -25,7 +23,7 @@ impl Drop for Killed {
 
 #[test]
 fn the_official_openai_python_client_works_against_lockstep_serve() {
-    let Some(model) = stories("the_official_openai_python_client_works_against_lockstep_serve") else { return };
+    let Some(model) = stories260k() else { return };
     let has_openai = Command::new("python3")
         .args(["-c", "import openai"])
         .stdout(Stdio::null())
@@ -33,8 +31,7 @@ fn the_official_openai_python_client_works_against_lockstep_serve() {
         .status()
         .is_ok_and(|s| s.success());
     if !has_openai {
-        eprintln!("SKIPPED: python openai package not installed (pip install openai; .ci/run does)");
-        return;
+        return missing("python openai package not installed (pip install openai; .ci/run does)");
     }
     let key = "sk-lockstep-openai-test";
     let cert = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("openai-{}.pem", std::process::id()));

@@ -1,7 +1,9 @@
 //! Engine-level determinism: a prompt's token ids and logprob bits do not depend on what else is
 //! running, when it arrived, the prefill chunk size, the thread count, or preemption — greedy and
-//! seeded sampling alike. Runs on the real stories260K model (skipped visibly when `../shared` is
-//! absent) and always on a synthesized tiny Qwen2 (q/k/v biases) and tiny Llama.
+//! seeded sampling alike. Runs on the real stories260K model (see `lockstep_test_env` for where it
+//! is found and what happens when it is not) and always on a synthesized tiny Qwen2 (q/k/v biases)
+//! and tiny Llama. A negative control runs the same conditions with the conventional (fast) GEMM
+//! and requires them to show a difference, so the matrix is known to be able to see one.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -11,10 +13,7 @@ use lockstep_coordinator::engine::{
 };
 use lockstep_kernels::{CpuBackend, DType, KernelMode, SamplingParams};
 use lockstep_node::synth::{synth, Preset};
-
-fn stories() -> Option<PathBuf> {
-    lockstep_tests::stories_dir("engine_invariance (stories260K part)")
-}
+use lockstep_test_env::stories260k;
 
 /// A synthesized model, written once per test binary.
 fn synth_model(preset: Preset, dtype: DType) -> PathBuf {
@@ -196,20 +195,20 @@ fn seeded(seed: u64) -> SamplingParams {
 
 #[test]
 fn stories260k_greedy_continues_once_upon_a_time() {
-    let Some(dir) = stories() else { return };
+    let Some(dir) = stories260k() else { return };
     let a = run(&dir, &base_opts(), "Once upon a time", greedy(), 0, &[]).answer;
     assert!(a.text.starts_with(", there was a little girl named Lily"), "{:?}", a.text);
 }
 
 #[test]
 fn stories260k_greedy_is_invariant_to_batch_arrival_chunking_threads_and_preemption() {
-    let Some(dir) = stories() else { return };
+    let Some(dir) = stories260k() else { return };
     assert_eq!(invariance_matrix(&dir, KernelMode::Invariant, greedy()).0, 0);
 }
 
 #[test]
 fn stories260k_seeded_sampling_is_invariant_and_seeds_differ() {
-    let Some(dir) = stories() else { return };
+    let Some(dir) = stories260k() else { return };
     assert_eq!(invariance_matrix(&dir, KernelMode::Invariant, seeded(1234)).0, 0);
     let a = run(&dir, &base_opts(), "Once upon a time", seeded(1234), 0, &[]).answer;
     let b = run(&dir, &base_opts(), "Once upon a time", seeded(4321), 0, &[]).answer;
@@ -235,14 +234,16 @@ fn synthetic_llama_and_qwen2_load_and_generate_in_bf16_and_f32() {
     }
 }
 
-/// The same matrix with the conventional GEMM: reported, not asserted — it documents what the
-/// invariant kernels remove on this model (see docs/BENCHMARKS.md for the recorded counts).
+/// The same matrix with the conventional GEMM, whose sums change order with the batch: some
+/// condition must differ from the prompt alone. If none did, the matrix could not see a batch
+/// dependence at all, and its zero for the invariant kernels would prove nothing. (Observed on
+/// x86-64 with AVX2 and AVX-512: every condition differs, on both models.)
 #[test]
-fn negative_control_fast_kernels_are_measured() {
-    let dirs: Vec<PathBuf> = stories().into_iter().chain([synth_model(Preset::TinyQwen2, DType::Bf16)]).collect();
+fn negative_control_the_matrix_sees_the_fast_kernels_batch_dependence() {
+    let dirs: Vec<PathBuf> = stories260k().into_iter().chain([synth_model(Preset::TinyQwen2, DType::Bf16)]).collect();
     for dir in dirs {
         let (differ, total) = invariance_matrix(&dir, KernelMode::Fast, greedy());
-        eprintln!("NEGATIVE CONTROL {}: fast kernels differ from alone in {differ}/{total} conditions", dir.display());
+        assert!(differ > 0, "{}: fast kernels agree with alone in all {total} conditions", dir.display());
     }
 }
 
@@ -252,7 +253,7 @@ fn negative_control_fast_kernels_are_measured() {
 /// and text — greedy and seeded.
 #[test]
 fn stories260k_requests_migrated_mid_generation_continue_identically() {
-    let Some(dir) = stories() else { return };
+    let Some(dir) = lockstep_test_env::stories260k() else { return };
     let opts = base_opts();
     let info = ModelInfo::load(&dir, &opts, CpuBackend::fingerprint_name_for(opts.mode)).unwrap();
     let prompts = ["Once upon a time", "The little dog ran to the park and saw a big red ball", "Lily said"];

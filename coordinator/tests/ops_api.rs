@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use lockstep_coordinator::ops::canary::{Canary, Variant};
 use lockstep_coordinator::ops::metrics::Metrics;
+use lockstep_test_env::stories260k;
 use ops_common::*;
 
 #[test]
 fn metrics_follow_real_requests_and_render_valid_prometheus() {
-    let Some(model) = stories("metrics_follow_real_requests_and_render_valid_prometheus") else { return };
+    let Some(model) = stories260k() else { return };
     let metrics = Arc::new(Metrics::new());
     let service = local_service(&model, metrics.clone());
     let server = serve(app_state(service.clone(), metrics.clone(), Arc::new(Canary::new()), &[]));
@@ -92,17 +93,20 @@ fn metrics_follow_real_requests_and_render_valid_prometheus() {
     assert!(c["throughput"]["tokens_per_sec"].as_f64().is_some());
     assert_eq!(c["generated_tokens_total"], generated as u64);
     // Tokens/s: the tokens above land in the window once their second is complete.
-    std::thread::sleep(Duration::from_millis(1100));
+    let history = |c: &serde_json::Value| -> u64 {
+        c["throughput"]["history"].as_array().unwrap().iter().map(|p| p["tokens"].as_u64().unwrap()).sum()
+    };
+    wait_until(Duration::from_secs(10), "the generated tokens' seconds to complete", || {
+        history(&get(server.addr, "/ops/cluster").json()) >= generated as u64
+    });
     let c = get(server.addr, "/ops/cluster").json();
-    let history: u64 =
-        c["throughput"]["history"].as_array().unwrap().iter().map(|p| p["tokens"].as_u64().unwrap()).sum();
-    assert_eq!(history, generated as u64, "every generated token is in the per-second history");
+    assert_eq!(history(&c), generated as u64, "every generated token is in the per-second history");
     assert!(c["throughput"]["tokens_per_sec"].as_f64().unwrap() > 0.0, "{}", c["throughput"]);
 }
 
 #[test]
 fn every_metric_the_dashboard_reads_is_exported() {
-    let Some(model) = stories("every_metric_the_dashboard_reads_is_exported") else { return };
+    let Some(model) = stories260k() else { return };
     let metrics = Arc::new(Metrics::new());
     let service = local_service(&model, metrics.clone());
     let server = serve(app_state(service, metrics, Arc::new(Canary::new()), &[]));
@@ -120,7 +124,7 @@ fn every_metric_the_dashboard_reads_is_exported() {
 
 #[test]
 fn canary_matches_in_the_live_batch_under_concurrent_load() {
-    let Some(model) = stories("canary_matches_in_the_live_batch_under_concurrent_load") else { return };
+    let Some(model) = stories260k() else { return };
     let metrics = Arc::new(Metrics::new());
     let service = local_service(&model, metrics.clone());
     let canary = Canary::start(service.clone(), metrics.clone(), Duration::from_millis(700));
@@ -170,7 +174,7 @@ fn canary_matches_in_the_live_batch_under_concurrent_load() {
 
 #[test]
 fn a_tampered_canary_reference_is_reported_as_a_mismatch() {
-    let Some(model) = stories("a_tampered_canary_reference_is_reported_as_a_mismatch") else { return };
+    let Some(model) = stories260k() else { return };
     let metrics = Arc::new(Metrics::new());
     let service = local_service(&model, metrics.clone());
     let honest = Canary::start(service.clone(), metrics.clone(), Duration::from_secs(3600));
@@ -227,7 +231,7 @@ fn a_tampered_canary_reference_is_reported_as_a_mismatch() {
 
 #[test]
 fn ops_routes_enforce_ops_keys_and_keep_the_soak_report() {
-    let Some(model) = stories("ops_routes_enforce_ops_keys_and_keep_the_soak_report") else { return };
+    let Some(model) = stories260k() else { return };
     let metrics = Arc::new(Metrics::new());
     let service = local_service(&model, metrics.clone());
     let server = serve(app_state(service, metrics, Arc::new(Canary::new()), &["opskey"]));

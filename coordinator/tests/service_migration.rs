@@ -41,7 +41,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Option<Self> {
-        let dir = lockstep_tests::stories_dir("service_migration")?;
+        let dir = lockstep_test_env::stories260k()?;
         let opts = EngineOptions { threads: 1, ..EngineOptions::default() };
         let info = ModelInfo::load(&dir, &opts, CpuBackend::fingerprint_name_for(opts.mode)).unwrap();
         Some(Fixture { info, opts })

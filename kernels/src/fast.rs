@@ -15,7 +15,9 @@ pub(crate) fn linear_fast(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_
         return;
     }
     let widened;
-    let wf: &[f32] = match (w.dtype, unsafe { w.bytes.align_to::<f32>() }) {
+    // SAFETY: every bit pattern is a valid f32, and `align_to` hands out only the aligned middle.
+    let as_f32 = unsafe { w.bytes.align_to::<f32>() };
+    let wf: &[f32] = match (w.dtype, as_f32) {
         (DType::F32, ([], mid, [])) => mid,
         _ => {
             widened = w.to_f32();

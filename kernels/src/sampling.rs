@@ -196,21 +196,27 @@ pub fn lane_tree(mut a: [f32; LANES]) -> f32 {
     a[0]
 }
 
-/// Ranking key: NaN never wins.
+/// Ranking key: NaN never wins, and −0 ties with +0 (as `==` has them; `total_cmp` would not).
 #[inline]
 fn key(x: f32) -> f32 {
     if x.is_nan() {
         f32::NEG_INFINITY
     } else {
-        x
+        x + 0.0
     }
 }
 
-/// `a` ranks before `b`: higher value first, ties to the lower token id.
+/// The candidates' order: higher value first, ties to the lower token id. A total order that is
+/// `Equal` only for the same id and value, so sorting and selecting are well defined.
 #[inline]
-fn ranks_before(av: f32, aid: u32, bv: f32, bid: u32) -> bool {
-    let (av, bv) = (key(av), key(bv));
-    av > bv || (av == bv && aid < bid)
+fn rank(av: f32, aid: u32, bv: f32, bid: u32) -> std::cmp::Ordering {
+    key(bv).total_cmp(&key(av)).then(aid.cmp(&bid))
+}
+
+/// `a` ranks before `b` in [`rank`]'s order.
+#[inline]
+pub(crate) fn ranks_before(av: f32, aid: u32, bv: f32, bid: u32) -> bool {
+    rank(av, aid, bv, bid).is_lt()
 }
 
 fn filters_on(p: &SamplingParams) -> bool {
@@ -284,13 +290,7 @@ pub fn shard_sample_with(
     let z: Vec<f32> = logits.iter().map(|&x| x / p.temperature).collect();
     let lse_scaled = (p.top_p < 1.0).then(|| lse_shard_with(&z, shard, lanes));
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let order = |a: &u32, b: &u32| {
-        if ranks_before(z[*a as usize], *a, z[*b as usize], *b) {
-            std::cmp::Ordering::Less
-        } else {
-            std::cmp::Ordering::Greater
-        }
-    };
+    let order = |a: &u32, b: &u32| rank(z[*a as usize], *a, z[*b as usize], *b);
     let cap = candidate_cap(p).min(idx.len());
     if cap < idx.len() && cap > 0 {
         idx.select_nth_unstable_by(cap - 1, order);
@@ -314,13 +314,7 @@ pub fn merge_shard_samples(shards: &[&ShardSample], req: &SampleRequest) -> Samp
             .reduce(|a, b| if ranks_before(b.score, b.id, a.score, a.id) { b } else { a })
     } else {
         let mut all: Vec<Candidate> = shards.iter().flat_map(|s| s.candidates.iter().copied()).collect();
-        all.sort_unstable_by(|a, b| {
-            if ranks_before(a.z, a.id, b.z, b.id) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
+        all.sort_unstable_by(|a, b| rank(a.z, a.id, b.z, b.id));
         all.truncate(candidate_cap(p));
         if p.top_p < 1.0 {
             let parts: Vec<LsePartial> = shards.iter().map(|s| s.lse_scaled.unwrap_or(LsePartial::EMPTY)).collect();
@@ -355,6 +349,24 @@ mod tests {
         assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
         let all = u32::MAX;
         assert_eq!(philox4x32_10([all; 4], [all; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
+    }
+
+    #[test]
+    fn candidate_order_is_total_ties_go_to_the_lower_id_and_nan_never_wins() {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        assert_eq!(rank(2.0, 9, 1.0, 0), Less, "higher value first");
+        assert_eq!(rank(1.0, 3, 1.0, 4), Less, "a tie goes to the lower id");
+        assert_eq!(rank(1.0, 4, 1.0, 3), Greater);
+        assert_eq!(rank(1.0, 4, 1.0, 4), Equal, "only a candidate equals itself");
+        assert_eq!(rank(-0.0, 1, 0.0, 2), Less, "-0 ties with +0");
+        assert_eq!(rank(0.0, 2, -0.0, 1), Greater);
+        assert_eq!(rank(f32::NAN, 0, f32::MIN, 1), Greater, "NaN ranks below every number");
+        assert_eq!(rank(f32::NAN, 0, f32::NEG_INFINITY, 1), Less, "NaN ties with -inf");
+        // Sorting by it is a sort, whatever the input order.
+        let mut v = [(0.5, 3), (f32::NAN, 0), (0.5, 1), (-0.0, 7), (2.0, 9), (0.0, 2)];
+        v.sort_unstable_by(|a, b| rank(a.0, a.1, b.0, b.1));
+        let ids: Vec<u32> = v.iter().map(|c| c.1).collect();
+        assert_eq!(ids, [9, 1, 3, 2, 7, 0]);
     }
 
     #[test]

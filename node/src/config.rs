@@ -482,8 +482,6 @@ impl Parser<'_> {
 mod tests {
     use super::*;
 
-    pub(crate) const STORIES_DIR: &str = "/work/shared/models/stories260K/hf";
-
     fn parse(json: &str) -> Result<ModelConfig> {
         ModelConfig::from_json_str(json, "test/config.json")
     }
@@ -497,12 +495,8 @@ mod tests {
 
     #[test]
     fn stories260k_config() {
-        let dir = Path::new(STORIES_DIR);
-        if !dir.exists() {
-            eprintln!("SKIPPED: {STORIES_DIR} is absent");
-            return;
-        }
-        let c = ModelConfig::from_dir(dir).unwrap();
+        let Some(dir) = lockstep_test_env::stories260k() else { return };
+        let c = ModelConfig::from_dir(&dir).unwrap();
         assert_eq!(c.arch, Architecture::Llama);
         assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (64, 172, 5));
         assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 8));

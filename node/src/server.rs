@@ -36,6 +36,8 @@ use crate::weights::SafetensorsRepo;
 
 /// How long one all-reduce waits for its ring predecessor before the step fails.
 pub const RING_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node waits for its ring neighbours to connect after its assignment.
+pub const RING_FORM_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -52,6 +54,9 @@ pub struct NodeOptions {
     /// Load the model from here instead of the assigned path (the files must still match the
     /// coordinator's fingerprint, or the node refuses the assignment).
     pub model_override: Option<PathBuf>,
+    /// Sleep this long before every step. For tests only (the hidden `lockstep node
+    /// --step-delay-ms`): it stretches generation so a test can act in the middle of it.
+    pub step_delay: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +177,7 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Message>();
     let worker = std::thread::Builder::new()
         .name(format!("lockstep-model-{}", assignment.rank))
-        .spawn(move || model_thread(model, collective, plan_rx, done_tx))
+        .spawn(move || model_thread(model, collective, plan_rx, done_tx, opts.step_delay))
         .map_err(|e| NodeError::Protocol(e.to_string()))?;
     let result = serve_steps(&tx, &mut rx, &plan_tx, &mut done_rx).await;
     drop(plan_tx);
@@ -212,12 +217,10 @@ fn model_thread(
     collective: Arc<RingCollective<QuicRing>>,
     plans: std_mpsc::Receiver<StepPlan>,
     done: mpsc::UnboundedSender<Message>,
+    step_delay: Option<Duration>,
 ) {
-    // Test hook: slow every step down so a test can kill a node mid-generation deterministically.
-    let delay =
-        std::env::var("LOCKSTEP_TEST_STEP_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
     while let Ok(plan) = plans.recv() {
-        if let Some(d) = delay {
+        if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
         collective.begin_step(plan.step_id);
@@ -315,9 +318,9 @@ pub async fn connect_ring(
             }
         }
     };
-    let (next, prev) = tokio::time::timeout(Duration::from_secs(60), async { tokio::try_join!(dial, accept) })
+    let (next, prev) = tokio::time::timeout(RING_FORM_TIMEOUT, async { tokio::try_join!(dial, accept) })
         .await
-        .map_err(|_| NodeError::Protocol("ring did not form within 60 s".into()))??;
+        .map_err(|_| NodeError::Protocol(format!("ring did not form within {RING_FORM_TIMEOUT:?}")))??;
     let sender = tokio::spawn(async move {
         while let Some(f) = next_rx.recv().await {
             if next.send_ring(f.step_id, f.op, f.origin_rank, &f.data).await.is_err() {

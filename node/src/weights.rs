@@ -571,8 +571,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::synth::{synth_with, Preset, SynthOptions};
 
-    pub(crate) const STORIES_DIR: &str = "/work/shared/models/stories260K/hf";
-
     /// A fresh, empty directory under the system temp dir, removed on drop.
     pub(crate) struct TempDir(pub PathBuf);
 
@@ -634,11 +632,8 @@ pub(crate) mod tests {
 
     #[test]
     fn stories260k_loads() {
-        let dir = Path::new(STORIES_DIR);
-        if !dir.exists() {
-            eprintln!("SKIPPED: {STORIES_DIR} is absent");
-            return;
-        }
+        let Some(dir) = lockstep_test_env::stories260k() else { return };
+        let dir = dir.as_path();
         let cfg = ModelConfig::from_dir(dir).unwrap();
         let repo = SafetensorsRepo::open(dir).unwrap();
         assert_eq!(repo.files().len(), 1);

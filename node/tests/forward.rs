@@ -1,22 +1,11 @@
-//! Forward-pass tests on the real stories260K model (skipped, visibly, without ../shared).
-
-use std::path::PathBuf;
+//! Forward-pass tests on the real stories260K model (see `lockstep_test_env` for where it is
+//! found and what happens when it is not).
 
 use lockstep_kernels::{CpuBackend, CpuConfig, Isa, KernelMode, NumericsConfig, SampleRequest, SamplingParams};
 use lockstep_node::config::ModelConfig;
 use lockstep_node::model::{Model, ModelOptions, SingleRank};
 use lockstep_node::shard::{auto_reduce_segments, ShardPlan};
 use lockstep_proto::step::{SeqChunk, StepPlan};
-
-fn stories() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K/hf");
-    if p.join("config.json").exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} not found", p.display());
-        None
-    }
-}
 
 fn pieces(dir: &std::path::Path) -> Vec<String> {
     let v: serde_json::Value =
@@ -41,7 +30,7 @@ fn load(dir: &std::path::Path, threads: usize) -> Model<CpuBackend> {
 
 #[test]
 fn stories260k_greedy_from_bos_tells_the_lily_story() {
-    let Some(dir) = stories() else { return };
+    let Some(dir) = lockstep_test_env::stories260k() else { return };
     let mut model = load(&dir, 2);
     let table: Vec<u32> = (0..4).collect();
     let mut tokens = vec![1u32];

@@ -1,8 +1,10 @@
-//! Helpers for lockstep's system-level tests: the `lockstep` binary, the shared test model and
-//! scratch directories. Tests here run real processes on loopback only, each bounded in time.
+//! Helpers for lockstep's system-level tests: the `lockstep` binary, scratch directories and
+//! processes watched while they run. (The shared test models come from `lockstep_test_env`.) Tests here run real processes on loopback only, each bounded in time.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The workspace's `lockstep` binary, built next to this test's executable.
@@ -15,17 +17,6 @@ pub fn lockstep_bin() -> PathBuf {
     // nested `cargo build` here would wait forever on the lock the running `cargo test` holds.
     assert!(bin.exists(), "{} not built: run the suite with `cargo test --workspace`", bin.display());
     bin
-}
-
-/// `../shared/models/stories260K/hf`, or `None` after printing a visible SKIPPED line.
-pub fn stories_dir(test: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K/hf");
-    if p.join("config.json").exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED {test}: {} not found", p.display());
-        None
-    }
 }
 
 /// A fresh scratch directory under the target dir, unique to this process and name.
@@ -42,8 +33,8 @@ pub fn scratch(name: &str) -> PathBuf {
 pub fn run_lockstep(args: &[&str], limit: Duration) -> Output {
     let mut child = Command::new(lockstep_bin())
         .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lockstep");
     let start = Instant::now();
@@ -67,27 +58,107 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Process ids whose parent is `pid` (from /proc; Linux only).
-pub fn child_pids(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
-    for e in dir.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        // Fields after the parenthesised command name: state, ppid, ...
-        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-            if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-                out.push(child);
+/// A running `lockstep` process whose stdout and stderr are drained by threads while it runs, so a
+/// test can wait for a line it prints (its address, "ready") instead of sleeping, and still get
+/// everything at the end. Killed if dropped while running (a failed test leaves nothing behind).
+/// The output ends when every holder of the pipes has exited, so `wait` is for processes whose own
+/// children (embedded nodes) exit with them, as `lockstep`'s do.
+pub struct Watched {
+    child: Child,
+    stderr_lines: mpsc::Receiver<String>,
+    stderr_seen: Vec<String>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Watched {
+    /// Start `lockstep args…`.
+    pub fn lockstep(args: &[&str]) -> Watched {
+        let mut child = Command::new(lockstep_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lockstep");
+        let (tx, stderr_lines) = mpsc::channel();
+        let err = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut out = child.stdout.take().expect("piped stdout");
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        Watched { child, stderr_lines, stderr_seen: Vec::new(), stdout: Some(stdout) }
+    }
+
+    /// Wait for the first stderr line (from now on) that `found` accepts, and return what it
+    /// extracts. Panics with the stderr so far if the process closes stderr or `limit` passes.
+    pub fn wait_for_stderr<T>(&mut self, limit: Duration, mut found: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = found(&line);
+                    self.stderr_seen.push(line);
+                    if let Some(t) = hit {
+                        return t;
+                    }
+                }
+                Err(e) => panic!(
+                    "lockstep (pid {}) never printed the awaited line ({e}); stderr so far:\n{}",
+                    self.child.id(),
+                    self.stderr_seen.join("\n")
+                ),
             }
         }
     }
-    out.sort_unstable();
-    out
+
+    /// Kill the process outright (SIGKILL on Unix).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    /// Wait for the process to exit within `limit` (else kill it and panic); returns (success,
+    /// stdout, all of stderr).
+    pub fn wait(mut self, limit: Duration) -> (bool, String, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "lockstep (pid {}) ran past {limit:?}; stderr:\n{}",
+                    self.child.id(),
+                    self.stderr_seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader threads stop at end of file, so every line is in the channel once they do.
+        let stdout = self.stdout.take().expect("stdout reader").join().unwrap_or_default();
+        self.stderr_seen.extend(self.stderr_lines.iter());
+        (status.success(), stdout, self.stderr_seen.join("\n"))
+    }
 }
 
-/// A free UDP port on 127.0.0.1 (bound and released: good enough for a test).
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free port")
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Write `lines` as a prompts file in `dir`.

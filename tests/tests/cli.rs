@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use lockstep_tests::{run_lockstep, scratch, stderr, stdout, stories_dir};
+use lockstep_test_env::stories260k;
+use lockstep_tests::{run_lockstep, scratch, stderr, stdout};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -23,7 +24,7 @@ fn assert_clear_error(args: &[&str], expect: &[&str]) {
 
 #[test]
 fn generate_json_has_every_field_and_replays_a_drawn_seed() {
-    let Some(dir) = stories_dir("generate_json_has_every_field_and_replays_a_drawn_seed") else { return };
+    let Some(dir) = stories260k() else { return };
     let dir = dir.to_str().unwrap();
     let base =
         ["generate", "--model", dir, "--prompt", "Once upon a time", "--prompt", "The cat", "--max-tokens", "16"];
@@ -58,7 +59,7 @@ fn bad_model_directories_are_refused_with_the_file_named() {
     let missing = root.join("does-not-exist");
     assert_clear_error(&["generate", "--model", missing.to_str().unwrap(), "--prompt", "hi"], &["does-not-exist"]);
 
-    let Some(stories) = stories_dir("bad_model_directories_are_refused_with_the_file_named") else { return };
+    let Some(stories) = stories260k() else { return };
     let copy = |name: &str| {
         let d = root.join(name);
         std::fs::create_dir_all(&d).unwrap();

@@ -2,14 +2,11 @@
 //! bit with the TP degree, the replica count or the load; bad joiners are refused with clear
 //! errors while the cluster serves; a node killed mid-generation fails only its group's requests.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lockstep_tests::{
-    child_pids, free_udp_port, lockstep_bin, prompts_file, run_lockstep, scratch, stderr, stdout, stories_dir,
-};
+use lockstep_test_env::stories260k;
+use lockstep_tests::{prompts_file, run_lockstep, scratch, stderr, stdout, Watched};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -58,7 +55,7 @@ fn assert_same(name: &str, got: &[serde_json::Value], want: &[serde_json::Value]
 
 #[test]
 fn stories260k_tp_1_2_4_are_identical_greedy_and_seeded_alone_and_under_load() {
-    let Some(model) = stories_dir("stories260k_tp_1_2_4_are_identical_greedy_and_seeded_alone_and_under_load") else {
+    let Some(model) = stories260k() else {
         return;
     };
     let dir = scratch("cluster-tp");
@@ -104,7 +101,7 @@ fn synthetic_llama_tp_1_2_4_8_are_identical() {
 
 #[test]
 fn two_replicas_of_tp_2_under_mixed_load_equal_tp_1() {
-    let Some(model) = stories_dir("two_replicas_of_tp_2_under_mixed_load_equal_tp_1") else { return };
+    let Some(model) = stories260k() else { return };
     let dir = scratch("cluster-replicas");
     let prompts = prompts_file(&dir, PROMPTS);
     let sampling = ["--temperature", "0.8", "--seed", "99"];
@@ -115,61 +112,45 @@ fn two_replicas_of_tp_2_under_mixed_load_equal_tp_1() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(lockstep_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn")
+/// Seconds any one process of these tests may take to start, join or finish.
+const STEP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Create a cluster CA in `tls` with certificates for the coordinator and `nodes`.
+fn certs(tls: &Path, nodes: &[&str]) {
+    let tls = tls.to_str().unwrap();
+    let mut calls =
+        vec![vec!["certs", "init", "--dir", tls], vec!["certs", "issue", "--dir", tls, "--name", "coordinator"]];
+    calls.extend(nodes.iter().map(|n| vec!["certs", "issue", "--dir", tls, "--name", n]));
+    for args in calls {
+        let o = run_lockstep(&args, LIMIT);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
 }
 
-/// Wait for a process to exit within `limit`; returns (success, stdout, stderr).
-fn wait(mut c: Child, limit: Duration) -> (bool, String, String) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = c.try_wait().unwrap() {
-            let (mut o, mut e) = (String::new(), String::new());
-            c.stdout.take().unwrap().read_to_string(&mut o).unwrap();
-            c.stderr.take().unwrap().read_to_string(&mut e).unwrap();
-            return (status.success(), o, e);
-        }
-        if start.elapsed() > limit {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("process ran past {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Wait for a `--nodes static` coordinator to say where it listens; its QUIC address.
+fn coordinator_addr(coordinator: &mut Watched) -> String {
+    coordinator.wait_for_stderr(STEP_LIMIT, |line| {
+        let rest = line.strip_prefix("[coordinator] waiting for ")?;
+        let addr = rest.split(" on ").nth(1)?.split_whitespace().next()?;
+        Some(addr.trim_end_matches(':').to_string())
+    })
 }
 
 #[test]
 fn bad_joiners_are_refused_with_clear_errors_and_the_cluster_keeps_serving() {
-    let Some(model) = stories_dir("bad_joiners_are_refused_with_clear_errors_and_the_cluster_keeps_serving") else {
+    let Some(model) = stories260k() else {
         return;
     };
     let dir = scratch("cluster-bad-joiners");
     let (tls, other_ca) = (dir.join("tls"), dir.join("other-ca"));
+    certs(&tls, &["good", "other-weights", "old-protocol"]);
+    certs(&other_ca, &["intruder"]);
     let (tls_s, other_s) = (tls.to_str().unwrap(), other_ca.to_str().unwrap());
-    for args in [
-        vec!["certs", "init", "--dir", tls_s],
-        vec!["certs", "issue", "--dir", tls_s, "--name", "coordinator"],
-        vec!["certs", "issue", "--dir", tls_s, "--name", "good"],
-        vec!["certs", "issue", "--dir", tls_s, "--name", "other-weights"],
-        vec!["certs", "issue", "--dir", tls_s, "--name", "old-protocol"],
-        vec!["certs", "init", "--dir", other_s],
-        vec!["certs", "issue", "--dir", other_s, "--name", "intruder"],
-    ] {
-        let o = run_lockstep(&args, LIMIT);
-        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    }
     let other_model = dir.join("other-model");
     let o = run_lockstep(&["model", "synth", "--preset", "tiny", "--out", other_model.to_str().unwrap()], LIMIT);
     assert!(o.status.success());
-    let addr = format!("127.0.0.1:{}", free_udp_port());
     let model_s = model.to_str().unwrap();
-    let coordinator = spawn(&[
+    let mut coordinator = Watched::lockstep(&[
         "generate",
         "--model",
         model_s,
@@ -187,34 +168,30 @@ fn bad_joiners_are_refused_with_clear_errors_and_the_cluster_keeps_serving() {
         "--tls-dir",
         tls_s,
         "--cluster-listen",
-        &addr,
+        "127.0.0.1:0",
         "--join-timeout",
         "120",
     ]);
-    std::thread::sleep(Duration::from_millis(500));
+    let addr = coordinator_addr(&mut coordinator);
 
     // 1. A certificate from another CA never gets past the handshake.
-    let (ok, _, err) = wait(
-        spawn(&["node", "--coordinator", &addr, "--tls-dir", other_s, "--name", "intruder"]),
-        Duration::from_secs(60),
-    );
+    let (ok, _, err) = Watched::lockstep(&["node", "--coordinator", &addr, "--tls-dir", other_s, "--name", "intruder"])
+        .wait(STEP_LIMIT);
     assert!(!ok && err.to_lowercase().contains("certificate"), "intruder: {err}");
 
     // 2. Other weights: the node recomputes the fingerprint and refuses its assignment.
-    let (ok, _, err) = wait(
-        spawn(&[
-            "node",
-            "--coordinator",
-            &addr,
-            "--tls-dir",
-            tls_s,
-            "--name",
-            "other-weights",
-            "--model",
-            other_model.to_str().unwrap(),
-        ]),
-        Duration::from_secs(60),
-    );
+    let (ok, _, err) = Watched::lockstep(&[
+        "node",
+        "--coordinator",
+        &addr,
+        "--tls-dir",
+        tls_s,
+        "--name",
+        "other-weights",
+        "--model",
+        other_model.to_str().unwrap(),
+    ])
+    .wait(STEP_LIMIT);
     assert!(!ok && err.contains("fingerprint"), "other weights: {err}");
 
     // 3. Another protocol version: refused by the coordinator with a message saying so.
@@ -222,11 +199,11 @@ fn bad_joiners_are_refused_with_clear_errors_and_the_cluster_keeps_serving() {
     assert!(refusal.contains("protocol version 0") && refusal.contains("ProtocolVersion"), "old protocol: {refusal}");
 
     // 4. A good node joins; the cluster serves, and the answer equals the in-process one.
-    let good = spawn(&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", "good"]);
-    let (ok, out, err) = wait(coordinator, Duration::from_secs(120));
+    let good = Watched::lockstep(&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", "good"]);
+    let (ok, out, err) = coordinator.wait(STEP_LIMIT);
     assert!(ok, "coordinator: {err}");
     assert!(err.contains("refused"), "the coordinator logs its refusals: {err}");
-    let _ = wait(good, Duration::from_secs(30));
+    let _ = good.wait(Duration::from_secs(30));
     let local = run_lockstep(
         &[
             "generate",
@@ -275,33 +252,32 @@ fn old_protocol_hello(tls: &Path, addr: &str) -> String {
 
 #[test]
 fn a_node_killed_mid_generation_fails_only_its_group_and_nothing_hangs() {
-    let Some(model) = stories_dir("a_node_killed_mid_generation_fails_only_its_group_and_nothing_hangs") else {
+    let Some(model) = stories260k() else {
         return;
     };
     let dir = scratch("cluster-kill");
     let prompts = prompts_file(&dir, &PROMPTS[..6]);
-    let mut cmd = Command::new(lockstep_bin());
-    cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--json"])
-        .args(["--max-tokens", "200", "--ignore-eos", "--max-context", "512", "--replicas", "2", "--node-threads", "1"])
-        .env("LOCKSTEP_TEST_STEP_DELAY_MS", "15")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let pid = child.id();
-    // Wait for both nodes, let generation run a little, then kill one node outright.
-    let start = Instant::now();
-    let nodes = loop {
-        let kids = child_pids(pid);
-        if kids.len() >= 2 || start.elapsed() > Duration::from_secs(60) {
-            break kids;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let tls = dir.join("tls");
+    certs(&tls, &["node-a", "node-b"]);
+    let tls_s = tls.to_str().unwrap();
+    let (model_s, prompts_s) = (model.to_str().unwrap(), prompts.to_str().unwrap());
+    let generate = ["generate", "--model", model_s, "--prompts", prompts_s, "--json", "--ignore-eos"];
+    let sizes = ["--max-tokens", "200", "--max-context", "512", "--replicas", "2"];
+    let static_nodes = ["--nodes", "static", "--tls-dir", tls_s, "--cluster-listen", "127.0.0.1:0"];
+    let mut coordinator = Watched::lockstep(&[&generate[..], &sizes, &static_nodes].concat());
+    let addr = coordinator_addr(&mut coordinator);
+    // Every step takes at least 15 ms, so generating 200 tokens takes seconds: long enough for the
+    // kill below to land while the groups generate.
+    let node = |name: &str| {
+        let delay = ["--step-delay-ms", "15", "--threads", "1"];
+        Watched::lockstep(&[&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", name][..], &delay].concat())
     };
-    assert_eq!(nodes.len(), 2, "two node processes");
-    std::thread::sleep(Duration::from_millis(1500));
-    Command::new("kill").args(["-9", &nodes[0].to_string()]).status().unwrap();
-    let (ok, out, err) = wait(child, Duration::from_secs(120));
+    let (mut victim, survivor) = (node("node-a"), node("node-b"));
+    coordinator.wait_for_stderr(STEP_LIMIT, |line| line.contains("group(s) × TP 1 ready").then_some(()));
+    // Generation starts once both groups are ready; let a few of its steps run first.
+    std::thread::sleep(Duration::from_millis(300));
+    victim.kill();
+    let (ok, out, err) = coordinator.wait(STEP_LIMIT);
     assert!(!ok, "a failed group makes the command fail");
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 6, "every prompt gets an answer line: {err}");
@@ -311,10 +287,12 @@ fn a_node_killed_mid_generation_fails_only_its_group_and_nothing_hangs() {
     assert_eq!(completed.len(), 3, "the other replica's prompts complete");
     for &i in &failed {
         let e = lines[i]["error"].as_str().unwrap();
-        assert!(e.contains("node-"), "the error names the failed node: {e}");
+        assert!(e.contains("node-a"), "the error names the killed node: {e}");
     }
     for &i in &completed {
         assert_eq!(lines[i]["token_ids"].as_array().unwrap().len(), 200);
     }
+    // The surviving node is shut down with its group when the coordinator exits.
+    let _ = survivor.wait(STEP_LIMIT);
     let _ = std::fs::remove_dir_all(&dir);
 }

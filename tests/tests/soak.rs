@@ -6,7 +6,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lockstep_tests::{lockstep_bin, run_lockstep, scratch, stderr, stdout, stories_dir};
+use lockstep_test_env::stories260k;
+use lockstep_tests::{lockstep_bin, run_lockstep, scratch, stderr, stdout};
 
 struct Server(Child);
 impl Drop for Server {
@@ -82,9 +83,7 @@ fn soak(url: &str, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn short_soak_on_a_tp2_cluster_gives_one_unique_completion_with_identical_logprob_bits() {
-    let Some(model) =
-        stories_dir("short_soak_on_a_tp2_cluster_gives_one_unique_completion_with_identical_logprob_bits")
-    else {
+    let Some(model) = stories260k() else {
         return;
     };
     let dir = scratch("soak-short");

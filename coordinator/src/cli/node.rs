@@ -30,6 +30,10 @@ pub(crate) struct NodeArgs {
     /// Where this node finds the model (default: the path the coordinator assigns).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// For tests only: sleep this many milliseconds before every step, so a test can act while a
+    /// group generates (tests/tests/cluster.rs kills a node mid-generation).
+    #[arg(long, hide = true)]
+    step_delay_ms: Option<u64>,
 }
 
 pub(crate) fn run(a: NodeArgs) -> Result<()> {
@@ -41,6 +45,7 @@ pub(crate) fn run(a: NodeArgs) -> Result<()> {
         threads: a.threads.unwrap_or_else(|| EngineOptions::default().threads),
         isa: a.isa,
         model_override: a.model,
+        step_delay: a.step_delay_ms.map(std::time::Duration::from_millis),
     })?;
     Ok(())
 }

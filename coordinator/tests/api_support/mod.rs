@@ -14,9 +14,6 @@ use lockstep_coordinator::service::{Service, ServiceOptions};
 use lockstep_coordinator::state::{AppState, Auth};
 use lockstep_kernels::CpuBackend;
 
-/// `../shared/models/stories260K/hf`, or `None` after printing a visible SKIPPED line.
-pub use lockstep_tests::stories_dir as stories;
-
 pub struct Options {
     pub api_keys: Vec<String>,
     pub max_waiting: usize,

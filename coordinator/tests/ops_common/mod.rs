@@ -23,9 +23,6 @@ use lockstep_coordinator::service::{Service, ServiceOptions};
 use lockstep_coordinator::state::{AppState, Auth};
 use lockstep_kernels::{CpuBackend, SamplingParams};
 
-/// `../shared/models/stories260K/hf`, or `None` after printing a visible SKIPPED line.
-pub use lockstep_tests::stories_dir as stories;
-
 pub fn engine_options() -> EngineOptions {
     // A small KV cache so the dashboard's KV gauge visibly moves under load.
     EngineOptions { threads: 1, num_blocks: Some(512), ..EngineOptions::default() }
@@ -245,6 +242,15 @@ impl Drop for Background {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+/// Poll `done` until it holds, instead of sleeping for a guess; panics naming `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -165,10 +165,12 @@ fn tile_scalar(t: &Tile<'_>, out: &mut [f32; 16]) {
             for (s, sum) in sums.iter_mut().enumerate().take(t.count) {
                 let mut acc = [0.0f32; LANES];
                 for e in s * t.seg_len..(s + 1) * t.seg_len {
-                    // SAFETY: x rows are padded to count × seg_len; w is read only below k_real.
+                    // SAFETY: x rows are padded to count × seg_len elements, and e < count × seg_len.
                     let xv = unsafe { *xp.add(e) };
                     let wv = if e < t.k_real {
-                        t.dtype.widen(unsafe { std::slice::from_raw_parts(wp.add(e * size), size) })
+                        // SAFETY: a w row holds k_real elements of `size` bytes, and e < k_real.
+                        let bytes = unsafe { std::slice::from_raw_parts(wp.add(e * size), size) };
+                        t.dtype.widen(bytes)
                     } else {
                         0.0
                     };

@@ -112,7 +112,10 @@ pub struct CpuBackend {
 /// set of elements, which is what makes this sound.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedOut(pub *mut f32);
+// SAFETY: the pointer is only written through, at elements no other thread writes (see above),
+// and the output it points into outlives the scoped threads that hold it.
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: shared references only ever write disjoint elements.
 unsafe impl Sync for SharedOut {}
 
 impl CpuBackend {

@@ -82,13 +82,6 @@ pub fn filters_on(p: &SamplingParams) -> bool {
     p.temperature > 0.0 && (p.top_k > 0 || p.top_p < 1.0)
 }
 
-/// sampling's ranking: higher score first, NaN never wins, ties to the lower id.
-fn ranks_before(a: &Candidate, b: &Candidate) -> bool {
-    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-    let (ka, kb) = (key(a.score), key(b.score));
-    ka > kb || (ka == kb && a.id < b.id)
-}
-
 /// Row `i`'s report from the kernel's per-segment outputs (`pf`: 5 floats, `pu`: 2 words per
 /// (row, segment)): the segments' LSE partials joined by the contract's pairwise tree, and the
 /// best candidate over the segments (a total order, so any order gives the same winner).
@@ -100,7 +93,7 @@ pub fn assemble_sample(pf: &[f32], pu: &[u32], i: usize, count: usize) -> ShardS
         parts.push(LsePartial { max: pf[o * 5], sum: pf[o * 5 + 1] });
         if pu[o * 2] != 0 {
             let c = Candidate { id: pu[o * 2 + 1], logit: pf[o * 5 + 2], z: pf[o * 5 + 3], score: pf[o * 5 + 4] };
-            if best.is_none_or(|b| ranks_before(&c, &b)) {
+            if best.is_none_or(|b| crate::sampling::ranks_before(c.score, c.id, b.score, b.id)) {
                 best = Some(c);
             }
         }
