@@ -89,6 +89,9 @@ pub struct ClusterOptions {
     pub heartbeat_every: Duration,
     pub node_timeout: Duration,
     pub step_timeout: Duration,
+    /// Test aid: embedded nodes sleep this long before every step (`lockstep node
+    /// --step-delay-ms`), so a test can act while a group generates.
+    pub node_step_delay: Option<Duration>,
 }
 
 impl ClusterOptions {
@@ -108,6 +111,7 @@ impl ClusterOptions {
             heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
             node_timeout: DEFAULT_NODE_TIMEOUT,
             step_timeout: DEFAULT_STEP_TIMEOUT,
+            node_step_delay: None,
         }
     }
 }
@@ -348,15 +352,29 @@ fn node_name(i: usize) -> String {
     format!("node-{i}")
 }
 
-fn spawn_node(exe: &Path, addr: SocketAddr, tls_dir: &Path, name: &str, threads: usize) -> Result<Child> {
-    Command::new(exe)
-        .args(["node", "--coordinator", &addr.to_string(), "--tls-dir"])
-        .arg(tls_dir)
-        .args(["--name", name, "--threads", &threads.to_string()])
-        .args(["--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("spawning {}", exe.display()))
+/// How embedded node processes are started.
+#[derive(Clone)]
+struct NodeCommand {
+    exe: PathBuf,
+    addr: SocketAddr,
+    tls_dir: PathBuf,
+    threads: usize,
+    step_delay: Option<Duration>,
+}
+
+impl NodeCommand {
+    fn spawn(&self, name: &str) -> Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["node", "--coordinator", &self.addr.to_string(), "--tls-dir"])
+            .arg(&self.tls_dir)
+            .args(["--name", name, "--threads", &self.threads.to_string()])
+            .args(["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null());
+        if let Some(d) = self.step_delay {
+            cmd.args(["--step-delay-ms", &d.as_millis().to_string()]);
+        }
+        cmd.spawn().with_context(|| format!("spawning {}", self.exe.display()))
+    }
 }
 
 impl Cluster {
@@ -420,17 +438,23 @@ impl Cluster {
         });
         let mut supervisor = None;
         if opts.nodes == NodesMode::Embedded {
-            let exe = std::env::current_exe().context("locating the lockstep binary")?;
+            let command = NodeCommand {
+                exe: std::env::current_exe().context("locating the lockstep binary")?,
+                addr,
+                tls_dir: tls_dir.clone(),
+                threads: opts.node_threads,
+                step_delay: opts.node_step_delay,
+            };
             let mut children = shared.children.lock().expect("lock");
             for i in 0..n_nodes {
-                children.insert(node_name(i), spawn_node(&exe, addr, &tls_dir, &node_name(i), opts.node_threads)?);
+                children.insert(node_name(i), command.spawn(&node_name(i))?);
             }
             drop(children);
-            let (shared, tls_dir, threads) = (shared.clone(), tls_dir.clone(), opts.node_threads);
+            let shared = shared.clone();
             supervisor = Some(
                 std::thread::Builder::new()
                     .name("lockstep-supervisor".into())
-                    .spawn(move || supervise(shared, exe, addr, tls_dir, threads))?,
+                    .spawn(move || supervise(shared, command))?,
             );
         } else {
             eprintln!(
@@ -543,7 +567,7 @@ impl Cluster {
 
 /// Reaps embedded node processes that exited and respawns them under the same name; kills and
 /// respawns those the membership closed. Ends when the cluster stops.
-fn supervise(shared: Arc<Shared>, exe: PathBuf, addr: SocketAddr, tls_dir: PathBuf, threads: usize) {
+fn supervise(shared: Arc<Shared>, command: NodeCommand) {
     let mut last_spawn: HashMap<String, Instant> = HashMap::new();
     while !shared.stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
@@ -565,7 +589,7 @@ fn supervise(shared: Arc<Shared>, exe: PathBuf, addr: SocketAddr, tls_dir: PathB
                 continue;
             }
             eprintln!("[coordinator] node process {name} (pid {}) exited ({status}); respawning", child.id());
-            match spawn_node(&exe, addr, &tls_dir, &name, threads) {
+            match command.spawn(&name) {
                 Ok(c) => {
                     children.insert(name.clone(), c);
                 }
@@ -754,7 +778,11 @@ impl Driver {
                     self.m.connection_lost(now, session, reason);
                 }
             },
-            Input::Lost { session, reason } => self.m.connection_lost(now, session, reason),
+            Input::Lost { session, reason } => {
+                self.m.connection_lost(now, session, reason.clone());
+                // The membership ends a lost session silently (nothing to send): forget it here.
+                self.end_session(session, None, &format!("connection lost: {reason}"));
+            }
             Input::StepTimedOut { group, silent, reason } => {
                 for session in silent {
                     self.m.connection_lost(now, session, reason.clone());

@@ -266,7 +266,7 @@ fn a_node_killed_mid_generation_loses_no_request_and_changes_no_byte() {
     let (model_s, prompts_s) = (model.to_str().unwrap(), prompts.to_str().unwrap());
     for sampling in [&["--temperature", "0"][..], &["--temperature", "0.8", "--seed", "5"]] {
         let generate = ["generate", "--model", model_s, "--prompts", prompts_s, "--json", "--ignore-eos"];
-        let sizes = ["--max-tokens", "120", "--max-context", "512"];
+        let sizes = ["--max-tokens", "200", "--max-context", "512"];
         let reference = {
             let out = run_lockstep(&[&generate[..], &sizes, sampling].concat(), LIMIT);
             assert!(out.status.success(), "{}", stderr(&out));
@@ -275,10 +275,10 @@ fn a_node_killed_mid_generation_loses_no_request_and_changes_no_byte() {
         let cluster = ["--replicas", "2", "--nodes", "static", "--tls-dir", tls_s, "--cluster-listen", "127.0.0.1:0"];
         let mut coordinator = Watched::lockstep(&[&generate[..], &sizes, sampling, &cluster].concat());
         let addr = coordinator_addr(&mut coordinator);
-        // Every step takes at least 15 ms, so generating 120 tokens takes seconds: long enough for
+        // Every step takes at least 25 ms, so generating 200 tokens takes seconds: long enough for
         // the kill below to land while the groups generate.
         let node = |name: &str| {
-            let delay = ["--step-delay-ms", "15", "--threads", "1"];
+            let delay = ["--step-delay-ms", "25", "--threads", "1"];
             Watched::lockstep(
                 &[&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", name][..], &delay].concat(),
             )

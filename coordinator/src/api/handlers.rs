@@ -95,10 +95,11 @@ pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> R
 }
 
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {
-    let healthy = st.service.healthy();
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let reason = st.service.unhealthy_reason();
+    let status = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
-        "status": if healthy { "ok" } else { "unavailable" },
+        "status": if reason.is_none() { "ok" } else { "unavailable" },
+        "reason": reason,
         "replicas": st.service.replicas(),
     });
     (status, Json(body)).into_response()

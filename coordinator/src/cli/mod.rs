@@ -209,6 +209,9 @@ pub(crate) struct ClusterArgs {
     /// How long requests wait for a serving group when none is left before they get 503.
     #[arg(long, default_value_t = DEFAULT_QUEUE_TIMEOUT.as_secs())]
     pub(crate) queue_timeout_s: u64,
+    /// For tests only: embedded nodes sleep this many milliseconds before every step.
+    #[arg(long, hide = true)]
+    pub(crate) node_step_delay_ms: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -230,6 +233,7 @@ impl ClusterArgs {
             step_timeout_ms: DEFAULT_STEP_TIMEOUT.as_millis() as u64,
             migration_limit: DEFAULT_MIGRATION_LIMIT,
             queue_timeout_s: DEFAULT_QUEUE_TIMEOUT.as_secs(),
+            node_step_delay_ms: None,
         }
     }
 
@@ -282,6 +286,7 @@ pub(crate) fn executors(
         heartbeat_every: Duration::from_millis(c.heartbeat_ms),
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         step_timeout: Duration::from_millis(c.step_timeout_ms),
+        node_step_delay: c.node_step_delay_ms.map(Duration::from_millis),
     })?;
     if cluster.info.system_fingerprint != info.system_fingerprint {
         bail!("cluster fingerprint {} differs from {}", cluster.info.system_fingerprint, info.system_fingerprint);

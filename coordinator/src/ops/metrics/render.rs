@@ -20,6 +20,12 @@ pub struct ServiceView {
     pub system_fingerprint: String,
     pub replicas: Vec<ReplicaStatus>,
     pub nodes: Vec<NodeStatus>,
+    /// Requests moved to another replica after theirs failed.
+    pub migrations: u64,
+    /// Groups that stopped serving and were re-formed (0 without a cluster).
+    pub reformations: u64,
+    /// Node sessions lost (0 without a cluster).
+    pub node_failures: u64,
 }
 
 impl ServiceView {
@@ -29,6 +35,9 @@ impl ServiceView {
             system_fingerprint: service.info().system_fingerprint.clone(),
             replicas: service.replicas(),
             nodes: service.nodes(),
+            migrations: service.migrations(),
+            reformations: service.cluster().map_or(0, |c| c.counters().reformations.load(Ordering::Relaxed)),
+            node_failures: service.cluster().map_or(0, |c| c.counters().node_failures.load(Ordering::Relaxed)),
         }
     }
 }
@@ -127,6 +136,17 @@ impl Metrics {
         }
 
         // Counters since start.
+        header(
+            w,
+            "lockstep_request_migrations_total",
+            "counter",
+            "Requests moved to another group after theirs failed (they continue with identical bytes).",
+        );
+        sample(w, "lockstep_request_migrations_total", &[], v.migrations as f64);
+        header(w, "lockstep_group_reformations_total", "counter", "Groups that stopped serving and were re-formed.");
+        sample(w, "lockstep_group_reformations_total", &[], v.reformations as f64);
+        header(w, "lockstep_node_failures_total", "counter", "Node sessions lost (dead, silent, replaced or refused).");
+        sample(w, "lockstep_node_failures_total", &[], v.node_failures as f64);
         header(w, "lockstep_requests_admitted_total", "counter", "Requests accepted into the serving queue.");
         sample(w, "lockstep_requests_admitted_total", &[], self.admitted.load(Ordering::Relaxed) as f64);
         header(w, "lockstep_prompt_tokens_total", "counter", "Number of prefill tokens processed.");
@@ -328,6 +348,9 @@ mod tests {
                 pid: None,
                 session: 1,
             }],
+            migrations: 2,
+            reformations: 1,
+            node_failures: 1,
         }
     }
 
