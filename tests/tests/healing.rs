@@ -153,9 +153,11 @@ fn a_node_killed_at_tp2_with_a_spare_loses_no_request_and_changes_no_byte() {
     // The killed process is reaped and respawned, and its name serves or waits again.
     wait_until("the killed node is back", LIMIT, || {
         let (_, c) = get_json(&addr, "/ops/cluster");
-        c["nodes"].as_array().unwrap().iter().any(|n| {
-            n["name"] == victim.as_str() && n["pid"].as_u64() != Some(pid as u64) && n["state"] != "down"
-        })
+        c["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == victim.as_str() && n["pid"].as_u64() != Some(pid as u64) && n["state"] != "down")
     });
     let (status, _) = get_json(&addr, "/health");
     assert_eq!(status, 200);

@@ -348,6 +348,9 @@ mod tests {
             system_fingerprint: "fp".into(),
             replicas: vec![],
             nodes: vec![],
+            migrations: 0,
+            reformations: 0,
+            node_failures: 0,
         };
         let text = m.render_view(&view);
         let table = DASHBOARD_HTML.split("const METRICS = {").nth(1).and_then(|t| t.split("};").next()).unwrap();

@@ -99,6 +99,9 @@ pub struct LoadSample {
     pub copies_in_flight: usize,
     pub background_in_flight: usize,
     pub copies_done: usize,
+    /// Requests the server moved to another group since the soak began (its
+    /// `lockstep_request_migrations_total`; 0 for a server without the metric).
+    pub migrations: u64,
 }
 
 const COMPLETIONS: &str = "/v1/completions";
@@ -210,24 +213,38 @@ async fn soak(opts: &SoakOptions) -> Result<SoakReport> {
 /// Samples the in-flight counts every 200 ms until the copies are done.
 async fn sample_load(s: Arc<Shared>, total: usize, progress: bool) -> Vec<LoadSample> {
     let mut load = Vec::new();
+    let mut metrics = s.client.fresh();
+    let baseline = migrations_total(&mut metrics).await;
+    let mut migrations = 0;
+    let mut tick = 0u64;
     while !s.stop.load(Ordering::Relaxed) {
+        // The server's migration counter, once a second: nodes dying under the soak show up on
+        // its timeline.
+        if tick % 5 == 0 {
+            if let (Some(base), Some(now)) = (baseline, migrations_total(&mut metrics).await) {
+                migrations = now.saturating_sub(base);
+            }
+        }
+        tick += 1;
         let sample = LoadSample {
             t: s.start.elapsed().as_secs_f64(),
             copies_in_flight: s.copies_in_flight.load(Ordering::Relaxed),
             background_in_flight: s.background_in_flight.load(Ordering::Relaxed),
             copies_done: s.copies_done.load(Ordering::Relaxed),
+            migrations,
         };
         if progress {
             let width = 30;
             let filled = (sample.copies_done * width) / total.max(1);
             eprint!(
-                "\r[soak] [{}{}] {}/{} copies | in flight {:>3} copies, {:>3} background | {:.1}s   ",
+                "\r[soak] [{}{}] {}/{} copies | in flight {:>3} copies, {:>3} background | {} migrations | {:.1}s   ",
                 "#".repeat(filled),
                 "-".repeat(width - filled),
                 sample.copies_done,
                 total,
                 sample.copies_in_flight,
                 sample.background_in_flight,
+                sample.migrations,
                 sample.t
             );
         }
@@ -235,6 +252,19 @@ async fn sample_load(s: Arc<Shared>, total: usize, progress: bool) -> Vec<LoadSa
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     load
+}
+
+/// The server's `lockstep_request_migrations_total`, if it exposes one (a metrics endpoint behind
+/// an ops key, or another server, simply has none).
+async fn migrations_total(client: &mut Client) -> Option<u64> {
+    let (status, _, body) = client.bytes(Method::GET, "/metrics", None).await.ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("lockstep_request_migrations_total ").and_then(|v| v.trim().parse::<f64>().ok()))
+        .map(|v| v as u64)
 }
 
 fn completion_body(

@@ -78,6 +78,8 @@ pub struct SoakReport {
     pub latency_s: Latency,
     pub background: BackgroundStats,
     pub load: Vec<LoadSample>,
+    /// Requests the server moved to another group during the soak (node failures it healed).
+    pub migrations: u64,
     /// Copy index → (start time, variant rank within its prompt) for the divergence plot.
     pub copy_variants: Vec<(f64, usize, usize)>,
     pub verdict: String,
@@ -207,6 +209,7 @@ impl SoakReport {
                 ttft_p99: (!ttft.is_empty()).then(|| percentile(&mut ttft, 99.0)),
             },
             background,
+            migrations: load.last().map_or(0, |l| l.migrations),
             load,
             copy_variants,
             verdict,
@@ -226,6 +229,7 @@ impl SoakReport {
             "requests": self.requests,
             "completed": self.completed,
             "errors": self.errors,
+            "migrations": self.migrations,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "seed": self.seed,
@@ -255,6 +259,7 @@ impl SoakReport {
             self.background.cancelled,
             self.duration_s
         );
+        println!("  requests migrated by the server after node failures: {}", self.migrations);
         println!(
             "  throughput {:.1} completion tok/s, {:.2} req/s; latency p50 {:.3}s p99 {:.3}s; fingerprints {:?}",
             self.completion_tokens_per_s,
@@ -400,6 +405,21 @@ fn svg_load(r: &SoakReport) -> String {
     let (w, h) = (640.0, 160.0);
     let tmax = r.load.iter().map(|l| l.t).fold(1e-9, f64::max);
     let ymax = r.load.iter().map(|l| l.copies_in_flight.max(l.background_in_flight)).max().unwrap_or(1).max(1) as f64;
+    let x = |t: f64| 40.0 + (w - 50.0) * t / tmax;
+    // A red tick wherever the server migrated requests (a node failed and the cluster healed).
+    let marks: String = r
+        .load
+        .windows(2)
+        .filter(|p| p[1].migrations > p[0].migrations)
+        .map(|p| {
+            format!(
+                r##"<line x1="{0:.1}" x2="{0:.1}" y1="16" y2="{1:.1}" stroke="#f85149" stroke-width="1.5"><title>{2} migration(s)</title></line>"##,
+                x(p[1].t),
+                h - 20.0,
+                p[1].migrations - p[0].migrations
+            )
+        })
+        .collect();
     let line = |f: &dyn Fn(&LoadSample) -> usize| -> String {
         r.load
             .iter()
@@ -408,10 +428,11 @@ fn svg_load(r: &SoakReport) -> String {
             .join(" ")
     };
     format!(
-        r##"<svg viewBox="0 0 {w} {h}" class="plot"><polyline fill="none" stroke="#58a6ff" stroke-width="2" points="{}"/><polyline fill="none" stroke="#d29922" stroke-width="2" points="{}"/><text x="45" y="12" class="lbl" fill="#58a6ff">copies in flight (max {})</text><text x="300" y="12" class="lbl">background in flight</text></svg>"##,
+        r##"<svg viewBox="0 0 {w} {h}" class="plot"><polyline fill="none" stroke="#58a6ff" stroke-width="2" points="{}"/><polyline fill="none" stroke="#d29922" stroke-width="2" points="{}"/><text x="45" y="12" class="lbl" fill="#58a6ff">copies in flight (max {})</text><text x="300" y="12" class="lbl">background in flight</text><text x="480" y="12" class="lbl" fill="#f85149">migrations: {}</text>{marks}</svg>"##,
         line(&|l| l.copies_in_flight),
         line(&|l| l.background_in_flight),
-        ymax
+        ymax,
+        r.migrations
     )
 }
 
