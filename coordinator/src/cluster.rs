@@ -229,8 +229,9 @@ enum Input {
         session: SessionId,
         reason: String,
     },
-    /// The service is attached: serving groups go to it from now on.
-    Attach(ReplicaSink),
+    /// The service is attached: serving groups go to it from now on (acknowledged once the
+    /// groups already serving were handed over).
+    Attach(ReplicaSink, std_mpsc::Sender<()>),
     /// The service retired a group's replica after it failed.
     Stop,
 }
@@ -524,9 +525,13 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Start handing serving groups to the service (those already serving go at once).
+    /// Start handing serving groups to the service; those already serving are handed over
+    /// before this returns, so a service that starts healthy answers `/health` 200 at once.
     pub fn attach(&self, sink: ReplicaSink) {
-        let _ = self.inputs.send(Input::Attach(sink));
+        let (ack, done) = std_mpsc::channel();
+        if self.inputs.send(Input::Attach(sink, ack)).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(10));
+        }
     }
 
     /// Every node the cluster knows, for the ops API.
@@ -793,13 +798,14 @@ impl Driver {
                 }
             }
             Input::StepFailed { group, session, reason } => self.m.step_failed(now, group, Some(session), reason),
-            Input::Attach(sink) => {
+            Input::Attach(sink, ack) => {
                 for g in std::mem::take(&mut self.unattached) {
                     if !g.is_down() {
                         Self::add_to_service(&sink, &g, self.step_timeout);
                     }
                 }
                 self.sink = Some(sink);
+                let _ = ack.send(());
             }
             Input::Stop => {}
         }

@@ -298,3 +298,57 @@ fn a_node_killed_mid_generation_loses_no_request_and_changes_no_byte() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A static node that dies and is restarted under the same name (as systemd would) rejoins: the
+/// coordinator reports 503 with the reason while no group serves, and serves again once it is
+/// back — nobody restarts the coordinator.
+#[test]
+fn a_static_node_restarted_under_the_same_name_rejoins() {
+    let Some(model) = stories260k() else {
+        return;
+    };
+    let dir = scratch("cluster-rejoin");
+    let tls = dir.join("tls");
+    certs(&tls, &["node-a"]);
+    let tls_s = tls.to_str().unwrap();
+    let serve = ["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-h3"];
+    let cluster = ["--nodes", "static", "--tls-dir", tls_s, "--cluster-listen", "127.0.0.1:0", "--canary-every", "0"];
+    let timing = ["--node-timeout-ms", "1000", "--queue-timeout-s", "60"];
+    let mut coordinator = Watched::lockstep(&[&serve[..], &cluster, &timing].concat());
+    let addr = coordinator_addr(&mut coordinator);
+    let node = || {
+        Watched::lockstep(&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", "node-a", "--threads", "1"])
+    };
+    let mut first = node();
+    let http_addr = coordinator.wait_for_stderr(STEP_LIMIT, |line| {
+        line.split("listening on http://").nth(1).map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+    });
+    let health = || lockstep_tests::http(&http_addr, "GET", "/health", None, LIMIT);
+    let complete = || {
+        let body = r#"{"model":"stories260K","prompt":"Once upon a time","max_tokens":12,"temperature":0}"#;
+        lockstep_tests::http(&http_addr, "POST", "/v1/completions", Some(body), LIMIT)
+    };
+    assert_eq!(health().0, 200);
+    let (status, before) = complete();
+    assert_eq!(status, 200, "{before}");
+    first.kill();
+    let deadline = std::time::Instant::now() + STEP_LIMIT;
+    loop {
+        let (status, body) = health();
+        if status == 503 {
+            assert!(body.contains("node-a"), "the reason names the lost node: {body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "/health never said the group was gone");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _second = node();
+    // A request sent while no group serves waits for the node to come back.
+    let (status, after) = complete();
+    assert_eq!(status, 200, "{after}");
+    let text = |b: &str| serde_json::from_str::<serde_json::Value>(b).unwrap()["choices"][0]["text"].clone();
+    assert_eq!(text(&after), text(&before), "the same answer from the rejoined node");
+    assert_eq!(health().0, 200);
+    drop(coordinator);
+    let _ = std::fs::remove_dir_all(&dir);
+}
