@@ -239,6 +239,9 @@ enum Input {
 struct Session {
     name: String,
     conn: Arc<Conn>,
+    /// Messages to the node, sent in order by the session's writer task (an `Assign` must never
+    /// overtake the `Release` before it).
+    out: mpsc::UnboundedSender<Message>,
     /// Set while the session serves in a group: where its step answers go.
     step_sink: StepSink,
     fingerprint: String,
@@ -706,6 +709,16 @@ async fn session_reader(
     }
 }
 
+/// Sends one session's control messages in order; a failed send surfaces in the session's reader
+/// as a lost connection.
+async fn session_writer(conn: ConnSender, mut queue: mpsc::UnboundedReceiver<Message>) {
+    while let Some(msg) = queue.recv().await {
+        if conn.send(&Frame::Control(msg)).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The task that owns the membership and every session.
 struct Driver {
     m: Membership,
@@ -746,9 +759,11 @@ impl Driver {
                 let session = self.m.node_hello(now, &hello.node_id, hello.ring_addr.clone());
                 let step_sink = Arc::new(Mutex::new(None));
                 tokio::spawn(session_reader(session, conn.clone(), step_sink.clone(), self.inputs.clone()));
+                let (out, queue) = mpsc::unbounded_channel();
+                tokio::spawn(session_writer(conn.sender(), queue));
                 self.senders.lock().expect("lock").insert(session, conn.sender());
-                self.sessions
-                    .insert(session, Session { name: hello.node_id, conn, step_sink, fingerprint: String::new() });
+                let s = Session { name: hello.node_id, conn, out, step_sink, fingerprint: String::new() };
+                self.sessions.insert(session, s);
             }
             Input::Frame { session, frame } => match frame {
                 Frame::Control(Message::HeartbeatAck { .. }) => self.m.heartbeat_ack(now, session),
@@ -817,11 +832,7 @@ impl Driver {
 
     fn send(&self, session: SessionId, msg: Message) {
         if let Some(s) = self.sessions.get(&session) {
-            let conn = s.conn.sender();
-            tokio::spawn(async move {
-                // A failed send surfaces in the session's reader as a lost connection.
-                let _ = conn.send(&Frame::Control(msg)).await;
-            });
+            let _ = s.out.send(msg);
         }
     }
 
