@@ -461,8 +461,8 @@ impl Cluster {
                     .spawn(move || supervise(shared, command))?,
             );
         } else {
-            eprintln!(
-                "[coordinator] waiting for nodes on {addr}: lockstep node --coordinator {addr} --tls-dir {} --name NAME",
+            tracing::info!(
+                "waiting for nodes on {addr}: lockstep node --coordinator {addr} --tls-dir {} --name NAME",
                 tls_dir.display()
             );
         }
@@ -521,9 +521,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!(
-            "[coordinator] {} group(s) ready on {addr} (--tp {:?}, system_fingerprint {})",
-            opts.replicas, opts.tp, cluster.info.system_fingerprint
+        tracing::info!(
+            "{} group(s) ready on {addr} (--tp {:?}, system_fingerprint {})",
+            opts.replicas,
+            opts.tp,
+            cluster.info.system_fingerprint
         );
         Ok(cluster)
     }
@@ -596,12 +598,12 @@ fn supervise(shared: Arc<Shared>, command: NodeCommand) {
             if last_spawn.get(&name).is_some_and(|t| t.elapsed() < RESPAWN_BACKOFF) {
                 continue;
             }
-            eprintln!("[coordinator] node process {name} (pid {}) exited ({status}); respawning", child.id());
+            tracing::warn!("node process {name} (pid {}) exited ({status}); respawning", child.id());
             match command.spawn(&name) {
                 Ok(c) => {
                     children.insert(name.clone(), c);
                 }
-                Err(e) => eprintln!("[coordinator] could not respawn {name}: {e:#}"),
+                Err(e) => tracing::error!("could not respawn {name}: {e:#}"),
             }
             last_spawn.insert(name, Instant::now());
         }
@@ -614,7 +616,7 @@ async fn accept_loop(endpoint: Arc<Endpoint>, inputs: mpsc::UnboundedSender<Inpu
         let conn = match incoming {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                eprintln!("[coordinator] refused a connection: {e}");
+                tracing::warn!("refused a connection: {e}");
                 continue;
             }
         };
@@ -623,7 +625,7 @@ async fn accept_loop(endpoint: Arc<Endpoint>, inputs: mpsc::UnboundedSender<Inpu
 }
 
 async fn refuse(conn: &Conn, code: RefuseCode, message: String) {
-    eprintln!("[coordinator] refused {}: {message}", conn.peer_name());
+    tracing::warn!("refused {}: {message}", conn.peer_name());
     let _ = conn.send(&Frame::Control(Message::Refused { code, message })).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.finish()).await;
     conn.close("refused");
@@ -638,7 +640,7 @@ async fn admit(conn: Arc<Conn>, inputs: mpsc::UnboundedSender<Input>) {
             return refuse(&conn, RefuseCode::BadRequest, m).await;
         }
         Ok(Err(e)) => {
-            eprintln!("[coordinator] dropped {}: {e}", conn.peer_name());
+            tracing::warn!("dropped {}: {e}", conn.peer_name());
             conn.close("bad frame");
             return;
         }
@@ -784,7 +786,7 @@ impl Driver {
                 }
                 Frame::Control(Message::Refused { code, message }) => {
                     let name = self.sessions.get(&session).map(|s| s.name.clone()).unwrap_or_default();
-                    eprintln!("[coordinator] node {name} refused its assignment ({}): {message}", code.as_str());
+                    tracing::warn!("node {name} refused its assignment ({}): {message}", code.as_str());
                     match self.node_group(session) {
                         Some((group, _)) => self.m.node_ready(now, session, group, Err(message)),
                         None => self.m.connection_lost(now, session, format!("refused: {message}")),
@@ -842,7 +844,7 @@ impl Driver {
         *s.step_sink.lock().expect("lock") = None;
         if !self.shared.stopping.load(Ordering::SeqCst) {
             self.shared.counters.node_failures.fetch_add(1, Ordering::Relaxed);
-            eprintln!("[coordinator] node {} is down: {reason}", s.name);
+            tracing::warn!("node {} is down: {reason}", s.name);
         }
         // An embedded node that is still running (paused, wedged) is replaced by a fresh process.
         if self.shared.children.lock().expect("lock").contains_key(&s.name) {
@@ -869,8 +871,8 @@ impl Driver {
                 }
             }
             Action::Assign { group, tp, members } => {
-                eprintln!(
-                    "[coordinator] forming group {group} (TP {tp}): {}",
+                tracing::info!(
+                    "forming group {group} (TP {tp}): {}",
                     members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
                 );
                 for (rank, member) in members.iter().enumerate() {
@@ -889,7 +891,7 @@ impl Driver {
             Action::GroupFailed { group, reason, culprits } => {
                 self.shared.counters.reformations.fetch_add(1, Ordering::Relaxed);
                 let why = if culprits.is_empty() { reason } else { format!("{reason} (node {})", culprits.join(", ")) };
-                eprintln!("[coordinator] group {group} stopped serving: {why}");
+                tracing::warn!("group {group} stopped serving: {why}");
                 if let Some(g) = self.groups.remove(&group) {
                     for m in &g.members {
                         if let Some(s) = self.sessions.get(&m.session) {
@@ -933,7 +935,7 @@ impl Driver {
             down_reason: Mutex::new(None),
             inputs: self.inputs.clone(),
         });
-        eprintln!("[coordinator] group {group} ready: {}", g.member_names().join(", "));
+        tracing::info!("group {group} ready: {}", g.member_names().join(", "));
         self.groups.insert(group, g.clone());
         match &self.sink {
             Some(sink) => Self::add_to_service(sink, &g, self.step_timeout),
@@ -944,7 +946,7 @@ impl Driver {
     fn add_to_service(sink: &ReplicaSink, g: &Arc<Group>, step_timeout: Duration) {
         let exec = GroupExecutor { group: g.clone(), rt: tokio::runtime::Handle::current(), step_timeout };
         if let Err(e) = sink.add(g.id as usize, Box::new(exec)) {
-            eprintln!("[coordinator] could not start an engine for group {}: {e:#}", g.id);
+            tracing::error!("could not start an engine for group {}: {e:#}", g.id);
         }
     }
 

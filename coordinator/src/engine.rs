@@ -552,6 +552,10 @@ impl<E: StepExecutor> Engine<E> {
             return Ok(self.apply(evs));
         };
         let early = self.scheduler.take_events();
+        // What a failing executor logs names the step it failed on.
+        let _step =
+            tracing::info_span!("step", step = plan.step_id, sequences = plan.chunks.len(), tokens = plan.num_tokens())
+                .entered();
         self.last_plan = plan.chunks.iter().map(|c| RequestId(c.seq_id)).collect();
         let result = match self.executor.execute(&plan) {
             Ok(r) => r,

@@ -5,11 +5,13 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    match cli::run(cli::Cli::parse()) {
+    let cli = cli::Cli::parse();
+    let log_format = cli.log_format;
+    cli::logging::init(log_format);
+    match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // The whole cause chain on one line; no backtrace noise for user errors.
-            eprintln!("error: {e:#}");
+            cli::logging::report_fatal(log_format, &e);
             std::process::ExitCode::FAILURE
         }
     }

@@ -312,10 +312,12 @@ impl Router {
                 self.opts.migration_limit,
                 m.reason
             );
+            tracing::warn!(request_id = %m.request.id, "failed: {message}");
             table.location.remove(&m.request.id);
             self.finish_elsewhere(&m, FinishReason::Error(message));
             return;
         }
+        tracing::warn!(request_id = %m.request.id, migrations = m.request.migrations, reason = %m.reason, "migrating");
         self.route_moving(table, Box::new(m));
     }
 
@@ -367,6 +369,7 @@ impl Router {
         let message = format!("no replica could serve within {:?}: {why}", self.opts.queue_timeout);
         while table.parked.front().is_some_and(|(deadline, _)| *deadline <= now) {
             let (_, parked) = table.parked.pop_front().expect("front exists");
+            tracing::warn!(request_id = %parked.id(), "refused: {message}");
             match parked {
                 Parked::New(p) => {
                     self.obs.on_error("unavailable");
@@ -726,6 +729,9 @@ impl<E: StepExecutor> EngineThread<E> {
     }
 
     fn run(&mut self, rx: std_mpsc::Receiver<Cmd>) {
+        // Everything this thread logs — steps, requests, the executor's failures — names its
+        // replica.
+        let _replica = tracing::info_span!("replica", group = self.group).entered();
         loop {
             // Block only when idle; otherwise take whatever arrived and keep stepping.
             let busy = self.engine.has_work() || !self.delayed.is_empty();
@@ -821,6 +827,7 @@ impl<E: StepExecutor> EngineThread<E> {
             self.dispatch(ev);
         }
         let reason = error.to_string();
+        tracing::error!(error = %reason, "replica failed; its requests move to another replica");
         self.load.down.store(true, Ordering::SeqCst);
         *self.load.down_reason.lock().expect("lock") = Some(reason.clone());
         self.obs.on_error("replica_down");
@@ -882,12 +889,14 @@ impl<E: StepExecutor> EngineThread<E> {
         let prompt_tokens = p.req.prompt_ids.len();
         match self.engine.add(p.id, p.req) {
             Ok(()) => {
+                tracing::debug!(request_id = %p.id, prompt_tokens, "admitted");
                 let client =
                     Client { sink: p.sink, submitted: p.at, scheduled: false, last_token: None, prompt_tokens };
                 self.clients.insert(p.id, client);
             }
             Err(e) => {
                 let error = RequestError::Invalid(e);
+                tracing::info!(request_id = %p.id, error = %error, "rejected");
                 self.obs.on_error(error.error_type());
                 let _ = p.sink.send(EngineEvent::Rejected { id: p.id, error });
                 self.ended(p.id);
@@ -941,13 +950,20 @@ impl<E: StepExecutor> EngineThread<E> {
                 self.obs.on_generation_tokens(1);
                 self.load.generated_tokens.fetch_add(1, Ordering::Relaxed);
             }
-            EngineEvent::Finished { reason, .. } => {
-                if let FinishReason::Error(_) = reason {
+            EngineEvent::Finished { reason, usage, .. } => {
+                if let FinishReason::Error(message) = reason {
+                    tracing::warn!(request_id = %id, completion_tokens = usage.completion_tokens, "failed: {message}");
                     self.obs.on_error("engine");
+                } else {
+                    let (reason, completion_tokens) = (reason.as_str(), usage.completion_tokens);
+                    tracing::debug!(request_id = %id, reason, completion_tokens, "finished");
                 }
                 self.obs.on_finished(reason, c.submitted.elapsed().as_secs_f64());
             }
-            EngineEvent::Rejected { error, .. } => self.obs.on_error(error.error_type()),
+            EngineEvent::Rejected { error, .. } => {
+                tracing::info!(request_id = %id, error = %error, "rejected");
+                self.obs.on_error(error.error_type());
+            }
         }
         let last = ev.is_last();
         let _ = c.sink.send(ev);

@@ -41,6 +41,9 @@ fn the_official_openai_python_client_works_against_lockstep_serve() {
         .args(["--listen", "127.0.0.1:0", "--h3-listen", "127.0.0.1:0", "--api-key", key, "--canary-every", "0"])
         .args(["--threads", "1", "--h3-cert-out"])
         .arg(&cert)
+        // The readiness line below is an info-level text log line, whatever the caller's setting.
+        .env("RUST_LOG", "info")
+        .env("LOCKSTEP_LOG_FORMAT", "text")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -59,7 +62,8 @@ fn the_official_openai_python_client_works_against_lockstep_serve() {
     let addr = loop {
         let left = LIMIT.checked_sub(start.elapsed()).expect("the server did not start in time");
         let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("the server exited or hung: {log:#?}"));
-        if let Some(rest) = line.strip_prefix("listening on http://") {
+        // A log line: the message follows the timestamp, level and target.
+        if let Some((_, rest)) = line.split_once("listening on http://") {
             break rest.split_whitespace().next().unwrap().to_string();
         }
         log.push(line);

@@ -31,8 +31,14 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Run `lockstep args…`, killing it after `limit`.
 pub fn run_lockstep(args: &[&str], limit: Duration) -> Output {
+    run_lockstep_with_env(args, &[], limit)
+}
+
+/// Run `lockstep args…` with extra environment variables, killing it after `limit`.
+pub fn run_lockstep_with_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
     let mut child = Command::new(lockstep_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

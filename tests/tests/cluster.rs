@@ -130,7 +130,7 @@ fn certs(tls: &Path, nodes: &[&str]) {
 /// Wait for a `--nodes static` coordinator to say where it listens; its QUIC address.
 fn coordinator_addr(coordinator: &mut Watched) -> String {
     coordinator.wait_for_stderr(STEP_LIMIT, |line| {
-        let rest = line.strip_prefix("[coordinator] waiting for ")?;
+        let (_, rest) = line.split_once("waiting for ")?;
         let addr = rest.split(" on ").nth(1)?.split_whitespace().next()?;
         Some(addr.trim_end_matches(':').to_string())
     })

@@ -59,6 +59,12 @@ impl Choices {
         for r in requests {
             subs.push(Some(service.submit(r)?));
         }
+        // The HTTP request's span (see `api::trace_requests`) learns which engine requests it is.
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            let ids: Vec<String> = subs.iter().flatten().map(|s| s.id.to_string()).collect();
+            span.record("request_id", ids.join(","));
+        }
         Ok(Choices { subs, next: 0 })
     }
 

@@ -15,8 +15,9 @@
 //! Layers: `/v1/*`, `/tokenize` and `/detokenize` need a bearer key when `Auth::api_keys` is not
 //! empty (the ops routes check `Auth::ops_keys` themselves); bodies are capped at
 //! [`MAX_BODY_BYTES`]; every error response is counted once by its
-//! [`ApiError::error_type`](error::ApiError::error_type); and HTTP/1.1 responses advertise the
-//! HTTP/3 endpoint with `Alt-Svc: h3=":PORT"; ma=86400`.
+//! [`ApiError::error_type`](error::ApiError::error_type); every request runs in an `http` tracing
+//! span that carries its request id once it has one; and HTTP/1.1 responses advertise the HTTP/3
+//! endpoint with `Alt-Svc: h3=":PORT"; ma=86400`.
 //!
 //! Determinism at the API: every response and every chunk carries `system_fingerprint`, and every
 //! response (and the first chunk of a stream) carries the request's `seed` — the client's, or the
@@ -51,6 +52,7 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::state::AppState;
 pub use error::{ApiError, ErrorTag, MAX_BODY_BYTES};
@@ -74,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), record_errors))
+        .layer(middleware::from_fn(trace_requests))
         .with_state(state)
 }
 
@@ -110,6 +113,25 @@ async fn record_errors(State(st): State<Arc<AppState>>, req: Request, next: Next
         }
     }
     resp
+}
+
+/// One span per HTTP request, on both transports: method and path from the start, the request
+/// id(s) once the request is submitted ([`generate::Choices::submit`] records them), so every
+/// event of the request names it; the status at debug level when the response is ready.
+async fn trace_requests(req: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "http",
+        method = %req.method(),
+        path = req.uri().path(),
+        request_id = tracing::field::Empty
+    );
+    async move {
+        let resp = next.run(req).await;
+        tracing::debug!(status = resp.status().as_u16(), "responded");
+        resp
+    }
+    .instrument(span)
+    .await
 }
 
 /// Where and how to serve.
@@ -183,7 +205,7 @@ impl Server {
         Ok(Server { http_addr, h3_addr, cert_pem, shutdown, http, h3 })
     }
 
-    /// The line `lockstep serve` prints once it listens.
+    /// What `lockstep serve` logs once it listens (scripts wait for `listening on http://`).
     pub fn banner(&self) -> String {
         match self.h3_addr {
             Some(a) => format!("listening on http://{} (HTTP/3 on udp {a})", self.http_addr),
@@ -213,11 +235,11 @@ impl Server {
 pub async fn run(state: Arc<AppState>, opts: ServeOptions) -> Result<()> {
     let server = Server::start(state, opts).await?;
     if let Some(p) = &server.cert_pem {
-        eprintln!("HTTP/3 uses a self-signed certificate; trust {} to connect", p.display());
+        tracing::info!("HTTP/3 uses a self-signed certificate; trust {} to connect", p.display());
     }
-    eprintln!("{}", server.banner());
+    tracing::info!(http_addr = %server.http_addr, "{}", server.banner());
     shutdown_signal().await;
-    eprintln!("shutting down");
+    tracing::info!("shutting down");
     server.shutdown(Duration::from_secs(10)).await;
     Ok(())
 }

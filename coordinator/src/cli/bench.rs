@@ -41,7 +41,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         None => {
             let dir = synth_cache_dir("qwen2.5-0.5b-bf16-seed0");
             if !dir.join("config.json").exists() {
-                eprintln!("synthesizing qwen2.5-0.5b (bf16, seed 0) into {} ...", dir.display());
+                tracing::info!("synthesizing qwen2.5-0.5b (bf16, seed 0) into {} ...", dir.display());
                 synth_with(Preset::Qwen25_05b, 0, DType::Bf16, &dir, &SynthOptions::default())?;
             }
             dir

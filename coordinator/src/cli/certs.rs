@@ -25,11 +25,11 @@ pub(crate) fn run(cmd: CertsCmd) -> Result<()> {
     match cmd {
         CertsCmd::Init { dir } => {
             lockstep_transport::certs::init_ca(&dir)?;
-            eprintln!("created the cluster CA in {}", dir.display());
+            tracing::info!("created the cluster CA in {}", dir.display());
         }
         CertsCmd::Issue { dir, name } => {
             lockstep_transport::certs::issue(&dir, &name)?;
-            eprintln!("issued {}/{name}.pem", dir.display());
+            tracing::info!("issued {}/{name}.pem", dir.display());
         }
     }
     Ok(())

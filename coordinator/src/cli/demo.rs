@@ -32,7 +32,7 @@ fn demo_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     }
     let dir = synth_cache_dir("tiny-f32-seed0");
     if !dir.join("model.safetensors").exists() {
-        eprintln!("../shared/models/stories260K/hf not found: synthesizing a tiny model into {}", dir.display());
+        tracing::info!("../shared/models/stories260K/hf not found: synthesizing a tiny model into {}", dir.display());
         synth_with(Preset::Tiny, 0, DType::F32, &dir, &SynthOptions::default())?;
     }
     Ok(dir)

@@ -144,18 +144,18 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
             println!("{line}");
         } else if prompts.len() == 1 {
             println!();
-            eprintln!("[finish_reason={reason} seed={seed} system_fingerprint={fingerprint}]");
+            tracing::info!(finish_reason = reason, seed, system_fingerprint = %fingerprint, "generated");
         } else {
             println!("--- prompt {}: {}", i + 1, prompts[i]);
             println!("{}", out.text);
             println!("[finish_reason={reason}]");
         }
         if let Some(e) = error {
-            eprintln!("error: prompt {}: {e}", i + 1);
+            tracing::error!(prompt = i + 1, "prompt {} failed: {e}", i + 1);
         }
     }
     if !a.json && prompts.len() > 1 {
-        eprintln!("[seed={seed} system_fingerprint={fingerprint}]");
+        tracing::info!(prompts = prompts.len(), seed, system_fingerprint = %fingerprint, "generated");
     }
     if failed > 0 {
         bail!("{failed} of {} prompts failed", prompts.len());

@@ -10,6 +10,7 @@ pub(crate) mod certs;
 pub(crate) mod demo;
 pub(crate) mod generate;
 pub(crate) mod loadgen;
+pub(crate) mod logging;
 pub(crate) mod model;
 pub(crate) mod node;
 pub(crate) mod serve;
@@ -34,6 +35,7 @@ use certs::CertsCmd;
 use demo::DemoArgs;
 use generate::GenerateArgs;
 use loadgen::LoadgenArgs;
+use logging::LogFormat;
 use model::ModelCmd;
 use node::NodeArgs;
 use serve::ServeArgs;
@@ -42,6 +44,10 @@ use soak::SoakArgs;
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Bitwise-reproducible LLM inference")]
 pub(crate) struct Cli {
+    /// Log lines on stderr as `text` or `json` (one object per line); `RUST_LOG` chooses what is
+    /// logged (default `info`).
+    #[arg(long, global = true, value_enum, default_value = "text", env = logging::LOG_FORMAT_ENV)]
+    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     pub(crate) cmd: Command,
 }

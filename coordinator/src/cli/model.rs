@@ -33,7 +33,7 @@ pub(crate) fn run(cmd: ModelCmd) -> Result<()> {
         ModelCmd::Synth { preset, seed, dtype, out, shards } => {
             let t = Instant::now();
             let r = synth_with(preset, seed, dtype, &out, &SynthOptions { shards })?;
-            eprintln!(
+            tracing::info!(
                 "wrote {} ({} parameters, {} files, {:.1} s)",
                 r.dir.display(),
                 r.params,

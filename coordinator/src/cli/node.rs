@@ -37,6 +37,8 @@ pub(crate) struct NodeArgs {
 }
 
 pub(crate) fn run(a: NodeArgs) -> Result<()> {
+    // Node processes of one machine share a terminal or a journal: every line names its node.
+    let _node = tracing::info_span!("node", name = %a.name).entered();
     lockstep_node::server::run_node(lockstep_node::server::NodeOptions {
         coordinator: a.coordinator,
         tls_dir: a.tls_dir,

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lockstep_coordinator::soak::{
+    post_summary, run_soak, write_report, Comparison, LoadSample, SoakOptions, SoakReport,
+};
 
 #[derive(Args)]
 pub(crate) struct SoakArgs {
@@ -56,7 +59,6 @@ pub(crate) struct SoakArgs {
 }
 
 pub(crate) fn run(a: SoakArgs) -> Result<()> {
-    use lockstep_coordinator::soak::{post_summary, run_soak, write_report, Comparison, SoakOptions};
     let mut prompts = a.prompt.clone();
     if let Some(p) = &a.prompts {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -79,10 +81,11 @@ pub(crate) fn run(a: SoakArgs) -> Result<()> {
         background_per_s: a.background,
         duration: a.duration.map(std::time::Duration::from_secs_f64),
         request_timeout: std::time::Duration::from_secs(600),
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr())
+            .then_some(draw_progress as fn(&LoadSample, usize)),
     };
     let out = a.out.clone().unwrap_or_else(lockstep_coordinator::soak::default_out_dir);
-    let first = run_soak(&opts)?;
+    let first = soak_once(&opts)?;
     let deterministic = match &a.compare_url {
         None => {
             first.print();
@@ -90,7 +93,7 @@ pub(crate) fn run(a: SoakArgs) -> Result<()> {
             first.is_deterministic()
         }
         Some(url) => {
-            let second = run_soak(&SoakOptions { url: url.clone(), model: None, ..opts.clone() })?;
+            let second = soak_once(&SoakOptions { url: url.clone(), model: None, ..opts.clone() })?;
             let c = Comparison::new(first.clone(), second.clone());
             c.print();
             write_report(&out, &[&first, &second], Some(&c))?;
@@ -102,7 +105,7 @@ pub(crate) fn run(a: SoakArgs) -> Result<()> {
     };
     if !a.no_post {
         if let Err(e) = post_summary(&a.url, a.ops_key.as_deref(), &first) {
-            eprintln!("note: could not post the summary to {}/ops/soak: {e}", a.url);
+            tracing::warn!("could not post the summary to {}/ops/soak: {e}", a.url);
         }
     }
     println!("report: {}/report.json and report.html", out.display());
@@ -112,4 +115,30 @@ pub(crate) fn run(a: SoakArgs) -> Result<()> {
         std::process::exit(2);
     }
     Ok(())
+}
+
+/// One soak, ending its progress line (if it drew one) so what follows starts on a new line.
+fn soak_once(opts: &SoakOptions) -> Result<SoakReport> {
+    let report = run_soak(opts);
+    if opts.progress.is_some() {
+        eprintln!();
+    }
+    report
+}
+
+/// The live progress line, redrawn in place on the terminal every sample.
+fn draw_progress(sample: &LoadSample, total: usize) {
+    let width = 30;
+    let filled = (sample.copies_done * width) / total.max(1);
+    eprint!(
+        "\r[soak] [{}{}] {}/{} copies | in flight {:>3} copies, {:>3} background | {} migrations | {:.1}s   ",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        sample.copies_done,
+        total,
+        sample.copies_in_flight,
+        sample.background_in_flight,
+        sample.migrations,
+        sample.t
+    );
 }

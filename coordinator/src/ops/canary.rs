@@ -543,9 +543,13 @@ fn check(
                     let text = |id: Option<u32>| id.and_then(|id| tokenizer.decode(&[id], false).ok());
                     d.expected_text = text(d.expected_id);
                     d.got_text = text(d.got_id);
-                    eprintln!(
-                        "[canary] MISMATCH: {:?} answer differs from the reference at token {} (expected id {:?}, got {:?}) with {max_running} sequences running",
-                        d.variant, d.index, d.expected_id, d.got_id
+                    tracing::error!(
+                        variant = ?d.variant,
+                        token_index = d.index,
+                        expected_id = ?d.expected_id,
+                        got_id = ?d.got_id,
+                        running = max_running,
+                        "canary MISMATCH: the answer differs from the reference"
                     );
                     inner.mismatches += 1;
                     inner.first_differing_token = Some(d);
@@ -555,6 +559,7 @@ fn check(
             }
         }
         Err(e) => {
+            tracing::warn!(error = %e, "canary check failed");
             inner.errors += 1;
             inner.last_error = Some(e);
             CanaryResult::Error

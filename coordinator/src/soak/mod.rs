@@ -61,8 +61,9 @@ pub struct SoakOptions {
     pub duration: Option<Duration>,
     /// Longest one request may take, from sending it to the end of its answer.
     pub request_timeout: Duration,
-    /// Show a live progress line on stderr.
-    pub progress: bool,
+    /// Called with every load sample (every 200 ms) and the number of copies, for a live
+    /// progress display (`lockstep soak` draws one on a terminal).
+    pub progress: Option<fn(&LoadSample, usize)>,
 }
 
 /// One copy's answer.
@@ -202,16 +203,13 @@ async fn soak(opts: &SoakOptions) -> Result<SoakReport> {
         b.await.context("the background generator panicked")?;
     }
     let load = sampler.await.context("the load sampler panicked")?;
-    if opts.progress {
-        eprintln!();
-    }
     results.sort_by_key(|r| r.index);
     let bg = shared.bg.lock().expect("lock").clone();
     Ok(SoakReport::build(opts, &shared.model, results, bg, load, shared.start.elapsed().as_secs_f64()))
 }
 
 /// Samples the in-flight counts every 200 ms until the copies are done.
-async fn sample_load(s: Arc<Shared>, total: usize, progress: bool) -> Vec<LoadSample> {
+async fn sample_load(s: Arc<Shared>, total: usize, progress: Option<fn(&LoadSample, usize)>) -> Vec<LoadSample> {
     let mut load = Vec::new();
     let mut metrics = s.client.fresh();
     let baseline = migrations_total(&mut metrics).await;
@@ -233,20 +231,8 @@ async fn sample_load(s: Arc<Shared>, total: usize, progress: bool) -> Vec<LoadSa
             copies_done: s.copies_done.load(Ordering::Relaxed),
             migrations,
         };
-        if progress {
-            let width = 30;
-            let filled = (sample.copies_done * width) / total.max(1);
-            eprint!(
-                "\r[soak] [{}{}] {}/{} copies | in flight {:>3} copies, {:>3} background | {} migrations | {:.1}s   ",
-                "#".repeat(filled),
-                "-".repeat(width - filled),
-                sample.copies_done,
-                total,
-                sample.copies_in_flight,
-                sample.background_in_flight,
-                sample.migrations,
-                sample.t
-            );
+        if let Some(show) = progress {
+            show(&sample, total);
         }
         load.push(sample);
         tokio::time::sleep(Duration::from_millis(200)).await;

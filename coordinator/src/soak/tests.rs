@@ -151,7 +151,7 @@ fn soak_of(prompt: &str, requests: usize) -> SoakReport {
         background_per_s: 0.0,
         duration: None,
         request_timeout: Duration::from_secs(60),
-        progress: false,
+        progress: None,
     })
     .unwrap()
 }
