@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockstep_node::model::Collective;
+use lockstep_node::quic_ring::{connect_ring, QuicRing, RingPlace};
 use lockstep_node::ring::RingCollective;
-use lockstep_node::server::{connect_ring, QuicRing};
 use lockstep_proto::wire::Frame;
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, Endpoint, DEFAULT_SERVER_NAME};
@@ -81,11 +81,16 @@ fn build_ring(rt: &tokio::runtime::Runtime, dir: &std::path::Path, tp: usize) ->
         let joins: Vec<_> = (0..tp)
             .map(|r| {
                 let ep = eps[r].clone();
-                let next = addrs[(r + 1) % tp].clone();
-                let prev = format!("rank-{}", (r + tp - 1) % tp);
+                let place = RingPlace {
+                    group: 0,
+                    rank: r as u32,
+                    tp: tp as u32,
+                    next_addr: addrs[(r + 1) % tp].clone(),
+                    prev_node: format!("rank-{}", (r + tp - 1) % tp),
+                };
                 tokio::spawn(async move {
-                    let (ring, tasks) = connect_ring(&ep, &next, &prev, tp as u32).await.unwrap();
-                    std::mem::forget(tasks);
+                    let (ring, links) = connect_ring(&ep, &place).await.unwrap();
+                    std::mem::forget(links);
                     std::mem::forget(ep);
                     ring
                 })

@@ -11,9 +11,11 @@
 //! tensor, because a model that loads "almost right" gives wrong answers bit-reproducibly.
 
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod fingerprint;
 pub mod model;
+pub mod quic_ring;
 pub mod ring;
 pub mod server;
 pub mod shard;

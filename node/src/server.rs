@@ -1,43 +1,54 @@
-//! The node process: join a coordinator, load one shard, join the ring, run steps.
+//! The node process: join a coordinator, then load, serve and drop one assignment after another
+//! on the same connection until the coordinator shuts the node down.
 //!
 //! ```text
 //! dial coordinator ── Hello ──▶            ◀── Welcome / Refused
-//!                  ◀── Assign ── load only this rank's shard, compute the fingerprint,
-//!                                dial ring successor, accept ring predecessor
-//!                  ── Ready ──▶ (or Refused{Fingerprint}: other weights, other numerics)
-//!                  ◀── Step ──  model thread runs it (two ring all-reduces per layer)
-//!                  ── StepDone / StepFailed ──▶
-//!                  ◀── Heartbeat ── HeartbeatAck ──▶
+//!   ┌─────────────▶ ◀── Assign ── load only this rank's shard, compute the fingerprint,
+//!   │                              dial ring successor, accept ring predecessor (off the control
+//!   │                              task: heartbeats are answered all along)
+//!   │                 ── Ready ──▶ (or Refused{Fingerprint}: other weights, other numerics; exit)
+//!   │               ◀── Step ──  model thread runs it (two ring all-reduces per layer)
+//!   │                 ── StepDone / StepFailed ──▶ (a panic in the step: StepFailed "panic: …",
+//!   │                                               then the node releases itself)
+//!   └── Release ──  stop the model thread, close the ring, free the model; wait for Assign
+//!     at any time: ◀── Heartbeat ── HeartbeatAck ──▶ · ◀── Shutdown: exit 0
 //! ```
 //!
-//! The forward pass is synchronous, CPU-bound code; it runs on its own thread and talks to the
-//! async QUIC tasks through channels ([`QuicRing`]). The coordinator connection is the node's
-//! lifeline: when it closes, the node exits.
+//! What to do with each message is decided by the sans-IO [`NodeControl`]; this module carries
+//! its actions out. Loading runs in its own task (blocking parts on tokio's blocking pool) while
+//! the control loop keeps reading the coordinator connection; releasing an assignment that is
+//! still loading cancels it at the next step boundary, and the next assignment starts loading
+//! only once everything the previous one held has been let go, so two models never share the
+//! memory at once. The forward pass is synchronous, CPU-bound code; it runs on its own thread and
+//! talks to the async QUIC tasks through channels ([`QuicRing`]). The coordinator connection is
+//! the node's lifeline: when it closes, the node exits.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_kernels::{CpuBackend, CpuConfig, Isa, NumericsConfig};
 use lockstep_proto::step::StepPlan;
-use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, RingFrame, PROTOCOL_VERSION};
+use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, PROTOCOL_VERSION};
 use lockstep_transport::certs::TlsIdentity;
-use lockstep_transport::{resolve, ConnReceiver, ConnSender, Endpoint, NetError, DEFAULT_SERVER_NAME};
-use tokio::sync::mpsc;
+use lockstep_transport::{resolve, ConnSender, Endpoint, NetError, DEFAULT_SERVER_NAME};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::ModelConfig;
+use crate::control::{ControlAction, ControlExit, Generation, NodeControl, ReadyReport, Refusal, StepOutcome};
 use crate::fingerprint::deployment_fingerprint;
 use crate::model::{Collective, Model, ModelOptions, StepError};
-use crate::ring::{RingCollective, RingError, RingTransport};
+use crate::quic_ring::{connect_ring, QuicRing, RingLinks, RingPlace};
+use crate::ring::RingCollective;
 use crate::shard::ShardPlan;
 use crate::weights::SafetensorsRepo;
 
-/// How long one all-reduce waits for its ring predecessor before the step fails.
+/// How long one all-reduce waits for its ring predecessor before the step fails (the upper
+/// bound: a neighbour that goes away fails the step as soon as its connection closes).
 pub const RING_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a node waits for its ring neighbours to connect after its assignment.
-pub const RING_FORM_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -57,6 +68,8 @@ pub struct NodeOptions {
     /// Sleep this long before every step. For tests only (the hidden `lockstep node
     /// --step-delay-ms`): it stretches generation so a test can act in the middle of it.
     pub step_delay: Option<Duration>,
+    /// Test aid: panic in the forward pass of the step with this id, to exercise the panic path.
+    pub panic_at_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +94,15 @@ pub fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
         .enable_all()
         .build()
         .map_err(|e| NodeError::Protocol(format!("tokio runtime: {e}")))?;
-    rt.block_on(node_main(opts))
+    let result = rt.block_on(node_main(opts));
+    // A released model may still be finishing a step on the blocking pool; it is not waited for.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
     let identity = TlsIdentity::load(&opts.tls_dir, &opts.name)?;
-    let endpoint = Endpoint::bind(opts.listen, &identity)?;
+    let endpoint = Arc::new(Endpoint::bind(opts.listen, &identity)?);
     let ring_addr = endpoint.local_addr()?;
     let coord_addr = resolve(&opts.coordinator).await?;
     let conn = endpoint.connect(coord_addr, DEFAULT_SERVER_NAME).await?;
@@ -99,94 +115,280 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
         build: format!("lockstep {} {}", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH),
     })))
     .await?;
-    let assignment = loop {
-        match rx.recv().await? {
-            Frame::Control(Message::Welcome { .. }) => continue,
-            Frame::Control(Message::Refused { code, message }) => return Err(NodeError::Refused { code, message }),
-            Frame::Control(Message::Assign(a)) => break a,
-            Frame::Control(Message::Heartbeat { seq, sent_unix_ns }) => {
-                tx.send(&Frame::Control(Message::HeartbeatAck { seq, sent_unix_ns })).await?;
+    let (outcomes_tx, mut outcomes_rx) = mpsc::unbounded_channel();
+    let mut node = Node {
+        control: NodeControl::new(opts.name.clone()),
+        opts: Arc::new(opts),
+        endpoint: endpoint.clone(),
+        tx,
+        preparing: None,
+        serving: None,
+        retiring: Vec::new(),
+        outcomes: outcomes_tx,
+    };
+    let result = loop {
+        if let Some(exit) = node.carry_out_actions().await? {
+            break exit;
+        }
+        let event = tokio::select! {
+            frame = rx.recv() => Event::Frame(frame),
+            (generation, prepared) = next_prepared(&mut node.preparing) => Event::Prepared(generation, prepared),
+            Some((generation, outcome)) = outcomes_rx.recv() => Event::Step(generation, outcome),
+        };
+        match event {
+            Event::Frame(Ok(Frame::Control(m))) => node.control.message(m),
+            Event::Frame(Ok(Frame::Ring(_))) => {
+                node.release_all("protocol error");
+                break Err(NodeError::Protocol("the coordinator sent a ring frame".into()));
             }
-            Frame::Control(Message::Shutdown) => return Ok(()),
-            other => return Err(NodeError::Protocol(format!("expected an assignment, got {other:?}"))),
+            Event::Frame(Err(e)) => {
+                node.release_all("the coordinator connection is gone");
+                break Err(e.into());
+            }
+            Event::Prepared(generation, result) => node.prepared(generation, result),
+            Event::Step(generation, outcome) => node.control.step_finished(generation, outcome),
         }
     };
-    eprintln!(
-        "[{}] assigned rank {}/{} of group {} ({})",
-        opts.name, assignment.rank, assignment.tp, assignment.group, assignment.model_dir
-    );
-    let refuse = |code: RefuseCode, message: String| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(&Frame::Control(Message::Refused { code, message: message.clone() })).await;
-            let _ = tx.finish().await;
-            NodeError::Assignment(message)
+    endpoint.close("node exiting");
+    result
+}
+
+enum Event {
+    Frame(Result<Frame, NetError>),
+    Prepared(Generation, Result<Loaded, Refusal>),
+    Step(Generation, StepOutcome),
+}
+
+/// The I/O side of one node: what [`NodeControl`] decides, done.
+struct Node {
+    control: NodeControl,
+    opts: Arc<NodeOptions>,
+    endpoint: Arc<Endpoint>,
+    tx: ConnSender,
+    preparing: Option<Preparation>,
+    serving: Option<Serving>,
+    /// What released assignments are still letting go of (a model thread finishing its step, a
+    /// load finishing its blocking part); the next preparation waits for them.
+    retiring: Vec<tokio::task::JoinHandle<()>>,
+    outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
+}
+
+/// An assignment being loaded.
+struct Preparation {
+    generation: Generation,
+    /// Dropping it cancels the preparation at its next step boundary.
+    _cancel: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<Loaded, Refusal>>,
+}
+
+/// Everything a ready assignment needs to serve, before its model thread starts.
+struct Loaded {
+    model: Model<CpuBackend>,
+    collective: Arc<RingCollective<QuicRing>>,
+    links: RingLinks,
+    report: ReadyReport,
+}
+
+/// A ready assignment: its model thread and ring.
+struct Serving {
+    generation: Generation,
+    plans: std_mpsc::Sender<StepPlan>,
+    thread: std::thread::JoinHandle<()>,
+    links: RingLinks,
+}
+
+/// The next finished preparation; never resolves while there is none.
+async fn next_prepared(preparing: &mut Option<Preparation>) -> (Generation, Result<Loaded, Refusal>) {
+    let Some(p) = preparing.as_mut() else { return std::future::pending().await };
+    let result = (&mut p.task).await.unwrap_or_else(|e| {
+        Err(Refusal { code: RefuseCode::BadRequest, message: format!("preparing the assignment failed: {e}") })
+    });
+    (p.generation, result)
+}
+
+impl Node {
+    /// Does what the control state machine asked; `Some` when the node must stop.
+    async fn carry_out_actions(&mut self) -> Result<Option<Result<(), NodeError>>, NodeError> {
+        while let Some(action) = self.control.poll_action() {
+            match action {
+                ControlAction::Send(m) => self.tx.send(&Frame::Control(m)).await?,
+                ControlAction::Prepare { generation, assignment } => self.start_preparing(generation, *assignment),
+                ControlAction::Release { generation, reason } => self.release(generation, &reason),
+                ControlAction::RunStep { generation, plan } => {
+                    let step_id = plan.step_id;
+                    let sent = self.serving.as_ref().filter(|s| s.generation == generation).map(|s| s.plans.send(plan));
+                    if !matches!(sent, Some(Ok(()))) {
+                        // The model thread is gone: it panicked and its report is on the way.
+                        self.control.step_finished(
+                            generation,
+                            StepOutcome::Failed { step_id, message: "the model thread has stopped".into() },
+                        );
+                    }
+                }
+                ControlAction::Exit(exit) => {
+                    self.release_all("the node is exiting");
+                    return Ok(Some(match exit {
+                        ControlExit::Shutdown => Ok(()),
+                        ControlExit::RefusedByCoordinator { code, message } => {
+                            Err(NodeError::Refused { code, message })
+                        }
+                        ControlExit::AssignmentRefused(message) => {
+                            // The refusal must reach the coordinator before the connection closes.
+                            let _ = self.tx.finish().await;
+                            Err(NodeError::Assignment(message))
+                        }
+                        ControlExit::Protocol(m) => Err(NodeError::Protocol(m)),
+                    }));
+                }
+            }
         }
-    };
-    // Load this rank's shard and check that it is the deployment the coordinator expects.
-    let loaded = tokio::task::spawn_blocking({
-        let mut a = assignment.clone();
-        if let Some(dir) = &opts.model_override {
-            a.model_dir = dir.to_string_lossy().into_owned();
+        Ok(None)
+    }
+
+    fn start_preparing(&mut self, generation: Generation, assignment: Assignment) {
+        eprintln!(
+            "[{}] assigned rank {}/{} of group {} ({})",
+            self.opts.name, assignment.rank, assignment.tp, assignment.group, assignment.model_dir
+        );
+        let (cancel, cancelled) = oneshot::channel();
+        let task = tokio::spawn(prepare_assignment(
+            self.opts.clone(),
+            self.endpoint.clone(),
+            assignment,
+            std::mem::take(&mut self.retiring),
+            cancelled,
+        ));
+        self.preparing = Some(Preparation { generation, _cancel: cancel, task });
+    }
+
+    /// A preparation finished: start its model thread before `Ready` goes out.
+    fn prepared(&mut self, generation: Generation, result: Result<Loaded, Refusal>) {
+        self.preparing = None;
+        let report = match result {
+            Ok(loaded) => {
+                let report = loaded.report.clone();
+                match self.start_serving(generation, loaded) {
+                    Ok(()) => Ok(report),
+                    Err(message) => Err(Refusal { code: RefuseCode::BadRequest, message }),
+                }
+            }
+            Err(refusal) => Err(refusal),
+        };
+        self.control.prepared(generation, report);
+    }
+
+    fn start_serving(&mut self, generation: Generation, loaded: Loaded) -> Result<(), String> {
+        let Loaded { model, collective, links, report } = loaded;
+        let (plans, plan_rx) = std_mpsc::channel::<StepPlan>();
+        let outcomes = self.outcomes.clone();
+        let (step_delay, panic_at_step) = (self.opts.step_delay, self.opts.panic_at_step);
+        let thread = std::thread::Builder::new()
+            .name(format!("lockstep-model-{}", report.rank))
+            .spawn(move || model_thread(generation, model, collective, plan_rx, outcomes, step_delay, panic_at_step))
+            .map_err(|e| format!("cannot start the model thread: {e}"))?;
+        self.serving = Some(Serving { generation, plans, thread, links });
+        Ok(())
+    }
+
+    /// Lets go of `generation`, whether it is loading or serving.
+    fn release(&mut self, generation: Generation, reason: &str) {
+        if let Some(p) = self.preparing.take_if(|p| p.generation == generation) {
+            eprintln!("[{}] released while loading: {reason}", self.opts.name);
+            let Preparation { _cancel: cancel, task, .. } = p;
+            drop(cancel);
+            self.retiring.push(tokio::spawn(async move {
+                let _ = task.await;
+            }));
         }
-        let threads = opts.threads;
-        let isa = opts.isa;
+        if let Some(s) = self.serving.take_if(|s| s.generation == generation) {
+            eprintln!("[{}] released: {reason}", self.opts.name);
+            let Serving { plans, thread, links, .. } = s;
+            // Closing the ring first fails a step blocked in an all-reduce at once; without plans
+            // the thread then ends and drops the model.
+            links.close(&format!("node {} released its assignment: {reason}", self.opts.name));
+            drop(plans);
+            self.retiring.push(tokio::task::spawn_blocking(move || {
+                let _ = thread.join();
+            }));
+        }
+    }
+
+    fn release_all(&mut self, reason: &str) {
+        let generations: Vec<Generation> =
+            self.preparing.iter().map(|p| p.generation).chain(self.serving.iter().map(|s| s.generation)).collect();
+        for g in generations {
+            self.release(g, reason);
+        }
+    }
+}
+
+/// Loads `assignment` once everything in `retiring` has finished: shard plan, fingerprint check,
+/// ring, model. Stops early, at the next step boundary, once `cancelled`'s sender is dropped.
+async fn prepare_assignment(
+    opts: Arc<NodeOptions>,
+    endpoint: Arc<Endpoint>,
+    mut a: Assignment,
+    retiring: Vec<tokio::task::JoinHandle<()>>,
+    mut cancelled: oneshot::Receiver<()>,
+) -> Result<Loaded, Refusal> {
+    let refusal = |code, message: String| Refusal { code, message };
+    let released = || refusal(RefuseCode::BadRequest, "released while loading".into());
+    let is_cancelled =
+        |c: &mut oneshot::Receiver<()>| !matches!(c.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+    for r in retiring {
+        let _ = r.await;
+    }
+    if let Some(dir) = &opts.model_override {
+        a.model_dir = dir.to_string_lossy().into_owned();
+    }
+    let files = tokio::task::spawn_blocking({
+        let (a, threads, isa) = (a.clone(), opts.threads, opts.isa);
         move || prepare(&a, threads, isa)
     })
     .await
-    .map_err(|e| NodeError::Protocol(e.to_string()))?;
-    let mut assignment = assignment;
-    if let Some(dir) = &opts.model_override {
-        assignment.model_dir = dir.to_string_lossy().into_owned();
+    .map_err(|e| refusal(RefuseCode::BadRequest, format!("reading the model failed: {e}")))?;
+    let (be, cfg, plan, fingerprint, weights_hash) = files.map_err(|m| refusal(RefuseCode::BadRequest, m))?;
+    if fingerprint != a.expected_fingerprint {
+        return Err(refusal(
+            RefuseCode::Fingerprint,
+            format!(
+                "node {} computes fingerprint {fingerprint} for {}, the coordinator expects {}: different weights, config or numerics",
+                opts.name, a.model_dir, a.expected_fingerprint
+            ),
+        ));
     }
-    let (be, cfg, plan, fingerprint, weights_hash) = match loaded {
-        Ok(x) => x,
-        Err(m) => return Err(refuse(RefuseCode::BadRequest, m).await),
+    if is_cancelled(&mut cancelled) {
+        return Err(released());
+    }
+    let place = RingPlace {
+        group: a.group,
+        rank: a.rank,
+        tp: a.tp,
+        next_addr: a.ring_next.clone(),
+        prev_node: a.ring_prev_node.clone(),
     };
-    if fingerprint != assignment.expected_fingerprint {
-        let m = format!(
-            "node {} computes fingerprint {fingerprint} for {}, the coordinator expects {}: different weights, config or numerics",
-            opts.name, assignment.model_dir, assignment.expected_fingerprint
-        );
-        return Err(refuse(RefuseCode::Fingerprint, m).await);
-    }
-    let (ring, ring_tasks) =
-        connect_ring(&endpoint, &assignment.ring_next, &assignment.ring_prev_node, assignment.tp).await?;
-    let collective =
-        Arc::new(RingCollective::new(assignment.rank as usize, assignment.tp as usize, ring, RING_TIMEOUT));
+    let (ring, links) = tokio::select! {
+        r = connect_ring(&endpoint, &place) => r.map_err(|e| refusal(RefuseCode::BadRequest, e.to_string()))?,
+        _ = &mut cancelled => return Err(released()),
+    };
+    let collective = Arc::new(RingCollective::new(a.rank as usize, a.tp as usize, ring, RING_TIMEOUT));
     let mopts = ModelOptions {
-        num_blocks: assignment.num_blocks as usize,
-        block_size: assignment.block_size as usize,
-        max_context: assignment.max_context as usize,
+        num_blocks: a.num_blocks as usize,
+        block_size: a.block_size as usize,
+        max_context: a.max_context as usize,
     };
-    let dir = PathBuf::from(&assignment.model_dir);
+    let dir = PathBuf::from(&a.model_dir);
     let model = tokio::task::spawn_blocking({
         let c: Box<dyn Collective> = Box::new(collective.clone());
         move || Model::load(be, &dir, cfg, plan, mopts, c)
     })
     .await
-    .map_err(|e| NodeError::Protocol(e.to_string()))?;
-    let model = match model {
-        Ok(m) => m,
-        Err(e) => return Err(refuse(RefuseCode::BadRequest, e.to_string()).await),
-    };
-    tx.send(&Frame::Control(Message::Ready { rank: assignment.rank, fingerprint, weights_hash })).await?;
-
-    // The model thread: plans in, results out.
-    let (plan_tx, plan_rx) = std_mpsc::channel::<StepPlan>();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Message>();
-    let worker = std::thread::Builder::new()
-        .name(format!("lockstep-model-{}", assignment.rank))
-        .spawn(move || model_thread(model, collective, plan_rx, done_tx, opts.step_delay))
-        .map_err(|e| NodeError::Protocol(e.to_string()))?;
-    let result = serve_steps(&tx, &mut rx, &plan_tx, &mut done_rx).await;
-    drop(plan_tx);
-    let _ = worker.join();
-    for t in ring_tasks {
-        t.abort();
+    .map_err(|e| refusal(RefuseCode::BadRequest, format!("loading the model failed: {e}")))?
+    .map_err(|e| refusal(RefuseCode::BadRequest, e.to_string()))?;
+    if is_cancelled(&mut cancelled) {
+        return Err(released());
     }
-    endpoint.close("node exiting");
-    result
+    Ok(Loaded { model, collective, links, report: ReadyReport { rank: a.rank, fingerprint, weights_hash } })
 }
 
 type Prepared = (CpuBackend, ModelConfig, ShardPlan, String, String);
@@ -212,139 +414,53 @@ fn prepare(a: &Assignment, threads: usize, isa: Option<Isa>) -> Result<Prepared,
     Ok((be, cfg, plan, fp, weights))
 }
 
+/// Runs plans until the plan channel closes. A panic in a step is caught and reported, and then
+/// the thread ends and drops the model: whatever the panic interrupted (the KV cache, the ring's
+/// op count) can no longer be trusted.
 fn model_thread(
+    generation: Generation,
     mut model: Model<CpuBackend>,
     collective: Arc<RingCollective<QuicRing>>,
     plans: std_mpsc::Receiver<StepPlan>,
-    done: mpsc::UnboundedSender<Message>,
+    outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
     step_delay: Option<Duration>,
+    panic_at_step: Option<u64>,
 ) {
     while let Ok(plan) = plans.recv() {
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
-        collective.begin_step(plan.step_id);
-        let msg = match model.step(&plan) {
-            Ok(samples) => Message::StepDone {
-                step_id: plan.step_id,
-                samples: samples.into_iter().map(|s| (s.seq_id, s.sample)).collect(),
-            },
-            Err(e) => Message::StepFailed { step_id: plan.step_id, message: e.to_string() },
+        let step_id = plan.step_id;
+        collective.begin_step(step_id);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if panic_at_step == Some(step_id) {
+                panic!("--panic-at-step {step_id} (a test aid) made this step panic");
+            }
+            model.step(&plan)
+        }));
+        let (outcome, panicked) = match result {
+            Ok(Ok(samples)) => (
+                StepOutcome::Done { step_id, samples: samples.into_iter().map(|s| (s.seq_id, s.sample)).collect() },
+                false,
+            ),
+            Ok(Err(e)) => (StepOutcome::Failed { step_id, message: e.to_string() }, false),
+            Err(payload) => (StepOutcome::Panicked { step_id, message: panic_message(payload.as_ref()) }, true),
         };
-        if done.send(msg).is_err() {
+        if outcomes.send((generation, outcome)).is_err() || panicked {
             return;
         }
     }
 }
 
-async fn serve_steps(
-    tx: &ConnSender,
-    rx: &mut ConnReceiver,
-    plans: &std_mpsc::Sender<StepPlan>,
-    done: &mut mpsc::UnboundedReceiver<Message>,
-) -> Result<(), NodeError> {
-    loop {
-        tokio::select! {
-            frame = rx.recv() => match frame? {
-                Frame::Control(Message::Step(plan)) => {
-                    if plans.send(plan).is_err() {
-                        return Err(NodeError::Protocol("model thread stopped".into()));
-                    }
-                }
-                Frame::Control(Message::Heartbeat { seq, sent_unix_ns }) => {
-                    tx.send(&Frame::Control(Message::HeartbeatAck { seq, sent_unix_ns })).await?;
-                }
-                Frame::Control(Message::Shutdown) => return Ok(()),
-                Frame::Control(Message::Refused { code, message }) => return Err(NodeError::Refused { code, message }),
-                other => return Err(NodeError::Protocol(format!("unexpected frame from the coordinator: {other:?}"))),
-            },
-            Some(msg) = done.recv() => tx.send(&Frame::Control(msg)).await?,
-        }
+/// The text of a panic's payload (`panic!` with a literal or a format string).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
     }
-}
-
-/// Ring links between the model thread (blocking) and the QUIC connections (async).
-pub struct QuicRing {
-    to_next: mpsc::UnboundedSender<RingFrame>,
-    from_prev: Mutex<std_mpsc::Receiver<Result<RingFrame, String>>>,
-}
-
-impl RingTransport for QuicRing {
-    fn send_next(&self, frame: RingFrame) -> Result<(), RingError> {
-        self.to_next.send(frame).map_err(|_| RingError::Transport("ring successor connection is gone".into()))
-    }
-    fn recv_prev(&self, timeout: Duration) -> Result<RingFrame, RingError> {
-        match self.from_prev.lock().expect("ring receiver lock").recv_timeout(timeout) {
-            Ok(Ok(f)) => Ok(f),
-            Ok(Err(e)) => Err(RingError::Transport(e)),
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                Err(RingError::Transport(format!("no ring frame from the predecessor within {timeout:?}")))
-            }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                Err(RingError::Transport("ring predecessor connection is gone".into()))
-            }
-        }
-    }
-}
-
-/// Dial the successor at `ring_next` and accept the predecessor named `ring_prev_node` (in
-/// parallel: every rank does both, so doing them one after the other would deadlock a ring of
-/// two). Returns the blocking transport for [`RingCollective`] and the tasks that pump frames.
-pub async fn connect_ring(
-    endpoint: &Endpoint,
-    ring_next: &str,
-    ring_prev_node: &str,
-    tp: u32,
-) -> Result<(QuicRing, Vec<tokio::task::JoinHandle<()>>), NodeError> {
-    let (to_next, mut next_rx) = mpsc::unbounded_channel::<RingFrame>();
-    let (prev_tx, from_prev) = std_mpsc::channel();
-    let ring = QuicRing { to_next, from_prev: Mutex::new(from_prev) };
-    if tp <= 1 {
-        return Ok((ring, Vec::new()));
-    }
-    let dial = async {
-        let addr = resolve(ring_next).await?;
-        endpoint.connect(addr, DEFAULT_SERVER_NAME).await
-    };
-    let accept = async {
-        loop {
-            match endpoint.accept().await {
-                Some(Ok(c)) if c.peer_name() == ring_prev_node => return Ok(c),
-                Some(Ok(c)) => c.close("not my ring predecessor"),
-                Some(Err(e)) => eprintln!("ring: refused a connection: {e}"),
-                None => {
-                    return Err(NetError::Protocol("endpoint closed while waiting for the ring predecessor".into()))
-                }
-            }
-        }
-    };
-    let (next, prev) = tokio::time::timeout(RING_FORM_TIMEOUT, async { tokio::try_join!(dial, accept) })
-        .await
-        .map_err(|_| NodeError::Protocol(format!("ring did not form within {RING_FORM_TIMEOUT:?}")))??;
-    let sender = tokio::spawn(async move {
-        while let Some(f) = next_rx.recv().await {
-            if next.send_ring(f.step_id, f.op, f.origin_rank, &f.data).await.is_err() {
-                return;
-            }
-        }
-    });
-    let (prev_sender, mut prev_rx) = prev.split();
-    let receiver = tokio::spawn(async move {
-        // The sending half stays alive with the task so the stream is not finished under it.
-        let _keep = prev_sender;
-        loop {
-            let item = match prev_rx.recv().await {
-                Ok(Frame::Ring(f)) => Ok(f),
-                Ok(other) => Err(format!("unexpected frame on the ring: {other:?}")),
-                Err(e) => Err(format!("ring predecessor: {e}")),
-            };
-            let stop = item.is_err();
-            if prev_tx.send(item).is_err() || stop {
-                return;
-            }
-        }
-    });
-    Ok((ring, vec![sender, receiver]))
 }
 
 impl<C: Collective + ?Sized> Collective for Arc<C> {

@@ -27,7 +27,7 @@
 //! and every bit — NaN payloads, `-0.0`, subnormals — survives, which a bitwise-reproducible
 //! all-reduce needs.
 //!
-//! **The version lives in ALPN.** [`ALPN`] (`lockstep/1`) names the protocol version and is
+//! **The version lives in ALPN.** [`ALPN`] (`lockstep/2`) names the protocol version and is
 //! negotiated in the TLS handshake, so two builds that would misread each other's postcard never
 //! get as far as exchanging a frame: the mismatch is a handshake failure with a clear cause rather
 //! than a garbled message later. [`Hello::protocol_version`] repeats it for logs and for the
@@ -40,10 +40,13 @@ use crate::step::StepPlan;
 
 /// Version of the wire protocol. Bump it (and [`ALPN`]) on any change to the framing or to the
 /// postcard layout of [`Message`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// History: 2 added [`Message::Release`] (re-formation on one connection) and
+/// [`Message::RingHello`] (ring connections say which group they belong to).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The TLS application protocol name: `lockstep/` followed by [`PROTOCOL_VERSION`].
-pub const ALPN: &[u8] = b"lockstep/1";
+pub const ALPN: &[u8] = b"lockstep/2";
 
 /// Hard cap on the length prefix of a frame (kind byte plus body): 64 MiB.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -178,10 +181,18 @@ pub enum Message {
     },
     /// Coordinator → node: finish and exit.
     Shutdown,
-    /// Coordinator → node: your group was dissolved; drop the assignment (shard, KV cache, ring),
-    /// stay connected and wait for the next `Assign`.
+    /// Coordinator → node: drop your assignment (model shard, KV cache, ring connections), keep
+    /// this connection and wait for the next [`Message::Assign`]. Sent when the node's group is
+    /// dissolved; harmless when the node holds no assignment.
     Release {
         reason: String,
+    },
+    /// Node → node, the first frame on a ring connection: the dialler is rank `rank` of group
+    /// `group`. The acceptor takes only its current predecessor, so a connection left over from an
+    /// abandoned formation (queued but never accepted) cannot join a new ring by name alone.
+    RingHello {
+        group: u32,
+        rank: u32,
     },
 }
 
@@ -202,6 +213,7 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::Shutdown => "Shutdown",
             Message::Release { .. } => "Release",
+            Message::RingHello { .. } => "RingHello",
         }
     }
 }
@@ -578,6 +590,10 @@ mod tests {
             Message::HeartbeatAck { seq: u64::MAX, sent_unix_ns: 0 },
             Message::Error { code: "oom".into(), message: "out of KV blocks".into() },
             Message::Shutdown,
+            Message::Release { reason: "group 3 stopped: node-1 is down".into() },
+            Message::Release { reason: String::new() },
+            Message::RingHello { group: 7, rank: 1 },
+            Message::RingHello { group: u32::MAX, rank: u32::MAX },
         ]
     }
 
@@ -614,7 +630,7 @@ mod tests {
     fn every_message_variant_round_trips() {
         let messages = all_messages();
         let names: std::collections::HashSet<_> = messages.iter().map(Message::name).collect();
-        assert_eq!(names.len(), 12, "a Message variant is missing from the round-trip list");
+        assert_eq!(names.len(), 14, "a Message variant is missing from the round-trip list");
         for message in messages {
             let frame = Frame::Control(message);
             let bytes = encode(&frame).unwrap();

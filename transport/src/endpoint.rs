@@ -62,7 +62,7 @@ impl Drop for Endpoint {
 }
 
 impl Endpoint {
-    /// Binds a UDP socket at `addr` (port 0 picks a free port) serving and dialling lockstep/1 with
+    /// Binds a UDP socket at `addr` (port 0 picks a free port) serving and dialling lockstep/2 with
     /// `identity`.
     pub fn bind(addr: SocketAddr, identity: &TlsIdentity) -> Result<Endpoint, NetError> {
         Self::bind_with_alpn(addr, identity, ALPN)

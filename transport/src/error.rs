@@ -3,7 +3,7 @@
 //! quinn reports a refused handshake as a transport error carrying a TLS alert number, from our
 //! side or the peer's; [`connection_error`] turns those into "the peer's certificate is not signed
 //! by the cluster CA", "the peer rejected our certificate: it has expired", "peer does not speak
-//! lockstep/1", so an operator reading a log knows which host to fix. Application close codes
+//! lockstep/2", so an operator reading a log knows which host to fix. Application close codes
 //! ([`close_code`]) carry the reason an orderly or protocol-violation close was made.
 
 use std::net::SocketAddr;

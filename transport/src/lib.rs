@@ -13,8 +13,8 @@
 //! configuring.
 //!
 //! **Which protocol.** The application protocol is negotiated with ALPN
-//! ([`lockstep_proto::wire::ALPN`], `lockstep/1`), which names the protocol version: two
-//! incompatible builds fail the handshake with "peer does not speak lockstep/1" instead of
+//! ([`lockstep_proto::wire::ALPN`], `lockstep/2`), which names the protocol version: two
+//! incompatible builds fail the handshake with "peer does not speak lockstep/2" instead of
 //! misparsing each other's frames. Only TLS 1.3 (which QUIC requires) and only the ring crypto
 //! provider are used — no aws-lc-rs anywhere in the tree, so the build needs no C toolchain beyond
 //! ring's.

@@ -243,7 +243,8 @@ async fn net_refuses_a_peer_speaking_another_protocol_version() {
         assert!(client_err.to_string().contains("peer does not speak lockstep/0 (ALPN mismatch"), "{client_err}");
         let server_err = accepted.unwrap().unwrap_err();
         assert_eq!(server_err.error_type(), "alpn_mismatch", "{server_err}");
-        assert!(server_err.to_string().contains("peer does not speak lockstep/1 (ALPN mismatch"), "{server_err}");
+        let ours = format!("peer does not speak {} (ALPN mismatch", String::from_utf8_lossy(wire::ALPN));
+        assert!(server_err.to_string().contains(&ours), "{server_err}");
     })
     .await;
 }

@@ -34,6 +34,10 @@ pub(crate) struct NodeArgs {
     /// group generates (tests/tests/cluster.rs kills a node mid-generation).
     #[arg(long, hide = true)]
     step_delay_ms: Option<u64>,
+    /// Test aid: panic in the forward pass of the step with this id, to exercise how a node
+    /// reports a crashed step (`StepFailed "panic: …"`) and drops its assignment.
+    #[arg(long, hide = true, value_name = "STEP_ID")]
+    panic_at_step: Option<u64>,
 }
 
 pub(crate) fn run(a: NodeArgs) -> Result<()> {
@@ -48,6 +52,7 @@ pub(crate) fn run(a: NodeArgs) -> Result<()> {
         isa: a.isa,
         model_override: a.model,
         step_delay: a.step_delay_ms.map(std::time::Duration::from_millis),
+        panic_at_step: a.panic_at_step,
     })?;
     Ok(())
 }
