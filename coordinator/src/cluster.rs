@@ -846,8 +846,11 @@ impl Driver {
             self.shared.counters.node_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("node {} is down: {reason}", s.name);
         }
-        // An embedded node that is still running (paused, wedged) is replaced by a fresh process.
-        if self.shared.children.lock().expect("lock").contains_key(&s.name) {
+        // An embedded node that is still running (paused, wedged) is replaced by a fresh process —
+        // unless a newer process of that name has already said hello (the session was replaced):
+        // the process under that name is then the new one.
+        let superseded = self.sessions.values().any(|other| other.name == s.name);
+        if !superseded && self.shared.children.lock().expect("lock").contains_key(&s.name) {
             self.shared.to_restart.lock().expect("lock").push(s.name.clone());
         }
         let conn = s.conn;

@@ -16,7 +16,7 @@ use lockstep_node::shard::auto_reduce_segments;
 use lockstep_node::{ModelConfig, SafetensorsRepo};
 use lockstep_proto::step::{SeqChunk, StepPlan};
 use lockstep_proto::wire::{Assignment, Frame, Message};
-use lockstep_tests::{lockstep_bin, scratch, stories_dir};
+use lockstep_tests::{lockstep_bin, scratch};
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, Endpoint};
 
@@ -279,8 +279,7 @@ async fn bounded<F: std::future::Future>(body: F) -> F::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_answer_heartbeats_while_forming_and_reform_on_release_with_identical_answers() {
-    let Some(model) = stories_dir("nodes_answer_heartbeats_while_forming_and_reform_on_release_with_identical_answers")
-    else {
+    let Some(model) = lockstep_test_env::stories260k() else {
         return;
     };
     let dir = scratch("node-protocol-reform");
@@ -332,7 +331,7 @@ async fn nodes_answer_heartbeats_while_forming_and_reform_on_release_with_identi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_step_fails_at_once_on_every_rank_and_the_nodes_serve_again() {
-    let Some(model) = stories_dir("a_panicking_step_fails_at_once_on_every_rank_and_the_nodes_serve_again") else {
+    let Some(model) = lockstep_test_env::stories260k() else {
         return;
     };
     let dir = scratch("node-protocol-panic");
