@@ -132,7 +132,7 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
         }
         let event = tokio::select! {
             frame = rx.recv() => Event::Frame(frame),
-            (generation, prepared) = next_prepared(&mut node.preparing) => Event::Prepared(generation, prepared),
+            (generation, prepared) = next_prepared(&mut node.preparing) => Event::Prepared(generation, Box::new(prepared)),
             Some((generation, outcome)) = outcomes_rx.recv() => Event::Step(generation, outcome),
         };
         match event {
@@ -145,7 +145,7 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
                 node.release_all("the coordinator connection is gone");
                 break Err(e.into());
             }
-            Event::Prepared(generation, result) => node.prepared(generation, result),
+            Event::Prepared(generation, result) => node.prepared(generation, *result),
             Event::Step(generation, outcome) => node.control.step_finished(generation, outcome),
         }
     };
@@ -155,7 +155,7 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
 
 enum Event {
     Frame(Result<Frame, NetError>),
-    Prepared(Generation, Result<Loaded, Refusal>),
+    Prepared(Generation, Box<Result<Loaded, Refusal>>),
     Step(Generation, StepOutcome),
 }
 

@@ -25,7 +25,7 @@ fn certs(tag: &str) -> PathBuf {
     dir
 }
 
-fn endpoint(dir: &PathBuf, name: &str) -> Endpoint {
+fn endpoint(dir: &std::path::Path, name: &str) -> Endpoint {
     Endpoint::bind("127.0.0.1:0".parse().unwrap(), &TlsIdentity::load(dir, name).unwrap()).unwrap()
 }
 

@@ -127,6 +127,18 @@ impl Watched {
         }
     }
 
+    /// Ask the process to shut down (SIGTERM), so it stops its own children, and wait for it
+    /// within `limit` (then kill it).
+    pub fn terminate(mut self, limit: Duration) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kill the process outright (SIGKILL on Unix).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -161,7 +161,7 @@ fn a_node_killed_at_tp2_with_a_spare_loses_no_request_and_changes_no_byte() {
     });
     let (status, _) = get_json(&addr, "/health");
     assert_eq!(status, 200);
-    drop(server);
+    server.terminate(LIMIT);
 }
 
 /// An idle node's death shows in /ops/cluster within the node timeout, and /health stays 200
@@ -194,5 +194,55 @@ fn an_idle_nodes_death_shows_within_the_node_timeout() {
     let (status, health) = get_json(&addr, "/health");
     assert_eq!(status, 200, "{health}");
     let _ = std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
-    drop(server);
+    server.terminate(LIMIT);
+}
+
+/// Run the request set once as the reference, then again while `fault` strikes a serving node
+/// 400 ms in; every answer must be identical and at least one request must have moved.
+fn identical_through(flags: &[&str], fault: impl FnOnce(u32)) -> Option<(Watched, String)> {
+    let (server, addr) = serve(flags)?;
+    let bodies = bodies();
+    let reference = all_at_once(&addr, &bodies);
+    let (_, pid) = serving_node_pid(&addr);
+    let got = std::thread::scope(|s| {
+        let answers = s.spawn(|| all_at_once(&addr, &bodies));
+        std::thread::sleep(Duration::from_millis(400));
+        fault(pid);
+        answers.join().unwrap()
+    });
+    assert_eq!(got, reference, "every answer is identical to the run without the fault");
+    assert!(metric(&addr, "lockstep_request_migrations_total") >= 1.0, "requests moved");
+    Some((server, addr))
+}
+
+/// Without a spare, `--tp 2,1` keeps serving through a kill: the survivor re-forms (at TP 1 until
+/// the respawned node is back), and no byte changes.
+#[test]
+fn without_a_spare_tp_2_1_keeps_serving_through_a_kill() {
+    let flags = ["--tp", "2,1", "--node-step-delay-ms", "10"];
+    let Some((server, addr)) = identical_through(&flags, |pid| signal(pid, "-KILL")) else { return };
+    wait_until("a group serves again", LIMIT, || get_json(&addr, "/health").0 == 200);
+    server.terminate(LIMIT);
+}
+
+/// A node paused mid-generation (SIGSTOP) past the node timeout is declared down, its requests
+/// move, and the paused process is replaced by a fresh one that rejoins.
+#[test]
+fn a_node_paused_mid_generation_is_replaced_and_nothing_changes() {
+    let flags = ["--tp", "2", "--spare-nodes", "1", "--node-timeout-ms", "1000", "--node-step-delay-ms", "10"];
+    let mut paused = None;
+    let Some((server, addr)) = identical_through(&flags, |pid| {
+        signal(pid, "-STOP");
+        paused = Some(pid);
+    }) else {
+        return;
+    };
+    let pid = paused.expect("paused");
+    // The coordinator kills the paused process and respawns its name.
+    wait_until("the paused node is replaced and back", LIMIT, || {
+        let (_, c) = get_json(&addr, "/ops/cluster");
+        c["nodes"].as_array().unwrap().iter().all(|n| n["pid"].as_u64() != Some(pid as u64) && n["state"] != "down")
+    });
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    server.terminate(LIMIT);
 }

@@ -222,7 +222,7 @@ impl Coordinator {
         for (rank, node) in ring.iter().enumerate() {
             if rank > 0 {
                 // Either order: this rank's ring may already be complete.
-                let mut got = vec![node.recv().await, node.recv().await];
+                let mut got = [node.recv().await, node.recv().await];
                 got.sort_by_key(|m| m.name() != "HeartbeatAck");
                 assert_eq!(got[0], Message::HeartbeatAck { seq, sent_unix_ns: seq * 1000 }, "{}", node.name);
                 assert!(

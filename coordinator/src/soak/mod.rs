@@ -218,7 +218,7 @@ async fn sample_load(s: Arc<Shared>, total: usize, progress: Option<fn(&LoadSamp
     while !s.stop.load(Ordering::Relaxed) {
         // The server's migration counter, once a second: nodes dying under the soak show up on
         // its timeline.
-        if tick % 5 == 0 {
+        if tick.is_multiple_of(5) {
             if let (Some(base), Some(now)) = (baseline, migrations_total(&mut metrics).await) {
                 migrations = now.saturating_sub(base);
             }
