@@ -181,7 +181,7 @@ pub async fn connect_ring(endpoint: &Endpoint, place: &RingPlace) -> Result<(Qui
         async move {
             while let Some(f) = next_rx.recv().await {
                 if let Err(e) = next.send_ring(f.step_id, f.op, f.origin_rank, &f.data).await {
-                    eprintln!("ring: sending to successor {next_node} failed: {e}");
+                    tracing::warn!("ring: sending to successor {next_node} failed: {e}");
                     *successor_failure.lock().expect("ring failure lock") = Some(e.to_string());
                     return;
                 }
@@ -225,7 +225,7 @@ async fn accept_predecessor(endpoint: &Endpoint, place: &RingPlace) -> Result<Co
         let conn = match endpoint.accept().await {
             Some(Ok(c)) => c,
             Some(Err(e)) => {
-                eprintln!("ring: refused a connection: {e}");
+                tracing::warn!("ring: refused a connection: {e}");
                 continue;
             }
             None => return Err(RingSetupError::EndpointClosed(place.prev_node.clone())),
@@ -241,7 +241,7 @@ async fn accept_predecessor(endpoint: &Endpoint, place: &RingPlace) -> Result<Co
                     "stale ring connection: it is for group {group} rank {rank}, this ring is group {} rank {}",
                     want.0, want.1
                 );
-                eprintln!("ring: {} closed: {why}", place.prev_node);
+                tracing::warn!("ring: {} closed: {why}", place.prev_node);
                 conn.close(&why);
             }
             Ok(Ok(other)) => conn.close(&format!("expected RingHello, got a {} frame", other.kind_name())),

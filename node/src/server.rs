@@ -246,9 +246,13 @@ impl Node {
     }
 
     fn start_preparing(&mut self, generation: Generation, assignment: Assignment) {
-        eprintln!(
-            "[{}] assigned rank {}/{} of group {} ({})",
-            self.opts.name, assignment.rank, assignment.tp, assignment.group, assignment.model_dir
+        tracing::info!(
+            "node {}: assigned rank {}/{} of group {} ({})",
+            self.opts.name,
+            assignment.rank,
+            assignment.tp,
+            assignment.group,
+            assignment.model_dir
         );
         let (cancel, cancelled) = oneshot::channel();
         let task = tokio::spawn(prepare_assignment(
@@ -293,7 +297,7 @@ impl Node {
     /// Lets go of `generation`, whether it is loading or serving.
     fn release(&mut self, generation: Generation, reason: &str) {
         if let Some(p) = self.preparing.take_if(|p| p.generation == generation) {
-            eprintln!("[{}] released while loading: {reason}", self.opts.name);
+            tracing::info!("node {}: released while loading: {reason}", self.opts.name);
             let Preparation { _cancel: cancel, task, .. } = p;
             drop(cancel);
             self.retiring.push(tokio::spawn(async move {
@@ -301,7 +305,7 @@ impl Node {
             }));
         }
         if let Some(s) = self.serving.take_if(|s| s.generation == generation) {
-            eprintln!("[{}] released: {reason}", self.opts.name);
+            tracing::info!("node {}: released: {reason}", self.opts.name);
             let Serving { plans, thread, links, .. } = s;
             // Closing the ring first fails a step blocked in an all-reduce at once; without plans
             // the thread then ends and drops the model.

@@ -36,24 +36,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use lockstep_kernels::{merge_shard_samples, ShardSample};
-use lockstep_proto::step::{StepPlan, StepResult};
 use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, PROTOCOL_VERSION};
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, ConnSender, Endpoint};
 use tokio::sync::mpsc;
 
-use crate::engine::{EngineOptions, ExecError, ModelInfo, StepExecutor};
+use crate::engine::{EngineOptions, ModelInfo};
 use crate::membership::{
     Action, ClusterEvent, GroupId, GroupMember, Membership, MembershipConfig, NodeState, SessionId,
     DEFAULT_HEARTBEAT_EVERY, DEFAULT_NODE_TIMEOUT, DEFAULT_STEP_TIMEOUT,
 };
 use crate::service::ReplicaSink;
 
+mod group;
+pub use group::{Group, GroupExecutor};
+use group::{Member, StepEvent, StepSink};
+
 /// How long a joiner has to say `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an executor waiting for a step looks whether its group was failed meanwhile.
-const STEP_POLL: Duration = Duration::from_millis(20);
+pub(super) const STEP_POLL: Duration = Duration::from_millis(20);
 /// Least time between two respawns of the same embedded node (a node that cannot start must
 /// not spin).
 const RESPAWN_BACKOFF: Duration = Duration::from_secs(1);
@@ -155,56 +157,8 @@ pub struct ClusterCounters {
     pub node_failures: AtomicU64,
 }
 
-/// A step answer or failure of one member, routed straight from its connection to the group's
-/// executor (the hot path never goes through the driver).
-enum StepEvent {
-    Done { step_id: u64, samples: Vec<(u64, ShardSample)> },
-    Failed { step_id: u64, message: String },
-}
-
-struct Member {
-    session: SessionId,
-    name: String,
-    rank: usize,
-    conn: ConnSender,
-}
-
-/// Where a serving member's step answers go: its group's inbox, tagged with its rank.
-type StepSink = Arc<Mutex<Option<(usize, std_mpsc::Sender<(usize, StepEvent)>)>>>;
-
-/// One serving tensor-parallel group.
-pub struct Group {
-    pub id: GroupId,
-    members: Vec<Member>,
-    /// Every member's step answers, tagged with the member's rank.
-    inbox: Mutex<std_mpsc::Receiver<(usize, StepEvent)>>,
-    down: AtomicBool,
-    down_reason: Mutex<Option<String>>,
-    /// Back to the driver, to report a step time-out or failure.
-    inputs: mpsc::UnboundedSender<Input>,
-}
-
-impl Group {
-    pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::SeqCst)
-    }
-    pub fn down_reason(&self) -> Option<String> {
-        self.down_reason.lock().expect("lock").clone()
-    }
-    fn mark_down(&self, reason: String) {
-        let mut r = self.down_reason.lock().expect("lock");
-        if r.is_none() {
-            *r = Some(reason);
-        }
-        self.down.store(true, Ordering::SeqCst);
-    }
-    pub fn member_names(&self) -> Vec<String> {
-        self.members.iter().map(|m| m.name.clone()).collect()
-    }
-}
-
 /// What the driver is told.
-enum Input {
+pub(super) enum Input {
     Hello {
         conn: Arc<Conn>,
         hello: Hello,
@@ -1008,96 +962,5 @@ impl Driver {
         snap.events = events;
         snap.health = self.m.health().err();
         snap.serving = self.m.serving_groups().len();
-    }
-}
-
-/// Runs one step on every rank of a group and merges their sampling reports.
-pub struct GroupExecutor {
-    group: Arc<Group>,
-    rt: tokio::runtime::Handle,
-    step_timeout: Duration,
-}
-
-impl GroupExecutor {
-    pub fn group(&self) -> &Arc<Group> {
-        &self.group
-    }
-
-    fn down(&self) -> ExecError {
-        let why = self.group.down_reason().unwrap_or_else(|| "stopped".into());
-        ExecError::Other(format!("group {} stopped serving: {why}", self.group.id))
-    }
-}
-
-impl StepExecutor for GroupExecutor {
-    fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
-        if self.group.is_down() {
-            return Err(self.down());
-        }
-        let msg = Frame::Control(Message::Step(plan.clone()));
-        for m in &self.group.members {
-            let conn = m.conn.clone();
-            let msg = msg.clone();
-            // A failed send shows up as the member's lost connection, which stops the group.
-            let _ = self.rt.block_on(async move { conn.send(&msg).await });
-        }
-        let deadline = Instant::now() + self.step_timeout;
-        let mut per_rank: Vec<Option<Vec<(u64, ShardSample)>>> = vec![None; self.group.members.len()];
-        while per_rank.iter().any(Option::is_none) {
-            if self.group.is_down() {
-                return Err(self.down());
-            }
-            if Instant::now() > deadline {
-                let silent: Vec<&Member> =
-                    self.group.members.iter().zip(&per_rank).filter(|(_, a)| a.is_none()).map(|(m, _)| m).collect();
-                let names: Vec<String> = silent.iter().map(|m| format!("{} (rank {})", m.name, m.rank)).collect();
-                let reason = format!("did not answer step {} within {:?}", plan.step_id, self.step_timeout);
-                let _ = self.group.inputs.send(Input::StepTimedOut {
-                    group: self.group.id,
-                    silent: silent.iter().map(|m| m.session).collect(),
-                    reason: reason.clone(),
-                });
-                let why = format!("node {} {reason}", names.join(", "));
-                self.group.mark_down(why);
-                return Err(self.down());
-            }
-            let got = self.group.inbox.lock().expect("lock").recv_timeout(STEP_POLL);
-            match got {
-                Ok((rank, StepEvent::Done { step_id, samples })) if step_id == plan.step_id => {
-                    per_rank[rank] = Some(samples);
-                }
-                Ok((rank, StepEvent::Failed { step_id, message })) if step_id == plan.step_id => {
-                    let m = &self.group.members[rank];
-                    let why = format!("node {} (rank {}) failed step {step_id}: {message}", m.name, m.rank);
-                    let _ = self.group.inputs.send(Input::StepFailed {
-                        group: self.group.id,
-                        session: m.session,
-                        reason: why.clone(),
-                    });
-                    self.group.mark_down(why);
-                    return Err(self.down());
-                }
-                // A stale answer to an abandoned step, or nothing yet.
-                _ => {}
-            }
-        }
-        let per_rank: Vec<Vec<(u64, ShardSample)>> = per_rank.into_iter().map(|a| a.expect("all answered")).collect();
-        // Merge in rank order: every rank reports the same sequences in plan order.
-        let requests: HashMap<u64, lockstep_kernels::SampleRequest> =
-            plan.chunks.iter().filter_map(|c| c.sample.map(|s| (c.seq_id, s))).collect();
-        let mut sampled = Vec::with_capacity(per_rank[0].len());
-        for (i, (seq_id, _)) in per_rank[0].iter().enumerate() {
-            if per_rank.iter().any(|r| r.get(i).map(|x| x.0) != Some(*seq_id)) {
-                let why = format!("ranks of group {} disagree on the sampled sequences", self.group.id);
-                self.group.mark_down(why);
-                return Err(self.down());
-            }
-            let shards: Vec<&ShardSample> = per_rank.iter().map(|r| &r[i].1).collect();
-            let req = requests
-                .get(seq_id)
-                .ok_or_else(|| ExecError::Other(format!("unplanned sample for sequence {seq_id}")))?;
-            sampled.push((*seq_id, merge_shard_samples(&shards, req)));
-        }
-        Ok(StepResult { step_id: plan.step_id, sampled })
     }
 }

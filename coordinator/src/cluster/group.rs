@@ -1,0 +1,159 @@
+//! A serving tensor-parallel group as the engine sees it: the [`GroupExecutor`] sends each step
+//! to every rank, collects their sampling reports from the group's inbox (fed straight by the
+//! members' connections), merges them in rank order, and fails the step — naming the node — when
+//! the group was stopped, a member failed the step, or a member did not answer in time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lockstep_kernels::{merge_shard_samples, ShardSample};
+use lockstep_proto::step::{StepPlan, StepResult};
+use lockstep_proto::wire::{Frame, Message};
+use lockstep_transport::ConnSender;
+use tokio::sync::mpsc;
+
+use super::{Input, STEP_POLL};
+use crate::engine::{ExecError, StepExecutor};
+use crate::membership::{GroupId, SessionId};
+
+/// A step answer or failure of one member, routed straight from its connection to the group's
+/// executor (the hot path never goes through the driver).
+pub(super) enum StepEvent {
+    Done { step_id: u64, samples: Vec<(u64, ShardSample)> },
+    Failed { step_id: u64, message: String },
+}
+
+pub(super) struct Member {
+    pub(super) session: SessionId,
+    pub(super) name: String,
+    pub(super) rank: usize,
+    pub(super) conn: ConnSender,
+}
+
+/// Where a serving member's step answers go: its group's inbox, tagged with its rank.
+pub(super) type StepSink = Arc<Mutex<Option<(usize, std_mpsc::Sender<(usize, StepEvent)>)>>>;
+
+/// One serving tensor-parallel group.
+pub struct Group {
+    pub id: GroupId,
+    pub(super) members: Vec<Member>,
+    /// Every member's step answers, tagged with the member's rank.
+    pub(super) inbox: Mutex<std_mpsc::Receiver<(usize, StepEvent)>>,
+    pub(super) down: AtomicBool,
+    pub(super) down_reason: Mutex<Option<String>>,
+    /// Back to the driver, to report a step time-out or failure.
+    pub(super) inputs: mpsc::UnboundedSender<Input>,
+}
+
+impl Group {
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+    pub fn down_reason(&self) -> Option<String> {
+        self.down_reason.lock().expect("lock").clone()
+    }
+    pub(super) fn mark_down(&self, reason: String) {
+        let mut r = self.down_reason.lock().expect("lock");
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.down.store(true, Ordering::SeqCst);
+    }
+    pub fn member_names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
+    }
+}
+
+/// Runs one step on every rank of a group and merges their sampling reports.
+pub struct GroupExecutor {
+    pub(super) group: Arc<Group>,
+    pub(super) rt: tokio::runtime::Handle,
+    pub(super) step_timeout: Duration,
+}
+
+impl GroupExecutor {
+    pub fn group(&self) -> &Arc<Group> {
+        &self.group
+    }
+
+    fn down(&self) -> ExecError {
+        let why = self.group.down_reason().unwrap_or_else(|| "stopped".into());
+        ExecError::Other(format!("group {} stopped serving: {why}", self.group.id))
+    }
+}
+
+impl StepExecutor for GroupExecutor {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
+        if self.group.is_down() {
+            return Err(self.down());
+        }
+        let msg = Frame::Control(Message::Step(plan.clone()));
+        for m in &self.group.members {
+            let conn = m.conn.clone();
+            let msg = msg.clone();
+            // A failed send shows up as the member's lost connection, which stops the group.
+            let _ = self.rt.block_on(async move { conn.send(&msg).await });
+        }
+        let deadline = Instant::now() + self.step_timeout;
+        let mut per_rank: Vec<Option<Vec<(u64, ShardSample)>>> = vec![None; self.group.members.len()];
+        while per_rank.iter().any(Option::is_none) {
+            if self.group.is_down() {
+                return Err(self.down());
+            }
+            if Instant::now() > deadline {
+                let silent: Vec<&Member> =
+                    self.group.members.iter().zip(&per_rank).filter(|(_, a)| a.is_none()).map(|(m, _)| m).collect();
+                let names: Vec<String> = silent.iter().map(|m| format!("{} (rank {})", m.name, m.rank)).collect();
+                let reason = format!("did not answer step {} within {:?}", plan.step_id, self.step_timeout);
+                let _ = self.group.inputs.send(Input::StepTimedOut {
+                    group: self.group.id,
+                    silent: silent.iter().map(|m| m.session).collect(),
+                    reason: reason.clone(),
+                });
+                let why = format!("node {} {reason}", names.join(", "));
+                self.group.mark_down(why);
+                return Err(self.down());
+            }
+            let got = self.group.inbox.lock().expect("lock").recv_timeout(STEP_POLL);
+            match got {
+                Ok((rank, StepEvent::Done { step_id, samples })) if step_id == plan.step_id => {
+                    per_rank[rank] = Some(samples);
+                }
+                Ok((rank, StepEvent::Failed { step_id, message })) if step_id == plan.step_id => {
+                    let m = &self.group.members[rank];
+                    let why = format!("node {} (rank {}) failed step {step_id}: {message}", m.name, m.rank);
+                    let _ = self.group.inputs.send(Input::StepFailed {
+                        group: self.group.id,
+                        session: m.session,
+                        reason: why.clone(),
+                    });
+                    self.group.mark_down(why);
+                    return Err(self.down());
+                }
+                // A stale answer to an abandoned step, or nothing yet.
+                _ => {}
+            }
+        }
+        let per_rank: Vec<Vec<(u64, ShardSample)>> = per_rank.into_iter().map(|a| a.expect("all answered")).collect();
+        // Merge in rank order: every rank reports the same sequences in plan order.
+        let requests: HashMap<u64, lockstep_kernels::SampleRequest> =
+            plan.chunks.iter().filter_map(|c| c.sample.map(|s| (c.seq_id, s))).collect();
+        let mut sampled = Vec::with_capacity(per_rank[0].len());
+        for (i, (seq_id, _)) in per_rank[0].iter().enumerate() {
+            if per_rank.iter().any(|r| r.get(i).map(|x| x.0) != Some(*seq_id)) {
+                let why = format!("ranks of group {} disagree on the sampled sequences", self.group.id);
+                self.group.mark_down(why);
+                return Err(self.down());
+            }
+            let shards: Vec<&ShardSample> = per_rank.iter().map(|r| &r[i].1).collect();
+            let req = requests
+                .get(seq_id)
+                .ok_or_else(|| ExecError::Other(format!("unplanned sample for sequence {seq_id}")))?;
+            sampled.push((*seq_id, merge_shard_samples(&shards, req)));
+        }
+        Ok(StepResult { step_id: plan.step_id, sampled })
+    }
+}
