@@ -25,7 +25,8 @@
 //! A `Release` while nothing is assigned is a no-op (the coordinator releases every member of a
 //! failed group, the one that already released itself after a panic included), and an `Assign`
 //! while something is assigned releases it first: either way the node ends up holding exactly
-//! the assignment the coordinator last sent.
+//! the assignment the coordinator last sent. `Release` names no group, so this holds only if the
+//! coordinator's messages to a node arrive in the order it decided them.
 
 use std::collections::VecDeque;
 
