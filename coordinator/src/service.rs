@@ -245,53 +245,46 @@ impl Router {
 
     /// Send a new request to a replica, or park it when none serves. Called with the lock held.
     fn route_new(&self, table: &mut Table, p: Box<Pending>) {
-        let mut p = p;
-        while let Some(i) = Self::pick(table) {
-            let r = &table.replicas[i];
-            r.load.outstanding.fetch_add(1, Ordering::Relaxed);
-            r.load.queued.fetch_add(1, Ordering::Relaxed);
-            let (group, id) = (r.group, p.id);
-            match r.tx.send(Cmd::Submit(p)) {
-                Ok(()) => {
-                    table.location.insert(id, group);
-                    return;
-                }
-                Err(std_mpsc::SendError(Cmd::Submit(back))) => {
-                    // The engine thread is gone without removing itself (it panicked).
-                    let r = table.replicas.remove(i);
-                    r.load.down.store(true, Ordering::SeqCst);
-                    p = back;
-                }
-                Err(_) => unreachable!("the command sent comes back"),
-            }
-        }
-        table.location.remove(&p.id);
-        table.parked.push_back((Instant::now() + self.opts.queue_timeout, Parked::New(p)));
-        self.parked_cv.notify_all();
+        self.route(table, Parked::New(p));
     }
 
     /// Send a moving request to a replica, or park it. Called with the lock held.
     fn route_moving(&self, table: &mut Table, m: Box<Moving>) {
-        let mut m = m;
+        self.route(table, Parked::Moving(m));
+    }
+
+    /// Send a request to the least-loaded live replica, or park it until one is added.
+    fn route(&self, table: &mut Table, mut item: Parked) {
         while let Some(i) = Self::pick(table) {
             let r = &table.replicas[i];
             r.load.outstanding.fetch_add(1, Ordering::Relaxed);
-            let (group, id) = (r.group, m.request.id);
-            match r.tx.send(Cmd::Resume(m)) {
+            let (group, id) = (r.group, item.id());
+            let cmd = match item {
+                Parked::New(p) => {
+                    r.load.queued.fetch_add(1, Ordering::Relaxed);
+                    Cmd::Submit(p)
+                }
+                Parked::Moving(m) => Cmd::Resume(m),
+            };
+            match r.tx.send(cmd) {
                 Ok(()) => {
                     table.location.insert(id, group);
                     return;
                 }
-                Err(std_mpsc::SendError(Cmd::Resume(back))) => {
+                // The engine thread is gone without removing itself (it panicked).
+                Err(std_mpsc::SendError(back)) => {
                     let r = table.replicas.remove(i);
                     r.load.down.store(true, Ordering::SeqCst);
-                    m = back;
+                    item = match back {
+                        Cmd::Submit(p) => Parked::New(p),
+                        Cmd::Resume(m) => Parked::Moving(m),
+                        Cmd::Abort(_) | Cmd::Fail(_) => unreachable!("the command sent comes back"),
+                    };
                 }
-                Err(_) => unreachable!("the command sent comes back"),
             }
         }
-        table.location.remove(&m.request.id);
-        table.parked.push_back((Instant::now() + self.opts.queue_timeout, Parked::Moving(m)));
+        table.location.remove(&item.id());
+        table.parked.push_back((Instant::now() + self.opts.queue_timeout, item));
         self.parked_cv.notify_all();
     }
 
