@@ -175,6 +175,14 @@ struct Moving {
     reason: String,
 }
 
+impl Pending {
+    /// Its last event when it is aborted before it ever joined an engine.
+    fn aborted(&self) -> EngineEvent {
+        let usage = Usage { prompt_tokens: self.req.prompt_ids.len(), completion_tokens: 0 };
+        EngineEvent::Finished { id: self.id, reason: FinishReason::Abort, text: String::new(), usage }
+    }
+}
+
 enum Cmd {
     Submit(Box<Pending>),
     Resume(Box<Moving>),
@@ -195,6 +203,13 @@ impl Parked {
         match self {
             Parked::New(p) => p.id,
             Parked::Moving(m) => m.request.id,
+        }
+    }
+
+    fn sink(&self) -> &EventSink {
+        match self {
+            Parked::New(p) => &p.sink,
+            Parked::Moving(m) => &m.client.sink,
         }
     }
 }
@@ -342,13 +357,7 @@ impl Router {
             let (_, parked) = table.parked.remove(k).expect("found");
             match parked {
                 Parked::New(p) => {
-                    let usage = Usage { prompt_tokens: p.req.prompt_ids.len(), completion_tokens: 0 };
-                    let _ = p.sink.send(EngineEvent::Finished {
-                        id,
-                        reason: FinishReason::Abort,
-                        text: String::new(),
-                        usage,
-                    });
+                    let _ = p.sink.send(p.aborted());
                 }
                 Parked::Moving(m) => self.finish_elsewhere(&m, FinishReason::Abort),
             }
@@ -363,18 +372,9 @@ impl Router {
         while table.parked.front().is_some_and(|(deadline, _)| *deadline <= now) {
             let (_, parked) = table.parked.pop_front().expect("front exists");
             tracing::warn!(request_id = %parked.id(), "refused: {message}");
-            match parked {
-                Parked::New(p) => {
-                    self.obs.on_error("unavailable");
-                    let error = RequestError::Unavailable(message.clone());
-                    let _ = p.sink.send(EngineEvent::Rejected { id: p.id, error });
-                }
-                Parked::Moving(m) => {
-                    self.obs.on_error("unavailable");
-                    let error = RequestError::Unavailable(message.clone());
-                    let _ = m.client.sink.send(EngineEvent::Rejected { id: m.request.id, error });
-                }
-            }
+            self.obs.on_error("unavailable");
+            let error = RequestError::Unavailable(message.clone());
+            let _ = parked.sink().send(EngineEvent::Rejected { id: parked.id(), error });
         }
         table.parked.front().map(|(d, _)| *d)
     }
@@ -912,8 +912,7 @@ impl<E: StepExecutor> EngineThread<E> {
         let key = self.delayed.keys().find(|(_, d)| *d == id).copied();
         if let Some(p) = key.and_then(|k| self.delayed.remove(&k)) {
             // Never joined: it ends as aborted without having run.
-            let usage = Usage { prompt_tokens: p.req.prompt_ids.len(), completion_tokens: 0 };
-            let _ = p.sink.send(EngineEvent::Finished { id, reason: FinishReason::Abort, text: String::new(), usage });
+            let _ = p.sink.send(p.aborted());
             self.ended(id);
             return;
         }

@@ -206,6 +206,8 @@ struct Session {
 struct Snapshot {
     nodes: Vec<NodeStatus>,
     events: VecDeque<EventStatus>,
+    /// When the newest rendered event happened (to skip re-rendering an unchanged history).
+    events_newest: Option<Instant>,
     health: Option<String>,
     serving: usize,
 }
@@ -940,26 +942,31 @@ impl Driver {
             })
             .collect();
         drop(children);
-        let wall = SystemTime::now();
-        let events = self
-            .m
-            .events()
-            .iter()
-            .rev()
-            .take(EVENTS_SHOWN)
-            .rev()
-            .map(|e: &ClusterEvent| EventStatus {
-                unix_s: wall
-                    .checked_sub(now.saturating_duration_since(e.at))
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .map_or(0.0, |d| d.as_secs_f64()),
-                message: e.kind.to_string(),
-                kind: e.kind.clone(),
-            })
-            .collect();
+        // The history changes on joins, losses and formations, not on every heartbeat ack: render
+        // it only when its newest entry is new.
+        let newest = self.m.events().back().map(|e| e.at);
         let mut snap = self.shared.snapshot.lock().expect("lock");
+        if snap.events_newest != newest {
+            let wall = SystemTime::now();
+            snap.events = self
+                .m
+                .events()
+                .iter()
+                .rev()
+                .take(EVENTS_SHOWN)
+                .rev()
+                .map(|e: &ClusterEvent| EventStatus {
+                    unix_s: wall
+                        .checked_sub(now.saturating_duration_since(e.at))
+                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                    message: e.kind.to_string(),
+                    kind: e.kind.clone(),
+                })
+                .collect();
+            snap.events_newest = newest;
+        }
         snap.nodes = nodes;
-        snap.events = events;
         snap.health = self.m.health().err();
         snap.serving = self.m.serving_groups().len();
     }
