@@ -92,10 +92,8 @@ impl StepExecutor for GroupExecutor {
         }
         let msg = Frame::Control(Message::Step(plan.clone()));
         for m in &self.group.members {
-            let conn = m.conn.clone();
-            let msg = msg.clone();
             // A failed send shows up as the member's lost connection, which stops the group.
-            let _ = self.rt.block_on(async move { conn.send(&msg).await });
+            let _ = self.rt.block_on(m.conn.send(&msg));
         }
         let deadline = Instant::now() + self.step_timeout;
         let mut per_rank: Vec<Option<Vec<(u64, ShardSample)>>> = vec![None; self.group.members.len()];
