@@ -56,10 +56,8 @@ pub enum ModelError {
 pub enum StepError {
     #[error("position {pos} of sequence {seq} is beyond the model's context of {max} positions")]
     PositionOutOfRange { seq: u64, pos: usize, max: usize },
-    #[error("sequence {seq}: block table covers {have} positions, the step needs {need}")]
-    BlockTableTooShort { seq: u64, have: usize, need: usize },
-    #[error("sequence {seq}: block {block} is outside the KV cache of {blocks} blocks")]
-    BlockOutOfRange { seq: u64, block: u32, blocks: usize },
+    #[error("invalid step plan: {0}")]
+    Plan(#[from] lockstep_proto::step::StepPlanError),
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("all-reduce failed: {0}")]
@@ -242,17 +240,14 @@ impl<B: Backend> Model<B> {
         let mut sample_rows = Vec::new();
         let mut requests = Vec::new();
         let mut sample_seqs = Vec::new();
+        // One validator for every plan a node runs (sequences unique, blocks in range, tables long
+        // enough, no KV slot written twice): a bad plan is an error, never another sequence's KV.
+        plan.validate(bs as u32, u32::try_from(self.opts.num_blocks).unwrap_or(u32::MAX))?;
         for c in &plan.chunks {
             let first = c.first_pos as usize;
             let end = first + c.tokens.len();
             if end > self.opts.max_context {
                 return Err(StepError::PositionOutOfRange { seq: c.seq_id, pos: end - 1, max: self.opts.max_context });
-            }
-            if c.block_table.len() * bs < end {
-                return Err(StepError::BlockTableTooShort { seq: c.seq_id, have: c.block_table.len() * bs, need: end });
-            }
-            if let Some(&b) = c.block_table.iter().find(|&&b| b as usize >= self.opts.num_blocks) {
-                return Err(StepError::BlockOutOfRange { seq: c.seq_id, block: b, blocks: self.opts.num_blocks });
             }
             for (i, &t) in c.tokens.iter().enumerate() {
                 if t as usize >= self.cfg.vocab_size {
@@ -263,7 +258,7 @@ impl<B: Backend> Model<B> {
                 positions.push(p as u32);
                 slots.push(c.block_table[p / bs] * bs as u32 + (p % bs) as u32);
             }
-            if let (Some(req), false) = (c.sample, c.tokens.is_empty()) {
+            if let Some(req) = c.sample {
                 sample_rows.push((tokens.len() - 1) as u32);
                 requests.push(req);
                 sample_seqs.push(c.seq_id);

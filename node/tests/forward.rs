@@ -54,3 +54,26 @@ fn stories260k_greedy_from_bos_tells_the_lily_story() {
     eprintln!("{out:?}");
     assert!(out.starts_with(" Once upon a time, there was a little girl named Lily"), "{out:?}");
 }
+
+/// Regression: the node used to check only block ranges and table lengths, so a plan that named a
+/// sequence twice or wrote one KV slot from two chunks ran and silently overwrote another
+/// sequence's cache. Every plan now goes through `StepPlan::validate` before anything runs.
+#[test]
+fn node_refuses_a_plan_that_writes_one_kv_slot_twice() {
+    let Some(dir) = lockstep_test_env::stories260k() else { return };
+    let mut model = load(&dir, 1);
+    let chunk = |seq_id: u64, table: Vec<u32>| SeqChunk {
+        seq_id,
+        tokens: vec![1, 2],
+        first_pos: 0,
+        block_table: table,
+        sample: Some(SampleRequest { params: SamplingParams::greedy(), step: 0 }),
+    };
+    let shared_block = StepPlan { step_id: 0, chunks: vec![chunk(1, vec![3]), chunk(2, vec![3])] };
+    let err = model.step(&shared_block).unwrap_err();
+    assert!(err.to_string().contains("written twice"), "{err}");
+    let same_seq = StepPlan { step_id: 1, chunks: vec![chunk(1, vec![3]), chunk(1, vec![4])] };
+    assert!(model.step(&same_seq).unwrap_err().to_string().contains("more than one chunk"));
+    let fine = StepPlan { step_id: 2, chunks: vec![chunk(1, vec![3]), chunk(2, vec![4])] };
+    assert_eq!(model.step(&fine).unwrap().len(), 2, "a valid plan still runs after refused ones");
+}

@@ -56,6 +56,33 @@ pub struct Latency {
     pub ttft_p99: Option<f64>,
 }
 
+/// Latency of the copies that were in flight while the server migrated requests (a node failure
+/// it healed): the cost of a fault as the clients saw it, next to the soak-wide [`Latency`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultLatency {
+    /// Copies whose lifetime spans a load sample at which the server's migration count rose.
+    pub copies: usize,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+impl FaultLatency {
+    /// `None` when no migration was seen during the soak.
+    fn of(copies: &[&CopyResult], load: &[LoadSample]) -> Option<FaultLatency> {
+        let fault_times: Vec<f64> =
+            load.windows(2).filter(|w| w[1].migrations > w[0].migrations).map(|w| w[1].t).collect();
+        if fault_times.is_empty() {
+            return None;
+        }
+        let mut lat: Vec<f64> = copies
+            .iter()
+            .filter(|r| fault_times.iter().any(|&t| r.started_s <= t && t <= r.started_s + r.latency_s))
+            .map(|r| r.latency_s)
+            .collect();
+        Some(FaultLatency { copies: lat.len(), p50: percentile(&mut lat, 50.0), p99: percentile(&mut lat, 99.0) })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakReport {
     pub url: String,
@@ -80,6 +107,8 @@ pub struct SoakReport {
     pub load: Vec<LoadSample>,
     /// Requests the server moved to another group during the soak (node failures it healed).
     pub migrations: u64,
+    /// Latency of the copies in flight while requests were being migrated; absent without faults.
+    pub latency_during_faults_s: Option<FaultLatency>,
     /// Copy index → (start time, variant rank within its prompt) for the divergence plot.
     pub copy_variants: Vec<(f64, usize, usize)>,
     pub verdict: String,
@@ -210,6 +239,7 @@ impl SoakReport {
             },
             background,
             migrations: load.last().map_or(0, |l| l.migrations),
+            latency_during_faults_s: FaultLatency::of(&ok, &load),
             load,
             copy_variants,
             verdict,
@@ -260,6 +290,12 @@ impl SoakReport {
             self.duration_s
         );
         println!("  requests migrated by the server after node failures: {}", self.migrations);
+        if let Some(f) = &self.latency_during_faults_s {
+            println!(
+                "  latency of the {} copies in flight during migrations: p50 {:.3}s p99 {:.3}s",
+                f.copies, f.p50, f.p99
+            );
+        }
         println!(
             "  throughput {:.1} completion tok/s, {:.2} req/s; latency p50 {:.3}s p99 {:.3}s; fingerprints {:?}",
             self.completion_tokens_per_s,
@@ -536,4 +572,44 @@ h1,h2,h3{{color:#e6edf3}} table{{border-collapse:collapse;margin:8px 0}} td,th{{
     );
     std::fs::write(dir.join("report.html"), page)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod fault_latency_tests {
+    use super::*;
+
+    fn copy(started_s: f64, latency_s: f64) -> CopyResult {
+        CopyResult {
+            index: 0,
+            prompt: 0,
+            phase_concurrency: 1,
+            streamed: false,
+            error: None,
+            text: String::new(),
+            token_ids: None,
+            logprob_bits: Vec::new(),
+            fingerprint: None,
+            started_s,
+            latency_s,
+            ttft_s: None,
+        }
+    }
+
+    fn sample(t: f64, migrations: u64) -> LoadSample {
+        LoadSample { t, copies_in_flight: 0, background_in_flight: 0, copies_done: 0, migrations }
+    }
+
+    #[test]
+    fn fault_latency_counts_only_copies_in_flight_when_migrations_rose() {
+        let copies = [copy(0.0, 1.0), copy(1.5, 3.0), copy(2.0, 0.5), copy(9.0, 1.0)];
+        let refs: Vec<&CopyResult> = copies.iter().collect();
+        let quiet = [sample(0.0, 0), sample(3.0, 0), sample(6.0, 0)];
+        assert!(FaultLatency::of(&refs, &quiet).is_none(), "no migration, no fault window");
+        // The count rises at t = 2.2 (inside the copies 1.5..4.5 and 2.0..2.5) and at t = 9.5
+        // (inside 9.0..10.0); the copy 0.0..1.0 saw no fault.
+        let faulty = [sample(0.0, 0), sample(2.2, 3), sample(6.0, 3), sample(9.5, 4)];
+        let f = FaultLatency::of(&refs, &faulty).unwrap();
+        assert_eq!(f.copies, 3);
+        assert_eq!((f.p50, f.p99), (1.0, 3.0));
+    }
 }
