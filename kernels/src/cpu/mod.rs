@@ -22,8 +22,8 @@ mod x86;
 use rayon::prelude::*;
 
 use crate::{
-    reference, AttnParams, AttnSeq, Backend, DType, HostWeight, KernelError, KernelMode, KvLayout, NumericsConfig,
-    RopeTables, SampleRequest, SegmentRange, Segmentation, ShardSample, SharedBytes, VocabShard, WeightView,
+    reference, AttnParams, AttnSeq, Backend, HostWeight, KernelError, KernelMode, KvLayout, NumericsConfig, RopeTables,
+    SampleRequest, SegmentRange, Segmentation, ShardSample, VocabShard, WeightView,
 };
 
 /// A SIMD instruction-set path.
@@ -221,15 +221,6 @@ pub struct CpuKvCache {
     pub v: Vec<f32>,
 }
 
-/// Keeps an f32 buffer aligned when it is shared as bytes (the fast GEMM reads it as `&[f32]`).
-struct F32Bytes(Vec<f32>);
-impl AsRef<[u8]> for F32Bytes {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: f32 has no padding or invalid bit patterns; u8 has alignment 1.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 4) }
-    }
-}
-
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Weight = HostWeight;
@@ -254,15 +245,7 @@ impl Backend for CpuBackend {
         vec![0.0; len]
     }
     fn prepare_weight(&self, w: HostWeight) -> HostWeight {
-        // Fast mode hands matrices to a conventional f32 GEMM: widen once at load, as PyTorch's CPU
-        // path effectively does, instead of on every call.
-        if self.cfg.mode == KernelMode::Fast && w.dtype != DType::F32 && w.rows > 1 {
-            let v = w.view().to_f32();
-            let (rows, cols) = (w.rows, w.cols);
-            let len = v.len() * 4;
-            return HostWeight::new(DType::F32, SharedBytes::new(std::sync::Arc::new(F32Bytes(v)), 0..len), rows, cols)
-                .expect("same shape");
-        }
+        // Both modes read the weights as stored (fast mode widens tiles per call, see `fast`).
         w
     }
     fn alloc_kv(&self, layout: KvLayout) -> CpuKvCache {
