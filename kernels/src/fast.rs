@@ -36,14 +36,28 @@ pub(crate) fn linear_fast(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_
         (0..tiles).into_par_iter().for_each_init(Vec::new, |wide: &mut Vec<f32>, t| {
             let rows = t * ROWS_PER_TILE..((t + 1) * ROWS_PER_TILE).min(n);
             wide.clear();
-            let size = w.dtype.size();
-            wide.extend(rows.clone().flat_map(|r| w.row(r).chunks_exact(size).map(|b| w.dtype.widen(b))));
+            let row_bytes = k * w.dtype.size();
+            widen_into(w.dtype, &w.bytes[rows.start * row_bytes..rows.end * row_bytes], wide);
             let y_ptr = &y_ptr;
             // SAFETY: this tile writes columns `rows` of the [m, n] output (row stride n) and no
             // other tile writes them; `wide` is [rows.len(), k].
             unsafe { gemm_rows(m, rows.len(), k, y_ptr.0.add(rows.start), n, x, wide, Parallelism::None) }
         });
     });
+}
+
+/// Append `bytes` widened to f32. One loop per dtype (the match stays outside it) so the
+/// compiler vectorizes the conversion; the values are [`DType::widen`]'s.
+fn widen_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        DType::Bf16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)))
+        }
+        DType::F16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
+        }
+    }
 }
 
 /// A raw output pointer shared by the tile tasks, each writing its own columns.

@@ -531,3 +531,38 @@ fn negative_control_fast_path_batch_variance_is_measured() {
         }
     }
 }
+
+/// Fast mode widens bf16/f16 weights one tile of rows per call (not the whole model at load): the
+/// tiles must cover every output column exactly once, including a ragged last tile, at any M and
+/// thread count. Fast mode promises no bits, so this compares with the reference within f32
+/// rounding of a K-long dot product.
+#[test]
+fn fast_mode_tiles_cover_every_output_column_for_every_dtype() {
+    let mut rng = Rng::new(31);
+    let (k, n) = (67, 300); // 300 rows = two full 128-row tiles and a ragged one
+    for dtype in [DType::F32, DType::Bf16, DType::F16] {
+        let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
+        for threads in [1, 2, 3] {
+            let be = CpuBackend::new(CpuConfig {
+                threads,
+                isa: None,
+                mode: KernelMode::Fast,
+                numerics: NumericsConfig::default(),
+            })
+            .unwrap();
+            let w = be.prepare_weight(w.clone());
+            for m in [1, 3, 17] {
+                let x = rng.vec(m * k);
+                let want = reference::linear(&x, m, w.view(), None, NumericsConfig::default().reduce_segments);
+                let mut y = vec![f32::NAN; m * n];
+                be.linear(&x, m, &w, None, &mut y);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{dtype:?} threads {threads} M {m} [{i}]: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
