@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockstep_coordinator::api::{H3Options, ServeOptions, Server, TlsSource};
@@ -66,13 +66,8 @@ pub async fn start(model: &std::path::Path, opts: Options) -> TestServer {
         metrics.clone(),
     )
     .expect("service");
-    let state = Arc::new(AppState {
-        service: Arc::new(service),
-        metrics,
-        canary: Arc::new(Canary::new()),
-        auth: Auth { api_keys: opts.api_keys, ops_keys: Vec::new() },
-        soak: Mutex::new(None),
-    });
+    let auth = Auth { api_keys: opts.api_keys, ops_keys: Vec::new() };
+    let state = Arc::new(AppState::new(Arc::new(service), metrics, Arc::new(Canary::new()), auth));
     let h3 = opts.h3.then(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("api-h3-{}", std::process::id()));
         H3Options {
@@ -80,9 +75,8 @@ pub async fn start(model: &std::path::Path, opts: Options) -> TestServer {
             tls: TlsSource::SelfSigned { pem_out: dir.join(format!("cert-{:?}.pem", std::thread::current().id())) },
         }
     });
-    let server = Server::start(state.clone(), ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), h3 })
-        .await
-        .expect("server");
+    let opts = ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), h3, edge: Default::default() };
+    let server = Server::start(state.clone(), opts).await.expect("server");
     TestServer { state, server }
 }
 
