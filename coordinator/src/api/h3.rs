@@ -30,7 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use crate::api::{auth, stopped, ConnectionSlots};
+use crate::api::{auth, stopped, ConnectionSlots, Inflight};
 use crate::state::AppState;
 
 /// Most unread request bytes QUIC lets a client send on one stream.
@@ -126,16 +126,6 @@ pub fn bind(addr: SocketAddr, tls: &TlsMaterial) -> Result<quinn::Endpoint> {
     quinn::Endpoint::server(config, addr).with_context(|| format!("binding HTTP/3 on udp {addr}"))
 }
 
-/// Counts HTTP/3 requests in flight (each holds a clone), so a shutdown can wait for them.
-#[derive(Clone, Default)]
-pub struct Inflight(Arc<()>);
-
-impl Inflight {
-    pub fn count(&self) -> usize {
-        Arc::strong_count(&self.0) - 1
-    }
-}
-
 /// What every HTTP/3 request needs: the router, the state (keys, body timeout) and the count.
 #[derive(Clone)]
 pub struct Bridge {
@@ -162,6 +152,7 @@ pub async fn serve(endpoint: quinn::Endpoint, bridge: Bridge, slots: ConnectionS
         tokio::spawn(async move {
             let _permit = permit;
             let Ok(conn) = incoming.await else { return };
+            let quic = conn.clone();
             let Ok(mut h3) = h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(conn)).await else {
                 return;
             };
@@ -185,6 +176,9 @@ pub async fn serve(endpoint: quinn::Endpoint, bridge: Bridge, slots: ConnectionS
                 }
             }
             while requests.join_next().await.is_some() {}
+            // Only the peer that receives last can close without losing data: wait for the
+            // client to close (or the server's own close at the end of a shutdown).
+            quic.closed().await;
         });
     }
 }

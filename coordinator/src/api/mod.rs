@@ -222,6 +222,17 @@ pub struct H3Options {
     pub tls: TlsSource,
 }
 
+/// Counts what is in flight — HTTP/1.1 connections, HTTP/3 requests — by handing each a clone,
+/// so a shutdown can wait for them.
+#[derive(Clone, Default)]
+pub struct Inflight(Arc<()>);
+
+impl Inflight {
+    pub fn count(&self) -> usize {
+        Arc::strong_count(&self.0) - 1
+    }
+}
+
 /// The connection slots of one server: `--max-connections` of them, and the overflow ones.
 #[derive(Clone)]
 pub struct ConnectionSlots {
@@ -271,6 +282,7 @@ async fn serve_http1(
     app: Router,
     edge: EdgeLimits,
     slots: ConnectionSlots,
+    connections: Inflight,
     mut stop: watch::Receiver<bool>,
 ) -> TcpListener {
     loop {
@@ -296,7 +308,9 @@ async fn serve_http1(
         let app = app.clone();
         let mut stop = stop.clone();
         let max = slots.max;
+        let connection = connections.clone();
         tokio::spawn(async move {
+            let _connection = connection;
             let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let mut req = req.map(axum::body::Body::new);
                 if overflow {
@@ -338,7 +352,9 @@ pub struct Server {
     slots: ConnectionSlots,
     stop: watch::Sender<bool>,
     http: JoinHandle<TcpListener>,
-    h3: Option<(quinn::Endpoint, JoinHandle<()>, h3::Inflight)>,
+    h3: Option<(quinn::Endpoint, JoinHandle<()>, Inflight)>,
+    /// HTTP/1.1 connections open.
+    connections: Inflight,
 }
 
 impl Server {
@@ -362,7 +378,7 @@ impl Server {
             let endpoint = h3::bind(addr, &tls)?;
             h3_addr = Some(endpoint.local_addr()?);
             cert_pem = tls.generated_pem;
-            let inflight = h3::Inflight::default();
+            let inflight = Inflight::default();
             let bridge = h3::Bridge { router: app.clone(), state: state.clone(), inflight: inflight.clone() };
             let task = tokio::spawn(h3::serve(endpoint.clone(), bridge, slots.clone(), stop_rx.clone()));
             h3 = Some((endpoint, task, inflight));
@@ -377,8 +393,9 @@ impl Server {
             }
             None => app,
         };
-        let http = tokio::spawn(serve_http1(listener, h1_app, opts.edge, slots.clone(), stop_rx));
-        Ok(Server { http_addr, h3_addr, cert_pem, state, slots, stop, http, h3 })
+        let connections = Inflight::default();
+        let http = tokio::spawn(serve_http1(listener, h1_app, opts.edge, slots.clone(), connections.clone(), stop_rx));
+        Ok(Server { http_addr, h3_addr, cert_pem, state, slots, stop, http, h3, connections })
     }
 
     /// What `lockstep serve` logs once it listens (scripts wait for `listening on http://`).
@@ -394,8 +411,10 @@ impl Server {
         self.slots.open()
     }
 
+    /// No HTTP/1.1 connection and no HTTP/3 request is left (idle HTTP/3 connections are the
+    /// clients' to close).
     fn drained(&self) -> bool {
-        self.slots.open() == 0 && self.h3.as_ref().is_none_or(|(_, _, inflight)| inflight.count() == 0)
+        self.connections.count() == 0 && self.h3.as_ref().is_none_or(|(_, _, inflight)| inflight.count() == 0)
     }
 
     async fn wait_drained(&self, limit: Duration) -> bool {
@@ -421,6 +440,9 @@ impl Server {
         }
         self.http.abort();
         if let Some((endpoint, task, _)) = &self.h3 {
+            // Closing discards what a client has received but not yet read: give clients the
+            // flush time to read their last events and close first.
+            let _ = tokio::time::timeout(CUT_FLUSH, endpoint.wait_idle()).await;
             endpoint.close(0u32.into(), b"server shutting down");
             task.abort();
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -481,8 +503,14 @@ impl Forming {
             })
             .layer(middleware::from_fn(trace_requests));
         let (stop, rx) = watch::channel(false);
-        let task =
-            tokio::spawn(serve_http1(listener, app, edge, ConnectionSlots::new(edge.max_connections.max(1)), rx));
+        let task = tokio::spawn(serve_http1(
+            listener,
+            app,
+            edge,
+            ConnectionSlots::new(edge.max_connections.max(1)),
+            Inflight::default(),
+            rx,
+        ));
         Ok(Forming { stop, task, http_addr })
     }
 
