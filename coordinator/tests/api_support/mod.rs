@@ -28,6 +28,8 @@ pub struct Options {
     pub body_timeout: Duration,
     /// Every engine step first sleeps this long (so a test can catch a request mid-stream).
     pub step_delay: Option<Duration>,
+    /// Most sequences running at once (the engine's default when `None`).
+    pub max_running: Option<usize>,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
             edge: EdgeLimits::default(),
             body_timeout: Limits::default().body_timeout,
             step_delay: None,
+            max_running: None,
         }
     }
 }
@@ -83,7 +86,8 @@ impl TestServer {
 
 /// Starts the API on 127.0.0.1 (ephemeral ports) over stories260K, in this process.
 pub async fn start(model: &std::path::Path, opts: Options) -> TestServer {
-    let eopts = EngineOptions { threads: 1, ..EngineOptions::default() };
+    let d = EngineOptions::default();
+    let eopts = EngineOptions { threads: 1, max_running: opts.max_running.unwrap_or(d.max_running), ..d };
     let info = ModelInfo::load(model, &eopts, CpuBackend::fingerprint_name_for(eopts.mode)).expect("model");
     let mut exec: Box<dyn StepExecutor> = Box::new(LocalExecutor::load(&info, &eopts).expect("executor"));
     if let Some(delay) = opts.step_delay {
