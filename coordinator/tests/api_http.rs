@@ -453,8 +453,12 @@ async fn an_overloaded_server_answers_429_with_retry_after() {
     let Some(model) = stories260k() else { return };
     // One sequence runs (slowly) and one waits: the queue of one is full, so the next request
     // is told to come back later — unlike one that could never fit (a 400, see hostile_clients).
-    let opts =
-        Options { max_waiting: 1, max_running: Some(1), step_delay: Some(Duration::from_millis(50)), ..Options::default() };
+    let opts = Options {
+        max_waiting: 1,
+        max_running: Some(1),
+        step_delay: Some(Duration::from_millis(50)),
+        ..Options::default()
+    };
     let srv = start(&model, opts).await;
     let busy = |seed| lockstep_coordinator::engine::GenerateRequest {
         prompt_ids: srv.state.service.info().tokenizer.encode("Once upon a time", true).unwrap(),

@@ -650,3 +650,73 @@ async fn a_forming_coordinator_answers_health_503_until_it_serves() {
     };
     tokio::time::timeout(LIMIT, run).await.expect("bounded");
 }
+
+/// `lockstep serve` as a process: keys from a file and the environment (never only argv), an
+/// empty key refused at start, and on SIGTERM a clean exit that removes its certificate directory.
+#[test]
+fn serve_takes_keys_from_files_and_env_refuses_empty_ones_and_cleans_up_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(model) = stories260k() else { return };
+    let model = model.to_str().unwrap();
+    let exe = env!("CARGO_BIN_EXE_lockstep");
+
+    let out = Command::new(exe).args(["serve", "--model", model, "--api-key", "", "--no-h3"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("an empty API key from the command line"), "{err}");
+
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ops_file = dir.join("ops-keys");
+    std::fs::write(&ops_file, "# the ops key\nops-from-file\n").unwrap();
+    let mut child = Command::new(exe)
+        .args(["serve", "--model", model, "--listen", "127.0.0.1:0", "--canary-every", "0"])
+        .arg("--ops-key-file")
+        .arg(&ops_file)
+        .env("LOCKSTEP_API_KEY", "api-from-env")
+        .env("RUST_LOG", "info")
+        .env("LOCKSTEP_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let addr: SocketAddr = loop {
+        let line = lines.recv_timeout(LIMIT).expect("serve prints its address");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let cert_dir = std::env::temp_dir().join(format!("lockstep-serve-{}", child.id()));
+    assert!(cert_dir.join("h3-cert.pem").is_file(), "the self-signed certificate is in {}", cert_dir.display());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let get = |path: &'static str, auth: Option<&'static str>| async move {
+            let headers: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+            exchange(addr, &head("GET", path, &headers, None), b"").await.unwrap()
+        };
+        assert_eq!(get("/v1/models", None).await.status, 401);
+        assert_eq!(get("/v1/models", Some("Bearer api-from-env")).await.status, 200);
+        assert_eq!(get("/metrics", Some("Bearer api-from-env")).await.status, 401);
+        assert_eq!(get("/metrics", Some("Bearer ops-from-file")).await.status, 200);
+    });
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < LIMIT, "serve did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!cert_dir.exists(), "{} is removed on shutdown", cert_dir.display());
+}
