@@ -213,7 +213,8 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, limit: Dur
     (status, String::from_utf8(body).expect("UTF-8 body"))
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
+/// The payload of a chunked HTTP/1.1 body (what a body is without its chunk framing).
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&b[..eol]);
