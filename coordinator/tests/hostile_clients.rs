@@ -710,3 +710,53 @@ fn serve_takes_keys_from_files_and_env_refuses_empty_ones_and_cleans_up_on_sigte
     assert!(status.success(), "{status:?}");
     assert!(!cert_dir.exists(), "{} is removed on shutdown", cert_dir.display());
 }
+
+/// A static coordinator waiting for nodes that never come answers `/health` with 503 `forming`
+/// from the start (it used to have no HTTP listener at all until its cluster was ready).
+#[test]
+fn a_static_coordinator_waiting_for_nodes_answers_health_forming() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(model) = stories260k() else { return };
+    let exe = env!("CARGO_BIN_EXE_lockstep");
+    let tls =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-static-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tls);
+    let tls_arg = tls.to_str().unwrap();
+    for args in
+        [vec!["certs", "init", "--dir", tls_arg], vec!["certs", "issue", "--dir", tls_arg, "--name", "coordinator"]]
+    {
+        let out = Command::new(exe).args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut child = Command::new(exe)
+        .args(["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-h3"])
+        .args(["--nodes", "static", "--tls-dir", tls_arg, "--join-timeout", "120", "--canary-every", "0"])
+        .env("RUST_LOG", "info")
+        .env("LOCKSTEP_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let addr: SocketAddr = loop {
+        let line = lines.recv_timeout(LIMIT).expect("serve prints the forming address");
+        if let Some(rest) = line.split("answering /health (forming) on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let r = rt.block_on(exchange(addr, &head("GET", "/health", &[], None), b"")).expect("an answer");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.status, 503);
+    let v = r.json();
+    assert_eq!(v["status"], "forming", "{v}");
+    assert_eq!(v["reason"], "waiting for nodes to join and form groups (--nodes static)", "{v}");
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 use lockstep_coordinator::api::{self, auth::collect_keys};
+use lockstep_coordinator::cluster::NodesMode;
 use lockstep_coordinator::engine::{backend_fingerprint_name, ModelInfo};
 use lockstep_coordinator::state::DEFAULT_BODY_TIMEOUT;
 
@@ -98,11 +99,11 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         EdgeLimits { header_timeout: Duration::from_secs(a.header_timeout_s), max_connections: a.max_connections };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-http").build()?;
     // Until the serving core stands (a static cluster waits for its nodes), /health says so.
-    let forming = runtime.block_on(Forming::start(
-        a.listen,
-        "the serving core is starting (waiting for nodes to form groups)".into(),
-        edge,
-    ))?;
+    let reason = match a.cluster.nodes {
+        NodesMode::Static => "waiting for nodes to join and form groups (--nodes static)",
+        NodesMode::Embedded => "loading the model and starting its nodes",
+    };
+    let forming = runtime.block_on(Forming::start(a.listen, reason.into(), edge))?;
     tracing::info!(http_addr = %forming.http_addr, "answering /health (forming) on http://{}", forming.http_addr);
     let opts = a.engine.options();
     let mut info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
