@@ -16,7 +16,7 @@ use api_support::{start, H3Client, Options, TestServer};
 use bytes::{Buf, Bytes};
 use lockstep_coordinator::api::{EdgeLimits, Forming, Server, OVERFLOW_CONNECTIONS};
 use lockstep_test_env::stories260k;
-use lockstep_tests::dechunk;
+use lockstep_tests::{dechunk, scratch, Watched};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -111,6 +111,17 @@ async fn h3_exchange(
         out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
     }
     (resp.status().as_u16(), resp.headers().clone(), out)
+}
+
+/// Opens a `POST path` stream with a JSON content type (the body is the caller's to send).
+async fn h3_post(c: &mut H3Client, path: &str) -> h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{}{path}", c.port))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    c.send.send_request(req).await.unwrap()
 }
 
 fn completion(extra: Value) -> Vec<u8> {
@@ -397,13 +408,7 @@ async fn slow_headers_idle_connections_and_trickled_bodies_are_cut_off() {
 
         // The same over HTTP/3: a stream whose body never finishes gets 408 too.
         let mut h3c = h3_client(&srv).await;
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("https://localhost:{}/v1/completions", h3c.port))
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap();
-        let mut stream = h3c.send.send_request(req).await.unwrap();
+        let mut stream = h3_post(&mut h3c, "/v1/completions").await;
         stream.send_data(Bytes::from_static(b"{\"prompt\":")).await.unwrap();
         let resp = stream.recv_response().await.unwrap();
         assert_eq!(resp.status().as_u16(), 408);
@@ -423,13 +428,7 @@ async fn an_unauthenticated_http3_body_is_refused_from_its_headers() {
     let srv = keyed_server(&model, Options { h3: true, ..Options::default() }).await;
     let run = async {
         let mut h3c = h3_client(&srv).await;
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("https://localhost:{}/v1/completions", h3c.port))
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap();
-        let mut stream = h3c.send.send_request(req).await.unwrap();
+        let mut stream = h3_post(&mut h3c, "/v1/completions").await;
         // A first piece of a 4 MB body, never finished: the answer must not wait for the rest.
         // (The server may already have stopped the body — STOP_SENDING — when this is sent.)
         let _ = stream.send_data(Bytes::from(vec![b' '; 64 << 10])).await;
@@ -569,13 +568,7 @@ async fn shutdown_ends_running_streams_with_an_error_event_and_done_on_both_tran
         // HTTP/3: the same, on its own stream.
         let cert = server.cert_pem.clone().unwrap();
         let mut h3c = H3Client::connect(server.h3_addr.unwrap(), &cert).await;
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("https://localhost:{}/v1/completions", h3c.port))
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap();
-        let mut stream = h3c.send.send_request(req).await.unwrap();
+        let mut stream = h3_post(&mut h3c, "/v1/completions").await;
         stream.send_data(Bytes::from(body.clone())).await.unwrap();
         stream.finish().await.unwrap();
         assert_eq!(stream.recv_response().await.unwrap().status().as_u16(), 200);
@@ -641,51 +634,36 @@ async fn a_forming_coordinator_answers_health_503_until_it_serves() {
     tokio::time::timeout(LIMIT, run).await.expect("bounded");
 }
 
+/// The address a `lockstep serve` prints after `marker` (bounded wait).
+fn printed_addr(serve: &mut Watched, marker: &str) -> SocketAddr {
+    serve.wait_for_stderr(LIMIT, |line| {
+        line.split(marker).nth(1).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+    })
+}
+
+const LOG_ENV: [(&str, &str); 2] = [("RUST_LOG", "info"), ("LOCKSTEP_LOG_FORMAT", "text")];
+
 /// `lockstep serve` as a process: keys from a file and the environment (never only argv), an
 /// empty key refused at start, and on SIGTERM a clean exit that removes its certificate directory.
 #[test]
 fn serve_takes_keys_from_files_and_env_refuses_empty_ones_and_cleans_up_on_sigterm() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
     let Some(model) = stories260k() else { return };
     let model = model.to_str().unwrap();
-    let exe = env!("CARGO_BIN_EXE_lockstep");
 
-    let out = Command::new(exe).args(["serve", "--model", model, "--api-key", "", "--no-h3"]).output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = Watched::lockstep(&["serve", "--model", model, "--api-key", "", "--no-h3"]);
+    let (ok, _, err) = refused.wait(LIMIT);
+    assert!(!ok);
     assert!(err.contains("an empty API key from the command line"), "{err}");
 
-    let dir =
-        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("hostile-keys");
     let ops_file = dir.join("ops-keys");
     std::fs::write(&ops_file, "# the ops key\nops-from-file\n").unwrap();
-    let mut child = Command::new(exe)
-        .args(["serve", "--model", model, "--listen", "127.0.0.1:0", "--canary-every", "0"])
-        .arg("--ops-key-file")
-        .arg(&ops_file)
-        .env("LOCKSTEP_API_KEY", "api-from-env")
-        .env("RUST_LOG", "info")
-        .env("LOCKSTEP_LOG_FORMAT", "text")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let addr: SocketAddr = loop {
-        let line = lines.recv_timeout(LIMIT).expect("serve prints its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    let cert_dir = std::env::temp_dir().join(format!("lockstep-serve-{}", child.id()));
+    let args = ["serve", "--model", model, "--listen", "127.0.0.1:0", "--canary-every", "0", "--ops-key-file"];
+    let args: Vec<&str> = args.into_iter().chain([ops_file.to_str().unwrap()]).collect();
+    let env = [LOG_ENV[0], LOG_ENV[1], ("LOCKSTEP_API_KEY", "api-from-env")];
+    let mut serve = Watched::lockstep_with_env(&args, &env);
+    let addr = printed_addr(&mut serve, "listening on http://");
+    let cert_dir = std::env::temp_dir().join(format!("lockstep-serve-{}", serve.pid()));
     assert!(cert_dir.join("h3-cert.pem").is_file(), "the self-signed certificate is in {}", cert_dir.display());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -698,16 +676,10 @@ fn serve_takes_keys_from_files_and_env_refuses_empty_ones_and_cleans_up_on_sigte
         assert_eq!(get("/metrics", Some("Bearer api-from-env")).await.status, 401);
         assert_eq!(get("/metrics", Some("Bearer ops-from-file")).await.status, 200);
     });
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < LIMIT, "serve did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status:?}");
+    let term = std::process::Command::new("kill").args(["-TERM", &serve.pid().to_string()]).status().unwrap();
+    assert!(term.success());
+    let (ok, _, err) = serve.wait(LIMIT);
+    assert!(ok, "serve exits cleanly on SIGTERM: {err}");
     assert!(!cert_dir.exists(), "{} is removed on shutdown", cert_dir.display());
 }
 
@@ -715,46 +687,24 @@ fn serve_takes_keys_from_files_and_env_refuses_empty_ones_and_cleans_up_on_sigte
 /// from the start (it used to have no HTTP listener at all until its cluster was ready).
 #[test]
 fn a_static_coordinator_waiting_for_nodes_answers_health_forming() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
     let Some(model) = stories260k() else { return };
-    let exe = env!("CARGO_BIN_EXE_lockstep");
-    let tls =
-        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-static-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tls);
-    let tls_arg = tls.to_str().unwrap();
-    for args in
-        [vec!["certs", "init", "--dir", tls_arg], vec!["certs", "issue", "--dir", tls_arg, "--name", "coordinator"]]
-    {
-        let out = Command::new(exe).args(&args).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let tls = scratch("hostile-static");
+    let tls = tls.to_str().unwrap();
+    for args in [vec!["certs", "init", "--dir", tls], vec!["certs", "issue", "--dir", tls, "--name", "coordinator"]] {
+        let (ok, _, err) = Watched::lockstep(&args).wait(LIMIT);
+        assert!(ok, "{args:?}: {err}");
     }
-    let mut child = Command::new(exe)
-        .args(["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-h3"])
-        .args(["--nodes", "static", "--tls-dir", tls_arg, "--join-timeout", "120", "--canary-every", "0"])
-        .env("RUST_LOG", "info")
-        .env("LOCKSTEP_LOG_FORMAT", "text")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let addr: SocketAddr = loop {
-        let line = lines.recv_timeout(LIMIT).expect("serve prints the forming address");
-        if let Some(rest) = line.split("answering /health (forming) on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let mut serve = Watched::lockstep_with_env(
+        &["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-h3", "--nodes", "static"]
+            .into_iter()
+            .chain(["--tls-dir", tls, "--join-timeout", "120", "--canary-every", "0"])
+            .collect::<Vec<_>>(),
+        &LOG_ENV,
+    );
+    let addr = printed_addr(&mut serve, "answering /health (forming) on http://");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let r = rt.block_on(exchange(addr, &head("GET", "/health", &[], None), b"")).expect("an answer");
-    let _ = child.kill();
-    let _ = child.wait();
+    serve.kill();
     assert_eq!(r.status, 503);
     let v = r.json();
     assert_eq!(v["status"], "forming", "{v}");

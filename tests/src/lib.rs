@@ -79,8 +79,14 @@ pub struct Watched {
 impl Watched {
     /// Start `lockstep args…`.
     pub fn lockstep(args: &[&str]) -> Watched {
+        Self::lockstep_with_env(args, &[])
+    }
+
+    /// Start `lockstep args…` with extra environment variables.
+    pub fn lockstep_with_env(args: &[&str], env: &[(&str, &str)]) -> Watched {
         let mut child = Command::new(lockstep_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -137,6 +143,11 @@ impl Watched {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kill the process outright (SIGKILL on Unix).
