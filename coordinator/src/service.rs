@@ -509,6 +509,22 @@ impl Service {
         self.router.migrations.load(Ordering::Relaxed)
     }
 
+    /// Why `requests` (the choices of one API request, admitted together) could never be
+    /// admitted, whatever the load: more choices than the waiting queue holds would get 429 on
+    /// every retry. (A choice too long for the whole KV cache is refused by validation; choices
+    /// that fit one by one but not all at once still run, taking turns by preemption.)
+    pub fn admissible(&self, requests: &[GenerateRequest]) -> Result<(), String> {
+        if requests.len() > self.opts.max_waiting {
+            return Err(format!(
+                "it has {} choices (n × prompts) but at most {} requests may wait for a slot (--max-waiting); \
+                 lower n or send the prompts separately",
+                requests.len(),
+                self.opts.max_waiting
+            ));
+        }
+        Ok(())
+    }
+
     /// Queue a validated request on the least-loaded live replica, with its own event channel.
     pub fn submit(&self, req: GenerateRequest) -> Result<Submission, SubmitError> {
         let (tx, events) = mpsc::unbounded_channel();

@@ -5,70 +5,14 @@
 
 mod api_support;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use api_support::{start, Options};
-use bytes::{Buf, Bytes};
+use api_support::{start, H3Client, Options};
 use lockstep_coordinator::api::client::Client;
 use lockstep_test_env::stories260k;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// An HTTP/3 connection to the test server.
-struct H3Client {
-    _endpoint: quinn::Endpoint,
-    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    port: u16,
-}
-
-impl H3Client {
-    async fn connect(addr: SocketAddr, cert_pem: &std::path::Path) -> H3Client {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(cert_pem).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        let conn = endpoint.connect(addr, "localhost").unwrap().await.expect("QUIC handshake with the served cert");
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await.unwrap();
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
-        H3Client { _endpoint: endpoint, send, port: addr.port() }
-    }
-
-    /// One request; returns the status, the headers and the whole body.
-    async fn request(&mut self, method: &str, path: &str, body: Option<&Value>) -> (u16, http::HeaderMap, Vec<u8>) {
-        let mut req = http::Request::builder().method(method).uri(format!("https://localhost:{}{path}", self.port));
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let mut stream = self.send.send_request(req.body(()).unwrap()).await.unwrap();
-        if let Some(b) = body {
-            stream.send_data(Bytes::from(b.to_string())).await.unwrap();
-        }
-        stream.finish().await.unwrap();
-        let resp = stream.recv_response().await.unwrap();
-        let mut out = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
-            out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
-        }
-        (resp.status().as_u16(), resp.headers().clone(), out)
-    }
-}
 
 /// The JSON events of an SSE body, checked to end with `[DONE]`.
 fn sse_events(body: &[u8]) -> Vec<Value> {

@@ -388,15 +388,15 @@ async fn bad_inputs_get_openai_error_objects_and_the_server_keeps_serving() {
             Some("top_logprobs"),
             "unsupported_parameter",
         ),
-        ("missing API key", c, None, p(json!({})), 401, invalid, None, "invalid_api_key"),
-        ("wrong API key", c, Some("sk-wrong"), p(json!({})), 401, invalid, None, "invalid_api_key"),
+        ("missing API key", c, None, p(json!({})), 401, "authentication_error", None, "invalid_api_key"),
+        ("wrong API key", c, Some("sk-wrong"), p(json!({})), 401, "authentication_error", None, "invalid_api_key"),
         (
             "tokenize without a key",
             "/tokenize",
             None,
             br#"{"prompt": "Hi"}"#.to_vec(),
             401,
-            invalid,
+            "authentication_error",
             None,
             "invalid_api_key",
         ),
@@ -451,8 +451,31 @@ async fn bad_inputs_get_openai_error_objects_and_the_server_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_server_answers_429_with_retry_after() {
     let Some(model) = stories260k() else { return };
-    // No request may wait: every submission is refused as overloaded.
-    let srv = start(&model, Options { max_waiting: 0, ..Options::default() }).await;
+    // One sequence runs (slowly) and one waits: the queue of one is full, so the next request
+    // is told to come back later — unlike one that could never fit (a 400, see hostile_clients).
+    let opts = Options {
+        max_waiting: 1,
+        max_running: Some(1),
+        step_delay: Some(Duration::from_millis(50)),
+        ..Options::default()
+    };
+    let srv = start(&model, opts).await;
+    let busy = |seed| lockstep_coordinator::engine::GenerateRequest {
+        prompt_ids: srv.state.service.info().tokenizer.encode("Once upon a time", true).unwrap(),
+        sampling: lockstep_kernels::SamplingParams { seed, ..Default::default() },
+        max_tokens: 400,
+        stop: vec![],
+        stop_token_ids: vec![],
+        ignore_eos: true,
+        skip_special_tokens: true,
+    };
+    let _running = srv.state.service.submit(busy(1)).unwrap();
+    let start_wait = std::time::Instant::now();
+    while srv.state.service.replicas()[0].running == 0 {
+        assert!(start_wait.elapsed() < LIMIT, "the first request never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _waiting = srv.state.service.submit(busy(2)).unwrap();
     let mut client = Client::new(srv.server.http_addr, None);
     let (s, h, v) =
         tokio::time::timeout(LIMIT, client.post("/v1/completions", &json!({"prompt": "Hi"}))).await.unwrap().unwrap();

@@ -3,7 +3,14 @@
 use crate::math::{exp, ln};
 use crate::{KernelError, VocabShard, LANES};
 
-/// Per-request sampling parameters. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1`
+/// Temperatures below this sample greedily: the contract's rule that every positive temperature
+/// gives its limit. `logit / T` overflows f32 for tiny `T` (at `T = 1e-40` every positive logit
+/// becomes +inf and the lowest id wins), while at `T ≥ GREEDY_BELOW` no logit below 3.4e33 can
+/// overflow and Gumbel-max differs from argmax only between logits closer than ~2e-4 — which is
+/// that temperature's own distribution. (vLLM uses the same 1e-5 threshold.)
+pub const GREEDY_BELOW: f32 = 1e-5;
+
+/// Per-request sampling parameters. `temperature == 0` (or below [`GREEDY_BELOW`]) is greedy; `top_k == 0` and `top_p == 1`
 /// switch those filters off.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
@@ -23,6 +30,15 @@ impl SamplingParams {
     pub fn greedy() -> Self {
         Self::default()
     }
+    /// The parameters the sampler actually uses: a temperature below [`GREEDY_BELOW`] is 0.
+    pub fn effective(&self) -> Self {
+        if self.temperature < GREEDY_BELOW {
+            SamplingParams { temperature: 0.0, ..*self }
+        } else {
+            *self
+        }
+    }
+
     pub fn validate(&self) -> Result<(), KernelError> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(KernelError::BadSampling(format!("temperature must be >= 0, got {}", self.temperature)));
@@ -250,7 +266,7 @@ pub fn shard_sample_with(
     req: &SampleRequest,
     lanes: impl Fn(&[f32], f32) -> [f32; LANES] + Copy,
 ) -> ShardSample {
-    let p = &req.params;
+    let p = &req.params.effective();
     let lse = lse_shard_with(logits, shard, lanes);
     let cand = |i: usize| {
         let id = (shard.offset + i) as u32;
@@ -305,7 +321,7 @@ pub fn shard_sample_with(
 /// the raw (temperature-1) distribution. Equal to the unsharded choice by construction: argmax,
 /// Gumbel-max and top-k are exact maxima/orderings, and log-sum-exp uses the same tree.
 pub fn merge_shard_samples(shards: &[&ShardSample], req: &SampleRequest) -> SampledToken {
-    let p = &req.params;
+    let p = &req.params.effective();
     let lse = lse_tree(&shards.iter().map(|s| s.lse).collect::<Vec<_>>()).value();
     let winner = if !filters_on(p) {
         shards
@@ -367,6 +383,31 @@ mod tests {
         v.sort_unstable_by(|a, b| rank(a.0, a.1, b.0, b.1));
         let ids: Vec<u32> = v.iter().map(|c| c.1).collect();
         assert_eq!(ids, [9, 1, 3, 2, 7, 0]);
+    }
+
+    /// Every positive temperature gives its limit: below `GREEDY_BELOW` the greedy token, down to
+    /// the smallest positive f32 (whose `logit / T` used to overflow and pick the lowest id).
+    #[test]
+    fn tiny_temperatures_sample_the_greedy_token() {
+        let shard = VocabShard::full(512, 4).unwrap();
+        let logits: Vec<f32> =
+            (0..512u32).map(|i| ((i * 7919) % 512) as f32 * 0.03 - 4.0 + (i % 3) as f32 * 0.5).collect();
+        let sample = |temperature: f32, top_k: u32, step: u64| {
+            let req = SampleRequest { params: SamplingParams { temperature, top_k, top_p: 1.0, seed: 9 }, step };
+            merge_shard_samples(&[&shard_sample(&logits, &shard, &req)], &req)
+        };
+        for step in 0..4 {
+            let greedy = sample(0.0, 0, step);
+            for t in [f32::from_bits(1), 1e-40, f32::MIN_POSITIVE, 1e-30, 1e-6, GREEDY_BELOW * 0.999] {
+                assert_eq!(sample(t, 0, step), greedy, "T = {t:e}, step {step}");
+                assert_eq!(sample(t, 40, step), greedy, "T = {t:e} with top-k, step {step}");
+            }
+        }
+        assert_eq!(SamplingParams { temperature: 1e-40, ..SamplingParams::default() }.effective().temperature, 0.0);
+        assert_eq!(
+            SamplingParams { temperature: GREEDY_BELOW, ..SamplingParams::default() }.effective().temperature,
+            GREEDY_BELOW
+        );
     }
 
     #[test]

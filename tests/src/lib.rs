@@ -79,8 +79,14 @@ pub struct Watched {
 impl Watched {
     /// Start `lockstep args…`.
     pub fn lockstep(args: &[&str]) -> Watched {
+        Self::lockstep_with_env(args, &[])
+    }
+
+    /// Start `lockstep args…` with extra environment variables.
+    pub fn lockstep_with_env(args: &[&str], env: &[(&str, &str)]) -> Watched {
         let mut child = Command::new(lockstep_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -137,6 +143,11 @@ impl Watched {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kill the process outright (SIGKILL on Unix).
@@ -213,7 +224,8 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, limit: Dur
     (status, String::from_utf8(body).expect("UTF-8 body"))
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
+/// The payload of a chunked HTTP/1.1 body (what a body is without its chunk framing).
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&b[..eol]);

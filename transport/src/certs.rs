@@ -56,7 +56,7 @@ pub enum CertError {
     CaExists { path: PathBuf },
     #[error("{}: already exists; refusing to overwrite it (remove it first to re-issue)", .path.display())]
     Exists { path: PathBuf },
-    #[error("{}: no cluster CA here (create one with init-ca first)", .path.display())]
+    #[error("{}: no cluster CA here (create one with `lockstep certs init --dir DIR` first)", .path.display())]
     NoCa { path: PathBuf },
     #[error("invalid certificate name {name:?}: {reason}")]
     BadName { name: String, reason: String },

@@ -56,8 +56,31 @@ pub enum ApiError {
     ModelNotFound { model: String, served: String },
     #[error("no route for {method} {path}")]
     NotFound { method: String, path: String },
-    #[error("invalid or missing API key: send 'Authorization: Bearer <key>'")]
-    InvalidApiKey,
+    #[error("{path} does not accept {method}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("this route takes 'Content-Type: application/json', got {content_type}")]
+    UnsupportedMediaType { content_type: String },
+    #[error("the request body did not arrive within {secs} s")]
+    BodyTimeout { secs: u64 },
+    #[error(
+        "the prompt has {bytes} bytes, more than the {max_context} positions of this model's context can hold \
+         ({max_bytes} bytes at the tokenizer's longest token)"
+    )]
+    PromptTooLong { param: &'static str, bytes: usize, max_bytes: usize, max_context: usize },
+    /// The request is valid but no state of the server could ever admit it (so 400, not 429).
+    #[error("this request can never be admitted: {reason}")]
+    NeverAdmissible { param: &'static str, reason: String },
+    #[error("{surface} key invalid or missing: send 'Authorization: Bearer <key>'")]
+    InvalidApiKey { surface: KeySurface },
+    /// Every connection slot (`--max-connections`) is taken; only `/health` is answered.
+    #[error("the server has {max} connections open, its limit; only /health is answered until some close")]
+    TooManyConnections { max: usize },
+    /// The server is shutting down and its grace period ended before this request did.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A soak report was asked for before one was posted.
+    #[error("no soak report has been posted yet (run `lockstep soak`)")]
+    NoSoakReport,
     #[error("{0}")]
     Submit(#[from] SubmitError),
     /// The engine refused the request after admission (its own validation, or its replica went
@@ -67,6 +90,22 @@ pub enum ApiError {
     /// Generation failed after it started (a replica failure that could not be recovered).
     #[error("generation failed: {0}")]
     Engine(String),
+}
+
+/// Which key a route takes: the API's or the ops surface's (they differ only in the challenge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySurface {
+    Api,
+    Ops,
+}
+
+impl std::fmt::Display for KeySurface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeySurface::Api => "API",
+            KeySurface::Ops => "ops",
+        })
+    }
 }
 
 /// Attached to every error response so the router's middleware can count it by name.
@@ -91,8 +130,14 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::ModelNotFound { .. } | ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotFound { .. } | ApiError::NotFound { .. } | ApiError::NoSoakReport => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::InvalidApiKey { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyConnections { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Submit(SubmitError::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Submit(SubmitError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Rejected(e) => match e {
@@ -128,7 +173,15 @@ impl ApiError {
             ApiError::Tokenizer { source, .. } => source.error_type(),
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::NotFound { .. } => "not_found",
-            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            ApiError::BodyTimeout { .. } => "body_timeout",
+            ApiError::PromptTooLong { .. } => "context_length_exceeded",
+            ApiError::NeverAdmissible { .. } => "never_admissible",
+            ApiError::InvalidApiKey { .. } => "invalid_api_key",
+            ApiError::TooManyConnections { .. } => "too_many_connections",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::NoSoakReport => "no_soak_report",
             ApiError::Submit(e) => e.error_type(),
             ApiError::Rejected(e) => e.error_type(),
             ApiError::Engine(_) => "engine_error",
@@ -138,10 +191,11 @@ impl ApiError {
     /// The OpenAI error class (`type` of the error object), from the status.
     pub fn kind(&self) -> &'static str {
         match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable_error",
             s if s.is_server_error() => "server_error",
-            // OpenAI reports bad keys and unknown models as invalid requests too.
+            // OpenAI reports unknown models as invalid requests too.
             _ => "invalid_request_error",
         }
     }
@@ -155,7 +209,9 @@ impl ApiError {
             | ApiError::Unsupported { param, .. } => Some(param),
             ApiError::ContextLength { param, .. }
             | ApiError::Tokenizer { param, .. }
-            | ApiError::KvCacheTooSmall { param, .. } => Some(param),
+            | ApiError::KvCacheTooSmall { param, .. }
+            | ApiError::PromptTooLong { param, .. }
+            | ApiError::NeverAdmissible { param, .. } => Some(param),
             ApiError::ModelNotFound { .. } => Some("model"),
             _ => None,
         }
@@ -198,8 +254,17 @@ impl IntoResponse for ApiError {
             ApiError::Submit(SubmitError::Unavailable(_)) | ApiError::Rejected(RequestError::Unavailable(_)) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u64));
             }
-            ApiError::InvalidApiKey => {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            ApiError::InvalidApiKey { surface } => {
+                // A browser opening the dashboard gets a Basic prompt (see `crate::ops`).
+                let challenge = match surface {
+                    KeySurface::Api => "Bearer realm=\"lockstep\"",
+                    KeySurface::Ops => "Basic realm=\"lockstep ops\", charset=\"UTF-8\"",
+                };
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            }
+            ApiError::TooManyConnections { .. } | ApiError::ShuttingDown => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

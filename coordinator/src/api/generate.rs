@@ -14,11 +14,15 @@
 //! its final text, in both modes, so a stream and a non-stream answer to the same request are the
 //! same bytes.
 //!
+//! A shutdown whose grace runs out ends what still runs through [`StreamCut`]: a stream gets an
+//! error event (`shutting_down`), `[DONE]` and a clean end of body; a non-streamed request a 503.
+//!
 //! Logprobs are the engine's f32 values written as the f64 of exactly the same value, so a client
 //! that parses them as doubles and rounds to f32 gets the engine's bits back.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -29,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::Frame;
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 use crate::api::error::ApiError;
 use crate::api::request::ValidGeneration;
@@ -63,7 +68,7 @@ impl Choices {
         let span = tracing::Span::current();
         if !span.is_disabled() {
             let ids: Vec<String> = subs.iter().flatten().map(|s| s.id.to_string()).collect();
-            span.record("request_id", ids.join(","));
+            span.record("sequences", ids.join(","));
         }
         Ok(Choices { subs, next: 0 })
     }
@@ -146,7 +151,7 @@ impl Meta {
             system_fingerprint: system_fingerprint.to_string(),
             seed: gen.seed,
             endpoint,
-            greedy: gen.requests.first().is_some_and(|r| r.sampling.temperature == 0.0),
+            greedy: gen.requests.first().is_some_and(|r| r.sampling.effective().temperature == 0.0),
             prompt_tokens: gen.prompt_tokens.iter().sum(),
             include_usage: gen.include_usage,
         }
@@ -279,10 +284,36 @@ fn choice_error(u: EngineEvent) -> Option<ApiError> {
     }
 }
 
+/// Resolves once a shutdown's grace has run out: what still runs then ends with
+/// [`ApiError::ShuttingDown`] — a stream with an error event and `[DONE]`, so the client sees a
+/// clean end rather than a cut connection.
+pub struct StreamCut(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl StreamCut {
+    /// Watches `rx` (the server's [`crate::state::AppState::cut_streams`]).
+    pub fn new(mut rx: watch::Receiver<bool>) -> Self {
+        StreamCut(Box::pin(async move {
+            // A server dropped without a shutdown cuts nothing: its connections go with it.
+            if rx.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }))
+    }
+
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
 /// Runs every choice to its end and renders the whole response.
-pub async fn collect(mut choices: Choices, meta: &Meta) -> Result<Response, ApiError> {
+pub async fn collect(mut choices: Choices, meta: &Meta, mut cut: StreamCut) -> Result<Response, ApiError> {
     let mut outs = vec![SeqOutput::default(); choices.len()];
-    while let Some((i, u)) = choices.next().await {
+    loop {
+        let next = std::future::poll_fn(|cx| match cut.poll_cut(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(ApiError::ShuttingDown)),
+            Poll::Pending => choices.poll_next(cx).map(Ok),
+        });
+        let Some((i, u)) = next.await? else { break };
         if let Some(e) = choice_error(u.clone()) {
             return Err(e);
         }
@@ -306,6 +337,7 @@ pub async fn collect(mut choices: Choices, meta: &Meta) -> Result<Response, ApiE
 /// A streamed answer: server-sent events, ending with `data: [DONE]`.
 pub struct SseBody {
     choices: Option<Choices>,
+    cut: StreamCut,
     meta: Meta,
     queue: VecDeque<Bytes>,
     /// Characters streamed so far per choice (for completions' `text_offset`).
@@ -316,10 +348,11 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    pub fn new(choices: Choices, meta: Meta) -> Self {
+    pub fn new(choices: Choices, meta: Meta, cut: StreamCut) -> Self {
         let n = choices.len();
         let mut body = SseBody {
             choices: Some(choices),
+            cut,
             meta,
             queue: VecDeque::new(),
             offsets: vec![0; n],
@@ -409,6 +442,10 @@ impl http_body::Body for SseBody {
             }
             if this.done {
                 return Poll::Ready(None);
+            }
+            if this.cut.poll_cut(cx).is_ready() {
+                this.fail(ApiError::ShuttingDown);
+                continue;
             }
             let Some(choices) = this.choices.as_mut() else { return Poll::Ready(None) };
             match choices.poll_next(cx) {

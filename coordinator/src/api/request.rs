@@ -14,6 +14,16 @@
 //! * unknown parameters are refused the same way, except a few that carry no semantics
 //!   (`user`, `metadata`, `store`, `service_tier`).
 //!
+//! Cheap checks come first: every scalar parameter is read before any prompt is looked at, and a
+//! prompt string with more bytes than the context could hold even at the tokenizer's longest
+//! token ([`Validation::max_prompt_bytes`]) is refused (`context_length_exceeded`) before it is
+//! tokenized — tokenizing megabytes only to refuse them is the expensive path an attacker wants.
+//!
+//! Sampling parameters are checked as the `f32` the engine will use, so what validation accepts
+//! the engine accepts too; `top_k` above [`MAX_CANDIDATES`] is refused, never clamped; and a
+//! temperature below [`lockstep_kernels::sampling::GREEDY_BELOW`] samples greedily (the numerics
+//! contract's rule, applied by the kernels).
+//!
 //! The result holds one fully resolved [`GenerateRequest`] per choice, so running a request is a
 //! loop over them.
 //!
@@ -30,6 +40,7 @@ use serde_json::{Map, Value};
 use crate::api::error::ApiError;
 use crate::engine::{fresh_seed, GenerateRequest, ModelInfo};
 use crate::tokenizer::ChatMessage;
+use lockstep_kernels::sampling::MAX_CANDIDATES;
 use lockstep_kernels::splitmix::SplitMix64;
 use lockstep_kernels::SamplingParams;
 
@@ -41,6 +52,40 @@ pub const MAX_CHOICES: usize = 64;
 pub const MAX_STOP: usize = 16;
 /// `max_tokens` of a completions request that gives none (OpenAI's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u64 = 16;
+
+/// What validation needs beyond the model: derived once per server (see [`Validation::new`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Validation {
+    /// Most bytes a prompt string may have: the context at the tokenizer's longest token. A
+    /// longer prompt cannot fit, whatever it tokenizes to.
+    pub max_prompt_bytes: usize,
+}
+
+impl Validation {
+    pub fn new(info: &ModelInfo) -> Self {
+        Validation { max_prompt_bytes: info.max_context.saturating_mul(longest_token_bytes(&info.tokenizer).max(1)) }
+    }
+
+    /// Refuses `bytes` of prompt text that no tokenization could fit into the context.
+    fn check_prompt_bytes(&self, param: &'static str, bytes: usize, info: &ModelInfo) -> Result<(), ApiError> {
+        if bytes > self.max_prompt_bytes {
+            return Err(ApiError::PromptTooLong {
+                param,
+                bytes,
+                max_bytes: self.max_prompt_bytes,
+                max_context: info.max_context,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The longest token's text in bytes, over the whole vocabulary (added tokens included). Token
+/// strings are the vocabulary's own spelling (`▁` for a space, byte-level marks), never shorter
+/// than the input bytes they stand for, so the bound is conservative.
+pub fn longest_token_bytes(tokenizer: &crate::tokenizer::Tokenizer) -> usize {
+    (0..tokenizer.vocab_size() as u32).filter_map(|id| tokenizer.id_to_token(id)).map(|t| t.len()).max().unwrap_or(1)
+}
 
 /// Parameters that change nothing about the answer and are accepted and ignored.
 const IGNORED: &[&str] = &["user", "metadata", "store", "service_tier"];
@@ -269,15 +314,20 @@ fn read_common(f: &Fields<'_>, info: &ModelInfo, max_tokens_field: &'static str)
     };
 
     // OpenAI's default temperature is 1.
+    // OpenAI's default temperature is 1. Every tiny positive value is fine: the kernels sample
+    // below `GREEDY_BELOW` greedily (a value under f32's range reads as 0, greedy too).
     let temperature = match f.number("temperature")? {
         None => 1.0,
         Some(t) if (0.0..=2.0).contains(&t) => t,
         Some(t) => return Err(ApiError::invalid_value("temperature", format!("must be between 0 and 2, got {t}"))),
     };
+    // Checked as the f32 the sampler uses: 1e-50 is a positive f64 but an f32 zero.
     let top_p = match f.number("top_p")? {
         None => 1.0,
-        Some(p) if p > 0.0 && p <= 1.0 => p,
-        Some(p) => return Err(ApiError::invalid_value("top_p", format!("must be in (0, 1], got {p}"))),
+        Some(p) if p as f32 > 0.0 && p <= 1.0 => p,
+        Some(p) => {
+            return Err(ApiError::invalid_value("top_p", format!("must be greater than 0 and at most 1, got {p}")))
+        }
     };
     let top_k = match f.int("top_k")? {
         // -1 means "off" in vLLM's API; 0 means "off" in lockstep's.
@@ -285,7 +335,13 @@ fn read_common(f: &Fields<'_>, info: &ModelInfo, max_tokens_field: &'static str)
         Some(k) if k < 0 => {
             return Err(ApiError::invalid_value("top_k", format!("must be -1, 0 or positive, got {k}")))
         }
-        Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
+        Some(k) if k > MAX_CANDIDATES as i128 => {
+            return Err(ApiError::unsupported(
+                "top_k",
+                format!("at most {MAX_CANDIDATES} (the sampler's candidate set), got {k}; use -1 for no top-k"),
+            ))
+        }
+        Some(k) => k as u32,
     };
     let seed = match f.int("seed")? {
         None => fresh_seed(),
@@ -448,7 +504,7 @@ fn resolve(
 }
 
 impl ValidCompletion {
-    pub fn parse(body: &Value, info: &ModelInfo) -> Result<Self, ApiError> {
+    pub fn parse(body: &Value, info: &ModelInfo, limits: &Validation) -> Result<Self, ApiError> {
         let f = Fields::new(body)?;
         let mut known = COMMON_FIELDS.to_vec();
         known.extend(["prompt", "echo", "suffix"]);
@@ -478,7 +534,7 @@ impl ValidCompletion {
         };
         let prompts = match f.get("prompt") {
             None => return Err(ApiError::Missing { param: "prompt".into() }),
-            Some(p) => completion_prompts(p, info)?,
+            Some(p) => completion_prompts(p, info, limits)?,
         };
         let gen = resolve(common, prompts, "prompt", Some(DEFAULT_COMPLETION_MAX_TOKENS), "max_tokens", info)?;
         Ok(ValidCompletion { gen, logprobs })
@@ -486,8 +542,15 @@ impl ValidCompletion {
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of lists of token ids.
-fn completion_prompts(p: &Value, info: &ModelInfo) -> Result<Vec<Vec<u32>>, ApiError> {
+fn completion_prompts(p: &Value, info: &ModelInfo, limits: &Validation) -> Result<Vec<Vec<u32>>, ApiError> {
+    // Every string's length is checked before any of them is tokenized.
+    if let Value::Array(items) = p {
+        for s in items.iter().filter_map(Value::as_str) {
+            limits.check_prompt_bytes("prompt", s.len(), info)?;
+        }
+    }
     let encode = |text: &str| {
+        limits.check_prompt_bytes("prompt", text.len(), info)?;
         info.tokenizer.encode(text, true).map_err(|source| ApiError::Tokenizer { param: "prompt", source })
     };
     let vocab = info.config.vocab_size;
@@ -518,7 +581,7 @@ fn completion_prompts(p: &Value, info: &ModelInfo) -> Result<Vec<Vec<u32>>, ApiE
 }
 
 impl ValidChat {
-    pub fn parse(body: &Value, info: &ModelInfo) -> Result<Self, ApiError> {
+    pub fn parse(body: &Value, info: &ModelInfo, limits: &Validation) -> Result<Self, ApiError> {
         let f = Fields::new(body)?;
         let mut known = COMMON_FIELDS.to_vec();
         known.extend([
@@ -575,6 +638,7 @@ impl ValidChat {
             None => return Err(ApiError::Missing { param: "messages".into() }),
             Some(v) => chat_messages(v)?,
         };
+        limits.check_prompt_bytes("messages", messages.iter().map(|m| m.content.len()).sum(), info)?;
         let ids = info
             .tokenizer
             .encode_chat(&messages, add_generation_prompt)

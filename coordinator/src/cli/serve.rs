@@ -1,11 +1,22 @@
 //! `lockstep serve`: the OpenAI-compatible API, ops API and dashboard over HTTP/1.1 and HTTP/3.
+//!
+//! The HTTP address answers from the start: while the serving core loads (and a static cluster
+//! waits for its nodes) [`Forming`](lockstep_coordinator::api::Forming) answers `/health` with
+//! 503 `forming`; the same listener then goes to the real server. Keys come from flags, files
+//! (`--api-key-file`, `--ops-key-file`) and the environment (`LOCKSTEP_API_KEY`,
+//! `LOCKSTEP_OPS_KEY`, comma-separated); an empty key is refused at start.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
 use clap::Args;
+use lockstep_coordinator::api::{self, auth::collect_keys};
+use lockstep_coordinator::cluster::NodesMode;
 use lockstep_coordinator::engine::{backend_fingerprint_name, ModelInfo};
+use lockstep_coordinator::state::DEFAULT_BODY_TIMEOUT;
 
 use super::{start_service, ClusterArgs, EngineArgs};
 
@@ -28,14 +39,30 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     h3_cert_out: Option<PathBuf>,
     /// A bearer key accepted on /v1/*, /tokenize and /detokenize (repeatable; none: no auth).
+    /// Keys on the command line are visible in `ps`: prefer --api-key-file or LOCKSTEP_API_KEY.
     #[arg(long = "api-key")]
     api_key: Vec<String>,
     /// A file of API keys, one per line (blank lines and `#` comments ignored).
-    #[arg(long)]
+    #[arg(long, env = "LOCKSTEP_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// A bearer key accepted on /metrics, /ops/* and /dashboard (repeatable; none: no auth).
+    /// Keys on the command line are visible in `ps`: prefer --ops-key-file or LOCKSTEP_OPS_KEY.
     #[arg(long = "ops-key")]
     ops_key: Vec<String>,
+    /// A file of ops keys, one per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "LOCKSTEP_OPS_KEY_FILE")]
+    ops_key_file: Option<PathBuf>,
+    /// Seconds a client has to send a request's head (also how long an idle keep-alive
+    /// connection stays open).
+    #[arg(long, default_value_t = api::DEFAULT_HEADER_TIMEOUT.as_secs())]
+    header_timeout_s: u64,
+    /// Seconds a client has to send a request's body once its head arrived (else 408).
+    #[arg(long, default_value_t = DEFAULT_BODY_TIMEOUT.as_secs())]
+    body_timeout_s: u64,
+    /// Most connections served at once (HTTP/1.1 and HTTP/3 together); past it, a few more may
+    /// ask /health and the rest are closed at once.
+    #[arg(long, default_value_t = api::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// Most requests waiting for a running slot before new ones get 429.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
@@ -51,21 +78,33 @@ pub(crate) struct ServeArgs {
     cluster: ClusterArgs,
 }
 
+/// Environment variables holding keys (comma-separated), next to the flags and files.
+const API_KEY_ENV: &str = "LOCKSTEP_API_KEY";
+const OPS_KEY_ENV: &str = "LOCKSTEP_OPS_KEY";
+
 pub(crate) fn run(a: ServeArgs) -> Result<()> {
-    use lockstep_coordinator::api::{self, H3Options, ServeOptions, TlsSource};
+    use lockstep_coordinator::api::{EdgeLimits, Forming, H3Options, ServeOptions, TlsSource};
     use lockstep_coordinator::ops::{canary::Canary, metrics::Metrics};
     use lockstep_coordinator::service::ServiceOptions;
-    use lockstep_coordinator::state::{AppState, Auth};
+    use lockstep_coordinator::state::{AppState, Auth, Limits};
 
-    let mut api_keys = a.api_key.clone();
-    if let Some(path) = &a.api_key_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        api_keys
-            .extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
-        if api_keys.is_empty() {
-            bail!("{}: no API keys in the file", path.display());
-        }
+    let env = |name: &str| std::env::var(name).ok();
+    let api_keys = collect_keys("API", &a.api_key, a.api_key_file.as_slice(), env(API_KEY_ENV).as_deref())?;
+    let ops_keys = collect_keys("ops", &a.ops_key, a.ops_key_file.as_slice(), env(OPS_KEY_ENV).as_deref())?;
+    if a.max_connections == 0 || a.header_timeout_s == 0 || a.body_timeout_s == 0 {
+        bail!("--max-connections, --header-timeout-s and --body-timeout-s must be at least 1");
     }
+    raise_fd_limit();
+    let edge =
+        EdgeLimits { header_timeout: Duration::from_secs(a.header_timeout_s), max_connections: a.max_connections };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-http").build()?;
+    // Until the serving core stands (a static cluster waits for its nodes), /health says so.
+    let reason = match a.cluster.nodes {
+        NodesMode::Static => "waiting for nodes to join and form groups (--nodes static)",
+        NodesMode::Embedded => "loading the model and starting its nodes",
+    };
+    let forming = runtime.block_on(Forming::start(a.listen, reason.into(), edge))?;
+    tracing::info!(http_addr = %forming.http_addr, "answering /health (forming) on http://{}", forming.http_addr);
     let opts = a.engine.options();
     let mut info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
     if let Some(name) = &a.served_model_name {
@@ -85,22 +124,45 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         0 => Arc::new(Canary::new()),
         secs => Canary::start(service.clone(), metrics.clone(), std::time::Duration::from_secs(secs)),
     };
-    let state = Arc::new(AppState {
-        service,
-        metrics,
-        canary,
-        auth: Auth { api_keys, ops_keys: a.ops_key.clone() },
-        soak: std::sync::Mutex::new(None),
-    });
+    let mut state = AppState::new(service, metrics, canary, Auth { api_keys, ops_keys });
+    state.limits = Limits { body_timeout: Duration::from_secs(a.body_timeout_s) };
+    let state = Arc::new(state);
+    // A certificate directory of our own (not --h3-cert-out's) goes when the server does.
+    let temp_cert_dir = std::env::temp_dir().join(format!("lockstep-serve-{}", std::process::id()));
+    let _remove_cert_dir = (a.h3_cert_out.is_none() && !a.no_h3).then(|| RemoveOnDrop(temp_cert_dir.clone()));
     let h3 = (!a.no_h3).then(|| {
-        let pem_out = a.h3_cert_out.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("lockstep-serve-{}", std::process::id())).join("h3-cert.pem")
-        });
+        let pem_out = a.h3_cert_out.clone().unwrap_or_else(|| temp_cert_dir.join("h3-cert.pem"));
         H3Options {
             listen: a.h3_listen,
             tls: TlsSource::from_dir_or_self_signed(a.cluster.tls_dir.as_deref(), pem_out),
         }
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-http").build()?;
-    runtime.block_on(api::run(state, ServeOptions { listen: a.listen, h3 }))
+    runtime.block_on(async {
+        let listener = forming.into_listener().await?;
+        api::run_on(listener, state, ServeOptions { listen: a.listen, h3, edge }).await
+    })
+}
+
+/// Removes a directory when dropped (the self-signed certificate's, on any way out of `run`).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: every connection is a descriptor, and a
+/// default soft limit of 1024 would run out before `--max-connections` does.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit` through a valid pointer to a local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads one `rlimit` through a valid pointer to a local.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-file limit");
+    }
 }

@@ -11,11 +11,15 @@
 //! | `GET /dashboard` | the live dashboard, one self-contained HTML page (no CDN) |
 //!
 //! All of them take the ops keys ([`crate::state::Auth::ops_keys`]) when any are configured, as
-//! `Authorization: Bearer KEY` or as HTTP Basic credentials with the key as password. Basic is
-//! there for people: a browser opening `/dashboard` gets a `WWW-Authenticate: Basic` challenge,
-//! asks once, and then sends the same credentials on the page's own polling requests. Opened as
-//! `http://ops:KEY@host/dashboard` (scripts, kiosks), the page itself sends the key it was opened
-//! with. A refusal is a 401 with an OpenAI-style error body.
+//! `Authorization: Bearer KEY` or as HTTP Basic credentials with the key as password, checked by
+//! the one authentication rule of [`crate::api::auth`] (the router applies it to every route).
+//! Opened as `http://ops:KEY@host/dashboard` (scripts, kiosks), the page itself sends the key it
+//! was opened with. Every error is an [`ApiError`], so it has the OpenAI error body and is counted.
+//!
+//! `POST /ops/soak` takes `Content-Type: application/json` (like every POST route: a cross-site
+//! form or `text/plain` "simple request" cannot overwrite the report) and checks the types of the
+//! fields the dashboard renders ([`validate_soak_report`]); the dashboard in turn renders whatever
+//! it receives without throwing.
 //!
 //! The dashboard reads `/metrics` itself (and the JSON routes) rather than a private stats route,
 //! so what operators see is exactly what Prometheus scrapes; a test checks that every metric name
@@ -26,15 +30,15 @@ pub mod metrics;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{FromRequestParts, State};
-use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use crate::api::error::ApiError;
+use crate::api::handlers::read_json_body;
 use crate::state::AppState;
 
 /// The dashboard page, embedded so the binary is all an operator needs.
@@ -59,103 +63,12 @@ pub fn ops_router() -> Router<Arc<AppState>> {
         .route("/dashboard", get(dashboard))
 }
 
-/// Proof that the request carries an ops key (or that none is configured).
-pub struct OpsAuth;
-
-impl FromRequestParts<Arc<AppState>> for OpsAuth {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        if authorized(&parts.headers, &state.auth.ops_keys) {
-            Ok(OpsAuth)
-        } else {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "Incorrect or missing ops key: send `Authorization: Bearer KEY`.",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"lockstep ops\", charset=\"UTF-8\""),
-            );
-            Err(r)
-        }
-    }
-}
-
-/// True when `keys` is empty, or the request presents one of them as a bearer token or as the
-/// password of Basic credentials.
-pub fn authorized(headers: &HeaderMap, keys: &[String]) -> bool {
-    if keys.is_empty() {
-        return true;
-    }
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
-    let presented = if scheme.eq_ignore_ascii_case("bearer") {
-        rest.trim().as_bytes().to_vec()
-    } else if scheme.eq_ignore_ascii_case("basic") {
-        match base64_decode(rest.trim()) {
-            Some(creds) => match creds.iter().position(|&b| b == b':') {
-                Some(i) => creds[i + 1..].to_vec(),
-                None => creds,
-            },
-            None => return false,
-        }
-    } else {
-        return false;
-    };
-    // Compare against every key in full so timing says nothing about which prefix matched.
-    keys.iter().fold(false, |ok, k| ok | constant_time_eq(k.as_bytes(), &presented))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Standard base64 with optional padding (all Basic credentials need).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    if s.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
-}
-
-/// An OpenAI-style error response.
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    let kind = if status == StatusCode::UNAUTHORIZED { "authentication_error" } else { "invalid_request_error" };
-    (status, Json(json!({ "error": { "message": message, "type": kind, "param": null, "code": code } })))
-        .into_response()
-}
-
-async fn metrics_text(_: OpsAuth, State(state): State<Arc<AppState>>) -> Response {
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let text = state.metrics.render(&state.service);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
-async fn canary_status(_: OpsAuth, State(state): State<Arc<AppState>>) -> Response {
+async fn canary_status(State(state): State<Arc<AppState>>) -> Response {
     Json(state.canary.status()).into_response()
 }
 
@@ -269,45 +182,74 @@ pub fn cluster_json(state: &AppState) -> Value {
     })
 }
 
-async fn cluster(_: OpsAuth, State(state): State<Arc<AppState>>) -> Response {
+async fn cluster(State(state): State<Arc<AppState>>) -> Response {
     Json(cluster_json(&state)).into_response()
 }
 
-async fn soak_get(_: OpsAuth, State(state): State<Arc<AppState>>) -> Response {
+async fn soak_get(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     match state.soak.lock().expect("soak lock").clone() {
-        Some(v) => Json(v).into_response(),
-        None => {
-            error(StatusCode::NOT_FOUND, "no_soak_report", "No soak report has been posted yet (run `lockstep soak`).")
-        }
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(ApiError::NoSoakReport),
     }
 }
 
-async fn soak_post(_: OpsAuth, State(state): State<Arc<AppState>>, body: Body) -> Response {
-    let bytes = match axum::body::to_bytes(body, SOAK_MAX_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                &format!("A soak report may be at most {SOAK_MAX_BYTES} bytes."),
-            )
-        }
-    };
-    let mut v: Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", &format!("The soak report is not JSON: {e}")),
-    };
-    let Some(obj) = v.as_object_mut() else {
-        return error(StatusCode::BAD_REQUEST, "invalid_type", "The soak report must be a JSON object.");
-    };
+async fn soak_post(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Result<Response, ApiError> {
+    let mut v = read_json_body(req, SOAK_MAX_BYTES, state.limits.body_timeout).await?;
+    validate_soak_report(&v)?;
+    let obj = v.as_object_mut().expect("validated as an object");
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     obj.insert("received_unix".into(), json!(now));
     *state.soak.lock().expect("soak lock") = Some(v);
-    (StatusCode::OK, Json(json!({ "stored": true }))).into_response()
+    Ok((StatusCode::OK, Json(json!({ "stored": true }))).into_response())
 }
 
-async fn dashboard(_: OpsAuth) -> Response {
+/// The soak report's schema, as far as the dashboard reads it: every field may be absent, but a
+/// present one has the type `lockstep soak` writes (other fields are kept as they are).
+pub fn validate_soak_report(v: &Value) -> Result<(), ApiError> {
+    let Value::Object(obj) = v else {
+        return Err(ApiError::InvalidJson("the soak report must be a JSON object".into()));
+    };
+    const NUMBERS: &[&str] = &[
+        "finished_unix",
+        "requests",
+        "completed",
+        "errors",
+        "migrations",
+        "max_tokens",
+        "temperature",
+        "logprob_bit_mismatches",
+        "completion_tokens_per_s",
+        "latency_p50_s",
+        "latency_p99_s",
+    ];
+    const STRINGS: &[&str] = &["url", "model", "verdict"];
+    for (k, v) in obj {
+        let ok = match k.as_str() {
+            k if NUMBERS.contains(&k) => v.is_number() || v.is_null(),
+            k if STRINGS.contains(&k) => v.is_string() || v.is_null(),
+            "seed" => v.is_u64() || v.is_null(),
+            "concurrency_ramp" | "unique_completions" => {
+                v.as_array().is_some_and(|a| a.iter().all(Value::is_number)) || v.is_null()
+            }
+            "fingerprints" => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) || v.is_null(),
+            _ => true,
+        };
+        if !ok {
+            let expected = match k.as_str() {
+                k if STRINGS.contains(&k) => "a string",
+                "seed" => "a non-negative integer",
+                "concurrency_ramp" | "unique_completions" => "a list of numbers",
+                "fingerprints" => "a list of strings",
+                _ => "a number",
+            };
+            return Err(ApiError::invalid_type(k.as_str(), expected));
+        }
+    }
+    Ok(())
+}
+
+async fn dashboard() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], Html(DASHBOARD_HTML))
         .into_response()
 }
@@ -316,26 +258,14 @@ async fn dashboard(_: OpsAuth) -> Response {
 mod tests {
     use super::*;
 
-    fn headers(auth: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).unwrap());
-        h
-    }
-
     #[test]
-    fn ops_keys_are_accepted_as_bearer_or_basic_password() {
-        let keys = vec!["s3cret".to_string(), "other".to_string()];
-        assert!(authorized(&HeaderMap::new(), &[]), "no keys configured: open");
-        assert!(!authorized(&HeaderMap::new(), &keys));
-        assert!(authorized(&headers("Bearer s3cret"), &keys));
-        assert!(authorized(&headers("bearer other"), &keys));
-        assert!(!authorized(&headers("Bearer s3cre"), &keys));
-        // "ops:s3cret" and "s3cret" (no user part).
-        assert!(authorized(&headers("Basic b3BzOnMzY3JldA=="), &keys));
-        assert!(authorized(&headers("Basic czNjcmV0"), &keys));
-        assert!(!authorized(&headers("Basic b3BzOndyb25n"), &keys)); // ops:wrong
-        assert!(!authorized(&headers("Basic !!!"), &keys));
-        assert!(!authorized(&headers("Token s3cret"), &keys));
+    fn soak_reports_with_a_wrong_type_are_refused() {
+        assert!(validate_soak_report(&json!({"requests": 100, "unique_completions": [1], "verdict": "ok"})).is_ok());
+        assert!(validate_soak_report(&json!({"pad": "anything"})).is_ok(), "unknown fields are kept");
+        let e = validate_soak_report(&json!({"completion_tokens_per_s": "fast"})).unwrap_err();
+        assert_eq!((e.error_type(), e.param()), ("invalid_type", Some("completion_tokens_per_s")));
+        assert!(validate_soak_report(&json!({"fingerprints": [1]})).is_err());
+        assert!(validate_soak_report(&json!([1, 2])).is_err());
     }
 
     /// The dashboard keeps every metric name it reads in one `METRICS` table; each must be a
@@ -362,14 +292,5 @@ mod tests {
         // And no metric name appears in the page outside that table.
         let outside = DASHBOARD_HTML.replace(table, "");
         assert!(!outside.contains("lockstep_"), "metric names belong in the METRICS table");
-    }
-
-    #[test]
-    fn base64_decodes_padded_and_unpadded() {
-        assert_eq!(base64_decode("b3BzOnMzY3JldA==").unwrap(), b"ops:s3cret");
-        assert_eq!(base64_decode("b3BzOnMzY3JldA").unwrap(), b"ops:s3cret");
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert_eq!(base64_decode("YQ").unwrap(), b"a");
-        assert!(base64_decode("Y").is_none());
     }
 }

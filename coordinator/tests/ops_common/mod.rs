@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -18,7 +18,6 @@ use lockstep_coordinator::engine::EngineEvent;
 use lockstep_coordinator::engine::{EngineOptions, GenerateRequest, LocalExecutor, ModelInfo, StepExecutor};
 use lockstep_coordinator::ops::canary::Canary;
 use lockstep_coordinator::ops::metrics::Metrics;
-use lockstep_coordinator::ops::ops_router;
 use lockstep_coordinator::service::{Service, ServiceOptions};
 use lockstep_coordinator::state::{AppState, Auth};
 use lockstep_kernels::{CpuBackend, SamplingParams};
@@ -36,7 +35,7 @@ pub fn local_service(model: &std::path::Path, metrics: Arc<Metrics>) -> Arc<Serv
     Arc::new(Service::start(info, vec![exec], None, sched, ServiceOptions::default(), metrics).expect("service"))
 }
 
-/// The ops router around `state`, served on 127.0.0.1 by a runtime that lives as long as the
+/// The whole router (ops routes with their authentication) around `state`, served on 127.0.0.1 by a runtime that lives as long as the
 /// returned value.
 pub struct Server {
     pub addr: SocketAddr,
@@ -48,7 +47,7 @@ pub fn serve(state: Arc<AppState>) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let app = ops_router().with_state(state.clone());
+    let app = lockstep_coordinator::api::router(state.clone());
     rt.spawn(async move { axum::serve(listener, app).await });
     Server { addr, state, _rt: rt }
 }
@@ -59,13 +58,8 @@ pub fn app_state(
     canary: Arc<Canary>,
     ops_keys: &[&str],
 ) -> Arc<AppState> {
-    Arc::new(AppState {
-        service,
-        metrics,
-        canary,
-        auth: Auth { api_keys: vec![], ops_keys: ops_keys.iter().map(|s| s.to_string()).collect() },
-        soak: Mutex::new(None),
-    })
+    let auth = Auth { api_keys: vec![], ops_keys: ops_keys.iter().map(|s| s.to_string()).collect() };
+    Arc::new(AppState::new(service, metrics, canary, auth))
 }
 
 pub struct Response {

@@ -305,7 +305,8 @@ impl CudaBackend {
     ) -> (Vec<f32>, Vec<u32>) {
         let r = requests.len();
         let count = shard.segs.count;
-        let temps: Vec<f32> = requests.iter().map(|q| q.params.temperature).collect();
+        // The contract's greedy threshold applies on the device too.
+        let temps: Vec<f32> = requests.iter().map(|q| q.params.effective().temperature).collect();
         let seeds: Vec<u64> = requests.iter().map(|q| q.params.seed).collect();
         let steps: Vec<u64> = requests.iter().map(|q| q.step).collect();
         let (dt, ds, dst) = (self.to_device(&temps), self.to_device(&seeds), self.to_device(&steps));

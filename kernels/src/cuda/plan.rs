@@ -79,6 +79,7 @@ pub fn sample(count: usize, requests: usize) -> Launch {
 /// `temperature > 0 && (top_k > 0 || top_p < 1)`: such rows need the sorted candidate list, which
 /// the host computes with `sampling::shard_sample`.
 pub fn filters_on(p: &SamplingParams) -> bool {
+    let p = p.effective();
     p.temperature > 0.0 && (p.top_k > 0 || p.top_p < 1.0)
 }
 
