@@ -46,6 +46,14 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(KernelError::BadSampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
+        // The contract's candidate set is at most MAX_CANDIDATES wide; a larger top_k is refused
+        // everywhere (API, CLI, engine), never silently clamped.
+        if self.top_k as usize > MAX_CANDIDATES {
+            return Err(KernelError::BadSampling(format!(
+                "top_k must be at most {MAX_CANDIDATES} (the sampler's candidate limit), got {}",
+                self.top_k
+            )));
+        }
         Ok(())
     }
 }
@@ -365,6 +373,14 @@ mod tests {
         assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
         let all = u32::MAX;
         assert_eq!(philox4x32_10([all; 4], [all; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
+    }
+
+    #[test]
+    fn top_k_above_the_candidate_limit_is_refused_not_clamped() {
+        let at = SamplingParams { temperature: 1.0, top_k: MAX_CANDIDATES as u32, ..Default::default() };
+        assert!(at.validate().is_ok());
+        let above = SamplingParams { top_k: MAX_CANDIDATES as u32 + 1, ..at };
+        assert!(above.validate().unwrap_err().to_string().contains("top_k must be at most 1024"));
     }
 
     #[test]
