@@ -102,7 +102,7 @@ pub(crate) struct EngineArgs {
     /// Force a SIMD path (scalar|avx2|avx512; never changes a bit).
     #[arg(long)]
     isa: Option<Isa>,
-    /// Reduction segments S (power of two; part of the fingerprint). Default: from the model shape.
+    /// Reduction segments S (2^k or 3·2^k; part of the fingerprint). Default: from the model shape.
     #[arg(long)]
     reduce_segments: Option<usize>,
     /// Attention key chunk in positions (part of the fingerprint).

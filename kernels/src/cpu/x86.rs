@@ -57,6 +57,71 @@ impl Load512 for F16x16 {
     }
 }
 
+struct Q8_0x16;
+struct Q4_0x16;
+struct Q4_1x16;
+
+/// The f16 at `p`, widened exactly (F16C, as `half` does) into every lane.
+#[inline(always)]
+unsafe fn f16_splat512(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+}
+
+/// The 16 nibbles of weights `col % 32 ..+16` of a 32-weight nibble array, as u8 (low nibbles hold
+/// the block's first half, high nibbles its second).
+#[inline(always)]
+unsafe fn nibbles16(qs: *const u8, col: usize) -> __m128i {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let v = if col % 32 == 0 { v } else { _mm_srli_epi16::<4>(v) };
+    _mm_and_si128(v, _mm_set1_epi8(0x0f))
+}
+
+/// Block types: `col` is a multiple of 16 and rows are whole blocks, so a block of 16 lanes is
+/// half of one quantization block — all real or (past the row) all padding.
+macro_rules! quant_masked {
+    () => {
+        #[inline(always)]
+        unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
+            if mask == 0 {
+                _mm512_setzero_ps()
+            } else {
+                _mm512_maskz_mov_ps(mask, Self::full(row, col))
+            }
+        }
+    };
+}
+
+impl Load512 for Q8_0x16 {
+    /// `f32(q) · d`.
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * crate::quant::Q8_0_BYTES);
+        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
+    }
+    quant_masked!();
+}
+impl Load512 for Q4_0x16 {
+    /// `f32(n − 8) · d`.
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * crate::quant::Q4_0_BYTES);
+        let q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles16(blk.add(2), col)), _mm512_set1_epi32(8));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
+    }
+    quant_masked!();
+}
+impl Load512 for Q4_1x16 {
+    /// `f32(n) · d + m`, two roundings (no fma).
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * crate::quant::Q4_1_BYTES);
+        let q = _mm512_cvtepu8_epi32(nibbles16(blk.add(4), col));
+        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk)), f16_splat512(blk.add(2)))
+    }
+    quant_masked!();
+}
+
 /// Permutation indices for one level of the transposed lane fold: from a pair of vectors whose
 /// lanes form groups of `2g` (one output each), gather the first (`hi = false`) or second half of
 /// every group, first vector's groups first.
@@ -155,8 +220,13 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
         stack[depth] = v;
         depth += 1;
     }
-    debug_assert_eq!(depth, 1, "segment count is a power of two");
-    _mm512_storeu_ps(out.as_mut_ptr(), stack[0]);
+    // A count of 3·2^k leaves two finished runs (two thirds, one third): added left to right,
+    // as `reference::tree_reduce` does.
+    let mut total = stack[0];
+    for &run in &stack[1..depth] {
+        total = _mm512_add_ps(total, run);
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), total);
 }
 
 /// # Safety
@@ -169,6 +239,12 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
         (1, 16, DType::F32) => tile512::<1, 16, F32x16>(t, out),
         (1, 16, DType::Bf16) => tile512::<1, 16, Bf16x16>(t, out),
         (1, 16, DType::F16) => tile512::<1, 16, F16x16>(t, out),
+        (4, 4, DType::Q8_0) => tile512::<4, 4, Q8_0x16>(t, out),
+        (4, 4, DType::Q4_0) => tile512::<4, 4, Q4_0x16>(t, out),
+        (4, 4, DType::Q4_1) => tile512::<4, 4, Q4_1x16>(t, out),
+        (1, 16, DType::Q8_0) => tile512::<1, 16, Q8_0x16>(t, out),
+        (1, 16, DType::Q4_0) => tile512::<1, 16, Q4_0x16>(t, out),
+        (1, 16, DType::Q4_1) => tile512::<1, 16, Q4_1x16>(t, out),
         other => unreachable!("no AVX-512 tile of shape {other:?}"),
     }
 }
@@ -178,6 +254,9 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
 /// 16 weights as two ymm (lanes 0–7, 8–15), zero past `k_real`.
 #[inline(always)]
 unsafe fn load_w256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> (__m256, __m256) {
+    if dtype.is_quantized() {
+        return load_quant256(dtype, row, col, k_real);
+    }
     let rem = k_real.saturating_sub(col);
     let size = dtype.size();
     let mut tmp = [0u8; 64];
@@ -201,6 +280,50 @@ unsafe fn load_w256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> 
             _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i)),
             _mm256_cvtph_ps(_mm_loadu_si128(src.add(16) as *const __m128i)),
         ),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => unreachable!("block types are loaded by load_quant256"),
+    }
+}
+
+/// 16 weights of a block type as two ymm, by the [`crate::quant`] formula. `col` is a multiple of
+/// 16 and rows are whole blocks: past `k_real` everything is padding.
+#[inline(always)]
+unsafe fn load_quant256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> (__m256, __m256) {
+    if col >= k_real {
+        return (_mm256_setzero_ps(), _mm256_setzero_ps());
+    }
+    let blk = row.add(col / 32 * dtype.block_bytes());
+    let splat = |p: *const u8| _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)));
+    let d = splat(blk);
+    let halves = |q: __m128i, signed: bool| {
+        let hi = _mm_srli_si128::<8>(q);
+        if signed {
+            (_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(hi))
+        } else {
+            (_mm256_cvtepu8_epi32(q), _mm256_cvtepu8_epi32(hi))
+        }
+    };
+    match dtype {
+        DType::Q8_0 => {
+            let (a, b) = halves(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i), true);
+            (_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), _mm256_mul_ps(_mm256_cvtepi32_ps(b), d))
+        }
+        DType::Q4_0 => {
+            let (a, b) = halves(nibbles16(blk.add(2), col), false);
+            let eight = _mm256_set1_epi32(8);
+            (
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, eight)), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(b, eight)), d),
+            )
+        }
+        DType::Q4_1 => {
+            let (a, b) = halves(nibbles16(blk.add(4), col), false);
+            let m = splat(blk.add(2));
+            (
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), m),
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(b), d), m),
+            )
+        }
+        DType::F32 | DType::Bf16 | DType::F16 => unreachable!("element types are loaded by load_w256"),
     }
 }
 
