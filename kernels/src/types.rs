@@ -253,7 +253,7 @@ impl HostWeight {
 /// thirds are subtrees and three ranks can each hold one.
 pub fn is_segment_count(n: usize) -> bool {
     let odd = n >> n.trailing_zeros().min(usize::BITS - 1);
-    n >= 1 && n <= 64 && (odd == 1 || odd == 3)
+    (1..=64).contains(&n) && (odd == 1 || odd == 3)
 }
 
 /// The canonical cut of a reduction of length `len` into `segments` equal segments of `seg_len`

@@ -72,7 +72,7 @@ unsafe fn f16_splat512(p: *const u8) -> __m512 {
 #[inline(always)]
 unsafe fn nibbles16(qs: *const u8, col: usize) -> __m128i {
     let v = _mm_loadu_si128(qs as *const __m128i);
-    let v = if col % 32 == 0 { v } else { _mm_srli_epi16::<4>(v) };
+    let v = if col.is_multiple_of(32) { v } else { _mm_srli_epi16::<4>(v) };
     _mm_and_si128(v, _mm_set1_epi8(0x0f))
 }
 
