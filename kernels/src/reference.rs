@@ -4,6 +4,10 @@
 //! be "optimised": each function spells out the order of every rounding. `f32::mul_add` is the
 //! IEEE fused multiply-add (one rounding) on every platform, and Rust never contracts `a * b + c`
 //! into an fma by itself, so the code means exactly what it says.
+//!
+//! Weights enter every formula through [`WeightView::get`]: an exact widening for f32/bf16/f16,
+//! and for the GGUF block types the one formula of [`crate::quant`] (candle's dequantization) —
+//! part of this spec like the orders below.
 
 use crate::math::{exp, silu};
 use crate::sampling::{lane_tree, shard_sample};
