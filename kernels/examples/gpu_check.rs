@@ -68,7 +68,7 @@ fn compare(got: &[f32], want: &[f32]) -> (bool, String) {
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{ContractData, Rng};
+use common::{columns_of, ContractData, Rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 
@@ -369,7 +369,7 @@ fn tp_checks(be: &CudaBackend, r: &mut Report, rng: &mut Rng, label: &str) {
             for rank in 0..t {
                 let segs = seg.shard(rank, t).unwrap();
                 let cols = segs.real_range();
-                let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                 let ws: Vec<f32> = (0..n).flat_map(|j| wf[j * k + cols.start..j * k + cols.end].to_vec()).collect();
                 let mut p = be.zeros(m * n);
                 be.linear_partial(

@@ -10,7 +10,7 @@ use lockstep_kernels::{
 };
 
 mod common;
-use common::{quant_weight, ContractData, Rng};
+use common::{columns_of, quant_weight, ContractData, Rng};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -215,7 +215,7 @@ fn row_parallel_shards_plus_tree_combine_equal_unsplit() {
                 for r in 0..t {
                     let segs = seg.shard(r, t).unwrap();
                     let cols = segs.real_range();
-                    let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                    let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                     let ws: Vec<f32> = (0..n).flat_map(|j| wf[j * k + cols.start..j * k + cols.end].to_vec()).collect();
                     let wsh = HostWeight::from_f32(&ws, dtype, n, cols.len());
                     let mut p = vec![0.0; m * n];
@@ -666,8 +666,7 @@ fn quantized_row_parallel_shards_on_block_boundaries_and_column_slices_equal_uns
                         let segs = seg.shard(r, t).unwrap();
                         let cols = segs.real_range();
                         let wsh = w.columns(cols.clone()).expect("shares cut on whole blocks");
-                        let xs: Vec<f32> =
-                            (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                        let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                         let mut p = vec![0.0; m * n];
                         be.linear_partial(&xs, m, &wsh, segs, &mut p);
                         assert_eq!(bits(&p), bits(&reference::linear_partial(&xs, m, wsh.view(), segs)));

@@ -567,7 +567,7 @@ impl Drop for Emu {
 // ---------------------------------------------------------------- test data
 
 mod common;
-use common::{quant_weight, ContractData, Rng};
+use common::{columns_of, quant_weight, ContractData, Rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 
@@ -800,7 +800,7 @@ fn emulated_three_way_row_parallel_shards_of_quantized_weights_equal_unsplit() {
             for r in 0..t {
                 let segs = seg.shard(r, t).unwrap();
                 let cols = segs.real_range();
-                let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                 let wsh = w.columns(cols).unwrap();
                 parts.push(f32s(&emu_linear(&mut emu, &xs, m, &wsh, segs)));
             }
@@ -832,7 +832,7 @@ fn emulated_row_parallel_shards_tree_combine_and_bias_equal_unsplit() {
             for r in 0..t {
                 let segs = seg.shard(r, t).unwrap();
                 let cols = segs.real_range();
-                let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                 let ws: Vec<f32> = (0..n).flat_map(|j| wf[j * k + cols.start..j * k + cols.end].to_vec()).collect();
                 let wsh = HostWeight::from_f32(&ws, dtype, n, cols.len());
                 let p = emu_linear(&mut emu, &xs, m, &wsh, segs);

@@ -60,3 +60,9 @@ pub fn quant_weight(
     }
     HostWeight::new(dtype, SharedBytes::from_vec(bytes), rows, cols).expect("whole blocks")
 }
+
+/// Columns `cols` of each row of a row-major `[rows, k]` matrix: a row-parallel rank's share.
+#[allow(dead_code)] // not every file that includes this module shards activations
+pub fn columns_of(x: &[f32], k: usize, cols: std::ops::Range<usize>) -> Vec<f32> {
+    x.chunks_exact(k).flat_map(|row| row[cols.clone()].to_vec()).collect()
+}
