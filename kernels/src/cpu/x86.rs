@@ -19,6 +19,13 @@ trait Load512 {
     unsafe fn full(row: *const u8, col: usize) -> __m512;
     /// Lanes outside `mask` are zero and their addresses are never touched.
     unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512;
+    /// Whether [`Load512::pair`] saves work (a block type decodes its 32-weight block once).
+    const PAIRED: bool = false;
+    /// Weights `col..col + 32` (`col` a multiple of 32, all real) as two vectors.
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        (Self::full(row, col), Self::full(row, col + 16))
+    }
 }
 struct F32x16;
 struct Bf16x16;
@@ -100,7 +107,25 @@ impl Load512 for Q8_0x16 {
         _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
     }
     quant_masked!();
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        let blk = row.add(col / 32 * crate::quant::Q8_0_BYTES);
+        let d = f16_splat512(blk);
+        let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i));
+        let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18) as *const __m128i));
+        (_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d))
+    }
 }
+
+/// Both nibble halves of a 32-weight nibble array, as 16 u32 each (first half, second half).
+#[inline(always)]
+unsafe fn nibble_pair(qs: *const u8) -> (__m512i, __m512i) {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    (_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)), _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(v), mask)))
+}
+
 impl Load512 for Q4_0x16 {
     /// `f32(n − 8) · d`.
     #[inline(always)]
@@ -110,6 +135,18 @@ impl Load512 for Q4_0x16 {
         _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
     }
     quant_masked!();
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        let blk = row.add(col / 32 * crate::quant::Q4_0_BYTES);
+        let d = f16_splat512(blk);
+        let (lo, hi) = nibble_pair(blk.add(2));
+        let eight = _mm512_set1_epi32(8);
+        (
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d),
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d),
+        )
+    }
 }
 impl Load512 for Q4_1x16 {
     /// `f32(n) · d + m`, two roundings (no fma).
@@ -120,6 +157,17 @@ impl Load512 for Q4_1x16 {
         _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk)), f16_splat512(blk.add(2)))
     }
     quant_masked!();
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        let blk = row.add(col / 32 * crate::quant::Q4_1_BYTES);
+        let (d, m) = (f16_splat512(blk), f16_splat512(blk.add(2)));
+        let (lo, hi) = nibble_pair(blk.add(4));
+        (
+            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m),
+            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m),
+        )
+    }
 }
 
 /// Permutation indices for one level of the transposed lane fold: from a pair of vectors whose
@@ -182,8 +230,10 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
     for s in 0..t.count {
         let mut acc = [_mm512_setzero_ps(); 16];
         let (start, end) = (s * t.seg_len, (s + 1) * t.seg_len);
-        let mut block = |col: usize, masked: bool| {
-            for _ in 0..per_block {
+        // `pair`: columns col..col + 32 at once (a block type decodes its block once); each
+        // accumulator still takes its elements col + l, then col + 16 + l, in order.
+        let mut block = |col: usize, masked: bool, pair: bool| {
+            for _ in 0..per_block * (1 + pair as usize) {
                 if next_line < lines {
                     _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
                     next_line += 1;
@@ -192,6 +242,20 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
             let mut xv = [_mm512_setzero_ps(); MR];
             for i in 0..MR {
                 xv[i] = _mm512_loadu_ps(xs[i].add(col));
+            }
+            if pair {
+                let mut xv1 = [_mm512_setzero_ps(); MR];
+                for i in 0..MR {
+                    xv1[i] = _mm512_loadu_ps(xs[i].add(col + 16));
+                }
+                for j in 0..NR {
+                    let (w0, w1) = L::pair(ws[j], col);
+                    for i in 0..MR {
+                        acc[i * NR + j] = _mm512_fmadd_ps(xv[i], w0, acc[i * NR + j]);
+                        acc[i * NR + j] = _mm512_fmadd_ps(xv1[i], w1, acc[i * NR + j]);
+                    }
+                }
+                return;
             }
             let rem = t.k_real.saturating_sub(col).min(16);
             let mask = ((1u32 << rem) - 1) as __mmask16;
@@ -204,11 +268,14 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
             }
         };
         let split = full_end.clamp(start, end);
-        for col in (start..split).step_by(16) {
-            block(col, false);
+        let mut col = start;
+        while col < split {
+            let pair = L::PAIRED && col.is_multiple_of(32) && col + 32 <= split;
+            block(col, false, pair);
+            col += if pair { 32 } else { 16 };
         }
         for col in (split..end).step_by(16) {
-            block(col, true);
+            block(col, true, false);
         }
         let mut v = fold16(&mut acc);
         let mut done = s + 1;
