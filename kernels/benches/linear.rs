@@ -1,6 +1,9 @@
 //! `cargo bench -p lockstep-kernels`: GFLOP/s of the linear at the Qwen2.5-0.5B shapes, invariant
 //! vs fast, f32 and bf16 weights, 1 and 2 threads; plus this machine's FMA peak and memory read
-//! bandwidth as the physical limits. Prints a Markdown table (numbers, never assertions).
+//! bandwidth as the physical limits. A second table streams GGUF block weights (Q8_0, Q4_0, Q4_1,
+//! kept quantized) at M = 1 — the decode case — at SmolLM2-135M's and Qwen2.5-0.5B's shapes, in
+//! GB/s of weight bytes and as a share of the measured read bandwidth. Prints Markdown tables
+//! (numbers, never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows;
 //! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4).
@@ -8,6 +11,11 @@
 use std::time::{Duration, Instant};
 
 use lockstep_kernels::splitmix::SplitMix64;
+
+// The contract tests' data helpers (random GGUF blocks), shared by path like `gpu_check` does.
+#[allow(dead_code)]
+#[path = "../tests/common/mod.rs"]
+mod common;
 use lockstep_kernels::{Backend, CpuBackend, CpuConfig, DType, HostWeight, Isa, KernelMode, NumericsConfig};
 
 fn seconds() -> f64 {
@@ -172,6 +180,53 @@ fn main() {
                         (n * k * dtype.size()) as f64 / ti / 1e9
                     );
                 }
+            }
+        }
+    }
+    quantized_decode(&filter, &mut rng);
+}
+
+/// GB/s of quantized weights streamed by the invariant linear at M = 1.
+fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
+    let shapes = [
+        (576usize, 1536usize, "SmolLM2 gate/up"),
+        (1536, 576, "SmolLM2 down"),
+        (896, 4864, "Qwen2.5 gate/up"),
+        (4864, 896, "Qwen2.5 down"),
+        (896, 151936, "Qwen2.5 lm_head"),
+    ];
+    let mut bandwidth = [f64::NAN; 3];
+    println!();
+    println!("| shape K→N | M | weights | threads | invariant GB/s (weights) | share of read bandwidth |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (k, n, name) in shapes {
+        for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Bf16] {
+            let w = if dtype.is_quantized() {
+                common::quant_weight(rng, dtype, n, k)
+            } else {
+                let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
+                HostWeight::from_f32(&vals, dtype, n, k)
+            };
+            for threads in [1, 2] {
+                let row = format!("| {k}→{n} ({name}) | 1 | {} | {threads} |", dtype.as_str());
+                if !filter.is_empty() && !row.contains(filter) {
+                    continue;
+                }
+                if bandwidth[threads].is_nan() {
+                    bandwidth[threads] = read_bandwidth_gbs(threads);
+                }
+                let be = CpuBackend::new(CpuConfig {
+                    threads,
+                    isa: None,
+                    mode: KernelMode::Invariant,
+                    numerics: NumericsConfig::default(),
+                })
+                .unwrap();
+                let x: Vec<f32> = (0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+                let mut y = vec![0.0f32; n];
+                let secs = time(|| be.linear(&x, 1, &w, None, &mut y));
+                let gbs = w.bytes.len() as f64 / secs / 1e9;
+                println!("{row} {gbs:.1} | {:.0} % |", 100.0 * gbs / bandwidth[threads]);
             }
         }
     }

@@ -29,6 +29,9 @@ typedef unsigned long long u64;
 #define LS_F32 0
 #define LS_BF16 1
 #define LS_F16 2
+#define LS_Q8_0 3
+#define LS_Q4_0 4
+#define LS_Q4_1 5
 
 // ---------------------------------------------------------------- section 1: scalar contract
 
@@ -84,13 +87,30 @@ __device__ __forceinline__ float ls_f16_to_f32(u16 h) {
     return __uint_as_float(bits);
 }
 
+// GGUF block types (kernels/src/quant.rs): blocks of 32 weights; weight j of a block is
+// Q8_0 f32(q[j])·d, Q4_0 f32(n−8)·d, Q4_1 f32(n)·d + m — each product and sum rounded once, never
+// fused — with n the low nibble of qs[j] for j < 16 and the high nibble of qs[j−16] after. Scales
+// are read byte by byte (a block of 18 or 34 bytes need not be 4-aligned).
+__device__ __forceinline__ float ls_f16_at(const u8* p) { return ls_f16_to_f32((u16)(p[0] | ((u16)p[1] << 8))); }
+
+__device__ __forceinline__ u32 ls_nibble(const u8* qs, u32 j) { return j < 16 ? (qs[j] & 0xfu) : (qs[j - 16] >> 4); }
+
 template <int DT> __device__ __forceinline__ float ls_load_w(const u8* base, u64 idx) {
     if (DT == LS_F32) {
         return ((const float*)base)[idx];
     } else if (DT == LS_BF16) {
         return ls_bf16_to_f32(((const u16*)base)[idx]);
-    } else {
+    } else if (DT == LS_F16) {
         return ls_f16_to_f32(((const u16*)base)[idx]);
+    } else if (DT == LS_Q8_0) {
+        const u8* b = base + (idx >> 5) * 34;
+        return __fmul_rn((float)(int)(signed char)b[2 + (idx & 31)], ls_f16_at(b));
+    } else if (DT == LS_Q4_0) {
+        const u8* b = base + (idx >> 5) * 18;
+        return __fmul_rn((float)((int)ls_nibble(b + 2, (u32)(idx & 31)) - 8), ls_f16_at(b));
+    } else {
+        const u8* b = base + (idx >> 5) * 20;
+        return __fadd_rn(__fmul_rn((float)(int)ls_nibble(b + 4, (u32)(idx & 31)), ls_f16_at(b)), ls_f16_at(b + 2));
     }
 }
 
@@ -159,14 +179,22 @@ __device__ __forceinline__ float ls_max(float a, float b) {
     return a > b ? a : b;
 }
 
-// Balanced tree of adjacent pairs, in place, over a power-of-two count (segment tree and
-// tree_combine): ((v0+v1)+(v2+v3))+…
+// The canonical tree (reference::tree_reduce), in place: n cut by its binary digits, highest
+// first, into runs of 2^j values; each run a balanced tree of adjacent pairs ((v0+v1)+(v2+v3))+…;
+// the runs added left to right. (n = 2^k: the balanced tree; n = 3·2^k: two thirds + one third.)
 __device__ __forceinline__ float ls_segment_tree(float* v, int n) {
-    while (n > 1) {
-        for (int i = 0; i < n / 2; ++i) v[i] = __fadd_rn(v[2 * i], v[2 * i + 1]);
-        n /= 2;
+    float total = 0.0f;
+    int start = 0;
+    while (start < n) {
+        int run = 1;
+        while (run * 2 <= n - start) run *= 2;
+        float* r = v + start;
+        for (int m = run; m > 1; m /= 2)
+            for (int i = 0; i < m / 2; ++i) r[i] = __fadd_rn(r[2 * i], r[2 * i + 1]);
+        total = start == 0 ? r[0] : __fadd_rn(total, r[0]);
+        start += run;
     }
-    return v[0];
+    return total;
 }
 
 // The contract's fold of 16 lanes held in an array: (l, l+8), (l, l+4), (l, l+2), (l, l+1).

@@ -1,6 +1,7 @@
 // linear_portable.cu — the contract's linear on CUDA cores, bit-identical to reference::linear.
 //
-// y[m, n] = Σ_k x[m, k] · W[n, k], W stored as f32 / bf16 / f16 and widened exactly.
+// y[m, n] = Σ_k x[m, k] · W[n, k], W stored as f32 / bf16 / f16 (widened exactly) or as GGUF
+// Q8_0 / Q4_0 / Q4_1 blocks (widened by the one formula of ls_load_w, in registers).
 //
 // Order (docs/DESIGN.md §2.1): K is cut into `count` segments of `seg_len` (a multiple of 16);
 // inside a segment logical lane l accumulates elements l, l+16, … with fma from +0.0, the 16 lanes
@@ -105,6 +106,18 @@ LS_LINEAR_PORTABLE(linear_portable_f16_m1, LS_F16, 1)
 LS_LINEAR_PORTABLE(linear_portable_f16_m2, LS_F16, 2)
 LS_LINEAR_PORTABLE(linear_portable_f16_m4, LS_F16, 4)
 LS_LINEAR_PORTABLE(linear_portable_f16_m8, LS_F16, 8)
+LS_LINEAR_PORTABLE(linear_portable_q8_0_m1, LS_Q8_0, 1)
+LS_LINEAR_PORTABLE(linear_portable_q8_0_m2, LS_Q8_0, 2)
+LS_LINEAR_PORTABLE(linear_portable_q8_0_m4, LS_Q8_0, 4)
+LS_LINEAR_PORTABLE(linear_portable_q8_0_m8, LS_Q8_0, 8)
+LS_LINEAR_PORTABLE(linear_portable_q4_0_m1, LS_Q4_0, 1)
+LS_LINEAR_PORTABLE(linear_portable_q4_0_m2, LS_Q4_0, 2)
+LS_LINEAR_PORTABLE(linear_portable_q4_0_m4, LS_Q4_0, 4)
+LS_LINEAR_PORTABLE(linear_portable_q4_0_m8, LS_Q4_0, 8)
+LS_LINEAR_PORTABLE(linear_portable_q4_1_m1, LS_Q4_1, 1)
+LS_LINEAR_PORTABLE(linear_portable_q4_1_m2, LS_Q4_1, 2)
+LS_LINEAR_PORTABLE(linear_portable_q4_1_m4, LS_Q4_1, 4)
+LS_LINEAR_PORTABLE(linear_portable_q4_1_m8, LS_Q4_1, 8)
 
 // Finish the segment tree over t partials (rank order), element by element: y[j] = tree(p_r[j]).
 // `parts` holds t device pointers (the partial buffers, or the slots of an all-gather buffer).
@@ -124,3 +137,6 @@ template <int DT> __device__ __forceinline__ void add_bias_impl(float* y, const 
 extern "C" __global__ void add_bias_f32(float* y, const u8* b, int total, int nb) { add_bias_impl<LS_F32>(y, b, total, nb); }
 extern "C" __global__ void add_bias_bf16(float* y, const u8* b, int total, int nb) { add_bias_impl<LS_BF16>(y, b, total, nb); }
 extern "C" __global__ void add_bias_f16(float* y, const u8* b, int total, int nb) { add_bias_impl<LS_F16>(y, b, total, nb); }
+extern "C" __global__ void add_bias_q8_0(float* y, const u8* b, int total, int nb) { add_bias_impl<LS_Q8_0>(y, b, total, nb); }
+extern "C" __global__ void add_bias_q4_0(float* y, const u8* b, int total, int nb) { add_bias_impl<LS_Q4_0>(y, b, total, nb); }
+extern "C" __global__ void add_bias_q4_1(float* y, const u8* b, int total, int nb) { add_bias_impl<LS_Q4_1>(y, b, total, nb); }

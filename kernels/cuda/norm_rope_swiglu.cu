@@ -53,6 +53,18 @@ extern "C" __global__ void __launch_bounds__(256)
     rms_norm_f16(const float* x, const u8* w, float* out, int n, int segs, int seg_len, float eps) {
     rms_norm_impl<LS_F16>(x, w, out, n, segs, seg_len, eps);
 }
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_q8_0(const float* x, const u8* w, float* out, int n, int segs, int seg_len, float eps) {
+    rms_norm_impl<LS_Q8_0>(x, w, out, n, segs, seg_len, eps);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_q4_0(const float* x, const u8* w, float* out, int n, int segs, int seg_len, float eps) {
+    rms_norm_impl<LS_Q4_0>(x, w, out, n, segs, seg_len, eps);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_q4_1(const float* x, const u8* w, float* out, int n, int segs, int seg_len, float eps) {
+    rms_norm_impl<LS_Q4_1>(x, w, out, n, segs, seg_len, eps);
+}
 
 // Rotate-half RoPE in place on [T, n_heads·d]; cos/sin hold the T rows of the table ([T, d/2]),
 // gathered on the host from the crate's RopeTables (never computed here).
@@ -83,7 +95,7 @@ extern "C" __global__ void add_assign(float* y, const float* x, int n) {
     if (i < n) y[i] = __fadd_rn(y[i], x[i]);
 }
 
-// Rows of the embedding table, widened exactly.
+// Rows of the embedding table, widened exactly (block types: by the one quantized formula).
 template <int DT> __device__ __forceinline__ void embedding_impl(const u32* ids, const u8* table, float* out, int t, int cols) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t * cols) return;
@@ -99,6 +111,15 @@ extern "C" __global__ void embedding_bf16(const u32* ids, const u8* table, float
 }
 extern "C" __global__ void embedding_f16(const u32* ids, const u8* table, float* out, int t, int cols) {
     embedding_impl<LS_F16>(ids, table, out, t, cols);
+}
+extern "C" __global__ void embedding_q8_0(const u32* ids, const u8* table, float* out, int t, int cols) {
+    embedding_impl<LS_Q8_0>(ids, table, out, t, cols);
+}
+extern "C" __global__ void embedding_q4_0(const u32* ids, const u8* table, float* out, int t, int cols) {
+    embedding_impl<LS_Q4_0>(ids, table, out, t, cols);
+}
+extern "C" __global__ void embedding_q4_1(const u32* ids, const u8* table, float* out, int t, int cols) {
+    embedding_impl<LS_Q4_1>(ids, table, out, t, cols);
 }
 
 // out[i, :] = x[rows[i], :].

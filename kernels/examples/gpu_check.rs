@@ -68,7 +68,7 @@ fn compare(got: &[f32], want: &[f32]) -> (bool, String) {
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{ContractData, Rng};
+use common::{columns_of, quant_weight, ContractData, Rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 
@@ -188,6 +188,32 @@ fn portable_contract(be: &CudaBackend, r: &mut Report) {
     }
     r.check(
         "portable linear == reference (40 shapes, f32/bf16/f16, S=1..16, bias)",
+        bad == 0,
+        if bad == 0 { "all bit-identical".to_string() } else { format!("{bad} cases differ; {first}") },
+    );
+
+    // GGUF block types, widened in registers, with both families of segment counts.
+    let (mut bad, mut first) = (0, String::new());
+    for case in 0..18 {
+        let (m, k, n) = (1 + rng.below(13), 32 * (1 + rng.below(12)), 1 + rng.below(70));
+        let segments = [1, 3, 4, 6, 8, 12][case % 6];
+        let dtype = [DType::Q8_0, DType::Q4_0, DType::Q4_1][case % 3];
+        let x = rng.vec(m * k);
+        let w = quant_weight(&mut rng, dtype, n, k);
+        let want = reference::linear(&x, m, w.view(), None, segments);
+        let segs = Segmentation::new(k, segments).unwrap().full();
+        let mut y = be.zeros(m * n);
+        be.linear_partial(&be.upload(&x), m, &up(be, &w), segs, &mut y);
+        let (ok, d) = compare(&be.download(&y), &want);
+        if !ok {
+            bad += 1;
+            if first.is_empty() {
+                first = format!("m={m} k={k} n={n} S={segments} {dtype:?}: {d}");
+            }
+        }
+    }
+    r.check(
+        "portable quantized linear == reference (18 shapes, q8_0/q4_0/q4_1, S=1..12)",
         bad == 0,
         if bad == 0 { "all bit-identical".to_string() } else { format!("{bad} cases differ; {first}") },
     );
@@ -369,7 +395,7 @@ fn tp_checks(be: &CudaBackend, r: &mut Report, rng: &mut Rng, label: &str) {
             for rank in 0..t {
                 let segs = seg.shard(rank, t).unwrap();
                 let cols = segs.real_range();
-                let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                 let ws: Vec<f32> = (0..n).flat_map(|j| wf[j * k + cols.start..j * k + cols.end].to_vec()).collect();
                 let mut p = be.zeros(m * n);
                 be.linear_partial(

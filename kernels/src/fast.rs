@@ -1,8 +1,9 @@
 //! The fast (non-invariant) matmul, for comparison only.
 //!
 //! It hands the product to the `gemm` crate, which picks its blocking and its parallel split by
-//! the shape — exactly what the numerics contract forbids, and what conventional servers do. Weights
-//! are widened to f32 once at load time by [`crate::Backend::prepare_weight`] in fast mode.
+//! the shape — exactly what the numerics contract forbids, and what conventional servers do.
+//! bf16, f16 and block-quantized weights stay as stored and are widened one tile of rows at a time
+//! inside each call, so fast mode holds the same resident weights as invariant mode.
 
 use gemm::{gemm, Parallelism};
 
@@ -36,8 +37,7 @@ pub(crate) fn linear_fast(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_
         (0..tiles).into_par_iter().for_each_init(Vec::new, |wide: &mut Vec<f32>, t| {
             let rows = t * ROWS_PER_TILE..((t + 1) * ROWS_PER_TILE).min(n);
             wide.clear();
-            let row_bytes = k * w.dtype.size();
-            widen_into(w.dtype, &w.bytes[rows.start * row_bytes..rows.end * row_bytes], wide);
+            widen_rows_into(w, rows.clone(), wide);
             let y_ptr = &y_ptr;
             // SAFETY: this tile writes columns `rows` of the [m, n] output (row stride n) and no
             // other tile writes them; `wide` is [rows.len(), k].
@@ -46,10 +46,11 @@ pub(crate) fn linear_fast(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_
     });
 }
 
-/// Append `bytes` widened to f32. One loop per dtype (the match stays outside it) so the
-/// compiler vectorizes the conversion; the values are [`DType::widen`]'s.
-fn widen_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
-    match dtype {
+/// Append rows `rows` of `w` widened to f32. One loop per dtype (the match stays outside it) so
+/// the compiler vectorizes the float conversions; the values are [`WeightView::get`]'s.
+fn widen_rows_into(w: WeightView<'_>, rows: std::ops::Range<usize>, out: &mut Vec<f32>) {
+    let bytes = &w.bytes[rows.start * w.row_bytes()..rows.end * w.row_bytes()];
+    match w.dtype {
         DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
         DType::Bf16 => {
             out.extend(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)))
@@ -57,6 +58,7 @@ fn widen_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
         DType::F16 => {
             out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
         }
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => out.extend(rows.flat_map(|r| (0..w.cols).map(move |c| w.get(r, c)))),
     }
 }
 

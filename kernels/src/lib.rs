@@ -16,6 +16,10 @@
 //!   16 lanes are summed by the halving tree `(l, l+8)`, `(l, l+4)`, `(l, l+2)`, `(l, l+1)`. The `S`
 //!   segment sums are combined by a balanced binary tree of adjacent pairs. A rank holding `S/t`
 //!   consecutive segments computes one subtree; [`reference::tree_combine`] finishes the tree.
+//!   `S = 3·2^k` is allowed too: the tree is then (first two thirds) + (last third), so three
+//!   ranks each hold a subtree ([`is_segment_count`]).
+//! * **Quantized weights** (Q8_0, Q4_0, Q4_1) stay in their GGUF blocks; each weight is widened
+//!   in registers by candle's dequantization formula ([`quant`]) and then follows the same rule.
 //! * **exp / log** are the crate's own ([`math`]), not the platform libm.
 //! * **Attention** walks keys in chunks of `kv_chunk` positions counted from position 0 and merges
 //!   chunk states in chunk order.
@@ -38,6 +42,7 @@ pub mod cpu;
 pub mod cuda;
 mod fast;
 pub mod math;
+pub mod quant;
 pub mod reference;
 pub mod rope;
 pub mod sampling;
@@ -45,6 +50,7 @@ pub mod splitmix;
 mod types;
 
 pub use cpu::{CpuBackend, CpuConfig, Isa};
+pub use quant::QUANT_BLOCK;
 pub use rope::{RopeConfig, RopeScaling, RopeTables};
 pub use sampling::{
     merge_shard_samples, Candidate, LsePartial, SampleRequest, SampledToken, SamplingParams, ShardSample,
@@ -59,6 +65,7 @@ pub const CONTRACT_VERSION: u32 = 1;
 pub const LANES: usize = 16;
 
 /// Default number of reduction segments `S` (a power of two; TP degrees up to `S` are invariant).
+/// Segment counts `3·2^k` are allowed too ([`is_segment_count`]) for models split three ways.
 pub const DEFAULT_REDUCE_SEGMENTS: usize = 8;
 
 /// Default attention key chunk, in positions counted from position 0.
@@ -67,12 +74,16 @@ pub const DEFAULT_KV_CHUNK: usize = 64;
 /// Errors of the kernels crate (bad shapes or configuration, never numerics).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum KernelError {
-    #[error("reduce_segments must be a power of two between 1 and 64, got {0}")]
+    #[error("reduce_segments must be 2^k or 3·2^k between 1 and 64, got {0}")]
     BadSegments(usize),
     #[error("segment range {first}+{count} is not an aligned power-of-two subtree of {segments} segments")]
     BadSegmentRange { first: usize, count: usize, segments: usize },
     #[error("kv_chunk must be at least 1")]
     BadKvChunk,
+    #[error("{dtype:?} stores weights in blocks of {QUANT_BLOCK}, but a row has {cols} columns")]
+    PartialBlock { cols: usize, dtype: DType },
+    #[error("columns {start}..{end} of {cols} do not cut a {dtype:?} matrix on whole blocks")]
+    BadColumns { start: usize, end: usize, cols: usize, dtype: DType },
     #[error("weight buffer holds {got} bytes, but {rows}x{cols} {dtype:?} needs {need}")]
     WeightSize { rows: usize, cols: usize, dtype: DType, got: usize, need: usize },
     #[error("instruction set {0:?} is not available on this CPU")]
@@ -131,7 +142,7 @@ impl Default for NumericsConfig {
 
 impl NumericsConfig {
     pub fn validate(&self) -> Result<(), KernelError> {
-        if !self.reduce_segments.is_power_of_two() || self.reduce_segments > 64 {
+        if !is_segment_count(self.reduce_segments) {
             return Err(KernelError::BadSegments(self.reduce_segments));
         }
         if self.kv_chunk == 0 {
@@ -165,7 +176,7 @@ pub trait Backend: Send + Sync {
     /// Row-parallel partial: `x` and `w` hold only the columns of `segs` (segments of `full_k`);
     /// `y` receives the subtree sums (no bias).
     fn linear_partial(&self, x: &Self::Buf, m: usize, w: &Self::Weight, segs: SegmentRange, y: &mut Self::Buf);
-    /// Finish the segment tree over `t` partials (t a power of two, in rank order).
+    /// Finish the segment tree over `t` partials (t a segment count, in rank order).
     fn tree_combine(&self, partials: &[&Self::Buf], y: &mut Self::Buf);
     /// `y += bias` for each of the rows of `y`.
     fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Weight);

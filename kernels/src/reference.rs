@@ -4,6 +4,10 @@
 //! be "optimised": each function spells out the order of every rounding. `f32::mul_add` is the
 //! IEEE fused multiply-add (one rounding) on every platform, and Rust never contracts `a * b + c`
 //! into an fma by itself, so the code means exactly what it says.
+//!
+//! Weights enter every formula through [`WeightView::get`]: an exact widening for f32/bf16/f16,
+//! and for the GGUF block types the one formula of [`crate::quant`] (candle's dequantization) —
+//! part of this spec like the orders below.
 
 use crate::math::{exp, silu};
 use crate::sampling::{lane_tree, shard_sample};
@@ -24,14 +28,39 @@ pub fn segment_dot(x: &[f32], w: &[f32], padded: usize) -> f32 {
     lane_tree(acc)
 }
 
-/// Balanced binary tree of adjacent pairs over a power-of-two number of values.
-pub fn segment_tree(values: &[f32]) -> f32 {
-    assert!(values.len().is_power_of_two());
-    let mut v = values.to_vec();
-    while v.len() > 1 {
-        v = v.chunks(2).map(|p| p[0] + p[1]).collect();
+/// The canonical tree over `n` values in order (segment sums, rank partials, vocabulary LSE
+/// partials): `n` is cut by its binary digits, highest first, into runs of `2^j` values; each run
+/// is a balanced tree of adjacent pairs, `((v0+v1)+(v2+v3))+…`, and the runs are added left to
+/// right. For `n = 2^k` that is the balanced tree; for `n = 3·2^k` it is
+/// `(tree(first 2^(k+1)) + tree(last 2^k))` = `(T0 + T1) + T2` over the three thirds, so every
+/// third — and every aligned power-of-two run — is a subtree.
+pub fn tree_reduce<T: Copy>(values: &mut [T], add: impl Fn(T, T) -> T) -> T {
+    assert!(!values.is_empty(), "tree over no values");
+    let mut start = 0;
+    let mut total: Option<T> = None;
+    while start < values.len() {
+        let left = values.len() - start;
+        let run = 1usize << (usize::BITS - 1 - left.leading_zeros());
+        let v = &mut values[start..start + run];
+        let mut n = run;
+        while n > 1 {
+            for i in 0..n / 2 {
+                v[i] = add(v[2 * i], v[2 * i + 1]);
+            }
+            n /= 2;
+        }
+        total = Some(match total {
+            None => v[0],
+            Some(t) => add(t, v[0]),
+        });
+        start += run;
     }
-    v[0]
+    total.expect("at least one run")
+}
+
+/// The canonical tree ([`tree_reduce`]) over f32 sums.
+pub fn segment_tree(values: &[f32]) -> f32 {
+    tree_reduce(&mut values.to_vec(), |a, b| a + b)
 }
 
 /// The canonical dot product of the real elements `x`, `w` of a segment range (the subtree sum).

@@ -154,14 +154,9 @@ pub fn lse_combine(a: LsePartial, b: LsePartial) -> LsePartial {
     LsePartial { max, sum: a.sum * exp(a.max - max) + b.sum * exp(b.max - max) }
 }
 
-/// Reduce partials in order with the balanced binary tree of adjacent pairs (length a power of two).
+/// Reduce partials in order with the canonical tree ([`crate::reference::tree_reduce`]).
 pub fn lse_tree(parts: &[LsePartial]) -> LsePartial {
-    assert!(parts.len().is_power_of_two(), "lse tree needs a power of two of partials");
-    let mut v = parts.to_vec();
-    while v.len() > 1 {
-        v = v.chunks(2).map(|p| lse_combine(p[0], p[1])).collect();
-    }
-    v[0]
+    crate::reference::tree_reduce(&mut parts.to_vec(), lse_combine)
 }
 
 impl LsePartial {

@@ -3,29 +3,67 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::{KernelError, LANES};
+use crate::{KernelError, LANES, QUANT_BLOCK};
 
-/// Storage type of a weight tensor. Widening to f32 is exact for all three.
+/// Storage type of a weight tensor.
+///
+/// `F32`, `Bf16` and `F16` are element types: widening to f32 is exact. `Q8_0`, `Q4_0` and `Q4_1`
+/// are GGUF block types ([`crate::quant`]): a row is a run of blocks of [`QUANT_BLOCK`] weights,
+/// kept as stored, and every kernel widens each weight by the one formula of [`crate::quant`]
+/// (candle's dequantization, bit for bit) before it enters the dot product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     Bf16,
     F16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
 }
 
 impl DType {
+    /// Bytes of one element of an element type.
+    ///
+    /// # Panics
+    /// For a block type, which has no per-element size: use [`DType::row_bytes`].
     pub fn size(self) -> usize {
+        assert_eq!(self.block_len(), 1, "{self:?} is a block type: use DType::row_bytes");
+        self.block_bytes()
+    }
+    /// Weights per storage block: 1 for element types, [`QUANT_BLOCK`] for block types.
+    pub fn block_len(self) -> usize {
+        if self.is_quantized() {
+            QUANT_BLOCK
+        } else {
+            1
+        }
+    }
+    /// Bytes per storage block.
+    pub fn block_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::Bf16 | DType::F16 => 2,
+            DType::Q8_0 => crate::quant::Q8_0_BYTES,
+            DType::Q4_0 => crate::quant::Q4_0_BYTES,
+            DType::Q4_1 => crate::quant::Q4_1_BYTES,
         }
+    }
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+    }
+    /// Bytes of a row of `cols` weights, or `None` when `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        cols.is_multiple_of(self.block_len()).then(|| cols / self.block_len() * self.block_bytes())
     }
     pub fn as_str(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::Bf16 => "bf16",
             DType::F16 => "f16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
         }
     }
     /// The safetensors dtype tag (`F32`, `BF16`, `F16`), if supported.
@@ -37,34 +75,65 @@ impl DType {
             _ => None,
         }
     }
+    /// The safetensors tag of an element type; the GGUF type name (`Q8_0`, …) of a block type,
+    /// which safetensors cannot hold.
     pub fn safetensors_tag(self) -> &'static str {
         match self {
             DType::F32 => "F32",
             DType::Bf16 => "BF16",
             DType::F16 => "F16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
         }
     }
-    /// Exact widening of one little-endian element.
+    /// Exact widening of one little-endian element of an element type.
+    ///
+    /// # Panics
+    /// For a block type (an element needs its block's scale): use [`DType::widen_at`].
     #[inline]
     pub fn widen(self, b: &[u8]) -> f32 {
         match self {
             DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             DType::Bf16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
             DType::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => panic!("{self:?} is a block type: use DType::widen_at"),
         }
     }
-    /// Round an f32 to this dtype (round to nearest even) and append its little-endian bytes.
+    /// Weight `e` of `row` (a run of whole blocks, starting at a block boundary) widened to f32:
+    /// exactly for element types, by the [`crate::quant`] formula for block types.
+    #[inline]
+    pub fn widen_at(self, row: &[u8], e: usize) -> f32 {
+        use crate::quant;
+        match self {
+            DType::F32 | DType::Bf16 | DType::F16 => {
+                let s = self.block_bytes();
+                self.widen(&row[e * s..(e + 1) * s])
+            }
+            DType::Q8_0 => quant::widen_q8_0(quant::block(row, e, quant::Q8_0_BYTES), e % QUANT_BLOCK),
+            DType::Q4_0 => quant::widen_q4_0(quant::block(row, e, quant::Q4_0_BYTES), e % QUANT_BLOCK),
+            DType::Q4_1 => quant::widen_q4_1(quant::block(row, e, quant::Q4_1_BYTES), e % QUANT_BLOCK),
+        }
+    }
+    /// Round an f32 to an element type (round to nearest even) and append its little-endian bytes.
+    ///
+    /// # Panics
+    /// For a block type: quantizing is the model writer's business, not the kernels'.
     pub fn push_from_f32(self, x: f32, out: &mut Vec<u8>) {
         match self {
             DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
             DType::Bf16 => out.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
             DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                panic!("{self:?} is a block type: it cannot be written per element")
+            }
         }
     }
 }
 
-/// A row-major `[rows, cols]` matrix of `dtype` elements in little-endian bytes (no alignment
-/// requirement: memory-mapped safetensors data is used in place).
+/// A row-major `[rows, cols]` matrix of `dtype` weights in little-endian bytes (no alignment
+/// requirement: memory-mapped safetensors or GGUF data is used in place). A row of a block type
+/// is `cols / 32` whole blocks.
 #[derive(Clone, Copy)]
 pub struct WeightView<'a> {
     pub dtype: DType,
@@ -75,26 +144,29 @@ pub struct WeightView<'a> {
 
 impl<'a> WeightView<'a> {
     pub fn new(dtype: DType, bytes: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        let need = rows * cols * dtype.size();
+        let row_bytes = dtype.row_bytes(cols).ok_or(KernelError::PartialBlock { cols, dtype })?;
+        let need = rows * row_bytes;
         if bytes.len() != need {
             return Err(KernelError::WeightSize { rows, cols, dtype, got: bytes.len(), need });
         }
         Ok(WeightView { dtype, bytes, rows, cols })
     }
+    /// Bytes of one row.
+    #[inline]
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.dtype.block_len() * self.dtype.block_bytes()
+    }
     #[inline]
     pub fn row(&self, r: usize) -> &'a [u8] {
-        let w = self.cols * self.dtype.size();
+        let w = self.row_bytes();
         &self.bytes[r * w..(r + 1) * w]
     }
     #[inline]
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let s = self.dtype.size();
-        let o = (r * self.cols + c) * s;
-        self.dtype.widen(&self.bytes[o..o + s])
+        self.dtype.widen_at(self.row(r), c)
     }
     pub fn to_f32(&self) -> Vec<f32> {
-        let s = self.dtype.size();
-        self.bytes.chunks_exact(s).map(|b| self.dtype.widen(b)).collect()
+        (0..self.rows).flat_map(|r| (0..self.cols).map(move |c| self.get(r, c))).collect()
     }
 }
 
@@ -140,10 +212,10 @@ impl HostWeight {
         WeightView::new(dtype, bytes.as_slice(), rows, cols)?;
         Ok(HostWeight { dtype, bytes, rows, cols })
     }
-    /// Build from f32 values, rounding to `dtype`.
+    /// Build from f32 values, rounding to `dtype` (an element type; panics for a block type).
     pub fn from_f32(values: &[f32], dtype: DType, rows: usize, cols: usize) -> Self {
         assert_eq!(values.len(), rows * cols);
-        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+        let mut bytes = Vec::with_capacity(values.len() * dtype.block_bytes());
         for &x in values {
             dtype.push_from_f32(x, &mut bytes);
         }
@@ -152,6 +224,36 @@ impl HostWeight {
     pub fn view(&self) -> WeightView<'_> {
         WeightView { dtype: self.dtype, bytes: self.bytes.as_slice(), rows: self.rows, cols: self.cols }
     }
+    /// Columns `cols` of every row, copied (a row-parallel shard). For a block type the range
+    /// must fall on block boundaries: a shard holds whole blocks, never a cut one.
+    pub fn columns(&self, cols: Range<usize>) -> Result<HostWeight, KernelError> {
+        let block = self.dtype.block_len();
+        let aligned = cols.start.is_multiple_of(block) && cols.end.is_multiple_of(block);
+        if cols.start > cols.end || cols.end > self.cols || !aligned {
+            return Err(KernelError::BadColumns {
+                start: cols.start,
+                end: cols.end,
+                cols: self.cols,
+                dtype: self.dtype,
+            });
+        }
+        let view = self.view();
+        let (from, to) = (cols.start / block * self.dtype.block_bytes(), cols.end / block * self.dtype.block_bytes());
+        let mut out = Vec::with_capacity(self.rows * (to - from));
+        for r in 0..self.rows {
+            out.extend_from_slice(&view.row(r)[from..to]);
+        }
+        HostWeight::new(self.dtype, SharedBytes::from_vec(out), self.rows, cols.len())
+    }
+}
+
+/// Whether `n` may be a segment count: `2^k` or `3·2^k`, at most 64. The segment tree over such a
+/// count is [`crate::reference::segment_tree`]: balanced pairs for `2^k`; for `3·2^k` the first
+/// two thirds as one balanced tree, the last third as another, then one add — so the three
+/// thirds are subtrees and three ranks can each hold one.
+pub fn is_segment_count(n: usize) -> bool {
+    let odd = n >> n.trailing_zeros().min(usize::BITS - 1);
+    (1..=64).contains(&n) && (odd == 1 || odd == 3)
 }
 
 /// The canonical cut of a reduction of length `len` into `segments` equal segments of `seg_len`
@@ -165,7 +267,7 @@ pub struct Segmentation {
 
 impl Segmentation {
     pub fn new(len: usize, segments: usize) -> Result<Self, KernelError> {
-        if !segments.is_power_of_two() || segments > 64 {
+        if !is_segment_count(segments) {
             return Err(KernelError::BadSegments(segments));
         }
         let unit = segments * LANES;
@@ -178,14 +280,24 @@ impl Segmentation {
     pub fn full(&self) -> SegmentRange {
         SegmentRange { seg: *self, first: 0, count: self.segments }
     }
-    /// The segments held by `rank` of `t` (t a power of two dividing `segments`).
+    /// The segments held by `rank` of `t`: `segments / t` of them, which must be a subtree
+    /// (`t = 1`, or `segments / t` a power of two — so `t ∈ {1, 2, 4, …}` for `S = 2^k` and
+    /// `t ∈ {1, 3, 6, …}` for `S = 3·2^k`).
     pub fn shard(&self, rank: usize, t: usize) -> Result<SegmentRange, KernelError> {
-        let count = self.segments.checked_div(t).unwrap_or(0);
+        if t == 0 || !self.segments.is_multiple_of(t) {
+            return Err(KernelError::BadSegmentRange { first: 0, count: 0, segments: self.segments });
+        }
+        let count = self.segments / t;
         SegmentRange::new(*self, rank * count, count)
+    }
+    /// The tensor-parallel degrees whose row-parallel shards are subtrees of this segmentation.
+    pub fn tp_degrees(segments: usize) -> Vec<usize> {
+        (1..=segments).filter(|&t| segments.is_multiple_of(t) && (t == 1 || (segments / t).is_power_of_two())).collect()
     }
 }
 
-/// A consecutive, aligned power-of-two run of segments: exactly one subtree of the segment tree.
+/// Segments `first..first + count` forming exactly one subtree of the segment tree: all of them,
+/// or an aligned power-of-two run (which lies inside one balanced part of the tree).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SegmentRange {
     pub seg: Segmentation,
@@ -195,11 +307,9 @@ pub struct SegmentRange {
 
 impl SegmentRange {
     pub fn new(seg: Segmentation, first: usize, count: usize) -> Result<Self, KernelError> {
-        let ok = count.is_power_of_two()
-            && count <= seg.segments
-            && first.is_multiple_of(count)
-            && first + count <= seg.segments;
-        if !ok {
+        let whole = first == 0 && count == seg.segments;
+        let aligned = count.is_power_of_two() && first.is_multiple_of(count) && first + count <= seg.segments;
+        if !(whole || aligned) {
             return Err(KernelError::BadSegmentRange { first, count, segments: seg.segments });
         }
         Ok(SegmentRange { seg, first, count })

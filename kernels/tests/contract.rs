@@ -10,7 +10,7 @@ use lockstep_kernels::{
 };
 
 mod common;
-use common::{ContractData, Rng};
+use common::{columns_of, quant_weight, ContractData, Rng};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -39,7 +39,7 @@ fn every_isa_linear_equals_reference_on_random_shapes() {
         let m = 1 + rng.below(13);
         let k = 1 + rng.below(300);
         let n = 1 + rng.below(70);
-        let segments = [1, 2, 4, 8, 16][rng.below(5)];
+        let segments = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48][rng.below(10)];
         let dtype = DTYPES[case % 3];
         let x = rng.vec(m * k);
         let w = weight(&mut rng, dtype, n, k);
@@ -203,17 +203,19 @@ fn row_parallel_shards_plus_tree_combine_equal_unsplit() {
         let x = rng.vec(m * k);
         let wf = rng.vec(n * k);
         let w = HostWeight::from_f32(&wf, dtype, n, k);
+        // Both families of segment counts, with every degree whose shares are subtrees.
+        let (segments, degrees): (usize, &[usize]) = [(8, &[2, 4, 8][..]), (12, &[3, 6, 12]), (6, &[3, 6])][case % 3];
         for isa in Isa::available() {
-            let be = backend(isa, 2);
+            let be = backend_with(isa, 2, NumericsConfig { reduce_segments: segments, ..Default::default() });
             let mut full = vec![0.0; m * n];
             be.linear(&x, m, &w, None, &mut full);
-            let seg = Segmentation::new(k, 8).unwrap();
-            for t in [2, 4, 8] {
+            let seg = Segmentation::new(k, segments).unwrap();
+            for &t in degrees {
                 let mut parts = Vec::new();
                 for r in 0..t {
                     let segs = seg.shard(r, t).unwrap();
                     let cols = segs.real_range();
-                    let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                    let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                     let ws: Vec<f32> = (0..n).flat_map(|j| wf[j * k + cols.start..j * k + cols.end].to_vec()).collect();
                     let wsh = HostWeight::from_f32(&ws, dtype, n, cols.len());
                     let mut p = vec![0.0; m * n];
@@ -224,7 +226,7 @@ fn row_parallel_shards_plus_tree_combine_equal_unsplit() {
                 let refs: Vec<&Vec<f32>> = parts.iter().collect();
                 let mut y = vec![0.0; m * n];
                 be.tree_combine(&refs, &mut y);
-                assert_eq!(bits(&y), bits(&full), "{isa:?} t={t} k={k}");
+                assert_eq!(bits(&y), bits(&full), "{isa:?} S={segments} t={t} k={k}");
             }
         }
     }
@@ -258,34 +260,36 @@ fn sharded_lse_argmax_and_gumbel_equal_unsharded() {
     let mut rng = Rng::new(8);
     for vocab in [1, 17, 512, 1000, 4099] {
         let logits: Vec<f32> = rng.vec(vocab).iter().map(|v| v * 6.0).collect();
-        let seg = Segmentation::new(vocab, 8).unwrap();
-        let params = [
-            SamplingParams { temperature: 0.0, ..Default::default() },
-            SamplingParams { temperature: 0.8, seed: 42, ..Default::default() },
-            SamplingParams { temperature: 1.3, top_k: 7, top_p: 1.0, seed: 5 },
-            SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.8, seed: 9 },
-            SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.5, seed: 1 },
-        ];
-        for p in params {
-            for step in 0..4 {
-                let req = SampleRequest { params: p, step };
-                let full = shard_sample(&logits, &VocabShard::new(seg.full()), &req);
-                let want = merge_shard_samples(&[&full], &req);
-                for t in [2, 4, 8] {
-                    let shards: Vec<_> = (0..t)
-                        .map(|r| {
-                            let sh = VocabShard::new(seg.shard(r, t).unwrap());
-                            shard_sample(&logits[sh.offset..sh.offset + sh.rows], &sh, &req)
-                        })
-                        .collect();
-                    let refs: Vec<_> = shards.iter().collect();
-                    let got = merge_shard_samples(&refs, &req);
-                    assert_eq!(got.id, want.id, "vocab={vocab} t={t} {p:?}");
-                    assert_eq!(got.logprob.to_bits(), want.logprob.to_bits(), "vocab={vocab} t={t}");
-                }
-                if p.temperature == 0.0 {
-                    let best = (0..vocab).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
-                    assert_eq!(want.id as usize, best, "greedy is the argmax, ties to the lowest id");
+        for (segments, degrees) in [(8, &[2, 4, 8][..]), (12, &[3, 6, 12])] {
+            let seg = Segmentation::new(vocab, segments).unwrap();
+            let params = [
+                SamplingParams { temperature: 0.0, ..Default::default() },
+                SamplingParams { temperature: 0.8, seed: 42, ..Default::default() },
+                SamplingParams { temperature: 1.3, top_k: 7, top_p: 1.0, seed: 5 },
+                SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.8, seed: 9 },
+                SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.5, seed: 1 },
+            ];
+            for p in params {
+                for step in 0..4 {
+                    let req = SampleRequest { params: p, step };
+                    let full = shard_sample(&logits, &VocabShard::new(seg.full()), &req);
+                    let want = merge_shard_samples(&[&full], &req);
+                    for &t in degrees {
+                        let shards: Vec<_> = (0..t)
+                            .map(|r| {
+                                let sh = VocabShard::new(seg.shard(r, t).unwrap());
+                                shard_sample(&logits[sh.offset..sh.offset + sh.rows], &sh, &req)
+                            })
+                            .collect();
+                        let refs: Vec<_> = shards.iter().collect();
+                        let got = merge_shard_samples(&refs, &req);
+                        assert_eq!(got.id, want.id, "vocab={vocab} S={segments} t={t} {p:?}");
+                        assert_eq!(got.logprob.to_bits(), want.logprob.to_bits(), "vocab={vocab} t={t}");
+                    }
+                    if p.temperature == 0.0 {
+                        let best = (0..vocab).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
+                        assert_eq!(want.id as usize, best, "greedy is the argmax, ties to the lowest id");
+                    }
                 }
             }
         }
@@ -528,6 +532,189 @@ fn negative_control_fast_path_batch_variance_is_measured() {
             // Observed on x86-64 (AVX2 and AVX-512): gemm's M=1 path and its blocked kernels sum
             // in different orders, so row 0 changes as soon as the batch grows.
             KernelMode::Fast => assert!(!differs.is_empty(), "fast path became batch-invariant: update the docs"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- three-way splits
+
+#[test]
+fn segment_counts_of_three_times_a_power_of_two_are_two_thirds_plus_one_third() {
+    assert!([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64].iter().all(|&n| lockstep_kernels::is_segment_count(n)));
+    assert!([0, 5, 7, 9, 10, 18, 96, 128].iter().all(|&n| !lockstep_kernels::is_segment_count(n)));
+    assert_eq!(Segmentation::tp_degrees(8), vec![1, 2, 4, 8]);
+    assert_eq!(Segmentation::tp_degrees(12), vec![1, 3, 6, 12]);
+    assert_eq!(Segmentation::tp_degrees(3), vec![1, 3]);
+    // The tree over six sums, spelled out: ((s0+s1)+(s2+s3)) + (s4+s5).
+    let v = [1e8f32, 1.0, -1e8, 3.0, 0.5, 7.25];
+    let want = ((v[0] + v[1]) + (v[2] + v[3])) + (v[4] + v[5]);
+    assert_eq!(reference::segment_tree(&v).to_bits(), want.to_bits());
+    let thirds = [v[0] + v[1], v[2] + v[3], v[4] + v[5]];
+    assert_eq!(reference::segment_tree(&thirds).to_bits(), want.to_bits(), "three ranks finish the same tree");
+    // A rank's share must be a subtree: halves of 12 segments are not.
+    let seg = Segmentation::new(576, 12).unwrap();
+    assert!(seg.shard(0, 2).is_err() && seg.shard(0, 4).is_err());
+    assert_eq!(seg.shard(1, 3).unwrap().real_range(), 192..384);
+    assert!(Segmentation::new(10, 5).is_err());
+}
+
+// ---------------------------------------------------------------- quantized weights
+
+const QTYPES: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
+
+fn candle_type(d: DType) -> candle_core::quantized::GgmlDType {
+    use candle_core::quantized::GgmlDType;
+    match d {
+        DType::Q8_0 => GgmlDType::Q8_0,
+        DType::Q4_0 => GgmlDType::Q4_0,
+        DType::Q4_1 => GgmlDType::Q4_1,
+        other => unreachable!("{other:?} is not a block type"),
+    }
+}
+
+/// candle's dequantization of a block matrix, as f32 values.
+fn candle_dequantize(w: &HostWeight) -> Vec<f32> {
+    use candle_core::{quantized::ggml_file::qtensor_from_ggml, Device};
+    let q = qtensor_from_ggml(candle_type(w.dtype), w.bytes.as_slice(), vec![w.rows * w.cols], &Device::Cpu).unwrap();
+    q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn quantized_widening_equals_candle_dequantization_bit_for_bit() {
+    let mut rng = Rng::new(21);
+    for dtype in QTYPES {
+        let w = quant_weight(&mut rng, dtype, 64, 256);
+        let ours = w.view().to_f32();
+        let theirs = candle_dequantize(&w);
+        assert_eq!(ours.len(), theirs.len());
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{dtype:?} weight {i}: {a} vs candle {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_linear_equals_the_contract_over_candles_dequantized_matrix() {
+    let mut rng = Rng::new(22);
+    for (case, dtype) in QTYPES.into_iter().cycle().take(9).enumerate() {
+        let (m, k, n) = (1 + rng.below(9), 32 * (1 + rng.below(12)), 1 + rng.below(40));
+        let segments = [1, 3, 4, 6, 8, 12, 16][case % 7];
+        let w = quant_weight(&mut rng, dtype, n, k);
+        let wf = HostWeight::from_f32(&candle_dequantize(&w), DType::F32, n, k);
+        let x = rng.vec(m * k);
+        let want = bits(&reference::linear(&x, m, wf.view(), None, segments));
+        assert_eq!(bits(&reference::linear(&x, m, w.view(), None, segments)), want, "{dtype:?} reference");
+        for isa in Isa::available() {
+            let be = backend_with(isa, 2, NumericsConfig { reduce_segments: segments, ..Default::default() });
+            let mut y = vec![0.0; m * n];
+            be.linear(&x, m, &w, None, &mut y);
+            assert_eq!(bits(&y), want, "{isa:?} {dtype:?} m={m} k={k} n={n} S={segments}");
+        }
+    }
+}
+
+#[test]
+fn quantized_rows_are_identical_alone_inside_batches_of_1_to_64_and_across_threads() {
+    let mut rng = Rng::new(23);
+    let (k, n) = (224, 37);
+    for dtype in QTYPES {
+        let w = quant_weight(&mut rng, dtype, n, k);
+        let x = rng.vec(64 * k);
+        let want: Vec<Vec<u32>> =
+            (0..64).map(|i| bits(&reference::linear(&x[i * k..(i + 1) * k], 1, w.view(), None, 8))).collect();
+        for isa in Isa::available() {
+            for threads in [1, 3] {
+                let be = backend(isa, threads);
+                for m in 1..=64 {
+                    let mut y = vec![0.0; m * n];
+                    be.linear(&x[..m * k].to_vec(), m, &w, None, &mut y);
+                    for i in 0..m {
+                        assert_eq!(
+                            bits(&y[i * n..(i + 1) * n]),
+                            want[i],
+                            "{isa:?} {dtype:?} threads={threads} row {i} of M={m}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_row_parallel_shards_on_block_boundaries_and_column_slices_equal_unsplit() {
+    let mut rng = Rng::new(24);
+    // SmolLM2-135M's shapes: o_proj [576, 576] and down_proj [576, 1536] (a few rows of each).
+    for (case, &(k, segments, degrees)) in
+        [(576, 12, &[3, 6][..]), (1536, 12, &[3, 6, 12]), (576, 8, &[2, 4]), (1536, 8, &[2, 4, 8])].iter().enumerate()
+    {
+        let dtype = QTYPES[case % 3];
+        let (m, n) = (3, 12);
+        let w = quant_weight(&mut rng, dtype, n, k);
+        let x = rng.vec(m * k);
+        let seg = Segmentation::new(k, segments).unwrap();
+        for isa in Isa::available() {
+            let be = backend_with(isa, 2, NumericsConfig { reduce_segments: segments, ..Default::default() });
+            let mut full = vec![0.0; m * n];
+            be.linear(&x, m, &w, None, &mut full);
+            for &t in degrees {
+                let parts: Vec<Vec<f32>> = (0..t)
+                    .map(|r| {
+                        let segs = seg.shard(r, t).unwrap();
+                        let cols = segs.real_range();
+                        let wsh = w.columns(cols.clone()).expect("shares cut on whole blocks");
+                        let xs: Vec<f32> = columns_of(&x, k, cols.clone());
+                        let mut p = vec![0.0; m * n];
+                        be.linear_partial(&xs, m, &wsh, segs, &mut p);
+                        assert_eq!(bits(&p), bits(&reference::linear_partial(&xs, m, wsh.view(), segs)));
+                        p
+                    })
+                    .collect();
+                let mut y = vec![0.0; m * n];
+                be.tree_combine(&parts.iter().collect::<Vec<_>>(), &mut y);
+                assert_eq!(bits(&y), bits(&full), "{isa:?} {dtype:?} k={k} S={segments} t={t}");
+            }
+            // Column-parallel: a rank's rows are whole rows of blocks, its outputs a slice.
+            for t in [3, 4] {
+                let rows = n / t;
+                for r in 0..t {
+                    let rb = w.view().row_bytes();
+                    let bytes = w.bytes.as_slice()[r * rows * rb..(r + 1) * rows * rb].to_vec();
+                    let ws = HostWeight::new(dtype, lockstep_kernels::SharedBytes::from_vec(bytes), rows, k).unwrap();
+                    let mut y = vec![0.0; m * rows];
+                    be.linear(&x, m, &ws, None, &mut y);
+                    for i in 0..m {
+                        assert_eq!(
+                            bits(&y[i * rows..(i + 1) * rows]),
+                            bits(&full[i * n + r * rows..i * n + (r + 1) * rows])
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A cut inside a block is refused, not silently misread.
+    let w = quant_weight(&mut rng, DType::Q4_1, 2, 64);
+    assert!(w.columns(0..48).is_err() && w.columns(16..64).is_err());
+    assert!(w.columns(32..64).is_ok());
+}
+
+#[test]
+fn quantized_embedding_rows_equal_candles_dequantized_rows() {
+    let mut rng = Rng::new(25);
+    for dtype in QTYPES {
+        let table = quant_weight(&mut rng, dtype, 9, 96);
+        let deq = candle_dequantize(&table);
+        let ids = [3u32, 0, 8, 3];
+        for isa in Isa::available() {
+            let mut out = vec![0.0; ids.len() * 96];
+            backend(isa, 2).embedding(&ids, &table, &mut out);
+            let want: Vec<f32> =
+                ids.iter().flat_map(|&i| deq[i as usize * 96..(i as usize + 1) * 96].to_vec()).collect();
+            assert_eq!(bits(&out), bits(&want), "{isa:?} {dtype:?}");
         }
     }
 }

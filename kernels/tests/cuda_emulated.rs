@@ -334,19 +334,40 @@ const KERNELS: &[(&str, &str)] = &[
     ("linear_portable_f16_m2", "pppiiiii"),
     ("linear_portable_f16_m4", "pppiiiii"),
     ("linear_portable_f16_m8", "pppiiiii"),
+    ("linear_portable_q8_0_m1", "pppiiiii"),
+    ("linear_portable_q8_0_m2", "pppiiiii"),
+    ("linear_portable_q8_0_m4", "pppiiiii"),
+    ("linear_portable_q8_0_m8", "pppiiiii"),
+    ("linear_portable_q4_0_m1", "pppiiiii"),
+    ("linear_portable_q4_0_m2", "pppiiiii"),
+    ("linear_portable_q4_0_m4", "pppiiiii"),
+    ("linear_portable_q4_0_m8", "pppiiiii"),
+    ("linear_portable_q4_1_m1", "pppiiiii"),
+    ("linear_portable_q4_1_m2", "pppiiiii"),
+    ("linear_portable_q4_1_m4", "pppiiiii"),
+    ("linear_portable_q4_1_m8", "pppiiiii"),
     ("tree_combine", "piip"),
     ("add_bias_f32", "ppii"),
     ("add_bias_bf16", "ppii"),
     ("add_bias_f16", "ppii"),
+    ("add_bias_q8_0", "ppii"),
+    ("add_bias_q4_0", "ppii"),
+    ("add_bias_q4_1", "ppii"),
     ("rms_norm_f32", "pppiiif"),
     ("rms_norm_bf16", "pppiiif"),
     ("rms_norm_f16", "pppiiif"),
+    ("rms_norm_q8_0", "pppiiif"),
+    ("rms_norm_q4_0", "pppiiif"),
+    ("rms_norm_q4_1", "pppiiif"),
     ("rope", "pppiii"),
     ("swiglu", "pppi"),
     ("add_assign", "ppi"),
     ("embedding_f32", "pppii"),
     ("embedding_bf16", "pppii"),
     ("embedding_f16", "pppii"),
+    ("embedding_q8_0", "pppii"),
+    ("embedding_q4_0", "pppii"),
+    ("embedding_q4_1", "pppii"),
     ("gather_rows", "pppii"),
     ("write_kv", "pppppii"),
     ("attention_paged", "ppppppiiiiifi"),
@@ -546,7 +567,7 @@ impl Drop for Emu {
 // ---------------------------------------------------------------- test data
 
 mod common;
-use common::{ContractData, Rng};
+use common::{columns_of, quant_weight, ContractData, Rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
 
@@ -555,8 +576,13 @@ fn sfx(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::Bf16 => "bf16",
         DType::F16 => "f16",
+        DType::Q8_0 => "q8_0",
+        DType::Q4_0 => "q4_0",
+        DType::Q4_1 => "q4_1",
     }
 }
+
+const QTYPES: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
 fn weight(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> HostWeight {
     HostWeight::from_f32(&rng.vec(rows * cols), dtype, rows, cols)
@@ -724,6 +750,71 @@ fn emulated_portable_linear_equals_reference_for_every_dtype_segment_count_and_b
 }
 
 #[test]
+fn emulated_quantized_linear_and_embedding_equal_reference_for_every_block_type() {
+    let Some(mut emu) = Emu::start() else { return };
+    let mut rng = Rng::new(31);
+    for case in 0..9 {
+        let m = [1, 3, 9][case % 3];
+        let k = 32 * (1 + rng.below(10));
+        let n = 1 + rng.below(20);
+        let segments = [1, 3, 6, 8, 12, 16, 24, 48, 4][case];
+        let dtype = QTYPES[case % 3];
+        let x = rng.vec(m * k);
+        let w = quant_weight(&mut rng, dtype, n, k);
+        let segs = Segmentation::new(k, segments).unwrap().full();
+        let want = bits(&reference::linear_partial(&x, m, w.view(), segs));
+        assert_eq!(bits(&emu_linear(&mut emu, &x, m, &w, segs)), want, "m={m} k={k} n={n} S={segments} {dtype:?}");
+        let table = quant_weight(&mut rng, dtype, 5, 64);
+        let ids = [4u32, 0, 2];
+        let out = emu.launch(
+            &format!("embedding_{}", sfx(dtype)),
+            plan::elementwise(3 * 64),
+            vec![
+                Arg::B(u32s(&ids)),
+                Arg::B(table.bytes.as_slice().to_vec()),
+                Arg::B(f32s(&vec![0.0; 3 * 64])),
+                Arg::I(3),
+                Arg::I(64),
+            ],
+        );
+        assert_eq!(bits(&to_f32(&out[2])), bits(&reference::embedding(&ids, table.view())), "embedding {dtype:?}");
+    }
+}
+
+#[test]
+fn emulated_three_way_row_parallel_shards_of_quantized_weights_equal_unsplit() {
+    let Some(mut emu) = Emu::start() else { return };
+    let mut rng = Rng::new(32);
+    for (case, &(k, segments, degrees)) in
+        [(576, 12, &[3, 6][..]), (384, 6, &[3, 6]), (192, 3, &[3])].iter().enumerate()
+    {
+        let dtype = QTYPES[case % 3];
+        let (m, n) = (2, 7);
+        let x = rng.vec(m * k);
+        let w = quant_weight(&mut rng, dtype, n, k);
+        let seg = Segmentation::new(k, segments).unwrap();
+        let full = emu_linear(&mut emu, &x, m, &w, seg.full());
+        assert_eq!(bits(&full), bits(&reference::linear_partial(&x, m, w.view(), seg.full())));
+        for &t in degrees {
+            let mut parts = Vec::new();
+            for r in 0..t {
+                let segs = seg.shard(r, t).unwrap();
+                let cols = segs.real_range();
+                let xs: Vec<f32> = columns_of(&x, k, cols.clone());
+                let wsh = w.columns(cols).unwrap();
+                parts.push(f32s(&emu_linear(&mut emu, &xs, m, &wsh, segs)));
+            }
+            let out = emu.launch(
+                "tree_combine",
+                plan::elementwise(m * n),
+                vec![Arg::P(parts), Arg::I(t as i64), Arg::I((m * n) as i64), Arg::B(f32s(&vec![0.0; m * n]))],
+            );
+            assert_eq!(bits(&to_f32(&out[0])), bits(&full), "t={t} k={k} S={segments} {dtype:?}");
+        }
+    }
+}
+
+#[test]
 fn emulated_row_parallel_shards_tree_combine_and_bias_equal_unsplit() {
     let Some(mut emu) = Emu::start() else { return };
     let mut rng = Rng::new(6);
@@ -741,7 +832,7 @@ fn emulated_row_parallel_shards_tree_combine_and_bias_equal_unsplit() {
             for r in 0..t {
                 let segs = seg.shard(r, t).unwrap();
                 let cols = segs.real_range();
-                let xs: Vec<f32> = (0..m).flat_map(|i| x[i * k + cols.start..i * k + cols.end].to_vec()).collect();
+                let xs: Vec<f32> = columns_of(&x, k, cols.clone());
                 let ws: Vec<f32> = (0..n).flat_map(|j| wf[j * k + cols.start..j * k + cols.end].to_vec()).collect();
                 let wsh = HostWeight::from_f32(&ws, dtype, n, cols.len());
                 let p = emu_linear(&mut emu, &xs, m, &wsh, segs);

@@ -124,7 +124,7 @@ fn cuda_backend_without_a_driver_is_a_clear_error_not_a_panic() {
         assert!(msg.starts_with("no CUDA driver found: "), "{msg}");
     }
     // Bad numerics are reported before any library is touched.
-    let bad = lockstep_kernels::NumericsConfig { reduce_segments: 3, ..Default::default() };
+    let bad = lockstep_kernels::NumericsConfig { reduce_segments: 5, ..Default::default() };
     let err = CudaBackend::new(CudaConfig { numerics: bad, ..Default::default() }).err().unwrap();
     assert!(matches!(err, CudaError::Kernel(_)), "{err:?}");
 }

@@ -99,6 +99,45 @@ fn synthetic_llama_tp_1_2_4_8_are_identical() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Item 4 of issue 12: heads that are not a power of two. The `tiny-smollm2` preset has
+/// SmolLM2-135M's 9 query / 3 KV heads, so its segment count is 6 (`3·2^k`) and TP 3 must give
+/// TP 1's bits, greedy and seeded, alone and with staggered load; TP 2 must be refused clearly.
+#[test]
+fn nine_heads_tp_3_equals_tp_1_and_tp_2_is_refused() {
+    let dir = scratch("cluster-tp3");
+    let model = dir.join("tiny-smollm2");
+    let out = run_lockstep(
+        &[
+            "model",
+            "synth",
+            "--preset",
+            "tiny-smollm2",
+            "--seed",
+            "5",
+            "--dtype",
+            "bf16",
+            "--out",
+            model.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let prompts = prompts_file(&dir, &PROMPTS[..4]);
+    for sampling in
+        [&["--temperature", "0", "--ignore-eos"][..], &["--temperature", "0.7", "--seed", "3", "--ignore-eos"]]
+    {
+        let local = generate(&model, &prompts, sampling);
+        let mut args = sampling.to_vec();
+        args.extend_from_slice(&["--tp", "3", "--stagger-steps", "1", "--node-threads", "1"]);
+        assert_same(&format!("TP 3 {sampling:?}"), &generate(&model, &prompts, &args), &local);
+    }
+    let args = ["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--tp", "2"];
+    let out = run_lockstep(&args, LIMIT);
+    assert!(!out.status.success(), "TP 2 of 9 heads must be refused");
+    assert!(stderr(&out).contains("tensor-parallel degree 2"), "unclear refusal: {}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn two_replicas_of_tp_2_under_mixed_load_equal_tp_1() {
     let Some(model) = stories260k() else { return };

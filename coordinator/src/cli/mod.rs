@@ -102,7 +102,7 @@ pub(crate) struct EngineArgs {
     /// Force a SIMD path (scalar|avx2|avx512; never changes a bit).
     #[arg(long)]
     isa: Option<Isa>,
-    /// Reduction segments S (power of two; part of the fingerprint). Default: from the model shape.
+    /// Reduction segments S (2^k or 3·2^k; part of the fingerprint). Default: from the model shape.
     #[arg(long)]
     reduce_segments: Option<usize>,
     /// Attention key chunk in positions (part of the fingerprint).
@@ -172,7 +172,8 @@ impl EngineArgs {
 pub(crate) struct ClusterArgs {
     /// Tensor-parallel degree, or a preference list, most preferred first (`--tp 4,2,1`): after
     /// any node loss or join, groups re-form at the most preferred degree the live nodes allow.
-    /// Each degree must divide the head counts and be ≤ reduce_segments.
+    /// Each degree must divide the head counts and cut reduce_segments into subtrees (S = 2^k:
+    /// 1, 2, 4, …, S; S = 3·2^k: 1, 3, 6, …, S).
     #[arg(long, default_value = "1", value_delimiter = ',')]
     pub(crate) tp: Vec<usize>,
     /// Number of tensor-parallel groups; requests are spread across them.

@@ -60,7 +60,7 @@ pub(crate) fn linear_invariant(
     let row_blocks = m.div_ceil(TASK_ROWS);
     let col_blocks = n.div_ceil(TASK_COLS);
     let out = SharedOut(y.as_mut_ptr());
-    let row_bytes = k_real * w.dtype.size();
+    let row_bytes = w.row_bytes();
     let wbase = w.bytes.as_ptr() as usize;
     let xbase = xp.as_ptr() as usize;
     let task = |t: usize| {
@@ -158,22 +158,18 @@ fn run_tile(isa: Isa, t: &Tile<'_>, out: &mut [f32; 16]) {
 
 /// The portable lane loop: one output at a time, 16 accumulators in an array.
 fn tile_scalar(t: &Tile<'_>, out: &mut [f32; 16]) {
-    let size = t.dtype.size();
+    let row_bytes = t.dtype.row_bytes(t.k_real).expect("a weight row is whole blocks");
     for (i, &xp) in t.xs.iter().enumerate() {
         for (j, &wp) in t.ws.iter().enumerate() {
+            // SAFETY: a w row holds k_real weights in `row_bytes` bytes.
+            let row = unsafe { std::slice::from_raw_parts(wp, row_bytes) };
             let mut sums = [0.0f32; 64];
             for (s, sum) in sums.iter_mut().enumerate().take(t.count) {
                 let mut acc = [0.0f32; LANES];
                 for e in s * t.seg_len..(s + 1) * t.seg_len {
                     // SAFETY: x rows are padded to count × seg_len elements, and e < count × seg_len.
                     let xv = unsafe { *xp.add(e) };
-                    let wv = if e < t.k_real {
-                        // SAFETY: a w row holds k_real elements of `size` bytes, and e < k_real.
-                        let bytes = unsafe { std::slice::from_raw_parts(wp.add(e * size), size) };
-                        t.dtype.widen(bytes)
-                    } else {
-                        0.0
-                    };
+                    let wv = if e < t.k_real { t.dtype.widen_at(row, e) } else { 0.0 };
                     acc[e % LANES] = xv.mul_add(wv, acc[e % LANES]);
                 }
                 *sum = lane_tree(acc);
@@ -183,14 +179,8 @@ fn tile_scalar(t: &Tile<'_>, out: &mut [f32; 16]) {
     }
 }
 
-/// Balanced tree of adjacent pairs, in place.
+/// The canonical segment tree, in place (no allocation on the hot path).
+#[inline(always)]
 pub(crate) fn segment_tree_inplace(v: &mut [f32]) -> f32 {
-    let mut n = v.len();
-    while n > 1 {
-        for i in 0..n / 2 {
-            v[i] = v[2 * i] + v[2 * i + 1];
-        }
-        n /= 2;
-    }
-    v[0]
+    crate::reference::tree_reduce(v, |a, b| a + b)
 }

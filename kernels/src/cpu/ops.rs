@@ -97,7 +97,7 @@ pub(crate) fn swiglu(be: &CpuBackend, gate: &[f32], up: &[f32], out: &mut [f32])
 /// Finish the segment tree over `t` partials (rank order), element by element, into `y`.
 pub fn tree_combine(parts: &[&[f32]], y: &mut [f32]) {
     let t = parts.len();
-    assert!(t.is_power_of_two() && t <= 64 && parts.iter().all(|p| p.len() == y.len()));
+    assert!(crate::is_segment_count(t) && parts.iter().all(|p| p.len() == y.len()));
     let mut v = [0.0f32; 64];
     for (j, o) in y.iter_mut().enumerate() {
         for (r, p) in parts.iter().enumerate() {

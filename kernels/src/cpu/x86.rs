@@ -19,6 +19,13 @@ trait Load512 {
     unsafe fn full(row: *const u8, col: usize) -> __m512;
     /// Lanes outside `mask` are zero and their addresses are never touched.
     unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512;
+    /// Whether [`Load512::pair`] saves work (a block type decodes its 32-weight block once).
+    const PAIRED: bool = false;
+    /// Weights `col..col + 32` (`col` a multiple of 32, all real) as two vectors.
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        (Self::full(row, col), Self::full(row, col + 16))
+    }
 }
 struct F32x16;
 struct Bf16x16;
@@ -54,6 +61,112 @@ impl Load512 for F16x16 {
     #[inline(always)]
     unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
         _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (row as *const i16).add(col) as *const _))
+    }
+}
+
+struct Q8_0x16;
+struct Q4_0x16;
+struct Q4_1x16;
+
+/// The f16 at `p`, widened exactly (F16C, as `half` does) into every lane.
+#[inline(always)]
+unsafe fn f16_splat512(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+}
+
+/// The 16 nibbles of weights `col % 32 ..+16` of a 32-weight nibble array, as u8 (low nibbles hold
+/// the block's first half, high nibbles its second).
+#[inline(always)]
+unsafe fn nibbles16(qs: *const u8, col: usize) -> __m128i {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let v = if col.is_multiple_of(32) { v } else { _mm_srli_epi16::<4>(v) };
+    _mm_and_si128(v, _mm_set1_epi8(0x0f))
+}
+
+/// Block types: `col` is a multiple of 16 and rows are whole blocks, so a block of 16 lanes is
+/// half of one quantization block — all real or (past the row) all padding.
+macro_rules! quant_masked {
+    () => {
+        #[inline(always)]
+        unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
+            if mask == 0 {
+                _mm512_setzero_ps()
+            } else {
+                _mm512_maskz_mov_ps(mask, Self::full(row, col))
+            }
+        }
+    };
+}
+
+impl Load512 for Q8_0x16 {
+    /// `f32(q) · d`.
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * crate::quant::Q8_0_BYTES);
+        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
+    }
+    quant_masked!();
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        let blk = row.add(col / 32 * crate::quant::Q8_0_BYTES);
+        let d = f16_splat512(blk);
+        let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i));
+        let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18) as *const __m128i));
+        (_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d))
+    }
+}
+
+/// Both nibble halves of a 32-weight nibble array, as 16 u32 each (first half, second half).
+#[inline(always)]
+unsafe fn nibble_pair(qs: *const u8) -> (__m512i, __m512i) {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    (_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)), _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(v), mask)))
+}
+
+impl Load512 for Q4_0x16 {
+    /// `f32(n − 8) · d`.
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * crate::quant::Q4_0_BYTES);
+        let q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles16(blk.add(2), col)), _mm512_set1_epi32(8));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
+    }
+    quant_masked!();
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        let blk = row.add(col / 32 * crate::quant::Q4_0_BYTES);
+        let d = f16_splat512(blk);
+        let (lo, hi) = nibble_pair(blk.add(2));
+        let eight = _mm512_set1_epi32(8);
+        (
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d),
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d),
+        )
+    }
+}
+impl Load512 for Q4_1x16 {
+    /// `f32(n) · d + m`, two roundings (no fma).
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * crate::quant::Q4_1_BYTES);
+        let q = _mm512_cvtepu8_epi32(nibbles16(blk.add(4), col));
+        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk)), f16_splat512(blk.add(2)))
+    }
+    quant_masked!();
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
+        let blk = row.add(col / 32 * crate::quant::Q4_1_BYTES);
+        let (d, m) = (f16_splat512(blk), f16_splat512(blk.add(2)));
+        let (lo, hi) = nibble_pair(blk.add(4));
+        (
+            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m),
+            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m),
+        )
     }
 }
 
@@ -117,8 +230,10 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
     for s in 0..t.count {
         let mut acc = [_mm512_setzero_ps(); 16];
         let (start, end) = (s * t.seg_len, (s + 1) * t.seg_len);
-        let mut block = |col: usize, masked: bool| {
-            for _ in 0..per_block {
+        // `pair`: columns col..col + 32 at once (a block type decodes its block once); each
+        // accumulator still takes its elements col + l, then col + 16 + l, in order.
+        let mut block = |col: usize, masked: bool, pair: bool| {
+            for _ in 0..per_block * (1 + pair as usize) {
                 if next_line < lines {
                     _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
                     next_line += 1;
@@ -127,6 +242,20 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
             let mut xv = [_mm512_setzero_ps(); MR];
             for i in 0..MR {
                 xv[i] = _mm512_loadu_ps(xs[i].add(col));
+            }
+            if pair {
+                let mut xv1 = [_mm512_setzero_ps(); MR];
+                for i in 0..MR {
+                    xv1[i] = _mm512_loadu_ps(xs[i].add(col + 16));
+                }
+                for j in 0..NR {
+                    let (w0, w1) = L::pair(ws[j], col);
+                    for i in 0..MR {
+                        acc[i * NR + j] = _mm512_fmadd_ps(xv[i], w0, acc[i * NR + j]);
+                        acc[i * NR + j] = _mm512_fmadd_ps(xv1[i], w1, acc[i * NR + j]);
+                    }
+                }
+                return;
             }
             let rem = t.k_real.saturating_sub(col).min(16);
             let mask = ((1u32 << rem) - 1) as __mmask16;
@@ -139,11 +268,14 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
             }
         };
         let split = full_end.clamp(start, end);
-        for col in (start..split).step_by(16) {
-            block(col, false);
+        let mut col = start;
+        while col < split {
+            let pair = L::PAIRED && col.is_multiple_of(32) && col + 32 <= split;
+            block(col, false, pair);
+            col += if pair { 32 } else { 16 };
         }
         for col in (split..end).step_by(16) {
-            block(col, true);
+            block(col, true, false);
         }
         let mut v = fold16(&mut acc);
         let mut done = s + 1;
@@ -155,8 +287,13 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
         stack[depth] = v;
         depth += 1;
     }
-    debug_assert_eq!(depth, 1, "segment count is a power of two");
-    _mm512_storeu_ps(out.as_mut_ptr(), stack[0]);
+    // A count of 3·2^k leaves two finished runs (two thirds, one third): added left to right,
+    // as `reference::tree_reduce` does.
+    let mut total = stack[0];
+    for &run in &stack[1..depth] {
+        total = _mm512_add_ps(total, run);
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), total);
 }
 
 /// # Safety
@@ -169,6 +306,12 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
         (1, 16, DType::F32) => tile512::<1, 16, F32x16>(t, out),
         (1, 16, DType::Bf16) => tile512::<1, 16, Bf16x16>(t, out),
         (1, 16, DType::F16) => tile512::<1, 16, F16x16>(t, out),
+        (4, 4, DType::Q8_0) => tile512::<4, 4, Q8_0x16>(t, out),
+        (4, 4, DType::Q4_0) => tile512::<4, 4, Q4_0x16>(t, out),
+        (4, 4, DType::Q4_1) => tile512::<4, 4, Q4_1x16>(t, out),
+        (1, 16, DType::Q8_0) => tile512::<1, 16, Q8_0x16>(t, out),
+        (1, 16, DType::Q4_0) => tile512::<1, 16, Q4_0x16>(t, out),
+        (1, 16, DType::Q4_1) => tile512::<1, 16, Q4_1x16>(t, out),
         other => unreachable!("no AVX-512 tile of shape {other:?}"),
     }
 }
@@ -178,6 +321,9 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
 /// 16 weights as two ymm (lanes 0–7, 8–15), zero past `k_real`.
 #[inline(always)]
 unsafe fn load_w256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> (__m256, __m256) {
+    if dtype.is_quantized() {
+        return load_quant256(dtype, row, col, k_real);
+    }
     let rem = k_real.saturating_sub(col);
     let size = dtype.size();
     let mut tmp = [0u8; 64];
@@ -201,6 +347,50 @@ unsafe fn load_w256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> 
             _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i)),
             _mm256_cvtph_ps(_mm_loadu_si128(src.add(16) as *const __m128i)),
         ),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => unreachable!("block types are loaded by load_quant256"),
+    }
+}
+
+/// 16 weights of a block type as two ymm, by the [`crate::quant`] formula. `col` is a multiple of
+/// 16 and rows are whole blocks: past `k_real` everything is padding.
+#[inline(always)]
+unsafe fn load_quant256(dtype: DType, row: *const u8, col: usize, k_real: usize) -> (__m256, __m256) {
+    if col >= k_real {
+        return (_mm256_setzero_ps(), _mm256_setzero_ps());
+    }
+    let blk = row.add(col / 32 * dtype.block_bytes());
+    let splat = |p: *const u8| _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)));
+    let d = splat(blk);
+    let halves = |q: __m128i, signed: bool| {
+        let hi = _mm_srli_si128::<8>(q);
+        if signed {
+            (_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(hi))
+        } else {
+            (_mm256_cvtepu8_epi32(q), _mm256_cvtepu8_epi32(hi))
+        }
+    };
+    match dtype {
+        DType::Q8_0 => {
+            let (a, b) = halves(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i), true);
+            (_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), _mm256_mul_ps(_mm256_cvtepi32_ps(b), d))
+        }
+        DType::Q4_0 => {
+            let (a, b) = halves(nibbles16(blk.add(2), col), false);
+            let eight = _mm256_set1_epi32(8);
+            (
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, eight)), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(b, eight)), d),
+            )
+        }
+        DType::Q4_1 => {
+            let (a, b) = halves(nibbles16(blk.add(4), col), false);
+            let m = splat(blk.add(2));
+            (
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), m),
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(b), d), m),
+            )
+        }
+        DType::F32 | DType::Bf16 | DType::F16 => unreachable!("element types are loaded by load_w256"),
     }
 }
 

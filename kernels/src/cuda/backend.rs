@@ -102,6 +102,9 @@ fn dtype_suffix(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::Bf16 => "bf16",
         DType::F16 => "f16",
+        DType::Q8_0 => "q8_0",
+        DType::Q4_0 => "q4_0",
+        DType::Q4_1 => "q4_1",
     }
 }
 
@@ -223,7 +226,11 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return;
         }
-        if self.cfg.mode == CudaMode::Native && w.dtype != DType::F32 {
+        // Tensor cores take bf16/f16 weights and a power-of-two segment tree (LEVELS). Block
+        // types and `3·2^k` segmentations run the portable kernel — chosen by the dtype and the
+        // deployment's S, never by a rank's share, so every TP degree takes the same path.
+        let native = matches!(w.dtype, DType::Bf16 | DType::F16) && segs.seg.segments.is_power_of_two();
+        if self.cfg.mode == CudaMode::Native && native {
             self.linear_native(x, m, w, segs, y)
         } else {
             self.linear_portable(x, m, w, segs, y)
@@ -282,7 +289,7 @@ impl CudaBackend {
     /// Tree-combine `t` device arrays of `n` floats (given by address) into `y`.
     pub(crate) fn tree_combine_ptrs(&self, ptrs: &[u64], n: usize, y: &mut CudaBuf) {
         let t = ptrs.len();
-        assert!(t.is_power_of_two() && t <= 64, "tree_combine needs a power of two of at most 64 partials, got {t}");
+        assert!(crate::is_segment_count(t), "tree_combine needs 2^k or 3·2^k (at most 64) partials, got {t}");
         assert_eq!(y.len, n, "tree_combine output length");
         if n == 0 {
             return;

@@ -27,7 +27,7 @@ pub fn nccl_single_rank_comm(be: &CudaBackend) -> Result<Comm, CudaError> {
 }
 
 /// All-gather every rank's `partial` (a row-parallel layer's subtree sums, rank order) and combine
-/// them with the segment tree into `y`, on every rank. The world size must be a power of two ≤ 64.
+/// them with the segment tree into `y`, on every rank. The world size must be a segment count (2^k or 3·2^k, ≤ 64).
 /// `comm` may use any stream of the backend's device; the backend stream waits for it.
 pub fn nccl_all_gather_tree(
     be: &CudaBackend,
@@ -36,8 +36,8 @@ pub fn nccl_all_gather_tree(
     y: &mut CudaBuf,
 ) -> Result<(), CudaError> {
     let t = comm.world_size();
-    if !t.is_power_of_two() || t > 64 {
-        return Err(CudaError::Unsupported(format!("world size {t}: the segment tree needs a power of two ≤ 64")));
+    if !crate::is_segment_count(t) {
+        return Err(CudaError::Unsupported(format!("world size {t}: the segment tree needs 2^k or 3·2^k ≤ 64")));
     }
     let n = partial.len();
     if y.len() != n {

@@ -27,3 +27,42 @@ impl ContractData for Rng {
         (0..n).map(|_| self.f32()).collect()
     }
 }
+
+/// A random `[rows, cols]` matrix of a GGUF block type (`cols` a multiple of 32), as a model file
+/// would hold it: every quant byte random; scales (and Q4_1 minimums) from the contract values
+/// divided by 16, rounded to f16, with one block in eight given an edge scale (±0, an f16
+/// subnormal, the largest f16) so the widening's corner cases are covered.
+#[allow(dead_code)] // not every test file that includes this module builds block matrices
+pub fn quant_weight(
+    rng: &mut Rng,
+    dtype: lockstep_kernels::DType,
+    rows: usize,
+    cols: usize,
+) -> lockstep_kernels::HostWeight {
+    use lockstep_kernels::{HostWeight, SharedBytes, QUANT_BLOCK};
+    let edges = [0x0000u16, 0x8000, 0x0001, 0x83ff, 0x7bff, 0xfbff];
+    let scale = |rng: &mut Rng| {
+        if rng.below(8) == 0 {
+            edges[rng.below(edges.len())]
+        } else {
+            half::f16::from_f32(rng.f32() / 16.0).to_bits()
+        }
+    };
+    let header = dtype.block_bytes() - QUANT_BLOCK / if dtype == lockstep_kernels::DType::Q8_0 { 1 } else { 2 };
+    let mut bytes = Vec::new();
+    for _ in 0..rows * cols / QUANT_BLOCK {
+        for _ in 0..header / 2 {
+            bytes.extend_from_slice(&scale(rng).to_le_bytes());
+        }
+        for _ in header..dtype.block_bytes() {
+            bytes.push(rng.next_u64() as u8);
+        }
+    }
+    HostWeight::new(dtype, SharedBytes::from_vec(bytes), rows, cols).expect("whole blocks")
+}
+
+/// Columns `cols` of each row of a row-major `[rows, k]` matrix: a row-parallel rank's share.
+#[allow(dead_code)] // not every file that includes this module shards activations
+pub fn columns_of(x: &[f32], k: usize, cols: std::ops::Range<usize>) -> Vec<f32> {
+    x.chunks_exact(k).flat_map(|row| row[cols.clone()].to_vec()).collect()
+}

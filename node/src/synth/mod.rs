@@ -92,6 +92,12 @@ pub fn synth_with(
     let dir = out_dir.as_ref().to_path_buf();
     let spec = preset.spec();
     let tensors = spec.tensors();
+    if dtype.is_quantized() {
+        return Err(LoadError::InvalidConfig {
+            file: dir.clone(),
+            reason: format!("synth writes safetensors, which cannot hold {} blocks", dtype.as_str()),
+        });
+    }
     if opts.shards == 0 || opts.shards > tensors.len() {
         return Err(LoadError::InvalidConfig {
             file: dir.clone(),

@@ -19,6 +19,10 @@ pub enum Preset {
     /// A tiny Qwen2: hidden 64, intermediate 176, 2 layers, 8 heads, 4 KV heads, vocab 512, tied
     /// embeddings and q/k/v biases (the Qwen2.5 code paths at test size).
     TinyQwen2,
+    /// SmolLM2-135M's head layout at test size: hidden 288, intermediate 768, 2 layers, 9 heads,
+    /// 3 KV heads of 32 dims, vocab 512, tied embeddings. `q_dim = 288`, so `reduce_segments` is
+    /// 6 (the `3·2^k` family) and tensor parallelism 1 and 3 are the degrees it allows.
+    TinySmol,
     /// Qwen2.5-0.5B's shapes: hidden 896, intermediate 4864, 24 layers, 14 heads, 2 KV heads,
     /// vocab 151936, tied embeddings, q/k/v biases.
     Qwen25_05b,
@@ -28,13 +32,15 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::TinyQwen2, Preset::Qwen25_05b, Preset::Llama32_1b];
+    pub const ALL: [Preset; 5] =
+        [Preset::Tiny, Preset::TinyQwen2, Preset::TinySmol, Preset::Qwen25_05b, Preset::Llama32_1b];
 
     /// The name used on command lines.
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::TinyQwen2 => "tiny-qwen2",
+            Preset::TinySmol => "tiny-smollm2",
             Preset::Qwen25_05b => "qwen2.5-0.5b",
             Preset::Llama32_1b => "llama-3.2-1b",
         }
@@ -73,6 +79,22 @@ impl Preset {
                 max_pos: 4096,
                 eps: 1e-6,
                 specials: SpecialSet::QwenShort,
+            },
+            Preset::TinySmol => Spec {
+                family: Family::Llama,
+                hidden: 288,
+                intermediate: 768,
+                layers: 2,
+                heads: 9,
+                kv_heads: 3,
+                head_dim: 32,
+                vocab: 512,
+                tied: true,
+                rope_theta: 100000.0,
+                llama3_rope: false,
+                max_pos: 2048,
+                eps: 1e-5,
+                specials: SpecialSet::Llama3Short,
             },
             Preset::Qwen25_05b => Spec {
                 family: Family::Qwen2,
@@ -233,6 +255,8 @@ impl Spec {
             DType::F32 => "float32",
             DType::Bf16 => "bfloat16",
             DType::F16 => "float16",
+            // synth writes safetensors; `synth_with` refuses block types before writing anything.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => unreachable!("synth writes element types only"),
         };
         let specials = self.special_tokens();
         let id = |name: &str| specials.iter().find(|(_, n)| n == name).map(|(i, _)| *i).expect("special token");
@@ -430,6 +454,14 @@ mod tests {
                     );
                     assert!(!c.tie_word_embeddings);
                     assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(507), vec![508, 511]));
+                }
+                Preset::TinySmol => {
+                    assert_eq!(
+                        (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size),
+                        (9, 3, 32, 288)
+                    );
+                    assert!(c.tie_word_embeddings);
+                    assert_eq!(crate::shard::auto_reduce_segments(&c), 6);
                 }
                 Preset::TinyQwen2 => {
                     assert_eq!(c.arch, Architecture::Qwen2);

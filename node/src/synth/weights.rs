@@ -129,6 +129,7 @@ fn fill(buf: &mut Vec<u8>, rng: &mut SplitMix64, init: Init, n: usize, dtype: DT
         DType::F32 => (0..n).for_each(|_| buf.extend_from_slice(&value(rng).to_le_bytes())),
         DType::Bf16 => (0..n).for_each(|_| buf.extend_from_slice(&half::bf16::from_f32(value(rng)).to_le_bytes())),
         DType::F16 => (0..n).for_each(|_| buf.extend_from_slice(&half::f16::from_f32(value(rng)).to_le_bytes())),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => unreachable!("synth_with refuses block types"),
     }
 }
 
