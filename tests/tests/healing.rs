@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use lockstep_test_env::stories260k;
-use lockstep_tests::{http, Watched};
+use lockstep_tests::{complete, get_json, http, signal, wait_until, Answer, Watched};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -21,19 +21,6 @@ fn serve(extra: &[&str]) -> Option<(Watched, String)> {
         line.split("listening on http://").nth(1).map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
     });
     Some((server, addr))
-}
-
-fn get_json(addr: &str, path: &str) -> (u16, Value) {
-    let (status, body) = http(addr, "GET", path, None, LIMIT);
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The requests in flight during a fault: greedy and seeded, streamed and not.
@@ -52,44 +39,6 @@ fn bodies() -> Vec<Value> {
         }
     }
     out
-}
-
-/// An answer as the client sees it: text and token ids, whichever way it came.
-#[derive(Debug, PartialEq)]
-struct Answer {
-    text: String,
-    token_ids: Vec<u64>,
-}
-
-fn complete(addr: &str, body: &Value) -> Answer {
-    let (status, text) = http(addr, "POST", "/v1/completions", Some(&body.to_string()), LIMIT);
-    assert_eq!(status, 200, "{text}");
-    if body["stream"] == json!(true) {
-        let mut answer = Answer { text: String::new(), token_ids: Vec::new() };
-        let mut done = false;
-        for line in text.lines() {
-            let Some(data) = line.strip_prefix("data: ") else { continue };
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let v: Value = serde_json::from_str(data).expect("an SSE JSON event");
-            assert!(v.get("error").is_none(), "no error event in a healed stream: {v}");
-            for c in v["choices"].as_array().into_iter().flatten() {
-                answer.text.push_str(c["text"].as_str().unwrap_or(""));
-                answer.token_ids.extend(c["token_ids"].as_array().into_iter().flatten().filter_map(Value::as_u64));
-            }
-        }
-        assert!(done, "the stream ends with [DONE]: {text}");
-        answer
-    } else {
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let c = &v["choices"][0];
-        Answer {
-            text: c["text"].as_str().unwrap().to_string(),
-            token_ids: c["token_ids"].as_array().unwrap().iter().filter_map(Value::as_u64).collect(),
-        }
-    }
 }
 
 /// Send every body at once, from one thread each; answers in order.
@@ -117,11 +66,6 @@ fn serving_node_pid(addr: &str) -> (String, u32) {
         .unwrap_or_else(|| panic!("no serving embedded node: {cluster}"))
         .clone();
     (node["name"].as_str().unwrap().to_string(), node["pid"].as_u64().unwrap() as u32)
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill(1)").success();
-    assert!(ok, "kill {sig} {pid}");
 }
 
 /// Guards issue 10's promise: kill -9 of a serving node at TP 2 with a hot spare — every request
