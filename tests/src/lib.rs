@@ -210,6 +210,26 @@ pub fn signal(pid: u32, sig: &str) {
 /// How long one completion or ops request of a system test may take.
 pub const HTTP_LIMIT: Duration = Duration::from_secs(120);
 
+/// Requests for fault tests: for each prompt, greedy and seeded (T=0.8, seeds from
+/// `first_seed`), streamed and not, each `max_tokens` long.
+pub fn greedy_and_seeded(prompts: &[&str], max_tokens: u64, first_seed: u64) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let mut out = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        for stream in [false, true] {
+            let base = json!({"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true, "stream": stream});
+            let mut greedy = base.clone();
+            greedy["temperature"] = json!(0);
+            let mut seeded = base;
+            seeded["temperature"] = json!(0.8);
+            seeded["seed"] = json!(first_seed + i as u64);
+            out.push(greedy);
+            out.push(seeded);
+        }
+    }
+    out
+}
+
 /// A completion as the client sees it: text and token ids, whichever way it came.
 #[derive(Debug, PartialEq)]
 pub struct Answer {

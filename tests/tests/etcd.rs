@@ -11,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lockstep_test_env::{missing, stories260k};
-use lockstep_tests::{get_json, run_lockstep, scratch, try_complete, try_http, wait_until, Answer, Watched};
+use lockstep_tests::{
+    get_json, greedy_and_seeded, run_lockstep, scratch, try_complete, try_http, wait_until, Answer, Watched,
+};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -97,76 +99,34 @@ fn certs(dir: &Path, names: &[&str]) -> PathBuf {
 /// A coordinator `name` of cluster `cluster` on etcd: the process and its HTTP address (from its
 /// standby line).
 fn coordinator(model: &Path, tls: &Path, etcd: &Etcd, cluster: &str, name: &str, extra: &[&str]) -> (Watched, String) {
-    let url = etcd.url();
-    let args = [
-        "serve",
-        "--model",
-        model.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--no-h3",
-        "--canary-every",
-        "0",
-        "--max-context",
-        "512",
-        "--membership",
-        "etcd",
-        "--etcd-endpoints",
-        &url,
-        "--cluster-name",
-        cluster,
-        "--name",
-        name,
-        "--tls-dir",
-        tls.to_str().unwrap(),
-        "--cluster-listen",
-        "127.0.0.1:0",
-    ];
-    let mut w = Watched::lockstep(&[&args[..], extra].concat());
+    let shared = etcd_flags(etcd, cluster, tls);
+    let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let args = ["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-h3"];
+    let quiet = ["--canary-every", "0", "--max-context", "512", "--cluster-listen", "127.0.0.1:0", "--name", name];
+    let mut w = Watched::lockstep(&[&args[..], &quiet, &shared, extra].concat());
     let addr = w.wait_for_stderr(LIMIT, |line| {
         line.split("standby on http://").nth(1).map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
     });
     (w, addr)
 }
 
+/// The flags every member of cluster `cluster` on `etcd` shares.
+fn etcd_flags(etcd: &Etcd, cluster: &str, tls: &Path) -> Vec<String> {
+    let flags = ["--membership", "etcd", "--etcd-endpoints", &etcd.url(), "--cluster-name", cluster, "--tls-dir"];
+    flags.iter().map(|f| f.to_string()).chain([tls.to_str().unwrap().to_string()]).collect()
+}
+
 /// A node `name` following cluster `cluster`'s leader.
 fn node(tls: &Path, etcd: &Etcd, cluster: &str, name: &str) -> Watched {
-    let url = etcd.url();
-    Watched::lockstep(&[
-        "node",
-        "--membership",
-        "etcd",
-        "--etcd-endpoints",
-        &url,
-        "--cluster-name",
-        cluster,
-        "--tls-dir",
-        tls.to_str().unwrap(),
-        "--name",
-        name,
-        "--threads",
-        "1",
-        "--step-delay-ms",
-        "10",
-    ])
+    let shared = etcd_flags(etcd, cluster, tls);
+    let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let own = ["node", "--name", name, "--threads", "1", "--step-delay-ms", "10"];
+    Watched::lockstep(&[&own[..], &shared].concat())
 }
 
 /// Greedy and seeded requests, streamed and not.
 fn bodies() -> Vec<Value> {
-    let mut out = Vec::new();
-    for (i, prompt) in ["Once upon a time", "The little dog ran"].iter().enumerate() {
-        for stream in [false, true] {
-            let base = json!({"model": "stories260K", "prompt": prompt, "max_tokens": 64, "ignore_eos": true, "stream": stream});
-            let mut greedy = base.clone();
-            greedy["temperature"] = json!(0);
-            let mut seeded = base;
-            seeded["temperature"] = json!(0.8);
-            seeded["seed"] = json!(7 + i);
-            out.push(greedy);
-            out.push(seeded);
-        }
-    }
-    out
+    greedy_and_seeded(&["Once upon a time", "The little dog ran"], 64, 7)
 }
 
 /// A client that retries on every coordinator in turn until one answers (bounded by `limit`):
@@ -232,10 +192,16 @@ fn killing_the_leader_hands_over_to_the_standby_with_identical_bytes() {
     let leader_name = ["coord-a", "coord-b"][first];
 
     // The standby says so, names the leader, and refuses the API with Retry-After.
-    let (status, health) = get_json(&standby_addr, "/health");
-    assert_eq!(status, 503, "{health}");
-    assert_eq!(health["status"], "standby", "{health}");
-    assert_eq!(health["leader"], leader_name, "{health}");
+    // (It looks the leader up once per lease refresh, so it may take a moment to name it.)
+    let mut health = Value::Null;
+    wait_until("the standby names the leader", Duration::from_secs(10), || {
+        let (status, h) = get_json(&standby_addr, "/health");
+        assert_eq!(status, 503, "{h}");
+        assert_eq!(h["status"], "standby", "{h}");
+        health = h;
+        health["leader"] == leader_name
+    });
+    assert_eq!(health["leader_http"], leader_addr.as_str(), "{health}");
     let body = json!({"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 4}).to_string();
     let (status, head, refusal) = try_http(&standby_addr, "POST", "/v1/completions", Some(&body), LIMIT).unwrap();
     assert_eq!(status, 503, "{refusal}");

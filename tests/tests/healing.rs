@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use lockstep_test_env::stories260k;
-use lockstep_tests::{complete, get_json, http, signal, wait_until, Answer, Watched};
-use serde_json::{json, Value};
+use lockstep_tests::{complete, get_json, greedy_and_seeded, http, signal, wait_until, Answer, Watched};
+use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -25,20 +25,7 @@ fn serve(extra: &[&str]) -> Option<(Watched, String)> {
 
 /// The requests in flight during a fault: greedy and seeded, streamed and not.
 fn bodies() -> Vec<Value> {
-    let mut out = Vec::new();
-    for (i, prompt) in ["Once upon a time", "The little dog ran", "Lily and Ben went to the park"].iter().enumerate() {
-        for stream in [false, true] {
-            let base = json!({"model": "stories260K", "prompt": prompt, "max_tokens": 96, "ignore_eos": true, "stream": stream});
-            let mut greedy = base.clone();
-            greedy["temperature"] = json!(0);
-            let mut seeded = base;
-            seeded["temperature"] = json!(0.8);
-            seeded["seed"] = json!(100 + i);
-            out.push(greedy);
-            out.push(seeded);
-        }
-    }
-    out
+    greedy_and_seeded(&["Once upon a time", "The little dog ran", "Lily and Ben went to the park"], 96, 100)
 }
 
 /// Send every body at once, from one thread each; answers in order.
