@@ -232,7 +232,7 @@ fn killing_the_leader_hands_over_to_the_standby_with_identical_bytes() {
     assert_eq!(got, reference, "every retried request gives the bytes of the first leader");
     let (_, ops) = get_json(&standby_addr, "/ops/cluster");
     assert_eq!(ops["discovery"]["role"], "leader", "{ops}");
-    let again = all_retrying(&[standby_addr.clone()], &bodies);
+    let again = all_retrying(std::slice::from_ref(&standby_addr), &bodies);
     assert_eq!(again, reference);
     if let Some(p) = procs[1 - first].take() {
         p.terminate(LIMIT);
@@ -292,4 +292,42 @@ fn restarting_etcd_under_load_loses_no_request() {
     assert_eq!(ops["discovery"]["role"], "leader", "the lease survived the restart: {ops}");
     assert_eq!(all_retrying(&addrs, &bodies), reference);
     leader.terminate(LIMIT);
+}
+
+/// Guards issue 10's step-down: a leader whose lease etcd no longer has (revoked here through
+/// etcd's JSON gateway, as an expiry would) stops serving and stands by naming the new leader,
+/// the standby is elected and serves, and the bytes do not change.
+#[test]
+fn a_leader_that_loses_its_lease_steps_down() {
+    let Some(model) = stories260k() else { return };
+    let dir = scratch("etcd-step-down");
+    let Some(etcd) = Etcd::start(&dir) else { return };
+    let tls = certs(&dir, &["coord-a", "coord-b", "node-0", "node-1"]);
+    let cluster = "step-down";
+    let tp = ["--tp", "2", "--node-threads", "1"];
+    let (_a, a_addr) = coordinator(&model, &tls, &etcd, cluster, "coord-a", &tp);
+    let (_b, b_addr) = coordinator(&model, &tls, &etcd, cluster, "coord-b", &tp);
+    let _nodes: Vec<Watched> = (0..2).map(|i| node(&tls, &etcd, cluster, &format!("node-{i}"))).collect();
+    let addrs = vec![a_addr, b_addr];
+    let first = leader_of(&addrs, LIMIT);
+    let (old, new) = (addrs[first].clone(), addrs[1 - first].clone());
+    let bodies = bodies();
+    let reference = all_retrying(&addrs, &bodies);
+
+    let (_, ops) = get_json(&old, "/ops/cluster");
+    let lease = i64::from_str_radix(ops["discovery"]["lease"].as_str().expect("the leader's lease"), 16).unwrap();
+    let etcd_addr = format!("127.0.0.1:{}", etcd.client_port);
+    let revoke = json!({ "ID": lease.to_string() }).to_string();
+    let (status, _, answer) = try_http(&etcd_addr, "POST", "/v3/lease/revoke", Some(&revoke), LIMIT).unwrap();
+    assert_eq!(status, 200, "{answer}");
+
+    wait_until("the old leader stands by", Duration::from_secs(20), || {
+        let (status, health) = get_json_or_down(&old, "/health");
+        status == 503 && health["status"] == "standby"
+    });
+    wait_until("the standby leads", LIMIT, || get_json_or_down(&new, "/health").0 == 200);
+    wait_until("the old leader names the new one", Duration::from_secs(10), || {
+        get_json_or_down(&old, "/health").1["leader"] == ["coord-a", "coord-b"][1 - first]
+    });
+    assert_eq!(all_retrying(&[new], &bodies), reference);
 }

@@ -155,7 +155,7 @@ fn failed_grants_and_campaigns_are_retried_later() {
     l.call_failed(t0, &grant, "etcd is down".into());
     assert_eq!(l.poll_timeout(), t0 + RETRY);
     l.handle_timeout(t0 + RETRY);
-    assert_eq!(drain(&mut l), [grant.clone()]);
+    assert_eq!(drain(&mut l), std::slice::from_ref(&grant));
     l.lease_granted(t0 + RETRY, 5);
     assert_eq!(drain(&mut l), [LeadAction::Campaign { lease: 5 }]);
     l.campaign_failed(t0 + RETRY, 5, "stream reset".into());
