@@ -211,6 +211,13 @@ fn killing_the_leader_hands_over_to_the_standby_with_identical_bytes() {
     let (_, ops) = get_json(&leader_addr, "/ops/cluster");
     assert_eq!(ops["discovery"]["role"], "leader", "{ops}");
     assert_eq!(ops["discovery"]["etcd"]["state"], "up", "{ops}");
+    // Every node registered under its lease, and the serving ones with their fingerprint.
+    wait_until("the leader lists the registered nodes", Duration::from_secs(10), || {
+        let (_, ops) = get_json(&leader_addr, "/ops/cluster");
+        let nodes = ops["discovery"]["registered_nodes"].as_array().cloned().unwrap_or_default();
+        let fingerprint = ops["system_fingerprint"].clone();
+        nodes.len() == 3 && nodes.iter().filter(|n| n["fingerprint"] == fingerprint).count() == 2
+    });
 
     let bodies = bodies();
     let reference = all_retrying(&addrs, &bodies);

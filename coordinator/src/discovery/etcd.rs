@@ -10,15 +10,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use lockstep_node::server::{NodeError, NodeOptions};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::{
-    election_name, lease_ttl_secs, node_key, EtcdHealth, LeadAction, LeaderRecord, Leadership, LeadershipConfig,
-    NodeRecord, Role,
+    election_name, lease_ttl_secs, node_key, node_prefix, EtcdHealth, LeadAction, LeaderRecord, Leadership,
+    LeadershipConfig, NodeRecord, Role,
 };
 
 /// Longest wait for one etcd call (the campaign excepted): past it, etcd counts as down.
@@ -108,6 +108,15 @@ async fn look_up_leader(client: &mut Client, cluster: &str) -> Result<Option<Lea
     }
 }
 
+/// The nodes registered in `cluster`, by name (records that do not parse are skipped).
+async fn registered_nodes(client: &mut Client, cluster: &str) -> Result<Vec<NodeRecord>, DiscoveryError> {
+    let answer = bounded(client.get(node_prefix(cluster), Some(GetOptions::new().with_prefix()))).await?;
+    let mut nodes: Vec<NodeRecord> =
+        answer.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(nodes)
+}
+
 /// What this coordinator's discovery looks like, for `/health`, `/ops/cluster` and the serve loop.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiscoveryStatus {
@@ -124,6 +133,8 @@ pub struct DiscoveryStatus {
     pub etcd_last_ok_ms_ago: Option<u64>,
     /// The lease this coordinator holds (hex), if any.
     pub lease: Option<String>,
+    /// The nodes registered in etcd (alive: under a lease), as last read with the leader.
+    pub registered_nodes: Vec<NodeRecord>,
 }
 
 /// What an etcd call in flight answers.
@@ -132,6 +143,7 @@ enum Answer {
     KeptAlive(i64, Result<i64, DiscoveryError>),
     Campaigned(i64, Result<(), DiscoveryError>),
     Leader(Result<Option<LeaderRecord>, DiscoveryError>),
+    Nodes(Vec<NodeRecord>),
 }
 
 /// A coordinator taking part in its cluster's election (see the module docs of [`super`]).
@@ -149,7 +161,7 @@ impl Campaigner {
         let ttl_secs = lease_ttl_secs(node_timeout);
         let leadership =
             Leadership::new(LeadershipConfig::for_ttl(ttl_secs, RETRY_AFTER), me.name.clone(), Instant::now());
-        let status = render(&leadership, &etcd, &me.name);
+        let status = render(&leadership, &etcd, &me.name, &[]);
         let (status_tx, status_rx) = watch::channel(status);
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(campaign_loop(etcd, me, leadership, status_tx, stopped));
@@ -180,7 +192,7 @@ impl Drop for Campaigner {
     }
 }
 
-fn render(l: &Leadership, etcd: &EtcdOptions, name: &str) -> DiscoveryStatus {
+fn render(l: &Leadership, etcd: &EtcdOptions, name: &str, nodes: &[NodeRecord]) -> DiscoveryStatus {
     DiscoveryStatus {
         membership: "etcd",
         cluster_name: etcd.cluster.clone(),
@@ -191,6 +203,7 @@ fn render(l: &Leadership, etcd: &EtcdOptions, name: &str) -> DiscoveryStatus {
         etcd_endpoints: etcd.endpoints.clone(),
         etcd_last_ok_ms_ago: l.etcd_last_ok_age(Instant::now()).map(|d| d.as_millis() as u64),
         lease: l.lease().map(|id| format!("{id:x}")),
+        registered_nodes: nodes.to_vec(),
     }
 }
 
@@ -207,7 +220,7 @@ async fn campaign_loop(
             Ok(c) => break c,
             Err(e) => {
                 l.call_failed(Instant::now(), &LeadAction::LookUpLeader, e.to_string());
-                status.send_replace(render(&l, &etcd, &me.name));
+                status.send_replace(render(&l, &etcd, &me.name, &[]));
                 tokio::select! {
                     _ = &mut stopped => return,
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
@@ -217,6 +230,7 @@ async fn campaign_loop(
     };
     let (answers, mut answered) = mpsc::unbounded_channel();
     let mut campaign: Option<JoinHandle<()>> = None;
+    let mut registered: Vec<NodeRecord> = Vec::new();
     loop {
         while let Some(action) = l.poll_action() {
             let mut c = client.clone();
@@ -247,7 +261,14 @@ async fn campaign_loop(
                 LeadAction::LookUpLeader => {
                     let cluster = etcd.cluster.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(Answer::Leader(look_up_leader(&mut c, &cluster).await));
+                        let leader = look_up_leader(&mut c, &cluster).await;
+                        let reached = leader.is_ok();
+                        let _ = tx.send(Answer::Leader(leader));
+                        if reached {
+                            if let Ok(nodes) = registered_nodes(&mut c, &cluster).await {
+                                let _ = tx.send(Answer::Nodes(nodes));
+                            }
+                        }
                     });
                 }
                 LeadAction::StartServing => {
@@ -258,7 +279,7 @@ async fn campaign_loop(
                 }
             }
         }
-        let rendered = render(&l, &etcd, &me.name);
+        let rendered = render(&l, &etcd, &me.name, &registered);
         status.send_if_modified(|old| {
             // The age of etcd's last answer changes all the time; only a change of anything
             // else wakes the serve loop.
@@ -283,6 +304,7 @@ async fn campaign_loop(
                     Answer::Campaigned(lease, Err(e)) => l.campaign_failed(now, lease, e.to_string()),
                     Answer::Leader(Ok(leader)) => l.leader_seen(now, leader),
                     Answer::Leader(Err(e)) => l.call_failed(now, &LeadAction::LookUpLeader, e.to_string()),
+                    Answer::Nodes(nodes) => registered = nodes,
                 }
             }
             _ = tokio::time::sleep_until(deadline) => l.handle_timeout(Instant::now()),

@@ -15,7 +15,8 @@
 //! Which role a coordinator plays is decided by the sans-IO [`Leadership`] state machine
 //! (quinn-proto style: inputs are the answers of etcd calls with the current time, `handle_timeout`
 //! / `poll_timeout` schedule lease keep-alives and leader look-ups, actions are polled), so tests
-//! drive it without etcd. [`etcd`] is the thin I/O wrapper that carries the actions out with the
+//! drive it without etcd. The leader shows the nodes registered in etcd in `/ops/cluster`
+//! (`discovery.registered_nodes`). [`etcd`] is the thin I/O wrapper that carries the actions out with the
 //! `etcd-client` crate. The rules:
 //!
 //! - **Lease first, then campaign.** Without a lease the coordinator asks for one; with one it
