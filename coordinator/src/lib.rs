@@ -11,6 +11,8 @@
 //!   it directly.
 //! * [`membership`]: which nodes are alive and which tensor-parallel groups they form, as a
 //!   sans-IO state machine with time as an input.
+//! * [`discovery`]: etcd discovery and coordinator fail-over (`--membership etcd`): which
+//!   coordinator leads, as a sans-IO state machine, and a thin etcd wrapper.
 //!
 //! The scheduler never changes a request's output bits: sampling noise is keyed by the generated
 //! token's index and the kernels are batch-invariant (see `docs/DESIGN.md`), so which step, batch
@@ -18,6 +20,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod discovery;
 pub mod engine;
 pub mod membership;
 pub mod ops;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use api_support::{start, H3Client, Options, TestServer};
 use bytes::{Buf, Bytes};
-use lockstep_coordinator::api::{EdgeLimits, Forming, Server, OVERFLOW_CONNECTIONS};
+use lockstep_coordinator::api::{forming_app, EdgeLimits, InterimServer, Server, OVERFLOW_CONNECTIONS};
 use lockstep_test_env::stories260k;
 use lockstep_tests::{dechunk, scratch, Watched};
 use serde_json::{json, Value};
@@ -607,9 +607,13 @@ async fn shutdown_ends_running_streams_with_an_error_event_and_done_on_both_tran
 async fn a_forming_coordinator_answers_health_503_until_it_serves() {
     let Some(model) = stories260k() else { return };
     let run = async {
-        let forming = Forming::start("127.0.0.1:0".parse().unwrap(), "waiting for nodes".into(), EdgeLimits::default())
-            .await
-            .unwrap();
+        let forming = InterimServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            forming_app("waiting for nodes".into()),
+            EdgeLimits::default(),
+        )
+        .await
+        .unwrap();
         let addr = forming.http_addr;
         let r = exchange(addr, &head("GET", "/health", &[], None), b"").await.unwrap();
         assert_eq!(r.status, 503);

@@ -21,7 +21,10 @@
 //! only once everything the previous one held has been let go, so two models never share the
 //! memory at once. The forward pass is synchronous, CPU-bound code; it runs on its own thread and
 //! talks to the async QUIC tasks through channels ([`QuicRing`]). The coordinator connection is
-//! the node's lifeline: when it closes, the node exits.
+//! the node's lifeline: when it closes, the node exits — unless it follows an etcd leader
+//! (`lockstep node --membership etcd`, in the coordinator crate), which runs one
+//! [`serve_coordinator`] session after another on the same endpoint, leaving a coordinator as
+//! soon as etcd names another leader.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -101,11 +104,33 @@ pub fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
 }
 
 async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
-    let identity = TlsIdentity::load(&opts.tls_dir, &opts.name)?;
-    let endpoint = Arc::new(Endpoint::bind(opts.listen, &identity)?);
-    let ring_addr = endpoint.local_addr()?;
+    let endpoint = bind(&opts)?;
     let coord_addr = resolve(&opts.coordinator).await?;
     let conn = endpoint.connect(coord_addr, DEFAULT_SERVER_NAME).await?;
+    let result = serve_coordinator(Arc::new(opts), endpoint.clone(), conn, std::future::pending(), None).await;
+    endpoint.close("node exiting");
+    result
+}
+
+/// The node's QUIC endpoint (its ring address), bound with its certificate.
+pub fn bind(opts: &NodeOptions) -> Result<Arc<Endpoint>, NodeError> {
+    let identity = TlsIdentity::load(&opts.tls_dir, &opts.name)?;
+    Ok(Arc::new(Endpoint::bind(opts.listen, &identity)?))
+}
+
+/// One session with the coordinator at the other end of `conn`: hello, then assignments until the
+/// coordinator shuts the node down (`Ok`), the connection is lost, or `leave` resolves (`Ok`: a
+/// node that follows an etcd leader leaves one that is no longer the leader). Whatever the node
+/// holds is released on the way out. `fingerprint`, when given, gets the fingerprint of every
+/// assignment the node reports ready.
+pub async fn serve_coordinator(
+    opts: Arc<NodeOptions>,
+    endpoint: Arc<Endpoint>,
+    conn: lockstep_transport::Conn,
+    leave: impl std::future::Future<Output = ()>,
+    fingerprint: Option<&tokio::sync::watch::Sender<String>>,
+) -> Result<(), NodeError> {
+    let ring_addr = endpoint.local_addr()?;
     let (tx, mut rx) = conn.split();
     tx.send(&Frame::Control(Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -118,39 +143,43 @@ async fn node_main(opts: NodeOptions) -> Result<(), NodeError> {
     let (outcomes_tx, mut outcomes_rx) = mpsc::unbounded_channel();
     let mut node = Node {
         control: NodeControl::new(opts.name.clone()),
-        opts: Arc::new(opts),
-        endpoint: endpoint.clone(),
+        opts,
+        endpoint,
         tx,
         preparing: None,
         serving: None,
         retiring: Vec::new(),
         outcomes: outcomes_tx,
+        fingerprint: fingerprint.cloned(),
     };
-    let result = loop {
+    let mut leave = std::pin::pin!(leave);
+    loop {
         if let Some(exit) = node.carry_out_actions().await? {
-            break exit;
+            return exit;
         }
         let event = tokio::select! {
             frame = rx.recv() => Event::Frame(frame),
             (generation, prepared) = next_prepared(&mut node.preparing) => Event::Prepared(generation, Box::new(prepared)),
             Some((generation, outcome)) = outcomes_rx.recv() => Event::Step(generation, outcome),
+            () = &mut leave => {
+                node.release_all("the coordinator is no longer the leader");
+                return Ok(());
+            }
         };
         match event {
             Event::Frame(Ok(Frame::Control(m))) => node.control.message(m),
             Event::Frame(Ok(Frame::Ring(_))) => {
                 node.release_all("protocol error");
-                break Err(NodeError::Protocol("the coordinator sent a ring frame".into()));
+                return Err(NodeError::Protocol("the coordinator sent a ring frame".into()));
             }
             Event::Frame(Err(e)) => {
                 node.release_all("the coordinator connection is gone");
-                break Err(e.into());
+                return Err(e.into());
             }
             Event::Prepared(generation, result) => node.prepared(generation, *result),
             Event::Step(generation, outcome) => node.control.step_finished(generation, outcome),
         }
-    };
-    endpoint.close("node exiting");
-    result
+    }
 }
 
 enum Event {
@@ -171,6 +200,8 @@ struct Node {
     /// load finishing its blocking part); the next preparation waits for them.
     retiring: Vec<tokio::task::JoinHandle<()>>,
     outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
+    /// Told the fingerprint of every assignment reported ready (etcd registration).
+    fingerprint: Option<tokio::sync::watch::Sender<String>>,
 }
 
 /// An assignment being loaded.
@@ -211,7 +242,12 @@ impl Node {
     async fn carry_out_actions(&mut self) -> Result<Option<Result<(), NodeError>>, NodeError> {
         while let Some(action) = self.control.poll_action() {
             match action {
-                ControlAction::Send(m) => self.tx.send(&Frame::Control(m)).await?,
+                ControlAction::Send(m) => {
+                    if let (Message::Ready { fingerprint, .. }, Some(tell)) = (&m, &self.fingerprint) {
+                        tell.send_replace(fingerprint.clone());
+                    }
+                    self.tx.send(&Frame::Control(m)).await?
+                }
                 ControlAction::Prepare { generation, assignment } => self.start_preparing(generation, *assignment),
                 ControlAction::Release { generation, reason } => self.release(generation, &reason),
                 ControlAction::RunStep { generation, plan } => {

@@ -197,31 +197,145 @@ pub fn prompts_file(dir: &Path, lines: &[&str]) -> PathBuf {
     p
 }
 
+/// `GET path` as JSON (`null` when the body is not JSON): (status, value).
+pub fn get_json(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = http(addr, "GET", path, None, HTTP_LIMIT);
+    (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// Polls `ok` every 50 ms until it holds; panics naming `what` past `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` (`-KILL`, `-STOP`, …) to `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill(1)").success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// How long one completion or ops request of a system test may take.
+pub const HTTP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Requests for fault tests: for each prompt, greedy and seeded (T=0.8, seeds from
+/// `first_seed`), streamed and not, each `max_tokens` long.
+pub fn greedy_and_seeded(prompts: &[&str], max_tokens: u64, first_seed: u64) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let mut out = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        for stream in [false, true] {
+            let base = json!({"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true, "stream": stream});
+            let mut greedy = base.clone();
+            greedy["temperature"] = json!(0);
+            let mut seeded = base;
+            seeded["temperature"] = json!(0.8);
+            seeded["seed"] = json!(first_seed + i as u64);
+            out.push(greedy);
+            out.push(seeded);
+        }
+    }
+    out
+}
+
+/// A completion as the client sees it: text and token ids, whichever way it came.
+#[derive(Debug, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    pub token_ids: Vec<u64>,
+}
+
+/// `POST /v1/completions` with `body` (streamed or not), which must answer 200 with no error
+/// event; the text and token ids it returned.
+pub fn complete(addr: &str, body: &serde_json::Value) -> Answer {
+    try_complete(addr, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`complete`], with a refusal or a broken answer as an error instead of a panic (for clients
+/// that retry).
+pub fn try_complete(addr: &str, body: &serde_json::Value) -> Result<Answer, String> {
+    use serde_json::Value;
+    let (status, _, text) = try_http(addr, "POST", "/v1/completions", Some(&body.to_string()), HTTP_LIMIT)?;
+    if status != 200 {
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    if body["stream"] == Value::Bool(true) {
+        let mut answer = Answer { text: String::new(), token_ids: Vec::new() };
+        let mut done = false;
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(data).map_err(|e| format!("an SSE event that is not JSON ({e}): {data}"))?;
+            if v.get("error").is_some() {
+                return Err(format!("an error event in the stream: {v}"));
+            }
+            for c in v["choices"].as_array().into_iter().flatten() {
+                answer.text.push_str(c["text"].as_str().unwrap_or(""));
+                answer.token_ids.extend(c["token_ids"].as_array().into_iter().flatten().filter_map(Value::as_u64));
+            }
+        }
+        if !done {
+            return Err(format!("the stream does not end with [DONE]: {text}"));
+        }
+        Ok(answer)
+    } else {
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON ({e}): {text}"))?;
+        let c = &v["choices"][0];
+        Ok(Answer {
+            text: c["text"].as_str().ok_or_else(|| format!("no text: {v}"))?.to_string(),
+            token_ids: c["token_ids"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect(),
+        })
+    }
+}
+
 /// One HTTP/1.1 exchange on loopback with `Connection: close`: (status, body). A chunked body is
 /// de-chunked; an SSE stream therefore comes back whole once the server ends it.
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, limit: Duration) -> (u16, String) {
+    let (status, _, body) = try_http(addr, method, path, body, limit).unwrap_or_else(|e| panic!("{e}"));
+    (status, body)
+}
+
+/// [`http`] returning the response head too (`Retry-After`, …), and a refused connection or a
+/// reply cut short as an error instead of a panic: (status, head, body).
+pub fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    limit: Duration,
+) -> Result<(u16, String, String), String> {
     use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(limit)).expect("read timeout");
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(b) = body {
         head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(head.as_bytes()).map_err(|e| format!("write to {addr}: {e}"))?;
     if let Some(b) = body {
-        s.write_all(b.as_bytes()).expect("write body");
+        s.write_all(b.as_bytes()).map_err(|e| format!("write to {addr}: {e}"))?;
     }
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP head");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{addr} closed the connection without an HTTP head"))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut body = raw[split + 4..].to_vec();
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("no status: {head}"))?;
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         body = dechunk(&body);
     }
-    (status, String::from_utf8(body).expect("UTF-8 body"))
+    Ok((status, head, String::from_utf8(body).map_err(|e| format!("a body that is not UTF-8: {e}"))?))
 }
 
 /// The payload of a chunked HTTP/1.1 body (what a body is without its chunk framing).

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use lockstep_test_env::stories260k;
-use lockstep_tests::{http, Watched};
-use serde_json::{json, Value};
+use lockstep_tests::{complete, get_json, greedy_and_seeded, http, signal, wait_until, Answer, Watched};
+use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -23,73 +23,9 @@ fn serve(extra: &[&str]) -> Option<(Watched, String)> {
     Some((server, addr))
 }
 
-fn get_json(addr: &str, path: &str) -> (u16, Value) {
-    let (status, body) = http(addr, "GET", path, None, LIMIT);
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The requests in flight during a fault: greedy and seeded, streamed and not.
 fn bodies() -> Vec<Value> {
-    let mut out = Vec::new();
-    for (i, prompt) in ["Once upon a time", "The little dog ran", "Lily and Ben went to the park"].iter().enumerate() {
-        for stream in [false, true] {
-            let base = json!({"model": "stories260K", "prompt": prompt, "max_tokens": 96, "ignore_eos": true, "stream": stream});
-            let mut greedy = base.clone();
-            greedy["temperature"] = json!(0);
-            let mut seeded = base;
-            seeded["temperature"] = json!(0.8);
-            seeded["seed"] = json!(100 + i);
-            out.push(greedy);
-            out.push(seeded);
-        }
-    }
-    out
-}
-
-/// An answer as the client sees it: text and token ids, whichever way it came.
-#[derive(Debug, PartialEq)]
-struct Answer {
-    text: String,
-    token_ids: Vec<u64>,
-}
-
-fn complete(addr: &str, body: &Value) -> Answer {
-    let (status, text) = http(addr, "POST", "/v1/completions", Some(&body.to_string()), LIMIT);
-    assert_eq!(status, 200, "{text}");
-    if body["stream"] == json!(true) {
-        let mut answer = Answer { text: String::new(), token_ids: Vec::new() };
-        let mut done = false;
-        for line in text.lines() {
-            let Some(data) = line.strip_prefix("data: ") else { continue };
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let v: Value = serde_json::from_str(data).expect("an SSE JSON event");
-            assert!(v.get("error").is_none(), "no error event in a healed stream: {v}");
-            for c in v["choices"].as_array().into_iter().flatten() {
-                answer.text.push_str(c["text"].as_str().unwrap_or(""));
-                answer.token_ids.extend(c["token_ids"].as_array().into_iter().flatten().filter_map(Value::as_u64));
-            }
-        }
-        assert!(done, "the stream ends with [DONE]: {text}");
-        answer
-    } else {
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let c = &v["choices"][0];
-        Answer {
-            text: c["text"].as_str().unwrap().to_string(),
-            token_ids: c["token_ids"].as_array().unwrap().iter().filter_map(Value::as_u64).collect(),
-        }
-    }
+    greedy_and_seeded(&["Once upon a time", "The little dog ran", "Lily and Ben went to the park"], 96, 100)
 }
 
 /// Send every body at once, from one thread each; answers in order.
@@ -117,11 +53,6 @@ fn serving_node_pid(addr: &str) -> (String, u32) {
         .unwrap_or_else(|| panic!("no serving embedded node: {cluster}"))
         .clone();
     (node["name"].as_str().unwrap().to_string(), node["pid"].as_u64().unwrap() as u32)
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill(1)").success();
-    assert!(ok, "kill {sig} {pid}");
 }
 
 /// Guards issue 10's promise: kill -9 of a serving node at TP 2 with a hot spare — every request

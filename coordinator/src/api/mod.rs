@@ -365,7 +365,7 @@ impl Server {
         Self::start_on(listener, state, opts).await
     }
 
-    /// [`Server::start`] on a listener already bound (the one [`Forming`] answered on).
+    /// [`Server::start`] on a listener already bound (the one [`InterimServer`] answered on).
     pub async fn start_on(listener: TcpListener, state: Arc<AppState>, opts: ServeOptions) -> Result<Server> {
         let http_addr = listener.local_addr()?;
         let app = router(state.clone());
@@ -470,38 +470,25 @@ pub async fn run_on(listener: TcpListener, state: Arc<AppState>, opts: ServeOpti
     Ok(())
 }
 
-/// What answers on the HTTP address while the serving core is not there yet (a static cluster
-/// waiting for its nodes): `/health` is 503 `{"status": "forming", …}`, everything else 503
-/// `unavailable` with `Retry-After`, so monitors and clients see a server that is starting, not
-/// a refused connection.
-pub struct Forming {
+/// What answers on the HTTP address while the serving core is not there: a static cluster waiting
+/// for its nodes ([`forming_app`]) or an etcd standby (`lockstep serve --membership etcd`). It has
+/// the real server's connection limits and timeouts, and hands its listener over to
+/// [`Server::start_on`] so the address never refuses a connection in between.
+pub struct InterimServer {
     stop: watch::Sender<bool>,
     task: JoinHandle<TcpListener>,
     pub http_addr: SocketAddr,
 }
 
-impl Forming {
-    pub async fn start(listen: SocketAddr, reason: String, edge: EdgeLimits) -> Result<Forming> {
+impl InterimServer {
+    pub async fn start(listen: SocketAddr, app: Router, edge: EdgeLimits) -> Result<InterimServer> {
         let listener = TcpListener::bind(listen).await.with_context(|| format!("binding HTTP on tcp {listen}"))?;
+        Self::start_on(listener, app, edge)
+    }
+
+    pub fn start_on(listener: TcpListener, app: Router, edge: EdgeLimits) -> Result<InterimServer> {
         let http_addr = listener.local_addr()?;
-        let reason: Arc<str> = reason.into();
-        let health_reason = reason.clone();
-        let app = Router::new()
-            .route(
-                "/health",
-                get(move || {
-                    let reason = health_reason.clone();
-                    async move {
-                        let body = serde_json::json!({"status": "forming", "reason": &*reason, "replicas": []});
-                        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
-                    }
-                }),
-            )
-            .fallback(move || {
-                let reason = reason.clone();
-                async move { ApiError::Submit(crate::service::SubmitError::Unavailable(reason.to_string())) }
-            })
-            .layer(middleware::from_fn(trace_requests));
+        let app = app.layer(middleware::from_fn(trace_requests));
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(serve_http1(
             listener,
@@ -511,7 +498,7 @@ impl Forming {
             Inflight::default(),
             rx,
         ));
-        Ok(Forming { stop, task, http_addr })
+        Ok(InterimServer { stop, task, http_addr })
     }
 
     /// Stops answering and hands the listener over (to [`Server::start_on`]).
@@ -521,7 +508,31 @@ impl Forming {
     }
 }
 
-async fn shutdown_signal() {
+/// The interim app of a server that is starting: `/health` is 503 `{"status": "forming", …}`,
+/// everything else 503 `unavailable` with `Retry-After`, so monitors and clients see a server that
+/// is starting, not a refused connection.
+pub fn forming_app(reason: String) -> Router {
+    let reason: Arc<str> = reason.into();
+    let health_reason = reason.clone();
+    Router::new()
+        .route(
+            "/health",
+            get(move || {
+                let reason = health_reason.clone();
+                async move {
+                    let body = serde_json::json!({"status": "forming", "reason": &*reason, "replicas": []});
+                    (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+                }
+            }),
+        )
+        .fallback(move || {
+            let reason = reason.clone();
+            async move { ApiError::Submit(crate::service::SubmitError::Unavailable(reason.to_string())) }
+        })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -8,6 +8,7 @@
 pub(crate) mod bench;
 pub(crate) mod certs;
 pub(crate) mod demo;
+pub(crate) mod etcd;
 pub(crate) mod generate;
 pub(crate) mod loadgen;
 pub(crate) mod logging;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode};
+use lockstep_coordinator::discovery::MembershipMode;
 use lockstep_coordinator::engine::{Device, EngineOptions, LocalExecutor, ModelInfo, StepExecutor};
 use lockstep_coordinator::membership::{DEFAULT_HEARTBEAT_EVERY, DEFAULT_NODE_TIMEOUT, DEFAULT_STEP_TIMEOUT};
 use lockstep_coordinator::service::{
@@ -185,6 +187,14 @@ pub(crate) struct ClusterArgs {
     /// `embedded`: spawn the nodes on loopback; `static`: wait for `lockstep node` processes.
     #[arg(long, value_enum, default_value = "embedded")]
     pub(crate) nodes: NodesMode,
+    /// How the coordinator finds its nodes: `embedded` or `static` (as --nodes, which this
+    /// overrides), or `etcd` (`serve` only: coordinators and nodes meet in etcd at
+    /// --etcd-endpoints; one coordinator leads, the others stand by).
+    #[arg(long, value_enum)]
+    pub(crate) membership: Option<MembershipMode>,
+    /// This coordinator's certificate name in --tls-dir (static and etcd membership).
+    #[arg(long = "name", default_value = "coordinator")]
+    pub(crate) coordinator_name: String,
     /// Coordinator address for nodes (QUIC).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub(crate) cluster_listen: std::net::SocketAddr,
@@ -230,6 +240,8 @@ impl ClusterArgs {
             replicas: 1,
             cluster: false,
             nodes: NodesMode::Embedded,
+            membership: None,
+            coordinator_name: "coordinator".into(),
             cluster_listen: "127.0.0.1:0".parse().expect("a valid address"),
             tls_dir: None,
             node_threads: Some(node_threads),
@@ -250,7 +262,16 @@ impl ClusterArgs {
             || self.tp.len() > 1
             || self.replicas > 1
             || self.spare_nodes > 0
-            || self.nodes == NodesMode::Static
+            || self.nodes_mode() == NodesMode::Static
+    }
+
+    /// Whether nodes are spawned here or started elsewhere (`--membership` over `--nodes`).
+    pub(crate) fn nodes_mode(&self) -> NodesMode {
+        match self.membership {
+            None => self.nodes,
+            Some(MembershipMode::Embedded) => NodesMode::Embedded,
+            Some(MembershipMode::Static | MembershipMode::Etcd) => NodesMode::Static,
+        }
     }
 
     /// The service's migration and queueing limits from these flags, on top of `base`.
@@ -274,6 +295,9 @@ pub(crate) fn executors(
     opts: &EngineOptions,
     info: &ModelInfo,
 ) -> Result<Executors> {
+    if c.membership == Some(MembershipMode::Etcd) {
+        bail!("--membership etcd is for `lockstep serve` (coordinator fail-over)");
+    }
     if !c.wants_cluster() {
         return Ok((vec![Box::new(LocalExecutor::load(info, opts)?)], None));
     }
@@ -284,7 +308,8 @@ pub(crate) fn executors(
         tp: c.tp.clone(),
         replicas: c.replicas,
         listen: c.cluster_listen,
-        nodes: c.nodes,
+        nodes: c.nodes_mode(),
+        name: c.coordinator_name.clone(),
         tls_dir: c.tls_dir.clone(),
         engine: opts.clone(),
         node_threads: c.node_threads.unwrap_or((cores / (max_tp * c.replicas)).max(1)),

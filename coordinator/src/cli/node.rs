@@ -1,17 +1,32 @@
-//! `lockstep node`: join a coordinator, load one shard, serve steps.
+//! `lockstep node`: join a coordinator (given, or the leader etcd names), load one shard, serve
+//! steps.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
+use lockstep_coordinator::discovery::MembershipMode;
 use lockstep_coordinator::engine::EngineOptions;
+use lockstep_coordinator::membership::DEFAULT_NODE_TIMEOUT;
 use lockstep_kernels::Isa;
+
+use super::etcd::EtcdArgs;
 
 #[derive(Args)]
 pub(crate) struct NodeArgs {
-    /// Coordinator address (`host:port`).
+    /// Coordinator address (`host:port`); not with `--membership etcd`, where the node follows
+    /// the leader etcd names.
     #[arg(long)]
-    coordinator: String,
+    coordinator: Option<String>,
+    /// `static`: join --coordinator; `etcd`: register in etcd under a lease and follow the
+    /// elected coordinator, moving to a new one when it changes.
+    #[arg(long, value_enum, default_value = "static")]
+    membership: MembershipMode,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The TTL of the node's etcd lease, in milliseconds (as the coordinators' --node-timeout-ms).
+    #[arg(long, default_value_t = DEFAULT_NODE_TIMEOUT.as_millis() as u64)]
+    node_timeout_ms: u64,
     /// Directory with `ca.pem` and this node's `NAME.pem` / `NAME.key`.
     #[arg(long)]
     tls_dir: PathBuf,
@@ -43,8 +58,8 @@ pub(crate) struct NodeArgs {
 pub(crate) fn run(a: NodeArgs) -> Result<()> {
     // Node processes of one machine share a terminal or a journal: every line names its node.
     let _node = tracing::info_span!("node", name = %a.name).entered();
-    lockstep_node::server::run_node(lockstep_node::server::NodeOptions {
-        coordinator: a.coordinator,
+    let mut opts = lockstep_node::server::NodeOptions {
+        coordinator: String::new(),
         tls_dir: a.tls_dir,
         name: a.name,
         listen: a.listen,
@@ -53,6 +68,19 @@ pub(crate) fn run(a: NodeArgs) -> Result<()> {
         model_override: a.model,
         step_delay: a.step_delay_ms.map(std::time::Duration::from_millis),
         panic_at_step: a.panic_at_step,
-    })?;
+    };
+    match (a.membership, a.coordinator) {
+        (MembershipMode::Etcd, None) => {
+            let timeout = std::time::Duration::from_millis(a.node_timeout_ms);
+            lockstep_coordinator::discovery::etcd::run_node(opts, a.etcd.options()?, timeout)?;
+        }
+        (MembershipMode::Etcd, Some(_)) => bail!("--membership etcd follows the leader etcd names: drop --coordinator"),
+        (MembershipMode::Static, Some(coordinator)) => {
+            opts.coordinator = coordinator;
+            lockstep_node::server::run_node(opts)?;
+        }
+        (MembershipMode::Static, None) => bail!("--coordinator is required (or --membership etcd)"),
+        (MembershipMode::Embedded, _) => bail!("a node is `static` (--coordinator) or follows `etcd`"),
+    }
     Ok(())
 }

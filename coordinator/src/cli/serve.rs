@@ -1,7 +1,7 @@
 //! `lockstep serve`: the OpenAI-compatible API, ops API and dashboard over HTTP/1.1 and HTTP/3.
 //!
 //! The HTTP address answers from the start: while the serving core loads (and a static cluster
-//! waits for its nodes) [`Forming`](lockstep_coordinator::api::Forming) answers `/health` with
+//! waits for its nodes) [`InterimServer`](lockstep_coordinator::api::InterimServer) answers `/health` with
 //! 503 `forming`; the same listener then goes to the real server. Keys come from flags, files
 //! (`--api-key-file`, `--ops-key-file`) and the environment (`LOCKSTEP_API_KEY`,
 //! `LOCKSTEP_OPS_KEY`, comma-separated); an empty key is refused at start.
@@ -13,11 +13,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use lockstep_coordinator::api::EdgeLimits;
 use lockstep_coordinator::api::{self, auth::collect_keys};
 use lockstep_coordinator::cluster::NodesMode;
+use lockstep_coordinator::discovery::MembershipMode;
 use lockstep_coordinator::engine::{backend_fingerprint_name, ModelInfo};
 use lockstep_coordinator::state::DEFAULT_BODY_TIMEOUT;
+use lockstep_coordinator::state::{AppState, Auth};
 
+use super::etcd::EtcdArgs;
 use super::{start_service, ClusterArgs, EngineArgs};
 
 #[derive(Args)]
@@ -27,7 +31,7 @@ pub(crate) struct ServeArgs {
     model: PathBuf,
     /// HTTP/1.1 address (TCP).
     #[arg(long, default_value = "127.0.0.1:8000")]
-    listen: std::net::SocketAddr,
+    pub(crate) listen: std::net::SocketAddr,
     /// HTTP/3 address (UDP). Default: the --listen address and port, on UDP.
     #[arg(long)]
     h3_listen: Option<std::net::SocketAddr>,
@@ -75,7 +79,9 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
-    cluster: ClusterArgs,
+    pub(crate) cluster: ClusterArgs,
+    #[command(flatten)]
+    pub(crate) etcd: EtcdArgs,
 }
 
 /// Environment variables holding keys (comma-separated), next to the flags and files.
@@ -83,64 +89,100 @@ const API_KEY_ENV: &str = "LOCKSTEP_API_KEY";
 const OPS_KEY_ENV: &str = "LOCKSTEP_OPS_KEY";
 
 pub(crate) fn run(a: ServeArgs) -> Result<()> {
-    use lockstep_coordinator::api::{EdgeLimits, Forming, H3Options, ServeOptions, TlsSource};
-    use lockstep_coordinator::ops::{canary::Canary, metrics::Metrics};
-    use lockstep_coordinator::service::ServiceOptions;
-    use lockstep_coordinator::state::{AppState, Auth, Limits};
+    use lockstep_coordinator::api::{forming_app, InterimServer, ServeOptions};
 
-    let env = |name: &str| std::env::var(name).ok();
-    let api_keys = collect_keys("API", &a.api_key, a.api_key_file.as_slice(), env(API_KEY_ENV).as_deref())?;
-    let ops_keys = collect_keys("ops", &a.ops_key, a.ops_key_file.as_slice(), env(OPS_KEY_ENV).as_deref())?;
-    if a.max_connections == 0 || a.header_timeout_s == 0 || a.body_timeout_s == 0 {
-        bail!("--max-connections, --header-timeout-s and --body-timeout-s must be at least 1");
-    }
+    let auth = a.auth()?;
+    let edge = a.edge()?;
     raise_fd_limit();
-    let edge =
-        EdgeLimits { header_timeout: Duration::from_secs(a.header_timeout_s), max_connections: a.max_connections };
+    // A certificate directory of our own (not --h3-cert-out's) goes when the server does.
+    let _remove_cert_dir = (a.h3_cert_out.is_none() && !a.no_h3).then(|| RemoveOnDrop(a.temp_cert_dir()));
+    let opts = a.engine.options();
+    if a.cluster.membership == Some(MembershipMode::Etcd) {
+        let mut info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
+        if let Some(name) = &a.served_model_name {
+            info.name = name.clone();
+        }
+        return super::etcd::serve(&a, auth, info, edge);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-http").build()?;
     // Until the serving core stands (a static cluster waits for its nodes), /health says so.
-    let reason = match a.cluster.nodes {
-        NodesMode::Static => "waiting for nodes to join and form groups (--nodes static)",
+    let reason = match a.cluster.nodes_mode() {
+        NodesMode::Static => "waiting for nodes to join and form groups (--membership static)",
         NodesMode::Embedded => "loading the model and starting its nodes",
     };
-    let forming = runtime.block_on(Forming::start(a.listen, reason.into(), edge))?;
+    let forming = runtime.block_on(InterimServer::start(a.listen, forming_app(reason.into()), edge))?;
     tracing::info!(http_addr = %forming.http_addr, "answering /health (forming) on http://{}", forming.http_addr);
-    let opts = a.engine.options();
     let mut info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
     if let Some(name) = &a.served_model_name {
         info.name = name.clone();
     }
-    let metrics = Arc::new(Metrics::new());
-    let service = start_service(
-        &a.model,
-        &a.cluster,
-        &opts,
-        info,
-        ServiceOptions { max_waiting: a.max_waiting, ..ServiceOptions::default() },
-        Some(metrics.clone()),
-    )?;
-    let service = Arc::new(service);
-    let canary = match a.canary_every {
-        0 => Arc::new(Canary::new()),
-        secs => Canary::start(service.clone(), metrics.clone(), std::time::Duration::from_secs(secs)),
-    };
-    let mut state = AppState::new(service, metrics, canary, Auth { api_keys, ops_keys });
-    state.limits = Limits { body_timeout: Duration::from_secs(a.body_timeout_s) };
-    let state = Arc::new(state);
-    // A certificate directory of our own (not --h3-cert-out's) goes when the server does.
-    let temp_cert_dir = std::env::temp_dir().join(format!("lockstep-serve-{}", std::process::id()));
-    let _remove_cert_dir = (a.h3_cert_out.is_none() && !a.no_h3).then(|| RemoveOnDrop(temp_cert_dir.clone()));
-    let h3 = (!a.no_h3).then(|| {
-        let pem_out = a.h3_cert_out.clone().unwrap_or_else(|| temp_cert_dir.join("h3-cert.pem"));
-        H3Options {
-            listen: a.h3_listen,
-            tls: TlsSource::from_dir_or_self_signed(a.cluster.tls_dir.as_deref(), pem_out),
-        }
-    });
+    let state = a.start_state(auth, info, &a.cluster)?;
     runtime.block_on(async {
         let listener = forming.into_listener().await?;
-        api::run_on(listener, state, ServeOptions { listen: a.listen, h3, edge }).await
+        api::run_on(listener, state, ServeOptions { listen: a.listen, h3: a.h3_options(), edge }).await
     })
+}
+
+impl ServeArgs {
+    /// The API and ops keys of the flags, the key files and the environment.
+    pub(crate) fn auth(&self) -> Result<Auth> {
+        let env = |name: &str| std::env::var(name).ok();
+        let api_keys = collect_keys("API", &self.api_key, self.api_key_file.as_slice(), env(API_KEY_ENV).as_deref())?;
+        let ops_keys = collect_keys("ops", &self.ops_key, self.ops_key_file.as_slice(), env(OPS_KEY_ENV).as_deref())?;
+        Ok(Auth { api_keys, ops_keys })
+    }
+
+    /// The connection limits of `--header-timeout-s` and `--max-connections`.
+    pub(crate) fn edge(&self) -> Result<EdgeLimits> {
+        if self.max_connections == 0 || self.header_timeout_s == 0 || self.body_timeout_s == 0 {
+            bail!("--max-connections, --header-timeout-s and --body-timeout-s must be at least 1");
+        }
+        Ok(EdgeLimits {
+            header_timeout: Duration::from_secs(self.header_timeout_s),
+            max_connections: self.max_connections,
+        })
+    }
+
+    /// Loads the model where `cluster` says and starts everything the HTTP handlers share.
+    pub(crate) fn start_state(&self, auth: Auth, info: ModelInfo, cluster: &ClusterArgs) -> Result<Arc<AppState>> {
+        use lockstep_coordinator::ops::{canary::Canary, metrics::Metrics};
+        use lockstep_coordinator::service::ServiceOptions;
+        use lockstep_coordinator::state::Limits;
+
+        let metrics = Arc::new(Metrics::new());
+        let service = start_service(
+            &self.model,
+            cluster,
+            &self.engine.options(),
+            info,
+            ServiceOptions { max_waiting: self.max_waiting, ..ServiceOptions::default() },
+            Some(metrics.clone()),
+        )?;
+        let service = Arc::new(service);
+        let canary = match self.canary_every {
+            0 => Arc::new(Canary::new()),
+            secs => Canary::start(service.clone(), metrics.clone(), Duration::from_secs(secs)),
+        };
+        let mut state = AppState::new(service, metrics, canary, auth);
+        state.limits = Limits { body_timeout: Duration::from_secs(self.body_timeout_s) };
+        Ok(Arc::new(state))
+    }
+
+    fn temp_cert_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("lockstep-serve-{}", std::process::id()))
+    }
+
+    /// HTTP/3 next to HTTP/1.1, unless `--no-h3`.
+    pub(crate) fn h3_options(&self) -> Option<lockstep_coordinator::api::H3Options> {
+        use lockstep_coordinator::api::{H3Options, TlsSource};
+        (!self.no_h3).then(|| {
+            let pem_out = self.h3_cert_out.clone().unwrap_or_else(|| self.temp_cert_dir().join("h3-cert.pem"));
+            H3Options {
+                listen: self.h3_listen,
+                tls: TlsSource::from_dir_or_self_signed(self.cluster.tls_dir.as_deref(), pem_out),
+            }
+        })
+    }
 }
 
 /// Removes a directory when dropped (the self-signed certificate's, on any way out of `run`).

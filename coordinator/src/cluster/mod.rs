@@ -79,6 +79,8 @@ pub struct ClusterOptions {
     /// The coordinator's QUIC address for nodes.
     pub listen: SocketAddr,
     pub nodes: NodesMode,
+    /// The coordinator's certificate name in `tls_dir`.
+    pub name: String,
     /// Cluster CA and certificates. Embedded mode creates a throwaway one when absent.
     pub tls_dir: Option<PathBuf>,
     pub engine: EngineOptions,
@@ -105,6 +107,7 @@ impl ClusterOptions {
             replicas,
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             nodes,
+            name: "coordinator".into(),
             tls_dir: None,
             engine,
             node_threads: 1,
@@ -221,6 +224,8 @@ struct Shared {
     /// Embedded nodes the membership closed (paused, wedged): killed and respawned.
     to_restart: Mutex<Vec<String>>,
     stopping: AtomicBool,
+    /// How this coordinator was elected (`--membership etcd`), for the ops API.
+    discovery: Mutex<Option<tokio::sync::watch::Receiver<crate::discovery::etcd::DiscoveryStatus>>>,
 }
 
 /// A running cluster: the coordinator endpoint, the driver, and (embedded) the node processes,
@@ -373,20 +378,23 @@ impl Cluster {
                 ));
                 let _ = std::fs::remove_dir_all(&d);
                 init_ca(&d)?;
-                issue(&d, "coordinator")?;
+                issue(&d, &opts.name)?;
                 for i in 0..n_nodes {
                     issue(&d, &node_name(i))?;
                 }
                 (d, true)
             }
-            (None, NodesMode::Static) => bail!("--nodes static needs --tls-dir with the cluster CA and a `coordinator` certificate (see `lockstep certs`)"),
+            (None, NodesMode::Static) => bail!(
+                "--nodes static needs --tls-dir with the cluster CA and a `{}` certificate (see `lockstep certs`)",
+                opts.name
+            ),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("lockstep-coord-io")
             .enable_all()
             .build()?;
-        let identity = TlsIdentity::load(&tls_dir, "coordinator")?;
+        let identity = TlsIdentity::load(&tls_dir, &opts.name)?;
         let endpoint = Arc::new(rt.block_on(async { Endpoint::bind(opts.listen, &identity) })?);
         let addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
@@ -395,6 +403,7 @@ impl Cluster {
             children: Mutex::new(HashMap::new()),
             to_restart: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
+            discovery: Mutex::new(None),
         });
         let mut supervisor = None;
         if opts.nodes == NodesMode::Embedded {
@@ -452,7 +461,7 @@ impl Cluster {
             step_timeout: opts.step_timeout,
         };
         rt.spawn(driver.run(rx));
-        rt.spawn(accept_loop(endpoint.clone(), inputs.clone()));
+        rt.spawn(accept_loop(endpoint.clone(), inputs.clone(), Arc::from(opts.name.as_str())));
         let cluster = Cluster {
             rt: Some(rt),
             info,
@@ -513,6 +522,17 @@ impl Cluster {
         }
     }
 
+    /// Show `status` (the etcd election this coordinator won, and whether etcd answers) in the
+    /// ops API.
+    pub fn set_discovery(&self, status: tokio::sync::watch::Receiver<crate::discovery::etcd::DiscoveryStatus>) {
+        *self.shared.discovery.lock().expect("lock") = Some(status);
+    }
+
+    /// The etcd status, when this coordinator was elected through etcd.
+    pub fn discovery(&self) -> Option<crate::discovery::etcd::DiscoveryStatus> {
+        self.shared.discovery.lock().expect("lock").as_ref().map(|s| s.borrow().clone())
+    }
+
     pub fn counters(&self) -> &ClusterCounters {
         &self.shared.counters
     }
@@ -567,7 +587,7 @@ fn supervise(shared: Arc<Shared>, command: NodeCommand) {
 }
 
 /// Accepts joiners and hands their checked `Hello` to the driver.
-async fn accept_loop(endpoint: Arc<Endpoint>, inputs: mpsc::UnboundedSender<Input>) {
+async fn accept_loop(endpoint: Arc<Endpoint>, inputs: mpsc::UnboundedSender<Input>, name: Arc<str>) {
     while let Some(incoming) = endpoint.accept().await {
         let conn = match incoming {
             Ok(c) => Arc::new(c),
@@ -576,7 +596,7 @@ async fn accept_loop(endpoint: Arc<Endpoint>, inputs: mpsc::UnboundedSender<Inpu
                 continue;
             }
         };
-        tokio::spawn(admit(conn, inputs.clone()));
+        tokio::spawn(admit(conn, inputs.clone(), name.clone()));
     }
 }
 
@@ -588,7 +608,7 @@ async fn refuse(conn: &Conn, code: RefuseCode, message: String) {
 }
 
 /// One joiner: read its Hello and check it.
-async fn admit(conn: Arc<Conn>, inputs: mpsc::UnboundedSender<Input>) {
+async fn admit(conn: Arc<Conn>, inputs: mpsc::UnboundedSender<Input>, name: Arc<str>) {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
         Ok(Ok(Frame::Control(Message::Hello(h)))) => h,
         Ok(Ok(other)) => {
@@ -610,7 +630,7 @@ async fn admit(conn: Arc<Conn>, inputs: mpsc::UnboundedSender<Input>) {
         };
         return refuse(&conn, code, m).await;
     }
-    let _ = conn.send(&Frame::Control(Message::Welcome { coordinator_id: "coordinator".into() })).await;
+    let _ = conn.send(&Frame::Control(Message::Welcome { coordinator_id: name.to_string() })).await;
     let _ = inputs.send(Input::Hello { conn, hello });
 }
 

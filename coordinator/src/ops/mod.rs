@@ -146,6 +146,8 @@ pub fn cluster_json(state: &AppState) -> Value {
         "unhealthy_reason": svc.unhealthy_reason(),
         "migrations": svc.migrations(),
         "events": svc.cluster().map(|c| c.events()).unwrap_or_default(),
+        // `--membership etcd`: this coordinator's election and whether etcd answers.
+        "discovery": svc.cluster().and_then(|c| c.discovery()),
         "uptime_secs": svc.uptime().as_secs_f64(),
         "now_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         "model": {
