@@ -194,7 +194,7 @@ fn killing_the_leader_hands_over_to_the_standby_with_identical_bytes() {
     // The standby says so, names the leader, and refuses the API with Retry-After.
     // (It looks the leader up once per lease refresh, so it may take a moment to name it.)
     let mut health = Value::Null;
-    wait_until("the standby names the leader", Duration::from_secs(10), || {
+    wait_until("the standby names the leader", Duration::from_secs(30), || {
         let (status, h) = get_json(&standby_addr, "/health");
         assert_eq!(status, 503, "{h}");
         assert_eq!(h["status"], "standby", "{h}");
@@ -212,7 +212,7 @@ fn killing_the_leader_hands_over_to_the_standby_with_identical_bytes() {
     assert_eq!(ops["discovery"]["role"], "leader", "{ops}");
     assert_eq!(ops["discovery"]["etcd"]["state"], "up", "{ops}");
     // Every node registered under its lease, and the serving ones with their fingerprint.
-    wait_until("the leader lists the registered nodes", Duration::from_secs(10), || {
+    wait_until("the leader lists the registered nodes", Duration::from_secs(30), || {
         let (_, ops) = get_json(&leader_addr, "/ops/cluster");
         let nodes = ops["discovery"]["registered_nodes"].as_array().cloned().unwrap_or_default();
         let fingerprint = ops["system_fingerprint"].clone();
@@ -282,7 +282,7 @@ fn restarting_etcd_under_load_loses_no_request() {
         });
         std::thread::sleep(Duration::from_millis(300));
         etcd.kill();
-        wait_until("/ops/cluster shows etcd down", Duration::from_secs(20), || {
+        wait_until("/ops/cluster shows etcd down", Duration::from_secs(30), || {
             get_json(&addr, "/ops/cluster").1["discovery"]["etcd"]["state"] == "down"
         });
         let (status, health) = get_json(&addr, "/health");
@@ -292,7 +292,7 @@ fn restarting_etcd_under_load_loses_no_request() {
         load.join().unwrap()
     });
     assert!(rounds >= 1);
-    wait_until("/ops/cluster shows etcd up again", Duration::from_secs(20), || {
+    wait_until("/ops/cluster shows etcd up again", Duration::from_secs(30), || {
         get_json(&addr, "/ops/cluster").1["discovery"]["etcd"]["state"] == "up"
     });
     let (_, ops) = get_json(&addr, "/ops/cluster");
@@ -328,12 +328,12 @@ fn a_leader_that_loses_its_lease_steps_down() {
     let (status, _, answer) = try_http(&etcd_addr, "POST", "/v3/lease/revoke", Some(&revoke), LIMIT).unwrap();
     assert_eq!(status, 200, "{answer}");
 
-    wait_until("the old leader stands by", Duration::from_secs(20), || {
+    wait_until("the old leader stands by", Duration::from_secs(30), || {
         let (status, health) = get_json_or_down(&old, "/health");
         status == 503 && health["status"] == "standby"
     });
     wait_until("the standby leads", LIMIT, || get_json_or_down(&new, "/health").0 == 200);
-    wait_until("the old leader names the new one", Duration::from_secs(10), || {
+    wait_until("the old leader names the new one", Duration::from_secs(30), || {
         get_json_or_down(&old, "/health").1["leader"] == ["coord-a", "coord-b"][1 - first]
     });
     assert_eq!(all_retrying(&[new], &bodies), reference);
