@@ -712,5 +712,5 @@ fn a_static_coordinator_waiting_for_nodes_answers_health_forming() {
     assert_eq!(r.status, 503);
     let v = r.json();
     assert_eq!(v["status"], "forming", "{v}");
-    assert_eq!(v["reason"], "waiting for nodes to join and form groups (--nodes static)", "{v}");
+    assert_eq!(v["reason"], "waiting for nodes to join and form groups (static membership)", "{v}");
 }

@@ -107,7 +107,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lockstep-http").build()?;
     // Until the serving core stands (a static cluster waits for its nodes), /health says so.
     let reason = match a.cluster.nodes_mode() {
-        NodesMode::Static => "waiting for nodes to join and form groups (--membership static)",
+        NodesMode::Static => "waiting for nodes to join and form groups (static membership)",
         NodesMode::Embedded => "loading the model and starting its nodes",
     };
     let forming = runtime.block_on(InterimServer::start(a.listen, forming_app(reason.into()), edge))?;
