@@ -13,14 +13,9 @@ import sys
 
 import openai
 
-checks = 0
-
-
-def check(cond, what):
-    global checks
-    if not cond:
-        raise AssertionError(what)
-    checks += 1
+# The checks and their count are openai_client.py's (this script's directory is on sys.path).
+import openai_client
+from openai_client import check
 
 
 def main():
@@ -58,7 +53,7 @@ def main():
     streamed = "".join((d.choices[0].delta.content or "") for d in client.chat.completions.create(stream=True, **kw) if d.choices)
     check(streamed == x.choices[0].message.content, f"chat stream {streamed!r}")
 
-    print(f"openai {openai.__version__}: {checks} checks passed")
+    print(f"openai {openai.__version__}: {openai_client.checks} checks passed")
 
 
 if __name__ == "__main__":
