@@ -14,9 +14,10 @@ use lockstep_kernels::{
     merge_shard_samples, Backend, CpuBackend, CpuConfig, Isa, KernelMode, NumericsConfig, SamplingParams,
 };
 use lockstep_node::config::ModelConfig;
+use lockstep_node::gguf::is_gguf_path;
 use lockstep_node::model::{Model, ModelOptions, SingleRank, StepError};
 use lockstep_node::shard::{auto_reduce_segments, ShardPlan};
-use lockstep_node::weights::SafetensorsRepo;
+use lockstep_node::source::{load_config, WeightStore};
 use lockstep_proto::step::{StepPlan, StepResult};
 
 use crate::scheduler::{AddRequestError, FinishReason, Scheduler, SchedulerConfig, SeqEvent, SeqParams};
@@ -147,19 +148,24 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// Read config and tokenizer, resolve the numerics and compute the determinism fingerprint.
+    /// `dir` is a Hugging Face model directory or a `.gguf` file.
     pub fn load(dir: &Path, opts: &EngineOptions, backend_name: &str) -> anyhow::Result<Self> {
-        if !dir.is_dir() {
+        if is_gguf_path(dir) {
+            if !dir.is_file() {
+                anyhow::bail!("model file {} does not exist", dir.display());
+            }
+        } else if !dir.is_dir() {
             anyhow::bail!("model directory {} does not exist", dir.display());
         }
         // Absolute, so node processes started elsewhere find the same files.
         let dir = &dir.canonicalize().map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-        let config = ModelConfig::from_dir(dir)?;
-        let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
+        let config = load_config(dir)?;
+        let tokenizer = Arc::new(Tokenizer::load(dir)?);
         let reduce_segments = opts.reduce_segments.unwrap_or_else(|| auto_reduce_segments(&config));
         let numerics = NumericsConfig { reduce_segments, kv_chunk: opts.kv_chunk };
         numerics.validate()?;
         let max_context = opts.max_context.unwrap_or(config.max_position_embeddings.min(32768));
-        let repo = SafetensorsRepo::open(dir)?;
+        let repo = WeightStore::open(dir)?;
         let (system_fingerprint, _) = lockstep_node::fingerprint::deployment_fingerprint(
             &repo,
             &config,
@@ -170,7 +176,9 @@ impl ModelInfo {
         let kv_bytes_per_slot = 2 * config.num_hidden_layers * config.kv_dim() * 4;
         let num_blocks =
             opts.num_blocks.unwrap_or((opts.kv_cache_mib << 20) / (kv_bytes_per_slot * opts.block_size).max(1));
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        // A GGUF model is named by its file stem (`SmolLM2-135M-Instruct.Q4_1`).
+        let name = if is_gguf_path(dir) { dir.file_stem() } else { dir.file_name() };
+        let name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let name = if name == "hf" {
             dir.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or(name)
         } else {

@@ -1,14 +1,16 @@
 //! The official `openai` Python package as a real client: `lockstep serve` runs as a process on
 //! 127.0.0.1 with stories260K and `tests/python/openai_client.py` drives it through the SDK
-//! (completions, chat, streaming, `n = 2`, logprobs, seeds, typed errors). Skipped visibly when the
-//! model or the package is absent; `.ci/run` installs the package so CI runs it.
+//! (completions, chat, streaming, `n = 2`, logprobs, seeds, typed errors); with SmolLM2's GGUF file
+//! `tests/python/openai_chat_gguf.py` chats with a real instruct model. Skipped visibly when the
+//! model or the package is absent; `.ci/run` installs the package and fetches the model so CI runs
+//! it.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lockstep_test_env::{missing, stories260k};
+use lockstep_test_env::{missing, smollm2_gguf, stories260k};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -24,6 +26,19 @@ impl Drop for Killed {
 #[test]
 fn the_official_openai_python_client_works_against_lockstep_serve() {
     let Some(model) = stories260k() else { return };
+    serve_and_run_client(&model, "openai_client.py", "stories260K");
+}
+
+/// `serve --model <file>.gguf` answers the SDK's chat call with the real instruct model.
+#[test]
+fn the_official_openai_python_client_chats_with_a_gguf_model() {
+    let Some(model) = smollm2_gguf() else { return };
+    serve_and_run_client(&model, "openai_chat_gguf.py", "SmolLM2-135M-Instruct.Q4_1");
+}
+
+/// Start `lockstep serve --model <model>` on 127.0.0.1 and run `tests/python/<script>` against
+/// it; the script prints `checks passed` when every check holds.
+fn serve_and_run_client(model: &std::path::Path, script: &str, model_name: &str) {
     let has_openai = Command::new("python3")
         .args(["-c", "import openai"])
         .stdout(Stdio::null())
@@ -37,7 +52,7 @@ fn the_official_openai_python_client_works_against_lockstep_serve() {
     let cert = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("openai-{}.pem", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args(["serve", "--model"])
-        .arg(&model)
+        .arg(model)
         .args(["--listen", "127.0.0.1:0", "--h3-listen", "127.0.0.1:0", "--api-key", key, "--canary-every", "0"])
         .args(["--threads", "1", "--h3-cert-out"])
         .arg(&cert)
@@ -70,10 +85,10 @@ fn the_official_openai_python_client_works_against_lockstep_serve() {
     };
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/openai_client.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python").join(script);
     let mut py = Command::new("python3")
         .arg(script)
-        .args(["--base-url", &format!("http://{addr}/v1"), "--api-key", key, "--model", "stories260K"])
+        .args(["--base-url", &format!("http://{addr}/v1"), "--api-key", key, "--model", model_name])
         // Loopback only: never through a proxy from the environment.
         .env("NO_PROXY", "127.0.0.1,localhost")
         .env("no_proxy", "127.0.0.1,localhost")

@@ -11,9 +11,10 @@ use std::sync::OnceLock;
 use lockstep_coordinator::engine::{
     Engine, EngineOptions, GenerateRequest, LocalExecutor, ModelInfo, RequestId, SeqOutput,
 };
+use lockstep_coordinator::tokenizer::ChatMessage;
 use lockstep_kernels::{CpuBackend, DType, KernelMode, SamplingParams};
 use lockstep_node::synth::{synth, Preset};
-use lockstep_test_env::stories260k;
+use lockstep_test_env::{shared_model, smollm2_gguf, stories260k};
 
 /// A synthesized model, written once per test binary.
 fn synth_model(preset: Preset, dtype: DType) -> PathBuf {
@@ -100,6 +101,19 @@ fn run(
     arrival: u64,
     others: &[(String, u64, u32)],
 ) -> Run {
+    let target = |info: &ModelInfo| request(info, target_prompt, sampling, 24);
+    run_request(dir, opts, &target, sampling, arrival, others)
+}
+
+/// [`run`] with the target request built by `target` from the loaded model.
+fn run_request(
+    dir: &Path,
+    opts: &EngineOptions,
+    target_request: &dyn Fn(&ModelInfo) -> GenerateRequest,
+    sampling: SamplingParams,
+    arrival: u64,
+    others: &[(String, u64, u32)],
+) -> Run {
     let info = ModelInfo::load(dir, opts, CpuBackend::fingerprint_name_for(opts.mode)).unwrap();
     let exec = LocalExecutor::load(&info, opts).unwrap();
     let mut engine = Engine::new(info.scheduler_config(opts), exec, info.tokenizer.clone()).unwrap();
@@ -113,7 +127,7 @@ fn run(
         .collect();
     loop {
         if step == arrival && !target_added {
-            engine.add(TARGET, request(&info, target_prompt, sampling, 24)).unwrap();
+            engine.add(TARGET, target_request(&info)).unwrap();
             target_added = true;
         }
         for (k, (at, req)) in pending.iter_mut().enumerate() {
@@ -311,6 +325,92 @@ fn stories260k_requests_migrated_mid_generation_continue_identically() {
             assert_eq!(bits(got), bits(want), "cut {cut}, request {i}");
             assert_eq!(got.text, want.text, "cut {cut}, request {i}");
             assert_eq!(got.finish_reason, want.finish_reason, "cut {cut}, request {i}");
+        }
+    }
+}
+
+#[test]
+fn synthetic_qwen3_with_qk_norm_is_invariant() {
+    let dir = synth_model(Preset::TinyQwen3, DType::Bf16);
+    assert_eq!(invariance_matrix(&dir, KernelMode::Invariant, greedy()).0, 0);
+    assert_eq!(invariance_matrix(&dir, KernelMode::Invariant, seeded(5)).0, 0);
+}
+
+/// Guards GGUF loading end to end: stories260K's GGUF (F32, llama.cpp's interleaved-RoPE row
+/// order, SentencePiece tokenizer in the metadata) answers with the HF conversion's very bits.
+#[test]
+fn stories260k_gguf_answers_bitwise_like_its_hf_twin() {
+    let Some(hf) = stories260k() else { return };
+    let Some(gguf) = shared_model("stories260K/stories260K.gguf") else { return };
+    for sampling in [greedy(), seeded(1234)] {
+        let a = run(&hf, &base_opts(), "Once upon a time", sampling, 0, &[]).answer;
+        let b = run(&gguf, &base_opts(), "Once upon a time", sampling, 0, &background(3, 4)).answer;
+        assert_eq!(a, b, "{sampling:?}");
+    }
+}
+
+fn capital_of_france(info: &ModelInfo, sampling: SamplingParams, max_tokens: u32) -> GenerateRequest {
+    let messages = [ChatMessage::new("user", "What is the capital of France?")];
+    GenerateRequest {
+        prompt_ids: info.tokenizer.encode_chat(&messages, true).unwrap(),
+        sampling,
+        max_tokens,
+        stop: vec![],
+        stop_token_ids: vec![],
+        ignore_eos: false,
+        skip_special_tokens: true,
+    }
+}
+
+/// The real instruct model answers the question (an independent float32 implementation says
+/// "The capital of France is Paris.").
+#[test]
+fn smollm2_gguf_greedy_chat_answers_paris() {
+    let Some(path) = smollm2_gguf() else { return };
+    let target = |info: &ModelInfo| capital_of_france(info, greedy(), 12);
+    let a = run_request(&path, &base_opts(), &target, greedy(), 0, &[]).answer;
+    assert!(a.text.contains("Paris"), "{:?}", a.text);
+}
+
+/// The invariance matrix on the real model, kept small (a 135M model on 2 cores): other
+/// traffic, arrival, prefill chunk and threads change no bit of the answer, greedy or seeded.
+#[test]
+fn smollm2_gguf_chat_is_invariant_to_batch_chunking_and_threads() {
+    let Some(path) = smollm2_gguf() else { return };
+    let short = |seed: u64, n: usize| -> Vec<(String, u64, u32)> {
+        background(seed, n).into_iter().map(|(p, at, max)| (p, at % 3, max.min(6))).collect()
+    };
+    for sampling in [greedy(), seeded(42)] {
+        let target = |info: &ModelInfo| capital_of_france(info, sampling, 8);
+        let opts = base_opts();
+        let alone = run_request(&path, &opts, &target, sampling, 0, &[]).answer;
+        assert!(!alone.ids.is_empty());
+        let cases = [
+            ("4 others", run_request(&path, &opts, &target, sampling, 1, &short(1, 4)).answer),
+            (
+                "prefill chunk 7",
+                run_request(
+                    &path,
+                    &EngineOptions { prefill_chunk: 7, ..opts.clone() },
+                    &target,
+                    sampling,
+                    0,
+                    &short(2, 2),
+                )
+                .answer,
+            ),
+            (
+                "1 thread",
+                run_request(&path, &EngineOptions { threads: 1, ..opts.clone() }, &target, sampling, 0, &[]).answer,
+            ),
+            (
+                "3 threads",
+                run_request(&path, &EngineOptions { threads: 3, ..opts.clone() }, &target, sampling, 2, &short(3, 2))
+                    .answer,
+            ),
+        ];
+        for (name, answer) in cases {
+            assert_eq!(answer, alone, "{sampling:?}: {name}");
         }
     }
 }

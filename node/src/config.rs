@@ -1,8 +1,10 @@
 //! Model configuration, parsed from a Hugging Face `config.json`.
 //!
-//! lockstep runs two architectures, `LlamaForCausalLM` (Llama 2/3, TinyLlama) and
-//! `Qwen2ForCausalLM` (Qwen2 / Qwen2.5). Both are the same decoder: RMSNorm → GQA attention with
-//! rotate-half RoPE → RMSNorm → SwiGLU MLP; Qwen2 adds biases on q/k/v. Anything the forward pass
+//! lockstep runs three architectures, `LlamaForCausalLM` (Llama 2/3, TinyLlama),
+//! `Qwen2ForCausalLM` (Qwen2 / Qwen2.5) and `Qwen3ForCausalLM` (Qwen3 dense). All are the same
+//! decoder: RMSNorm → GQA attention with rotate-half RoPE → RMSNorm → SwiGLU MLP; Qwen2 adds
+//! biases on q/k/v, Qwen3 an RMSNorm over each query and key head (`q_norm` / `k_norm`) before
+//! RoPE. GGUF files are turned into the same JSON first (`gguf`). Anything the forward pass
 //! does not implement (sliding-window attention, YaRN/dynamic RoPE, MLP biases, activations other
 //! than SiLU) is rejected here with an error naming the file, instead of silently computing
 //! something else: a wrong answer that is bitwise reproducible is still wrong.
@@ -28,6 +30,9 @@ pub enum Architecture {
     Llama,
     /// `Qwen2ForCausalLM`: always q/k/v biases, never an o_proj bias.
     Qwen2,
+    /// `Qwen3ForCausalLM`: per-head q/k RMSNorm before RoPE; q/k/v/o biases with
+    /// `attention_bias` (usually none).
+    Qwen3,
 }
 
 impl Architecture {
@@ -36,6 +41,7 @@ impl Architecture {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -60,8 +66,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections have biases (always for Qwen2; `attention_bias` for Llama).
     pub qkv_bias: bool,
-    /// o_proj has a bias (Llama with `attention_bias: true` only).
+    /// o_proj has a bias (Llama or Qwen3 with `attention_bias: true` only).
     pub o_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (`q_norm` / `k_norm`, Qwen3).
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     /// Every end-of-sequence id (`eos_token_id` may be an int or a list).
     pub eos_token_ids: Vec<u32>,
@@ -322,6 +330,7 @@ impl Parser<'_> {
             None => match arch {
                 Architecture::Llama => 2048,
                 Architecture::Qwen2 => 32768,
+                Architecture::Qwen3 => 40960,
             },
         };
 
@@ -337,13 +346,13 @@ impl Parser<'_> {
         if self.opt_bool(obj, "mlp_bias")?.unwrap_or(false) {
             return Err(self.invalid("mlp_bias: true is not supported"));
         }
-        if arch == Architecture::Qwen2 && self.opt_bool(obj, "use_sliding_window")?.unwrap_or(false) {
+        if arch != Architecture::Llama && self.opt_bool(obj, "use_sliding_window")?.unwrap_or(false) {
             return Err(self.invalid("use_sliding_window: true is not supported"));
         }
         let attention_bias = self.opt_bool(obj, "attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama => (attention_bias, attention_bias),
+            Architecture::Llama | Architecture::Qwen3 => (attention_bias, attention_bias),
         };
 
         let tie_word_embeddings = self.opt_bool(obj, "tie_word_embeddings")?.unwrap_or(false);
@@ -374,6 +383,7 @@ impl Parser<'_> {
             tie_word_embeddings,
             qkv_bias,
             o_bias,
+            qk_norm: arch == Architecture::Qwen3,
             bos_token_id: bos.first().copied(),
             eos_token_ids,
             torch_dtype,
@@ -393,6 +403,7 @@ impl Parser<'_> {
                 return match model_type {
                     Some("llama") => Ok(Architecture::Llama),
                     Some("qwen2") => Ok(Architecture::Qwen2),
+                    Some("qwen3") => Ok(Architecture::Qwen3),
                     Some(other) => Err(unsupported(format!("model_type {other}"))),
                     None => Err(self.invalid("neither architectures nor model_type is given")),
                 };
@@ -402,6 +413,7 @@ impl Parser<'_> {
             [Value::String(s)] => match s.as_str() {
                 "LlamaForCausalLM" => Ok(Architecture::Llama),
                 "Qwen2ForCausalLM" => Ok(Architecture::Qwen2),
+                "Qwen3ForCausalLM" => Ok(Architecture::Qwen3),
                 other => Err(unsupported(other.to_string())),
             },
             [] => Err(self.invalid("architectures is empty")),

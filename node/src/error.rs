@@ -27,7 +27,7 @@ pub enum LoadError {
         source: serde_json::Error,
     },
     #[error(
-        "{}: unsupported architecture {arch:?} (supported: LlamaForCausalLM, Qwen2ForCausalLM)",
+        "{}: unsupported architecture {arch:?} (supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; GGUF llama, qwen2, qwen3)",
         file.display()
     )]
     UnsupportedArchitecture { file: PathBuf, arch: String },
@@ -48,7 +48,7 @@ pub enum LoadError {
     )]
     Truncated { file: PathBuf, name: String, needed: u64, file_len: u64 },
     #[error(
-        "{}: tensor {name:?} has dtype {dtype} (supported: F32, BF16, F16)",
+        "{}: tensor {name:?} has dtype {dtype} (supported: F32, BF16, F16; in GGUF also Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K)",
         file.display()
     )]
     UnsupportedDType { file: PathBuf, name: String, dtype: String },
@@ -60,6 +60,12 @@ pub enum LoadError {
     SliceOutOfBounds { file: PathBuf, name: String, what: &'static str, range: String, len: usize },
     #[error("{}: invalid shard index: {reason}", file.display())]
     BadIndex { file: PathBuf, reason: String },
+    #[error("{}: not a readable GGUF file: {reason}", file.display())]
+    Gguf { file: PathBuf, reason: String },
+    #[error("{}: GGUF metadata key {key:?} is missing", file.display())]
+    MissingKey { file: PathBuf, key: String },
+    #[error("{}: GGUF metadata key {key:?}: {reason}", file.display())]
+    BadKey { file: PathBuf, key: String, reason: String },
     #[error("{}: tensor {name:?}: {source}", file.display())]
     Kernel {
         file: PathBuf,

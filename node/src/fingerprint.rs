@@ -24,6 +24,7 @@ use lockstep_kernels::DType;
 use sha2::{Digest, Sha256};
 
 use crate::error::{LoadError, Result};
+use crate::source::WeightStore;
 use crate::weights::{SafetensorsRepo, WeightFile};
 
 /// Files modified more recently than this are hashed but not cached (see the module docs).
@@ -242,18 +243,18 @@ pub fn determinism_fingerprint(
         .fingerprint()
 }
 
-/// The fingerprint of a deployment of the model in `repo`: everything [`FingerprintInputs`]
-/// names, with the stored dtypes in a fixed order. The coordinator computes it to know what to
+/// The fingerprint of a deployment of the model in `store`: everything [`FingerprintInputs`]
+/// names, with the loaded dtypes in a fixed order. The coordinator computes it to know what to
 /// expect; every node computes it again from the files it actually loaded.
 pub fn deployment_fingerprint(
-    repo: &SafetensorsRepo,
+    store: &WeightStore,
     config: &crate::config::ModelConfig,
     backend: &str,
     reduce_segments: usize,
     kv_chunk: usize,
 ) -> Result<(String, String)> {
-    let weights = weights_hash(repo)?;
-    let mut dtypes = repo.dtypes();
+    let weights = HashCache::from_env().hash_files(&store.all_files())?.hex;
+    let mut dtypes = store.dtypes()?;
     dtypes.sort_by_key(|d| d.as_str());
     dtypes.dedup();
     let fp = determinism_fingerprint(

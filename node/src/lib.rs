@@ -1,6 +1,6 @@
 //! # lockstep-node
 //!
-//! Everything a node needs to turn a Hugging Face model directory into answers: the model config
+//! Everything a node needs to turn a Hugging Face model directory or a GGUF file ([`gguf`]) into answers: the model config
 //! ([`config`]), memory-mapped safetensors weights handed out zero-copy and shape-checked
 //! ([`weights`]), the determinism fingerprint that names which runs promise identical bits
 //! ([`fingerprint`]), and a generator of synthetic models with real shapes for tests and
@@ -14,14 +14,17 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod fingerprint;
+pub mod gguf;
 pub mod model;
 pub mod quic_ring;
 pub mod ring;
 pub mod server;
 pub mod shard;
+pub mod source;
 pub mod synth;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::LoadError;
+pub use source::WeightStore;
 pub use weights::{LayerWeights, LlamaWeights, SafetensorsRepo};

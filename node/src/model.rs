@@ -20,7 +20,8 @@ use lockstep_proto::step::StepPlan;
 use crate::config::ModelConfig;
 use crate::error::LoadError;
 use crate::shard::{ShardError, ShardPlan};
-use crate::weights::{layer_tensor, SafetensorsRepo};
+use crate::source::WeightStore;
+use crate::weights::layer_tensor;
 
 /// Finishes the segment tree of a row-parallel layer across ranks.
 pub trait Collective: Send + Sync {
@@ -82,6 +83,9 @@ struct Layer<B: Backend> {
     q_bias: Option<B::Weight>,
     k_bias: Option<B::Weight>,
     v_bias: Option<B::Weight>,
+    /// Per-head RMSNorm weights `[head_dim]` (Qwen3).
+    q_norm: Option<B::Weight>,
+    k_norm: Option<B::Weight>,
     o: B::Weight,
     o_bias: Option<B::Weight>,
     post_norm: B::Weight,
@@ -114,17 +118,18 @@ pub struct StepSample {
 }
 
 impl<B: Backend> Model<B> {
-    /// Load rank `plan.rank`'s shard of the model in `dir`, reading only the bytes that shard needs
-    /// (column slices of row-parallel weights are copied, everything else is memory-mapped).
+    /// Load rank `plan.rank`'s shard of the model at `path` (a HF directory or a GGUF file),
+    /// reading only the bytes that shard needs (column slices of row-parallel weights are copied,
+    /// everything else in a kept dtype is memory-mapped).
     pub fn load(
         be: B,
-        dir: &Path,
+        path: &Path,
         cfg: ModelConfig,
         plan: ShardPlan,
         opts: ModelOptions,
         collective: Box<dyn Collective>,
     ) -> Result<Self, ModelError> {
-        let repo = SafetensorsRepo::open(dir)?;
+        let repo = WeightStore::open(path)?;
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         if plan.segments != be.numerics().reduce_segments {
             return Err(ModelError::Invalid(format!(
@@ -139,18 +144,7 @@ impl<B: Backend> Model<B> {
                 opts.max_context, cfg.max_position_embeddings
             )));
         }
-        let check = |name: &str, shape: &[usize]| -> Result<(), LoadError> {
-            let info = repo.info(name)?;
-            if info.shape != shape {
-                return Err(LoadError::ShapeMismatch {
-                    file: repo.file_of(name)?.to_path_buf(),
-                    name: name.to_string(),
-                    expected: shape.to_vec(),
-                    got: info.shape.clone(),
-                });
-            }
-            Ok(())
-        };
+        let check = |name: &str, shape: &[usize]| repo.check_shape(name, shape);
         // Column-parallel: a slice of rows. Row-parallel: a slice of columns. Vectors: whole.
         let rows = |name: &str, shape: [usize; 2], r: std::ops::Range<usize>| -> Result<B::Weight, LoadError> {
             check(name, &shape)?;
@@ -184,6 +178,8 @@ impl<B: Backend> Model<B> {
                 q_bias: bias(cfg.qkv_bias, "self_attn.q_proj.bias", q_dim, plan.q_rows.clone())?,
                 k_bias: bias(cfg.qkv_bias, "self_attn.k_proj.bias", kv_dim, plan.kv_rows.clone())?,
                 v_bias: bias(cfg.qkv_bias, "self_attn.v_proj.bias", kv_dim, plan.kv_rows.clone())?,
+                q_norm: cfg.qk_norm.then(|| vector(&t("self_attn.q_norm.weight"), cfg.head_dim, None)).transpose()?,
+                k_norm: cfg.qk_norm.then(|| vector(&t("self_attn.k_norm.weight"), cfg.head_dim, None)).transpose()?,
                 o: cols(&t("self_attn.o_proj.weight"), [h, q_dim], plan.o_segs.real_range())?,
                 o_bias: bias(cfg.o_bias, "self_attn.o_proj.bias", h, 0..h)?,
                 post_norm: vector(&t("post_attention_layernorm.weight"), h, None)?,
@@ -292,6 +288,9 @@ impl<B: Backend> Model<B> {
         let mut k = be.zeros(t * kvw);
         let mut v = be.zeros(t * kvw);
         let mut a = be.zeros(t * qw);
+        // Qwen3's per-head norms write here (the kernels do not normalise in place).
+        let (mut qn, mut kn) =
+            if self.cfg.qk_norm { (be.zeros(t * qw), be.zeros(t * kvw)) } else { (be.zeros(0), be.zeros(0)) };
         let mut o = be.zeros(t * hidden);
         let mut g = be.zeros(t * inter);
         let mut u = be.zeros(t * inter);
@@ -301,6 +300,13 @@ impl<B: Backend> Model<B> {
             be.linear(&h, t, &layer.q, layer.q_bias.as_ref(), &mut q);
             be.linear(&h, t, &layer.k, layer.k_bias.as_ref(), &mut k);
             be.linear(&h, t, &layer.v, layer.v_bias.as_ref(), &mut v);
+            // RMSNorm over each head: the weight is `[head_dim]`, so every head is one row.
+            if let (Some(qw_norm), Some(kw_norm)) = (&layer.q_norm, &layer.k_norm) {
+                be.rms_norm(&q, qw_norm, eps, &mut qn);
+                std::mem::swap(&mut q, &mut qn);
+                be.rms_norm(&k, kw_norm, eps, &mut kn);
+                std::mem::swap(&mut k, &mut kn);
+            }
             be.rope(&mut q, nh, &positions, &self.rope);
             be.rope(&mut k, nkv, &positions, &self.rope);
             be.write_kv(cache, &k, &v, &slots);

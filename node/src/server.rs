@@ -47,7 +47,7 @@ use crate::model::{Collective, Model, ModelOptions, StepError};
 use crate::quic_ring::{connect_ring, QuicRing, RingLinks, RingPlace};
 use crate::ring::RingCollective;
 use crate::shard::ShardPlan;
-use crate::weights::SafetensorsRepo;
+use crate::source::{load_config, WeightStore};
 
 /// How long one all-reduce waits for its ring predecessor before the step fails (the upper
 /// bound: a neighbour that goes away fails the step as soon as its connection closes).
@@ -436,13 +436,13 @@ type Prepared = (CpuBackend, ModelConfig, ShardPlan, String, String);
 /// Everything before the ring: config, shard plan, backend and the fingerprint from the files.
 fn prepare(a: &Assignment, threads: usize, isa: Option<Isa>) -> Result<Prepared, String> {
     let dir = PathBuf::from(&a.model_dir);
-    let cfg = ModelConfig::from_dir(&dir).map_err(|e| e.to_string())?;
+    let cfg = load_config(&dir).map_err(|e| e.to_string())?;
     let numerics = NumericsConfig { reduce_segments: a.reduce_segments as usize, kv_chunk: a.kv_chunk as usize };
     let plan =
         ShardPlan::new(&cfg, a.rank as usize, a.tp as usize, numerics.reduce_segments).map_err(|e| e.to_string())?;
     let be = CpuBackend::new(CpuConfig { threads: threads.max(1), isa, mode: a.kernel_mode, numerics })
         .map_err(|e| e.to_string())?;
-    let repo = SafetensorsRepo::open(&dir).map_err(|e| e.to_string())?;
+    let repo = WeightStore::open(&dir).map_err(|e| e.to_string())?;
     let (fp, weights) = deployment_fingerprint(
         &repo,
         &cfg,

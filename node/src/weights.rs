@@ -418,14 +418,19 @@ impl SafetensorsRepo {
         let (file, info) = self.locate(name)?;
         let (rows, n_cols) = info.matrix_dims();
         check_range(file, name, "columns", &cols, n_cols)?;
-        let size = info.dtype.size();
-        let src = &(*file.map)[info.bytes.clone()];
-        let mut out = Vec::with_capacity(rows * cols.len() * size);
-        for row in src.chunks_exact(n_cols * size).take(rows) {
-            out.extend_from_slice(&row[cols.start * size..cols.end * size]);
-        }
+        let out = copy_cols(&(*file.map)[info.bytes.clone()], info.dtype.size(), n_cols, rows, &cols);
         host_weight(file, name, info.dtype, SharedBytes::from_vec(out), rows, cols.len())
     }
+}
+
+/// Columns `cols` of the first `rows` rows of a row-major matrix of `n_cols` elements of `size`
+/// bytes each, copied out.
+pub(crate) fn copy_cols(src: &[u8], size: usize, n_cols: usize, rows: usize, cols: &Range<usize>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows * cols.len() * size);
+    for row in src.chunks_exact(n_cols * size).take(rows) {
+        out.extend_from_slice(&row[cols.start * size..cols.end * size]);
+    }
+    out
 }
 
 fn check_range(file: &SafetensorsFile, name: &str, what: &'static str, r: &Range<usize>, len: usize) -> Result<()> {
@@ -475,8 +480,12 @@ pub struct LayerWeights {
     pub k_bias: Option<HostWeight>,
     /// `[1, kv_heads × head_dim]` when [`ModelConfig::qkv_bias`].
     pub v_bias: Option<HostWeight>,
-    /// `[1, hidden]` when [`ModelConfig::o_bias`] (Llama with `attention_bias`).
+    /// `[1, hidden]` when [`ModelConfig::o_bias`] (Llama or Qwen3 with `attention_bias`).
     pub o_bias: Option<HostWeight>,
+    /// `[1, head_dim]` when [`ModelConfig::qk_norm`] (Qwen3).
+    pub q_norm: Option<HostWeight>,
+    /// `[1, head_dim]` when [`ModelConfig::qk_norm`] (Qwen3).
+    pub k_norm: Option<HostWeight>,
     /// `[1, hidden]`
     pub post_attention_layernorm: HostWeight,
     /// `[intermediate, hidden]`
@@ -529,6 +538,8 @@ impl LlamaWeights {
                 k_bias: bias(cfg.qkv_bias, "self_attn.k_proj.bias", kv)?,
                 v_bias: bias(cfg.qkv_bias, "self_attn.v_proj.bias", kv)?,
                 o_bias: bias(cfg.o_bias, "self_attn.o_proj.bias", h)?,
+                q_norm: bias(cfg.qk_norm, "self_attn.q_norm.weight", cfg.head_dim)?,
+                k_norm: bias(cfg.qk_norm, "self_attn.k_norm.weight", cfg.head_dim)?,
                 post_attention_layernorm: repo.get_vector(&t("post_attention_layernorm.weight"), h)?,
                 gate_proj: repo.get_shaped(&t("mlp.gate_proj.weight"), &[inter, h])?,
                 up_proj: repo.get_shaped(&t("mlp.up_proj.weight"), &[inter, h])?,
@@ -560,7 +571,8 @@ impl LlamaWeights {
                 .iter()
                 .map(|w| w.dtype),
             );
-            all.extend([&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias].into_iter().flatten().map(|w| w.dtype));
+            let optional = [&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm, &l.k_norm];
+            all.extend(optional.into_iter().flatten().map(|w| w.dtype));
         }
         [DType::F32, DType::Bf16, DType::F16].into_iter().filter(|d| all.contains(d)).collect()
     }

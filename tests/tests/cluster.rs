@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lockstep_test_env::stories260k;
+use lockstep_test_env::{shared_model, stories260k};
 use lockstep_tests::{prompts_file, run_lockstep, scratch, stderr, stdout, Watched};
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -75,6 +75,27 @@ fn stories260k_tp_1_2_4_are_identical_greedy_and_seeded_alone_and_under_load() {
             args.extend_from_slice(&["--tp", tp]);
             assert_same(&format!("TP {tp} alone {sampling:?}"), &generate(&model, &alone, &args), &local_alone);
         }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Guards GGUF on node processes: each rank of a TP=2 cluster loads its shard of stories260K's
+/// GGUF file (q/k rows un-permuted, then sliced) and the answers equal the HF directory's, run in
+/// process (the fingerprints differ: the files do).
+#[test]
+fn stories260k_gguf_on_a_tp_2_cluster_answers_like_the_hf_directory() {
+    let Some(hf) = stories260k() else { return };
+    let Some(gguf) = shared_model("stories260K/stories260K.gguf") else { return };
+    let dir = scratch("cluster-gguf");
+    let prompts = prompts_file(&dir, &PROMPTS[..3]);
+    let sampling = ["--temperature", "0.8", "--seed", "7"];
+    let want = generate(&hf, &prompts, &sampling);
+    let mut args = sampling.to_vec();
+    args.extend_from_slice(&["--tp", "2", "--node-threads", "1"]);
+    let got = generate(&gguf, &prompts, &args);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(answer(g), answer(w), "prompt {i}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

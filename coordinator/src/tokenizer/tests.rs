@@ -268,3 +268,65 @@ fn load_errors_name_the_file() {
     let err = tok.apply_chat_template(&[], true).unwrap_err();
     assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
 }
+
+/// Guards the GGUF SentencePiece path: the tokenizer built from stories260K.gguf's metadata
+/// (tokens, scores, types; merges generated from the scores) encodes and decodes exactly like the
+/// HF conversion's `tokenizer.json`.
+#[test]
+fn stories_gguf_tokenizer_equals_the_hf_tokenizer_json() {
+    let Some(hf) = stories() else { return };
+    let Some(path) = lockstep_test_env::shared_model("stories260K/stories260K.gguf") else { return };
+    let gguf = Tokenizer::load(&path).unwrap();
+    assert_eq!(gguf.vocab_size(), hf.vocab_size());
+    assert_eq!((gguf.bos_token_id(), gguf.eos_token_ids()), (Some(1), &[2u32][..]));
+    assert_eq!((gguf.bos_token(), gguf.eos_token()), (Some("<s>"), Some("</s>")));
+    assert!(!gguf.has_chat_template());
+    let texts = [
+        "Once upon a time, there was a little girl named Lily.",
+        "  two  spaces and\nnew lines\t tabs",
+        "Émile ate 12 crème brûlées — ünïcödé 日本語 🙂",
+        "",
+        "<s> is not special in text",
+    ];
+    for text in texts {
+        for special in [true, false] {
+            let ids = gguf.encode(text, special).unwrap();
+            assert_eq!(ids, hf.encode(text, special).unwrap(), "{text:?} special={special}");
+            assert_eq!(gguf.decode(&ids, true).unwrap(), hf.decode(&ids, true).unwrap(), "{text:?}");
+        }
+    }
+}
+
+/// SmolLM2's GGUF tokenizer (GPT-2 BPE, `smollm` pre-tokenizer) and its chat template: without
+/// a system message the template inserts its default system prompt.
+#[test]
+fn smollm2_gguf_chat_prompt_is_the_templates_rendering_with_the_default_system_prompt() {
+    let Some(path) = lockstep_test_env::smollm2_gguf() else { return };
+    let t = Tokenizer::load(&path).unwrap();
+    assert!(t.has_chat_template());
+    assert_eq!((t.bos_token(), t.eos_token()), (Some("<|im_start|>"), Some("<|im_end|>")));
+    assert_eq!(t.eos_token_ids(), &[2]);
+    let messages = [ChatMessage::new("user", "What is the capital of France?")];
+    let prompt = t.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // An explicit system message replaces the default one.
+    let with_system = [ChatMessage::new("system", "Be brief."), messages[0].clone()];
+    let prompt2 = t.apply_chat_template(&with_system, true).unwrap();
+    assert!(prompt2.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"), "{prompt2:?}");
+    // Special tokens are single ids; digits are split one by one (the `smollm` pre-tokenizer);
+    // nothing is prepended (add_bos_token is false).
+    let ids = t.encode_chat(&messages, true).unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 3, "three <|im_start|>");
+    assert_eq!(t.decode(&ids, false).unwrap(), prompt);
+    let digits = t.encode("2024", true).unwrap();
+    assert_eq!(digits.len(), 4, "{digits:?}");
+    assert_eq!(
+        t.decode(&t.encode("Hello, world! It's 12:30.", true).unwrap(), true).unwrap(),
+        "Hello, world! It's 12:30."
+    );
+}

