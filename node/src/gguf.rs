@@ -13,11 +13,13 @@
 //! * **Tensors under Hugging Face names** ([`GgufModel`]), so the forward pass loads a GGUF and a
 //!   safetensors model through one code path ([`crate::source::WeightStore`]). GGUF stores dims
 //!   innermost first (candle reverses them to `[rows, cols]`).
-//! * **Dtypes.** F32, F16 and BF16 tensors are used in place in the map (zero-copy). Every
-//!   quantized tensor goes through ONE function, [`dequantize`], which widens it with candle's
-//!   dequantization and rounds to [`DEQUANTIZED_DTYPE`]; kept-quantized kernels will replace
-//!   that one function. Q8_1 and Q8_K are llama.cpp's activation formats, never stored weights,
-//!   and are refused with the tensor's name.
+//! * **Dtypes.** F32, F16 and BF16 tensors, and the block types Q8_0, Q4_0 and Q4_1, are used in
+//!   place in the map (zero-copy): the kernels widen each block weight in registers by candle's
+//!   own formula (DESIGN §2.1), so a kept-quantized weight multiplies exactly as candle's
+//!   dequantized matrix would. Every other quantized type (Q5_*, the K-quants) goes through ONE
+//!   function, [`dequantize`], which widens it with candle's dequantization and rounds to
+//!   [`DEQUANTIZED_DTYPE`]. Q8_1 and Q8_K are llama.cpp's activation formats, never stored
+//!   weights, and are refused with the tensor's name.
 //! * **RoPE layout.** llama.cpp's converter permutes the rows of `attn_q` / `attn_k` of the
 //!   `llama` architecture inside each head (it rotates interleaved pairs `(2i, 2i+1)`, HF rotates
 //!   halves `(i, i + d/2)`); [`unpermute_heads`] undoes it so the rotate-half RoPE of the kernels
@@ -45,8 +47,21 @@ use crate::config::{pretty_sorted_json, Architecture, ModelConfig};
 use crate::error::{LoadError, Result};
 use crate::weights::{copy_cols, WeightFile};
 
-/// What every quantized tensor is widened to at load, until kept-quantized kernels exist.
+/// What a quantized tensor the kernels cannot keep ([`kept_dtype`]) is widened to at load.
 pub const DEQUANTIZED_DTYPE: DType = DType::Bf16;
+
+/// The kernels' dtype for a GGUF tensor type they multiply in place, if any.
+pub fn kept_dtype(t: GgmlDType) -> Option<DType> {
+    match t {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::Bf16),
+        GgmlDType::Q8_0 => Some(DType::Q8_0),
+        GgmlDType::Q4_0 => Some(DType::Q4_0),
+        GgmlDType::Q4_1 => Some(DType::Q4_1),
+        _ => None,
+    }
+}
 
 /// Whether `path` names a GGUF file (by its extension, as llama.cpp and Ollama name them).
 pub fn is_gguf_path(path: &Path) -> bool {
@@ -424,8 +439,8 @@ pub struct GgufTokenizer {
     pub source: PathBuf,
 }
 
-/// Widen a quantized tensor with candle's dequantization and round it to [`DEQUANTIZED_DTYPE`].
-/// The one place quantized weights become floats: kept-quantized kernels replace this.
+/// Widen a quantized tensor with candle's dequantization and round it to [`DEQUANTIZED_DTYPE`]:
+/// the one place a quantized type the kernels do not keep ([`kept_dtype`]) becomes floats.
 pub fn dequantize(
     file: &Path,
     name: &str,
@@ -461,8 +476,8 @@ pub fn unpermute_heads(bytes: &[u8], row_bytes: usize, heads: usize, head_dim: u
     out
 }
 
-/// A GGUF model's tensors under Hugging Face names, with the RoPE permutation undone and
-/// quantized tensors dequantized.
+/// A GGUF model's tensors under Hugging Face names, with the RoPE permutation undone and the
+/// quantized types the kernels do not keep dequantized.
 #[derive(Debug)]
 pub struct GgufModel {
     file: GgufFile,
@@ -535,9 +550,7 @@ impl GgufModel {
     /// The dtype a tensor has once loaded.
     fn loaded_dtype(&self, name: &str, t: GgmlDType) -> Result<DType> {
         match t {
-            GgmlDType::F32 => Ok(DType::F32),
-            GgmlDType::F16 => Ok(DType::F16),
-            GgmlDType::BF16 => Ok(DType::Bf16),
+            kept if kept_dtype(kept).is_some() => Ok(kept_dtype(kept).expect("kept")),
             GgmlDType::Q8_1 | GgmlDType::Q8K => Err(LoadError::UnsupportedDType {
                 file: self.file.path.clone(),
                 name: name.to_string(),
@@ -547,13 +560,15 @@ impl GgufModel {
         }
     }
 
-    /// The distinct dtypes of the tensors once loaded, sorted `f32 < bf16 < f16`.
+    /// The distinct dtypes of the tensors once loaded, sorted `f32 < bf16 < f16 < q8_0 < q4_0 <
+    /// q4_1` (the fingerprint names them).
     pub fn dtypes(&self) -> Result<Vec<DType>> {
         let mut seen = Vec::new();
         for (name, info) in &self.file.content.tensor_infos {
             seen.push(self.loaded_dtype(name, info.ggml_dtype)?);
         }
-        Ok([DType::F32, DType::Bf16, DType::F16].into_iter().filter(|d| seen.contains(d)).collect())
+        let order = [DType::F32, DType::Bf16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+        Ok(order.into_iter().filter(|d| seen.contains(d)).collect())
     }
 
     /// Heads of a tensor whose rows llama.cpp permuted for interleaved RoPE.
@@ -570,8 +585,8 @@ impl GgufModel {
         }
     }
 
-    /// A whole tensor by HF name: in place for F32/F16/BF16, else dequantized; RoPE rows
-    /// unpermuted for `llama`.
+    /// A whole tensor by HF name: in place for the types the kernels keep, else dequantized;
+    /// RoPE rows unpermuted for `llama`.
     pub fn get(&self, hf: &str) -> Result<HostWeight> {
         let (name, info) = self.locate(hf)?;
         let range = self.file.byte_range(&name, info)?;
@@ -583,16 +598,26 @@ impl GgufModel {
         };
         let dtype = self.loaded_dtype(&name, info.ggml_dtype)?;
         let kernel = |e| LoadError::Kernel { file: self.file.path.clone(), name: name.clone(), source: e };
-        let weight = match info.ggml_dtype {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+        let weight = match kept_dtype(info.ggml_dtype) {
+            Some(_) => {
                 HostWeight::new(dtype, SharedBytes::new(self.file.map.clone(), range), rows, cols).map_err(kernel)?
             }
-            quantized => dequantize(&self.file.path, &name, quantized, &self.file.map[range], rows, cols)?,
+            None => dequantize(&self.file.path, &name, info.ggml_dtype, &self.file.map[range], rows, cols)?,
         };
         let Some(heads) = self.permuted_heads(hf) else { return Ok(weight) };
-        // A 1-D bias is one row of `heads × head_dim` elements: permute elements, not rows.
-        let (n_rows, row_bytes) =
-            if weight.rows == 1 { (weight.cols, dtype.size()) } else { (weight.rows, weight.cols * dtype.size()) };
+        // A 1-D bias is one row of `heads × head_dim` elements: permute elements, not rows (and
+        // elements of a block type have no bytes of their own).
+        let (n_rows, row_bytes) = if weight.rows > 1 {
+            (weight.rows, weight.view().row_bytes())
+        } else if !dtype.is_quantized() {
+            (weight.cols, dtype.size())
+        } else {
+            return Err(LoadError::UnsupportedDType {
+                file: self.file.path.clone(),
+                name,
+                dtype: format!("{} in a 1-D tensor (a bias is f32, f16 or bf16)", dtype.as_str()),
+            });
+        };
         if n_rows != heads * self.head_dim {
             return Err(LoadError::ShapeMismatch {
                 file: self.file.path.clone(),
@@ -609,7 +634,7 @@ impl GgufModel {
     pub fn get_rows(&self, hf: &str, rows: Range<usize>) -> Result<HostWeight> {
         let w = self.get(hf)?;
         self.check_range(hf, "rows", &rows, w.rows)?;
-        let row_bytes = w.cols * w.dtype.size();
+        let row_bytes = w.view().row_bytes();
         let bytes = w.bytes.as_slice()[rows.start * row_bytes..rows.end * row_bytes].to_vec();
         self.rebuild(hf, w.dtype, bytes, rows.len(), w.cols)
     }
@@ -618,6 +643,14 @@ impl GgufModel {
     pub fn get_cols(&self, hf: &str, cols: Range<usize>) -> Result<HostWeight> {
         let w = self.get(hf)?;
         self.check_range(hf, "columns", &cols, w.cols)?;
+        if w.dtype.is_quantized() {
+            // Whole blocks only: the shard plan cuts rows on multiples of 32 for block types.
+            return w.columns(cols).map_err(|e| LoadError::Kernel {
+                file: self.file.path.clone(),
+                name: hf.to_string(),
+                source: e,
+            });
+        }
         let bytes = copy_cols(w.bytes.as_slice(), w.dtype.size(), w.cols, w.rows, &cols);
         self.rebuild(hf, w.dtype, bytes, w.rows, cols.len())
     }
