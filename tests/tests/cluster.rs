@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lockstep_test_env::{shared_model, stories260k};
+use lockstep_test_env::{shared_model, smollm2_gguf, stories260k};
 use lockstep_tests::{prompts_file, run_lockstep, scratch, stderr, stdout, Watched};
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -156,6 +156,27 @@ fn nine_heads_tp_3_equals_tp_1_and_tp_2_is_refused() {
     let out = run_lockstep(&args, LIMIT);
     assert!(!out.status.success(), "TP 2 of 9 heads must be refused");
     assert!(stderr(&out).contains("tensor-parallel degree 2"), "unclear refusal: {}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The real SmolLM2-135M-Instruct GGUF, its Q4_1 weights kept in their blocks: three node
+/// processes (9 query / 3 KV heads, a third each; row-parallel shares cut on whole blocks) give the
+/// bits of one process, greedy and seeded, chat-templated, under staggered load.
+#[test]
+fn smollm2_gguf_q4_1_at_tp_3_equals_tp_1() {
+    let Some(model) = smollm2_gguf() else { return };
+    let dir = scratch("cluster-smollm2-tp3");
+    let prompts =
+        prompts_file(&dir, &["What is the capital of France?", "Write a haiku about rivers.", "Name three colors."]);
+    for sampling in [&["--chat", "--temperature", "0"][..], &["--chat", "--temperature", "0.8", "--seed", "7"]] {
+        let local = generate(&model, &prompts, sampling);
+        let mut args = sampling.to_vec();
+        args.extend_from_slice(&["--tp", "3", "--stagger-steps", "1", "--node-threads", "1"]);
+        assert_same(&format!("SmolLM2 TP 3 {sampling:?}"), &generate(&model, &prompts, &args), &local);
+        if sampling[2] == "0" {
+            assert!(local[0]["text"].as_str().unwrap().contains("Paris"), "{}", local[0]["text"]);
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
