@@ -1,8 +1,8 @@
-//! `lockstep demo`: the README's main job — the same prompts in-process alone, then on a TP=2
-//! cluster of node processes on loopback among other traffic, with identical bytes. It uses the
-//! real instruct model SmolLM2-135M-Instruct (GGUF) when `.ci/run` has fetched it (chat prompts;
-//! its 9 heads allow TP 1 only, so the cluster run is one node), else stories260K, else a
-//! synthesized tiny model.
+//! `lockstep demo`: the README's main job — the same prompts in-process alone, then on a
+//! tensor-parallel cluster of node processes on loopback among other traffic, with identical
+//! bytes. It uses the real instruct model SmolLM2-135M-Instruct (GGUF, Q4_1 kept quantized) when
+//! `.ci/run` has fetched it (chat prompts; its 9 / 3 heads split in three, so the cluster is TP 3),
+//! else stories260K (TP 2), else a synthesized tiny model.
 
 use std::path::PathBuf;
 
@@ -67,9 +67,11 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     // Per answer: token ids, logprob bits, text.
     type Answer = (Vec<u32>, Vec<u32>, String);
     let mut first: Option<Vec<Answer>> = None;
-    // The cluster run splits the model in two where its heads allow it.
+    // The cluster run splits the model in two, or in three (SmolLM2's 9 / 3 heads), where its
+    // heads allow it.
     let cfg = load_config(&model)?;
-    let cluster_tp = if ShardPlan::new(&cfg, 0, 2, auto_reduce_segments(&cfg)).is_ok() { 2 } else { 1 };
+    let segments = auto_reduce_segments(&cfg);
+    let cluster_tp = [2, 3].into_iter().find(|&tp| ShardPlan::new(&cfg, 0, tp, segments).is_ok()).unwrap_or(1);
     let cluster_label = format!("TP {cluster_tp} cluster on loopback, with 12 other requests");
     let runs =
         [("in-process, TP 1, alone, 1 thread", 1usize, 1usize, 0usize), (cluster_label.as_str(), cluster_tp, 2, 12)];
