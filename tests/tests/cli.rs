@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lockstep_test_env::stories260k;
+use lockstep_test_env::{shared_model, stories260k};
 use lockstep_tests::{run_lockstep, scratch, stderr, stdout};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -51,6 +51,34 @@ fn generate_json_has_every_field_and_replays_a_drawn_seed() {
     // A different draw of the seed almost surely differs.
     let other = json_lines(&stdout(&run_lockstep(&sampled, LIMIT)));
     assert_ne!(other[0]["seed"], first[0]["seed"], "each run draws a fresh seed");
+}
+
+/// Guards the GGUF error path through the CLI: a missing file, a truncated download and a file
+/// that is not GGUF are refused with the file (and the cut-off tensor) named, never a panic.
+#[test]
+fn bad_gguf_files_are_refused_with_the_file_named() {
+    let root = scratch("cli-bad-gguf");
+    let gen = |path: &std::path::Path| {
+        ["generate".to_string(), "--model".into(), path.display().to_string(), "--prompt".into(), "hi".into()]
+    };
+    let missing = root.join("absent.gguf");
+    let args = gen(&missing);
+    assert_clear_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["absent.gguf", "does not exist"]);
+    let not_gguf = root.join("text.gguf");
+    std::fs::write(&not_gguf, "this is not a GGUF file at all").unwrap();
+    let args = gen(&not_gguf);
+    assert_clear_error(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["text.gguf", "not a readable GGUF file"],
+    );
+
+    let Some(stories) = shared_model("stories260K/stories260K.gguf") else { return };
+    let bytes = std::fs::read(&stories).unwrap();
+    let cut = root.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4096]).unwrap();
+    let args = gen(&cut);
+    assert_clear_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["cut.gguf", "truncated", "tensor"]);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]
