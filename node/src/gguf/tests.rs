@@ -59,7 +59,7 @@ fn write(path: &Path, meta: &[(String, Value)], tensors: &[(&str, QTensor)]) {
 }
 
 /// A valid tiny model file: embedding, an F32 q_proj whose row r holds r, a Q8_0 k_proj, a Q4_1
-/// v_proj.
+/// v_proj (both kept in their blocks) and a Q5_0 o_proj (dequantized at load).
 fn tiny(dir: &Path, name: &str, arch: &str) -> PathBuf {
     let path = dir.join(name);
     write(
@@ -70,6 +70,7 @@ fn tiny(dir: &Path, name: &str, arch: &str) -> PathBuf {
             ("blk.0.attn_q.weight", f32_tensor(HEADS * HEAD_DIM, HIDDEN, |r, _| r as f32)),
             ("blk.0.attn_k.weight", quantized(HEADS * HEAD_DIM, HIDDEN, GgmlDType::Q8_0)),
             ("blk.0.attn_v.weight", quantized(HEADS * HEAD_DIM, HIDDEN, GgmlDType::Q4_1)),
+            ("blk.0.attn_output.weight", quantized(HIDDEN, HEADS * HEAD_DIM, GgmlDType::Q5_0)),
         ],
     );
     path
@@ -130,36 +131,35 @@ fn stories260k_gguf_tensors_equal_the_hf_safetensors_bitwise() {
     assert_eq!(tok.scores.as_ref().unwrap()[300], -41.0);
 }
 
+/// Q8_0 and Q4_1 stay in their blocks and widen (in the kernels' one formula) to exactly candle's
+/// dequantization; a type the kernels do not keep (Q5_0) is candle's dequantization rounded to
+/// bf16 at load.
 #[test]
-fn quantized_tensors_are_candles_dequantization_rounded_to_bf16_and_rope_rows_are_unpermuted() {
+fn quantized_tensors_are_candles_dequantization_kept_or_rounded_to_bf16_and_rope_rows_are_unpermuted() {
     let tmp = TempDir::new("gguf-tiny");
     let path = tiny(tmp.path(), "tiny.gguf", "llama");
     let m = GgufModel::open(&path).unwrap();
-    assert_eq!(m.dtypes().unwrap(), vec![DType::F32, DType::Bf16]);
-    for (hf, dtype) in [
-        ("model.layers.0.self_attn.v_proj.weight", GgmlDType::Q4_1),
-        ("model.layers.0.self_attn.k_proj.weight", GgmlDType::Q8_0),
+    assert_eq!(m.dtypes().unwrap(), vec![DType::F32, DType::Bf16, DType::Q8_0, DType::Q4_1]);
+    let to_bf16 = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    for (hf, dtype, kept, rows, cols) in [
+        ("model.layers.0.self_attn.v_proj.weight", GgmlDType::Q4_1, DType::Q4_1, HEADS * HEAD_DIM, HIDDEN),
+        ("model.layers.0.self_attn.k_proj.weight", GgmlDType::Q8_0, DType::Q8_0, HEADS * HEAD_DIM, HIDDEN),
+        ("model.layers.0.self_attn.o_proj.weight", GgmlDType::Q5_0, DType::Bf16, HIDDEN, HEADS * HEAD_DIM),
     ] {
-        let reference: Vec<f32> = quantized(HEADS * HEAD_DIM, HIDDEN, dtype)
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let reference: Vec<f32> =
+            quantized(rows, cols, dtype).dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let w = m.get(hf).unwrap();
-        assert_eq!((w.dtype, w.rows, w.cols), (DType::Bf16, HEADS * HEAD_DIM, HIDDEN));
+        assert_eq!((w.dtype, w.rows, w.cols), (kept, rows, cols), "{hf}");
         let got = w.view().to_f32();
-        if hf.contains("v_proj") {
-            let want: Vec<f32> = reference.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
-            assert_eq!(got, want, "{hf}");
-        } else {
+        let want = if kept == DType::Bf16 { to_bf16(&reference) } else { reference };
+        if hf.contains("k_proj") {
             // k_proj is permuted too: row-wise it holds the same rows in HF order.
-            let want: Vec<f32> = reference.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
             let bytes: Vec<u8> = want.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let unpermuted = unpermute_heads(&bytes, HIDDEN * 4, HEADS, HEAD_DIM);
+            let unpermuted = unpermute_heads(&bytes, cols * 4, HEADS, HEAD_DIM);
             let want: Vec<f32> =
                 unpermuted.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            assert_eq!(got, want, "{hf}");
+        } else {
             assert_eq!(got, want, "{hf}");
         }
     }
@@ -193,7 +193,7 @@ fn a_truncated_gguf_names_the_first_tensor_cut_off() {
     match err(GgufFile::open(&cut)) {
         LoadError::Truncated { file, name, file_len, .. } => {
             assert_eq!(file, cut);
-            assert_eq!(name, "blk.0.attn_v.weight");
+            assert_eq!(name, "blk.0.attn_output.weight");
             assert_eq!(file_len, bytes.len() as u64 - 40);
         }
         other => panic!("wrong error: {other}"),
