@@ -8,9 +8,6 @@ the number of checks that passed otherwise.
     python3 tests/python/openai_chat_gguf.py --base-url http://127.0.0.1:PORT/v1 --api-key KEY --model NAME
 """
 
-import argparse
-import sys
-
 import openai
 
 # The checks and their count are openai_client.py's (this script's directory is on sys.path).
@@ -19,15 +16,7 @@ from openai_client import check
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", required=True)
-    ap.add_argument("--api-key", required=True)
-    ap.add_argument("--model", required=True)
-    a = ap.parse_args()
-    if not a.base_url.startswith("http://127.0.0.1:"):
-        sys.exit("refusing to send traffic anywhere but 127.0.0.1")
-    client = openai.OpenAI(base_url=a.base_url, api_key=a.api_key, max_retries=0, timeout=60.0)
-    m = a.model
+    client, m = openai_client.connect(60.0)
 
     ids = [x.id for x in client.models.list().data]
     check(m in ids, f"{m} in /v1/models: {ids}")

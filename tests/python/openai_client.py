@@ -29,7 +29,8 @@ def f32_bits(xs):
     return [struct.unpack("<I", struct.pack("<f", x))[0] for x in xs]
 
 
-def main():
+def connect(timeout):
+    """The client and model of the command line (`--base-url`, `--api-key`, `--model`); loopback only."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--api-key", required=True)
@@ -37,8 +38,11 @@ def main():
     a = ap.parse_args()
     if not a.base_url.startswith("http://127.0.0.1:"):
         sys.exit("refusing to send traffic anywhere but 127.0.0.1")
-    client = openai.OpenAI(base_url=a.base_url, api_key=a.api_key, max_retries=0, timeout=30.0)
-    m = a.model
+    return openai.OpenAI(base_url=a.base_url, api_key=a.api_key, max_retries=0, timeout=timeout), a.model
+
+
+def main():
+    client, m = connect(30.0)
 
     # Models.
     ids = [x.id for x in client.models.list().data]
