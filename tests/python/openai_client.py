@@ -129,7 +129,7 @@ def main():
         check(False, "negative max_tokens accepted")
     except openai.BadRequestError as e:
         check(e.code == "invalid_value" and e.param == "max_tokens", e)
-    bad = openai.OpenAI(base_url=a.base_url, api_key="sk-wrong", max_retries=0, timeout=30.0)
+    bad = client.with_options(api_key="sk-wrong")
     try:
         bad.completions.create(model=m, prompt="x", max_tokens=1)
         check(False, "wrong key accepted")
