@@ -59,7 +59,9 @@ pub use types::*;
 
 /// Version of the numerics contract. Bump it whenever any rule changes a bit of any output: it is
 /// part of the determinism fingerprint, so answers from different contracts never claim equality.
-pub const CONTRACT_VERSION: u32 = 1;
+/// Version 2: temperatures below [`sampling::GREEDY_BELOW`] sample greedily (version 1 divided by
+/// them); segment counts `3·2^k` and the GGUF block types are admitted (docs/DESIGN.md §2.1).
+pub const CONTRACT_VERSION: u32 = 2;
 
 /// Logical lane width of every dot product (one AVX-512 register, half a CUDA warp).
 pub const LANES: usize = 16;

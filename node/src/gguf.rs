@@ -549,8 +549,10 @@ impl GgufModel {
 
     /// The dtype a tensor has once loaded.
     fn loaded_dtype(&self, name: &str, t: GgmlDType) -> Result<DType> {
+        if let Some(kept) = kept_dtype(t) {
+            return Ok(kept);
+        }
         match t {
-            kept if kept_dtype(kept).is_some() => Ok(kept_dtype(kept).expect("kept")),
             GgmlDType::Q8_1 | GgmlDType::Q8K => Err(LoadError::UnsupportedDType {
                 file: self.file.path.clone(),
                 name: name.to_string(),
