@@ -173,7 +173,7 @@ impl Preset {
                 llama3_rope: false,
                 max_pos: 40960,
                 eps: 1e-6,
-                specials: SpecialSet::Qwen,
+                specials: SpecialSet::Qwen3,
             },
         }
     }
@@ -207,6 +207,32 @@ pub(super) enum Family {
     Qwen3,
 }
 
+/// Qwen2.5's added tokens in id order from 151643; Qwen3 keeps them and appends four.
+const QWEN25_ADDED: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SpecialSet {
     /// Llama 3's 256 reserved ids at the top of the vocabulary.
@@ -215,6 +241,8 @@ enum SpecialSet {
     Llama3Short,
     /// Qwen2.5's 22 added tokens, starting at 151643.
     Qwen,
+    /// Qwen3's 26: Qwen2.5's 22, then `<tool_response>`, `</tool_response>`, `<think>`, `</think>`.
+    Qwen3,
     /// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` at the top of a small vocabulary.
     QwenShort,
 }
@@ -429,33 +457,12 @@ impl Spec {
                 self.vocab as u32 - 5,
                 &["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
             ),
-            SpecialSet::Qwen => from(
-                151643,
-                &[
-                    "<|endoftext|>",
-                    "<|im_start|>",
-                    "<|im_end|>",
-                    "<|object_ref_start|>",
-                    "<|object_ref_end|>",
-                    "<|box_start|>",
-                    "<|box_end|>",
-                    "<|quad_start|>",
-                    "<|quad_end|>",
-                    "<|vision_start|>",
-                    "<|vision_end|>",
-                    "<|vision_pad|>",
-                    "<|image_pad|>",
-                    "<|video_pad|>",
-                    "<tool_call>",
-                    "</tool_call>",
-                    "<|fim_prefix|>",
-                    "<|fim_middle|>",
-                    "<|fim_suffix|>",
-                    "<|fim_pad|>",
-                    "<|repo_name|>",
-                    "<|file_sep|>",
-                ],
-            ),
+            SpecialSet::Qwen => from(151643, QWEN25_ADDED),
+            SpecialSet::Qwen3 => {
+                let mut names = QWEN25_ADDED.to_vec();
+                names.extend(["<tool_response>", "</tool_response>", "<think>", "</think>"]);
+                from(151643, &names)
+            }
             SpecialSet::QwenShort => from(self.vocab as u32 - 3, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
         }
     }

@@ -132,8 +132,9 @@ impl TokenizerSpec {
             .iter()
             .map(|(id, content)| {
                 format!(
-                    r#"    {{"id": {id}, "content": {}, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}}"#,
-                    s(content)
+                    r#"    {{"id": {id}, "content": {}, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": {}}}"#,
+                    s(content),
+                    is_special(content)
                 )
             })
             .collect();
@@ -186,7 +187,7 @@ impl TokenizerSpec {
             decoder.insert(
                 id.to_string(),
                 json!({"content": content, "lstrip": false, "normalized": false, "rstrip": false,
-                       "single_word": false, "special": true}),
+                       "single_word": false, "special": is_special(content)}),
             );
         }
         let (bos, eos, pad, template) = match spec.family {
@@ -306,6 +307,28 @@ fn pad_with_pseudo_words(
     }
 }
 
+/// Whether an added token is *special* (dropped when decoding with special tokens skipped). As in
+/// Qwen's own tokenizers, the tool-call, fill-in-the-middle, repository and thinking markers are
+/// added tokens that stay in decoded text (a Qwen3 answer shows its `<think>` block); every other
+/// added token (all of Llama 3's) is special.
+fn is_special(content: &str) -> bool {
+    const KEPT_IN_TEXT: &[&str] = &[
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    ];
+    !KEPT_IN_TEXT.contains(&content)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,5 +409,30 @@ mod tests {
         let llama = Preset::Llama32_1b.spec().special_tokens();
         assert_eq!(llama[9], (128009, "<|eot_id|>".to_string()));
         assert_eq!(llama[255], (128255, "<|reserved_special_token_247|>".to_string()));
+    }
+
+    #[test]
+    fn qwen3_has_its_thinking_tokens_and_keeps_them_in_decoded_text() {
+        let spec = Preset::Qwen3_06b.spec();
+        let specials = spec.special_tokens();
+        assert_eq!(specials.len(), 26);
+        assert_eq!(specials[22], (151665, "<tool_response>".to_string()));
+        assert_eq!(specials[24], (151667, "<think>".to_string()));
+        assert_eq!(specials[25], (151668, "</think>".to_string()));
+        let tok_spec = TokenizerSpec::build(&spec);
+        let dir = TempDir::new("synth-qwen3tok");
+        std::fs::write(dir.path().join("tokenizer.json"), tok_spec.tokenizer_json(&spec)).unwrap();
+        let tok = load_tokenizer(dir.path());
+        assert_eq!(tok.token_to_id("<think>"), Some(151667));
+        let ids = tok.encode("<think>\nhi</think>Yes<|im_end|>", false).unwrap().get_ids().to_vec();
+        assert_eq!(ids.first(), Some(&151667));
+        assert!(ids.contains(&151668) && ids.contains(&151645));
+        // Skipping special tokens drops <|im_end|> but, as Qwen3's own tokenizer does, keeps the
+        // thinking markers that reasoning parsers split on.
+        let decoded = tok.decode(&ids, true).unwrap();
+        assert_eq!(decoded, "<think>\nhi</think>Yes");
+        let config = tok_spec.tokenizer_config(&spec);
+        assert_eq!(config["added_tokens_decoder"]["151667"]["special"], false);
+        assert_eq!(config["added_tokens_decoder"]["151645"]["special"], true);
     }
 }
