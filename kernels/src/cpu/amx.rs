@@ -597,23 +597,9 @@ mod tests {
         assert!(c.0[2..16].iter().chain(&c.0[32..48]).chain(&c.0[56..]).all(|&b| b == 0), "reserved bytes are zero");
     }
 
-    #[test]
-    fn the_model_flushes_denormal_inputs_and_results_and_sums_even_and_odd_apart() {
+    /// One `TDPBF16PS` from a zero accumulator on the model, with A and B as given.
+    fn one_dot(a: &[u8; 1024], b: &[u8; 1024]) -> [f32; 256] {
         let mut u = SoftTiles::default();
-        let mut a = [0u8; 1024];
-        let mut b = [0u8; 1024];
-        let put = |buf: &mut [u8], at: usize, v: u16| buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
-        // Row 0, pair 0: even 1·2^-70 · 1·2^-70 = 2^-140 (a denormal result: flushed to +0),
-        // odd 1 · 1 = 1.
-        put(&mut a, 0, bf16_bits(2f32.powi(-70)));
-        put(&mut b, 0, bf16_bits(2f32.powi(-70)));
-        put(&mut a, 2, bf16_bits(1.0));
-        put(&mut b, 2, bf16_bits(1.0));
-        // Row 1, pair 0: a denormal bf16 input (2^-130) counts as zero: 0 · 4 + 3 · 1 = 3.
-        put(&mut a, 64, bf16_bits(2f32.powi(-130)));
-        put(&mut b, 4, bf16_bits(4.0));
-        put(&mut a, 66, bf16_bits(3.0));
-        put(&mut b, 6, bf16_bits(1.0));
         let mut c = [0f32; 256];
         // SAFETY: every buffer holds 16 rows of 64 bytes.
         unsafe {
@@ -624,12 +610,30 @@ mod tests {
             u.dot();
             u.store_c(c.as_mut_ptr() as *mut u8, 64);
         }
-        assert_eq!(c[0].to_bits(), 1f32.to_bits());
-        assert_eq!(c[16 + 1].to_bits(), 3f32.to_bits());
+        c
+    }
+
+    #[test]
+    fn the_model_flushes_denormal_inputs_and_results_and_sums_even_and_odd_apart() {
+        let mut a = [0u8; 1024];
+        let mut b = [0u8; 1024];
+        let put = |buf: &mut [u8], at: usize, v: u16| buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        // Row 0 × column 0: 2^-70 · 2^-70 = 2^-140, a denormal result, is flushed to +0.
+        put(&mut a, 0, bf16_bits(2f32.powi(-70)));
+        put(&mut b, 0, bf16_bits(2f32.powi(-70)));
+        // Row 1 × column 1: the denormal bf16 2^-130 reads as zero (not 2^-130 · 2^10 = 2^-120).
+        put(&mut a, 64, bf16_bits(2f32.powi(-130)));
+        put(&mut b, 4, bf16_bits(2f32.powi(10)));
+        // Row 2 × column 2: normal values go through: 3 · 1 = 3.
+        put(&mut a, 128, bf16_bits(3.0));
+        put(&mut b, 8, bf16_bits(1.0));
+        let c = one_dot(&a, &b);
+        assert_eq!(c[0].to_bits(), 0, "denormal result flushed");
+        assert_eq!(c[16 + 1].to_bits(), 0, "denormal input read as zero");
+        assert_eq!(c[32 + 2], 3.0);
         // Even and odd products accumulate apart and meet once: even 2^24 (pair 0), odd 1 + 1
         // (pairs 1, 2) give 2^24 + 2 exactly; one accumulator in pair order would lose both ones
         // (2^24 + 1 rounds to 2^24).
-        let mut u = SoftTiles::default();
         let (mut a, mut b) = ([0u8; 1024], [0u8; 1024]);
         put(&mut a, 0, bf16_bits(2f32.powi(24)));
         put(&mut b, 0, bf16_bits(1.0));
@@ -637,15 +641,7 @@ mod tests {
         put(&mut b, 64 + 2, bf16_bits(1.0));
         put(&mut a, 10, bf16_bits(1.0));
         put(&mut b, 128 + 2, bf16_bits(1.0));
-        // SAFETY: as above.
-        unsafe {
-            u.configure(&TileConfig::program());
-            u.zero_c();
-            u.load(Tmm::A, a.as_ptr(), 64);
-            u.load(Tmm::B, b.as_ptr(), 64);
-            u.dot();
-            u.store_c(c.as_mut_ptr() as *mut u8, 64);
-        }
+        let c = one_dot(&a, &b);
         assert_eq!(c[0], 2f32.powi(24) + 2.0);
     }
 
