@@ -48,8 +48,8 @@ pub const TILE_ROWS: usize = 16;
 pub const TILE_COLS: usize = 16;
 /// Bytes of one tile row, for every tile of the program.
 const TILE_ROW_BYTES: usize = 64;
-/// Bytes of one packed B tile.
-const B_TILE_BYTES: usize = TILE_ROWS * TILE_ROW_BYTES;
+/// Dwords (bf16 pairs) of one tile.
+const TILE_WORDS: usize = TILE_ROWS * TILE_COLS;
 
 /// Whether native numerics run this weight type on tiles; the others take the portable kernels.
 pub fn takes(dtype: DType) -> bool {
@@ -195,12 +195,14 @@ impl KLayout {
     fn row_elems(&self) -> usize {
         self.count * self.tiles * K_TILE
     }
-    /// The real column of packed position `p` (segment, K tile, element), if any.
-    fn column(&self, p: usize) -> Option<usize> {
-        let per_seg = self.tiles * K_TILE;
-        let (s, e) = (p / per_seg, p % per_seg);
-        let col = s * self.seg_len + e;
-        (e < self.seg_len && col < self.k_real).then_some(col)
+    /// Segment `s`'s real columns (empty once the segments pass the end of the row).
+    fn segment_cols(&self, s: usize) -> Range<usize> {
+        let lo = (s * self.seg_len).min(self.k_real);
+        lo..((s + 1) * self.seg_len).min(self.k_real)
+    }
+    /// Where segment `s` starts in a packed row (bf16 elements).
+    fn segment_start(&self, s: usize) -> usize {
+        s * self.tiles * K_TILE
     }
 }
 
@@ -216,9 +218,11 @@ fn pack_a(x: &[f32], m: usize, kl: &KLayout) -> Vec<u16> {
     let mut a = vec![0u16; rows * width];
     for (i, row) in a.chunks_exact_mut(width).take(m).enumerate() {
         let xr = &x[i * kl.k_real..(i + 1) * kl.k_real];
-        for (p, v) in row.iter_mut().enumerate() {
-            if let Some(c) = kl.column(p) {
-                *v = bf16_bits(xr[c]);
+        for s in 0..kl.count {
+            let cols = kl.segment_cols(s);
+            let at = kl.segment_start(s);
+            for (v, &xv) in row[at..at + cols.len()].iter_mut().zip(&xr[cols]) {
+                *v = bf16_bits(xv);
             }
         }
     }
@@ -243,22 +247,29 @@ fn weight_planes(dtype: DType, row: &[u8], col: usize) -> [u16; 2] {
 
 /// Weight rows `n0..n0 + 16` (zeros past `w.rows`) as B tiles, one per (K tile, plane) in that
 /// order: tile row `r` holds, for output column `j`, the pair (`W[n0+j][2r]`, `W[n0+j][2r+1]`)
-/// of the K tile — the pair-interleaved layout `TDPBF16PS` reads as a 16×32 bf16 matrix.
-fn pack_b(w: WeightView<'_>, n0: usize, kl: &KLayout, out: &mut Vec<u8>) {
+/// of the K tile as one little-endian dword — the pair-interleaved layout `TDPBF16PS` reads as
+/// a 16×32 bf16 matrix. For bf16 that is a 16×16 dword transpose of the weight rows.
+fn pack_b(w: WeightView<'_>, n0: usize, kl: &KLayout, out: &mut Vec<u32>) {
     let planes = planes(w.dtype);
-    let ktiles = kl.count * kl.tiles;
     out.clear();
-    out.resize(ktiles * planes * B_TILE_BYTES, 0);
+    out.resize(kl.count * kl.tiles * planes * TILE_WORDS, 0);
+    let bf16_at = |row: &[u8], c: usize| u16::from_le_bytes([row[2 * c], row[2 * c + 1]]) as u32;
     for j in 0..TILE_COLS.min(w.rows.saturating_sub(n0)) {
         let row = w.row(n0 + j);
-        for kt in 0..ktiles {
-            for r in 0..TILE_ROWS {
-                for half in 0..2 {
-                    let Some(col) = kl.column(kt * K_TILE + 2 * r + half) else { continue };
-                    let v = weight_planes(w.dtype, row, col);
-                    for (p, bits) in v.iter().take(planes).enumerate() {
-                        let at = (kt * planes + p) * B_TILE_BYTES + r * TILE_ROW_BYTES + j * 4 + half * 2;
-                        out[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+        for s in 0..kl.count {
+            let cols = kl.segment_cols(s);
+            for c in cols.clone().step_by(2) {
+                let q = (c - cols.start) / 2;
+                let kt = s * kl.tiles + q / TILE_ROWS;
+                let at = |p: usize| (kt * planes + p) * TILE_WORDS + (q % TILE_ROWS) * TILE_COLS + j;
+                let pair = c + 1 < cols.end;
+                match w.dtype {
+                    DType::Bf16 => out[at(0)] = bf16_at(row, c) | if pair { bf16_at(row, c + 1) << 16 } else { 0 },
+                    _ => {
+                        let [h0, l0] = weight_planes(w.dtype, row, c);
+                        let [h1, l1] = if pair { weight_planes(w.dtype, row, c + 1) } else { [0, 0] };
+                        out[at(0)] = h0 as u32 | (h1 as u32) << 16;
+                        out[at(1)] = l0 as u32 | (l1 as u32) << 16;
                     }
                 }
             }
@@ -313,7 +324,7 @@ unsafe fn tile_program<U: TileUnit>(
             let kt = s * kl.tiles + t;
             u.load(Tmm::A, a.add(kt * TILE_ROW_BYTES), a_stride);
             for p in 0..planes {
-                u.load(Tmm::B, b.add((kt * planes + p) * B_TILE_BYTES), TILE_ROW_BYTES);
+                u.load(Tmm::B, b.add((kt * planes + p) * TILE_WORDS * 4), TILE_ROW_BYTES);
                 u.dot();
             }
         }
@@ -472,8 +483,8 @@ impl TileUnit for HardTiles {
 
 // ---------------------------------------------------------------- the linear
 
-/// Output rows and columns per task (four tiles each way), as the portable linear's tasks.
-const TASK_ROWS: usize = 64;
+/// Output columns per task (four tiles). A task takes every row, so each B tile is packed once
+/// per call and then serves all of M.
 const TASK_COLS: usize = 64;
 
 /// One linear call's shared inputs: the packed A panel and what the tasks need to pack B and
@@ -501,7 +512,7 @@ impl Job<'_> {
             for i0 in rows.clone().step_by(TILE_ROWS) {
                 // Row i0 of the A panel exists: its rows are padded to a multiple of 16.
                 let ap = (self.a.as_ptr() as *const u8).add(i0 * self.a_stride);
-                tile_program(u, ap, self.a_stride, b.as_ptr(), &self.kl, self.planes, &mut sums);
+                tile_program(u, ap, self.a_stride, b.as_ptr() as *const u8, &self.kl, self.planes, &mut sums);
                 for i in i0..(i0 + TILE_ROWS).min(rows.end) {
                     for j in n0..(n0 + TILE_COLS).min(cols.end) {
                         let at = (i - i0) * TILE_COLS + (j - n0);
@@ -542,11 +553,8 @@ pub(crate) fn linear_native(
         planes: planes(w.dtype),
         out: SharedOut(y.as_mut_ptr()),
     };
-    let (row_blocks, col_blocks) = (m.div_ceil(TASK_ROWS), n.div_ceil(TASK_COLS));
     let task = |t: usize| {
-        let (rb, cb) = (t / col_blocks, t % col_blocks);
-        let rows = rb * TASK_ROWS..((rb + 1) * TASK_ROWS).min(m);
-        let cols = cb * TASK_COLS..((cb + 1) * TASK_COLS).min(n);
+        let (rows, cols) = (0..m, t * TASK_COLS..((t + 1) * TASK_COLS).min(n));
         match exec {
             AmxExec::Model => {
                 let mut unit = SoftTiles::default();
@@ -571,7 +579,7 @@ pub(crate) fn linear_native(
             AmxExec::Hardware => unreachable!("no AMX outside x86-64"),
         }
     };
-    let tasks = row_blocks * col_blocks;
+    let tasks = n.div_ceil(TASK_COLS);
     if be.threads() == 1 || tasks == 1 {
         (0..tasks).for_each(task);
     } else {
