@@ -645,5 +645,10 @@ pub fn fresh_seed() -> u64 {
 
 /// `backend` accessor used by the bench to report the ISA in use.
 pub fn describe_backend(be: &CpuBackend) -> String {
-    format!("cpu/{}/{} threads/{}", be.isa().as_str(), be.threads(), be.mode().as_str())
+    // Native numerics are named as the fingerprint names them: the tile unit is what matters.
+    let numerics = match be.mode() {
+        KernelMode::Native => be.fingerprint_name(),
+        mode => mode.as_str().to_string(),
+    };
+    format!("cpu/{}/{} threads/{numerics}", be.isa().as_str(), be.threads())
 }

@@ -27,7 +27,8 @@
 //!
 //! [`Backend`] is the one trait the model code calls; [`cpu::CpuBackend`] implements it and is always
 //! built. [`KernelMode::Fast`] swaps the matmul for a conventional, non-invariant GEMM to measure what
-//! invariance costs.
+//! invariance costs. [`KernelMode::Native`] runs bf16/f16 linears on AMX tiles ([`cpu::amx`]):
+//! invariant within the AMX class, with bits of its own.
 //!
 //! With the cargo feature `cuda`, `cuda::CudaBackend` implements it on NVIDIA GPUs: *portable*
 //! numerics give the reference's bits (the 16 lanes are a half-warp), *native* numerics use tensor
@@ -96,6 +97,8 @@ pub enum KernelError {
     RopePosition { pos: usize, max: usize },
     #[error("invalid sampling parameters: {0}")]
     BadSampling(String),
+    #[error("cpu native numerics need AMX (amx-bf16, amx-tile) with Linux tile-data permission: {0}; use --numerics portable")]
+    AmxUnavailable(String),
 }
 
 /// Which matmul implementation a backend uses.
@@ -107,6 +110,10 @@ pub enum KernelMode {
     Invariant,
     /// A conventional GEMM that picks its blocking by shape (for comparison only).
     Fast,
+    /// CPU native numerics: bf16/f16 linears on AMX tiles (`cpu::amx`), batch-, thread- and
+    /// TP-invariant within the AMX class but not equal to the contract's bits (fingerprint
+    /// `native-amx`). Appended last: the wire protocol encodes this enum by variant index.
+    Native,
 }
 
 impl KernelMode {
@@ -114,6 +121,7 @@ impl KernelMode {
         match self {
             KernelMode::Invariant => "invariant",
             KernelMode::Fast => "fast",
+            KernelMode::Native => "native",
         }
     }
 }
@@ -124,7 +132,8 @@ impl std::str::FromStr for KernelMode {
         match s {
             "invariant" => Ok(KernelMode::Invariant),
             "fast" => Ok(KernelMode::Fast),
-            other => Err(format!("unknown kernel mode {other:?} (invariant|fast)")),
+            "native" => Ok(KernelMode::Native),
+            other => Err(format!("unknown kernel mode {other:?} (invariant|fast|native)")),
         }
     }
 }

@@ -382,12 +382,12 @@ async fn prepare_assignment(
         a.model_dir = dir.to_string_lossy().into_owned();
     }
     let files = tokio::task::spawn_blocking({
-        let (a, threads, isa) = (a.clone(), opts.threads, opts.isa);
-        move || prepare(&a, threads, isa)
+        let a = a.clone();
+        move || prepare(&a)
     })
     .await
     .map_err(|e| refusal(RefuseCode::BadRequest, format!("reading the model failed: {e}")))?;
-    let (be, cfg, plan, fingerprint, weights_hash) = files.map_err(|m| refusal(RefuseCode::BadRequest, m))?;
+    let (cfg, plan, fingerprint, weights_hash) = files.map_err(|m| refusal(RefuseCode::BadRequest, m))?;
     if fingerprint != a.expected_fingerprint {
         return Err(refusal(
             RefuseCode::Fingerprint,
@@ -397,6 +397,15 @@ async fn prepare_assignment(
             ),
         ));
     }
+    // After the fingerprint check: a mismatch in numerics is named as such even on a CPU that
+    // could not run the assigned mode anyway (native numerics without AMX).
+    let be = CpuBackend::new(CpuConfig {
+        threads: opts.threads.max(1),
+        isa: opts.isa,
+        mode: a.kernel_mode,
+        numerics: assigned_numerics(&a),
+    })
+    .map_err(|e| refusal(RefuseCode::BadRequest, format!("node {}: {e}", opts.name)))?;
     if is_cancelled(&mut cancelled) {
         return Err(released());
     }
@@ -431,17 +440,20 @@ async fn prepare_assignment(
     Ok(Loaded { model, collective, links, report: ReadyReport { rank: a.rank, fingerprint, weights_hash } })
 }
 
-type Prepared = (CpuBackend, ModelConfig, ShardPlan, String, String);
+type Prepared = (ModelConfig, ShardPlan, String, String);
 
-/// Everything before the ring: config, shard plan, backend and the fingerprint from the files.
-fn prepare(a: &Assignment, threads: usize, isa: Option<Isa>) -> Result<Prepared, String> {
+fn assigned_numerics(a: &Assignment) -> NumericsConfig {
+    NumericsConfig { reduce_segments: a.reduce_segments as usize, kv_chunk: a.kv_chunk as usize }
+}
+
+/// Everything before the backend and the ring: config, shard plan and the fingerprint from the
+/// files.
+fn prepare(a: &Assignment) -> Result<Prepared, String> {
     let dir = PathBuf::from(&a.model_dir);
     let cfg = load_config(&dir).map_err(|e| e.to_string())?;
-    let numerics = NumericsConfig { reduce_segments: a.reduce_segments as usize, kv_chunk: a.kv_chunk as usize };
+    let numerics = assigned_numerics(a);
     let plan =
         ShardPlan::new(&cfg, a.rank as usize, a.tp as usize, numerics.reduce_segments).map_err(|e| e.to_string())?;
-    let be = CpuBackend::new(CpuConfig { threads: threads.max(1), isa, mode: a.kernel_mode, numerics })
-        .map_err(|e| e.to_string())?;
     let repo = WeightStore::open(&dir).map_err(|e| e.to_string())?;
     let (fp, weights) = deployment_fingerprint(
         &repo,
@@ -451,7 +463,7 @@ fn prepare(a: &Assignment, threads: usize, isa: Option<Isa>) -> Result<Prepared,
         numerics.kv_chunk,
     )
     .map_err(|e| e.to_string())?;
-    Ok((be, cfg, plan, fp, weights))
+    Ok((cfg, plan, fp, weights))
 }
 
 /// Runs plans until the plan channel closes. A panic in a step is caught and reported, and then

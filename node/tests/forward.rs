@@ -77,3 +77,86 @@ fn node_refuses_a_plan_that_writes_one_kv_slot_twice() {
     let fine = StepPlan { step_id: 2, chunks: vec![chunk(1, vec![3]), chunk(2, vec![4])] };
     assert_eq!(model.step(&fine).unwrap().len(), 2, "a valid plan still runs after refused ones");
 }
+
+/// CPU native numerics (AMX, `native-amx`) through the whole forward pass, on the software model
+/// of the tile unit (the same tile program the CPU's tile unit runs, so this runs anywhere): a
+/// prompt prefilled in one chunk or in several, alone or in a batch with another sequence, then
+/// decoded, gives the same tokens and logprob bits.
+#[test]
+fn native_amx_model_prefill_chunking_and_batching_keep_every_bit() {
+    use lockstep_kernels::DType;
+    use lockstep_node::synth::{synth_with, Preset, SynthOptions};
+
+    let dir = std::env::temp_dir().join(format!("lockstep-forward-native-amx-{}", std::process::id()));
+    synth_with(Preset::Tiny, 5, DType::Bf16, &dir, &SynthOptions::default()).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let segments = auto_reduce_segments(&cfg);
+    let model = || {
+        let be = CpuBackend::with_amx_model(CpuConfig {
+            threads: 2,
+            isa: None,
+            mode: KernelMode::Native,
+            numerics: NumericsConfig { reduce_segments: segments, kv_chunk: 16 },
+        })
+        .unwrap();
+        let plan = ShardPlan::new(&cfg, 0, 1, segments).unwrap();
+        let opts = ModelOptions { num_blocks: 32, block_size: 16, max_context: 64 };
+        Model::load(be, &dir, cfg.clone(), plan, opts, Box::new(SingleRank)).unwrap()
+    };
+    let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 37) % 500).collect();
+    let greedy = |step| Some(SampleRequest { params: SamplingParams::greedy(), step });
+    // The prompt in chunks of `chunks` tokens, the first step batched with another sequence's
+    // whole prefill when `companion`, then six greedy decode steps: (token, logprob bits) each.
+    let run = |chunks: &[usize], companion: bool| -> Vec<(u32, u32)> {
+        let mut m = model();
+        let mut tokens = prompt.clone();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for (step_id, &len) in chunks.iter().enumerate() {
+            let last = pos + len == prompt.len();
+            let mut plan_chunks = vec![SeqChunk {
+                seq_id: 7,
+                tokens: prompt[pos..pos + len].to_vec(),
+                first_pos: pos as u32,
+                block_table: vec![0, 1, 2, 3],
+                sample: if last { greedy(0) } else { None },
+            }];
+            if companion && step_id == 0 {
+                plan_chunks.push(SeqChunk {
+                    seq_id: 9,
+                    tokens: (0..13).map(|i| 5 + i * 11).collect(),
+                    first_pos: 0,
+                    block_table: vec![10, 11],
+                    sample: greedy(0),
+                });
+            }
+            pos += len;
+            let samples = m.step(&StepPlan { step_id: step_id as u64, chunks: plan_chunks }).unwrap();
+            if let Some(s) = samples.iter().find(|s| s.seq_id == 7) {
+                let t = lockstep_kernels::merge_shard_samples(&[&s.sample], &s.request);
+                out.push((t.id, t.logprob.to_bits()));
+                tokens.push(t.id);
+            }
+        }
+        for step in 1..=6u64 {
+            let chunk = SeqChunk {
+                seq_id: 7,
+                tokens: vec![*tokens.last().unwrap()],
+                first_pos: (tokens.len() - 1) as u32,
+                block_table: vec![0, 1, 2, 3],
+                sample: greedy(step),
+            };
+            let s = &m.step(&StepPlan { step_id: 100 + step, chunks: vec![chunk] }).unwrap()[0];
+            let t = lockstep_kernels::merge_shard_samples(&[&s.sample], &s.request);
+            out.push((t.id, t.logprob.to_bits()));
+            tokens.push(t.id);
+        }
+        out
+    };
+    let whole = run(&[21], false);
+    assert_eq!(whole.len(), 7);
+    assert_eq!(run(&[21], true), whole, "batched with another sequence");
+    assert_eq!(run(&[5, 9, 7], false), whole, "prefill in chunks of 5, 9, 7");
+    assert_eq!(run(&[1, 16, 4], true), whole, "prefill in chunks of 1, 16, 4, batched");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -165,3 +165,34 @@ fn synthesized_model_generates_through_the_cli() {
     assert_eq!(line["token_ids"].as_array().unwrap().len(), 8);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// CPU native numerics (AMX): portable stays the CPU's default, and where the CPU (or Linux)
+/// cannot run AMX tiles, `--numerics native` is refused before any work, in process and with
+/// node processes, naming what is missing; where it can, the answer carries its own fingerprint.
+#[test]
+fn cpu_native_numerics_need_amx_and_portable_stays_the_cpu_default() {
+    let Some(dir) = stories260k() else { return };
+    let dir = dir.to_str().unwrap();
+    let base =
+        ["generate", "--model", dir, "--prompt", "Once upon a time", "--max-tokens", "8", "--seed", "1", "--json"];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let out = run_lockstep(&args, LIMIT);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        json_lines(&stdout(&out)).remove(0)
+    };
+    let default = run(&[]);
+    assert_eq!(default, run(&["--numerics", "portable"]), "the CPU default is portable");
+    assert_clear_error(&[&base[..], &["--kernels", "fast", "--numerics", "native"]].concat(), &["--kernels fast"]);
+    match lockstep_kernels::cpu::amx::amx_available() {
+        Err(_) => {
+            let missing = ["cpu native numerics need AMX", "--numerics portable"];
+            assert_clear_error(&[&base[..], &["--numerics", "native"]].concat(), &missing);
+            assert_clear_error(&[&base[..], &["--numerics", "native", "--tp", "2"]].concat(), &missing);
+        }
+        Ok(()) => {
+            let native = run(&["--numerics", "native"]);
+            assert_ne!(native["system_fingerprint"], default["system_fingerprint"], "native-amx is its own deployment");
+        }
+    }
+}

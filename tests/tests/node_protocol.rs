@@ -15,7 +15,7 @@ use lockstep_node::fingerprint::deployment_fingerprint;
 use lockstep_node::shard::auto_reduce_segments;
 use lockstep_node::{ModelConfig, WeightStore};
 use lockstep_proto::step::{SeqChunk, StepPlan};
-use lockstep_proto::wire::{Assignment, Frame, Message};
+use lockstep_proto::wire::{Assignment, Frame, Message, RefuseCode};
 use lockstep_tests::{lockstep_bin, scratch};
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, Endpoint};
@@ -370,6 +370,67 @@ async fn a_panicking_step_fails_at_once_on_every_rank_and_the_nodes_serve_again(
         coordinator.endpoint.close("test over");
         for n in &mut nodes {
             n.process.exited().await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Guards the numerics in the fingerprint: a node assigned native numerics (AMX, `native-amx`)
+/// while the coordinator expects the portable deployment's fingerprint refuses with
+/// `Fingerprint` on any CPU, so a group never mixes native and portable ranks; assigned native
+/// numerics under the native fingerprint, it serves where the CPU has AMX and elsewhere refuses,
+/// naming what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_assigned_native_numerics_never_answers_to_the_portable_fingerprint() {
+    let Some(model) = lockstep_test_env::stories260k() else {
+        return;
+    };
+    let dir = scratch("node-protocol-native");
+    let coordinator = Coordinator::new(dir.clone(), model.clone(), &["node-n", "node-m"]);
+    let cfg = ModelConfig::from_dir(&model).unwrap();
+    let (native_fingerprint, _) = deployment_fingerprint(
+        &WeightStore::open(&model).unwrap(),
+        &cfg,
+        CpuBackend::fingerprint_name_for(KernelMode::Native),
+        coordinator.reduce_segments as usize,
+        lockstep_kernels::DEFAULT_KV_CHUNK,
+    )
+    .unwrap();
+    assert_ne!(native_fingerprint, coordinator.fingerprint, "native-amx names its own deployment");
+    bounded(async {
+        let mut nodes = coordinator.join(&[("node-n", &[]), ("node-m", &[])]).await;
+        let (n, m) = (&nodes[0], &nodes[1]);
+
+        let mixed = Assignment { kernel_mode: KernelMode::Native, ..coordinator.assignment(1, &[n], 0) };
+        n.send(Message::Assign(mixed)).await;
+        match n.recv().await {
+            Message::Refused { code: RefuseCode::Fingerprint, message } => {
+                assert!(message.contains(&coordinator.fingerprint), "node-n: {message}")
+            }
+            other => panic!("node-n: expected Refused(Fingerprint), got {other:?}"),
+        }
+
+        let native = Assignment {
+            kernel_mode: KernelMode::Native,
+            expected_fingerprint: native_fingerprint.clone(),
+            ..coordinator.assignment(2, &[m], 0)
+        };
+        m.send(Message::Assign(native)).await;
+        match lockstep_kernels::cpu::amx::amx_available() {
+            Ok(()) => m.expect_ready(0, &native_fingerprint).await,
+            Err(_) => match m.recv().await {
+                Message::Refused { code: RefuseCode::BadRequest, message } => {
+                    assert!(message.contains("cpu native numerics need AMX"), "node-m: {message}");
+                    assert!(message.contains("--numerics portable"), "node-m: {message}");
+                }
+                other => panic!("node-m: expected Refused(BadRequest), got {other:?}"),
+            },
+        }
+
+        coordinator.endpoint.close("test over");
+        for node in &mut nodes {
+            node.process.exited().await;
         }
     })
     .await;

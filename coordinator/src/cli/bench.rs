@@ -24,7 +24,7 @@ pub(crate) struct BenchArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 32)]
     new_tokens: u32,
-    /// Kernel modes to compare.
+    /// Kernel modes to compare (`invariant`, `fast`, and `native` where the CPU has AMX).
     #[arg(long, default_value = "invariant,fast", value_delimiter = ',')]
     modes: Vec<KernelMode>,
     /// Tensor-parallel degrees to compare (TP > 1 runs node processes with the machine's cores
@@ -53,7 +53,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (&mode, &tp) in a.modes.iter().flat_map(|m| a.tps.iter().map(move |t| (m, t))) {
-        let mut opts = a.engine.options();
+        let mut opts = a.engine.options()?;
         opts.mode = mode;
         let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
         let node_threads = (opts.threads.min(cores) / tp).max(1);

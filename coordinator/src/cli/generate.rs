@@ -80,7 +80,7 @@ fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
 
 pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     let prompts = read_prompts(&a)?;
-    let opts = a.engine.options();
+    let opts = a.engine.options()?;
     let info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
     let seed = a.seed.unwrap_or_else(fresh_seed);
     let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed };

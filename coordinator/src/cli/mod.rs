@@ -95,7 +95,8 @@ pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
 /// Options shared by every command that runs a model.
 #[derive(Args, Clone)]
 pub(crate) struct EngineArgs {
-    /// Numerics of the matmuls: the invariant contract, or a conventional GEMM for comparison.
+    /// Numerics of the matmuls: the invariant contract, a conventional GEMM for comparison
+    /// (`fast`), or `native` (on the CPU the same as `--numerics native`).
     #[arg(long, default_value = "invariant")]
     kernels: KernelMode,
     /// CPU threads of the kernels (never changes a bit).
@@ -134,23 +135,36 @@ pub(crate) struct EngineArgs {
     /// Where the in-process model runs: `cpu` or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// GPU numerics: `portable` (bit-identical to the CPU) or `native` (tensor cores; the GPU default).
-    #[arg(long, default_value = "native")]
-    numerics: GpuNumerics,
+    /// Numerics: `portable` (the contract's bits on every device) or `native` (the device's matrix
+    /// unit, invariant within its class: tensor cores on a GPU, AMX tiles on a CPU, which must
+    /// have them). Default: `native` on a GPU, `portable` on the CPU.
+    #[arg(long)]
+    numerics: Option<Numerics>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum GpuNumerics {
+pub(crate) enum Numerics {
     Portable,
     Native,
 }
 
 impl EngineArgs {
-    pub(crate) fn options(&self) -> EngineOptions {
+    /// The engine options these flags say, or why they contradict each other.
+    pub(crate) fn options(&self) -> Result<EngineOptions> {
         let d = EngineOptions::default();
-        EngineOptions {
+        let (mode, device) = match self.device {
+            Device::Cpu => (cpu_kernel_mode(self.kernels, self.numerics)?, Device::Cpu),
+            Device::Cuda { ordinal, .. } => {
+                if self.kernels == KernelMode::Native {
+                    bail!("--kernels native names the CPU's AMX numerics; on a GPU say --numerics native");
+                }
+                let native = self.numerics.unwrap_or(Numerics::Native) == Numerics::Native;
+                (self.kernels, Device::Cuda { ordinal, native })
+            }
+        };
+        Ok(EngineOptions {
             threads: self.threads.unwrap_or(d.threads),
-            mode: self.kernels,
+            mode,
             isa: self.isa,
             reduce_segments: self.reduce_segments,
             kv_chunk: self.kv_chunk,
@@ -161,12 +175,23 @@ impl EngineArgs {
             prefill_chunk: self.prefill_chunk,
             max_running: self.max_running,
             max_context: self.max_context,
-            device: match self.device {
-                Device::Cuda { ordinal, .. } => Device::Cuda { ordinal, native: self.numerics == GpuNumerics::Native },
-                Device::Cpu => Device::Cpu,
-            },
-        }
+            device,
+        })
     }
+}
+
+/// The CPU's kernel mode from `--kernels` and `--numerics` (CPU default: portable).
+fn cpu_kernel_mode(kernels: KernelMode, numerics: Option<Numerics>) -> Result<KernelMode> {
+    Ok(match (kernels, numerics) {
+        (KernelMode::Invariant | KernelMode::Native, Some(Numerics::Native)) => KernelMode::Native,
+        (KernelMode::Fast, Some(Numerics::Native)) => {
+            bail!("--kernels fast is a conventional GEMM with no native numerics: drop one of --kernels fast, --numerics native")
+        }
+        (KernelMode::Native, Some(Numerics::Portable)) => {
+            bail!("--kernels native and --numerics portable contradict each other")
+        }
+        (k, _) => k,
+    })
 }
 
 /// Where the model runs: in this process, or on a tensor-parallel cluster of node processes.

@@ -96,7 +96,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     raise_fd_limit();
     // A certificate directory of our own (not --h3-cert-out's) goes when the server does.
     let _remove_cert_dir = (a.h3_cert_out.is_none() && !a.no_h3).then(|| RemoveOnDrop(a.temp_cert_dir()));
-    let opts = a.engine.options();
+    let opts = a.engine.options()?;
     if a.cluster.membership == Some(MembershipMode::Etcd) {
         let mut info = ModelInfo::load(&a.model, &opts, &backend_fingerprint_name(&opts)?)?;
         if let Some(name) = &a.served_model_name {
@@ -153,7 +153,7 @@ impl ServeArgs {
         let service = start_service(
             &self.model,
             cluster,
-            &self.engine.options(),
+            &self.engine.options()?,
             info,
             ServiceOptions { max_waiting: self.max_waiting, ..ServiceOptions::default() },
             Some(metrics.clone()),

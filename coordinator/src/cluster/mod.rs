@@ -350,6 +350,11 @@ impl Cluster {
         if opts.engine.device != crate::engine::Device::Cpu {
             bail!("node processes run on the CPU; a GPU model runs in-process (--tp 1, one replica)");
         }
+        // Embedded nodes run on this CPU: say here, once, what it lacks for native numerics
+        // rather than have every node refuse its assignment.
+        if opts.nodes == NodesMode::Embedded && opts.engine.mode == lockstep_kernels::KernelMode::Native {
+            lockstep_kernels::cpu::amx::amx_available()?;
+        }
         let info = ModelInfo::load(
             &opts.model_dir,
             &opts.engine,

@@ -12,7 +12,12 @@
 //!   rounding is not the fma chain of the contract.
 //! * **Fast mode** replaces the matmul by the `gemm` crate (shape-dependent blocking, not
 //!   invariant) for comparison; everything else stays on the contract path.
+//! * **Native mode** ([`KernelMode::Native`]) runs bf16/f16 linears on AMX tiles ([`amx`]), with
+//!   numerics of its own (fingerprint `native-amx`); other weight types and everything that is not
+//!   a linear stay on the contract path. Starting it where the CPU or Linux cannot run tiles is
+//!   an error naming what is missing.
 
+pub mod amx;
 mod linear;
 mod ops;
 pub use ops::tree_combine;
@@ -106,6 +111,8 @@ pub struct CpuBackend {
     cfg: CpuConfig,
     isa: Isa,
     pool: rayon::ThreadPool,
+    /// Who runs the tile program in native mode (`None` in the other modes).
+    amx: Option<amx::AmxExec>,
 }
 
 /// A raw pointer that tiles of one output may share across threads: every tile writes a disjoint
@@ -120,6 +127,21 @@ unsafe impl Sync for SharedOut {}
 
 impl CpuBackend {
     pub fn new(cfg: CpuConfig) -> Result<Self, KernelError> {
+        if cfg.mode == KernelMode::Native {
+            amx::amx_available()?;
+        }
+        let exec = (cfg.mode == KernelMode::Native).then_some(amx::AmxExec::Hardware);
+        Self::with_exec(cfg, exec)
+    }
+
+    /// Native numerics on the bit-exact software model of the tile unit (`amx::SoftTiles`)
+    /// instead of the CPU's: the same packing, configuration and instruction order, so it checks
+    /// the tile program on machines without AMX (slowly). `cfg.mode` is taken as native.
+    pub fn with_amx_model(cfg: CpuConfig) -> Result<Self, KernelError> {
+        Self::with_exec(CpuConfig { mode: KernelMode::Native, ..cfg }, Some(amx::AmxExec::Model))
+    }
+
+    fn with_exec(cfg: CpuConfig, amx: Option<amx::AmxExec>) -> Result<Self, KernelError> {
         cfg.numerics.validate()?;
         let isa = cfg.isa.unwrap_or_else(Isa::best);
         if !isa.is_available() {
@@ -130,7 +152,7 @@ impl CpuBackend {
             .thread_name(|i| format!("lockstep-cpu-{i}"))
             .build()
             .expect("thread pool");
-        Ok(CpuBackend { cfg, isa, pool })
+        Ok(CpuBackend { cfg, isa, pool, amx })
     }
     pub fn isa(&self) -> Isa {
         self.isa
@@ -138,11 +160,13 @@ impl CpuBackend {
     /// The backend's name in the determinism fingerprint. ISA and thread count are absent on
     /// purpose (they cannot change a bit). The invariant CPU kernels and the CUDA backend's
     /// portable mode share the name `portable`: they promise the same bits, so the same
-    /// fingerprint. Fast mode gets its own name, since it promises nothing.
+    /// fingerprint. Fast mode gets its own name, since it promises nothing. Native mode promises
+    /// its own bits within the AMX class: `native-amx`.
     pub fn fingerprint_name_for(mode: KernelMode) -> &'static str {
         match mode {
             KernelMode::Invariant => "portable",
             KernelMode::Fast => "cpu-fast",
+            KernelMode::Native => "native-amx",
         }
     }
     pub fn threads(&self) -> usize {
@@ -160,9 +184,10 @@ impl CpuBackend {
         assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
         assert_eq!(x.len(), m * w.cols, "x shape");
         assert_eq!(y.len(), m * w.rows, "y shape");
-        match self.cfg.mode {
-            KernelMode::Invariant => linear::linear_invariant(self, x, m, w, segs, y),
-            KernelMode::Fast => crate::fast::linear_fast(self, x, m, w, y),
+        match (self.cfg.mode, self.amx) {
+            (KernelMode::Native, Some(exec)) if amx::takes(w.dtype) => amx::linear_native(self, exec, x, m, w, segs, y),
+            (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
+            _ => linear::linear_invariant(self, x, m, w, segs, y),
         }
     }
 

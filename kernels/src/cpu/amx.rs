@@ -1,0 +1,670 @@
+//! CPU native numerics (`KernelMode::Native`, fingerprint name `native-amx`): bf16 and f16 linears
+//! on Intel AMX tiles (`TDPBF16PS`), batch-, thread- and TP-invariant within the AMX class.
+//!
+//! # The numerics (docs/DESIGN.md §2.2, "CPU native (AMX)")
+//!
+//! * Activations are rounded to bf16 (round to nearest even): that is what the tile unit
+//!   multiplies. bf16 weights are used as stored; an f16 weight `v` is split exactly into two bf16
+//!   planes `hi = bf16(v)`, `lo = bf16(v − hi)` (`hi + lo = v`: an f16 significand has 11 bits).
+//! * The contract's segments are kept (`seg_len`, `S`, the segment tree — so TP shards holding
+//!   whole segments finish the same tree). Each segment is walked in K tiles of 32 bf16 (16 pairs)
+//!   from its start, the last one zero-padded. Per segment the accumulator tile starts at +0 and
+//!   takes one `TDPBF16PS` per K tile in increasing order (f16: the `hi` plane, then the `lo`
+//!   plane of the same K tile). The segment sums meet in the contract's segment tree.
+//! * A row of x is one row of the A tile and a tile row's result depends on that row only (the
+//!   instruction's definition), so M, the other rows, the thread count and the TP degree cannot
+//!   change a bit. Tile shapes are fixed: 16 rows × 64 bytes for every tile, every call.
+//!
+//! # One tile program, two executors
+//!
+//! The packing (`pack_a`, `pack_b`), the tile configuration ([`TileConfig`]) and the
+//! instruction sequence (`tile_program`) are written once, over `TileUnit`. `HardTiles`
+//! issues the instructions with `asm!`; `SoftTiles` is a bit-exact software model of them
+//! (Intel SDM pseudo-code of `TDPBF16PS`: per pair an f32 fma with DAZ and FTZ, round to nearest
+//! even, even and odd products in separate accumulators, then `dest + (even + odd)`). The model
+//! runs everywhere, so the tests check the packing, the configuration bytes and the order on any
+//! machine; the `asm!` path runs only where the CPU has AMX.
+//!
+//! # Permission and detection
+//!
+//! Linux keeps AMX tile data off until a process asks: `arch_prctl(ARCH_REQ_XCOMP_PERM,
+//! XFEATURE_XTILEDATA)` must succeed before the first tile instruction, or it faults with SIGILL
+//! (the usual cause of "AMX crashes on this VM"). [`amx_available`] asks once per process and
+//! reads the permission back, after CPUID said AMX-BF16 and AMX-TILE are there.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::{CpuBackend, SharedOut};
+use crate::{DType, KernelError, SegmentRange, WeightView};
+
+/// bf16 elements of one K tile: 16 pairs, one 64-byte tile row of A.
+pub const K_TILE: usize = 32;
+/// Rows of every tile: 16 rows of x (A, C) and 16 pairs of K (B).
+pub const TILE_ROWS: usize = 16;
+/// Output columns of one tile (f32 elements of a 64-byte C row; weight rows per B tile).
+pub const TILE_COLS: usize = 16;
+/// Bytes of one tile row, for every tile of the program.
+const TILE_ROW_BYTES: usize = 64;
+/// Dwords (bf16 pairs) of one tile.
+const TILE_WORDS: usize = TILE_ROWS * TILE_COLS;
+
+/// Whether native numerics run this weight type on tiles; the others take the portable kernels.
+pub fn takes(dtype: DType) -> bool {
+    matches!(dtype, DType::Bf16 | DType::F16)
+}
+
+/// bf16 planes a weight type is multiplied as (f16: `hi`, `lo`).
+fn planes(dtype: DType) -> usize {
+    match dtype {
+        DType::F16 => 2,
+        _ => 1,
+    }
+}
+
+/// Which executor runs the tile program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmxExec {
+    /// The CPU's tile unit (`asm!`); needs [`amx_available`].
+    Hardware,
+    /// The bit-exact software model (`SoftTiles`): slow, runs anywhere.
+    Model,
+}
+
+// ---------------------------------------------------------------- detection and permission
+
+/// Whether this process may run tile instructions: CPUID reports AMX-BF16 and AMX-TILE and Linux
+/// granted tile-data permission. Asked once per process; the error says what is missing.
+pub fn amx_available() -> Result<(), KernelError> {
+    static STATUS: OnceLock<Result<(), String>> = OnceLock::new();
+    STATUS.get_or_init(probe).clone().map_err(KernelError::AmxUnavailable)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn probe() -> Result<(), String> {
+    let (bf16, tile) = cpu_amx_flags();
+    match (bf16, tile) {
+        (true, true) => {}
+        (false, false) => return Err("this CPU has none".into()),
+        (false, true) => return Err("this CPU lacks amx-bf16".into()),
+        (true, false) => return Err("this CPU lacks amx-tile".into()),
+    }
+    request_tile_data()
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn probe() -> Result<(), String> {
+    Err("AMX is an x86-64 feature and this build drives it through Linux only".into())
+}
+
+/// CPUID leaf 7, sub-leaf 0: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+#[cfg(target_arch = "x86_64")]
+fn cpu_amx_flags() -> (bool, bool) {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only when leaf 0 says it exists.
+    #[allow(unused_unsafe)]
+    let edx = unsafe {
+        if __cpuid(0).eax < 7 {
+            return (false, false);
+        }
+        __cpuid_count(7, 0).edx
+    };
+    (edx & (1 << 22) != 0, edx & (1 << 24) != 0)
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, then `ARCH_GET_XCOMP_PERM` to confirm.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> Result<(), String> {
+    const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these codes takes an integer (REQ) or a pointer to a u64 it writes
+    // (GET); `mask` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    if rc != 0 {
+        let errno = std::io::Error::last_os_error();
+        return Err(format!("Linux refused tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA: {errno})"));
+    }
+    let mut mask: u64 = 0;
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut mask as *mut u64) };
+    if rc != 0 || mask & (1 << XFEATURE_XTILEDATA) == 0 {
+        return Err(format!("Linux did not grant tile data (ARCH_GET_XCOMP_PERM: rc {rc}, mask {mask:#x})"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- the tile configuration
+
+/// Which tile register a program step names. The program uses three: C (`tmm0`, the f32
+/// accumulator), A (`tmm1`, 16 rows of x as bf16 pairs) and B (`tmm2`, one K tile of 16 weight
+/// rows in pair-interleaved "VNNI" order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tmm {
+    C = 0,
+    A = 1,
+    B = 2,
+}
+
+/// The 64-byte `LDTILECFG` operand: palette 1, `start_row` 0, and for `tmm0..tmm2` 16 rows of 64
+/// bytes (`colsb` u16 little-endian at byte `16 + 2i`, `rows` at byte `48 + i`); the other
+/// tiles unconfigured.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TileConfig(pub [u8; 64]);
+
+impl TileConfig {
+    pub fn program() -> Self {
+        let mut b = [0u8; 64];
+        b[0] = 1;
+        for t in [Tmm::C, Tmm::A, Tmm::B] {
+            let i = t as usize;
+            b[16 + 2 * i..18 + 2 * i].copy_from_slice(&(TILE_ROW_BYTES as u16).to_le_bytes());
+            b[48 + i] = TILE_ROWS as u8;
+        }
+        TileConfig(b)
+    }
+    pub fn rows(&self, t: usize) -> usize {
+        self.0[48 + t] as usize
+    }
+    pub fn colsb(&self, t: usize) -> usize {
+        u16::from_le_bytes([self.0[16 + 2 * t], self.0[17 + 2 * t]]) as usize
+    }
+}
+
+// ---------------------------------------------------------------- packing (shared)
+
+/// Where each segment's K tiles lie in a packed row: `tiles` per segment, `count` segments.
+#[derive(Debug, Clone, Copy)]
+struct KLayout {
+    seg_len: usize,
+    tiles: usize,
+    count: usize,
+    /// Real columns of the range (x's row length, W's row length); beyond: zeros.
+    k_real: usize,
+}
+
+impl KLayout {
+    fn new(segs: SegmentRange, k_real: usize) -> Self {
+        let seg_len = segs.seg.seg_len;
+        KLayout { seg_len, tiles: seg_len.div_ceil(K_TILE), count: segs.count, k_real }
+    }
+    /// bf16 elements of one packed A row.
+    fn row_elems(&self) -> usize {
+        self.count * self.tiles * K_TILE
+    }
+    /// Segment `s`'s real columns (empty once the segments pass the end of the row).
+    fn segment_cols(&self, s: usize) -> Range<usize> {
+        let lo = (s * self.seg_len).min(self.k_real);
+        lo..((s + 1) * self.seg_len).min(self.k_real)
+    }
+    /// Where segment `s` starts in a packed row (bf16 elements).
+    fn segment_start(&self, s: usize) -> usize {
+        s * self.tiles * K_TILE
+    }
+}
+
+fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// x (`[m, k_real]` f32) as the A panel: rows padded to a multiple of 16 with zero rows, each row
+/// rounded to bf16 and laid out segment by segment in whole K tiles, zeros in the padding.
+fn pack_a(x: &[f32], m: usize, kl: &KLayout) -> Vec<u16> {
+    let width = kl.row_elems();
+    let rows = m.div_ceil(TILE_ROWS) * TILE_ROWS;
+    let mut a = vec![0u16; rows * width];
+    for (i, row) in a.chunks_exact_mut(width).take(m).enumerate() {
+        let xr = &x[i * kl.k_real..(i + 1) * kl.k_real];
+        for s in 0..kl.count {
+            let cols = kl.segment_cols(s);
+            let at = kl.segment_start(s);
+            for (v, &xv) in row[at..at + cols.len()].iter_mut().zip(&xr[cols]) {
+                *v = bf16_bits(xv);
+            }
+        }
+    }
+    a
+}
+
+/// The bf16 planes of one weight (f16: the exact split `hi`, `lo`).
+#[inline]
+fn weight_planes(dtype: DType, row: &[u8], col: usize) -> [u16; 2] {
+    match dtype {
+        DType::Bf16 => [u16::from_le_bytes([row[2 * col], row[2 * col + 1]]), 0],
+        DType::F16 => {
+            let v = dtype.widen_at(row, col);
+            let hi = bf16_bits(v);
+            // Exact: v has 11 significant bits, hi its rounded top 8, so v − hi fits in bf16.
+            let lo = bf16_bits(v - f32::from_bits((hi as u32) << 16));
+            [hi, lo]
+        }
+        other => unreachable!("{other:?} never takes the tile path"),
+    }
+}
+
+/// Weight rows `n0..n0 + 16` (zeros past `w.rows`) as B tiles, one per (K tile, plane) in that
+/// order: tile row `r` holds, for output column `j`, the pair (`W[n0+j][2r]`, `W[n0+j][2r+1]`)
+/// of the K tile as one little-endian dword — the pair-interleaved layout `TDPBF16PS` reads as
+/// a 16×32 bf16 matrix. For bf16 that is a 16×16 dword transpose of the weight rows.
+fn pack_b(w: WeightView<'_>, n0: usize, kl: &KLayout, out: &mut Vec<u32>) {
+    let planes = planes(w.dtype);
+    out.clear();
+    out.resize(kl.count * kl.tiles * planes * TILE_WORDS, 0);
+    let bf16_at = |row: &[u8], c: usize| u16::from_le_bytes([row[2 * c], row[2 * c + 1]]) as u32;
+    for j in 0..TILE_COLS.min(w.rows.saturating_sub(n0)) {
+        let row = w.row(n0 + j);
+        for s in 0..kl.count {
+            let cols = kl.segment_cols(s);
+            for c in cols.clone().step_by(2) {
+                let q = (c - cols.start) / 2;
+                let kt = s * kl.tiles + q / TILE_ROWS;
+                let at = |p: usize| (kt * planes + p) * TILE_WORDS + (q % TILE_ROWS) * TILE_COLS + j;
+                let pair = c + 1 < cols.end;
+                match w.dtype {
+                    DType::Bf16 => out[at(0)] = bf16_at(row, c) | if pair { bf16_at(row, c + 1) << 16 } else { 0 },
+                    _ => {
+                        let [h0, l0] = weight_planes(w.dtype, row, c);
+                        let [h1, l1] = if pair { weight_planes(w.dtype, row, c + 1) } else { [0, 0] };
+                        out[at(0)] = h0 as u32 | (h1 as u32) << 16;
+                        out[at(1)] = l0 as u32 | (l1 as u32) << 16;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the tile program (shared)
+
+/// The tile instructions the program uses, as one executor issues them.
+///
+/// # Safety
+/// Every method is unsafe for the same reasons: the unit must be configured
+/// ([`TileUnit::configure`] with [`TileConfig::program`]) before any other call, and loads and
+/// stores go through raw pointers that must cover 16 rows of 64 bytes at `stride`.
+pub(crate) trait TileUnit {
+    /// `LDTILECFG`.
+    unsafe fn configure(&mut self, cfg: &TileConfig);
+    /// `TILEZERO tmm0`.
+    unsafe fn zero_c(&mut self);
+    /// `TILELOADD tmmN, [src + stride]`.
+    unsafe fn load(&mut self, t: Tmm, src: *const u8, stride: usize);
+    /// `TDPBF16PS tmm0, tmm1, tmm2`.
+    unsafe fn dot(&mut self);
+    /// `TILESTORED [dst + stride], tmm0`.
+    unsafe fn store_c(&mut self, dst: *mut u8, stride: usize);
+    /// `TILERELEASE`.
+    unsafe fn release(&mut self);
+}
+
+/// One C tile's 16 × 16 f32, row-major.
+type CTile = [f32; TILE_ROWS * TILE_COLS];
+
+/// One 16×16 output block over the range's segments: per segment, C from +0, then per K tile
+/// load A, and per plane load B and `TDPBF16PS`; C's 16×16 f32 go to `sums[s]`.
+///
+/// # Safety
+/// The unit is configured with [`TileConfig::program`]; `a` points at 16 packed A rows of
+/// `a_stride` bytes, `b` at `count × tiles × planes` packed B tiles.
+unsafe fn tile_program<U: TileUnit>(
+    u: &mut U,
+    a: *const u8,
+    a_stride: usize,
+    b: *const u8,
+    kl: &KLayout,
+    planes: usize,
+    sums: &mut [CTile],
+) {
+    for (s, sum) in sums.iter_mut().enumerate().take(kl.count) {
+        u.zero_c();
+        for t in 0..kl.tiles {
+            let kt = s * kl.tiles + t;
+            u.load(Tmm::A, a.add(kt * TILE_ROW_BYTES), a_stride);
+            for p in 0..planes {
+                u.load(Tmm::B, b.add((kt * planes + p) * TILE_WORDS * 4), TILE_ROW_BYTES);
+                u.dot();
+            }
+        }
+        u.store_c(sum.as_mut_ptr() as *mut u8, TILE_COLS * 4);
+    }
+}
+
+// ---------------------------------------------------------------- the software model
+
+/// A bit-exact software model of the tile unit for the instructions above, following the Intel
+/// SDM pseudo-code: `rows`/`colsb` come from the configuration bytes, loads zero what lies past
+/// them, `TDPBF16PS` does per row `m`, K pair `k` and column `n`
+/// `even[n] = fma(A[m][2k], B[k][2n], even[n])`, `odd[n] = fma(A[m][2k+1], B[k][2n+1], odd[n])`
+/// (even and odd from +0, f32, round to nearest even, inputs denormal → 0, outputs denormal → 0),
+/// then `C[m][n] = C[m][n] + (even[n] + odd[n])` with the same rounding and flushing.
+#[derive(Clone)]
+pub(crate) struct SoftTiles {
+    cfg: [u8; 64],
+    tmm: [[u32; TILE_ROWS * TILE_COLS]; 3],
+}
+
+impl Default for SoftTiles {
+    fn default() -> Self {
+        SoftTiles { cfg: [0; 64], tmm: [[0; TILE_ROWS * TILE_COLS]; 3] }
+    }
+}
+
+/// DAZ on an input, FTZ on a result: a denormal becomes zero of its sign. A result is flushed
+/// when its rounded f32 is denormal; x86 detects tininess after rounding as well (an unbounded
+/// exponent result within half a denormal ulp of 2^-126 is the one case this could misjudge).
+#[inline]
+fn flush(x: f32) -> f32 {
+    if x.is_subnormal() {
+        f32::from_bits(x.to_bits() & 0x8000_0000)
+    } else {
+        x
+    }
+}
+
+#[inline]
+fn bf16_f32(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+impl SoftTiles {
+    fn shape(&self, t: usize) -> (usize, usize) {
+        let c = TileConfig(self.cfg);
+        (c.rows(t), c.colsb(t))
+    }
+}
+
+impl TileUnit for SoftTiles {
+    unsafe fn configure(&mut self, cfg: &TileConfig) {
+        self.cfg = cfg.0;
+        self.tmm = [[0; TILE_ROWS * TILE_COLS]; 3];
+    }
+    unsafe fn zero_c(&mut self) {
+        self.tmm[Tmm::C as usize] = [0; TILE_ROWS * TILE_COLS];
+    }
+    unsafe fn load(&mut self, t: Tmm, src: *const u8, stride: usize) {
+        let (rows, colsb) = self.shape(t as usize);
+        let tile = &mut self.tmm[t as usize];
+        *tile = [0; TILE_ROWS * TILE_COLS];
+        for r in 0..rows {
+            for d in 0..colsb / 4 {
+                let p = src.add(r * stride + d * 4);
+                tile[r * TILE_COLS + d] = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+            }
+        }
+    }
+    unsafe fn dot(&mut self) {
+        let (c_rows, c_colsb) = self.shape(Tmm::C as usize);
+        let (_, a_colsb) = self.shape(Tmm::A as usize);
+        let [c, a, b] = &mut self.tmm;
+        for m in 0..c_rows {
+            let mut even = [0.0f32; TILE_COLS];
+            let mut odd = [0.0f32; TILE_COLS];
+            for k in 0..a_colsb / 4 {
+                let ap = a[m * TILE_COLS + k];
+                let (a0, a1) = (flush(bf16_f32(ap & 0xffff)), flush(bf16_f32(ap >> 16)));
+                for n in 0..c_colsb / 4 {
+                    let bp = b[k * TILE_COLS + n];
+                    let (b0, b1) = (flush(bf16_f32(bp & 0xffff)), flush(bf16_f32(bp >> 16)));
+                    even[n] = flush(a0.mul_add(b0, flush(even[n])));
+                    odd[n] = flush(a1.mul_add(b1, flush(odd[n])));
+                }
+            }
+            for n in 0..c_colsb / 4 {
+                let pair = flush(flush(even[n]) + flush(odd[n]));
+                let acc = flush(f32::from_bits(c[m * TILE_COLS + n]));
+                c[m * TILE_COLS + n] = flush(acc + pair).to_bits();
+            }
+        }
+    }
+    unsafe fn store_c(&mut self, dst: *mut u8, stride: usize) {
+        let (rows, colsb) = self.shape(Tmm::C as usize);
+        for r in 0..rows {
+            for d in 0..colsb / 4 {
+                let bytes = self.tmm[Tmm::C as usize][r * TILE_COLS + d].to_le_bytes();
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.add(r * stride + d * 4), 4);
+            }
+        }
+    }
+    unsafe fn release(&mut self) {
+        *self = SoftTiles::default();
+    }
+}
+
+// ---------------------------------------------------------------- the tile unit (asm!)
+
+/// The CPU's tile unit. Each method is one instruction in its own `asm!` block: the tile
+/// registers are invisible to the compiler (it never allocates them in code that uses no AMX
+/// intrinsics, and Rust has no tile operands), so their contents live on from one block to the
+/// next, and the blocks — none `pure` — keep their order.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct HardTiles(());
+
+#[cfg(target_arch = "x86_64")]
+impl HardTiles {
+    /// # Safety
+    /// [`amx_available`] must have returned `Ok` in this process.
+    pub(crate) unsafe fn new() -> Self {
+        HardTiles(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileUnit for HardTiles {
+    unsafe fn configure(&mut self, cfg: &TileConfig) {
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
+    }
+    unsafe fn zero_c(&mut self) {
+        std::arch::asm!("tilezero tmm0", options(nostack, nomem, preserves_flags));
+    }
+    unsafe fn load(&mut self, t: Tmm, src: *const u8, stride: usize) {
+        match t {
+            Tmm::C => std::arch::asm!("tileloadd tmm0, [{0} + {1}*1]", in(reg) src, in(reg) stride,
+                options(nostack, readonly, preserves_flags)),
+            Tmm::A => std::arch::asm!("tileloadd tmm1, [{0} + {1}*1]", in(reg) src, in(reg) stride,
+                options(nostack, readonly, preserves_flags)),
+            Tmm::B => std::arch::asm!("tileloadd tmm2, [{0} + {1}*1]", in(reg) src, in(reg) stride,
+                options(nostack, readonly, preserves_flags)),
+        }
+    }
+    unsafe fn dot(&mut self) {
+        std::arch::asm!("tdpbf16ps tmm0, tmm1, tmm2", options(nostack, nomem, preserves_flags));
+    }
+    unsafe fn store_c(&mut self, dst: *mut u8, stride: usize) {
+        std::arch::asm!("tilestored [{0} + {1}*1], tmm0", in(reg) dst, in(reg) stride,
+            options(nostack, preserves_flags));
+    }
+    unsafe fn release(&mut self) {
+        std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
+}
+
+// ---------------------------------------------------------------- the linear
+
+/// Output columns per task (four tiles). A task takes every row, so each B tile is packed once
+/// per call and then serves all of M.
+const TASK_COLS: usize = 64;
+
+/// One linear call's shared inputs: the packed A panel and what the tasks need to pack B and
+/// write their outputs.
+struct Job<'a> {
+    a: Vec<u16>,
+    a_stride: usize,
+    w: WeightView<'a>,
+    kl: KLayout,
+    planes: usize,
+    out: SharedOut,
+}
+
+impl Job<'_> {
+    /// Output rows `rows` × columns `cols` (one task's block), 16 × 16 at a time, on `u`.
+    ///
+    /// # Safety
+    /// `u` is configured with [`TileConfig::program`]; no other task writes this block of `out`.
+    unsafe fn run<U: TileUnit>(&self, u: &mut U, rows: Range<usize>, cols: Range<usize>) {
+        let n = self.w.rows;
+        let mut b = Vec::new();
+        let mut sums: Vec<CTile> = vec![[0.0; TILE_ROWS * TILE_COLS]; self.kl.count];
+        for n0 in cols.clone().step_by(TILE_COLS) {
+            pack_b(self.w, n0, &self.kl, &mut b);
+            for i0 in rows.clone().step_by(TILE_ROWS) {
+                // Row i0 of the A panel exists: its rows are padded to a multiple of 16.
+                let ap = (self.a.as_ptr() as *const u8).add(i0 * self.a_stride);
+                tile_program(u, ap, self.a_stride, b.as_ptr() as *const u8, &self.kl, self.planes, &mut sums);
+                for i in i0..(i0 + TILE_ROWS).min(rows.end) {
+                    for j in n0..(n0 + TILE_COLS).min(cols.end) {
+                        let at = (i - i0) * TILE_COLS + (j - n0);
+                        let mut v = [0.0f32; 64];
+                        for (s, sum) in sums.iter().enumerate() {
+                            v[s] = sum[at];
+                        }
+                        *self.out.0.add(i * n + j) = super::linear::segment_tree_inplace(&mut v[..self.kl.count]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row-parallel partial of a bf16/f16 linear in the native numerics: `x` is `[m, k_real]`, `w`
+/// `[n, k_real]` (the columns of `segs`), `y` `[m, n]` receives the subtree sums.
+pub(crate) fn linear_native(
+    be: &CpuBackend,
+    exec: AmxExec,
+    x: &[f32],
+    m: usize,
+    w: WeightView<'_>,
+    segs: SegmentRange,
+    y: &mut [f32],
+) {
+    assert!(takes(w.dtype), "{:?} weights never take the tile path", w.dtype);
+    let n = w.rows;
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kl = KLayout::new(segs, w.cols);
+    let job = Job {
+        a: pack_a(x, m, &kl),
+        a_stride: kl.row_elems() * 2,
+        w,
+        kl,
+        planes: planes(w.dtype),
+        out: SharedOut(y.as_mut_ptr()),
+    };
+    let task = |t: usize| {
+        let (rows, cols) = (0..m, t * TASK_COLS..((t + 1) * TASK_COLS).min(n));
+        match exec {
+            AmxExec::Model => {
+                let mut unit = SoftTiles::default();
+                // SAFETY: configured before use; tasks own disjoint output blocks.
+                unsafe {
+                    unit.configure(&TileConfig::program());
+                    job.run(&mut unit, rows, cols);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the backend selects `Hardware` only after `amx_available` succeeded. The
+            // tile configuration is per thread: set here before this task's first tile
+            // instruction and released after its last, and a task runs on one thread throughout.
+            // Tasks own disjoint output blocks.
+            AmxExec::Hardware => unsafe {
+                let mut unit = HardTiles::new();
+                unit.configure(&TileConfig::program());
+                job.run(&mut unit, rows, cols);
+                unit.release();
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            AmxExec::Hardware => unreachable!("no AMX outside x86-64"),
+        }
+    };
+    let tasks = n.div_ceil(TASK_COLS);
+    if be.threads() == 1 || tasks == 1 {
+        (0..tasks).for_each(task);
+    } else {
+        be.pool().install(|| (0..tasks).into_par_iter().for_each(task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tile_configuration_is_palette_1_with_three_16_by_64_byte_tiles() {
+        let c = TileConfig::program();
+        assert_eq!(c.0[0], 1, "palette");
+        assert_eq!(c.0[1], 0, "start_row");
+        for t in 0..3 {
+            assert_eq!((c.rows(t), c.colsb(t)), (16, 64), "tmm{t}");
+        }
+        for t in 3..8 {
+            assert_eq!((c.rows(t), c.colsb(t)), (0, 0), "tmm{t} stays unconfigured");
+        }
+        assert!(c.0[2..16].iter().chain(&c.0[32..48]).chain(&c.0[56..]).all(|&b| b == 0), "reserved bytes are zero");
+    }
+
+    /// One `TDPBF16PS` from a zero accumulator on the model, with A and B as given.
+    fn one_dot(a: &[u8; 1024], b: &[u8; 1024]) -> [f32; 256] {
+        let mut u = SoftTiles::default();
+        let mut c = [0f32; 256];
+        // SAFETY: every buffer holds 16 rows of 64 bytes.
+        unsafe {
+            u.configure(&TileConfig::program());
+            u.zero_c();
+            u.load(Tmm::A, a.as_ptr(), 64);
+            u.load(Tmm::B, b.as_ptr(), 64);
+            u.dot();
+            u.store_c(c.as_mut_ptr() as *mut u8, 64);
+        }
+        c
+    }
+
+    #[test]
+    fn the_model_flushes_denormal_inputs_and_results_and_sums_even_and_odd_apart() {
+        let mut a = [0u8; 1024];
+        let mut b = [0u8; 1024];
+        let put = |buf: &mut [u8], at: usize, v: u16| buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        // Row 0 × column 0: 2^-70 · 2^-70 = 2^-140, a denormal result, is flushed to +0.
+        put(&mut a, 0, bf16_bits(2f32.powi(-70)));
+        put(&mut b, 0, bf16_bits(2f32.powi(-70)));
+        // Row 1 × column 1: the denormal bf16 2^-130 reads as zero (not 2^-130 · 2^10 = 2^-120).
+        put(&mut a, 64, bf16_bits(2f32.powi(-130)));
+        put(&mut b, 4, bf16_bits(2f32.powi(10)));
+        // Row 2 × column 2: normal values go through: 3 · 1 = 3.
+        put(&mut a, 128, bf16_bits(3.0));
+        put(&mut b, 8, bf16_bits(1.0));
+        let c = one_dot(&a, &b);
+        assert_eq!(c[0].to_bits(), 0, "denormal result flushed");
+        assert_eq!(c[16 + 1].to_bits(), 0, "denormal input read as zero");
+        assert_eq!(c[32 + 2], 3.0);
+        // Even and odd products accumulate apart and meet once: even 2^24 (pair 0), odd 1 + 1
+        // (pairs 1, 2) give 2^24 + 2 exactly; one accumulator in pair order would lose both ones
+        // (2^24 + 1 rounds to 2^24).
+        let (mut a, mut b) = ([0u8; 1024], [0u8; 1024]);
+        put(&mut a, 0, bf16_bits(2f32.powi(24)));
+        put(&mut b, 0, bf16_bits(1.0));
+        put(&mut a, 6, bf16_bits(1.0));
+        put(&mut b, 64 + 2, bf16_bits(1.0));
+        put(&mut a, 10, bf16_bits(1.0));
+        put(&mut b, 128 + 2, bf16_bits(1.0));
+        let c = one_dot(&a, &b);
+        assert_eq!(c[0], 2f32.powi(24) + 2.0);
+    }
+
+    #[test]
+    fn f16_weights_split_into_two_bf16_planes_exactly() {
+        for bits in (0u16..=0xffff).step_by(7) {
+            let v = half::f16::from_bits(bits);
+            if !v.is_finite() {
+                continue;
+            }
+            let row = bits.to_le_bytes();
+            let [hi, lo] = weight_planes(DType::F16, &row, 0);
+            let sum = bf16_f32(hi as u32) + bf16_f32(lo as u32);
+            assert_eq!(sum, v.to_f32(), "f16 {bits:#06x}");
+            assert!(!bf16_f32(lo as u32).is_subnormal(), "lo of {bits:#06x} would be flushed");
+        }
+    }
+}
