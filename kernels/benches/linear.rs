@@ -6,7 +6,8 @@
 //! (numbers, never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows;
-//! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4).
+//! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4); `LOCKSTEP_BENCH_ISA`
+//! (`scalar`, `avx2`, `avx512`) forces the ISA path of the block-type table.
 
 use std::time::{Duration, Instant};
 
@@ -196,7 +197,9 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
         (896, 151936, "Qwen2.5 lm_head"),
     ];
     let mut bandwidth = [f64::NAN; 3];
+    let isa: Option<Isa> = std::env::var("LOCKSTEP_BENCH_ISA").ok().map(|s| s.parse().expect("LOCKSTEP_BENCH_ISA"));
     println!();
+    println!("block types at M = 1, isa {:?}", isa.unwrap_or_else(Isa::best));
     println!("| shape K→N | M | weights | threads | invariant GB/s (weights) | share of read bandwidth |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (k, n, name) in shapes {
@@ -217,7 +220,7 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
                 }
                 let be = CpuBackend::new(CpuConfig {
                     threads,
-                    isa: None,
+                    isa,
                     mode: KernelMode::Invariant,
                     numerics: NumericsConfig::default(),
                 })

@@ -71,16 +71,8 @@ struct Q4_1x16;
 /// The f16 at `p`, widened exactly (F16C, as `half` does) into every lane.
 #[inline(always)]
 unsafe fn f16_splat512(p: *const u8) -> __m512 {
-    _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
-}
-
-/// The 16 nibbles of weights `col % 32 ..+16` of a 32-weight nibble array, as u8 (low nibbles hold
-/// the block's first half, high nibbles its second).
-#[inline(always)]
-unsafe fn nibbles16(qs: *const u8, col: usize) -> __m128i {
-    let v = _mm_loadu_si128(qs as *const __m128i);
-    let v = if col.is_multiple_of(32) { v } else { _mm_srli_epi16::<4>(v) };
-    _mm_and_si128(v, _mm_set1_epi8(0x0f))
+    let h = std::ptr::read_unaligned(p as *const u16) as i32;
+    _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
 }
 
 /// A GGUF block type on AVX-512, widened by the [`crate::quant`] formula. The work per block is
@@ -159,8 +151,8 @@ impl Quant512 for Q4_1x16 {
     #[inline(always)]
     unsafe fn prepare(blk: *const u8) -> __m512 {
         // `d` and `m` are adjacent f16: widen the pair once (lanes d, m, d, m, …), then spread.
-        let dm = _mm512_cvtph_ps(_mm256_set1_epi32(std::ptr::read_unaligned(blk as *const i32)));
-        let (d, m) = (_mm512_moveldup_ps(dm), _mm512_movehdup_ps(dm));
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const i32)));
+        let (d, m) = (_mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
         _mm512_fmadd_ps(_mm512_loadu_ps(NIBBLE_VALUES.as_ptr()), d, m)
     }
     #[inline(always)]
@@ -490,38 +482,82 @@ unsafe fn load_quant256(dtype: DType, row: *const u8, col: usize, k_real: usize)
         return (_mm256_setzero_ps(), _mm256_setzero_ps());
     }
     let blk = row.add(col / 32 * dtype.block_bytes());
-    let splat = |p: *const u8| _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)));
-    let d = splat(blk);
-    let halves = |q: __m128i, signed: bool| {
-        let hi = _mm_srli_si128::<8>(q);
-        if signed {
-            (_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(hi))
-        } else {
-            (_mm256_cvtepu8_epi32(q), _mm256_cvtepu8_epi32(hi))
-        }
-    };
+    let half = |[w0, w1, w2, w3]: [__m256; 4]| if col.is_multiple_of(32) { (w0, w1) } else { (w2, w3) };
     match dtype {
-        DType::Q8_0 => {
-            let (a, b) = halves(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i), true);
-            (_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), _mm256_mul_ps(_mm256_cvtepi32_ps(b), d))
-        }
-        DType::Q4_0 => {
-            let (a, b) = halves(nibbles16(blk.add(2), col), false);
-            let eight = _mm256_set1_epi32(8);
-            (
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, eight)), d),
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(b, eight)), d),
-            )
-        }
-        DType::Q4_1 => {
-            let (a, b) = halves(nibbles16(blk.add(4), col), false);
-            let m = splat(blk.add(2));
-            (
-                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), m),
-                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(b), d), m),
-            )
-        }
+        DType::Q8_0 => half(Q8_0x16::block256(blk)),
+        DType::Q4_0 => half(Q4_0x16::block256(blk)),
+        DType::Q4_1 => half(Q4_1x16::block256(blk)),
         DType::F32 | DType::Bf16 | DType::F16 => unreachable!("element types are loaded by load_w256"),
+    }
+}
+
+/// A GGUF block type on AVX2: the whole block of 32 weights as four ymm (weights 0–7, 8–15,
+/// 16–23, 24–31), its header widened once.
+trait Quant256 {
+    const BYTES: usize;
+    unsafe fn block256(blk: *const u8) -> [__m256; 4];
+}
+
+/// The f16 at `p`, widened exactly into every lane of a ymm.
+#[inline(always)]
+unsafe fn f16_splat256(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+}
+
+/// 16 bytes as 32-bit lanes in two ymm (bytes 0–7, 8–15), sign- or zero-extended.
+#[inline(always)]
+unsafe fn bytes_to_lanes256<const SIGNED: bool>(v: __m128i) -> (__m256i, __m256i) {
+    let hi = _mm_srli_si128::<8>(v);
+    if SIGNED {
+        (_mm256_cvtepi8_epi32(v), _mm256_cvtepi8_epi32(hi))
+    } else {
+        (_mm256_cvtepu8_epi32(v), _mm256_cvtepu8_epi32(hi))
+    }
+}
+
+/// A 4-bit block's nibbles as bytes: (first half: low nibbles, second half: high nibbles).
+#[inline(always)]
+unsafe fn nibble_halves(qs: *const u8) -> (__m128i, __m128i) {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    (_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16::<4>(v), mask))
+}
+
+impl Quant256 for Q8_0x16 {
+    const BYTES: usize = crate::quant::Q8_0_BYTES;
+    /// `f32(q) · d`.
+    #[inline(always)]
+    unsafe fn block256(blk: *const u8) -> [__m256; 4] {
+        let d = f16_splat256(blk);
+        let (a, b) = bytes_to_lanes256::<true>(_mm_loadu_si128(blk.add(2) as *const __m128i));
+        let (c, e) = bytes_to_lanes256::<true>(_mm_loadu_si128(blk.add(18) as *const __m128i));
+        [a, b, c, e].map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(q), d))
+    }
+}
+impl Quant256 for Q4_0x16 {
+    const BYTES: usize = crate::quant::Q4_0_BYTES;
+    /// `f32(n − 8) · d`: `n − 8` is taken on the bytes, then sign-extended.
+    #[inline(always)]
+    unsafe fn block256(blk: *const u8) -> [__m256; 4] {
+        let d = f16_splat256(blk);
+        let (lo, hi) = nibble_halves(blk.add(2));
+        let eight = _mm_set1_epi8(8);
+        let (a, b) = bytes_to_lanes256::<true>(_mm_sub_epi8(lo, eight));
+        let (c, e) = bytes_to_lanes256::<true>(_mm_sub_epi8(hi, eight));
+        [a, b, c, e].map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(q), d))
+    }
+}
+impl Quant256 for Q4_1x16 {
+    const BYTES: usize = crate::quant::Q4_1_BYTES;
+    /// `f32(n) · d + m` as one fma: the product `n · d` is exact, so rounding it first changes
+    /// nothing.
+    #[inline(always)]
+    unsafe fn block256(blk: *const u8) -> [__m256; 4] {
+        let (d, m) = (f16_splat256(blk), f16_splat256(blk.add(2)));
+        let (lo, hi) = nibble_halves(blk.add(4));
+        let (a, b) = bytes_to_lanes256::<false>(lo);
+        let (c, e) = bytes_to_lanes256::<false>(hi);
+        [a, b, c, e].map(|n| _mm256_fmadd_ps(_mm256_cvtepi32_ps(n), d, m))
     }
 }
 
@@ -559,10 +595,63 @@ unsafe fn tile256<const NR: usize>(t: &Tile<'_>, out: &mut [f32; 16]) {
     }
 }
 
+/// The AVX2 tile of a block type (one x row, four weight rows): like [`decode512`], each segment
+/// is walked in whole blocks, a block cut by a segment boundary is widened once and its second
+/// half carried into the next segment, and only real columns are touched.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode256<Q: Quant256>(t: &Tile<'_>, out: &mut [f32; 16]) {
+    const NR: usize = 4;
+    let xp = t.xs[0];
+    let ws: [*const u8; NR] = std::array::from_fn(|j| t.ws[j]);
+    let mut sums = [[0.0f32; 64]; NR];
+    let mut carry = [(_mm256_setzero_ps(), _mm256_setzero_ps()); NR];
+    for s in 0..t.count {
+        let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); NR];
+        let start = s * t.seg_len;
+        let stop = ((s + 1) * t.seg_len).min(t.k_real).max(start);
+        let mut col = start;
+        if col < stop && !col.is_multiple_of(32) {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(col)), _mm256_loadu_ps(xp.add(col + 8)));
+            for j in 0..NR {
+                acc[j] = (_mm256_fmadd_ps(x0, carry[j].0, acc[j].0), _mm256_fmadd_ps(x1, carry[j].1, acc[j].1));
+            }
+            col += 16;
+        }
+        while col + 32 <= stop {
+            let x: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xp.add(col + 8 * i)));
+            for j in 0..NR {
+                let [w0, w1, w2, w3] = Q::block256(ws[j].add(col / 32 * Q::BYTES));
+                acc[j] = (
+                    _mm256_fmadd_ps(x[2], w2, _mm256_fmadd_ps(x[0], w0, acc[j].0)),
+                    _mm256_fmadd_ps(x[3], w3, _mm256_fmadd_ps(x[1], w1, acc[j].1)),
+                );
+            }
+            col += 32;
+        }
+        if col < stop {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(col)), _mm256_loadu_ps(xp.add(col + 8)));
+            for j in 0..NR {
+                let [w0, w1, w2, w3] = Q::block256(ws[j].add(col / 32 * Q::BYTES));
+                acc[j] = (_mm256_fmadd_ps(x0, w0, acc[j].0), _mm256_fmadd_ps(x1, w1, acc[j].1));
+                carry[j] = (w2, w3);
+            }
+        }
+        for j in 0..NR {
+            sums[j][s] = lane_tree256(acc[j].0, acc[j].1);
+        }
+    }
+    for j in 0..NR {
+        out[j] = segment_tree_inplace(&mut sums[j][..t.count]);
+    }
+}
+
 /// # Safety
 /// AVX2, FMA and F16C must be available; `t` must describe valid rows (see [`Tile`]).
 pub(crate) unsafe fn tile_avx2(t: &Tile<'_>, out: &mut [f32; 16]) {
     match (t.xs.len(), t.ws.len()) {
+        (1, 4) if t.dtype == DType::Q8_0 => decode256::<Q8_0x16>(t, out),
+        (1, 4) if t.dtype == DType::Q4_0 => decode256::<Q4_0x16>(t, out),
+        (1, 4) if t.dtype == DType::Q4_1 => decode256::<Q4_1x16>(t, out),
         (1, 4) => tile256::<4>(t, out),
         other => unreachable!("no AVX2 tile of shape {other:?}"),
     }
