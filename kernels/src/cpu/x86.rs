@@ -3,6 +3,13 @@
 //! Both evaluate exactly the contract order of [`crate::reference::dot`]: per segment, lane `l`
 //! accumulates `x[e]·w[e]` for `e ≡ l (mod 16)` with `vfmadd` from +0.0, the lane tree folds
 //! `(l, l+8)`, `(l, l+4)`, `(l, l+2)`, `(l, l+1)`, and the segment sums meet in the balanced tree.
+//!
+//! Block-type weights (GGUF Q8_0/Q4_0/Q4_1) at one x row — the decode case, where every weight is
+//! read once per step and widening it is the work — take dedicated tiles ([`decode512`],
+//! [`decode256`]): each segment is walked in whole 32-weight blocks so a block's header is widened
+//! once, a block cut in two by a segment boundary is widened once and its second half carried
+//! into the next segment, and on AVX-512 a 4-bit block's weights are looked up (`vpermps`, the
+//! nibble as index) in the table of its 16 possible values.
 
 use std::arch::x86_64::*;
 
