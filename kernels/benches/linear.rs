@@ -1,12 +1,13 @@
 //! `cargo bench -p lockstep-kernels`: GFLOP/s of the linear at the Qwen2.5-0.5B shapes, invariant
 //! vs fast, f32 and bf16 weights, 1 and 2 threads; plus this machine's FMA peak and memory read
 //! bandwidth as the physical limits. A second table streams GGUF block weights (Q8_0, Q4_0, Q4_1,
-//! kept quantized) at M = 1 — the decode case — at SmolLM2-135M's and Qwen2.5-0.5B's shapes, in
+//! kept quantized) at M = 1 and 8 — decode — at SmolLM2-135M's and Qwen2.5-0.5B's shapes, in
 //! GB/s of weight bytes and as a share of the measured read bandwidth. Prints Markdown tables
 //! (numbers, never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows;
-//! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4).
+//! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4); `LOCKSTEP_BENCH_ISA`
+//! (`scalar`, `avx2`, `avx512`) forces the ISA path of the block-type table.
 
 use std::time::{Duration, Instant};
 
@@ -186,7 +187,7 @@ fn main() {
     quantized_decode(&filter, &mut rng);
 }
 
-/// GB/s of quantized weights streamed by the invariant linear at M = 1.
+/// GB/s of quantized weights streamed by the invariant linear at M = 1 and 8.
 fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
     let shapes = [
         (576usize, 1536usize, "SmolLM2 gate/up"),
@@ -196,7 +197,9 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
         (896, 151936, "Qwen2.5 lm_head"),
     ];
     let mut bandwidth = [f64::NAN; 3];
+    let isa: Option<Isa> = std::env::var("LOCKSTEP_BENCH_ISA").ok().map(|s| s.parse().expect("LOCKSTEP_BENCH_ISA"));
     println!();
+    println!("block types at M = 1 and 8, isa {:?}", isa.unwrap_or_else(Isa::best));
     println!("| shape K→N | M | weights | threads | invariant GB/s (weights) | share of read bandwidth |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (k, n, name) in shapes {
@@ -207,8 +210,9 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
                 let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
                 HostWeight::from_f32(&vals, dtype, n, k)
             };
-            for threads in [1, 2] {
-                let row = format!("| {k}→{n} ({name}) | 1 | {} | {threads} |", dtype.as_str());
+            // M = 8: a decode batch, where the multi-row tiles share each widened weight.
+            for (m, threads) in [(1, 1), (1, 2), (8, 1), (8, 2)] {
+                let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
                 if !filter.is_empty() && !row.contains(filter) {
                     continue;
                 }
@@ -217,14 +221,14 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
                 }
                 let be = CpuBackend::new(CpuConfig {
                     threads,
-                    isa: None,
+                    isa,
                     mode: KernelMode::Invariant,
                     numerics: NumericsConfig::default(),
                 })
                 .unwrap();
-                let x: Vec<f32> = (0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-                let mut y = vec![0.0f32; n];
-                let secs = time(|| be.linear(&x, 1, &w, None, &mut y));
+                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+                let mut y = vec![0.0f32; m * n];
+                let secs = time(|| be.linear(&x, m, &w, None, &mut y));
                 let gbs = w.bytes.len() as f64 / secs / 1e9;
                 println!("{row} {gbs:.1} | {:.0} % |", 100.0 * gbs / bandwidth[threads]);
             }

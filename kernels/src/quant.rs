@@ -16,11 +16,12 @@
 //!
 //! with `n = qs[j] & 0xF` for `j < 16` and `n = qs[j − 16] >> 4` for `j ≥ 16` (the low nibbles
 //! hold the first half of the block), `d` and `m` widened exactly from f16, the product rounded
-//! to f32 and then, for Q4_1, one rounded add (never a fused multiply-add). In fact the product
-//! never rounds: an integer of at most 8 bits times an f16 significand of 11 bits fits in f32's
-//! 24 (and f16's range sits well inside f32's normal range), so Q8_0 and Q4_0 widen exactly and
-//! Q4_1's only rounding is the add of `m` — which is why fused and unfused evaluation agree and
-//! the SIMD paths need no care beyond the add.
+//! to f32 and then, for Q4_1, one rounded add. In fact the product never rounds: an integer of at
+//! most 8 bits times an f16 significand of 11 bits fits in f32's 24 (and f16's range sits well
+//! inside f32's normal range), so Q8_0 and Q4_0 widen exactly and Q4_1's only rounding is the add
+//! of `m` — which is why a fused `fma(n, d, m)` gives the same bits (the SIMD paths use it), and
+//! why a kernel may look a 4-bit weight up in a per-block table of its 16 possible values instead
+//! of computing it (the AVX-512 paths do, `cpu/x86.rs`): every route yields this one value.
 //!
 //! A row of `cols` weights is `cols / 32` whole blocks; a row-parallel shard holds whole blocks
 //! ([`crate::HostWeight::columns`]), so its cuts must fall on multiples of 32.

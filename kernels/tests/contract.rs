@@ -719,6 +719,35 @@ fn quantized_embedding_rows_equal_candles_dequantized_rows() {
     }
 }
 
+/// The decode tile (few x rows) walks each segment in whole blocks and carries the second half of
+/// a block that a segment boundary cuts in two into the next segment: every segment length (an
+/// odd or even number of half blocks, a segment shorter than a block, segments past the real
+/// columns), ragged last tiles and the rows left over beside a multi-row tile must still give the
+/// reference's bits.
+#[test]
+fn quantized_decode_rows_equal_reference_when_segments_cut_blocks_in_half() {
+    let mut rng = Rng::new(26);
+    for dtype in QTYPES {
+        for k in [32, 96, 160, 576, 608] {
+            let n = 37;
+            let w = quant_weight(&mut rng, dtype, n, k);
+            for segments in [1, 2, 3, 4, 6, 8, 12, 16, 24, 48] {
+                for m in [1, 2, 3, 5] {
+                    let x = rng.vec(m * k);
+                    let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+                    for isa in Isa::available() {
+                        let be =
+                            backend_with(isa, 2, NumericsConfig { reduce_segments: segments, ..Default::default() });
+                        let mut y = vec![0.0; m * n];
+                        be.linear(&x, m, &w, None, &mut y);
+                        assert_eq!(bits(&y), want, "{isa:?} {dtype:?} m={m} k={k} S={segments}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Fast mode widens bf16/f16 weights one tile of rows per call (not the whole model at load): the
 /// tiles must cover every output column exactly once, including a ragged last tile, at any M and
 /// thread count. Fast mode promises no bits, so this compares with the reference within f32

@@ -3,6 +3,13 @@
 //! Both evaluate exactly the contract order of [`crate::reference::dot`]: per segment, lane `l`
 //! accumulates `x[e]·w[e]` for `e ≡ l (mod 16)` with `vfmadd` from +0.0, the lane tree folds
 //! `(l, l+8)`, `(l, l+4)`, `(l, l+2)`, `(l, l+1)`, and the segment sums meet in the balanced tree.
+//!
+//! Block-type weights (GGUF Q8_0/Q4_0/Q4_1) at one x row — the decode case, where every weight is
+//! read once per step and widening it is the work — take dedicated tiles ([`decode512`],
+//! [`decode256`]): each segment is walked in whole 32-weight blocks so a block's header is widened
+//! once, a block cut in two by a segment boundary is widened once and its second half carried
+//! into the next segment, and on AVX-512 a 4-bit block's weights are looked up (`vpermps`, the
+//! nibble as index) in the table of its 16 possible values.
 
 use std::arch::x86_64::*;
 
@@ -71,102 +78,125 @@ struct Q4_1x16;
 /// The f16 at `p`, widened exactly (F16C, as `half` does) into every lane.
 #[inline(always)]
 unsafe fn f16_splat512(p: *const u8) -> __m512 {
-    _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+    let h = std::ptr::read_unaligned(p as *const u16) as i32;
+    _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
 }
 
-/// The 16 nibbles of weights `col % 32 ..+16` of a 32-weight nibble array, as u8 (low nibbles hold
-/// the block's first half, high nibbles its second).
+/// A GGUF block type on AVX-512, widened by the [`crate::quant`] formula. The work per block is
+/// split so that what depends only on the block's header (`prepare`: its scale, or for the 4-bit
+/// types the block's whole table of 16 possible values) is done once per block, and each half of
+/// 16 weights then costs one or two vector operations before its fma.
+trait Quant512 {
+    /// Bytes per block.
+    const BYTES: usize;
+    /// The per-block vector: `d` in every lane (Q8_0), or the block's 16 widened values indexed by
+    /// nibble (Q4_0, Q4_1).
+    unsafe fn prepare(blk: *const u8) -> __m512;
+    /// Weights `16·HI ..+16` of the block.
+    unsafe fn half<const HI: bool>(blk: *const u8, prepared: __m512) -> __m512;
+    /// Both halves (one load of a 4-bit block's nibbles serves both).
+    #[inline(always)]
+    unsafe fn both(blk: *const u8, prepared: __m512) -> (__m512, __m512) {
+        (Self::half::<false>(blk, prepared), Self::half::<true>(blk, prepared))
+    }
+}
+
+impl Quant512 for Q8_0x16 {
+    const BYTES: usize = crate::quant::Q8_0_BYTES;
+    #[inline(always)]
+    unsafe fn prepare(blk: *const u8) -> __m512 {
+        f16_splat512(blk)
+    }
+    /// `f32(q) · d`.
+    #[inline(always)]
+    unsafe fn half<const HI: bool>(blk: *const u8, d: __m512) -> __m512 {
+        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * HI as usize) as *const __m128i));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), d)
+    }
+}
+
+/// `n` as f32 in lane `n`, and `n − 8`: the nibble values the 4-bit tables are built from.
+const NIBBLE_VALUES: [f32; 16] = [0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.];
+const NIBBLE_VALUES_MINUS_8: [f32; 16] = [-8., -7., -6., -5., -4., -3., -2., -1., 0., 1., 2., 3., 4., 5., 6., 7.];
+
+/// Both halves of a 4-bit block through its table: the nibble bytes zero-extended to 32-bit lanes
+/// hold the low nibble in bits 0–3 and the high one in bits 4–7, and `vpermps` reads only bits
+/// 0–3 of each index, so the first half needs no mask and the second one shift.
 #[inline(always)]
-unsafe fn nibbles16(qs: *const u8, col: usize) -> __m128i {
-    let v = _mm_loadu_si128(qs as *const __m128i);
-    let v = if col.is_multiple_of(32) { v } else { _mm_srli_epi16::<4>(v) };
-    _mm_and_si128(v, _mm_set1_epi8(0x0f))
+unsafe fn nibble_lookup<const HI: bool>(qs: *const u8, table: __m512) -> __m512 {
+    let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
+    let idx = if HI { _mm512_srli_epi32::<4>(idx) } else { idx };
+    _mm512_permutexvar_ps(idx, table)
+}
+#[inline(always)]
+unsafe fn nibble_lookup_both(qs: *const u8, table: __m512) -> (__m512, __m512) {
+    let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
+    (_mm512_permutexvar_ps(idx, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table))
+}
+
+impl Quant512 for Q4_0x16 {
+    const BYTES: usize = crate::quant::Q4_0_BYTES;
+    /// Entry `n` is `f32(n − 8) · d`, the formula itself, so a lookup returns its bits.
+    #[inline(always)]
+    unsafe fn prepare(blk: *const u8) -> __m512 {
+        _mm512_mul_ps(_mm512_loadu_ps(NIBBLE_VALUES_MINUS_8.as_ptr()), f16_splat512(blk))
+    }
+    #[inline(always)]
+    unsafe fn half<const HI: bool>(blk: *const u8, table: __m512) -> __m512 {
+        nibble_lookup::<HI>(blk.add(2), table)
+    }
+    #[inline(always)]
+    unsafe fn both(blk: *const u8, table: __m512) -> (__m512, __m512) {
+        nibble_lookup_both(blk.add(2), table)
+    }
+}
+
+impl Quant512 for Q4_1x16 {
+    const BYTES: usize = crate::quant::Q4_1_BYTES;
+    /// Entry `n` is `f32(n) · d + m`. One fma gives the formula's bits: the product `n · d` is
+    /// exact (4 integer bits times an 11-bit significand), so rounding it first changes nothing.
+    #[inline(always)]
+    unsafe fn prepare(blk: *const u8) -> __m512 {
+        // `d` and `m` are adjacent f16: widen the pair once (lanes d, m, d, m, …), then spread.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const i32)));
+        let (d, m) = (_mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+        _mm512_fmadd_ps(_mm512_loadu_ps(NIBBLE_VALUES.as_ptr()), d, m)
+    }
+    #[inline(always)]
+    unsafe fn half<const HI: bool>(blk: *const u8, table: __m512) -> __m512 {
+        nibble_lookup::<HI>(blk.add(4), table)
+    }
+    #[inline(always)]
+    unsafe fn both(blk: *const u8, table: __m512) -> (__m512, __m512) {
+        nibble_lookup_both(blk.add(4), table)
+    }
 }
 
 /// Block types: `col` is a multiple of 16 and rows are whole blocks, so a block of 16 lanes is
 /// half of one quantization block — all real or (past the row) all padding.
-macro_rules! quant_masked {
-    () => {
-        #[inline(always)]
-        unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
-            if mask == 0 {
-                _mm512_setzero_ps()
-            } else {
-                _mm512_maskz_mov_ps(mask, Self::full(row, col))
-            }
+impl<Q: Quant512> Load512 for Q {
+    #[inline(always)]
+    unsafe fn full(row: *const u8, col: usize) -> __m512 {
+        let blk = row.add(col / 32 * Q::BYTES);
+        if col.is_multiple_of(32) {
+            Q::half::<false>(blk, Q::prepare(blk))
+        } else {
+            Q::half::<true>(blk, Q::prepare(blk))
         }
-    };
-}
-
-impl Load512 for Q8_0x16 {
-    /// `f32(q) · d`.
-    #[inline(always)]
-    unsafe fn full(row: *const u8, col: usize) -> __m512 {
-        let blk = row.add(col / 32 * crate::quant::Q8_0_BYTES);
-        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i));
-        _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
     }
-    quant_masked!();
+    #[inline(always)]
+    unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512 {
+        if mask == 0 {
+            _mm512_setzero_ps()
+        } else {
+            _mm512_maskz_mov_ps(mask, Self::full(row, col))
+        }
+    }
     const PAIRED: bool = true;
     #[inline(always)]
     unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
-        let blk = row.add(col / 32 * crate::quant::Q8_0_BYTES);
-        let d = f16_splat512(blk);
-        let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i));
-        let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18) as *const __m128i));
-        (_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d))
-    }
-}
-
-/// Both nibble halves of a 32-weight nibble array, as 16 u32 each (first half, second half).
-#[inline(always)]
-unsafe fn nibble_pair(qs: *const u8) -> (__m512i, __m512i) {
-    let v = _mm_loadu_si128(qs as *const __m128i);
-    let mask = _mm_set1_epi8(0x0f);
-    (_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)), _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(v), mask)))
-}
-
-impl Load512 for Q4_0x16 {
-    /// `f32(n − 8) · d`.
-    #[inline(always)]
-    unsafe fn full(row: *const u8, col: usize) -> __m512 {
-        let blk = row.add(col / 32 * crate::quant::Q4_0_BYTES);
-        let q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles16(blk.add(2), col)), _mm512_set1_epi32(8));
-        _mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk))
-    }
-    quant_masked!();
-    const PAIRED: bool = true;
-    #[inline(always)]
-    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
-        let blk = row.add(col / 32 * crate::quant::Q4_0_BYTES);
-        let d = f16_splat512(blk);
-        let (lo, hi) = nibble_pair(blk.add(2));
-        let eight = _mm512_set1_epi32(8);
-        (
-            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d),
-            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d),
-        )
-    }
-}
-impl Load512 for Q4_1x16 {
-    /// `f32(n) · d + m`, two roundings (no fma).
-    #[inline(always)]
-    unsafe fn full(row: *const u8, col: usize) -> __m512 {
-        let blk = row.add(col / 32 * crate::quant::Q4_1_BYTES);
-        let q = _mm512_cvtepu8_epi32(nibbles16(blk.add(4), col));
-        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), f16_splat512(blk)), f16_splat512(blk.add(2)))
-    }
-    quant_masked!();
-    const PAIRED: bool = true;
-    #[inline(always)]
-    unsafe fn pair(row: *const u8, col: usize) -> (__m512, __m512) {
-        let blk = row.add(col / 32 * crate::quant::Q4_1_BYTES);
-        let (d, m) = (f16_splat512(blk), f16_splat512(blk.add(2)));
-        let (lo, hi) = nibble_pair(blk.add(4));
-        (
-            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m),
-            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m),
-        )
+        let blk = row.add(col / 32 * Q::BYTES);
+        Q::both(blk, Q::prepare(blk))
     }
 }
 
@@ -210,6 +240,44 @@ unsafe fn fold16(acc: &mut [__m512; 16]) -> __m512 {
     acc[0]
 }
 
+/// The segment tree over segment sums that arrive in order, built incrementally: `runs[i]` holds
+/// a finished subtree of 2^i segments waiting for its right sibling (like binary carry
+/// propagation), so no buffer of all S segment sums is needed. For a power-of-two count this is
+/// exactly the pairwise tree; a count of 3·2^k leaves two finished runs (two thirds, one third),
+/// added left to right as `reference::tree_reduce` does.
+struct SegmentTree512 {
+    runs: [__m512; 7],
+    depth: usize,
+    pushed: usize,
+}
+
+impl SegmentTree512 {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        SegmentTree512 { runs: [_mm512_setzero_ps(); 7], depth: 0, pushed: 0 }
+    }
+    #[inline(always)]
+    unsafe fn push(&mut self, mut v: __m512) {
+        self.pushed += 1;
+        let mut done = self.pushed;
+        while done & 1 == 0 {
+            self.depth -= 1;
+            v = _mm512_add_ps(self.runs[self.depth], v);
+            done >>= 1;
+        }
+        self.runs[self.depth] = v;
+        self.depth += 1;
+    }
+    #[inline(always)]
+    unsafe fn total(&self) -> __m512 {
+        let mut total = self.runs[0];
+        for &run in &self.runs[1..self.depth] {
+            total = _mm512_add_ps(total, run);
+        }
+        total
+    }
+}
+
 /// A tile of `MR × NR = 16` outputs (4×4 or 1×16): 16 zmm accumulators, one fold per segment.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, out: &mut [f32; 16]) {
@@ -222,11 +290,7 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
     let lines = t.prefetch.len().div_ceil(64);
     let per_block = lines.div_ceil(blocks);
     let mut next_line = 0usize;
-    // The segment tree, built incrementally: `stack[i]` holds a finished subtree of 2^i segments
-    // waiting for its right sibling (like binary carry propagation), so no per-tile buffer of
-    // all S segment sums is needed. For a power-of-two count this is exactly the pairwise tree.
-    let mut stack = [_mm512_setzero_ps(); 7];
-    let mut depth = 0usize;
+    let mut tree = SegmentTree512::new();
     for s in 0..t.count {
         let mut acc = [_mm512_setzero_ps(); 16];
         let (start, end) = (s * t.seg_len, (s + 1) * t.seg_len);
@@ -277,23 +341,89 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
         for col in (split..end).step_by(16) {
             block(col, true, false);
         }
-        let mut v = fold16(&mut acc);
-        let mut done = s + 1;
-        while done & 1 == 0 {
-            depth -= 1;
-            v = _mm512_add_ps(stack[depth], v);
-            done >>= 1;
+        tree.push(fold16(&mut acc));
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), tree.total());
+}
+
+/// `$body` for `$j` = 0, 1, …, 15 written out: the row index of every accumulator is then a
+/// constant, so the 16 accumulators stay in registers (a rolled loop over an array of vectors
+/// keeps them on the stack).
+macro_rules! each_of_16 {
+    ($j:ident => $body:block) => {
+        each_of_16!(@ $j $body 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $j:ident $body:block $($n:literal)*) => {
+        $({
+            let $j: usize = $n;
+            $body
+        })*
+    };
+}
+
+/// The decode tile of a block type: one x row times 16 weight rows (`M = 1`, where every weight
+/// is read once per call and the widening, not the fma, is the work). Compared with
+/// [`tile512`] it walks each segment in whole blocks, and a block that a segment boundary cuts in
+/// two is widened once, its second half kept for the next segment — so a block's header is
+/// widened (and a 4-bit block's table built) once for 32 weights. It touches only real columns: a row of a block type is whole blocks, so every 16 columns
+/// are real or padding entirely, and padding adds `fma(0, 0, acc) = acc`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn decode512<Q: Quant512>(t: &Tile<'_>, out: &mut [f32; 16]) {
+    let x = t.xs[0];
+    let ws: [*const u8; 16] = std::array::from_fn(|j| t.ws[j]);
+    // Spread the next tile's prefetches evenly over this tile's steps of 16 columns.
+    let lines = t.prefetch.len().div_ceil(64);
+    let per_step = lines.div_ceil((t.k_real / 16).max(1));
+    let mut next_line = 0usize;
+    let mut prefetch = |steps: usize| {
+        for _ in 0..per_step * steps {
+            if next_line < lines {
+                _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
+                next_line += 1;
+            }
         }
-        stack[depth] = v;
-        depth += 1;
+    };
+    let mut tree = SegmentTree512::new();
+    let mut carry = [_mm512_setzero_ps(); 16];
+    for s in 0..t.count {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let start = s * t.seg_len;
+        let stop = ((s + 1) * t.seg_len).min(t.k_real).max(start);
+        let mut col = start;
+        if col < stop && !col.is_multiple_of(32) {
+            // The segment opens on the second half of a block, which the previous segment
+            // widened (a segment can only close on a first half before a real second half).
+            let xv = _mm512_loadu_ps(x.add(col));
+            each_of_16!(j => {
+                acc[j] = _mm512_fmadd_ps(xv, carry[j], acc[j]);
+            });
+            col += 16;
+        }
+        while col + 32 <= stop {
+            prefetch(2);
+            let (x0, x1) = (_mm512_loadu_ps(x.add(col)), _mm512_loadu_ps(x.add(col + 16)));
+            each_of_16!(j => {
+                let blk = ws[j].add(col / 32 * Q::BYTES);
+                let (w0, w1) = Q::both(blk, Q::prepare(blk));
+                acc[j] = _mm512_fmadd_ps(x1, w1, _mm512_fmadd_ps(x0, w0, acc[j]));
+            });
+            col += 32;
+        }
+        if col < stop {
+            // The segment closes on the first half of a block: widen the whole block and keep
+            // its second half for the next segment.
+            prefetch(2);
+            let xv = _mm512_loadu_ps(x.add(col));
+            each_of_16!(j => {
+                let blk = ws[j].add(col / 32 * Q::BYTES);
+                let (w0, w1) = Q::both(blk, Q::prepare(blk));
+                acc[j] = _mm512_fmadd_ps(xv, w0, acc[j]);
+                carry[j] = w1;
+            });
+        }
+        tree.push(fold16(&mut acc));
     }
-    // A count of 3·2^k leaves two finished runs (two thirds, one third): added left to right,
-    // as `reference::tree_reduce` does.
-    let mut total = stack[0];
-    for &run in &stack[1..depth] {
-        total = _mm512_add_ps(total, run);
-    }
-    _mm512_storeu_ps(out.as_mut_ptr(), total);
+    _mm512_storeu_ps(out.as_mut_ptr(), tree.total());
 }
 
 /// # Safety
@@ -309,9 +439,9 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
         (4, 4, DType::Q8_0) => tile512::<4, 4, Q8_0x16>(t, out),
         (4, 4, DType::Q4_0) => tile512::<4, 4, Q4_0x16>(t, out),
         (4, 4, DType::Q4_1) => tile512::<4, 4, Q4_1x16>(t, out),
-        (1, 16, DType::Q8_0) => tile512::<1, 16, Q8_0x16>(t, out),
-        (1, 16, DType::Q4_0) => tile512::<1, 16, Q4_0x16>(t, out),
-        (1, 16, DType::Q4_1) => tile512::<1, 16, Q4_1x16>(t, out),
+        (1, 16, DType::Q8_0) => decode512::<Q8_0x16>(t, out),
+        (1, 16, DType::Q4_0) => decode512::<Q4_0x16>(t, out),
+        (1, 16, DType::Q4_1) => decode512::<Q4_1x16>(t, out),
         other => unreachable!("no AVX-512 tile of shape {other:?}"),
     }
 }
@@ -359,38 +489,82 @@ unsafe fn load_quant256(dtype: DType, row: *const u8, col: usize, k_real: usize)
         return (_mm256_setzero_ps(), _mm256_setzero_ps());
     }
     let blk = row.add(col / 32 * dtype.block_bytes());
-    let splat = |p: *const u8| _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)));
-    let d = splat(blk);
-    let halves = |q: __m128i, signed: bool| {
-        let hi = _mm_srli_si128::<8>(q);
-        if signed {
-            (_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(hi))
-        } else {
-            (_mm256_cvtepu8_epi32(q), _mm256_cvtepu8_epi32(hi))
-        }
-    };
+    let half = |[w0, w1, w2, w3]: [__m256; 4]| if col.is_multiple_of(32) { (w0, w1) } else { (w2, w3) };
     match dtype {
-        DType::Q8_0 => {
-            let (a, b) = halves(_mm_loadu_si128(blk.add(2 + col % 32) as *const __m128i), true);
-            (_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), _mm256_mul_ps(_mm256_cvtepi32_ps(b), d))
-        }
-        DType::Q4_0 => {
-            let (a, b) = halves(nibbles16(blk.add(2), col), false);
-            let eight = _mm256_set1_epi32(8);
-            (
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, eight)), d),
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(b, eight)), d),
-            )
-        }
-        DType::Q4_1 => {
-            let (a, b) = halves(nibbles16(blk.add(4), col), false);
-            let m = splat(blk.add(2));
-            (
-                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), d), m),
-                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(b), d), m),
-            )
-        }
+        DType::Q8_0 => half(Q8_0x16::block256(blk)),
+        DType::Q4_0 => half(Q4_0x16::block256(blk)),
+        DType::Q4_1 => half(Q4_1x16::block256(blk)),
         DType::F32 | DType::Bf16 | DType::F16 => unreachable!("element types are loaded by load_w256"),
+    }
+}
+
+/// A GGUF block type on AVX2: the whole block of 32 weights as four ymm (weights 0–7, 8–15,
+/// 16–23, 24–31), its header widened once.
+trait Quant256 {
+    const BYTES: usize;
+    unsafe fn block256(blk: *const u8) -> [__m256; 4];
+}
+
+/// The f16 at `p`, widened exactly into every lane of a ymm.
+#[inline(always)]
+unsafe fn f16_splat256(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+}
+
+/// 16 bytes as 32-bit lanes in two ymm (bytes 0–7, 8–15), sign- or zero-extended.
+#[inline(always)]
+unsafe fn bytes_to_lanes256<const SIGNED: bool>(v: __m128i) -> (__m256i, __m256i) {
+    let hi = _mm_srli_si128::<8>(v);
+    if SIGNED {
+        (_mm256_cvtepi8_epi32(v), _mm256_cvtepi8_epi32(hi))
+    } else {
+        (_mm256_cvtepu8_epi32(v), _mm256_cvtepu8_epi32(hi))
+    }
+}
+
+/// A 4-bit block's nibbles as bytes: (first half: low nibbles, second half: high nibbles).
+#[inline(always)]
+unsafe fn nibble_halves(qs: *const u8) -> (__m128i, __m128i) {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    (_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16::<4>(v), mask))
+}
+
+impl Quant256 for Q8_0x16 {
+    const BYTES: usize = crate::quant::Q8_0_BYTES;
+    /// `f32(q) · d`.
+    #[inline(always)]
+    unsafe fn block256(blk: *const u8) -> [__m256; 4] {
+        let d = f16_splat256(blk);
+        let (a, b) = bytes_to_lanes256::<true>(_mm_loadu_si128(blk.add(2) as *const __m128i));
+        let (c, e) = bytes_to_lanes256::<true>(_mm_loadu_si128(blk.add(18) as *const __m128i));
+        [a, b, c, e].map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(q), d))
+    }
+}
+impl Quant256 for Q4_0x16 {
+    const BYTES: usize = crate::quant::Q4_0_BYTES;
+    /// `f32(n − 8) · d`: `n − 8` is taken on the bytes, then sign-extended.
+    #[inline(always)]
+    unsafe fn block256(blk: *const u8) -> [__m256; 4] {
+        let d = f16_splat256(blk);
+        let (lo, hi) = nibble_halves(blk.add(2));
+        let eight = _mm_set1_epi8(8);
+        let (a, b) = bytes_to_lanes256::<true>(_mm_sub_epi8(lo, eight));
+        let (c, e) = bytes_to_lanes256::<true>(_mm_sub_epi8(hi, eight));
+        [a, b, c, e].map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(q), d))
+    }
+}
+impl Quant256 for Q4_1x16 {
+    const BYTES: usize = crate::quant::Q4_1_BYTES;
+    /// `f32(n) · d + m` as one fma: the product `n · d` is exact, so rounding it first changes
+    /// nothing.
+    #[inline(always)]
+    unsafe fn block256(blk: *const u8) -> [__m256; 4] {
+        let (d, m) = (f16_splat256(blk), f16_splat256(blk.add(2)));
+        let (lo, hi) = nibble_halves(blk.add(4));
+        let (a, b) = bytes_to_lanes256::<false>(lo);
+        let (c, e) = bytes_to_lanes256::<false>(hi);
+        [a, b, c, e].map(|n| _mm256_fmadd_ps(_mm256_cvtepi32_ps(n), d, m))
     }
 }
 
@@ -428,10 +602,63 @@ unsafe fn tile256<const NR: usize>(t: &Tile<'_>, out: &mut [f32; 16]) {
     }
 }
 
+/// The AVX2 tile of a block type (one x row, four weight rows): like [`decode512`], each segment
+/// is walked in whole blocks, a block cut by a segment boundary is widened once and its second
+/// half carried into the next segment, and only real columns are touched.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode256<Q: Quant256>(t: &Tile<'_>, out: &mut [f32; 16]) {
+    const NR: usize = 4;
+    let xp = t.xs[0];
+    let ws: [*const u8; NR] = std::array::from_fn(|j| t.ws[j]);
+    let mut sums = [[0.0f32; 64]; NR];
+    let mut carry = [(_mm256_setzero_ps(), _mm256_setzero_ps()); NR];
+    for s in 0..t.count {
+        let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); NR];
+        let start = s * t.seg_len;
+        let stop = ((s + 1) * t.seg_len).min(t.k_real).max(start);
+        let mut col = start;
+        if col < stop && !col.is_multiple_of(32) {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(col)), _mm256_loadu_ps(xp.add(col + 8)));
+            for j in 0..NR {
+                acc[j] = (_mm256_fmadd_ps(x0, carry[j].0, acc[j].0), _mm256_fmadd_ps(x1, carry[j].1, acc[j].1));
+            }
+            col += 16;
+        }
+        while col + 32 <= stop {
+            let x: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xp.add(col + 8 * i)));
+            for j in 0..NR {
+                let [w0, w1, w2, w3] = Q::block256(ws[j].add(col / 32 * Q::BYTES));
+                acc[j] = (
+                    _mm256_fmadd_ps(x[2], w2, _mm256_fmadd_ps(x[0], w0, acc[j].0)),
+                    _mm256_fmadd_ps(x[3], w3, _mm256_fmadd_ps(x[1], w1, acc[j].1)),
+                );
+            }
+            col += 32;
+        }
+        if col < stop {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(col)), _mm256_loadu_ps(xp.add(col + 8)));
+            for j in 0..NR {
+                let [w0, w1, w2, w3] = Q::block256(ws[j].add(col / 32 * Q::BYTES));
+                acc[j] = (_mm256_fmadd_ps(x0, w0, acc[j].0), _mm256_fmadd_ps(x1, w1, acc[j].1));
+                carry[j] = (w2, w3);
+            }
+        }
+        for j in 0..NR {
+            sums[j][s] = lane_tree256(acc[j].0, acc[j].1);
+        }
+    }
+    for j in 0..NR {
+        out[j] = segment_tree_inplace(&mut sums[j][..t.count]);
+    }
+}
+
 /// # Safety
 /// AVX2, FMA and F16C must be available; `t` must describe valid rows (see [`Tile`]).
 pub(crate) unsafe fn tile_avx2(t: &Tile<'_>, out: &mut [f32; 16]) {
     match (t.xs.len(), t.ws.len()) {
+        (1, 4) if t.dtype == DType::Q8_0 => decode256::<Q8_0x16>(t, out),
+        (1, 4) if t.dtype == DType::Q4_0 => decode256::<Q4_0x16>(t, out),
+        (1, 4) if t.dtype == DType::Q4_1 => decode256::<Q4_1x16>(t, out),
         (1, 4) => tile256::<4>(t, out),
         other => unreachable!("no AVX2 tile of shape {other:?}"),
     }
