@@ -7,7 +7,11 @@
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows;
 //! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4); `LOCKSTEP_BENCH_ISA`
-//! (`scalar`, `avx2`, `avx512`) forces the ISA path of the block-type table.
+//! (`scalar`, `avx2`, `avx512`) forces the ISA path of the block-type table; `LOCKSTEP_BENCH_SEGMENTS` the
+//! segment count of the first table (default: the deployment default); `LOCKSTEP_BENCH_CLOCK=cpu` times
+//! calls by the CPU time of all the process's threads instead of the wall clock and runs only
+//! 1-thread rows (with more, idle pool threads spinning would count): on a machine loaded by
+//! other jobs, preemption then stops inflating the numbers, though shared caches still can.
 
 use std::time::{Duration, Instant};
 
@@ -23,12 +27,46 @@ fn seconds() -> f64 {
     std::env::var("LOCKSTEP_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0.4)
 }
 
-/// Median seconds per call over repeated calls lasting about `seconds()` in total.
+/// `LOCKSTEP_BENCH_SEGMENTS=S` runs the first table with `S` segments instead of the default
+/// (to see what the per-segment lane trees cost).
+fn bench_numerics() -> NumericsConfig {
+    let segments = std::env::var("LOCKSTEP_BENCH_SEGMENTS").ok().and_then(|s| s.parse().ok());
+    let default = NumericsConfig::default();
+    NumericsConfig { reduce_segments: segments.unwrap_or(default.reduce_segments), ..default }
+}
+
+fn cpu_clock() -> bool {
+    std::env::var("LOCKSTEP_BENCH_CLOCK").is_ok_and(|c| c == "cpu")
+}
+
+/// Seconds the process's threads have run on a CPU (Linux: the first field of each
+/// `/proc/self/task/*/schedstat`, in nanoseconds).
+fn process_cpu_seconds() -> f64 {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("LOCKSTEP_BENCH_CLOCK=cpu needs Linux");
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// Median wall seconds per call (or, with the CPU clock, mean CPU seconds) over repeated calls
+/// lasting about `seconds()` in total.
 fn time<F: FnMut()>(mut f: F) -> f64 {
     f(); // warm-up (page in weights, fill caches)
     let budget = Duration::from_secs_f64(seconds());
     let start = Instant::now();
     let mut samples = Vec::new();
+    if cpu_clock() {
+        // The kernel's schedstat clock advances in scheduler ticks: the mean over the whole
+        // budget is exact where one short call's difference would not be.
+        let (c, mut calls) = (process_cpu_seconds(), 0);
+        while start.elapsed() < budget || calls < 3 {
+            f();
+            calls += 1;
+        }
+        return (process_cpu_seconds() - c) / calls as f64;
+    }
     while start.elapsed() < budget || samples.len() < 3 {
         let t = Instant::now();
         f();
@@ -156,10 +194,11 @@ fn main() {
             let w = HostWeight::from_f32(&vals, dtype, n, k);
             drop(vals);
             for threads in [1, 2] {
-                let mk = |mode| {
-                    CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() })
-                        .unwrap()
-                };
+                if threads > 1 && cpu_clock() {
+                    continue;
+                }
+                let mk =
+                    |mode| CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: bench_numerics() }).unwrap();
                 let (inv, fast) = (mk(KernelMode::Invariant), mk(KernelMode::Fast));
                 let wi = inv.prepare_weight(w.clone());
                 let wf = fast.prepare_weight(w.clone());

@@ -168,6 +168,51 @@ fn rows_are_identical_alone_and_inside_batches_of_1_to_64() {
     }
 }
 
+/// Batches of 8 rows or more run K-blocked tiles on AVX-512: a tile carries its lane
+/// accumulators across the chunks of a long segment and its segment-tree stack across segments.
+/// Every output must still equal the reference — for segments cut into chunks (seg_len > 640)
+/// and not, both segment-count families, row-parallel subtrees, every storage type, and row
+/// counts that leave 4×4 and single-row remainders and more than one 64-row task.
+#[test]
+fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() {
+    let mut rng = Rng::new(31);
+    // (m, k, n, S): 2016 at S = 1 is one 2016-column segment (four chunks), 1408 at S = 2 two of
+    // 704 (two chunks each), 896 at S = 8 (Qwen2.5's hidden, one chunk per segment).
+    let cases = [(8, 2016, 7, 1), (13, 1408, 10, 2), (70, 896, 50, 8), (77, 288, 23, 12), (150, 160, 5, 3)];
+    let dtypes = [DType::F32, DType::Bf16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+    for &(m, k, n, segments) in &cases {
+        let x = rng.vec(m * k);
+        for dtype in dtypes {
+            let w =
+                if dtype.is_quantized() { quant_weight(&mut rng, dtype, n, k) } else { weight(&mut rng, dtype, n, k) };
+            let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+            let seg = Segmentation::new(k, segments).unwrap();
+            let degree = *Segmentation::tp_degrees(segments).last().unwrap();
+            for isa in Isa::available() {
+                for threads in [1, 2] {
+                    let be =
+                        backend_with(isa, threads, NumericsConfig { reduce_segments: segments, ..Default::default() });
+                    let mut y = vec![0.0; m * n];
+                    be.linear(&x, m, &w, None, &mut y);
+                    assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} k={k} n={n} S={segments} {dtype:?}");
+                }
+                // The first rank of the widest split: a subtree of one segment.
+                let be = backend_with(isa, 2, NumericsConfig { reduce_segments: segments, ..Default::default() });
+                let segs = seg.shard(0, degree).unwrap();
+                let cols = segs.real_range();
+                if dtype.is_quantized() && !cols.end.is_multiple_of(32) {
+                    continue;
+                }
+                let (xs, ws) = (columns_of(&x, k, cols.clone()), w.columns(cols).unwrap());
+                let mut p = vec![0.0; m * n];
+                be.linear_partial(&xs, m, &ws, segs, &mut p);
+                let want = bits(&reference::linear_partial(&xs, m, ws.view(), segs));
+                assert_eq!(bits(&p), want, "{isa:?} partial m={m} k={k} S={segments} {dtype:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);

@@ -5,6 +5,17 @@
 //! so the tile shape — chosen by `M` and the ISA — never changes a result bit. `x` is first copied
 //! into a zero-padded buffer so kernels read whole 16-lane blocks of it; weight rows are read in
 //! place and the block that crosses the end of the real row is loaded with a mask (zeros beyond).
+//!
+//! **K-blocking (AVX-512, M ≥ 8).** Whole-K tiles re-read a task's x rows from L2 or beyond for
+//! every column tile (64 rows × K f32 do not fit in L2 at K = 4864). So rows in groups of 8 run an
+//! 8×3 tile chunk by chunk along K: a chunk is a segment, or an equal piece of a long one, and
+//! never crosses a segment boundary. Each tile keeps its state between chunks — its lane
+//! accumulators while a segment is unfinished, then its segment-tree stack — so every output still
+//! sees exactly the contract's fma chain per lane, lane tree per segment and segment tree: only
+//! *when* each step runs changes, never its operands. Within a chunk, one 8-row block of x stays
+//! in L1 while the task's weight columns pass by.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -31,6 +42,44 @@ pub(crate) struct Tile<'a> {
 /// in L2, numerous enough to balance two to eight threads.
 const TASK_ROWS: usize = 64;
 const TASK_COLS: usize = 64;
+/// Columns per task when K-blocked tiles run: a multiple of their 3 columns and of the other
+/// tiles' 4 and 16.
+const KB_TASK_COLS: usize = 48;
+/// Longest K chunk: 8 x rows of it (20 KiB of f32) stay in L1 while it meets every column tile.
+const KB_CHUNK: usize = 640;
+
+/// Columns `begin..end` of segment `seg` (see the module comment).
+#[derive(Clone, Copy)]
+struct ChunkSpan {
+    begin: usize,
+    end: usize,
+    first: bool,
+    last: bool,
+    seg: usize,
+}
+
+/// The K chunks of `count` segments of `seg_len`: a segment longer than [`KB_CHUNK`] is cut into
+/// equal pieces, each a multiple of 32 columns (block types decode whole 32-weight blocks).
+fn k_chunks(count: usize, seg_len: usize) -> Vec<ChunkSpan> {
+    let pieces = seg_len.div_ceil(KB_CHUNK);
+    let piece = seg_len.div_ceil(pieces).next_multiple_of(32);
+    let mut spans = Vec::with_capacity(count * pieces);
+    for seg in 0..count {
+        let (start, stop) = (seg * seg_len, (seg + 1) * seg_len);
+        let mut begin = start;
+        while begin < stop {
+            let end = (begin + piece).min(stop);
+            spans.push(ChunkSpan { begin, end, first: begin == start, last: end == stop, seg });
+            begin = end;
+        }
+    }
+    spans
+}
+
+thread_local! {
+    /// Per-thread state of the K-blocked tiles of one task (reused: no allocation per call).
+    static KB_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 pub(crate) fn linear_invariant(
     be: &CpuBackend,
@@ -46,19 +95,38 @@ pub(crate) fn linear_invariant(
         return;
     }
     let padded = segs.padded_len();
+    let isa = be.isa();
+    let kblocked = cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && m >= KB_MR;
+    // Rows 0..m/8·8 are the K-blocked tiles' (every task's K-blocked rows start at a multiple
+    // of 8 and stop at the last whole 8 of its block): they read x packed per tile instead.
+    let kb_rows = if kblocked { m / KB_MR * KB_MR } else { 0 };
     let mut xp = vec![0.0f32; m * padded];
-    for i in 0..m {
+    for i in kb_rows..m {
         xp[i * padded..i * padded + k_real].copy_from_slice(&x[i * k_real..(i + 1) * k_real]);
     }
-    let isa = be.isa();
     // (MR, NR) of the multi-row tile and NR of the single-row tile, per ISA.
     let (mr, nr, nr1) = match isa {
         Isa::Avx512 => (4, 4, 16),
         Isa::Avx2 => (1, 4, 4),
         Isa::Scalar => (1, 1, 1),
     };
+    let task_cols = if kblocked { KB_TASK_COLS } else { TASK_COLS };
+    let chunks = if kblocked { k_chunks(segs.count, segs.seg.seg_len) } else { Vec::new() };
+    // Aligned to a cache line: every 16-float load of a packed tile is then one whole line.
+    let mut xpack_buf = vec![0.0f32; kb_rows * padded + 16];
+    let align = xpack_buf.as_ptr().align_offset(64);
+    let xpack = &mut xpack_buf[align..align + kb_rows * padded];
+    for (t, tile) in xpack.chunks_exact_mut(KB_MR * padded).enumerate() {
+        for i in 0..KB_MR {
+            let row = &x[(t * KB_MR + i) * k_real..][..k_real];
+            for (b, part) in row.chunks(16).enumerate() {
+                tile[b * 16 * KB_MR + i * 16..][..part.len()].copy_from_slice(part);
+            }
+        }
+    }
+    let xpack_base = xpack.as_ptr() as usize;
     let row_blocks = m.div_ceil(TASK_ROWS);
-    let col_blocks = n.div_ceil(TASK_COLS);
+    let col_blocks = n.div_ceil(task_cols);
     let out = SharedOut(y.as_mut_ptr());
     let row_bytes = w.row_bytes();
     let wbase = w.bytes.as_ptr() as usize;
@@ -69,7 +137,7 @@ pub(crate) fn linear_invariant(
         let out = out;
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (r0, r1) = (rb * TASK_ROWS, ((rb + 1) * TASK_ROWS).min(m));
-        let (c0, c1) = (cb * TASK_COLS, ((cb + 1) * TASK_COLS).min(n));
+        let (c0, c1) = (cb * task_cols, ((cb + 1) * task_cols).min(n));
         let xrow = |i: usize| (xbase as *const f32).wrapping_add(i * padded);
         // Past the last real column, tiles read the last row again and drop the results.
         let wrow = |j: usize| (wbase as *const u8).wrapping_add(j.min(n - 1) * row_bytes);
@@ -80,15 +148,23 @@ pub(crate) fn linear_invariant(
             unsafe { std::slice::from_raw_parts((wbase as *const u8).add(a * row_bytes), (b - a) * row_bytes) }
         };
         let mut res = [0.0f32; 16];
-        let multi_end = if mr > 1 { r0 + (r1 - r0) / mr * mr } else { r0 };
-        for rq in (r0..multi_end).step_by(mr) {
+        let kb_end = if kblocked { r0 + (r1 - r0) / KB_MR * KB_MR } else { r0 };
+        if kb_end > r0 {
+            let kb = KTiles { dtype: w.dtype, k_real, count: segs.count, chunks: &chunks };
+            let xtile = |rt: usize| (xpack_base as *const f32).wrapping_add(rt * KB_MR * padded);
+            // SAFETY: (row, col) is inside this task's block; blocks are disjoint.
+            let write = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
+            kb.run(r0..kb_end, c0..c1, xtile, wrow, write);
+        }
+        let multi_end = if mr > 1 { kb_end + (r1 - kb_end) / mr * mr } else { kb_end };
+        for rq in (kb_end..multi_end).step_by(mr) {
             for cq in (c0..c1).step_by(nr) {
                 let mut xs = [std::ptr::null(); 4];
                 let mut ws = [std::ptr::null(); 16];
                 (0..mr).for_each(|i| xs[i] = xrow(rq + i));
                 (0..nr).for_each(|j| ws[j] = wrow(cq + j));
                 // The first row quad meets each weight row first: prefetch the next quad's rows.
-                let prefetch = if rq == r0 { next_rows(cq + nr, nr) } else { &[][..] };
+                let prefetch = if rq == kb_end { next_rows(cq + nr, nr) } else { &[][..] };
                 run_tile(
                     isa,
                     &Tile {
@@ -141,6 +217,109 @@ pub(crate) fn linear_invariant(
         (0..tasks).for_each(task);
     } else {
         be.pool().install(|| (0..tasks).into_par_iter().for_each(task));
+    }
+}
+
+/// The K-blocked tiles of one task (see the module comment).
+struct KTiles<'a> {
+    dtype: DType,
+    k_real: usize,
+    count: usize,
+    chunks: &'a [ChunkSpan],
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::x86::{KB_ACC_FLOATS, KB_MR, KB_NR, KB_OUTPUTS, KB_STACK_FLOATS, KB_STATE_FLOATS};
+#[cfg(not(target_arch = "x86_64"))]
+const KB_MR: usize = usize::MAX;
+
+impl KTiles<'_> {
+    /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols`; `xtile(row / 8)` is the packed x
+    /// of 8 rows (see `KChunk::x`), `write(row, col, value)` stores each finished output. Past the last real column, tiles read the last row again (`wrow`
+    /// clamps) and drop the results.
+    #[cfg(target_arch = "x86_64")]
+    fn run(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        xtile: impl Fn(usize) -> *const f32,
+        wrow: impl Fn(usize) -> *const u8,
+        write: impl Fn(usize, usize, f32),
+    ) {
+        use super::x86::{kchunk_avx512, KChunk};
+        let tiles_r = rows.len() / KB_MR;
+        let tiles_c = cols.len().div_ceil(KB_NR);
+        let ws: Vec<[*const u8; KB_NR]> =
+            (0..tiles_c).map(|ct| std::array::from_fn(|j| wrow(cols.start + ct * KB_NR + j))).collect();
+        KB_STATES.with_borrow_mut(|states| {
+            let need = tiles_r * tiles_c * KB_STATE_FLOATS;
+            if states.len() < need {
+                states.resize(need, 0.0);
+            }
+            let base = states.as_mut_ptr();
+            let chunk = |rt: usize, ct: usize, span: &ChunkSpan, prefetch: bool| {
+                let c = KChunk {
+                    x: xtile(rows.start / KB_MR + rt),
+                    ws: &ws[ct],
+                    dtype: self.dtype,
+                    k_real: self.k_real,
+                    begin: span.begin,
+                    end: span.end,
+                    first: span.first,
+                    last: span.last,
+                    seg: span.seg,
+                    // SAFETY: tile (rt, ct) owns floats [tile · KB_STATE_FLOATS, +KB_STATE_FLOATS).
+                    state: unsafe { base.add((rt * tiles_c + ct) * KB_STATE_FLOATS) },
+                    // The next column tile reads these columns next (its rows, clamped to W).
+                    prefetch: (prefetch && ct + 1 < tiles_c).then(|| &ws[ct + 1]),
+                };
+                // SAFETY: only an ISA that `Isa::is_available` confirmed runs (the caller checked
+                // AVX-512); rows are padded x rows and clamped weight rows; state is this tile's.
+                unsafe { kchunk_avx512(&c) }
+            };
+            if tiles_r == 1 {
+                // One row block: nothing to share between column tiles, so each tile runs its
+                // whole K at once and streams its weight rows front to back.
+                for ct in 0..tiles_c {
+                    self.chunks.iter().for_each(|span| chunk(0, ct, span, true));
+                }
+            } else {
+                for span in self.chunks {
+                    for rt in 0..tiles_r {
+                        // The first row block meets each weight chunk first: it prefetches.
+                        (0..tiles_c).for_each(|ct| chunk(rt, ct, span, rt == 0));
+                    }
+                }
+            }
+            // The stack holds one finished run per binary digit of the count, largest first;
+            // they are added left to right, as `reference::tree_reduce` does.
+            let runs = self.count.count_ones() as usize;
+            for rt in 0..tiles_r {
+                for ct in 0..tiles_c {
+                    let state = &states[(rt * tiles_c + ct) * KB_STATE_FLOATS..][..KB_STATE_FLOATS];
+                    let stack = &state[KB_ACC_FLOATS..];
+                    for o in 0..KB_OUTPUTS {
+                        let col = cols.start + ct * KB_NR + o % KB_NR;
+                        if col < cols.end {
+                            let total = (1..runs).fold(stack[o], |t, d| t + stack[d * KB_STACK_FLOATS + o]);
+                            write(rows.start + rt * KB_MR + o / KB_NR, col, total);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn run(
+        &self,
+        _rows: std::ops::Range<usize>,
+        _cols: std::ops::Range<usize>,
+        _xtile: impl Fn(usize) -> *const f32,
+        _wrow: impl Fn(usize) -> *const u8,
+        _write: impl Fn(usize, usize, f32),
+    ) {
+        unreachable!("K-blocked tiles run on AVX-512 only")
     }
 }
 

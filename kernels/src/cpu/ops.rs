@@ -117,23 +117,46 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lane_tree(acc)
 }
 
-/// All heads of one query row (see [`crate::reference::attention`] for the rule).
+/// All heads of one query row (see [`crate::reference::attention`] for the rule). `key_at[kp]` is
+/// the cache offset of key `kp`'s head 0, for keys `0..=pos`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn attention_row(
+    be: &CpuBackend,
     qrow: &[f32],
-    pos: usize,
-    table: &[u32],
+    key_at: &[usize],
     k_cache: &[f32],
     v_cache: &[f32],
-    layout: &KvLayout,
     p: AttnParams,
     out: &mut [f32],
 ) {
     let d = p.head_dim;
+    let pos = key_at.len() - 1;
     let group = p.n_heads / p.n_kv_heads;
     let scale = p.scale();
     let mut scores = vec![0.0f32; p.kv_chunk];
+    #[cfg(target_arch = "x86_64")]
+    if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
+        for (h, (qh, o)) in qrow.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+            // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
+            // and every key offset was computed from the layout, whose caches hold every slot.
+            unsafe {
+                super::x86::attention_head_avx512(
+                    qh,
+                    key_at,
+                    h / group,
+                    k_cache,
+                    v_cache,
+                    p.kv_chunk,
+                    scale,
+                    &mut scores,
+                    o,
+                )
+            };
+        }
+        return;
+    }
     let mut o = vec![0.0f32; d];
     let mut o_c = vec![0.0f32; d];
     for h in 0..p.n_heads {
@@ -143,10 +166,7 @@ fn attention_row(
         for c in 0..=pos / p.kv_chunk {
             let first = c * p.kv_chunk;
             let keys = ((c + 1) * p.kv_chunk).min(pos + 1) - first;
-            let at = |kp: usize| {
-                let slot = table[kp / p.block_size] as usize * p.block_size + kp % p.block_size;
-                (slot * layout.n_kv_heads + kvh) * d
-            };
+            let at = |kp: usize| key_at[kp] + kvh * d;
             let mut m_c = f32::NEG_INFINITY;
             for (i, s) in scores[..keys].iter_mut().enumerate() {
                 let a = at(first + i);
@@ -206,7 +226,14 @@ pub(crate) fn attention(
             let dst = dst;
             // SAFETY: each query row appears once across the sequences, so rows are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
-            with_fma!(be, attention_row(&q[row * width..(row + 1) * width], pos, table, k_cache, v_cache, layout, p, o))
+            // Slot lookups once per row, shared by every head.
+            let key_at: Vec<usize> = (0..=pos)
+                .map(|kp| {
+                    let slot = table[kp / p.block_size] as usize * p.block_size + kp % p.block_size;
+                    slot * layout.n_kv_heads * p.head_dim
+                })
+                .collect();
+            with_fma!(be, attention_row(be, &q[row * width..(row + 1) * width], &key_at, k_cache, v_cache, p, o))
         })
     });
 }

@@ -446,6 +446,196 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: &mut [f32; 16]) {
     }
 }
 
+// ---------------------------------------------------------------- AVX-512, K-blocked 8×3
+
+/// Rows and columns of the K-blocked tile: 24 accumulators, 3 weight vectors and 1 x vector of
+/// the 32 zmm registers, and each widened weight vector feeds 8 rows.
+pub(crate) const KB_MR: usize = 8;
+pub(crate) const KB_NR: usize = 3;
+/// Outputs of one K-blocked tile.
+pub(crate) const KB_OUTPUTS: usize = KB_MR * KB_NR;
+/// Floats of one tile's state between K chunks: its 24 lane accumulators (a segment cut into
+/// chunks) and its segment-tree stack of up to 7 finished subtrees (S ≤ 64), 32 floats each.
+pub(crate) const KB_ACC_FLOATS: usize = KB_OUTPUTS * 16;
+pub(crate) const KB_STACK_FLOATS: usize = 32;
+pub(crate) const KB_STATE_FLOATS: usize = KB_ACC_FLOATS + 7 * KB_STACK_FLOATS;
+
+/// One K chunk of one K-blocked tile: columns `begin..end` of segment `seg`, never crossing a
+/// segment boundary, so a chunk only ever continues the lanes of its own segment.
+pub(crate) struct KChunk<'a> {
+    /// The tile's 8 x rows, packed: column `col` of row `i` at `col · 8 + i · 16` (`col` a
+    /// multiple of 16, plus its lane), so one 16-column block of all 8 rows is 512 contiguous bytes.
+    pub x: *const f32,
+    pub ws: &'a [*const u8; KB_NR],
+    pub dtype: DType,
+    pub k_real: usize,
+    pub begin: usize,
+    pub end: usize,
+    /// The chunk starts its segment: lanes start at +0.0 (else they resume from the state).
+    pub first: bool,
+    /// The chunk ends its segment: lane trees, then the segment joins the tree stack.
+    pub last: bool,
+    pub seg: usize,
+    /// This tile's `KB_STATE_FLOATS` floats.
+    pub state: *mut f32,
+    /// Weight rows of the tile that runs next over the same columns (to prefetch), or none.
+    pub prefetch: Option<&'a [*const u8; KB_NR]>,
+}
+
+/// Where [`fold_blend`] leaves output `o`: after its last level, 128-bit lane `q` holds outputs
+/// `p, 8 + p, 4 + p, 12 + p` with `p = [0, 2, 1, 3][q]`.
+const fn fold_blend_index() -> [i32; 16] {
+    let perm = [0, 2, 1, 3];
+    let base = [0, 8, 4, 12];
+    let mut idx = [0i32; 16];
+    let mut q = 0;
+    while q < 4 {
+        let mut slot = 0;
+        while slot < 4 {
+            idx[base[slot] + perm[q]] = (4 * q + slot) as i32;
+            slot += 1;
+        }
+        q += 1;
+    }
+    idx
+}
+const FOLD_BLEND_INDEX: [i32; 16] = fold_blend_index();
+
+/// [`fold16`] with half the shuffles: each level pairs two vectors as one masked blend (lanes
+/// that stay) plus one swapped copy (lanes that move), so a pair costs one shuffle where
+/// `fold16` spends two cross-lane permutes. Per output the adds are exactly the lane tree's —
+/// `(l, l+8)`, `(l, l+4)`, `(l, l+2)`, `(l, l+1)` — with operands in either order (an IEEE add
+/// is commutative). `N` is 16, or 8 (lanes 8–15 of the result then repeat lanes 0–7).
+#[inline(always)]
+unsafe fn fold_blend<const N: usize>(acc: &mut [__m512; N]) -> __m512 {
+    // (l, l+8): [a0..7, b8..15] + [a8..15, b0..7].
+    for i in 0..N / 2 {
+        let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+        acc[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xff00, a, b), _mm512_shuffle_f32x4::<0b01_00_11_10>(a, b));
+    }
+    // (l, l+4): 128-bit quarters; [a.q0, b.q1, a.q2, b.q3] + swapped [b.q0, a.q1, b.q2, a.q3].
+    for i in 0..N / 4 {
+        let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+        let swapped = _mm512_shuffle_f32x4::<0b10_11_00_01>(
+            _mm512_mask_blend_ps(0xf0f0, b, a),
+            _mm512_mask_blend_ps(0xf0f0, b, a),
+        );
+        acc[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xf0f0, a, b), swapped);
+    }
+    // (l, l+2): 64-bit halves of each quarter, [a0, a1, b2, b3] + [a2, a3, b0, b1].
+    for i in 0..(N / 8).max(1) {
+        let (a, b) = (acc[2 * i], acc[(2 * i + 1).min(N / 4 - 1)]);
+        acc[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, a, b), _mm512_shuffle_ps::<0b01_00_11_10>(a, b));
+    }
+    // (l, l+1): [a0, b1, a2, b3] + swapped [a1, b0, a3, b2].
+    let (a, b) = (acc[0], acc[(N / 16).min(1)]);
+    let swapped = _mm512_permute_ps::<0b10_11_00_01>(_mm512_mask_blend_ps(0xaaaa, b, a));
+    let r = _mm512_add_ps(_mm512_mask_blend_ps(0xaaaa, a, b), swapped);
+    _mm512_permutexvar_ps(_mm512_loadu_si512(FOLD_BLEND_INDEX.as_ptr() as *const _), r)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn kchunk512<L: Load512>(c: &KChunk<'_>) {
+    let (x, ws) = (c.x, c.ws);
+    let lanes = c.state;
+    // Flat and indexed by constants only, so that every accumulator lives in a register.
+    let mut acc = [_mm512_setzero_ps(); KB_OUTPUTS];
+    if !c.first {
+        for o in 0..KB_OUTPUTS {
+            acc[o] = _mm512_loadu_ps(lanes.add(o * 16));
+        }
+    }
+    let full_end = c.k_real / 16 * 16;
+    let (block_len, block_bytes) = (c.dtype.block_len(), c.dtype.block_bytes());
+    // Same per-block order as `tile512`: lane l of every accumulator takes column col + l, block
+    // after block in increasing col (a block type decodes 32 weights at once, in order). One loop
+    // body, no closure: a closure would not inherit this function's target features.
+    let split = full_end.clamp(c.begin, c.end);
+    let mut col = c.begin;
+    while col < c.end {
+        if let Some(next) = c.prefetch {
+            for &row in next {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(col / block_len * block_bytes) as *const i8);
+            }
+        }
+        let pair = L::PAIRED && col < split && col.is_multiple_of(32) && col + 32 <= split;
+        if pair {
+            let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); KB_NR];
+            for j in 0..KB_NR {
+                w[j] = L::pair(ws[j], col);
+            }
+            for i in 0..KB_MR {
+                let x0 = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
+                let x1 = _mm512_loadu_ps(x.add((col + 16) * KB_MR + i * 16));
+                for j in 0..KB_NR {
+                    acc[i * KB_NR + j] = _mm512_fmadd_ps(x0, w[j].0, acc[i * KB_NR + j]);
+                    acc[i * KB_NR + j] = _mm512_fmadd_ps(x1, w[j].1, acc[i * KB_NR + j]);
+                }
+            }
+            col += 32;
+            continue;
+        }
+        let mut w = [_mm512_setzero_ps(); KB_NR];
+        if col < split {
+            for j in 0..KB_NR {
+                w[j] = L::full(ws[j], col);
+            }
+        } else {
+            let rem = c.k_real.saturating_sub(col).min(16);
+            let mask = ((1u32 << rem) - 1) as __mmask16;
+            for j in 0..KB_NR {
+                w[j] = L::masked(ws[j], col, mask);
+            }
+        }
+        for i in 0..KB_MR {
+            let xv = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
+            for j in 0..KB_NR {
+                acc[i * KB_NR + j] = _mm512_fmadd_ps(xv, w[j], acc[i * KB_NR + j]);
+            }
+        }
+        col += 16;
+    }
+    if !c.last {
+        for o in 0..KB_OUTPUTS {
+            _mm512_storeu_ps(lanes.add(o * 16), acc[o]);
+        }
+        return;
+    }
+    let mut first16 = [_mm512_setzero_ps(); 16];
+    let mut last8 = [_mm512_setzero_ps(); 8];
+    first16.copy_from_slice(&acc[..16]);
+    last8.copy_from_slice(&acc[16..]);
+    let (mut v0, mut v1) = (fold_blend(&mut first16), fold_blend(&mut last8));
+    // The segment tree as in `tile512`: before segment `seg` the stack holds popcount(seg)
+    // finished subtrees; each trailing one-bit of seg + 1 is a carry into the one below it.
+    let stack = c.state.add(KB_ACC_FLOATS);
+    let mut depth = c.seg.count_ones() as usize;
+    let mut done = c.seg + 1;
+    while done & 1 == 0 {
+        depth -= 1;
+        let entry = stack.add(depth * KB_STACK_FLOATS);
+        v0 = _mm512_add_ps(_mm512_loadu_ps(entry), v0);
+        v1 = _mm512_add_ps(_mm512_loadu_ps(entry.add(16)), v1);
+        done >>= 1;
+    }
+    let entry = stack.add(depth * KB_STACK_FLOATS);
+    _mm512_storeu_ps(entry, v0);
+    _mm512_storeu_ps(entry.add(16), v1);
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL must be available; `c` must describe valid rows and state (see [`KChunk`]).
+pub(crate) unsafe fn kchunk_avx512(c: &KChunk<'_>) {
+    match c.dtype {
+        DType::F32 => kchunk512::<F32x16>(c),
+        DType::Bf16 => kchunk512::<Bf16x16>(c),
+        DType::F16 => kchunk512::<F16x16>(c),
+        DType::Q8_0 => kchunk512::<Q8_0x16>(c),
+        DType::Q4_0 => kchunk512::<Q4_0x16>(c),
+        DType::Q4_1 => kchunk512::<Q4_1x16>(c),
+    }
+}
+
 // ---------------------------------------------------------------- AVX2
 
 /// 16 weights as two ymm (lanes 0–7, 8–15), zero past `k_real`.
@@ -727,6 +917,103 @@ pub(crate) unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
     for i in n..out.len() {
         out[i] = crate::math::silu(gate[i]) * up[i];
+    }
+}
+
+// ---------------------------------------------------------------- attention (AVX-512)
+
+/// Lanes of head-dimension block `b` that are real (the last block of a `d` not a multiple of 16
+/// is masked: zeros in, nothing out).
+#[inline(always)]
+fn dim_mask(d: usize, b: usize) -> __mmask16 {
+    let rem = (d - b * 16).min(16);
+    ((1u32 << rem) - 1) as __mmask16
+}
+
+/// Largest head_dim of the vector attention (8 zmm per running output); larger ones stay scalar.
+pub(crate) const ATTN_MAX_DIM: usize = 128;
+
+/// One query head against keys `0..=pos` (see [`crate::reference::attention`]), 16 keys at a time:
+/// each key's score is one 16-lane fma chain over head_dim and the lane tree of [`fold16`] (the
+/// 16 keys' trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the
+/// sums that the contract orders by position — `l_c` and every `o_c` dimension — run key after
+/// key in increasing position. `key_at[kp]` is the cache offset of key `kp`'s head 0.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; `qh` holds `d ≤ ATTN_MAX_DIM` floats, `out` too, and every
+/// `key_at[kp] + kv_head·d + d` lies inside both caches.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attention_head_avx512(
+    qh: &[f32],
+    key_at: &[usize],
+    kv_head: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_chunk: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = qh.len();
+    let blocks = d.div_ceil(16);
+    let mut q = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
+    for (b, qb) in q.iter_mut().enumerate().take(blocks) {
+        *qb = _mm512_maskz_loadu_ps(dim_mask(d, b), qh.as_ptr().add(b * 16));
+    }
+    let (kp, vp) = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
+    let keys_total = key_at.len();
+    let mut o = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    for (c, first) in (0..keys_total).step_by(kv_chunk).enumerate() {
+        let keys = &key_at[first..(first + kv_chunk).min(keys_total)];
+        for (g, group) in keys.chunks(16).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for (a, &at) in acc.iter_mut().zip(group) {
+                for b in 0..blocks {
+                    let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
+                    *a = _mm512_fmadd_ps(q[b], kv, *a);
+                }
+            }
+            let s = _mm512_mul_ps(fold16(&mut acc), _mm512_set1_ps(scale));
+            let mut tmp = [0.0f32; 16];
+            _mm512_storeu_ps(tmp.as_mut_ptr(), s);
+            scores[g * 16..g * 16 + group.len()].copy_from_slice(&tmp[..group.len()]);
+        }
+        let scores = &mut scores[..keys.len()];
+        let m_c = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut l_c = 0.0f32;
+        let mut o_c = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
+        for (g, chunk) in scores.chunks_mut(16).enumerate() {
+            let mut tmp = [0.0f32; 16];
+            tmp[..chunk.len()].copy_from_slice(chunk);
+            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(tmp.as_ptr()), _mm512_set1_ps(m_c)));
+            _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
+            for (&p, &at) in tmp.iter().zip(&keys[g * 16..g * 16 + chunk.len()]) {
+                l_c += p;
+                let pv = _mm512_set1_ps(p);
+                for b in 0..blocks {
+                    let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
+                    o_c[b] = _mm512_fmadd_ps(pv, v, o_c[b]);
+                }
+            }
+        }
+        if c == 0 {
+            (m, l, o) = (m_c, l_c, o_c);
+        } else {
+            let mn = m.max(m_c);
+            let (fa, fb) = (crate::math::exp(m - mn), crate::math::exp(m_c - mn));
+            l = l * fa + l_c * fb;
+            let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
+            for b in 0..blocks {
+                o[b] = _mm512_add_ps(_mm512_mul_ps(o[b], va), _mm512_mul_ps(o_c[b], vb));
+            }
+            m = mn;
+        }
+    }
+    let lv = _mm512_set1_ps(l);
+    for b in 0..blocks {
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[b], lv));
     }
 }
 
