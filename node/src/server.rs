@@ -76,6 +76,9 @@ pub struct NodeOptions {
     pub step_delay: Option<Duration>,
     /// Test aid: panic in the forward pass of the step with this id, to exercise the panic path.
     pub panic_at_step: Option<u64>,
+    /// Test aid: forget the step session just before a delta for the step with this id arrives,
+    /// so the node rejects it and the coordinator's resend path runs.
+    pub forget_session_at_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,10 +327,14 @@ impl Node {
         let Loaded { model, collective, links, report } = loaded;
         let (plans, plan_rx) = std_mpsc::channel::<PlanDelta>();
         let outcomes = self.outcomes.clone();
-        let (step_delay, panic_at_step) = (self.opts.step_delay, self.opts.panic_at_step);
+        let aids = TestAids {
+            step_delay: self.opts.step_delay,
+            panic_at_step: self.opts.panic_at_step,
+            forget_session_at_step: self.opts.forget_session_at_step,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("lockstep-model-{}", report.rank))
-            .spawn(move || model_thread(generation, model, collective, plan_rx, outcomes, step_delay, panic_at_step))
+            .spawn(move || model_thread(generation, model, collective, plan_rx, outcomes, aids))
             .map_err(|e| format!("cannot start the model thread: {e}"))?;
         self.serving = Some(Serving { generation, plans, thread, links });
         Ok(())
@@ -457,6 +464,13 @@ fn prepare(a: &Assignment, threads: usize, isa: Option<Isa>) -> Result<Prepared,
     Ok((be, cfg, plan, fp, weights))
 }
 
+/// The test aids of [`NodeOptions`] the model thread acts on.
+struct TestAids {
+    step_delay: Option<Duration>,
+    panic_at_step: Option<u64>,
+    forget_session_at_step: Option<u64>,
+}
+
 /// Runs plans until the plan channel closes, expanding each against the assignment's session (a
 /// delta that does not fit it is rejected before anything runs, and the session then waits for a
 /// full snapshot). A panic in a step is caught and reported, and then the thread ends and drops the
@@ -468,15 +482,18 @@ fn model_thread(
     collective: Arc<RingCollective<QuicRing>>,
     plans: std_mpsc::Receiver<PlanDelta>,
     outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
-    step_delay: Option<Duration>,
-    panic_at_step: Option<u64>,
+    aids: TestAids,
 ) {
+    let TestAids { step_delay, panic_at_step, forget_session_at_step } = aids;
     let mut session = SessionState::new();
     while let Ok(delta) = plans.recv() {
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
         let step_id = delta.step_id;
+        if forget_session_at_step == Some(step_id) && !delta.is_snapshot() {
+            session.clear();
+        }
         let plan = match session.apply(&delta) {
             Ok(plan) => plan,
             Err(e) => {
