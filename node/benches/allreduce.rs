@@ -111,12 +111,13 @@ fn ring_time(ranks: &[Arc<RingCollective<QuicRing>>], src: &[f32]) -> f64 {
             .iter()
             .map(|c| {
                 s.spawn(move || {
+                    let mut out = vec![0.0; src.len()];
                     (0..ITERS as u64)
                         .map(|step| {
                             c.begin_step(step);
                             let t = Instant::now();
-                            let out = c.all_reduce(src.to_vec()).unwrap();
-                            std::hint::black_box(out);
+                            c.all_reduce(src, &mut out).unwrap();
+                            std::hint::black_box(&mut out);
                             t.elapsed().as_secs_f64()
                         })
                         .collect()

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!            Assign                     prepared: Ready
-//!   Idle ─────────────▶ Preparing(g) ───────────────────▶ Serving(g) ◀─▶ Step / StepDone|StepFailed
+//!   Idle ─────────────▶ Preparing(g) ───────────────────▶ Serving(g) ◀─▶ Step / StepDone|StepFailed|StepRejected
 //!    ▲ ▲                    │   │ prepare failed:                 │
 //!    │ └──── Release ───────┘   └─▶ Refused, exit                 │
 //!    └─────── Release, or the model thread panicked (StepFailed "panic: …") ─┘
@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 
 use lockstep_kernels::ShardSample;
-use lockstep_proto::step::StepPlan;
+use lockstep_proto::session::PlanDelta;
 use lockstep_proto::wire::{Assignment, Message, RefuseCode};
 
 /// One assignment's lifetime on this node, counted from 1.
@@ -48,9 +48,9 @@ pub enum ControlAction {
     /// Drop everything of `generation`: stop its preparation or its model thread, close its ring
     /// connections, free its model. Nothing of it is reported any more.
     Release { generation: Generation, reason: String },
-    /// Hand `plan` to `generation`'s model thread; its answer comes back through
-    /// [`NodeControl::step_finished`].
-    RunStep { generation: Generation, plan: StepPlan },
+    /// Hand `plan` to `generation`'s model thread, which expands it against its session; its
+    /// answer comes back through [`NodeControl::step_finished`].
+    RunStep { generation: Generation, plan: PlanDelta },
     /// End the process (after releasing whatever is held).
     Exit(ControlExit),
 }
@@ -91,6 +91,12 @@ pub enum StepOutcome {
         samples: Vec<(u64, ShardSample)>,
     },
     Failed {
+        step_id: u64,
+        message: String,
+    },
+    /// The plan did not fit the model thread's session; nothing ran. The coordinator resends the
+    /// step as a full snapshot.
+    Rejected {
         step_id: u64,
         message: String,
     },
@@ -207,6 +213,7 @@ impl NodeControl {
         let message = match outcome {
             StepOutcome::Done { step_id, samples } => Message::StepDone { step_id, samples },
             StepOutcome::Failed { step_id, message } => Message::StepFailed { step_id, message },
+            StepOutcome::Rejected { step_id, message } => Message::StepRejected { step_id, message },
             StepOutcome::Panicked { step_id, message } => {
                 self.actions.push_back(ControlAction::Send(Message::StepFailed {
                     step_id,
@@ -256,8 +263,8 @@ mod tests {
         }
     }
 
-    fn plan(step_id: u64) -> StepPlan {
-        StepPlan { step_id, chunks: vec![] }
+    fn plan(step_id: u64) -> PlanDelta {
+        PlanDelta { step_id, base_step: None, dropped: vec![], chunks: vec![] }
     }
 
     fn ready(rank: u32) -> ReadyReport {
@@ -348,6 +355,18 @@ mod tests {
         assert!(matches!(&actions[0], ControlAction::Release { generation, .. } if *generation == g1));
         assert!(matches!(&actions[1], ControlAction::Prepare { generation, .. } if *generation == g1 + 1));
         assert_eq!(actions.len(), 2);
+    }
+
+    #[test]
+    fn a_rejected_plan_is_answered_and_the_assignment_kept() {
+        let mut c = NodeControl::new("n");
+        let g = serve(&mut c, 1, 0);
+        c.step_finished(g, StepOutcome::Rejected { step_id: 4, message: "step 4 builds on step 2".into() });
+        assert_eq!(
+            drain(&mut c),
+            vec![ControlAction::Send(Message::StepRejected { step_id: 4, message: "step 4 builds on step 2".into() })]
+        );
+        assert_eq!(c.current(), Some(g), "a rejected delta is resent whole, the node keeps serving");
     }
 
     #[test]

@@ -27,9 +27,9 @@ use crate::weights::layer_tensor;
 pub trait Collective: Send + Sync {
     /// Number of ranks in the group.
     fn ranks(&self) -> usize;
-    /// Every rank passes its partial (same length everywhere); every rank gets back the tree
-    /// combine of all partials in rank order.
-    fn all_reduce(&self, partial: Vec<f32>) -> Result<Vec<f32>, StepError>;
+    /// Every rank passes its partial (same length everywhere); every rank gets in `out` (the same
+    /// length) the tree combine of all partials in rank order.
+    fn all_reduce(&self, partial: &[f32], out: &mut [f32]) -> Result<(), StepError>;
 }
 
 /// The collective of a one-rank group: the partial already is the whole tree.
@@ -38,8 +38,9 @@ impl Collective for SingleRank {
     fn ranks(&self) -> usize {
         1
     }
-    fn all_reduce(&self, partial: Vec<f32>) -> Result<Vec<f32>, StepError> {
-        Ok(partial)
+    fn all_reduce(&self, partial: &[f32], out: &mut [f32]) -> Result<(), StepError> {
+        out.copy_from_slice(partial);
+        Ok(())
     }
 }
 
@@ -225,7 +226,10 @@ impl<B: Backend> Model<B> {
 
     /// Run one step; returns this shard's sampling report for every chunk that asked for one, in
     /// the order of the plan's chunks.
-    pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<StepSample>, StepError> {
+    pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<StepSample>, StepError>
+    where
+        B::Buf: 'static,
+    {
         let be = &self.be;
         let (hidden, hd) = (self.cfg.hidden_size, self.plan.head_dim);
         let (nh, nkv) = (self.plan.n_heads, self.plan.n_kv_heads);
@@ -292,6 +296,8 @@ impl<B: Backend> Model<B> {
         let (mut qn, mut kn) =
             if self.cfg.qk_norm { (be.zeros(t * qw), be.zeros(t * kvw)) } else { (be.zeros(0), be.zeros(0)) };
         let mut o = be.zeros(t * hidden);
+        // Where the all-reduce writes its result (then swapped with `o`).
+        let mut reduced = be.zeros(if self.collective.ranks() > 1 { t * hidden } else { 0 });
         let mut g = be.zeros(t * inter);
         let mut u = be.zeros(t * inter);
         let mut s = be.zeros(t * inter);
@@ -312,7 +318,7 @@ impl<B: Backend> Model<B> {
             be.write_kv(cache, &k, &v, &slots);
             be.attention(&q, &seqs, cache, attn, &mut a);
             be.linear_partial(&a, t, &layer.o, self.plan.o_segs, &mut o);
-            all_reduce(be, self.collective.as_ref(), &mut o)?;
+            all_reduce(be, self.collective.as_ref(), &mut o, &mut reduced)?;
             if let Some(b) = &layer.o_bias {
                 be.add_bias(&mut o, b);
             }
@@ -322,7 +328,7 @@ impl<B: Backend> Model<B> {
             be.linear(&h, t, &layer.up, None, &mut u);
             be.swiglu(&g, &u, &mut s);
             be.linear_partial(&s, t, &layer.down, self.plan.mlp_segs, &mut o);
-            all_reduce(be, self.collective.as_ref(), &mut o)?;
+            all_reduce(be, self.collective.as_ref(), &mut o, &mut reduced)?;
             be.add_assign(&mut x, &o);
         }
         let r = sample_rows.len();
@@ -345,13 +351,32 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// Finish a row-parallel partial across ranks (a no-op for one rank, which skips the copies).
-fn all_reduce<B: Backend>(be: &B, c: &dyn Collective, buf: &mut B::Buf) -> Result<(), StepError> {
+/// Finish a row-parallel partial in `buf` across ranks, using `scratch` (as long as `buf`) for
+/// the result; a no-op for one rank.
+///
+/// A host buffer (the CPU backend's `Vec<f32>`) is handed to the collective as it is and the result
+/// swapped in, so the activation is neither downloaded nor uploaded; a device buffer goes through
+/// the host. The kernels' `Backend` has no host view of a buffer, hence the type check.
+fn all_reduce<B: Backend>(be: &B, c: &dyn Collective, buf: &mut B::Buf, scratch: &mut B::Buf) -> Result<(), StepError>
+where
+    B::Buf: 'static,
+{
     if c.ranks() == 1 {
         return Ok(());
     }
-    let host = be.download(buf);
-    let full = c.all_reduce(host)?;
-    *buf = be.upload(&full);
+    if let (Some(partial), Some(out)) = (host_vec(buf), host_vec(scratch)) {
+        c.all_reduce(partial, out)?;
+        std::mem::swap(buf, scratch);
+        return Ok(());
+    }
+    let partial = be.download(buf);
+    let mut out = vec![0.0; partial.len()];
+    c.all_reduce(&partial, &mut out)?;
+    *buf = be.upload(&out);
     Ok(())
+}
+
+/// `buf` as the host vector it is on the CPU backend.
+fn host_vec<T: 'static>(buf: &mut T) -> Option<&mut Vec<f32>> {
+    (buf as &mut dyn std::any::Any).downcast_mut()
 }

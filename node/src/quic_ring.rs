@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  model thread ── send_next ──▶ channel ──▶ sender task ──QUIC──▶ successor
+//!     (encodes the frame from its buffer)      (writes the bytes)
 //!  model thread ◀── recv_prev ── channel ◀── receiver task ◀──QUIC── predecessor
 //!                                              ▲ also watches the successor's connection
 //! ```
@@ -25,7 +26,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockstep_proto::wire::{Frame, Message, RingFrame};
+use lockstep_proto::wire::{self, Frame, Message, RingFrame};
 use lockstep_transport::{resolve, Conn, ConnSender, Endpoint, NetError, DEFAULT_SERVER_NAME};
 use tokio::sync::mpsc;
 
@@ -73,7 +74,8 @@ pub enum RingSetupError {
 
 /// Ring links between the model thread (blocking) and the QUIC connections (async).
 pub struct QuicRing {
-    to_next: mpsc::UnboundedSender<RingFrame>,
+    /// Encoded ring frames for the successor.
+    to_next: mpsc::UnboundedSender<Vec<u8>>,
     from_prev: Mutex<std_mpsc::Receiver<Result<RingFrame, String>>>,
     next_node: String,
     prev_node: String,
@@ -82,7 +84,10 @@ pub struct QuicRing {
 }
 
 impl RingTransport for QuicRing {
-    fn send_next(&self, frame: RingFrame) -> Result<(), RingError> {
+    fn send_next(&self, step_id: u64, op: u32, origin_rank: u32, data: &[f32]) -> Result<(), RingError> {
+        let mut frame = Vec::new();
+        wire::encode_ring(step_id, op, origin_rank, data, &mut frame)
+            .map_err(|e| RingError::Transport(e.to_string()))?;
         self.to_next.send(frame).map_err(|_| {
             let why = self.successor_failure.lock().expect("ring failure lock").clone();
             let why = why.unwrap_or_else(|| "its connection was closed".into());
@@ -131,7 +136,7 @@ impl Drop for RingLinks {
 /// Dial the successor and accept the predecessor (in parallel) for `place`. Returns the blocking
 /// transport for [`RingCollective`](crate::ring::RingCollective) and the links that keep it up.
 pub async fn connect_ring(endpoint: &Endpoint, place: &RingPlace) -> Result<(QuicRing, RingLinks), RingSetupError> {
-    let (to_next, mut next_rx) = mpsc::unbounded_channel::<RingFrame>();
+    let (to_next, mut next_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let (prev_tx, from_prev) = std_mpsc::channel();
     let successor_failure = Arc::new(Mutex::new(None));
     let mut ring = QuicRing {
@@ -180,7 +185,7 @@ pub async fn connect_ring(endpoint: &Endpoint, place: &RingPlace) -> Result<(Qui
         let next_node = ring.next_node.clone();
         async move {
             while let Some(f) = next_rx.recv().await {
-                if let Err(e) = next.send_ring(f.step_id, f.op, f.origin_rank, &f.data).await {
+                if let Err(e) = next.send_encoded(&f).await {
                     tracing::warn!("ring: sending to successor {next_node} failed: {e}");
                     *successor_failure.lock().expect("ring failure lock") = Some(e.to_string());
                     return;

@@ -12,6 +12,12 @@
 //! from the previous rank, it says which to forward to the next, and rejects anything
 //! inconsistent (wrong step, duplicate origin, wrong length). [`RingCollective`] drives it over
 //! any blocking [`RingTransport`] — QUIC between node processes, channels in tests.
+//!
+//! **Copies.** The activation is copied only where bytes must exist: the transport encodes this
+//! rank's partial straight from the model's buffer into the frame it sends (and a forwarded partial
+//! straight from where it was received), the peers' partials are decoded once into their own
+//! vectors, and the combine writes the model's output buffer. Nothing is cloned to be sent, and on
+//! the CPU backend the model hands its buffers over without a download or an upload.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -34,34 +40,33 @@ pub enum RingError {
     Transport(String),
 }
 
-/// One all-gather on a ring of `tp` ranks, seen from `rank`.
+/// One all-gather on a ring of `tp` ranks, seen from `rank`: collects the peers' partials (this
+/// rank's own stays with the caller).
 pub struct RingAllGather {
     rank: usize,
     tp: usize,
     step_id: u64,
     op: u32,
+    len: usize,
     parts: Vec<Option<Vec<f32>>>,
     missing: usize,
 }
 
 impl RingAllGather {
-    /// Start with this rank's own partial; returns the frame to send to the next rank (none when
-    /// the ring has one rank).
-    pub fn new(rank: usize, tp: usize, step_id: u64, op: u32, own: Vec<f32>) -> (Self, Option<RingFrame>) {
+    /// An all-gather of partials of `len` values. The caller sends its own partial to the next
+    /// rank (when `tp > 1`) and passes it again to [`finish`](Self::finish).
+    pub fn new(rank: usize, tp: usize, step_id: u64, op: u32, len: usize) -> Self {
         assert!(rank < tp);
-        let first = (tp > 1).then(|| RingFrame { step_id, op, origin_rank: rank as u32, data: own.clone() });
-        let mut parts = vec![None; tp];
-        parts[rank] = Some(own);
-        (RingAllGather { rank, tp, step_id, op, parts, missing: tp - 1 }, first)
+        RingAllGather { rank, tp, step_id, op, len, parts: vec![None; tp], missing: tp - 1 }
     }
 
     pub fn is_complete(&self) -> bool {
         self.missing == 0
     }
 
-    /// A frame from the previous rank. Returns it again when the next rank still needs it (every
-    /// origin except the next rank itself travels on).
-    pub fn on_frame(&mut self, f: RingFrame) -> Result<Option<RingFrame>, RingError> {
+    /// A frame from the previous rank. Returns its origin when the next rank still needs it (every
+    /// origin except the next rank itself travels on); its values are then [`part`](Self::part).
+    pub fn on_frame(&mut self, f: RingFrame) -> Result<Option<u32>, RingError> {
         if f.step_id != self.step_id || f.op != self.op {
             return Err(RingError::WrongOp { step: self.step_id, op: self.op, got_step: f.step_id, got_op: f.op });
         }
@@ -72,30 +77,35 @@ impl RingAllGather {
         if self.parts[o].is_some() {
             return Err(RingError::Duplicate(f.origin_rank));
         }
-        let want = self.parts[self.rank].as_ref().map_or(0, Vec::len);
-        if f.data.len() != want {
-            return Err(RingError::WrongLength { origin: f.origin_rank, got: f.data.len(), want });
+        if f.data.len() != self.len {
+            return Err(RingError::WrongLength { origin: f.origin_rank, got: f.data.len(), want: self.len });
         }
-        let forward = (o != (self.rank + 1) % self.tp).then(|| f.clone());
         self.parts[o] = Some(f.data);
         self.missing -= 1;
-        Ok(forward)
+        Ok((o != (self.rank + 1) % self.tp).then_some(f.origin_rank))
     }
 
-    /// The tree combine of all partials in rank order (identical on every rank).
-    pub fn finish(self) -> Vec<f32> {
+    /// The partial received from `origin` (empty if none has come).
+    pub fn part(&self, origin: u32) -> &[f32] {
+        self.parts.get(origin as usize).and_then(Option::as_deref).unwrap_or(&[])
+    }
+
+    /// The tree combine of all partials in rank order, `own` at this rank's place, into `out`
+    /// (identical on every rank).
+    pub fn finish(&self, own: &[f32], out: &mut [f32]) {
         assert!(self.is_complete(), "all-gather incomplete");
-        let parts: Vec<Vec<f32>> = self.parts.into_iter().map(|p| p.expect("complete")).collect();
-        let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
-        let mut out = vec![0.0; refs[0].len()];
-        lockstep_kernels::cpu::tree_combine(&refs, &mut out);
-        out
+        let refs: Vec<&[f32]> = (0..self.tp)
+            .map(|r| if r == self.rank { own } else { self.parts[r].as_deref().expect("complete") })
+            .collect();
+        lockstep_kernels::cpu::tree_combine(&refs, out);
     }
 }
 
 /// Blocking links to the ring neighbours.
 pub trait RingTransport: Send + Sync {
-    fn send_next(&self, frame: RingFrame) -> Result<(), RingError>;
+    /// Sends `data` as the partial of `origin_rank` for op `op` of step `step_id`; the transport
+    /// encodes it straight from the slice.
+    fn send_next(&self, step_id: u64, op: u32, origin_rank: u32, data: &[f32]) -> Result<(), RingError>;
     fn recv_prev(&self, timeout: Duration) -> Result<RingFrame, RingError>;
 }
 
@@ -125,21 +135,22 @@ impl<T: RingTransport> Collective for RingCollective<T> {
     fn ranks(&self) -> usize {
         self.tp
     }
-    fn all_reduce(&self, partial: Vec<f32>) -> Result<Vec<f32>, StepError> {
+    fn all_reduce(&self, partial: &[f32], out: &mut [f32]) -> Result<(), StepError> {
         let step_id = self.step_id.load(Ordering::SeqCst);
         let op = self.op.fetch_add(1, Ordering::SeqCst);
         let err = |e: RingError| StepError::Collective(e.to_string());
-        let (mut ag, first) = RingAllGather::new(self.rank, self.tp, step_id, op, partial);
-        if let Some(f) = first {
-            self.transport.send_next(f).map_err(err)?;
+        let mut ag = RingAllGather::new(self.rank, self.tp, step_id, op, partial.len());
+        if self.tp > 1 {
+            self.transport.send_next(step_id, op, self.rank as u32, partial).map_err(err)?;
         }
         while !ag.is_complete() {
             let f = self.transport.recv_prev(self.timeout).map_err(err)?;
-            if let Some(fwd) = ag.on_frame(f).map_err(err)? {
-                self.transport.send_next(fwd).map_err(err)?;
+            if let Some(origin) = ag.on_frame(f).map_err(err)? {
+                self.transport.send_next(step_id, op, origin, ag.part(origin)).map_err(err)?;
             }
         }
-        Ok(ag.finish())
+        ag.finish(partial, out);
+        Ok(())
     }
 }
 
@@ -154,7 +165,8 @@ mod tests {
         prev: Mutex<Receiver<RingFrame>>,
     }
     impl RingTransport for ChannelLink {
-        fn send_next(&self, frame: RingFrame) -> Result<(), RingError> {
+        fn send_next(&self, step_id: u64, op: u32, origin_rank: u32, data: &[f32]) -> Result<(), RingError> {
+            let frame = RingFrame { step_id, op, origin_rank, data: data.to_vec() };
             self.next.send(frame).map_err(|e| RingError::Transport(e.to_string()))
         }
         fn recv_prev(&self, timeout: Duration) -> Result<RingFrame, RingError> {
@@ -185,12 +197,13 @@ mod tests {
                     .into_iter()
                     .enumerate()
                     .map(|(r, link)| {
-                        let own = partials[r].clone();
+                        let own = &partials[r];
                         s.spawn(move || {
                             let c = RingCollective::new(r, tp, link, Duration::from_secs(5));
                             c.begin_step(9);
-                            let a = c.all_reduce(own.clone()).unwrap();
-                            let b = c.all_reduce(own).unwrap(); // a second op in the same step
+                            let (mut a, mut b) = (vec![f32::NAN; own.len()], vec![0.0; own.len()]);
+                            c.all_reduce(own, &mut a).unwrap();
+                            c.all_reduce(own, &mut b).unwrap(); // a second op in the same step
                             assert_eq!(a, b);
                             a
                         })
@@ -209,14 +222,15 @@ mod tests {
 
     #[test]
     fn inconsistent_frames_are_rejected() {
-        let (mut ag, _) = RingAllGather::new(1, 4, 5, 2, vec![0.0; 3]);
+        let mut ag = RingAllGather::new(1, 4, 5, 2, 3);
         let f = |step, op, origin, n| RingFrame { step_id: step, op, origin_rank: origin, data: vec![1.0; n] };
         assert!(matches!(ag.on_frame(f(4, 2, 0, 3)), Err(RingError::WrongOp { .. })));
         assert!(matches!(ag.on_frame(f(5, 2, 1, 3)), Err(RingError::BadOrigin { .. })));
         assert!(matches!(ag.on_frame(f(5, 2, 7, 3)), Err(RingError::BadOrigin { .. })));
         assert!(matches!(ag.on_frame(f(5, 2, 0, 2)), Err(RingError::WrongLength { .. })));
         // Origin 0 must travel on to rank 2; origin 2 is the next rank itself and stops here.
-        assert!(ag.on_frame(f(5, 2, 0, 3)).unwrap().is_some());
+        assert_eq!(ag.on_frame(f(5, 2, 0, 3)).unwrap(), Some(0));
+        assert_eq!(ag.part(0), [1.0; 3]);
         assert!(matches!(ag.on_frame(f(5, 2, 0, 3)), Err(RingError::Duplicate(0))));
         assert!(ag.on_frame(f(5, 2, 2, 3)).unwrap().is_none());
         assert!(!ag.is_complete());
@@ -231,7 +245,7 @@ mod tests {
         let c = RingCollective::new(0, 2, it.next().unwrap(), Duration::from_millis(50));
         let _keep = it.next();
         c.begin_step(1);
-        let e = c.all_reduce(vec![1.0]).unwrap_err();
+        let e = c.all_reduce(&[1.0], &mut [0.0]).unwrap_err();
         assert!(matches!(e, StepError::Collective(_)));
     }
 }

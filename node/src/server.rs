@@ -7,9 +7,12 @@
 //!   │                              dial ring successor, accept ring predecessor (off the control
 //!   │                              task: heartbeats are answered all along)
 //!   │                 ── Ready ──▶ (or Refused{Fingerprint}: other weights, other numerics; exit)
-//!   │               ◀── Step ──  model thread runs it (two ring all-reduces per layer)
+//!   │               ◀── Step ──  model thread expands the delta against its session and runs it
+//!   │                              (two ring all-reduces per layer)
 //!   │                 ── StepDone / StepFailed ──▶ (a panic in the step: StepFailed "panic: …",
 //!   │                                               then the node releases itself)
+//!   │                 ── StepRejected ──▶ the delta does not fit the session: nothing ran, the
+//!   │                                     coordinator resends the step as a full snapshot
 //!   └── Release ──  stop the model thread, close the ring, free the model; wait for Assign
 //!     at any time: ◀── Heartbeat ── HeartbeatAck ──▶ · ◀── Shutdown: exit 0
 //! ```
@@ -34,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_kernels::{CpuBackend, CpuConfig, Isa, NumericsConfig};
-use lockstep_proto::step::StepPlan;
+use lockstep_proto::session::{PlanDelta, SessionState};
 use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, PROTOCOL_VERSION};
 use lockstep_transport::certs::TlsIdentity;
 use lockstep_transport::{resolve, ConnSender, Endpoint, NetError, DEFAULT_SERVER_NAME};
@@ -73,6 +76,9 @@ pub struct NodeOptions {
     pub step_delay: Option<Duration>,
     /// Test aid: panic in the forward pass of the step with this id, to exercise the panic path.
     pub panic_at_step: Option<u64>,
+    /// Test aid: forget the step session just before a delta for the step with this id arrives,
+    /// so the node rejects it and the coordinator's resend path runs.
+    pub forget_session_at_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,7 +229,7 @@ struct Loaded {
 /// A ready assignment: its model thread and ring.
 struct Serving {
     generation: Generation,
-    plans: std_mpsc::Sender<StepPlan>,
+    plans: std_mpsc::Sender<PlanDelta>,
     thread: std::thread::JoinHandle<()>,
     links: RingLinks,
 }
@@ -319,12 +325,16 @@ impl Node {
 
     fn start_serving(&mut self, generation: Generation, loaded: Loaded) -> Result<(), String> {
         let Loaded { model, collective, links, report } = loaded;
-        let (plans, plan_rx) = std_mpsc::channel::<StepPlan>();
+        let (plans, plan_rx) = std_mpsc::channel::<PlanDelta>();
         let outcomes = self.outcomes.clone();
-        let (step_delay, panic_at_step) = (self.opts.step_delay, self.opts.panic_at_step);
+        let aids = TestAids {
+            step_delay: self.opts.step_delay,
+            panic_at_step: self.opts.panic_at_step,
+            forget_session_at_step: self.opts.forget_session_at_step,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("lockstep-model-{}", report.rank))
-            .spawn(move || model_thread(generation, model, collective, plan_rx, outcomes, step_delay, panic_at_step))
+            .spawn(move || model_thread(generation, model, collective, plan_rx, outcomes, aids))
             .map_err(|e| format!("cannot start the model thread: {e}"))?;
         self.serving = Some(Serving { generation, plans, thread, links });
         Ok(())
@@ -466,23 +476,47 @@ fn prepare(a: &Assignment) -> Result<Prepared, String> {
     Ok((cfg, plan, fp, weights))
 }
 
-/// Runs plans until the plan channel closes. A panic in a step is caught and reported, and then
-/// the thread ends and drops the model: whatever the panic interrupted (the KV cache, the ring's
-/// op count) can no longer be trusted.
+/// The test aids of [`NodeOptions`] the model thread acts on.
+struct TestAids {
+    step_delay: Option<Duration>,
+    panic_at_step: Option<u64>,
+    forget_session_at_step: Option<u64>,
+}
+
+/// Runs plans until the plan channel closes, expanding each against the assignment's session (a
+/// delta that does not fit it is rejected before anything runs, and the session then waits for a
+/// full snapshot). A panic in a step is caught and reported, and then the thread ends and drops the
+/// model: whatever the panic interrupted (the KV cache, the ring's op count) can no longer be
+/// trusted.
 fn model_thread(
     generation: Generation,
     mut model: Model<CpuBackend>,
     collective: Arc<RingCollective<QuicRing>>,
-    plans: std_mpsc::Receiver<StepPlan>,
+    plans: std_mpsc::Receiver<PlanDelta>,
     outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
-    step_delay: Option<Duration>,
-    panic_at_step: Option<u64>,
+    aids: TestAids,
 ) {
-    while let Ok(plan) = plans.recv() {
+    let TestAids { step_delay, panic_at_step, forget_session_at_step } = aids;
+    let mut session = SessionState::new();
+    while let Ok(delta) = plans.recv() {
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
-        let step_id = plan.step_id;
+        let step_id = delta.step_id;
+        if forget_session_at_step == Some(step_id) && !delta.is_snapshot() {
+            session.clear();
+        }
+        let plan = match session.apply(&delta) {
+            Ok(plan) => plan,
+            Err(e) => {
+                tracing::warn!("step {step_id} rejected ({}): {e}", e.error_type());
+                let outcome = StepOutcome::Rejected { step_id, message: e.to_string() };
+                if outcomes.send((generation, outcome)).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         collective.begin_step(step_id);
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             if panic_at_step == Some(step_id) {
@@ -519,7 +553,7 @@ impl<C: Collective + ?Sized> Collective for Arc<C> {
     fn ranks(&self) -> usize {
         (**self).ranks()
     }
-    fn all_reduce(&self, partial: Vec<f32>) -> Result<Vec<f32>, StepError> {
-        (**self).all_reduce(partial)
+    fn all_reduce(&self, partial: &[f32], out: &mut [f32]) -> Result<(), StepError> {
+        (**self).all_reduce(partial, out)
     }
 }

@@ -57,7 +57,9 @@ async fn all_reduce(c: &Arc<RingCollective<QuicRing>>, step: u64, value: f32) ->
     let c = c.clone();
     tokio::task::spawn_blocking(move || {
         c.begin_step(step);
-        c.all_reduce(vec![value; 4]).map_err(|e| e.to_string())
+        let mut out = vec![0.0; 4];
+        c.all_reduce(&[value; 4], &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
     })
     .await
     .unwrap()

@@ -11,6 +11,9 @@
 //! The slot of position `p` is `block_table[p / block_size] * block_size + p % block_size`; the
 //! block size is a property of the engine's KV cache, agreed on at start-up, so it does not travel
 //! with every step. [`StepPlan::validate`] checks a plan against the cache before anything runs.
+//!
+//! Between the coordinator and its nodes a plan travels as a delta against what the node already
+//! holds ([`crate::session`]); the node expands it back, so the engine always sees a whole plan.
 
 use lockstep_kernels::{SampleRequest, SampledToken};
 use serde::{Deserialize, Serialize};

@@ -27,7 +27,7 @@
 //! and every bit — NaN payloads, `-0.0`, subnormals — survives, which a bitwise-reproducible
 //! all-reduce needs.
 //!
-//! **The version lives in ALPN.** [`ALPN`] (`lockstep/2`) names the protocol version and is
+//! **The version lives in ALPN.** [`ALPN`] (`lockstep/3`) names the protocol version and is
 //! negotiated in the TLS handshake, so two builds that would misread each other's postcard never
 //! get as far as exchanging a frame: the mismatch is a handshake failure with a clear cause rather
 //! than a garbled message later. [`Hello::protocol_version`] repeats it for logs and for the
@@ -36,17 +36,19 @@
 use lockstep_kernels::{KernelMode, ShardSample};
 use serde::{Deserialize, Serialize};
 
-use crate::step::StepPlan;
+use crate::session::PlanDelta;
 
 /// Version of the wire protocol. Bump it (and [`ALPN`]) on any change to the framing or to the
 /// postcard layout of [`Message`].
 ///
 /// History: 2 added [`Message::Release`] (re-formation on one connection) and
-/// [`Message::RingHello`] (ring connections say which group they belong to).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// [`Message::RingHello`] (ring connections say which group they belong to); 3 made
+/// [`Message::Step`] carry a [`PlanDelta`] (the session step protocol, `crate::session`) and added
+/// [`Message::StepRejected`].
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The TLS application protocol name: `lockstep/` followed by [`PROTOCOL_VERSION`].
-pub const ALPN: &[u8] = b"lockstep/2";
+pub const ALPN: &[u8] = b"lockstep/3";
 
 /// Hard cap on the length prefix of a frame (kind byte plus body): 64 MiB.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -152,8 +154,9 @@ pub enum Message {
         fingerprint: String,
         weights_hash: String,
     },
-    /// Coordinator → node: run this step.
-    Step(StepPlan),
+    /// Coordinator → node: run this step: the changes to the node's session that expand into the
+    /// step's plan (a full snapshot for the first step of an assignment).
+    Step(PlanDelta),
     /// Node → coordinator: the step ran; the vocab shard's sampling report per sampled sequence,
     /// in plan order.
     StepDone {
@@ -194,6 +197,13 @@ pub enum Message {
         group: u32,
         rank: u32,
     },
+    /// Node → coordinator: the step's delta does not fit this node's session (a gap in step ids,
+    /// an unknown sequence); nothing of the step ran. The coordinator answers with the same step as
+    /// a full snapshot.
+    StepRejected {
+        step_id: u64,
+        message: String,
+    },
 }
 
 impl Message {
@@ -214,6 +224,7 @@ impl Message {
             Message::Shutdown => "Shutdown",
             Message::Release { .. } => "Release",
             Message::RingHello { .. } => "RingHello",
+            Message::StepRejected { .. } => "StepRejected",
         }
     }
 }
@@ -521,7 +532,8 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::step::SeqChunk;
+    use crate::session::{ChunkDelta, SampleDelta, SessionState, TableChange};
+    use crate::step::{SeqChunk, StepPlan};
     use lockstep_kernels::{Candidate, LsePartial, SampleRequest, SamplingParams};
 
     fn sample() -> ShardSample {
@@ -581,8 +593,20 @@ mod tests {
                 ring_prev_node: "node-0".into(),
             }),
             Message::Ready { rank: 3, fingerprint: "fp".into(), weights_hash: "sha256:00ff".into() },
-            Message::Step(plan),
-            Message::Step(StepPlan { step_id: 0, chunks: vec![] }),
+            Message::Step(SessionState::snapshot(&plan)),
+            Message::Step(PlanDelta {
+                step_id: 7,
+                base_step: Some(6),
+                dropped: vec![3, u64::MAX],
+                chunks: vec![ChunkDelta {
+                    seq_id: 9,
+                    tokens: vec![5],
+                    first_pos: 4096,
+                    table: TableChange::Append(vec![301]),
+                    sample: Some(SampleDelta { step: 13, params: None }),
+                }],
+            }),
+            Message::Step(SessionState::snapshot(&StepPlan { step_id: 0, chunks: vec![] })),
             Message::StepDone { step_id: 5, samples: vec![(1, sample()), (u64::MAX, sample())] },
             Message::StepDone { step_id: 6, samples: vec![] },
             Message::StepFailed { step_id: 7, message: "bad plan".into() },
@@ -594,6 +618,7 @@ mod tests {
             Message::Release { reason: String::new() },
             Message::RingHello { group: 7, rank: 1 },
             Message::RingHello { group: u32::MAX, rank: u32::MAX },
+            Message::StepRejected { step_id: 8, message: "step 8 builds on step 6".into() },
         ]
     }
 
@@ -630,7 +655,7 @@ mod tests {
     fn every_message_variant_round_trips() {
         let messages = all_messages();
         let names: std::collections::HashSet<_> = messages.iter().map(Message::name).collect();
-        assert_eq!(names.len(), 14, "a Message variant is missing from the round-trip list");
+        assert_eq!(names.len(), 15, "a Message variant is missing from the round-trip list");
         for message in messages {
             let frame = Frame::Control(message);
             let bytes = encode(&frame).unwrap();

@@ -1,6 +1,7 @@
 //! Tensor-parallel clusters of real node processes on 127.0.0.1: the answer does not change by a
 //! bit with the TP degree, the replica count or the load; bad joiners are refused with clear
-//! errors while the cluster serves; a node killed mid-generation loses no request and no byte.
+//! errors while the cluster serves; a node killed mid-generation loses no request and no byte; a
+//! rank that rejects a step's delta gets the step whole and the group serves on unchanged.
 
 use std::path::Path;
 use std::time::Duration;
@@ -377,6 +378,43 @@ fn a_node_killed_mid_generation_loses_no_request_and_changes_no_byte() {
         // The surviving node is shut down with its group when the coordinator exits.
         let _ = survivor.wait(STEP_LIMIT);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Guards the session step protocol's resync: a rank that rejects a step's delta (its session was
+/// lost) gets the step again as a full snapshot, the group keeps serving, and every byte equals a
+/// one-process run.
+#[test]
+fn a_rejected_step_delta_is_resent_whole_and_changes_no_byte() {
+    let Some(model) = stories260k() else {
+        return;
+    };
+    let dir = scratch("cluster-resync");
+    let prompts = prompts_file(&dir, &PROMPTS[..3]);
+    let tls = dir.join("tls");
+    certs(&tls, &["node-a", "node-b"]);
+    let tls_s = tls.to_str().unwrap();
+    let reference = generate(&model, &prompts, &[]);
+    let generate = ["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--json"];
+    let cluster =
+        ["--max-tokens", "24", "--tp", "2", "--nodes", "static", "--tls-dir", tls_s, "--cluster-listen", "127.0.0.1:0"];
+    let mut coordinator = Watched::lockstep(&[&generate[..], &cluster].concat());
+    let addr = coordinator_addr(&mut coordinator);
+    let node = |name: &str, extra: &[&str]| {
+        let base = ["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", name, "--threads", "1"];
+        Watched::lockstep(&[&base[..], extra].concat())
+    };
+    let _a = node("node-a", &["--forget-session-at-step", "5"]);
+    let _b = node("node-b", &[]);
+    let (ok, out, err) = coordinator.wait(LIMIT);
+    assert!(ok, "generation succeeds: {err}");
+    assert!(
+        err.contains("rejected step 5") && err.contains("sending it as a full snapshot"),
+        "the resync is logged: {err}"
+    );
+    assert!(!err.contains("stopped serving"), "the group keeps serving: {err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_same("resync", &lines, &reference);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

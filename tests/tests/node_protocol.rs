@@ -1,8 +1,10 @@
 //! The node's side of the control protocol, against real `lockstep node` processes on 127.0.0.1,
 //! with this test playing the coordinator frame by frame: nodes answer heartbeats while they
 //! form a ring, drop an assignment on `Release` and take another on the same connection (new
-//! ranks, new ring) with identical answers, and report a panicking step at once — the panicking
-//! node by the panic's message, its ring neighbour by the name of the node that went away.
+//! ranks, new ring) with identical answers, report a panicking step at once — the panicking
+//! node by the panic's message, its ring neighbour by the name of the node that went away — and
+//! reject a step delta that does not fit their session, then run the step sent whole with the
+//! bits the delta would have given.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use lockstep_kernels::{CpuBackend, KernelMode, SampleRequest, SampledToken, Samp
 use lockstep_node::fingerprint::deployment_fingerprint;
 use lockstep_node::shard::auto_reduce_segments;
 use lockstep_node::{ModelConfig, WeightStore};
+use lockstep_proto::session::{SessionMirror, SessionState};
 use lockstep_proto::step::{SeqChunk, StepPlan};
 use lockstep_proto::wire::{Assignment, Frame, Message, RefuseCode};
 use lockstep_tests::{lockstep_bin, scratch};
@@ -120,6 +123,13 @@ impl Node {
             other => {
                 panic!("{}: expected StepDone {step_id}, got {other:?}; its log:\n{}", self.name, self.process.stderr())
             }
+        }
+    }
+
+    async fn expect_step_rejected(&self, step_id: u64) -> String {
+        match self.recv().await {
+            Message::StepRejected { step_id: s, message } if s == step_id => message,
+            other => panic!("{}: expected StepRejected {step_id}, got {other:?}", self.name),
         }
     }
 
@@ -252,11 +262,30 @@ fn prefill(step_id: u64) -> StepPlan {
     }
 }
 
-/// Runs `plan` on every rank of `ring`; returns each rank's report, in rank order.
+/// The decode step after [`prefill`]: `token` at position 6, the sequence's second sample.
+fn decode(step_id: u64, token: u32) -> StepPlan {
+    let chunk = prefill(step_id).chunks.remove(0);
+    StepPlan {
+        step_id,
+        chunks: vec![SeqChunk {
+            tokens: vec![token],
+            first_pos: 6,
+            sample: Some(SampleRequest { params: SamplingParams::greedy(), step: 1 }),
+            ..chunk
+        }],
+    }
+}
+
+/// Runs `plan` on every rank of `ring`, sent whole; returns each rank's report, in rank order.
 async fn step(ring: &[&Node], plan: &StepPlan) -> Vec<Vec<(u64, ShardSample)>> {
     for node in ring {
-        node.send(Message::Step(plan.clone())).await;
+        node.send(Message::Step(SessionState::snapshot(plan))).await;
     }
+    answers(ring, plan).await
+}
+
+/// Each rank's report on `plan`, in rank order.
+async fn answers(ring: &[&Node], plan: &StepPlan) -> Vec<Vec<(u64, ShardSample)>> {
     let mut out = Vec::new();
     for node in ring {
         out.push(node.expect_step_done(plan.step_id).await);
@@ -345,7 +374,7 @@ async fn a_panicking_step_fails_at_once_on_every_rank_and_the_nodes_serve_again(
         // Step 2 panics on node-a: it says so, and node-b, blocked in the all-reduce, fails as
         // soon as node-a drops the ring, naming node-a rather than waiting for a timeout.
         for n in [a, b] {
-            n.send(Message::Step(prefill(2))).await;
+            n.send(Message::Step(SessionState::snapshot(&prefill(2)))).await;
         }
         let panicked = a.expect_step_failed(2).await;
         assert!(panicked.starts_with("panic: ") && panicked.contains("--panic-at-step 2"), "node-a: {panicked}");
@@ -355,7 +384,7 @@ async fn a_panicking_step_fails_at_once_on_every_rank_and_the_nodes_serve_again(
         // node-a released itself: it is alive, and a Step now is refused, not left hanging.
         a.heartbeat(2).await;
         a.expect_ack(2).await;
-        a.send(Message::Step(prefill(3))).await;
+        a.send(Message::Step(SessionState::snapshot(&prefill(3)))).await;
         assert!(a.expect_step_failed(3).await.contains("no ready assignment"));
 
         // The coordinator releases the failed group (a no-op for node-a) and forms a new one.
@@ -432,6 +461,62 @@ async fn a_node_assigned_native_numerics_never_answers_to_the_portable_fingerpri
         for node in &mut nodes {
             node.process.exited().await;
         }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_that_does_not_fit_the_session_is_rejected_and_the_snapshot_gives_the_same_bits() {
+    let Some(model) = lockstep_test_env::stories260k() else {
+        return;
+    };
+    let dir = scratch("node-protocol-session");
+    let coordinator = Coordinator::new(dir.clone(), model, &["node-a", "node-b"]);
+    bounded(async {
+        let nodes = coordinator.join(&[("node-a", &[]), ("node-b", &[])]).await;
+        let (a, b) = (&nodes[0], &nodes[1]);
+
+        // Reference: prefill, then the decode step as a delta that both ranks accept.
+        coordinator.form(1, &[a, b], 1).await;
+        let mut mirror = SessionMirror::new();
+        let p1 = prefill(1);
+        let d1 = mirror.delta(&p1);
+        for n in [a, b] {
+            n.send(Message::Step(d1.clone())).await;
+        }
+        let token = merged(&answers(&[a, b], &p1).await, &p1).id;
+        let p2 = decode(2, token);
+        let d2 = mirror.delta(&p2);
+        assert!(!d2.is_snapshot() && d2.chunks[0].tokens == [token]);
+        for n in [a, b] {
+            n.send(Message::Step(d2.clone())).await;
+        }
+        let want = answers(&[a, b], &p2).await;
+
+        // A fresh group: node-a gets a delta built on a step it never saw, node-b the right one.
+        for n in [a, b] {
+            n.send(Message::Release { reason: "group 1 stopped: the test re-forms".into() }).await;
+        }
+        coordinator.form(2, &[a, b], 2).await;
+        let mut mirror = SessionMirror::new();
+        let p1 = prefill(11);
+        let d1 = mirror.delta(&p1);
+        for n in [a, b] {
+            n.send(Message::Step(d1.clone())).await;
+        }
+        answers(&[a, b], &p1).await;
+        let p2 = decode(12, token);
+        let d2 = mirror.delta(&p2);
+        let gap = lockstep_proto::session::PlanDelta { base_step: Some(10), ..d2.clone() };
+        a.send(Message::Step(gap)).await;
+        b.send(Message::Step(d2)).await;
+        let why = a.expect_step_rejected(12).await;
+        assert!(why.contains("builds on step 10") && why.contains("11"), "node-a: {why}");
+        // node-b waits in the step's first all-reduce; node-a gets the step whole and joins it.
+        a.send(Message::Step(SessionState::snapshot(&p2))).await;
+        let got = answers(&[a, b], &p2).await;
+        assert_eq!(got, want, "the resent step gives each rank the report of the accepted delta");
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -102,6 +102,11 @@ impl Conn {
         self.sender.send(frame).await
     }
 
+    /// Sends bytes of one encoded frame. See [`ConnSender::send_encoded`].
+    pub async fn send_encoded(&self, frame: &[u8]) -> Result<(), NetError> {
+        self.sender.send_encoded(frame).await
+    }
+
     /// Sends a ring frame from borrowed data. See [`ConnSender::send_ring`].
     pub async fn send_ring(&self, step_id: u64, op: u32, origin_rank: u32, data: &[f32]) -> Result<(), NetError> {
         self.sender.send_ring(step_id, op, origin_rank, data).await
@@ -180,6 +185,15 @@ impl ConnSender {
         Self::write_buf(&mut state).await
     }
 
+    /// Sends frame bytes that [`wire::encode`] made, so one frame encoded once can go to several
+    /// peers (the coordinator sends each step's plan to every rank of a group). `frame` must be
+    /// exactly one whole encoded frame. Same guarantees as [`send`](Self::send).
+    pub async fn send_encoded(&self, frame: &[u8]) -> Result<(), NetError> {
+        let mut state = self.lock_untorn().await?;
+        let SendState { stream, torn, .. } = &mut *state;
+        Self::write_frame(stream, torn, frame).await
+    }
+
     async fn lock_untorn(&self) -> Result<tokio::sync::MutexGuard<'_, SendState>, NetError> {
         let state = self.state.lock().await;
         if state.torn {
@@ -192,9 +206,15 @@ impl ConnSender {
     }
 
     async fn write_buf(state: &mut SendState) -> Result<(), NetError> {
-        state.torn = true;
-        state.stream.write_all(&state.buf).await.map_err(write_error)?;
-        state.torn = false;
+        let SendState { stream, buf, torn } = state;
+        Self::write_frame(stream, torn, buf).await
+    }
+
+    /// Writes one whole frame, marking the stream torn while a write is under way.
+    async fn write_frame(stream: &mut quinn::SendStream, torn: &mut bool, frame: &[u8]) -> Result<(), NetError> {
+        *torn = true;
+        stream.write_all(frame).await.map_err(write_error)?;
+        *torn = false;
         Ok(())
     }
 

@@ -139,7 +139,15 @@ async fn net_split_halves_work_from_two_tasks() {
             tokio::spawn(async move {
                 for step_id in 0..50 {
                     let plan = lockstep_proto::step::StepPlan { step_id, chunks: vec![] };
-                    coord.send(&Frame::Control(Message::Step(plan))).await.unwrap();
+                    let frame = Frame::Control(Message::Step(lockstep_proto::session::SessionState::snapshot(&plan)));
+                    // Every other step goes as bytes encoded beforehand, as the coordinator sends
+                    // one plan to every rank.
+                    if step_id % 2 == 0 {
+                        coord.send(&frame).await.unwrap();
+                    } else {
+                        let bytes = lockstep_proto::wire::encode(&frame).unwrap();
+                        coord.sender().send_encoded(&bytes).await.unwrap();
+                    }
                 }
             })
         };

@@ -53,6 +53,10 @@ pub(crate) struct NodeArgs {
     /// reports a crashed step (`StepFailed "panic: …"`) and drops its assignment.
     #[arg(long, hide = true, value_name = "STEP_ID")]
     panic_at_step: Option<u64>,
+    /// Test aid: forget the step session just before the step with this id, so its delta is
+    /// rejected (`StepRejected`) and the coordinator must resend the step as a full snapshot.
+    #[arg(long, hide = true, value_name = "STEP_ID")]
+    forget_session_at_step: Option<u64>,
 }
 
 pub(crate) fn run(a: NodeArgs) -> Result<()> {
@@ -68,6 +72,7 @@ pub(crate) fn run(a: NodeArgs) -> Result<()> {
         model_override: a.model,
         step_delay: a.step_delay_ms.map(std::time::Duration::from_millis),
         panic_at_step: a.panic_at_step,
+        forget_session_at_step: a.forget_session_at_step,
     };
     match (a.membership, a.coordinator) {
         (MembershipMode::Etcd, None) => {

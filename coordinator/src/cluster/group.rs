@@ -2,6 +2,13 @@
 //! to every rank, collects their sampling reports from the group's inbox (fed straight by the
 //! members' connections), merges them in rank order, and fails the step — naming the node — when
 //! the group was stopped, a member failed the step, or a member did not answer in time.
+//!
+//! Steps travel as deltas against the group's [`SessionMirror`] (`lockstep_proto::session`): the
+//! executor is created with each formation, so the first step a group sees is a full snapshot. The
+//! delta is encoded once and the same bytes are written to every rank concurrently. A rank that
+//! rejects a delta gets the same step again as a full snapshot (once; the other ranks wait for it
+//! in the step's first all-reduce), and after any failed step the mirror is forgotten, so whatever
+//! runs next starts from a snapshot.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lockstep_kernels::{merge_shard_samples, ShardSample};
+use lockstep_proto::session::{SessionMirror, SessionState};
 use lockstep_proto::step::{StepPlan, StepResult};
-use lockstep_proto::wire::{Frame, Message};
+use lockstep_proto::wire::{self, Frame, Message};
 use lockstep_transport::ConnSender;
 use tokio::sync::mpsc;
 
@@ -22,8 +30,19 @@ use crate::membership::{GroupId, SessionId};
 /// A step answer or failure of one member, routed straight from its connection to the group's
 /// executor (the hot path never goes through the driver).
 pub(super) enum StepEvent {
-    Done { step_id: u64, samples: Vec<(u64, ShardSample)> },
-    Failed { step_id: u64, message: String },
+    Done {
+        step_id: u64,
+        samples: Vec<(u64, ShardSample)>,
+    },
+    Failed {
+        step_id: u64,
+        message: String,
+    },
+    /// The step's delta did not fit the member's session; nothing ran there.
+    Rejected {
+        step_id: u64,
+        message: String,
+    },
 }
 
 pub(super) struct Member {
@@ -69,14 +88,51 @@ impl Group {
 
 /// Runs one step on every rank of a group and merges their sampling reports.
 pub struct GroupExecutor {
-    pub(super) group: Arc<Group>,
-    pub(super) rt: tokio::runtime::Handle,
-    pub(super) step_timeout: Duration,
+    group: Arc<Group>,
+    rt: tokio::runtime::Handle,
+    step_timeout: Duration,
+    /// What the group's nodes hold between steps.
+    mirror: SessionMirror,
 }
 
 impl GroupExecutor {
+    pub(super) fn new(group: Arc<Group>, rt: tokio::runtime::Handle, step_timeout: Duration) -> Self {
+        GroupExecutor { group, rt, step_timeout, mirror: SessionMirror::new() }
+    }
+
     pub fn group(&self) -> &Arc<Group> {
         &self.group
+    }
+
+    /// Stops the group because the member of `rank` `what` (a failed or refused step).
+    fn member_failed(&self, rank: usize, what: &str) -> ExecError {
+        let m = &self.group.members[rank];
+        let why = format!("node {} (rank {}) {what}", m.name, m.rank);
+        let _ =
+            self.group.inputs.send(Input::StepFailed { group: self.group.id, session: m.session, reason: why.clone() });
+        self.group.mark_down(why);
+        self.down()
+    }
+
+    /// Encodes `message` once and writes the same bytes to the members of `ranks`, all at once.
+    fn send_to(&self, ranks: &[usize], message: Message) -> Result<(), ExecError> {
+        let bytes: Arc<[u8]> = wire::encode(&Frame::Control(message))
+            .map_err(|e| ExecError::Other(format!("cannot encode the step for group {}: {e}", self.group.id)))?
+            .into();
+        self.rt.block_on(async {
+            let sends: Vec<_> = ranks
+                .iter()
+                .map(|&rank| {
+                    let (conn, bytes) = (self.group.members[rank].conn.clone(), bytes.clone());
+                    tokio::spawn(async move { conn.send_encoded(&bytes).await })
+                })
+                .collect();
+            for send in sends {
+                // A failed send shows up as the member's lost connection, which stops the group.
+                let _ = send.await;
+            }
+        });
+        Ok(())
     }
 
     fn down(&self) -> ExecError {
@@ -87,14 +143,24 @@ impl GroupExecutor {
 
 impl StepExecutor for GroupExecutor {
     fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
+        let result = self.run_step(plan);
+        if result.is_err() {
+            // Whether the nodes ran the step is unknown: the next one goes whole.
+            self.mirror.reset();
+        }
+        result
+    }
+}
+
+impl GroupExecutor {
+    fn run_step(&mut self, plan: &StepPlan) -> Result<StepResult, ExecError> {
         if self.group.is_down() {
             return Err(self.down());
         }
-        let msg = Frame::Control(Message::Step(plan.clone()));
-        for m in &self.group.members {
-            // A failed send shows up as the member's lost connection, which stops the group.
-            let _ = self.rt.block_on(m.conn.send(&msg));
-        }
+        let all_ranks: Vec<usize> = (0..self.group.members.len()).collect();
+        let delta = self.mirror.delta(plan);
+        self.send_to(&all_ranks, Message::Step(delta))?;
+        let mut resent = vec![false; self.group.members.len()];
         let deadline = Instant::now() + self.step_timeout;
         let mut per_rank: Vec<Option<Vec<(u64, ShardSample)>>> = vec![None; self.group.members.len()];
         while per_rank.iter().any(Option::is_none) {
@@ -121,15 +187,21 @@ impl StepExecutor for GroupExecutor {
                     per_rank[rank] = Some(samples);
                 }
                 Ok((rank, StepEvent::Failed { step_id, message })) if step_id == plan.step_id => {
+                    return Err(self.member_failed(rank, &format!("failed step {step_id}: {message}")));
+                }
+                Ok((rank, StepEvent::Rejected { step_id, message })) if step_id == plan.step_id && !resent[rank] => {
                     let m = &self.group.members[rank];
-                    let why = format!("node {} (rank {}) failed step {step_id}: {message}", m.name, m.rank);
-                    let _ = self.group.inputs.send(Input::StepFailed {
-                        group: self.group.id,
-                        session: m.session,
-                        reason: why.clone(),
-                    });
-                    self.group.mark_down(why);
-                    return Err(self.down());
+                    tracing::warn!(
+                        "node {} (rank {}) rejected step {step_id} ({message}): sending it as a full snapshot",
+                        m.name,
+                        m.rank
+                    );
+                    resent[rank] = true;
+                    self.send_to(&[rank], Message::Step(SessionState::snapshot(plan)))?;
+                }
+                Ok((rank, StepEvent::Rejected { step_id, message })) if step_id == plan.step_id => {
+                    let what = format!("rejected the full snapshot of step {step_id}: {message}");
+                    return Err(self.member_failed(rank, &what));
                 }
                 // A stale answer to an abandoned step, or nothing yet.
                 _ => {}

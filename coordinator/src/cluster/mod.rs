@@ -679,6 +679,11 @@ async fn session_reader(
                     let _ = tx.send((*rank, StepEvent::Failed { step_id, message }));
                 }
             }
+            Ok(Frame::Control(Message::StepRejected { step_id, message })) => {
+                if let Some((rank, tx)) = step_sink.lock().expect("lock").as_ref() {
+                    let _ = tx.send((*rank, StepEvent::Rejected { step_id, message }));
+                }
+            }
             Ok(frame) => {
                 if inputs.send(Input::Frame { session, frame }).is_err() {
                     return;
@@ -928,7 +933,7 @@ impl Driver {
     }
 
     fn add_to_service(sink: &ReplicaSink, g: &Arc<Group>, step_timeout: Duration) {
-        let exec = GroupExecutor { group: g.clone(), rt: tokio::runtime::Handle::current(), step_timeout };
+        let exec = GroupExecutor::new(g.clone(), tokio::runtime::Handle::current(), step_timeout);
         if let Err(e) = sink.add(g.id as usize, Box::new(exec)) {
             tracing::error!("could not start an engine for group {}: {e:#}", g.id);
         }
