@@ -146,10 +146,11 @@ impl TokenizerSpec {
             .collect();
         let pre_tokenizer = match spec.family {
             Family::Llama => {
-                r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#.to_string()
+                r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#
+                    .to_string()
             }
-            // Qwen's own split, as in Qwen2.5's tokenizer.json: llama.cpp's converter then takes
-            // the tokenizer for what it is (`qwen2`) and tokenizes text as lockstep does.
+            // Qwen's own split, as in Qwen2.5's tokenizer.json, so that llama.cpp's `qwen2`
+            // pre-tokenizer (named in a converted GGUF) splits text as lockstep does.
             Family::Qwen2 | Family::Qwen3 => format!(
                 r#"{{"type": "Sequence", "pretokenizers": [{{"type": "Split", "pattern": {{"Regex": {}}}, "behavior": "Isolated", "invert": false}}, {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}}]}}"#,
                 s(QWEN2_SPLIT_REGEX)
@@ -386,7 +387,10 @@ mod tests {
         use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
         let mut pre = PreTokenizedString::from(text);
         tok.get_pre_tokenizer().expect("pre-tokenizer").pre_tokenize(&mut pre).unwrap();
-        pre.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(s, _, _)| s.to_string()).collect()
+        pre.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect()
     }
 
     #[test]
