@@ -5,7 +5,8 @@
 //! GB/s of weight bytes and as a share of the measured read bandwidth. Prints Markdown tables
 //! (numbers, never assertions).
 //!
-//! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows;
+//! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows (`peak`: only the
+//! machine's limits, no tables);
 //! `LOCKSTEP_BENCH_SECONDS` sets the time per row (default 0.4); `LOCKSTEP_BENCH_ISA`
 //! (`scalar`, `avx2`, `avx512`) forces the ISA path of the block-type table; `LOCKSTEP_BENCH_SEGMENTS` the
 //! segment count of the first table (default: the deployment default); `LOCKSTEP_BENCH_CLOCK=cpu` times
@@ -180,6 +181,10 @@ fn main() {
                 fma_peak_gflops(t),
                 read_bandwidth_gbs(t)
             );
+        }
+        if filter == "peak" {
+            // Only the machine's limits (bench/peers.sh asks for them).
+            return;
         }
     }
     let shapes = [(896usize, 4864usize, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];

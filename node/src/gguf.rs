@@ -407,6 +407,13 @@ fn type_error(want: &str, got: &Value) -> String {
     format!("expected {want}, got a {:?}", got.value_type())
 }
 
+/// The split regex of Qwen2's (and Qwen3's) byte-level BPE: llama.cpp's `tokenizer.ggml.pre`
+/// `qwen2`. Letters keep one leading non-letter, digits stand alone. The GGUF tokenizer builds it
+/// for `qwen2` files, and `model synth` writes it into its Qwen tokenizers, so both tokenize as
+/// llama.cpp does.
+pub const QWEN2_SPLIT_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The two tokenizer families GGUF files carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufTokenizerKind {

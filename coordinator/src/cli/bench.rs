@@ -31,6 +31,11 @@ pub(crate) struct BenchArgs {
     /// split between them, so every row uses the same total cores).
     #[arg(long, default_value = "1", value_delimiter = ',')]
     tps: Vec<usize>,
+    /// Run one untimed request (one prompt of --prompt-tokens, 2 new tokens) before the timed
+    /// rows of each mode and TP, so the first row does not pay for faulting the weights in (peer
+    /// benchmarks such as llama-bench warm up the same way).
+    #[arg(long)]
+    warmup: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -64,17 +69,17 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         };
         let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
         let service = start_service(&model, &ClusterArgs::embedded(tp, node_threads), &opts, info, UNBOUNDED, None)?;
-        for &b in &a.batch {
-            let requests = (0..b)
+        // Prompts `first..first + b`: distinct, exactly `prompt_tokens` ids, no shared prefix.
+        let requests = |first: usize, b: usize, max_tokens: u32| {
+            (first..first + b)
                 .map(|i| {
-                    // Distinct prompts of exactly `prompt_tokens` ids, no shared prefix.
                     let prompt_ids = (0..a.prompt_tokens as u32)
                         .map(|t| 3 + (t * 7919 + i as u32 * 104_729) % (vocab - 3))
                         .collect();
                     let req = GenerateRequest {
                         prompt_ids,
                         sampling: SamplingParams::greedy(),
-                        max_tokens: a.new_tokens,
+                        max_tokens,
                         stop: vec![],
                         stop_token_ids: vec![],
                         ignore_eos: true,
@@ -82,7 +87,14 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
                     };
                     (req, SubmitOptions::default())
                 })
-                .collect();
+                .collect::<Vec<_>>()
+        };
+        if a.warmup {
+            // A prompt no timed row uses, so no cached prefix helps the timed rows.
+            service.run_blocking(requests(1000, 1, 2), |_, _| {})?;
+        }
+        for &b in &a.batch {
+            let requests = requests(0, b, a.new_tokens);
             let start = Instant::now();
             let mut first_tokens = 0;
             let mut prefill_done = None;

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use lockstep_node::gguf::{GgufTokenizer, GgufTokenizerKind};
+use lockstep_node::gguf::{GgufTokenizer, GgufTokenizerKind, QWEN2_SPLIT_REGEX};
 use serde_json::{json, Value as Json};
 
 use super::{Result, TokenizerError};
@@ -28,9 +28,6 @@ const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-/// GPT-2's split (what `ByteLevel { use_regex: true }` applies).
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Build the tokenizer the GGUF metadata describes.
@@ -87,7 +84,7 @@ fn tokenizer_json(t: &GgufTokenizer) -> Result<Json> {
             let pre_tokenizer = match t.pre.as_deref() {
                 Some("smollm") => json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Digits", "individual_digits": true}, byte_level]}),
-                Some("qwen2") => split(QWEN2_SPLIT),
+                Some("qwen2") => split(QWEN2_SPLIT_REGEX),
                 Some("llama-bpe" | "llama3") => split(LLAMA3_SPLIT),
                 Some(other) if other != "gpt2" && other != "default" => {
                     tracing::warn!(pre = other, file = %t.source.display(), "unknown tokenizer.ggml.pre: using the GPT-2 split");

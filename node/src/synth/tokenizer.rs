@@ -2,6 +2,12 @@
 //! merges learned from a small built-in English text, padded with pseudo-word merges up to the
 //! real vocabulary size, the real special tokens at their real ids) and a `tokenizer_config.json`
 //! with the model family's chat template. It does not depend on the weights seed.
+//!
+//! The pre-tokenizer is the family's: GPT-2's split for Llama, Qwen2's split regex for Qwen2 and
+//! Qwen3 (llama.cpp's `qwen2`), so that a GGUF converted from a synthetic Qwen model tokenizes text
+//! in llama.cpp as it does here. llama.cpp's `convert_hf_to_gguf.py` still cannot name it by
+//! itself: it recognises a pre-tokenizer by hashing the token ids of a test string, and those ids
+//! depend on the vocabulary, which is synthetic; `bench/peers/convert_synth.py` tells it `qwen2`.
 
 use std::collections::HashMap;
 
@@ -9,6 +15,7 @@ use lockstep_kernels::splitmix::SplitMix64;
 use serde_json::{json, Value};
 
 use super::presets::{Family, Spec};
+use crate::gguf::QWEN2_SPLIT_REGEX;
 
 /// Original English text the BPE merges are learned from (written for this purpose).
 const CORPUS: &str = "\
@@ -138,7 +145,18 @@ impl TokenizerSpec {
                 )
             })
             .collect();
-        let byte_level = r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#;
+        let pre_tokenizer = match spec.family {
+            Family::Llama => {
+                r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#
+                    .to_string()
+            }
+            // Qwen's own split, as in Qwen2.5's tokenizer.json, so that llama.cpp's `qwen2`
+            // pre-tokenizer (named in a converted GGUF) splits text as lockstep does.
+            Family::Qwen2 | Family::Qwen3 => format!(
+                r#"{{"type": "Sequence", "pretokenizers": [{{"type": "Split", "pattern": {{"Regex": {}}}, "behavior": "Isolated", "invert": false}}, {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}}]}}"#,
+                s(QWEN2_SPLIT_REGEX)
+            ),
+        };
         let post = match spec.family {
             // Llama 3 prepends <|begin_of_text|> to every encoding with special tokens on.
             Family::Llama => {
@@ -157,7 +175,7 @@ impl TokenizerSpec {
         out.push_str("{\n  \"version\": \"1.0\",\n  \"truncation\": null,\n  \"padding\": null,\n");
         out.push_str(&format!("  \"added_tokens\": [\n{}\n  ],\n", added.join(",\n")));
         out.push_str("  \"normalizer\": null,\n");
-        out.push_str(&format!("  \"pre_tokenizer\": {byte_level},\n"));
+        out.push_str(&format!("  \"pre_tokenizer\": {pre_tokenizer},\n"));
         out.push_str(&format!("  \"post_processor\": {post},\n"));
         out.push_str(
             "  \"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true, \"use_regex\": true},\n",
@@ -385,6 +403,35 @@ mod tests {
                 assert!(tok.id_to_token(id).is_some(), "{p}: id {id}");
             }
         }
+    }
+
+    /// The pieces the tokenizer's pre-tokenizer cuts `text` into (byte-level alphabet).
+    fn pre_tokens(tok: &tokenizers::Tokenizer, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut pre = PreTokenizedString::from(text);
+        tok.get_pre_tokenizer().expect("pre-tokenizer").pre_tokenize(&mut pre).unwrap();
+        pre.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn qwen_tokenizers_split_like_llama_cpp_qwen2() {
+        let text = "In 2024 (normal) it's\n\n";
+        for p in [Preset::TinyQwen2, Preset::TinyQwen3] {
+            let dir = TempDir::new("synth-qwen-split");
+            synth(p, 1, DType::F32, dir.path()).unwrap();
+            let tok = load_tokenizer(dir.path());
+            // Digits alone, a space before a digit alone, punctuation keeps its space.
+            let want = ["In", "Ġ", "2", "0", "2", "4", "Ġ(", "normal", ")", "Ġit", "'s", "ĊĊ"];
+            assert_eq!(pre_tokens(&tok, text), want, "{p}");
+            check_round_trip(&tok, text);
+        }
+        let dir = TempDir::new("synth-llama-split");
+        synth(Preset::Tiny, 1, DType::F32, dir.path()).unwrap();
+        let want = ["In", "Ġ2024", "Ġ(", "normal", ")", "Ġit", "'s", "ĊĊ"];
+        assert_eq!(pre_tokens(&load_tokenizer(dir.path()), text), want, "GPT-2's split for Llama");
     }
 
     #[test]
