@@ -299,7 +299,9 @@ unsafe fn tile512<const MR: usize, const NR: usize, L: Load512>(t: &Tile<'_>, ou
         let mut block = |col: usize, masked: bool, pair: bool| {
             for _ in 0..per_block * (1 + pair as usize) {
                 if next_line < lines {
-                    _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
+                    // Into L2, not L1: a 1 × 16 tile's rows fill most of L1 already, and lines prefetched
+                    // there evicted the lines this tile was about to read (BENCHMARKS §9.1).
+                    _mm_prefetch::<_MM_HINT_T1>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
                     next_line += 1;
                 }
             }
@@ -378,7 +380,9 @@ unsafe fn decode512<Q: Quant512>(t: &Tile<'_>, out: &mut [f32; 16]) {
     let mut prefetch = |steps: usize| {
         for _ in 0..per_step * steps {
             if next_line < lines {
-                _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
+                // Into L2, not L1: a 1 × 16 tile's rows fill most of L1 already, and lines prefetched
+                // there evicted the lines this tile was about to read (BENCHMARKS §9.1).
+                _mm_prefetch::<_MM_HINT_T1>(t.prefetch.as_ptr().add(next_line * 64) as *const i8);
                 next_line += 1;
             }
         }
