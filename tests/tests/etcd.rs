@@ -162,12 +162,15 @@ fn leader_of(addrs: &[String], limit: Duration) -> usize {
     found.unwrap()
 }
 
-/// `get_json`, with a coordinator that is not listening (swapping servers, killed) as status 0.
+/// `get_json`, with a coordinator that is not answering as status 0: not listening (killed, or
+/// between servers), or — in the instant a stepping-down leader hands its socket from the
+/// serving server to the standby one — closing a just-accepted connection without an answer.
+/// Pollers ask again.
 fn get_json_or_down(addr: &str, path: &str) -> (u16, Value) {
-    if std::net::TcpStream::connect(addr).is_err() {
-        return (0, Value::Null);
+    match try_http(addr, "GET", path, None, LIMIT) {
+        Ok((status, _, body)) => (status, serde_json::from_str(&body).unwrap_or(Value::Null)),
+        Err(_) => (0, Value::Null),
     }
-    get_json(addr, path)
 }
 
 /// Guards issue 10's coordinator fail-over: two coordinators and three nodes meet in etcd; the
