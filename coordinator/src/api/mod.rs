@@ -287,6 +287,10 @@ async fn serve_http1(
 ) -> TcpListener {
     loop {
         let tcp = tokio::select! {
+            // Once stopped, accept nothing more: connections waiting in the backlog stay there for
+            // whoever gets the listener next (a stepping-down leader hands it to its standby).
+            biased;
+            _ = stopped(&mut stop) => break,
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
@@ -296,7 +300,6 @@ async fn serve_http1(
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => break,
         };
         let Some((permit, overflow)) = slots.take() else {
             drop(tcp);
@@ -327,8 +330,18 @@ async fn serve_http1(
                     edge.header_timeout
                 })
                 .keep_alive(!overflow);
+            // A connection accepted just before the stop is answered once, not closed unread.
+            let accepted_at_stop = *stop.borrow();
+            if accepted_at_stop {
+                builder.keep_alive(false);
+            }
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);
+            if accepted_at_stop {
+                let _ = conn.await;
+                drop(permit);
+                return;
+            }
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = stopped(&mut stop) => {
@@ -432,13 +445,21 @@ impl Server {
     /// then ends every stream still running with an error event and `[DONE]` (a clean end of
     /// body on either transport), and drops whatever is left (which aborts its sequences).
     pub async fn shutdown(self, grace: Duration) {
+        drop(self.shutdown_keeping_listener(grace).await);
+    }
+
+    /// [`Server::shutdown`], handing the HTTP/1.1 listener back instead of closing it, so clients
+    /// that connect meanwhile wait in its backlog for the next server on it (a leader that steps
+    /// down hands it to its standby) rather than being refused.
+    pub async fn shutdown_keeping_listener(self, grace: Duration) -> Option<TcpListener> {
         let _ = self.stop.send(true);
         if !self.wait_drained(grace).await {
             tracing::warn!("the shutdown grace ran out: ending the streams still running");
             let _ = self.state.cut_streams.send(true);
             self.wait_drained(CUT_FLUSH).await;
         }
-        self.http.abort();
+        // The accept loop returned the listener as soon as the stop was sent.
+        let listener = self.http.await.ok();
         if let Some((endpoint, task, _)) = &self.h3 {
             // Closing discards what a client has received but not yet read: give clients the
             // flush time to read their last events and close first.
@@ -447,6 +468,7 @@ impl Server {
             task.abort();
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
+        listener
     }
 }
 

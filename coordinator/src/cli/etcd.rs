@@ -10,7 +10,10 @@
 //!
 //! The standby's HTTP/1.1 listener (an [`InterimServer`] with the real server's connection limits)
 //! hands its socket to the leader's server when elected, so the `--listen` address never refuses a
-//! connection then; after a step-down the standby binds it again. A standby does not proxy to the
+//! connection then; after a step-down the leader's server hands the same socket back to a new
+//! standby (it stops accepting at once, so clients that connect while requests in flight drain wait
+//! in the backlog and are answered by the standby; one accepted just before the stop is answered,
+//! not closed unread). A standby does not proxy to the
 //! leader: it names it, and clients retry (bytes are identical wherever they land).
 
 use std::net::{SocketAddr, UdpSocket};
@@ -138,7 +141,7 @@ pub(crate) fn serve(a: &ServeArgs, auth: Auth, info: ModelInfo, edge: EdgeLimits
         tracing::info!(http_addr = %server.http_addr, "{} leads: {}", me.name, server.banner());
         let still_leader = rt.block_on(wait_for(&mut status, &stop, |s| s.role != Role::Leader));
         let grace = if still_leader { STEP_DOWN_GRACE } else { SHUTDOWN_GRACE };
-        rt.block_on(server.shutdown(grace));
+        let listener = rt.block_on(server.shutdown_keeping_listener(grace));
         let service = Arc::downgrade(&state.service);
         drop(state);
         wait_released(&service);
@@ -146,7 +149,12 @@ pub(crate) fn serve(a: &ServeArgs, auth: Auth, info: ModelInfo, edge: EdgeLimits
             break;
         }
         tracing::warn!("{} stepped down: standby on http://{http_addr} again; campaigning", me.name);
-        standby = Some(rt.block_on(StandbyServer::start(http_addr, Some(campaigner.status()), edge))?);
+        let status = Some(campaigner.status());
+        standby = Some(match listener {
+            // The same socket: clients that connected during the step-down are answered by the standby.
+            Some(listener) => rt.block_on(async { StandbyServer::start_on(listener, status, edge) })?,
+            None => rt.block_on(StandbyServer::start(http_addr, status, edge))?,
+        });
     }
     tracing::info!("shutting down");
     if let Some(s) = standby.take() {
@@ -202,12 +210,24 @@ impl StandbyServer {
         status: Option<watch::Receiver<DiscoveryStatus>>,
         edge: EdgeLimits,
     ) -> Result<StandbyServer> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding HTTP on tcp {listen}: {e}"))?;
+        Self::start_on(listener, status, edge)
+    }
+
+    /// [`StandbyServer::start`] on a listener already bound (the one a stepped-down leader served on).
+    fn start_on(
+        listener: tokio::net::TcpListener,
+        status: Option<watch::Receiver<DiscoveryStatus>>,
+        edge: EdgeLimits,
+    ) -> Result<StandbyServer> {
         let state: StandbyState = Arc::new(std::sync::Mutex::new(status));
         let app = axum::Router::new()
             .route("/health", axum::routing::get(standby_health))
             .fallback(standby_refusal)
             .with_state(state.clone());
-        Ok(StandbyServer { interim: InterimServer::start(listen, app, edge).await?, status: state })
+        Ok(StandbyServer { interim: InterimServer::start_on(listener, app, edge)?, status: state })
     }
 
     fn addr(&self) -> SocketAddr {
