@@ -230,6 +230,16 @@ impl<B: Backend> Model<B> {
     where
         B::Buf: 'static,
     {
+        match self.be.step_pool() {
+            Some(pool) => pool.install(|| self.step_on_this_thread(plan)),
+            None => self.step_on_this_thread(plan),
+        }
+    }
+
+    fn step_on_this_thread(&mut self, plan: &StepPlan) -> Result<Vec<StepSample>, StepError>
+    where
+        B::Buf: 'static,
+    {
         let be = &self.be;
         let (hidden, hd) = (self.cfg.hidden_size, self.plan.head_dim);
         let (nh, nkv) = (self.plan.n_heads, self.plan.n_kv_heads);

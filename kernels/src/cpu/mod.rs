@@ -6,7 +6,10 @@
 //!   Any path can be forced ([`CpuConfig::isa`]) so the contract tests cover each one.
 //! * **Threads.** A private rayon pool of `threads` workers. Work is cut into output tiles (rows of
 //!   `M`, columns of `N`, query rows for attention); one output element is always computed by one
-//!   thread in the contract's order, so the thread count cannot change a bit.
+//!   thread in the contract's order, so the thread count cannot change a bit. A model step runs
+//!   on the pool as a whole ([`Backend::step_pool`]): entered from outside, each of a decode
+//!   step's hundreds of kernel calls parked the caller and woke the pool (a third of SmolLM2's
+//!   batch-1 CPU time went to the scheduler).
 //! * **Weights** stay as stored (f32 / bf16 / f16, usually memory-mapped) and are widened exactly
 //!   in registers. The bf16 dot-product instructions (`vdpbf16ps`) are never used: their internal
 //!   rounding is not the fma chain of the contract.
@@ -110,7 +113,7 @@ impl Default for CpuConfig {
 pub struct CpuBackend {
     cfg: CpuConfig,
     isa: Isa,
-    pool: rayon::ThreadPool,
+    pool: std::sync::Arc<rayon::ThreadPool>,
     /// Who runs the tile program in native mode (`None` in the other modes).
     amx: Option<amx::AmxExec>,
 }
@@ -152,7 +155,7 @@ impl CpuBackend {
             .thread_name(|i| format!("lockstep-cpu-{i}"))
             .build()
             .expect("thread pool");
-        Ok(CpuBackend { cfg, isa, pool, amx })
+        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), amx })
     }
     pub fn isa(&self) -> Isa {
         self.isa
@@ -259,6 +262,9 @@ impl Backend for CpuBackend {
     }
     fn mode(&self) -> KernelMode {
         self.cfg.mode
+    }
+    fn step_pool(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
+        (self.threads() > 1).then(|| self.pool.clone())
     }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
