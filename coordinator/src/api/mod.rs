@@ -321,6 +321,8 @@ async fn serve_http1(
                 }
                 app.clone().oneshot(req)
             });
+            // A connection accepted just before the stop is answered once, not closed unread.
+            let accepted_at_stop = *stop.borrow();
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -329,24 +331,18 @@ async fn serve_http1(
                 } else {
                     edge.header_timeout
                 })
-                .keep_alive(!overflow);
-            // A connection accepted just before the stop is answered once, not closed unread.
-            let accepted_at_stop = *stop.borrow();
-            if accepted_at_stop {
-                builder.keep_alive(false);
-            }
+                .keep_alive(!overflow && !accepted_at_stop);
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);
             if accepted_at_stop {
                 let _ = conn.await;
-                drop(permit);
-                return;
-            }
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            } else {
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
             }
             drop(permit);

@@ -66,3 +66,33 @@ pub fn quant_weight(
 pub fn columns_of(x: &[f32], k: usize, cols: std::ops::Range<usize>) -> Vec<f32> {
     x.chunks_exact(k).flat_map(|row| row[cols.clone()].to_vec()).collect()
 }
+
+/// Batch invariance of one backend's linear: each of the first 64 rows of `x` (`k` wide) gives
+/// the same output bits alone (M = 1) as inside every batch M = 1…64. `label` names the case in
+/// a failure.
+#[allow(dead_code)] // the bench and the GPU check include this module without it
+pub fn assert_rows_alone_equal_batched(
+    be: &lockstep_kernels::cpu::CpuBackend,
+    w: &lockstep_kernels::HostWeight,
+    x: &[f32],
+    k: usize,
+    label: &str,
+) {
+    use lockstep_kernels::Backend;
+    let n = w.rows;
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    let alone: Vec<Vec<u32>> = (0..64)
+        .map(|i| {
+            let mut y = vec![0.0; n];
+            be.linear(&x[i * k..(i + 1) * k].to_vec(), 1, w, None, &mut y);
+            bits(&y)
+        })
+        .collect();
+    for m in 1..=64 {
+        let mut y = vec![0.0; m * n];
+        be.linear(&x[..m * k].to_vec(), m, w, None, &mut y);
+        for i in 0..m {
+            assert_eq!(bits(&y[i * n..(i + 1) * n]), alone[i], "{label} row {i} of M={m}");
+        }
+    }
+}
