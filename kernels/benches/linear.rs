@@ -229,6 +229,55 @@ fn main() {
         }
     }
     quantized_decode(&filter, &mut rng);
+    native_linear(&filter, &mut rng);
+}
+
+/// bf16 linears in CPU native numerics (the class this CPU runs: AMX or AVX512-BF16) beside the
+/// invariant contract, same shapes, same run.
+fn native_linear(filter: &str, rng: &mut SplitMix64) {
+    let Ok(class) = lockstep_kernels::cpu::native_exec() else {
+        println!("\nnative: skipped, this CPU has neither AMX nor AVX512-BF16");
+        return;
+    };
+    let shapes = [(896usize, 4864usize, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
+    println!();
+    println!(
+        "| shape K→N | M | weights | threads | {} GFLOP/s | invariant GFLOP/s | native/inv | native GB/s (weights) |",
+        class.fingerprint_name()
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (k, n, name) in shapes {
+        let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
+        let w = HostWeight::from_f32(&vals, DType::Bf16, n, k);
+        drop(vals);
+        for threads in [1, 2] {
+            if threads > 1 && cpu_clock() {
+                continue;
+            }
+            let mk =
+                |mode| CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: bench_numerics() }).unwrap();
+            let (inv, nat) = (mk(KernelMode::Invariant), mk(KernelMode::Native));
+            let (wi, wn) = (inv.prepare_weight(w.clone()), nat.prepare_weight(w.clone()));
+            for m in [1usize, 8, 64, 512] {
+                let row = format!("| {k}→{n} ({name}) | {m} | bf16 | {threads} | native");
+                if !filter.is_empty() && !row.contains(filter) {
+                    continue;
+                }
+                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+                let mut y = vec![0.0f32; m * n];
+                let flops = 2.0 * (m * n * k) as f64;
+                let tn = time(|| nat.linear(&x, m, &wn, None, &mut y));
+                let ti = time(|| inv.linear(&x, m, &wi, None, &mut y));
+                println!(
+                    "| {k}→{n} ({name}) | {m} | bf16 | {threads} | {:.1} | {:.1} | {:.2} | {:.1} |",
+                    flops / tn / 1e9,
+                    flops / ti / 1e9,
+                    ti / tn,
+                    (n * k * 2) as f64 / tn / 1e9
+                );
+            }
+        }
+    }
 }
 
 /// GB/s of quantized weights streamed by the invariant linear at M = 1 and 8.

@@ -99,6 +99,8 @@ pub enum KernelError {
     BadSampling(String),
     #[error("cpu native numerics need AMX (amx-bf16, amx-tile) with Linux tile-data permission: {0}; use --numerics portable")]
     AmxUnavailable(String),
+    #[error("cpu native numerics need AMX (amx-bf16, amx-tile) with Linux tile-data permission, or AVX512-BF16: {0}; use --numerics portable")]
+    NativeUnavailable(String),
 }
 
 /// Which matmul implementation a backend uses.

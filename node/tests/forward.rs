@@ -1,6 +1,9 @@
 //! Forward-pass tests on the real stories260K model (see `lockstep_test_env` for where it is
 //! found and what happens when it is not).
 
+use lockstep_kernels::cpu::amx::AmxExec;
+use lockstep_kernels::cpu::dpbf16::Dpbf16Exec;
+use lockstep_kernels::cpu::NativeExec;
 use lockstep_kernels::{CpuBackend, CpuConfig, Isa, KernelMode, NumericsConfig, SampleRequest, SamplingParams};
 use lockstep_node::config::ModelConfig;
 use lockstep_node::model::{Model, ModelOptions, SingleRank};
@@ -84,20 +87,44 @@ fn node_refuses_a_plan_that_writes_one_kv_slot_twice() {
 /// decoded, gives the same tokens and logprob bits.
 #[test]
 fn native_amx_model_prefill_chunking_and_batching_keep_every_bit() {
+    native_prefill_chunking_and_batching_keep_every_bit(NativeExec::Amx(AmxExec::Model), "amx")
+}
+
+/// The same for the AVX512-BF16 class (`native-avx512bf16`), on its scalar model of the
+/// instruction, and on the instruction itself where the CPU has it (the kernels' tests show the
+/// two agree bit for bit).
+#[test]
+fn native_avx512bf16_prefill_chunking_and_batching_keep_every_bit() {
+    native_prefill_chunking_and_batching_keep_every_bit(NativeExec::Avx512Bf16(Dpbf16Exec::Model), "dp-model");
+    if lockstep_kernels::cpu::dpbf16::avx512bf16_available() {
+        native_prefill_chunking_and_batching_keep_every_bit(NativeExec::Avx512Bf16(Dpbf16Exec::Hardware), "dp-hw");
+    } else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED native_avx512bf16_prefill_chunking_and_batching_keep_every_bit (hardware half): CPU has no AVX512-BF16"
+        );
+    }
+}
+
+fn native_prefill_chunking_and_batching_keep_every_bit(exec: NativeExec, tag: &str) {
     use lockstep_kernels::DType;
     use lockstep_node::synth::{synth_with, Preset, SynthOptions};
 
-    let dir = std::env::temp_dir().join(format!("lockstep-forward-native-amx-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("lockstep-forward-native-{tag}-{}", std::process::id()));
     synth_with(Preset::Tiny, 5, DType::Bf16, &dir, &SynthOptions::default()).unwrap();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let segments = auto_reduce_segments(&cfg);
     let model = || {
-        let be = CpuBackend::with_amx_model(CpuConfig {
-            threads: 2,
-            isa: None,
-            mode: KernelMode::Native,
-            numerics: NumericsConfig { reduce_segments: segments, kv_chunk: 16 },
-        })
+        let be = CpuBackend::with_native(
+            CpuConfig {
+                threads: 2,
+                isa: None,
+                mode: KernelMode::Native,
+                numerics: NumericsConfig { reduce_segments: segments, kv_chunk: 16 },
+            },
+            exec,
+        )
         .unwrap();
         let plan = ShardPlan::new(&cfg, 0, 1, segments).unwrap();
         let opts = ModelOptions { num_blocks: 32, block_size: 16, max_context: 64 };

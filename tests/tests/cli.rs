@@ -166,11 +166,11 @@ fn synthesized_model_generates_through_the_cli() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// CPU native numerics (AMX): portable stays the CPU's default, and where the CPU (or Linux)
-/// cannot run AMX tiles, `--numerics native` is refused before any work, in process and with
+/// CPU native numerics (AMX, else AVX512-BF16): portable stays the CPU's default, and where the CPU
+/// has neither, `--numerics native` is refused before any work, in process and with
 /// node processes, naming what is missing; where it can, the answer carries its own fingerprint.
 #[test]
-fn cpu_native_numerics_need_amx_and_portable_stays_the_cpu_default() {
+fn cpu_native_numerics_need_amx_or_avx512bf16_and_portable_stays_the_cpu_default() {
     let Some(dir) = stories260k() else { return };
     let dir = dir.to_str().unwrap();
     let base =
@@ -184,15 +184,38 @@ fn cpu_native_numerics_need_amx_and_portable_stays_the_cpu_default() {
     let default = run(&[]);
     assert_eq!(default, run(&["--numerics", "portable"]), "the CPU default is portable");
     assert_clear_error(&[&base[..], &["--kernels", "fast", "--numerics", "native"]].concat(), &["--kernels fast"]);
-    match lockstep_kernels::cpu::amx::amx_available() {
+    match lockstep_kernels::cpu::native_exec() {
         Err(_) => {
             let missing = ["cpu native numerics need AMX", "--numerics portable"];
             assert_clear_error(&[&base[..], &["--numerics", "native"]].concat(), &missing);
             assert_clear_error(&[&base[..], &["--numerics", "native", "--tp", "2"]].concat(), &missing);
         }
-        Ok(()) => {
+        Ok(class) => {
             let native = run(&["--numerics", "native"]);
-            assert_ne!(native["system_fingerprint"], default["system_fingerprint"], "native-amx is its own deployment");
+            let name = class.fingerprint_name();
+            assert_ne!(native["system_fingerprint"], default["system_fingerprint"], "{name} is its own deployment");
+            // stories260K is f32, which native mode runs on the portable kernels; a bf16 model
+            // takes the native linears: its answers repeat bit for bit at TP 1 and 2, alone and
+            // beside other prompts, and differ from portable's bits.
+            let root = scratch("cli-native-bf16");
+            let model = root.join("tiny-bf16");
+            let synth = ["model", "synth", "--preset", "tiny", "--seed", "4", "--dtype", "bf16", "--out"];
+            let out = run_lockstep(&[&synth[..], &[model.to_str().unwrap()]].concat(), LIMIT);
+            assert!(out.status.success(), "synth: {}", stderr(&out));
+            let m = model.to_str().unwrap();
+            let gen = |extra: &[&str]| {
+                let base = ["generate", "--model", m, "--prompt", "Once upon a time", "--max-tokens", "12", "--json"];
+                let out = run_lockstep(&[&base[..], extra].concat(), LIMIT);
+                assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+                let first = json_lines(&stdout(&out)).remove(0);
+                (first["token_ids"].clone(), first["logprobs"].clone())
+            };
+            let alone = gen(&["--numerics", "native"]);
+            assert_eq!(gen(&["--numerics", "native", "--tp", "2"]), alone, "{name}: TP 2 = TP 1");
+            let crowd = ["--numerics", "native", "--prompt", "The cat sat", "--prompt", "A long way from home, far"];
+            assert_eq!(gen(&crowd), alone, "{name}: beside two other prompts");
+            assert_ne!(gen(&["--numerics", "portable"]).1, alone.1, "{name}: bf16 linears ran native, not portable");
+            let _ = std::fs::remove_dir_all(&root);
         }
     }
 }

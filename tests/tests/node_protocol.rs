@@ -426,7 +426,7 @@ async fn a_node_assigned_native_numerics_never_answers_to_the_portable_fingerpri
         lockstep_kernels::DEFAULT_KV_CHUNK,
     )
     .unwrap();
-    assert_ne!(native_fingerprint, coordinator.fingerprint, "native-amx names its own deployment");
+    assert_ne!(native_fingerprint, coordinator.fingerprint, "a native class names its own deployment");
     bounded(async {
         let mut nodes = coordinator.join(&[("node-n", &[]), ("node-m", &[])]).await;
         let (n, m) = (&nodes[0], &nodes[1]);
@@ -446,8 +446,8 @@ async fn a_node_assigned_native_numerics_never_answers_to_the_portable_fingerpri
             ..coordinator.assignment(2, &[m], 0)
         };
         m.send(Message::Assign(native)).await;
-        match lockstep_kernels::cpu::amx::amx_available() {
-            Ok(()) => m.expect_ready(0, &native_fingerprint).await,
+        match lockstep_kernels::cpu::native_exec() {
+            Ok(_) => m.expect_ready(0, &native_fingerprint).await,
             Err(_) => match m.recv().await {
                 Message::Refused { code: RefuseCode::BadRequest, message } => {
                     assert!(message.contains("cpu native numerics need AMX"), "node-m: {message}");

@@ -24,7 +24,8 @@ pub(crate) struct BenchArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 32)]
     new_tokens: u32,
-    /// Kernel modes to compare (`invariant`, `fast`, and `native` where the CPU has AMX).
+    /// Kernel modes to compare (`invariant`, `fast`, and `native` where the CPU has AMX or
+    /// AVX512-BF16).
     #[arg(long, default_value = "invariant,fast", value_delimiter = ',')]
     modes: Vec<KernelMode>,
     /// Tensor-parallel degrees to compare (TP > 1 runs node processes with the machine's cores

@@ -136,8 +136,8 @@ pub(crate) struct EngineArgs {
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Numerics: `portable` (the contract's bits on every device) or `native` (the device's matrix
-    /// unit, invariant within its class: tensor cores on a GPU, AMX tiles on a CPU, which must
-    /// have them). Default: `native` on a GPU, `portable` on the CPU.
+    /// unit, invariant within its class: tensor cores on a GPU; on a CPU AMX tiles, else AVX512-BF16
+    /// dot products, one of which it must have). Default: `native` on a GPU, `portable` on the CPU.
     #[arg(long)]
     numerics: Option<Numerics>,
 }

@@ -353,7 +353,7 @@ impl Cluster {
         // Embedded nodes run on this CPU: say here, once, what it lacks for native numerics
         // rather than have every node refuse its assignment.
         if opts.nodes == NodesMode::Embedded && opts.engine.mode == lockstep_kernels::KernelMode::Native {
-            lockstep_kernels::cpu::amx::amx_available()?;
+            lockstep_kernels::cpu::native_exec()?;
         }
         let info = ModelInfo::load(
             &opts.model_dir,

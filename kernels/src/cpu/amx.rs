@@ -57,7 +57,7 @@ pub fn takes(dtype: DType) -> bool {
 }
 
 /// bf16 planes a weight type is multiplied as (f16: `hi`, `lo`).
-fn planes(dtype: DType) -> usize {
+pub(super) fn planes(dtype: DType) -> usize {
     match dtype {
         DType::F16 => 2,
         _ => 1,
@@ -206,7 +206,7 @@ impl KLayout {
     }
 }
 
-fn bf16_bits(v: f32) -> u16 {
+pub(super) fn bf16_bits(v: f32) -> u16 {
     half::bf16::from_f32(v).to_bits()
 }
 
@@ -231,7 +231,7 @@ fn pack_a(x: &[f32], m: usize, kl: &KLayout) -> Vec<u16> {
 
 /// The bf16 planes of one weight (f16: the exact split `hi`, `lo`).
 #[inline]
-fn weight_planes(dtype: DType, row: &[u8], col: usize) -> [u16; 2] {
+pub(super) fn weight_planes(dtype: DType, row: &[u8], col: usize) -> [u16; 2] {
     match dtype {
         DType::Bf16 => [u16::from_le_bytes([row[2 * col], row[2 * col + 1]]), 0],
         DType::F16 => {

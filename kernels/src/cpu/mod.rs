@@ -15,12 +15,14 @@
 //!   rounding is not the fma chain of the contract.
 //! * **Fast mode** replaces the matmul by the `gemm` crate (shape-dependent blocking, not
 //!   invariant) for comparison; everything else stays on the contract path.
-//! * **Native mode** ([`KernelMode::Native`]) runs bf16/f16 linears on AMX tiles ([`amx`]), with
-//!   numerics of its own (fingerprint `native-amx`); other weight types and everything that is not
-//!   a linear stay on the contract path. Starting it where the CPU or Linux cannot run tiles is
-//!   an error naming what is missing.
+//! * **Native mode** ([`KernelMode::Native`]) runs bf16/f16 linears with numerics of their own, in
+//!   the best class the CPU has ([`native_exec`]): AMX tiles ([`amx`], fingerprint `native-amx`),
+//!   else AVX512-BF16 dot products ([`dpbf16`], `native-avx512bf16`); other weight types and
+//!   everything that is not a linear stay on the contract path. Starting it where the CPU has
+//!   neither is an error naming what is missing.
 
 pub mod amx;
+pub mod dpbf16;
 mod linear;
 mod ops;
 pub use ops::tree_combine;
@@ -114,8 +116,39 @@ pub struct CpuBackend {
     cfg: CpuConfig,
     isa: Isa,
     pool: std::sync::Arc<rayon::ThreadPool>,
-    /// Who runs the tile program in native mode (`None` in the other modes).
-    amx: Option<amx::AmxExec>,
+    /// The native class and who executes it (`None` in the other modes).
+    native: Option<NativeExec>,
+}
+
+/// A CPU native numerics class, with who executes its rule: the hardware, or the bit-exact
+/// software model the tests use where the hardware is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NativeExec {
+    Amx(amx::AmxExec),
+    Avx512Bf16(dpbf16::Dpbf16Exec),
+}
+
+impl NativeExec {
+    /// The class's name in the determinism fingerprint: each class promises its own bits.
+    pub fn fingerprint_name(self) -> &'static str {
+        match self {
+            NativeExec::Amx(_) => "native-amx",
+            NativeExec::Avx512Bf16(_) => "native-avx512bf16",
+        }
+    }
+}
+
+/// The native class this CPU runs on its hardware: AMX where the CPU and Linux allow tiles (the
+/// faster one for prefill), else AVX512-BF16; neither is an error naming what is missing.
+pub fn native_exec() -> Result<NativeExec, KernelError> {
+    match amx::amx_available() {
+        Ok(()) => Ok(NativeExec::Amx(amx::AmxExec::Hardware)),
+        Err(_) if dpbf16::avx512bf16_available() => Ok(NativeExec::Avx512Bf16(dpbf16::Dpbf16Exec::Hardware)),
+        Err(KernelError::AmxUnavailable(why)) => {
+            Err(KernelError::NativeUnavailable(format!("no AMX ({why}) and no AVX512-BF16")))
+        }
+        Err(other) => Err(other),
+    }
 }
 
 /// A raw pointer that tiles of one output may share across threads: every tile writes a disjoint
@@ -130,21 +163,31 @@ unsafe impl Sync for SharedOut {}
 
 impl CpuBackend {
     pub fn new(cfg: CpuConfig) -> Result<Self, KernelError> {
-        if cfg.mode == KernelMode::Native {
-            amx::amx_available()?;
-        }
-        let exec = (cfg.mode == KernelMode::Native).then_some(amx::AmxExec::Hardware);
-        Self::with_exec(cfg, exec)
+        let native = if cfg.mode == KernelMode::Native { Some(native_exec()?) } else { None };
+        Self::with_exec(cfg, native)
     }
 
     /// Native numerics on the bit-exact software model of the tile unit (`amx::SoftTiles`)
     /// instead of the CPU's: the same packing, configuration and instruction order, so it checks
     /// the tile program on machines without AMX (slowly). `cfg.mode` is taken as native.
     pub fn with_amx_model(cfg: CpuConfig) -> Result<Self, KernelError> {
-        Self::with_exec(CpuConfig { mode: KernelMode::Native, ..cfg }, Some(amx::AmxExec::Model))
+        Self::with_native(cfg, NativeExec::Amx(amx::AmxExec::Model))
     }
 
-    fn with_exec(cfg: CpuConfig, amx: Option<amx::AmxExec>) -> Result<Self, KernelError> {
+    /// Native numerics in a given class and executor (`cfg.mode` is taken as native). A hardware
+    /// executor the CPU lacks is an error.
+    pub fn with_native(cfg: CpuConfig, exec: NativeExec) -> Result<Self, KernelError> {
+        match exec {
+            NativeExec::Amx(amx::AmxExec::Hardware) => amx::amx_available()?,
+            NativeExec::Avx512Bf16(dpbf16::Dpbf16Exec::Hardware) if !dpbf16::avx512bf16_available() => {
+                return Err(KernelError::NativeUnavailable("this CPU has no AVX512-BF16".into()))
+            }
+            _ => {}
+        }
+        Self::with_exec(CpuConfig { mode: KernelMode::Native, ..cfg }, Some(exec))
+    }
+
+    fn with_exec(cfg: CpuConfig, native: Option<NativeExec>) -> Result<Self, KernelError> {
         cfg.numerics.validate()?;
         let isa = cfg.isa.unwrap_or_else(Isa::best);
         if !isa.is_available() {
@@ -155,7 +198,7 @@ impl CpuBackend {
             .thread_name(|i| format!("lockstep-cpu-{i}"))
             .build()
             .expect("thread pool");
-        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), amx })
+        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), native })
     }
     pub fn isa(&self) -> Isa {
         self.isa
@@ -164,13 +207,19 @@ impl CpuBackend {
     /// purpose (they cannot change a bit). The invariant CPU kernels and the CUDA backend's
     /// portable mode share the name `portable`: they promise the same bits, so the same
     /// fingerprint. Fast mode gets its own name, since it promises nothing. Native mode promises
-    /// its own bits within the AMX class: `native-amx`.
+    /// its own bits within its class, the one this CPU would run ([`native_exec`]):
+    /// `native-amx` or `native-avx512bf16` (`native-unavailable` where it has neither: such a
+    /// backend cannot start).
     pub fn fingerprint_name_for(mode: KernelMode) -> &'static str {
         match mode {
             KernelMode::Invariant => "portable",
             KernelMode::Fast => "cpu-fast",
-            KernelMode::Native => "native-amx",
+            KernelMode::Native => native_exec().map_or("native-unavailable", NativeExec::fingerprint_name),
         }
+    }
+    /// The native class and executor (`None` outside native mode).
+    pub fn native(&self) -> Option<NativeExec> {
+        self.native
     }
     pub fn threads(&self) -> usize {
         self.cfg.threads.max(1)
@@ -187,10 +236,31 @@ impl CpuBackend {
         assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
         assert_eq!(x.len(), m * w.cols, "x shape");
         assert_eq!(y.len(), m * w.rows, "y shape");
-        match (self.cfg.mode, self.amx) {
-            (KernelMode::Native, Some(exec)) if amx::takes(w.dtype) => amx::linear_native(self, exec, x, m, w, segs, y),
+        match (self.cfg.mode, self.native) {
+            (KernelMode::Native, Some(NativeExec::Amx(exec))) if amx::takes(w.dtype) => {
+                amx::linear_native(self, exec, x, m, w, segs, y)
+            }
+            // A bare view has no cache for its packed panels: pack for this call.
+            (KernelMode::Native, Some(NativeExec::Avx512Bf16(exec))) if amx::takes(w.dtype) => {
+                dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(w), segs, y)
+            }
             (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
             _ => linear::linear_invariant(self, x, m, w, segs, y),
+        }
+    }
+
+    /// [`Self::linear_partial_into`] for a held weight: the `native-avx512bf16` class packs it
+    /// once, at its first call, and keeps the panels with it.
+    pub fn linear_weight_partial_into(&self, x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange, y: &mut [f32]) {
+        match self.native {
+            Some(NativeExec::Avx512Bf16(exec)) if amx::takes(w.dtype) => {
+                assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
+                assert_eq!(x.len(), m * w.cols, "x shape");
+                assert_eq!(y.len(), m * w.rows, "y shape");
+                let panels = w.native_panels.get_or_init(|| dpbf16::PairPanels::pack(w.view()));
+                dpbf16::linear_native(self, exec, x, m, panels, segs, y)
+            }
+            _ => self.linear_partial_into(x, m, w.view(), segs, y),
         }
     }
 
@@ -283,10 +353,14 @@ impl Backend for CpuBackend {
         CpuKvCache { layout, k: vec![0.0; layout.floats()], v: vec![0.0; layout.floats()] }
     }
     fn linear(&self, x: &Vec<f32>, m: usize, w: &HostWeight, bias: Option<&HostWeight>, y: &mut Vec<f32>) {
-        self.linear_into(x, m, w.view(), bias.map(|b| b.view()), y)
+        let segs = Segmentation::new(w.cols, self.cfg.numerics.reduce_segments).expect("validated").full();
+        self.linear_weight_partial_into(x, m, w, segs, y);
+        if let Some(b) = bias {
+            reference::add_bias(y, b.view());
+        }
     }
     fn linear_partial(&self, x: &Vec<f32>, m: usize, w: &HostWeight, segs: SegmentRange, y: &mut Vec<f32>) {
-        self.linear_partial_into(x, m, w.view(), segs, y)
+        self.linear_weight_partial_into(x, m, w, segs, y)
     }
     fn tree_combine(&self, partials: &[&Vec<f32>], y: &mut Vec<f32>) {
         let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();

@@ -1,14 +1,16 @@
-//! CPU native numerics (AMX, `native-amx`): the tile program equals a plain restatement of the
-//! native rule (docs/DESIGN.md §2.2) bit for bit, and no bit depends on the batch, the thread
-//! count or the tensor-parallel split.
+//! CPU native numerics, both classes — AMX (`native-amx`) and AVX512-BF16 (`native-avx512bf16`):
+//! each class's kernels equal a plain restatement of its rule (docs/DESIGN.md §2.2) bit for bit,
+//! and no bit depends on the batch, the thread count or the tensor-parallel split.
 //!
-//! Every check runs twice: on the software model of the tile unit (`CpuBackend::with_amx_model`,
-//! everywhere) and on the CPU's tile unit (`CpuBackend::new` in native mode), which only a CPU
-//! with AMX can run — elsewhere those tests print `SKIPPED <test>: CPU has no AMX` and pass (a
-//! hardware skip, not a missing file). The model shares the packing, the tile configuration and
-//! the instruction order with the `asm!` path, so the model tests check those on any machine.
+//! Every check runs twice per class: on the class's bit-exact software model (everywhere) and on
+//! the hardware, which only a CPU with AMX (resp. AVX512-BF16) can run — elsewhere those tests
+//! print `SKIPPED <test>: CPU has no …` and pass (a hardware skip, not a missing file). A model
+//! shares the packing and the instruction order with its hardware path, so the model tests check
+//! those on any machine.
 
-use lockstep_kernels::cpu::amx::amx_available;
+use lockstep_kernels::cpu::amx::{amx_available, AmxExec};
+use lockstep_kernels::cpu::dpbf16::{avx512bf16_available, Dpbf16Exec};
+use lockstep_kernels::cpu::{native_exec, NativeExec};
 use lockstep_kernels::{
     reference, Backend, CpuBackend, CpuConfig, DType, HostWeight, KernelError, KernelMode, NumericsConfig,
     SegmentRange, Segmentation,
@@ -30,27 +32,47 @@ fn config(threads: usize, segments: usize) -> CpuConfig {
     }
 }
 
-/// How a test gets a native backend: the software model, or the tile unit.
+/// How a test gets a native backend (threads, segments), and the rule it must follow.
 type Make = fn(usize, usize) -> CpuBackend;
+type Rule = fn(&[f32], &[f32], DType, SegmentRange) -> f32;
 
 fn model(threads: usize, segments: usize) -> CpuBackend {
     CpuBackend::with_amx_model(config(threads, segments)).unwrap()
 }
 
 fn hardware(threads: usize, segments: usize) -> CpuBackend {
-    CpuBackend::new(config(threads, segments)).unwrap()
+    CpuBackend::with_native(config(threads, segments), NativeExec::Amx(AmxExec::Hardware)).unwrap()
+}
+
+fn dp_model(threads: usize, segments: usize) -> CpuBackend {
+    CpuBackend::with_native(config(threads, segments), NativeExec::Avx512Bf16(Dpbf16Exec::Model)).unwrap()
+}
+
+fn dp_hardware(threads: usize, segments: usize) -> CpuBackend {
+    CpuBackend::with_native(config(threads, segments), NativeExec::Avx512Bf16(Dpbf16Exec::Hardware)).unwrap()
+}
+
+/// A printed skip. Straight to the stderr handle: libtest hides the printed output of passing
+/// tests, and a skip must be seen.
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// The hardware variant of a check, or a printed skip where this CPU cannot run tiles.
 fn on_hardware(test: &str, check: fn(Make)) {
     match amx_available() {
         Ok(()) => check(hardware),
-        // Straight to the stderr handle: libtest hides the printed output of passing tests, and a
-        // skip must be seen.
-        Err(e) => {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: CPU has no AMX ({e})");
-        }
+        Err(e) => skip(test, &format!("CPU has no AMX ({e})")),
+    }
+}
+
+/// The same for the AVX512-BF16 class.
+fn on_avx512bf16(test: &str, check: impl FnOnce(Make)) {
+    if avx512bf16_available() {
+        check(dp_hardware)
+    } else {
+        skip(test, "CPU has no AVX512-BF16")
     }
 }
 
@@ -74,15 +96,7 @@ fn bf16(x: f32) -> f32 {
 /// segment's running sum; the segments meet in the contract's tree.
 fn native_dot(x: &[f32], w: &[f32], dtype: DType, segs: SegmentRange) -> f32 {
     let seg_len = segs.seg.seg_len;
-    let planes: Vec<Vec<f32>> = match dtype {
-        DType::Bf16 => vec![w.to_vec()],
-        DType::F16 => {
-            let hi: Vec<f32> = w.iter().map(|&v| bf16(v)).collect();
-            let lo = w.iter().zip(&hi).map(|(&v, &h)| bf16(v - h)).collect();
-            vec![hi, lo]
-        }
-        other => panic!("{other:?} is not a tile type"),
-    };
+    let planes = weight_planes(w, dtype);
     let sums: Vec<f32> = (0..segs.count)
         .map(|s| {
             let mut c = 0.0f32;
@@ -107,19 +121,57 @@ fn native_dot(x: &[f32], w: &[f32], dtype: DType, segs: SegmentRange) -> f32 {
     reference::segment_tree(&sums)
 }
 
-fn native_linear(x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange) -> Vec<f32> {
+/// The bf16 planes a weight row is multiplied as (f16: the exact split `hi`, `lo`).
+fn weight_planes(w: &[f32], dtype: DType) -> Vec<Vec<f32>> {
+    match dtype {
+        DType::Bf16 => vec![w.to_vec()],
+        DType::F16 => {
+            let hi: Vec<f32> = w.iter().map(|&v| bf16(v)).collect();
+            let lo = w.iter().zip(&hi).map(|(&v, &h)| bf16(v - h)).collect();
+            vec![hi, lo]
+        }
+        other => panic!("{other:?} has no native path"),
+    }
+}
+
+/// The AVX512-BF16 rule for one dot product, from DESIGN §2.2 without vectors: per segment one
+/// accumulator from +0 over the segment's column pairs (real columns only; a pair cut by the row's
+/// end has a zero second half), per pair and plane the odd product then the even one, each an f32
+/// fma with DAZ/FTZ; the segments meet in the contract's tree.
+fn dp_dot(x: &[f32], w: &[f32], dtype: DType, segs: SegmentRange) -> f32 {
+    let seg_len = segs.seg.seg_len;
+    let planes = weight_planes(w, dtype);
+    let at = |v: &[f32], e: usize| if e < x.len() { v[e] } else { 0.0 };
+    let sums: Vec<f32> = (0..segs.count)
+        .map(|s| {
+            let (lo, hi) = ((s * seg_len).min(x.len()), ((s + 1) * seg_len).min(x.len()));
+            let mut c = 0.0f32;
+            for p in if lo < hi { lo / 2..hi.div_ceil(2) } else { 0..0 } {
+                for plane in &planes {
+                    let (a0, b0) = (flush(bf16(at(x, 2 * p))), flush(at(plane, 2 * p)));
+                    let (a1, b1) = (flush(bf16(at(x, 2 * p + 1))), flush(at(plane, 2 * p + 1)));
+                    c = flush(a0.mul_add(b0, flush(a1.mul_add(b1, c))));
+                }
+            }
+            c
+        })
+        .collect();
+    reference::segment_tree(&sums)
+}
+
+fn native_linear(rule: Rule, x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange) -> Vec<f32> {
     let (k, wf) = (w.cols, w.view().to_f32());
     (0..m)
         .flat_map(|i| {
             let wf = &wf;
-            (0..w.rows).map(move |j| native_dot(&x[i * k..(i + 1) * k], &wf[j * k..(j + 1) * k], w.dtype, segs))
+            (0..w.rows).map(move |j| rule(&x[i * k..(i + 1) * k], &wf[j * k..(j + 1) * k], w.dtype, segs))
         })
         .collect()
 }
 
 // ---------------------------------------------------------------- the checks
 
-fn equals_the_rule_on_random_shapes(make: Make) {
+fn equals_the_rule_on_random_shapes(make: Make, rule: Rule) {
     let mut rng = Rng::new(21);
     for case in 0..16 {
         let (m, k, n) = (1 + rng.below(20), 1 + rng.below(300), 1 + rng.below(40));
@@ -131,7 +183,7 @@ fn equals_the_rule_on_random_shapes(make: Make) {
         let be = make(2, segments);
         let mut y = vec![0.0; m * n];
         be.linear(&x, m, &w, None, &mut y);
-        assert_eq!(bits(&y), bits(&native_linear(&x, m, &w, segs)), "m={m} k={k} n={n} S={segments} {dtype:?}");
+        assert_eq!(bits(&y), bits(&native_linear(rule, &x, m, &w, segs)), "m={m} k={k} n={n} S={segments} {dtype:?}");
     }
 }
 
@@ -197,7 +249,7 @@ fn row_parallel_shards_finish_the_unsplit_tree(make: Make) {
 
 #[test]
 fn model_tile_program_equals_the_native_rule_on_random_shapes() {
-    equals_the_rule_on_random_shapes(model)
+    equals_the_rule_on_random_shapes(model, native_dot)
 }
 
 #[test]
@@ -217,7 +269,9 @@ fn model_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unsplit() 
 
 #[test]
 fn amx_tile_program_equals_the_native_rule_on_random_shapes() {
-    on_hardware("amx_tile_program_equals_the_native_rule_on_random_shapes", equals_the_rule_on_random_shapes)
+    on_hardware("amx_tile_program_equals_the_native_rule_on_random_shapes", |make| {
+        equals_the_rule_on_random_shapes(make, native_dot)
+    })
 }
 
 #[test]
@@ -278,6 +332,12 @@ fn model_native_bits_differ_from_portable_on_bf16_weights() {
 /// bit for bit the contract's.
 #[test]
 fn native_mode_keeps_the_portable_bits_for_f32_and_block_weights() {
+    for make in [model as Make, dp_model] {
+        portable_bits_for_f32_and_block_weights(make)
+    }
+}
+
+fn portable_bits_for_f32_and_block_weights(model: Make) {
     let mut rng = Rng::new(27);
     let (m, k, n) = (5, 256, 19);
     let x = rng.vec(m * k);
@@ -294,17 +354,125 @@ fn native_mode_keeps_the_portable_bits_for_f32_and_block_weights() {
     }
 }
 
-/// Where the CPU or Linux cannot run tiles, native mode refuses to start and says what is
-/// missing and what to use instead; where they can, it starts.
+/// Native mode starts in the best class the CPU has — AMX, else AVX512-BF16 — and names it in
+/// the fingerprint; where the CPU has neither it refuses to start and says what is missing and
+/// what to use instead.
 #[test]
-fn native_mode_starts_only_where_amx_runs_and_says_what_is_missing() {
-    match (amx_available(), CpuBackend::new(config(1, 8))) {
-        (Ok(()), Ok(be)) => assert_eq!(be.fingerprint_name(), "native-amx"),
-        (Err(_), Err(e @ KernelError::AmxUnavailable(_))) => {
+fn native_mode_picks_amx_then_avx512bf16_and_says_what_is_missing() {
+    let expected = match (amx_available(), avx512bf16_available()) {
+        (Ok(()), _) => Some("native-amx"),
+        (Err(_), true) => Some("native-avx512bf16"),
+        (Err(_), false) => None,
+    };
+    match (expected, CpuBackend::new(config(1, 8))) {
+        (Some(name), Ok(be)) => {
+            assert_eq!(be.fingerprint_name(), name);
+            assert_eq!(native_exec().unwrap().fingerprint_name(), name);
+            assert_eq!(CpuBackend::fingerprint_name_for(KernelMode::Native), name);
+        }
+        (None, Err(e @ KernelError::NativeUnavailable(_))) => {
             let msg = e.to_string();
             assert!(msg.contains("cpu native numerics need AMX"), "{msg}");
+            assert!(msg.contains("AVX512-BF16"), "{msg}");
             assert!(msg.contains("--numerics portable"), "{msg}");
         }
-        (probe, started) => panic!("probe {probe:?} but start {:?}", started.map(|_| ())),
+        (expected, started) => panic!("expected {expected:?} but start {:?}", started.map(|_| ())),
     }
+}
+
+// ---------------------------------------------------------------- the AVX512-BF16 class
+
+#[test]
+fn avx512bf16_model_equals_the_native_rule_on_random_shapes() {
+    equals_the_rule_on_random_shapes(dp_model, dp_dot)
+}
+
+#[test]
+fn avx512bf16_model_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
+    rows_alone_equal_rows_in_batches_of_1_to_64(dp_model)
+}
+
+#[test]
+fn avx512bf16_model_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unsplit() {
+    row_parallel_shards_finish_the_unsplit_tree(dp_model)
+}
+
+#[test]
+fn avx512bf16_equals_the_native_rule_on_random_shapes() {
+    on_avx512bf16("avx512bf16_equals_the_native_rule_on_random_shapes", |make| {
+        equals_the_rule_on_random_shapes(make, dp_dot)
+    })
+}
+
+#[test]
+fn avx512bf16_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
+    on_avx512bf16(
+        "avx512bf16_rows_are_identical_alone_and_inside_batches_of_1_to_64",
+        rows_alone_equal_rows_in_batches_of_1_to_64,
+    )
+}
+
+#[test]
+fn avx512bf16_thread_counts_1_2_3_8_give_identical_bits() {
+    on_avx512bf16("avx512bf16_thread_counts_1_2_3_8_give_identical_bits", thread_counts_give_identical_bits)
+}
+
+#[test]
+fn avx512bf16_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unsplit() {
+    on_avx512bf16(
+        "avx512bf16_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unsplit",
+        row_parallel_shards_finish_the_unsplit_tree,
+    )
+}
+
+/// The instruction gives the model's bits on real shapes (every tile shape 1…8 rows, panel tails,
+/// f16's two planes): where this fails, the model and DESIGN §2.2 misdescribe the silicon.
+#[test]
+fn avx512bf16_hardware_gives_the_software_models_bits() {
+    on_avx512bf16("avx512bf16_hardware_gives_the_software_models_bits", |hw| {
+        let mut rng = Rng::new(28);
+        for dtype in [DType::Bf16, DType::F16] {
+            for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 37] {
+                let (k, n) = (517, 45 + 16 * (m % 4));
+                let x = rng.vec(m * k);
+                let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
+                let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
+                hw(2, 8).linear(&x, m, &w, None, &mut a);
+                dp_model(2, 8).linear(&x, m, &w, None, &mut b);
+                assert_eq!(bits(&a), bits(&b), "{dtype:?} m={m}");
+            }
+        }
+    })
+}
+
+/// A held weight packs its panels once and keeps them; a bare view packs per call. Both give the
+/// same bits, and a second call on the held weight (from its cache) gives them again.
+#[test]
+fn avx512bf16_cached_panels_give_the_bits_of_a_fresh_packing() {
+    let mut rng = Rng::new(29);
+    let (m, k, n) = (3, 300, 50);
+    let x = rng.vec(m * k);
+    let w = HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k);
+    let be = dp_model(2, 4);
+    let (mut held, mut again, mut view) = (vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n]);
+    be.linear(&x, m, &w, None, &mut held);
+    be.linear(&x, m, &w.clone(), None, &mut again);
+    be.linear_into(&x, m, w.view(), None, &mut view);
+    assert_eq!(bits(&held), bits(&view));
+    assert_eq!(bits(&again), bits(&view));
+}
+
+#[test]
+fn avx512bf16_model_native_bits_differ_from_portable_and_from_amx() {
+    let mut rng = Rng::new(30);
+    let (m, k, n) = (8, 896, 64);
+    let x = rng.vec(m * k);
+    let w = HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k);
+    let (mut dp, mut amx) = (vec![0.0; m * n], vec![0.0; m * n]);
+    dp_model(2, 8).linear(&x, m, &w, None, &mut dp);
+    model(2, 8).linear(&x, m, &w, None, &mut amx);
+    let portable = reference::linear(&x, m, w.view(), None, 8);
+    let differ = |a: &[f32], b: &[f32]| bits(a).iter().zip(bits(b)).filter(|(a, b)| **a != *b).count();
+    assert!(differ(&dp, &portable) > 0, "avx512bf16 gave the portable bits on all {} outputs", m * n);
+    assert!(differ(&dp, &amx) > 0, "avx512bf16 gave the AMX bits on all {} outputs", m * n);
 }
