@@ -209,8 +209,9 @@ run_transformers() { # label hf-dir dtype
 
 NATIVE_WHY=""
 native_flags() {
-    if ! grep -qw amx_tile /proc/cpuinfo; then
-        NATIVE_WHY="this CPU has no AMX"
+    # The CPU native classes (DESIGN §2.2): AMX tiles, else AVX512-BF16 dot products.
+    if ! grep -qwE 'amx_tile|avx512_bf16' /proc/cpuinfo; then
+        NATIVE_WHY="this CPU has neither AMX nor AVX512-BF16"
         return 1
     fi
     return 0
