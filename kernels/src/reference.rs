@@ -34,6 +34,10 @@ pub fn segment_dot(x: &[f32], w: &[f32], padded: usize) -> f32 {
 /// right. For `n = 2^k` that is the balanced tree; for `n = 3·2^k` it is
 /// `(tree(first 2^(k+1)) + tree(last 2^k))` = `(T0 + T1) + T2` over the three thirds, so every
 /// third — and every aligned power-of-two run — is a subtree.
+///
+/// Always inlined, so a SIMD kernel's `add` (an intrinsic under its `target_feature`) is inlined
+/// with it rather than called once per add.
+#[inline(always)]
 pub fn tree_reduce<T: Copy>(values: &mut [T], add: impl Fn(T, T) -> T) -> T {
     assert!(!values.is_empty(), "tree over no values");
     let mut start = 0;

@@ -114,21 +114,37 @@ impl PairPanels {
     }
 }
 
-/// x rows as bf16 pairs, `pairs` dwords a row (the second half of a pair past the row is zero).
-fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+/// x rows as bf16 pairs, `pairs` dwords a row (the second half of a pair past the row is zero),
+/// rows split among the pool's threads when there are many.
+fn pack_x(be: &CpuBackend, x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut out = vec![0u32; m * pairs];
     if pairs == 0 {
         return out;
     }
-    for (row, xr) in out.chunks_exact_mut(pairs).zip(x.chunks_exact(k)) {
-        for (p, v) in row.iter_mut().enumerate() {
-            let lo = bf16_bits(xr[2 * p]) as u32;
-            let hi = if 2 * p + 1 < k { bf16_bits(xr[2 * p + 1]) as u32 } else { 0 };
-            *v = lo | hi << 16;
-        }
+    let row = |(dst, xr): (&mut [u32], &[f32])| pack_x_row(xr, dst);
+    if m >= 16 && be.threads() > 1 {
+        be.pool().install(|| out.par_chunks_exact_mut(pairs).zip(x.par_chunks_exact(k)).for_each(row));
+    } else {
+        out.chunks_exact_mut(pairs).zip(x.chunks_exact(k)).for_each(row);
     }
     out
+}
+
+/// One x row as bf16 pairs: `half`'s round to nearest even (NaN kept quiet), 16 at a time where
+/// AVX-512 exists — the same integer formula, so the same bits.
+fn pack_x_row(xr: &[f32], dst: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present; the function reads and writes whole pairs in bounds.
+        done = unsafe { hw::pack_pairs(xr, dst) };
+    }
+    for p in done..dst.len() {
+        let lo = bf16_bits(xr[2 * p]) as u32;
+        let hi = if 2 * p + 1 < xr.len() { bf16_bits(xr[2 * p + 1]) as u32 } else { 0 };
+        dst[p] = lo | hi << 16;
+    }
 }
 
 /// Each segment's pairs (relative to the range's first column): the real columns only.
@@ -284,6 +300,44 @@ mod hw {
         }
     }
 
+    /// Whole pairs of `xr` (16 pairs, 32 floats, at a time) rounded to bf16 as `half` does:
+    /// NaN → its top half with the quiet bit set; otherwise `(bits + 0x7fff + lsb) >> 16`, the
+    /// lsb being bit 16 (round to nearest even). Returns how many pairs it wrote.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_pairs(xr: &[f32], dst: &mut [u32]) -> usize {
+        let whole = (xr.len() / 32).min(dst.len() / 16);
+        let round = |v: __m512i| {
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
+            let rne = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7fff)), lsb));
+            let abs = _mm512_and_si512(v, _mm512_set1_epi32(0x7fff_ffff));
+            let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(0x40));
+            _mm512_mask_blend_epi32(nan, rne, quiet)
+        };
+        for b in 0..whole {
+            let src = xr.as_ptr().add(32 * b) as *const __m512i;
+            let (a, c) = (round(_mm512_loadu_si512(src)), round(_mm512_loadu_si512(src.add(1))));
+            // Elements 2p (low half) and 2p + 1 (high half) of each pair: even and odd dwords
+            // of the 32 rounded values, packed as lo | hi << 16.
+            let even = _mm512_permutex2var_epi32(
+                a,
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                c,
+            );
+            let odd = _mm512_permutex2var_epi32(
+                a,
+                _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31),
+                c,
+            );
+            let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * b) as *mut __m512i, pairs);
+        }
+        16 * whole
+    }
+
     #[inline(always)]
     fn m512bh(v: __m512i) -> __m512bh {
         // SAFETY: both are 512 bits of plain data.
@@ -352,7 +406,8 @@ pub(crate) fn linear_native(
     if m == 0 || n == 0 {
         return;
     }
-    let job = Job { x: pack_x(x, m, k), w: panels, n, segs: segment_pairs(segs, k), out: SharedOut(y.as_mut_ptr()) };
+    let job =
+        Job { x: pack_x(be, x, m, k), w: panels, n, segs: segment_pairs(segs, k), out: SharedOut(y.as_mut_ptr()) };
     let (mr, nb) = tile_shape(m);
     let total = panels.panels();
     // A task: `nb` panels (one tile column) over every row, so its weight panels are read from
@@ -396,6 +451,46 @@ mod tests {
         // A denormal result is flushed (to zero of its sign), and a denormal input reads as zero.
         assert_eq!(dp_lane(0.0, pair(2f32.powi(-70), 0.0), pair(-(2f32.powi(-70)), 0.0)).to_bits(), 0x8000_0000);
         assert_eq!(dp_lane(1.0, pair(2f32.powi(-130), 0.0), pair(2f32.powi(100), 0.0)), 1.0);
+    }
+
+    #[test]
+    fn packed_x_pairs_round_like_half_including_nan_ties_and_denormals() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u32
+        };
+        let specials = [
+            0x7fc0_0001u32,
+            0xff80_0001,
+            0x7f80_0000,
+            0x0000_8000,
+            0x0001_8000,
+            0x0000_7fff,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x807f_ffff,
+            0x7f7f_ffff,
+        ];
+        for k in [1usize, 31, 32, 33, 95, 130] {
+            let xr: Vec<f32> =
+                (0..k).map(|i| f32::from_bits(if i < specials.len() { specials[i] } else { rnd() })).collect();
+            let mut dst = vec![0u32; k.div_ceil(2)];
+            pack_x_row(&xr, &mut dst);
+            for (p, &v) in dst.iter().enumerate() {
+                let lo = bf16_bits(xr[2 * p]) as u32;
+                let hi = if 2 * p + 1 < k { bf16_bits(xr[2 * p + 1]) as u32 } else { 0 };
+                assert_eq!(
+                    v,
+                    lo | hi << 16,
+                    "k={k} pair {p}: {:#010x} {:#010x}",
+                    xr[2 * p].to_bits(),
+                    xr.get(2 * p + 1).map_or(0, |x| x.to_bits())
+                );
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
