@@ -42,7 +42,7 @@ use std::ops::Range;
 
 use super::amx::{bf16_bits, planes, weight_planes};
 use super::{CpuBackend, SharedOut};
-use crate::{SegmentRange, WeightView};
+use crate::{DType, SegmentRange, WeightView};
 
 /// Outputs per panel: one zmm of f32.
 pub const PANEL_ROWS: usize = 16;
@@ -90,6 +90,17 @@ impl PairPanels {
         words.par_chunks_mut(panel_words.max(1)).enumerate().for_each(|(nb, panel)| {
             for j in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {
                 let row = w.row(nb * PANEL_ROWS + j);
+                if w.dtype == DType::Bf16 {
+                    // A bf16 pair is the row's next four bytes, as stored: a strided copy.
+                    let whole = w.cols / 2;
+                    for (p, b) in row.chunks_exact(4).take(whole).enumerate() {
+                        panel[p * PANEL_ROWS + j] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                    if whole < pairs {
+                        panel[whole * PANEL_ROWS + j] = u16::from_le_bytes([row[4 * whole], row[4 * whole + 1]]) as u32;
+                    }
+                    continue;
+                }
                 for p in 0..pairs {
                     let c = 2 * p;
                     let lo_col = weight_planes(w.dtype, row, c);
