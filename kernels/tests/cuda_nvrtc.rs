@@ -27,7 +27,7 @@ fn nvrtc_or_skip(test: &str) -> bool {
             panic!("LOCKSTEP_REQUIRE_NVRTC is set but {e}")
         }
         Err(e) => {
-            println!("SKIPPED: libnvrtc not found ({test}): {e}");
+            skip(&format!("SKIPPED: libnvrtc not found ({test}): {e}"));
             false
         }
     }
@@ -108,7 +108,7 @@ fn ptx_cache_writes_and_reuses_compiled_ptx() {
 #[test]
 fn cuda_backend_without_a_driver_is_a_clear_error_not_a_panic() {
     if libs::driver_present() {
-        println!("SKIPPED: a CUDA driver is present here; deploy/gpu-check.sh covers this machine");
+        skip("SKIPPED: a CUDA driver is present here; deploy/gpu-check.sh covers this machine");
         return;
     }
     for mode in [CudaMode::Portable, CudaMode::Native] {
@@ -135,4 +135,11 @@ fn cuda_mode_parses() {
     assert_eq!("native".parse::<CudaMode>().unwrap(), CudaMode::Native);
     assert!("fast".parse::<CudaMode>().is_err());
     assert_eq!(CudaMode::default().as_str(), "portable");
+}
+
+/// A skip line straight to the stderr handle: libtest captures `println!`/`eprintln!` and shows
+/// them only for a failing test, and a skip must be seen.
+fn skip(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
