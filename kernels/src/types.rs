@@ -175,16 +175,42 @@ impl<'a> WeightView<'a> {
 pub struct SharedBytes {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
     range: Range<usize>,
+    /// The bytes are a read-only map of a file: their resident pages may be dropped at any time
+    /// and are read back from the file when next touched.
+    file_mapped: bool,
 }
 
 impl SharedBytes {
     pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Self {
         assert!(range.end <= (*owner).as_ref().len(), "SharedBytes range out of bounds");
-        SharedBytes { owner, range }
+        SharedBytes { owner, range, file_mapped: false }
+    }
+    /// Bytes of a read-only memory map of a file (the owner must be one: see
+    /// [`Self::release_resident`]).
+    pub fn file_mapped(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Self {
+        SharedBytes { file_mapped: true, ..Self::new(owner, range) }
     }
     pub fn from_vec(v: Vec<u8>) -> Self {
         let len = v.len();
-        SharedBytes { owner: Arc::new(v), range: 0..len }
+        SharedBytes { owner: Arc::new(v), range: 0..len, file_mapped: false }
+    }
+    /// Drop this process's resident pages of file-mapped bytes that a kernel has copied into a
+    /// layout of its own (`MADV_DONTNEED` on the whole pages inside the range): the copy is what
+    /// runs, and counting both would double the weights' RSS. Later reads (an embedding lookup
+    /// of a tied lm-head) fault the pages back from the file. A no-op for bytes in memory.
+    pub fn release_resident(&self) {
+        #[cfg(target_os = "linux")]
+        if self.file_mapped {
+            const PAGE: usize = 4096;
+            let base = self.as_slice().as_ptr() as usize;
+            let (start, end) = (base.next_multiple_of(PAGE), (base + self.len()) / PAGE * PAGE);
+            if start < end {
+                // SAFETY: the range lies inside a read-only file mapping that stays mapped (the
+                // owner lives); MADV_DONTNEED there only drops page-table entries, and the
+                // contents read back are the file's, unchanged.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            }
+        }
     }
     #[inline]
     pub fn as_slice(&self) -> &[u8] {

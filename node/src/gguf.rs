@@ -608,9 +608,8 @@ impl GgufModel {
         let dtype = self.loaded_dtype(&name, info.ggml_dtype)?;
         let kernel = |e| LoadError::Kernel { file: self.file.path.clone(), name: name.clone(), source: e };
         let weight = match kept_dtype(info.ggml_dtype) {
-            Some(_) => {
-                HostWeight::new(dtype, SharedBytes::new(self.file.map.clone(), range), rows, cols).map_err(kernel)?
-            }
+            Some(_) => HostWeight::new(dtype, SharedBytes::file_mapped(self.file.map.clone(), range), rows, cols)
+                .map_err(kernel)?,
             None => dequantize(&self.file.path, &name, info.ggml_dtype, &self.file.map[range], rows, cols)?,
         };
         let Some(heads) = self.permuted_heads(hf) else { return Ok(weight) };

@@ -154,7 +154,7 @@ impl SafetensorsFile {
     }
 
     fn shared(&self, range: Range<usize>) -> SharedBytes {
-        SharedBytes::new(self.map.clone(), range)
+        SharedBytes::file_mapped(self.map.clone(), range)
     }
 }
 

@@ -257,7 +257,11 @@ impl CpuBackend {
                 assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
                 assert_eq!(x.len(), m * w.cols, "x shape");
                 assert_eq!(y.len(), m * w.rows, "y shape");
-                let panels = w.native_panels.get_or_init(|| dpbf16::PairPanels::pack(w.view()));
+                let panels = w.native_panels.get_or_init(|| {
+                    let panels = dpbf16::PairPanels::pack(w.view());
+                    w.bytes.release_resident();
+                    panels
+                });
                 dpbf16::linear_native(self, exec, x, m, panels, segs, y)
             }
             _ => self.linear_partial_into(x, m, w.view(), segs, y),
