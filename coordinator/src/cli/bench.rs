@@ -63,10 +63,15 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         opts.mode = mode;
         let info = ModelInfo::load(&model, &opts, &backend_fingerprint_name(&opts)?)?;
         let node_threads = (opts.threads.min(cores) / tp).max(1);
+        // Native numerics are named as the fingerprint names them (the class is what matters).
+        let numerics = match mode {
+            KernelMode::Native => lockstep_kernels::CpuBackend::fingerprint_name_for(mode),
+            mode => mode.as_str(),
+        };
         let backend = if tp == 1 {
-            format!("cpu/{} threads/{}", opts.threads, mode.as_str())
+            format!("cpu/{} threads/{numerics}", opts.threads)
         } else {
-            format!("{tp} nodes × {node_threads} threads/{}", mode.as_str())
+            format!("{tp} nodes × {node_threads} threads/{numerics}")
         };
         let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
         let service = start_service(&model, &ClusterArgs::embedded(tp, node_threads), &opts, info, UNBOUNDED, None)?;
