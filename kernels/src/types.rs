@@ -231,15 +231,16 @@ pub struct HostWeight {
     pub bytes: SharedBytes,
     pub rows: usize,
     pub cols: usize,
-    /// The weight packed for the `native-avx512bf16` linear, made at its first such call and
-    /// shared by clones (a tied embedding and lm-head pack once). Empty in every other mode.
-    pub(crate) native_panels: Arc<OnceLock<crate::cpu::dpbf16::PairPanels>>,
+    /// The weight packed for a CPU native class's linear (AVX512-BF16 panels or AMX B tiles),
+    /// made at its first such call and shared by clones (a tied embedding and lm-head pack once).
+    /// Empty in every other mode.
+    pub(crate) native_packed: Arc<OnceLock<crate::cpu::NativePacked>>,
 }
 
 impl HostWeight {
     pub fn new(dtype: DType, bytes: SharedBytes, rows: usize, cols: usize) -> Result<Self, KernelError> {
         WeightView::new(dtype, bytes.as_slice(), rows, cols)?;
-        Ok(HostWeight { dtype, bytes, rows, cols, native_panels: Arc::default() })
+        Ok(HostWeight { dtype, bytes, rows, cols, native_packed: Arc::default() })
     }
     /// Build from f32 values, rounding to `dtype` (an element type; panics for a block type).
     pub fn from_f32(values: &[f32], dtype: DType, rows: usize, cols: usize) -> Self {
@@ -248,7 +249,7 @@ impl HostWeight {
         for &x in values {
             dtype.push_from_f32(x, &mut bytes);
         }
-        HostWeight { dtype, bytes: SharedBytes::from_vec(bytes), rows, cols, native_panels: Arc::default() }
+        HostWeight { dtype, bytes: SharedBytes::from_vec(bytes), rows, cols, native_packed: Arc::default() }
     }
     pub fn view(&self) -> WeightView<'_> {
         WeightView { dtype: self.dtype, bytes: self.bytes.as_slice(), rows: self.rows, cols: self.cols }

@@ -445,21 +445,33 @@ fn avx512bf16_hardware_gives_the_software_models_bits() {
     })
 }
 
-/// A held weight packs its panels once and keeps them; a bare view packs per call. Both give the
-/// same bits, and a second call on the held weight (from its cache) gives them again.
+/// A held weight packs once (AVX512-BF16 panels, AMX B tiles) and keeps the packing; a bare view
+/// packs per call. Both give the same bits, a second call on the held weight (from its cache) gives
+/// them again, and a backend with another segmentation does not take the tiles packed for the
+/// first (AMX tiles depend on the segments).
 #[test]
-fn avx512bf16_cached_panels_give_the_bits_of_a_fresh_packing() {
+fn cached_native_packing_gives_the_bits_of_a_fresh_packing_in_both_classes() {
     let mut rng = Rng::new(29);
     let (m, k, n) = (3, 300, 50);
     let x = rng.vec(m * k);
-    let w = HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k);
-    let be = dp_model(2, 4);
-    let (mut held, mut again, mut view) = (vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n]);
-    be.linear(&x, m, &w, None, &mut held);
-    be.linear(&x, m, &w.clone(), None, &mut again);
-    be.linear_into(&x, m, w.view(), None, &mut view);
-    assert_eq!(bits(&held), bits(&view));
-    assert_eq!(bits(&again), bits(&view));
+    for (make, rule) in [(model as Make, native_dot as Rule), (dp_model, dp_dot)] {
+        for dtype in [DType::Bf16, DType::F16] {
+            let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
+            let be = make(2, 4);
+            let (mut held, mut again, mut view) = (vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n]);
+            be.linear(&x, m, &w, None, &mut held);
+            be.linear(&x, m, &w.clone(), None, &mut again);
+            be.linear_into(&x, m, w.view(), None, &mut view);
+            assert_eq!(bits(&held), bits(&view), "{dtype:?}");
+            assert_eq!(bits(&again), bits(&view), "{dtype:?}");
+            let segs = Segmentation::new(k, 4).unwrap().full();
+            assert_eq!(bits(&held), bits(&native_linear(rule, &x, m, &w, segs)), "{dtype:?}");
+            let mut other = vec![0.0; m * n];
+            make(2, 8).linear(&x, m, &w, None, &mut other);
+            let segs8 = Segmentation::new(k, 8).unwrap().full();
+            assert_eq!(bits(&other), bits(&native_linear(rule, &x, m, &w, segs8)), "{dtype:?}, S = 8 after S = 4");
+        }
+    }
 }
 
 #[test]

@@ -277,6 +277,41 @@ fn pack_b(w: WeightView<'_>, n0: usize, kl: &KLayout, out: &mut Vec<u32>) {
     }
 }
 
+/// Every B tile of a weight for one segmentation, packed once and kept with the weight: block
+/// `n0 / 16` at `block * per_block` words, laid out as [`pack_b`] lays one block. Decode reads each
+/// weight once per step, so packing per call would triple its memory traffic.
+pub struct PackedB {
+    words: Vec<u32>,
+    per_block: usize,
+    rows: usize,
+    cols: usize,
+    seg_len: usize,
+    count: usize,
+}
+
+impl PackedB {
+    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, segs: SegmentRange) -> PackedB {
+        let kl = KLayout::new(segs, w.cols);
+        let per_block = kl.count * kl.tiles * planes(w.dtype) * TILE_WORDS;
+        let mut words = vec![0u32; w.rows.div_ceil(TILE_COLS) * per_block];
+        be.pool().install(|| {
+            words.par_chunks_mut(per_block.max(1)).enumerate().for_each_init(Vec::new, |b, (i, dst)| {
+                pack_b(w, i * TILE_COLS, &kl, b);
+                dst.copy_from_slice(b);
+            })
+        });
+        PackedB { words, per_block, rows: w.rows, cols: w.cols, seg_len: kl.seg_len, count: kl.count }
+    }
+    /// Whether these tiles were packed from a weight of this shape for this segmentation.
+    pub(crate) fn fits(&self, w: WeightView<'_>, segs: SegmentRange) -> bool {
+        (self.rows, self.cols, self.seg_len, self.count) == (w.rows, w.cols, segs.seg.seg_len, segs.count)
+    }
+    fn block(&self, n0: usize) -> &[u32] {
+        let b = n0 / TILE_COLS;
+        &self.words[b * self.per_block..(b + 1) * self.per_block]
+    }
+}
+
 // ---------------------------------------------------------------- the tile program (shared)
 
 /// The tile instructions the program uses, as one executor issues them.
@@ -493,6 +528,8 @@ struct Job<'a> {
     a: Vec<u16>,
     a_stride: usize,
     w: WeightView<'a>,
+    /// The weight's B tiles packed at its first call, when it is a held weight.
+    packed: Option<&'a PackedB>,
     kl: KLayout,
     planes: usize,
     out: SharedOut,
@@ -508,11 +545,17 @@ impl Job<'_> {
         let mut b = Vec::new();
         let mut sums: Vec<CTile> = vec![[0.0; TILE_ROWS * TILE_COLS]; self.kl.count];
         for n0 in cols.clone().step_by(TILE_COLS) {
-            pack_b(self.w, n0, &self.kl, &mut b);
+            let tiles = match self.packed {
+                Some(p) => p.block(n0),
+                None => {
+                    pack_b(self.w, n0, &self.kl, &mut b);
+                    &b[..]
+                }
+            };
             for i0 in rows.clone().step_by(TILE_ROWS) {
                 // Row i0 of the A panel exists: its rows are padded to a multiple of 16.
                 let ap = (self.a.as_ptr() as *const u8).add(i0 * self.a_stride);
-                tile_program(u, ap, self.a_stride, b.as_ptr() as *const u8, &self.kl, self.planes, &mut sums);
+                tile_program(u, ap, self.a_stride, tiles.as_ptr() as *const u8, &self.kl, self.planes, &mut sums);
                 for i in i0..(i0 + TILE_ROWS).min(rows.end) {
                     for j in n0..(n0 + TILE_COLS).min(cols.end) {
                         let at = (i - i0) * TILE_COLS + (j - n0);
@@ -529,7 +572,9 @@ impl Job<'_> {
 }
 
 /// Row-parallel partial of a bf16/f16 linear in the native numerics: `x` is `[m, k_real]`, `w`
-/// `[n, k_real]` (the columns of `segs`), `y` `[m, n]` receives the subtree sums.
+/// `[n, k_real]` (the columns of `segs`), `y` `[m, n]` receives the subtree sums. `packed`: the
+/// weight's B tiles for this segmentation, if it has them; else each task packs its own.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_native(
     be: &CpuBackend,
     exec: AmxExec,
@@ -537,6 +582,7 @@ pub(crate) fn linear_native(
     m: usize,
     w: WeightView<'_>,
     segs: SegmentRange,
+    packed: Option<&PackedB>,
     y: &mut [f32],
 ) {
     assert!(takes(w.dtype), "{:?} weights never take the tile path", w.dtype);
@@ -549,6 +595,7 @@ pub(crate) fn linear_native(
         a: pack_a(x, m, &kl),
         a_stride: kl.row_elems() * 2,
         w,
+        packed,
         kl,
         planes: planes(w.dtype),
         out: SharedOut(y.as_mut_ptr()),

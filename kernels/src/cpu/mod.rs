@@ -138,6 +138,14 @@ impl NativeExec {
     }
 }
 
+/// A weight in a native class's own layout, kept with the weight after its first native call.
+pub enum NativePacked {
+    /// `native-avx512bf16`: 16-row pair panels.
+    Panels(dpbf16::PairPanels),
+    /// `native-amx`: every B tile of the weight, for one segmentation.
+    Tiles(amx::PackedB),
+}
+
 /// The native class this CPU runs on its hardware: AMX where the CPU and Linux allow tiles (the
 /// faster one for prefill), else AVX512-BF16; neither is an error naming what is missing.
 pub fn native_exec() -> Result<NativeExec, KernelError> {
@@ -238,7 +246,7 @@ impl CpuBackend {
         assert_eq!(y.len(), m * w.rows, "y shape");
         match (self.cfg.mode, self.native) {
             (KernelMode::Native, Some(NativeExec::Amx(exec))) if amx::takes(w.dtype) => {
-                amx::linear_native(self, exec, x, m, w, segs, y)
+                amx::linear_native(self, exec, x, m, w, segs, None, y)
             }
             // A bare view has no cache for its packed panels: pack for this call.
             (KernelMode::Native, Some(NativeExec::Avx512Bf16(exec))) if amx::takes(w.dtype) => {
@@ -249,21 +257,31 @@ impl CpuBackend {
         }
     }
 
-    /// [`Self::linear_partial_into`] for a held weight: the `native-avx512bf16` class packs it
-    /// once, at its first call, and keeps the panels with it.
+    /// [`Self::linear_partial_into`] for a held weight: a native class packs it once, at its first
+    /// call, keeps the packing with the weight (`HostWeight::native_packed`) and drops the
+    /// file map's resident pages of the original, which the linears no longer read.
     pub fn linear_weight_partial_into(&self, x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange, y: &mut [f32]) {
-        match self.native {
-            Some(NativeExec::Avx512Bf16(exec)) if amx::takes(w.dtype) => {
-                assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
-                assert_eq!(x.len(), m * w.cols, "x shape");
-                assert_eq!(y.len(), m * w.rows, "y shape");
-                let panels = w.native_panels.get_or_init(|| {
-                    let panels = dpbf16::PairPanels::pack(w.view());
-                    w.bytes.release_resident();
-                    panels
-                });
-                dpbf16::linear_native(self, exec, x, m, panels, segs, y)
+        let Some(exec) = self.native.filter(|_| amx::takes(w.dtype)) else {
+            return self.linear_partial_into(x, m, w.view(), segs, y);
+        };
+        assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
+        assert_eq!(x.len(), m * w.cols, "x shape");
+        assert_eq!(y.len(), m * w.rows, "y shape");
+        let packed = w.native_packed.get_or_init(|| {
+            let packed = match exec {
+                NativeExec::Avx512Bf16(_) => NativePacked::Panels(dpbf16::PairPanels::pack(w.view())),
+                NativeExec::Amx(_) => NativePacked::Tiles(amx::PackedB::pack(self, w.view(), segs)),
+            };
+            w.bytes.release_resident();
+            packed
+        });
+        match (exec, packed) {
+            (NativeExec::Avx512Bf16(e), NativePacked::Panels(p)) => dpbf16::linear_native(self, e, x, m, p, segs, y),
+            (NativeExec::Amx(e), NativePacked::Tiles(t)) if t.fits(w.view(), segs) => {
+                amx::linear_native(self, e, x, m, w.view(), segs, Some(t), y)
             }
+            // A weight packed for another layout (tests reuse weights across segmentations):
+            // the view path packs for this call.
             _ => self.linear_partial_into(x, m, w.view(), segs, y),
         }
     }
