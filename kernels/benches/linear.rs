@@ -2,8 +2,10 @@
 //! vs fast, f32 and bf16 weights, 1 and 2 threads; plus this machine's FMA peak and memory read
 //! bandwidth as the physical limits. A second table streams GGUF block weights (Q8_0, Q4_0, Q4_1,
 //! kept quantized) at M = 1 and 8 — decode — at SmolLM2-135M's and Qwen2.5-0.5B's shapes, in
-//! GB/s of weight bytes and as a share of the measured read bandwidth. Prints Markdown tables
-//! (numbers, never assertions).
+//! GB/s of weight bytes and as a share of the measured read bandwidth. A third streams one whole
+//! batch-1 decode step's linears (every layer's own weights, ~1 GB, so from DRAM as in a real
+//! step, unlike the tables above whose weights stay cached between calls) on 4 KiB and 2 MiB
+//! pages (filter `decode step`). Prints Markdown tables (numbers, never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows (`peak`: only the
 //! machine's limits, no tables);

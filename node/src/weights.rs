@@ -72,8 +72,8 @@ impl TensorInfo {
 /// Map a model file read-only, asking for 2 MiB pages.
 ///
 /// A batch-1 decode step streams every weight once; with 4 KiB pages that is a TLB miss (a
-/// nested page walk in a VM) every 4 KiB, and the kernels' decode tiles spent ~20 % more CPU on
-/// the synthetic Qwen2.5-0.5B than with the file mapped by 2 MiB pages (BENCHMARKS §2.2).
+/// nested page walk in a VM) every 4 KiB, and the decode tiles spent ~15 % more CPU per token on
+/// the synthetic Qwen2.5-0.5B than with the weights on 2 MiB pages (BENCHMARKS §2.2).
 /// `MADV_HUGEPAGE` makes the kernel fill the page cache with 2 MiB folios when the mapping faults
 /// the file in, and map them whole; pages already cached in small folios (the file was read
 /// before without the hint) stay small until the cache drops them. A hint: where the kernel has
