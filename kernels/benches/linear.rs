@@ -2,8 +2,10 @@
 //! vs fast, f32 and bf16 weights, 1 and 2 threads; plus this machine's FMA peak and memory read
 //! bandwidth as the physical limits. A second table streams GGUF block weights (Q8_0, Q4_0, Q4_1,
 //! kept quantized) at M = 1 and 8 — decode — at SmolLM2-135M's and Qwen2.5-0.5B's shapes, in
-//! GB/s of weight bytes and as a share of the measured read bandwidth. Prints Markdown tables
-//! (numbers, never assertions).
+//! GB/s of weight bytes and as a share of the measured read bandwidth. A third streams one whole
+//! batch-1 decode step's linears (every layer's own weights, ~1 GB, so from DRAM as in a real
+//! step, unlike the tables above whose weights stay cached between calls) on 4 KiB and 2 MiB
+//! pages (filter `decode step`). Prints Markdown tables (numbers, never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows (`peak`: only the
 //! machine's limits, no tables);
@@ -230,6 +232,7 @@ fn main() {
     }
     quantized_decode(&filter, &mut rng);
     native_linear(&filter, &mut rng);
+    decode_step(&filter, &mut rng);
 }
 
 /// bf16 linears in CPU native numerics (the class this CPU runs: AMX or AVX512-BF16) beside the
@@ -279,6 +282,96 @@ fn native_linear(filter: &str, rng: &mut SplitMix64) {
         }
     }
 }
+
+/// GB/s of one batch-1 decode step's linears over every layer of Qwen2.5-0.5B (bf16, distinct
+/// weights per layer, ~1 GB in one buffer, as a model file is one mapping): unlike the tables
+/// above, whose weights of one shape stay in the last-level cache from call to call, every weight
+/// here comes from DRAM, as in a real step. Once with the buffer on 4 KiB pages and once on 2 MiB
+/// pages (where the kernel grants them), to show what TLB misses cost a step.
+fn decode_step(filter: &str, rng: &mut SplitMix64) {
+    const LAYERS: usize = 24;
+    let layer_shapes =
+        [(896usize, 896usize), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)];
+    let shapes: Vec<(usize, usize)> = (0..LAYERS).flat_map(|_| layer_shapes).chain([(896, 151936)]).collect();
+    let row = |huge: bool, threads: usize| {
+        let pages = if huge { "2 MiB" } else { "4 KiB" };
+        let row = format!("| Qwen2.5-0.5B decode step (24 layers + lm_head), {pages} pages | 1 | bf16 | {threads} |");
+        ((filter.is_empty() || row.contains(filter)) && !(threads > 1 && cpu_clock())).then_some(row)
+    };
+    if ![false, true].iter().any(|&huge| [1, 2].iter().any(|&t| row(huge, t).is_some())) {
+        return;
+    }
+    println!();
+    println!("one decode step's linears from DRAM");
+    println!("| linears | M | weights | threads | invariant GB/s (weights) | share of read bandwidth | ms per step |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    // One random tensor per shape, copied per layer: the bytes do not matter, their addresses do.
+    let samples: Vec<((usize, usize), Vec<u8>)> = layer_shapes
+        .iter()
+        .chain(&[(896, 151936)])
+        .map(|&(k, n)| {
+            let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
+            ((k, n), HostWeight::from_f32(&vals, DType::Bf16, n, k).bytes.as_slice().to_vec())
+        })
+        .collect();
+    let total: usize = shapes.iter().map(|(k, n)| k * n * 2).sum();
+    let mut bandwidth = [f64::NAN; 3];
+    for huge in [false, true] {
+        let mut buf: Vec<u8> = Vec::with_capacity(total);
+        advise_pages(&buf, huge);
+        for shape in &shapes {
+            buf.extend_from_slice(&samples.iter().find(|(s, _)| s == shape).expect("a sample per shape").1);
+        }
+        let buf: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(buf);
+        let mut offset = 0;
+        let weights: Vec<HostWeight> = shapes
+            .iter()
+            .map(|&(k, n)| {
+                let bytes = lockstep_kernels::SharedBytes::new(buf.clone(), offset..offset + k * n * 2);
+                offset += k * n * 2;
+                HostWeight::new(DType::Bf16, bytes, n, k).unwrap()
+            })
+            .collect();
+        let mut io: Vec<(Vec<f32>, Vec<f32>)> = shapes
+            .iter()
+            .map(|&(k, n)| ((0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(), vec![0.0f32; n]))
+            .collect();
+        for threads in [1, 2] {
+            let Some(row) = row(huge, threads) else { continue };
+            if bandwidth[threads].is_nan() {
+                bandwidth[threads] = read_bandwidth_gbs(threads);
+            }
+            let be = CpuBackend::new(CpuConfig {
+                threads,
+                isa: None,
+                mode: KernelMode::Invariant,
+                numerics: NumericsConfig::default(),
+            })
+            .unwrap();
+            let prepared: Vec<_> = weights.iter().map(|w| be.prepare_weight(w.clone())).collect();
+            let secs = time(|| {
+                for (w, (x, y)) in prepared.iter().zip(io.iter_mut()) {
+                    be.linear(x, 1, w, None, y);
+                }
+            });
+            let gbs = total as f64 / secs / 1e9;
+            println!("{row} {gbs:.1} | {:.0} % | {:.1} |", 100.0 * gbs / bandwidth[threads], secs * 1e3);
+        }
+    }
+}
+
+/// Ask for 2 MiB pages (or refuse them) for `buf`'s allocation before its first write faults it in.
+#[cfg(target_os = "linux")]
+fn advise_pages(buf: &Vec<u8>, huge: bool) {
+    let page = 4096;
+    let start = (buf.as_ptr() as usize).next_multiple_of(page);
+    let end = (buf.as_ptr() as usize + buf.capacity()) / page * page;
+    let advice = if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+    // SAFETY: a hint over whole pages inside the buffer's own allocation; it changes no contents.
+    unsafe { libc::madvise(start as *mut libc::c_void, end.saturating_sub(start), advice) };
+}
+#[cfg(not(target_os = "linux"))]
+fn advise_pages(_buf: &Vec<u8>, _huge: bool) {}
 
 /// GB/s of quantized weights streamed by the invariant linear at M = 1 and 8.
 fn quantized_decode(filter: &str, rng: &mut SplitMix64) {

@@ -94,7 +94,7 @@ impl GgufFile {
         let len = file.metadata().map_err(|e| LoadError::io(&path, e))?.len();
         // SAFETY: the map is read-only and model files are treated as immutable while served
         // (as for safetensors, see `weights`); every tensor range is checked against `len`.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(&path, e))?;
+        let map = unsafe { crate::weights::map_model_file(&file) }.map_err(|e| LoadError::io(&path, e))?;
         let content = Content::read(&mut Cursor::new(&map[..]))
             .map_err(|e| LoadError::Gguf { file: path.clone(), reason: e.to_string() })?;
         let gguf = GgufFile { path, len, map: Arc::new(map), content };
