@@ -293,18 +293,27 @@ fn decode_step(filter: &str, rng: &mut SplitMix64) {
     let layer_shapes =
         [(896usize, 896usize), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)];
     let shapes: Vec<(usize, usize)> = (0..LAYERS).flat_map(|_| layer_shapes).chain([(896, 151936)]).collect();
-    let row = |huge: bool, threads: usize| {
+    // Native rows (`native-…` numerics: the weights packed into the class's layout at the first
+    // call, in memory of their own) where the CPU has a native class.
+    let native = lockstep_kernels::cpu::native_exec().ok().map(|c| c.fingerprint_name());
+    let modes: Vec<(KernelMode, &str)> = std::iter::once((KernelMode::Invariant, "invariant"))
+        .chain(native.map(|name| (KernelMode::Native, name)))
+        .collect();
+    let row = |huge: bool, threads: usize, numerics: &str| {
         let pages = if huge { "2 MiB" } else { "4 KiB" };
-        let row = format!("| Qwen2.5-0.5B decode step (24 layers + lm_head), {pages} pages | 1 | bf16 | {threads} |");
+        let row = format!(
+            "| Qwen2.5-0.5B decode step (24 layers + lm_head), {pages} pages | 1 | bf16 | {threads} | {numerics} |"
+        );
         ((filter.is_empty() || row.contains(filter)) && !(threads > 1 && cpu_clock())).then_some(row)
     };
-    if ![false, true].iter().any(|&huge| [1, 2].iter().any(|&t| row(huge, t).is_some())) {
+    let any = |huge: bool, t: usize| modes.iter().any(|&(_, name)| row(huge, t, name).is_some());
+    if ![false, true].iter().any(|&huge| [1, 2].iter().any(|&t| any(huge, t))) {
         return;
     }
     println!();
     println!("one decode step's linears from DRAM");
-    println!("| linears | M | weights | threads | invariant GB/s (weights) | share of read bandwidth | ms per step |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| linears | M | weights | threads | numerics | GB/s (weights) | share of read bandwidth | ms per step |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     // One random tensor per shape, copied per layer: the bytes do not matter, their addresses do.
     let samples: Vec<((usize, usize), Vec<u8>)> = layer_shapes
         .iter()
@@ -336,19 +345,18 @@ fn decode_step(filter: &str, rng: &mut SplitMix64) {
             .iter()
             .map(|&(k, n)| ((0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(), vec![0.0f32; n]))
             .collect();
-        for threads in [1, 2] {
-            let Some(row) = row(huge, threads) else { continue };
+        for (threads, &(mode, name)) in [1, 2].into_iter().flat_map(|t| modes.iter().map(move |m| (t, m))) {
+            let Some(row) = row(huge, threads, name) else { continue };
             if bandwidth[threads].is_nan() {
                 bandwidth[threads] = read_bandwidth_gbs(threads);
             }
-            let be = CpuBackend::new(CpuConfig {
-                threads,
-                isa: None,
-                mode: KernelMode::Invariant,
-                numerics: NumericsConfig::default(),
-            })
-            .unwrap();
-            let prepared: Vec<_> = weights.iter().map(|w| be.prepare_weight(w.clone())).collect();
+            let be =
+                CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() }).unwrap();
+            // Fresh clones: a native packing is kept with the weight, and each row packs its own.
+            let prepared: Vec<_> = weights
+                .iter()
+                .map(|w| be.prepare_weight(HostWeight::new(w.dtype, w.bytes.clone(), w.rows, w.cols).unwrap()))
+                .collect();
             let secs = time(|| {
                 for (w, (x, y)) in prepared.iter().zip(io.iter_mut()) {
                     be.linear(x, 1, w, None, y);
