@@ -293,7 +293,7 @@ impl PackedB {
     pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, segs: SegmentRange) -> PackedB {
         let kl = KLayout::new(segs, w.cols);
         let per_block = kl.count * kl.tiles * planes(w.dtype) * TILE_WORDS;
-        let mut words = vec![0u32; w.rows.div_ceil(TILE_COLS) * per_block];
+        let mut words = super::packed_buffer(w.rows.div_ceil(TILE_COLS) * per_block);
         be.pool().install(|| {
             words.par_chunks_mut(per_block.max(1)).enumerate().for_each_init(Vec::new, |b, (i, dst)| {
                 pack_b(w, i * TILE_COLS, &kl, b);

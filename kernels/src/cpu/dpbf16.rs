@@ -85,7 +85,7 @@ impl PairPanels {
         let pairs = w.cols.div_ceil(2);
         let panels = w.rows.div_ceil(PANEL_ROWS);
         let panel_words = pairs * planes * PANEL_ROWS;
-        let mut words = vec![0u32; panels * panel_words];
+        let mut words = super::packed_buffer(panels * panel_words);
         // A shard whose columns all lie past the row (`cols` 0) has empty panels.
         words.par_chunks_mut(panel_words.max(1)).enumerate().for_each(|(nb, panel)| {
             for j in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {
