@@ -464,8 +464,9 @@ pub(crate) const KB_ACC_FLOATS: usize = KB_OUTPUTS * 16;
 pub(crate) const KB_STACK_FLOATS: usize = 32;
 pub(crate) const KB_STATE_FLOATS: usize = KB_ACC_FLOATS + 7 * KB_STACK_FLOATS;
 
-/// One K chunk of one K-blocked tile: columns `begin..end` of segment `seg`, never crossing a
-/// segment boundary, so a chunk only ever continues the lanes of its own segment.
+/// One K chunk of one K-blocked tile: columns `begin..end`, either whole segments (several short
+/// ones at once, so one call folds each in turn while the next one's FMAs already run) or a piece
+/// of one long segment, so a chunk only ever continues the lanes of its own first segment.
 pub(crate) struct KChunk<'a> {
     /// The tile's 8 x rows, packed: column `col` of row `i` at `col · 8 + i · 16` (`col` a
     /// multiple of 16, plus its lane), so one 16-column block of all 8 rows is 512 contiguous bytes.
@@ -475,11 +476,9 @@ pub(crate) struct KChunk<'a> {
     pub k_real: usize,
     pub begin: usize,
     pub end: usize,
-    /// The chunk starts its segment: lanes start at +0.0 (else they resume from the state).
-    pub first: bool,
-    /// The chunk ends its segment: lane trees, then the segment joins the tree stack.
-    pub last: bool,
-    pub seg: usize,
+    /// Columns per segment: `begin` inside a segment resumes its lanes from the state, and an
+    /// `end` inside one leaves them there.
+    pub seg_len: usize,
     /// This tile's `KB_STATE_FLOATS` floats.
     pub state: *mut f32,
     /// Weight rows of the tile that runs next over the same columns (to prefetch), or none.
@@ -542,89 +541,101 @@ unsafe fn fold_blend<const N: usize>(acc: &mut [__m512; N]) -> __m512 {
 unsafe fn kchunk512<L: Load512>(c: &KChunk<'_>) {
     let (x, ws) = (c.x, c.ws);
     let lanes = c.state;
-    // Flat and indexed by constants only, so that every accumulator lives in a register.
-    let mut acc = [_mm512_setzero_ps(); KB_OUTPUTS];
-    if !c.first {
-        for o in 0..KB_OUTPUTS {
-            acc[o] = _mm512_loadu_ps(lanes.add(o * 16));
-        }
-    }
     let full_end = c.k_real / 16 * 16;
     let (block_len, block_bytes) = (c.dtype.block_len(), c.dtype.block_bytes());
-    // Same per-block order as `tile512`: lane l of every accumulator takes column col + l, block
-    // after block in increasing col (a block type decodes 32 weights at once, in order). One loop
-    // body, no closure: a closure would not inherit this function's target features.
-    let split = full_end.clamp(c.begin, c.end);
-    let mut col = c.begin;
-    while col < c.end {
-        if let Some(next) = c.prefetch {
-            for &row in next {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(col / block_len * block_bytes) as *const i8);
+    let stack = c.state.add(KB_ACC_FLOATS);
+    // One piece per segment the chunk touches: the lanes of a piece start at +0.0 where its
+    // segment starts (else they resume from the state), and a piece that ends its segment folds
+    // and joins the tree stack. The next piece's FMAs do not depend on the fold, so they overlap.
+    let mut begin = c.begin;
+    while begin < c.end {
+        let seg = begin / c.seg_len;
+        let seg_end = (seg + 1) * c.seg_len;
+        let end = seg_end.min(c.end);
+        // Flat and indexed by constants only, so that every accumulator lives in a register.
+        let mut acc = [_mm512_setzero_ps(); KB_OUTPUTS];
+        if !begin.is_multiple_of(c.seg_len) {
+            for o in 0..KB_OUTPUTS {
+                acc[o] = _mm512_loadu_ps(lanes.add(o * 16));
             }
         }
-        let pair = L::PAIRED && col < split && col.is_multiple_of(32) && col + 32 <= split;
-        if pair {
-            let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); KB_NR];
-            for j in 0..KB_NR {
-                w[j] = L::pair(ws[j], col);
-            }
-            for i in 0..KB_MR {
-                let x0 = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
-                let x1 = _mm512_loadu_ps(x.add((col + 16) * KB_MR + i * 16));
-                for j in 0..KB_NR {
-                    acc[i * KB_NR + j] = _mm512_fmadd_ps(x0, w[j].0, acc[i * KB_NR + j]);
-                    acc[i * KB_NR + j] = _mm512_fmadd_ps(x1, w[j].1, acc[i * KB_NR + j]);
+        // Same per-block order as `tile512`: lane l of every accumulator takes column col + l,
+        // block after block in increasing col (a block type decodes 32 weights at once, in
+        // order). One loop body, no closure: a closure would not inherit this function's target
+        // features.
+        let split = full_end.clamp(begin, end);
+        let mut col = begin;
+        while col < end {
+            if let Some(next) = c.prefetch {
+                for &row in next {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(col / block_len * block_bytes) as *const i8);
                 }
             }
-            col += 32;
-            continue;
-        }
-        let mut w = [_mm512_setzero_ps(); KB_NR];
-        if col < split {
-            for j in 0..KB_NR {
-                w[j] = L::full(ws[j], col);
+            let pair = L::PAIRED && col < split && col.is_multiple_of(32) && col + 32 <= split;
+            if pair {
+                let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); KB_NR];
+                for j in 0..KB_NR {
+                    w[j] = L::pair(ws[j], col);
+                }
+                for i in 0..KB_MR {
+                    let x0 = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
+                    let x1 = _mm512_loadu_ps(x.add((col + 16) * KB_MR + i * 16));
+                    for j in 0..KB_NR {
+                        acc[i * KB_NR + j] = _mm512_fmadd_ps(x0, w[j].0, acc[i * KB_NR + j]);
+                        acc[i * KB_NR + j] = _mm512_fmadd_ps(x1, w[j].1, acc[i * KB_NR + j]);
+                    }
+                }
+                col += 32;
+                continue;
             }
-        } else {
-            let rem = c.k_real.saturating_sub(col).min(16);
-            let mask = ((1u32 << rem) - 1) as __mmask16;
-            for j in 0..KB_NR {
-                w[j] = L::masked(ws[j], col, mask);
+            let mut w = [_mm512_setzero_ps(); KB_NR];
+            if col < split {
+                for j in 0..KB_NR {
+                    w[j] = L::full(ws[j], col);
+                }
+            } else {
+                let rem = c.k_real.saturating_sub(col).min(16);
+                let mask = ((1u32 << rem) - 1) as __mmask16;
+                for j in 0..KB_NR {
+                    w[j] = L::masked(ws[j], col, mask);
+                }
             }
-        }
-        for i in 0..KB_MR {
-            let xv = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
-            for j in 0..KB_NR {
-                acc[i * KB_NR + j] = _mm512_fmadd_ps(xv, w[j], acc[i * KB_NR + j]);
+            for i in 0..KB_MR {
+                let xv = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
+                for j in 0..KB_NR {
+                    acc[i * KB_NR + j] = _mm512_fmadd_ps(xv, w[j], acc[i * KB_NR + j]);
+                }
             }
+            col += 16;
         }
-        col += 16;
-    }
-    if !c.last {
-        for o in 0..KB_OUTPUTS {
-            _mm512_storeu_ps(lanes.add(o * 16), acc[o]);
+        if end < seg_end {
+            // The chunk stops inside this segment (only a long segment's piece does).
+            for o in 0..KB_OUTPUTS {
+                _mm512_storeu_ps(lanes.add(o * 16), acc[o]);
+            }
+            return;
         }
-        return;
-    }
-    let mut first16 = [_mm512_setzero_ps(); 16];
-    let mut last8 = [_mm512_setzero_ps(); 8];
-    first16.copy_from_slice(&acc[..16]);
-    last8.copy_from_slice(&acc[16..]);
-    let (mut v0, mut v1) = (fold_blend(&mut first16), fold_blend(&mut last8));
-    // The segment tree as in `tile512`: before segment `seg` the stack holds popcount(seg)
-    // finished subtrees; each trailing one-bit of seg + 1 is a carry into the one below it.
-    let stack = c.state.add(KB_ACC_FLOATS);
-    let mut depth = c.seg.count_ones() as usize;
-    let mut done = c.seg + 1;
-    while done & 1 == 0 {
-        depth -= 1;
+        let mut first16 = [_mm512_setzero_ps(); 16];
+        let mut last8 = [_mm512_setzero_ps(); 8];
+        first16.copy_from_slice(&acc[..16]);
+        last8.copy_from_slice(&acc[16..]);
+        let (mut v0, mut v1) = (fold_blend(&mut first16), fold_blend(&mut last8));
+        // The segment tree as in `tile512`: before segment `seg` the stack holds popcount(seg)
+        // finished subtrees; each trailing one-bit of seg + 1 is a carry into the one below it.
+        let mut depth = seg.count_ones() as usize;
+        let mut done = seg + 1;
+        while done & 1 == 0 {
+            depth -= 1;
+            let entry = stack.add(depth * KB_STACK_FLOATS);
+            v0 = _mm512_add_ps(_mm512_loadu_ps(entry), v0);
+            v1 = _mm512_add_ps(_mm512_loadu_ps(entry.add(16)), v1);
+            done >>= 1;
+        }
         let entry = stack.add(depth * KB_STACK_FLOATS);
-        v0 = _mm512_add_ps(_mm512_loadu_ps(entry), v0);
-        v1 = _mm512_add_ps(_mm512_loadu_ps(entry.add(16)), v1);
-        done >>= 1;
+        _mm512_storeu_ps(entry, v0);
+        _mm512_storeu_ps(entry.add(16), v1);
+        begin = end;
     }
-    let entry = stack.add(depth * KB_STACK_FLOATS);
-    _mm512_storeu_ps(entry, v0);
-    _mm512_storeu_ps(entry.add(16), v1);
 }
 
 /// # Safety
