@@ -947,20 +947,27 @@ fn dim_mask(d: usize, b: usize) -> __mmask16 {
 
 /// Largest head_dim of the vector attention (8 zmm per running output); larger ones stay scalar.
 pub(crate) const ATTN_MAX_DIM: usize = 128;
+/// Largest head_dim at which two query heads run side by side ([`attention_heads_avx512`] with
+/// `H = 2`): both heads' queries and running outputs then fit in registers.
+pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 
-/// One query head against keys `0..=pos` (see [`crate::reference::attention`]), 16 keys at a time:
-/// each key's score is one 16-lane fma chain over head_dim and the lane tree of [`fold16`] (the
-/// 16 keys' trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the
-/// sums that the contract orders by position — `l_c` and every `o_c` dimension — run key after
-/// key in increasing position. `key_at[kp]` is the cache offset of key `kp`'s head 0.
+/// `H` query heads (1, or 2 that read the same KV head — grouped-query attention) against keys
+/// `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time: each key's score is
+/// one 16-lane fma chain over head_dim and the lane tree of [`fold16`] (the 16 heads × keys
+/// trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the sums that
+/// the contract orders by position — `l_c` and every `o_c` dimension — run key after key in
+/// increasing position. With two heads each key and value vector is loaded once for both, and
+/// their independent `o_c` chains interleave; per head the operations and their order do not
+/// change, so neither do the bits. `key_at[kp]` is the cache offset of key `kp`'s head 0.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; `qh` holds `d ≤ ATTN_MAX_DIM` floats, `out` too, and every
-/// `key_at[kp] + kv_head·d + d` lies inside both caches.
+/// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats (`d ≤
+/// ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds `H · kv_chunk`, and
+/// every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn attention_head_avx512(
-    qh: &[f32],
+pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
+    qs: [&[f32]; H],
     key_at: &[usize],
     kv_head: usize,
     k_cache: &[f32],
@@ -968,67 +975,93 @@ pub(crate) unsafe fn attention_head_avx512(
     kv_chunk: usize,
     scale: f32,
     scores: &mut [f32],
-    out: &mut [f32],
+    outs: [&mut [f32]; H],
 ) {
-    let d = qh.len();
+    // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
+    let per = 16 / H;
+    let d = qs[0].len();
     let blocks = d.div_ceil(16);
-    let mut q = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
-    for (b, qb) in q.iter_mut().enumerate().take(blocks) {
-        *qb = _mm512_maskz_loadu_ps(dim_mask(d, b), qh.as_ptr().add(b * 16));
+    let mut q = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
+    for h in 0..H {
+        for b in 0..blocks {
+            q[h][b] = _mm512_maskz_loadu_ps(dim_mask(d, b), qs[h].as_ptr().add(b * 16));
+        }
     }
     let (kp, vp) = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let keys_total = key_at.len();
-    let mut o = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    let mut o = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
+    let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, first) in (0..keys_total).step_by(kv_chunk).enumerate() {
         let keys = &key_at[first..(first + kv_chunk).min(keys_total)];
-        for (g, group) in keys.chunks(16).enumerate() {
+        for (g, group) in keys.chunks(per).enumerate() {
             let mut acc = [_mm512_setzero_ps(); 16];
-            for (a, &at) in acc.iter_mut().zip(group) {
+            for (i, &at) in group.iter().enumerate() {
                 for b in 0..blocks {
                     let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
-                    *a = _mm512_fmadd_ps(q[b], kv, *a);
+                    for h in 0..H {
+                        acc[h * per + i] = _mm512_fmadd_ps(q[h][b], kv, acc[h * per + i]);
+                    }
                 }
             }
             let s = _mm512_mul_ps(fold16(&mut acc), _mm512_set1_ps(scale));
             let mut tmp = [0.0f32; 16];
             _mm512_storeu_ps(tmp.as_mut_ptr(), s);
-            scores[g * 16..g * 16 + group.len()].copy_from_slice(&tmp[..group.len()]);
+            for h in 0..H {
+                scores[h * kv_chunk + g * per..][..group.len()].copy_from_slice(&tmp[h * per..][..group.len()]);
+            }
         }
-        let scores = &mut scores[..keys.len()];
-        let m_c = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut l_c = 0.0f32;
-        let mut o_c = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
-        for (g, chunk) in scores.chunks_mut(16).enumerate() {
+        let n = keys.len();
+        let mut m_c = [f32::NEG_INFINITY; H];
+        let mut m_lanes = [0.0f32; 16];
+        for h in 0..H {
+            m_c[h] = scores[h * kv_chunk..][..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            m_lanes[h * per..(h + 1) * per].fill(m_c[h]);
+        }
+        let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
+        let mut l_c = [0.0f32; H];
+        let mut o_c = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
+        for g in (0..n).step_by(per) {
+            let len = (n - g).min(per);
             let mut tmp = [0.0f32; 16];
-            tmp[..chunk.len()].copy_from_slice(chunk);
-            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(tmp.as_ptr()), _mm512_set1_ps(m_c)));
+            for h in 0..H {
+                tmp[h * per..][..len].copy_from_slice(&scores[h * kv_chunk + g..][..len]);
+            }
+            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(tmp.as_ptr()), m_lanes));
             _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
-            for (&p, &at) in tmp.iter().zip(&keys[g * 16..g * 16 + chunk.len()]) {
-                l_c += p;
-                let pv = _mm512_set1_ps(p);
+            for (i, &at) in keys[g..g + len].iter().enumerate() {
+                let mut pv = [_mm512_setzero_ps(); H];
+                for h in 0..H {
+                    l_c[h] += tmp[h * per + i];
+                    pv[h] = _mm512_set1_ps(tmp[h * per + i]);
+                }
                 for b in 0..blocks {
                     let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
-                    o_c[b] = _mm512_fmadd_ps(pv, v, o_c[b]);
+                    for h in 0..H {
+                        o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
+                    }
                 }
             }
         }
-        if c == 0 {
-            (m, l, o) = (m_c, l_c, o_c);
-        } else {
-            let mn = m.max(m_c);
-            let (fa, fb) = (crate::math::exp(m - mn), crate::math::exp(m_c - mn));
-            l = l * fa + l_c * fb;
-            let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
-            for b in 0..blocks {
-                o[b] = _mm512_add_ps(_mm512_mul_ps(o[b], va), _mm512_mul_ps(o_c[b], vb));
+        for h in 0..H {
+            if c == 0 {
+                (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
+            } else {
+                let mn = m[h].max(m_c[h]);
+                let (fa, fb) = (crate::math::exp(m[h] - mn), crate::math::exp(m_c[h] - mn));
+                l[h] = l[h] * fa + l_c[h] * fb;
+                let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
+                for b in 0..blocks {
+                    o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
+                }
+                m[h] = mn;
             }
-            m = mn;
         }
     }
-    let lv = _mm512_set1_ps(l);
-    for b in 0..blocks {
-        _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[b], lv));
+    for (h, out) in outs.into_iter().enumerate() {
+        let lv = _mm512_set1_ps(l[h]);
+        for b in 0..blocks {
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[h][b], lv));
+        }
     }
 }
 
