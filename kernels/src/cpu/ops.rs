@@ -138,7 +138,8 @@ fn attention_row(
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
         use super::x86::{attention_heads_avx512, ATTN_PAIR_MAX_DIM};
-        let mut scores = vec![0.0f32; 2 * p.kv_chunk];
+        // 16 floats per group of keys: 8 keys per group when two heads run together.
+        let mut scores = vec![0.0f32; p.kv_chunk.div_ceil(8) * 16];
         let mut h = 0;
         while h < p.n_heads {
             let (qh, o) = (&qrow[h * d..], &mut out[h * d..]);

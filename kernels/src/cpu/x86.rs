@@ -539,7 +539,8 @@ unsafe fn fold_blend<const N: usize>(acc: &mut [__m512; N]) -> __m512 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn kchunk512<L: Load512>(c: &KChunk<'_>) {
-    let (x, ws) = (c.x, c.ws);
+    // The row pointers by value: behind the reference they were reloaded every iteration.
+    let (x, ws) = (c.x, *c.ws);
     let lanes = c.state;
     let full_end = c.k_real / 16 * 16;
     let (block_len, block_bytes) = (c.dtype.block_len(), c.dtype.block_bytes());
@@ -962,7 +963,7 @@ pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 ///
 /// # Safety
 /// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats (`d ≤
-/// ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds `H · kv_chunk`, and
+/// ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`), and
 /// every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
@@ -993,6 +994,12 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, first) in (0..keys_total).step_by(kv_chunk).enumerate() {
         let keys = &key_at[first..(first + kv_chunk).min(keys_total)];
+        // Each group's 16 scores stay as the fold left them (`scores[g · 16 ..]`, lane h · per
+        // + i), and the chunk maximum runs lane-wise beside them: `max` is exact, so any order
+        // gives the contract's `m_c` (NaN scores are skipped, as `f32::max` skips them; the sign
+        // of a zero maximum cannot change a bit, since m_c only enters through `exp` of a
+        // difference).
+        let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
         for (g, group) in keys.chunks(per).enumerate() {
             let mut acc = [_mm512_setzero_ps(); 16];
             for (i, &at) in group.iter().enumerate() {
@@ -1004,31 +1011,27 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
                 }
             }
             let s = _mm512_mul_ps(fold16(&mut acc), _mm512_set1_ps(scale));
-            let mut tmp = [0.0f32; 16];
-            _mm512_storeu_ps(tmp.as_mut_ptr(), s);
-            for h in 0..H {
-                scores[h * kv_chunk + g * per..][..group.len()].copy_from_slice(&tmp[h * per..][..group.len()]);
-            }
+            _mm512_storeu_ps(scores.as_mut_ptr().add(g * 16), s);
+            let real = (1u32 << group.len()) - 1;
+            let lanes = (0..H).fold(0u32, |m, h| m | real << (h * per)) as __mmask16;
+            let keep = lanes & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(s, s);
+            m_run = _mm512_mask_max_ps(m_run, keep, m_run, s);
         }
-        let n = keys.len();
         let mut m_c = [f32::NEG_INFINITY; H];
         let mut m_lanes = [0.0f32; 16];
+        _mm512_storeu_ps(m_lanes.as_mut_ptr(), m_run);
         for h in 0..H {
-            m_c[h] = scores[h * kv_chunk..][..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            m_c[h] = m_lanes[h * per..(h + 1) * per].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             m_lanes[h * per..(h + 1) * per].fill(m_c[h]);
         }
         let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
         let mut l_c = [0.0f32; H];
         let mut o_c = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
-        for g in (0..n).step_by(per) {
-            let len = (n - g).min(per);
+        for (g, group) in keys.chunks(per).enumerate() {
             let mut tmp = [0.0f32; 16];
-            for h in 0..H {
-                tmp[h * per..][..len].copy_from_slice(&scores[h * kv_chunk + g..][..len]);
-            }
-            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(tmp.as_ptr()), m_lanes));
+            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
             _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
-            for (i, &at) in keys[g..g + len].iter().enumerate() {
+            for (i, &at) in group.iter().enumerate() {
                 let mut pv = [_mm512_setzero_ps(); H];
                 for h in 0..H {
                     l_c[h] += tmp[h * per + i];
