@@ -137,7 +137,7 @@ fn attention_row(
     let scale = p.scale();
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
-        use super::x86::{attention_heads_avx512, ATTN_PAIR_MAX_DIM};
+        use super::x86::{attention_heads_dispatch, ATTN_PAIR_MAX_DIM};
         // 16 floats per group of keys: 8 keys per group when two heads run together.
         let mut scores = vec![0.0f32; p.kv_chunk.div_ceil(8) * 16];
         let mut h = 0;
@@ -150,7 +150,7 @@ fn attention_row(
                 if d <= ATTN_PAIR_MAX_DIM && h + 1 < p.n_heads && (h + 1) / group == h / group {
                     let (oa, ob) = o[..2 * d].split_at_mut(d);
                     let qs = [&qh[..d], &qh[d..2 * d]];
-                    attention_heads_avx512::<2>(
+                    attention_heads_dispatch::<2>(
                         qs,
                         key_at,
                         h / group,
@@ -164,7 +164,7 @@ fn attention_row(
                     h += 2;
                 } else {
                     let qs = [&qh[..d]];
-                    attention_heads_avx512::<1>(
+                    attention_heads_dispatch::<1>(
                         qs,
                         key_at,
                         h / group,

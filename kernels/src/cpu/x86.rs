@@ -962,12 +962,12 @@ pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 /// change, so neither do the bits. `key_at[kp]` is the cache offset of key `kp`'s head 0.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats (`d ≤
-/// ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`), and
+/// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats, `B =
+/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`), and
 /// every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
+pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
     qs: [&[f32]; H],
     key_at: &[usize],
     kv_head: usize,
@@ -981,16 +981,16 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
     // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
     let per = 16 / H;
     let d = qs[0].len();
-    let blocks = d.div_ceil(16);
-    let mut q = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
+    debug_assert_eq!(d.div_ceil(16), B);
+    let mut q = [[_mm512_setzero_ps(); B]; H];
     for h in 0..H {
-        for b in 0..blocks {
+        for b in 0..B {
             q[h][b] = _mm512_maskz_loadu_ps(dim_mask(d, b), qs[h].as_ptr().add(b * 16));
         }
     }
     let (kp, vp) = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let keys_total = key_at.len();
-    let mut o = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
+    let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, first) in (0..keys_total).step_by(kv_chunk).enumerate() {
         let keys = &key_at[first..(first + kv_chunk).min(keys_total)];
@@ -1001,9 +1001,13 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
         // difference).
         let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
         for (g, group) in keys.chunks(per).enumerate() {
+            // Every lane of the fold is computed (a short group repeats its last key; those
+            // lanes are never read), so that the loops unroll and the accumulators stay in
+            // registers.
             let mut acc = [_mm512_setzero_ps(); 16];
-            for (i, &at) in group.iter().enumerate() {
-                for b in 0..blocks {
+            for i in 0..per {
+                let at = group[i.min(group.len() - 1)];
+                for b in 0..B {
                     let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
                     for h in 0..H {
                         acc[h * per + i] = _mm512_fmadd_ps(q[h][b], kv, acc[h * per + i]);
@@ -1026,7 +1030,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
         }
         let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
         let mut l_c = [0.0f32; H];
-        let mut o_c = [[_mm512_setzero_ps(); ATTN_MAX_DIM / 16]; H];
+        let mut o_c = [[_mm512_setzero_ps(); B]; H];
         for (g, group) in keys.chunks(per).enumerate() {
             let mut tmp = [0.0f32; 16];
             let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
@@ -1037,7 +1041,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
                     l_c[h] += tmp[h * per + i];
                     pv[h] = _mm512_set1_ps(tmp[h * per + i]);
                 }
-                for b in 0..blocks {
+                for b in 0..B {
                     let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
                     for h in 0..H {
                         o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
@@ -1053,7 +1057,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
                 let (fa, fb) = (crate::math::exp(m[h] - mn), crate::math::exp(m_c[h] - mn));
                 l[h] = l[h] * fa + l_c[h] * fb;
                 let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
-                for b in 0..blocks {
+                for b in 0..B {
                     o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
                 }
                 m[h] = mn;
@@ -1062,10 +1066,38 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize>(
     }
     for (h, out) in outs.into_iter().enumerate() {
         let lv = _mm512_set1_ps(l[h]);
-        for b in 0..blocks {
+        for b in 0..B {
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[h][b], lv));
         }
     }
+}
+
+/// [`attention_heads_avx512`] with `B = ⌈d / 16⌉` chosen at run time (so its head_dim loops are
+/// unrolled and its accumulators live in registers).
+///
+/// # Safety
+/// As [`attention_heads_avx512`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attention_heads_dispatch<const H: usize>(
+    qs: [&[f32]; H],
+    key_at: &[usize],
+    kv_head: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_chunk: usize,
+    scale: f32,
+    scores: &mut [f32],
+    outs: [&mut [f32]; H],
+) {
+    macro_rules! with_blocks {
+        ($($b:literal)*) => {
+            match qs[0].len().div_ceil(16) {
+                $($b => attention_heads_avx512::<H, $b>(qs, key_at, kv_head, k_cache, v_cache, kv_chunk, scale, scores, outs),)*
+                blocks => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_MAX_DIM"),
+            }
+        };
+    }
+    with_blocks!(1 2 3 4 5 6 7 8)
 }
 
 #[cfg(test)]
