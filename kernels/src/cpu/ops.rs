@@ -137,44 +137,23 @@ fn attention_row(
     let scale = p.scale();
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
-        use super::x86::{attention_heads_dispatch, ATTN_PAIR_MAX_DIM};
+        use super::x86::{attention_heads_dispatch, AttnKeys, ATTN_PAIR_MAX_DIM};
         // 16 floats per group of keys: 8 keys per group when two heads run together.
         let mut scores = vec![0.0f32; p.kv_chunk.div_ceil(8) * 16];
         let mut h = 0;
         while h < p.n_heads {
             let (qh, o) = (&qrow[h * d..], &mut out[h * d..]);
+            let keys = AttnKeys { key_at, kv_head: h / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
             // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
             // (≤ ATTN_PAIR_MAX_DIM for a pair) and every key offset was computed from the
             // layout, whose caches hold every slot.
             unsafe {
                 if d <= ATTN_PAIR_MAX_DIM && h + 1 < p.n_heads && (h + 1) / group == h / group {
                     let (oa, ob) = o[..2 * d].split_at_mut(d);
-                    let qs = [&qh[..d], &qh[d..2 * d]];
-                    attention_heads_dispatch::<2>(
-                        qs,
-                        key_at,
-                        h / group,
-                        k_cache,
-                        v_cache,
-                        p.kv_chunk,
-                        scale,
-                        &mut scores,
-                        [oa, ob],
-                    );
+                    attention_heads_dispatch::<2>([&qh[..d], &qh[d..2 * d]], &keys, &mut scores, [oa, ob]);
                     h += 2;
                 } else {
-                    let qs = [&qh[..d]];
-                    attention_heads_dispatch::<1>(
-                        qs,
-                        key_at,
-                        h / group,
-                        k_cache,
-                        v_cache,
-                        p.kv_chunk,
-                        scale,
-                        &mut scores,
-                        [&mut o[..d]],
-                    );
+                    attention_heads_dispatch::<1>([&qh[..d]], &keys, &mut scores, [&mut o[..d]]);
                     h += 1;
                 }
             }

@@ -952,6 +952,17 @@ pub(crate) const ATTN_MAX_DIM: usize = 128;
 /// `H = 2`): both heads' queries and running outputs then fit in registers.
 pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 
+/// The keys that one query row's heads attend to, and where to read them.
+pub(crate) struct AttnKeys<'a> {
+    /// `key_at[kp]`: the cache offset of key `kp`'s head 0, for keys `0..=pos`.
+    pub key_at: &'a [usize],
+    pub kv_head: usize,
+    pub k_cache: &'a [f32],
+    pub v_cache: &'a [f32],
+    pub kv_chunk: usize,
+    pub scale: f32,
+}
+
 /// `H` query heads (1, or 2 that read the same KV head — grouped-query attention) against keys
 /// `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time: each key's score is
 /// one 16-lane fma chain over head_dim and the lane tree of [`fold16`] (the 16 heads × keys
@@ -959,25 +970,20 @@ pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 /// the contract orders by position — `l_c` and every `o_c` dimension — run key after key in
 /// increasing position. With two heads each key and value vector is loaded once for both, and
 /// their independent `o_c` chains interleave; per head the operations and their order do not
-/// change, so neither do the bits. `key_at[kp]` is the cache offset of key `kp`'s head 0.
+/// change, so neither do the bits.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats, `B =
-/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`), and
-/// every `key_at[kp] + kv_head·d + d` lies inside both caches.
+/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`),
+/// and every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
     qs: [&[f32]; H],
-    key_at: &[usize],
-    kv_head: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    kv_chunk: usize,
-    scale: f32,
+    keys_in: &AttnKeys<'_>,
     scores: &mut [f32],
     outs: [&mut [f32]; H],
 ) {
+    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale } = *keys_in;
     // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
     let per = 16 / H;
     let d = qs[0].len();
@@ -1077,22 +1083,16 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
 ///
 /// # Safety
 /// As [`attention_heads_avx512`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn attention_heads_dispatch<const H: usize>(
     qs: [&[f32]; H],
-    key_at: &[usize],
-    kv_head: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    kv_chunk: usize,
-    scale: f32,
+    keys: &AttnKeys<'_>,
     scores: &mut [f32],
     outs: [&mut [f32]; H],
 ) {
     macro_rules! with_blocks {
         ($($b:literal)*) => {
             match qs[0].len().div_ceil(16) {
-                $($b => attention_heads_avx512::<H, $b>(qs, key_at, kv_head, k_cache, v_cache, kv_chunk, scale, scores, outs),)*
+                $($b => attention_heads_avx512::<H, $b>(qs, keys, scores, outs),)*
                 blocks => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_MAX_DIM"),
             }
         };
