@@ -965,7 +965,7 @@ pub(crate) struct AttnKeys<'a> {
 
 /// `H` query heads (1, or 2 that read the same KV head — grouped-query attention) against keys
 /// `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time: each key's score is
-/// one 16-lane fma chain over head_dim and the lane tree of [`fold16`] (the 16 heads × keys
+/// one 16-lane fma chain over head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys
 /// trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the sums that
 /// the contract orders by position — `l_c` and every `o_c` dimension — run key after key in
 /// increasing position. With two heads each key and value vector is loaded once for both, and
@@ -1020,7 +1020,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
                     }
                 }
             }
-            let s = _mm512_mul_ps(fold16(&mut acc), _mm512_set1_ps(scale));
+            let s = _mm512_mul_ps(fold_blend(&mut acc), _mm512_set1_ps(scale));
             _mm512_storeu_ps(scores.as_mut_ptr().add(g * 16), s);
             let real = (1u32 << group.len()) - 1;
             let lanes = (0..H).fold(0u32, |m, h| m | real << (h * per)) as __mmask16;
