@@ -135,28 +135,32 @@ fn attention_row(
     let pos = key_at.len() - 1;
     let group = p.n_heads / p.n_kv_heads;
     let scale = p.scale();
-    let mut scores = vec![0.0f32; p.kv_chunk];
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
-        for (h, (qh, o)) in qrow.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+        use super::x86::{attention_heads_dispatch, AttnKeys, ATTN_PAIR_MAX_DIM};
+        // 16 floats per group of keys: 8 keys per group when two heads run together.
+        let mut scores = vec![0.0f32; p.kv_chunk.div_ceil(8) * 16];
+        let mut h = 0;
+        while h < p.n_heads {
+            let (qh, o) = (&qrow[h * d..], &mut out[h * d..]);
+            let keys = AttnKeys { key_at, kv_head: h / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
             // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
-            // and every key offset was computed from the layout, whose caches hold every slot.
+            // (≤ ATTN_PAIR_MAX_DIM for a pair) and every key offset was computed from the
+            // layout, whose caches hold every slot.
             unsafe {
-                super::x86::attention_head_avx512(
-                    qh,
-                    key_at,
-                    h / group,
-                    k_cache,
-                    v_cache,
-                    p.kv_chunk,
-                    scale,
-                    &mut scores,
-                    o,
-                )
-            };
+                if d <= ATTN_PAIR_MAX_DIM && h + 1 < p.n_heads && (h + 1) / group == h / group {
+                    let (oa, ob) = o[..2 * d].split_at_mut(d);
+                    attention_heads_dispatch::<2>([&qh[..d], &qh[d..2 * d]], &keys, &mut scores, [oa, ob]);
+                    h += 2;
+                } else {
+                    attention_heads_dispatch::<1>([&qh[..d]], &keys, &mut scores, [&mut o[..d]]);
+                    h += 1;
+                }
+            }
         }
         return;
     }
+    let mut scores = vec![0.0f32; p.kv_chunk];
     let mut o = vec![0.0f32; d];
     let mut o_c = vec![0.0f32; d];
     for h in 0..p.n_heads {
@@ -216,24 +220,32 @@ pub(crate) fn attention(
     let width = p.n_heads * p.head_dim;
     assert!(q.len() == out.len() && q.len().is_multiple_of(width));
     assert!(p.n_kv_heads == layout.n_kv_heads && p.head_dim == layout.head_dim && p.block_size == layout.block_size);
-    let rows: Vec<(usize, usize, &[u32])> =
-        seqs.iter().flat_map(|s| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, s.block_table))).collect();
+    // The cache offset of each key's head 0, once per sequence (a query row at position `pos`
+    // reads the first `pos + 1`), rather than a slot lookup with a division per key and row.
+    let key_offsets: Vec<Vec<usize>> = seqs
+        .iter()
+        .map(|s| {
+            let stride = layout.n_kv_heads * p.head_dim;
+            let slots =
+                s.block_table.iter().flat_map(|&b| (0..p.block_size).map(move |o| b as usize * p.block_size + o));
+            slots.take(s.first_pos + s.n_q).map(|slot| slot * stride).collect()
+        })
+        .collect();
+    let rows: Vec<(usize, usize, &[usize])> = seqs
+        .iter()
+        .zip(&key_offsets)
+        .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice())))
+        .collect();
     let dst = SharedOut(out.as_mut_ptr());
     be.pool().install(|| {
-        rows.par_iter().for_each(|&(row, pos, table)| {
+        rows.par_iter().for_each(|&(row, pos, keys)| {
             // Capture the whole `SharedOut` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let dst = dst;
             // SAFETY: each query row appears once across the sequences, so rows are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
-            // Slot lookups once per row, shared by every head.
-            let key_at: Vec<usize> = (0..=pos)
-                .map(|kp| {
-                    let slot = table[kp / p.block_size] as usize * p.block_size + kp % p.block_size;
-                    slot * layout.n_kv_heads * p.head_dim
-                })
-                .collect();
-            with_fma!(be, attention_row(be, &q[row * width..(row + 1) * width], &key_at, k_cache, v_cache, p, o))
+            let key_at = &keys[..=pos];
+            with_fma!(be, attention_row(be, &q[row * width..(row + 1) * width], key_at, k_cache, v_cache, p, o))
         })
     });
 }
@@ -246,4 +258,70 @@ pub(crate) fn shard_sample(be: &CpuBackend, logits: &[f32], shard: &VocabShard, 
         return with_fma!(be, shard_sample_with(logits, shard, req, lanes));
     }
     with_fma!(be, shard_sample_scalar(logits, shard, req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splitmix::SplitMix64;
+    use crate::{reference, CpuConfig, KernelMode, NumericsConfig};
+
+    /// Query heads run two at a time where two read the same KV head and head_dim ≤ 64, one at a
+    /// time otherwise: Qwen2.5-0.5B's groups of 7 (three pairs, then one head alone), a pair
+    /// straddling two groups (never paired), head_dim 128 (never paired) and several kv chunks
+    /// must all give the reference's bits; the key offsets are computed once per sequence.
+    #[test]
+    fn paired_and_single_attention_heads_equal_reference() {
+        let mut rng = SplitMix64::new(3);
+        for (n_heads, n_kv_heads, head_dim) in [(14, 2, 64), (3, 3, 64), (4, 2, 128), (6, 2, 24)] {
+            let block_size = 16;
+            // (first position, queries): a prefill chunk after cached keys, and a decode row.
+            let shape = [(40usize, 90usize), (130, 1)];
+            let layout = KvLayout { num_blocks: 24, block_size, n_kv_heads, head_dim };
+            let mut next_block = 0u32;
+            let tables: Vec<Vec<u32>> = shape
+                .iter()
+                .map(|&(first, n)| {
+                    let blocks = (first + n).div_ceil(block_size) as u32;
+                    // Blocks in reverse order, so slot order differs from position order.
+                    let table = (next_block..next_block + blocks).rev().collect();
+                    next_block += blocks;
+                    table
+                })
+                .collect();
+            let mut q_row = 0;
+            let seqs: Vec<AttnSeq> = shape
+                .iter()
+                .zip(&tables)
+                .map(|(&(first_pos, n_q), table)| {
+                    let s = AttnSeq { block_table: table, q_row, n_q, first_pos };
+                    q_row += n_q;
+                    s
+                })
+                .collect();
+            let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 4.0 - 2.0).collect::<Vec<f32>>();
+            let q = vals(q_row * n_heads * head_dim);
+            let (k_cache, v_cache) = (vals(layout.floats()), vals(layout.floats()));
+            for kv_chunk in [7, 64] {
+                let p = AttnParams { n_heads, n_kv_heads, head_dim, block_size, kv_chunk };
+                let want: Vec<u32> = reference::attention(&q, &seqs, &k_cache, &v_cache, &layout, p)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                for isa in Isa::available() {
+                    let config = CpuConfig {
+                        threads: 2,
+                        isa: Some(isa),
+                        mode: KernelMode::Invariant,
+                        numerics: NumericsConfig::default(),
+                    };
+                    let be = CpuBackend::new(config).unwrap();
+                    let mut out = vec![0.0; q.len()];
+                    attention(&be, &q, &seqs, &k_cache, &v_cache, &layout, p, &mut out);
+                    let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{isa:?} heads={n_heads}/{n_kv_heads} d={head_dim} chunk={kv_chunk}");
+                }
+            }
+        }
+    }
 }

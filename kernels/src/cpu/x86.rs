@@ -464,8 +464,9 @@ pub(crate) const KB_ACC_FLOATS: usize = KB_OUTPUTS * 16;
 pub(crate) const KB_STACK_FLOATS: usize = 32;
 pub(crate) const KB_STATE_FLOATS: usize = KB_ACC_FLOATS + 7 * KB_STACK_FLOATS;
 
-/// One K chunk of one K-blocked tile: columns `begin..end` of segment `seg`, never crossing a
-/// segment boundary, so a chunk only ever continues the lanes of its own segment.
+/// One K chunk of one K-blocked tile: columns `begin..end`, either whole segments (several short
+/// ones at once, so one call folds each in turn while the next one's FMAs already run) or a piece
+/// of one long segment, so a chunk only ever continues the lanes of its own first segment.
 pub(crate) struct KChunk<'a> {
     /// The tile's 8 x rows, packed: column `col` of row `i` at `col · 8 + i · 16` (`col` a
     /// multiple of 16, plus its lane), so one 16-column block of all 8 rows is 512 contiguous bytes.
@@ -475,11 +476,9 @@ pub(crate) struct KChunk<'a> {
     pub k_real: usize,
     pub begin: usize,
     pub end: usize,
-    /// The chunk starts its segment: lanes start at +0.0 (else they resume from the state).
-    pub first: bool,
-    /// The chunk ends its segment: lane trees, then the segment joins the tree stack.
-    pub last: bool,
-    pub seg: usize,
+    /// Columns per segment: `begin` inside a segment resumes its lanes from the state, and an
+    /// `end` inside one leaves them there.
+    pub seg_len: usize,
     /// This tile's `KB_STATE_FLOATS` floats.
     pub state: *mut f32,
     /// Weight rows of the tile that runs next over the same columns (to prefetch), or none.
@@ -540,91 +539,104 @@ unsafe fn fold_blend<const N: usize>(acc: &mut [__m512; N]) -> __m512 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn kchunk512<L: Load512>(c: &KChunk<'_>) {
-    let (x, ws) = (c.x, c.ws);
+    // The row pointers by value: behind the reference they were reloaded every iteration.
+    let (x, ws) = (c.x, *c.ws);
     let lanes = c.state;
-    // Flat and indexed by constants only, so that every accumulator lives in a register.
-    let mut acc = [_mm512_setzero_ps(); KB_OUTPUTS];
-    if !c.first {
-        for o in 0..KB_OUTPUTS {
-            acc[o] = _mm512_loadu_ps(lanes.add(o * 16));
-        }
-    }
     let full_end = c.k_real / 16 * 16;
     let (block_len, block_bytes) = (c.dtype.block_len(), c.dtype.block_bytes());
-    // Same per-block order as `tile512`: lane l of every accumulator takes column col + l, block
-    // after block in increasing col (a block type decodes 32 weights at once, in order). One loop
-    // body, no closure: a closure would not inherit this function's target features.
-    let split = full_end.clamp(c.begin, c.end);
-    let mut col = c.begin;
-    while col < c.end {
-        if let Some(next) = c.prefetch {
-            for &row in next {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(col / block_len * block_bytes) as *const i8);
+    let stack = c.state.add(KB_ACC_FLOATS);
+    // One piece per segment the chunk touches: the lanes of a piece start at +0.0 where its
+    // segment starts (else they resume from the state), and a piece that ends its segment folds
+    // and joins the tree stack. The next piece's FMAs do not depend on the fold, so they overlap.
+    let mut begin = c.begin;
+    while begin < c.end {
+        let seg = begin / c.seg_len;
+        let seg_end = (seg + 1) * c.seg_len;
+        let end = seg_end.min(c.end);
+        // Flat and indexed by constants only, so that every accumulator lives in a register.
+        let mut acc = [_mm512_setzero_ps(); KB_OUTPUTS];
+        if !begin.is_multiple_of(c.seg_len) {
+            for o in 0..KB_OUTPUTS {
+                acc[o] = _mm512_loadu_ps(lanes.add(o * 16));
             }
         }
-        let pair = L::PAIRED && col < split && col.is_multiple_of(32) && col + 32 <= split;
-        if pair {
-            let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); KB_NR];
-            for j in 0..KB_NR {
-                w[j] = L::pair(ws[j], col);
-            }
-            for i in 0..KB_MR {
-                let x0 = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
-                let x1 = _mm512_loadu_ps(x.add((col + 16) * KB_MR + i * 16));
-                for j in 0..KB_NR {
-                    acc[i * KB_NR + j] = _mm512_fmadd_ps(x0, w[j].0, acc[i * KB_NR + j]);
-                    acc[i * KB_NR + j] = _mm512_fmadd_ps(x1, w[j].1, acc[i * KB_NR + j]);
+        // Same per-block order as `tile512`: lane l of every accumulator takes column col + l,
+        // block after block in increasing col (a block type decodes 32 weights at once, in
+        // order). One loop body, no closure: a closure would not inherit this function's target
+        // features.
+        let split = full_end.clamp(begin, end);
+        let mut col = begin;
+        while col < end {
+            if let Some(next) = c.prefetch {
+                for &row in next {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(col / block_len * block_bytes) as *const i8);
                 }
             }
-            col += 32;
-            continue;
-        }
-        let mut w = [_mm512_setzero_ps(); KB_NR];
-        if col < split {
-            for j in 0..KB_NR {
-                w[j] = L::full(ws[j], col);
+            let pair = L::PAIRED && col < split && col.is_multiple_of(32) && col + 32 <= split;
+            if pair {
+                let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); KB_NR];
+                for j in 0..KB_NR {
+                    w[j] = L::pair(ws[j], col);
+                }
+                for i in 0..KB_MR {
+                    let x0 = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
+                    let x1 = _mm512_loadu_ps(x.add((col + 16) * KB_MR + i * 16));
+                    for j in 0..KB_NR {
+                        acc[i * KB_NR + j] = _mm512_fmadd_ps(x0, w[j].0, acc[i * KB_NR + j]);
+                        acc[i * KB_NR + j] = _mm512_fmadd_ps(x1, w[j].1, acc[i * KB_NR + j]);
+                    }
+                }
+                col += 32;
+                continue;
             }
-        } else {
-            let rem = c.k_real.saturating_sub(col).min(16);
-            let mask = ((1u32 << rem) - 1) as __mmask16;
-            for j in 0..KB_NR {
-                w[j] = L::masked(ws[j], col, mask);
+            let mut w = [_mm512_setzero_ps(); KB_NR];
+            if col < split {
+                for j in 0..KB_NR {
+                    w[j] = L::full(ws[j], col);
+                }
+            } else {
+                let rem = c.k_real.saturating_sub(col).min(16);
+                let mask = ((1u32 << rem) - 1) as __mmask16;
+                for j in 0..KB_NR {
+                    w[j] = L::masked(ws[j], col, mask);
+                }
             }
-        }
-        for i in 0..KB_MR {
-            let xv = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
-            for j in 0..KB_NR {
-                acc[i * KB_NR + j] = _mm512_fmadd_ps(xv, w[j], acc[i * KB_NR + j]);
+            for i in 0..KB_MR {
+                let xv = _mm512_loadu_ps(x.add(col * KB_MR + i * 16));
+                for j in 0..KB_NR {
+                    acc[i * KB_NR + j] = _mm512_fmadd_ps(xv, w[j], acc[i * KB_NR + j]);
+                }
             }
+            col += 16;
         }
-        col += 16;
-    }
-    if !c.last {
-        for o in 0..KB_OUTPUTS {
-            _mm512_storeu_ps(lanes.add(o * 16), acc[o]);
+        if end < seg_end {
+            // The chunk stops inside this segment (only a long segment's piece does).
+            for o in 0..KB_OUTPUTS {
+                _mm512_storeu_ps(lanes.add(o * 16), acc[o]);
+            }
+            return;
         }
-        return;
-    }
-    let mut first16 = [_mm512_setzero_ps(); 16];
-    let mut last8 = [_mm512_setzero_ps(); 8];
-    first16.copy_from_slice(&acc[..16]);
-    last8.copy_from_slice(&acc[16..]);
-    let (mut v0, mut v1) = (fold_blend(&mut first16), fold_blend(&mut last8));
-    // The segment tree as in `tile512`: before segment `seg` the stack holds popcount(seg)
-    // finished subtrees; each trailing one-bit of seg + 1 is a carry into the one below it.
-    let stack = c.state.add(KB_ACC_FLOATS);
-    let mut depth = c.seg.count_ones() as usize;
-    let mut done = c.seg + 1;
-    while done & 1 == 0 {
-        depth -= 1;
+        let mut first16 = [_mm512_setzero_ps(); 16];
+        let mut last8 = [_mm512_setzero_ps(); 8];
+        first16.copy_from_slice(&acc[..16]);
+        last8.copy_from_slice(&acc[16..]);
+        let (mut v0, mut v1) = (fold_blend(&mut first16), fold_blend(&mut last8));
+        // The segment tree as in `tile512`: before segment `seg` the stack holds popcount(seg)
+        // finished subtrees; each trailing one-bit of seg + 1 is a carry into the one below it.
+        let mut depth = seg.count_ones() as usize;
+        let mut done = seg + 1;
+        while done & 1 == 0 {
+            depth -= 1;
+            let entry = stack.add(depth * KB_STACK_FLOATS);
+            v0 = _mm512_add_ps(_mm512_loadu_ps(entry), v0);
+            v1 = _mm512_add_ps(_mm512_loadu_ps(entry.add(16)), v1);
+            done >>= 1;
+        }
         let entry = stack.add(depth * KB_STACK_FLOATS);
-        v0 = _mm512_add_ps(_mm512_loadu_ps(entry), v0);
-        v1 = _mm512_add_ps(_mm512_loadu_ps(entry.add(16)), v1);
-        done >>= 1;
+        _mm512_storeu_ps(entry, v0);
+        _mm512_storeu_ps(entry.add(16), v1);
+        begin = end;
     }
-    let entry = stack.add(depth * KB_STACK_FLOATS);
-    _mm512_storeu_ps(entry, v0);
-    _mm512_storeu_ps(entry.add(16), v1);
 }
 
 /// # Safety
@@ -936,89 +948,156 @@ fn dim_mask(d: usize, b: usize) -> __mmask16 {
 
 /// Largest head_dim of the vector attention (8 zmm per running output); larger ones stay scalar.
 pub(crate) const ATTN_MAX_DIM: usize = 128;
+/// Largest head_dim at which two query heads run side by side ([`attention_heads_avx512`] with
+/// `H = 2`): both heads' queries and running outputs then fit in registers.
+pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 
-/// One query head against keys `0..=pos` (see [`crate::reference::attention`]), 16 keys at a time:
-/// each key's score is one 16-lane fma chain over head_dim and the lane tree of [`fold16`] (the
-/// 16 keys' trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the
-/// sums that the contract orders by position — `l_c` and every `o_c` dimension — run key after
-/// key in increasing position. `key_at[kp]` is the cache offset of key `kp`'s head 0.
+/// The keys that one query row's heads attend to, and where to read them.
+pub(crate) struct AttnKeys<'a> {
+    /// `key_at[kp]`: the cache offset of key `kp`'s head 0, for keys `0..=pos`.
+    pub key_at: &'a [usize],
+    pub kv_head: usize,
+    pub k_cache: &'a [f32],
+    pub v_cache: &'a [f32],
+    pub kv_chunk: usize,
+    pub scale: f32,
+}
+
+/// `H` query heads (1, or 2 that read the same KV head — grouped-query attention) against keys
+/// `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time: each key's score is
+/// one 16-lane fma chain over head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys
+/// trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the sums that
+/// the contract orders by position — `l_c` and every `o_c` dimension — run key after key in
+/// increasing position. With two heads each key and value vector is loaded once for both, and
+/// their independent `o_c` chains interleave; per head the operations and their order do not
+/// change, so neither do the bits.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; `qh` holds `d ≤ ATTN_MAX_DIM` floats, `out` too, and every
-/// `key_at[kp] + kv_head·d + d` lies inside both caches.
+/// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats, `B =
+/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`),
+/// and every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn attention_head_avx512(
-    qh: &[f32],
-    key_at: &[usize],
-    kv_head: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    kv_chunk: usize,
-    scale: f32,
+pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
+    qs: [&[f32]; H],
+    keys_in: &AttnKeys<'_>,
     scores: &mut [f32],
-    out: &mut [f32],
+    outs: [&mut [f32]; H],
 ) {
-    let d = qh.len();
-    let blocks = d.div_ceil(16);
-    let mut q = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
-    for (b, qb) in q.iter_mut().enumerate().take(blocks) {
-        *qb = _mm512_maskz_loadu_ps(dim_mask(d, b), qh.as_ptr().add(b * 16));
+    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale } = *keys_in;
+    // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
+    let per = 16 / H;
+    let d = qs[0].len();
+    debug_assert_eq!(d.div_ceil(16), B);
+    let mut q = [[_mm512_setzero_ps(); B]; H];
+    for h in 0..H {
+        for b in 0..B {
+            q[h][b] = _mm512_maskz_loadu_ps(dim_mask(d, b), qs[h].as_ptr().add(b * 16));
+        }
     }
     let (kp, vp) = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let keys_total = key_at.len();
-    let mut o = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    let mut o = [[_mm512_setzero_ps(); B]; H];
+    let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, first) in (0..keys_total).step_by(kv_chunk).enumerate() {
         let keys = &key_at[first..(first + kv_chunk).min(keys_total)];
-        for (g, group) in keys.chunks(16).enumerate() {
+        // Each group's 16 scores stay as the fold left them (`scores[g · 16 ..]`, lane h · per
+        // + i), and the chunk maximum runs lane-wise beside them: `max` is exact, so any order
+        // gives the contract's `m_c` (NaN scores are skipped, as `f32::max` skips them; the sign
+        // of a zero maximum cannot change a bit, since m_c only enters through `exp` of a
+        // difference).
+        let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
+        for (g, group) in keys.chunks(per).enumerate() {
+            // Every lane of the fold is computed (a short group repeats its last key; those
+            // lanes are never read), so that the loops unroll and the accumulators stay in
+            // registers.
             let mut acc = [_mm512_setzero_ps(); 16];
-            for (a, &at) in acc.iter_mut().zip(group) {
-                for b in 0..blocks {
+            for i in 0..per {
+                let at = group[i.min(group.len() - 1)];
+                for b in 0..B {
                     let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
-                    *a = _mm512_fmadd_ps(q[b], kv, *a);
+                    for h in 0..H {
+                        acc[h * per + i] = _mm512_fmadd_ps(q[h][b], kv, acc[h * per + i]);
+                    }
                 }
             }
-            let s = _mm512_mul_ps(fold16(&mut acc), _mm512_set1_ps(scale));
-            let mut tmp = [0.0f32; 16];
-            _mm512_storeu_ps(tmp.as_mut_ptr(), s);
-            scores[g * 16..g * 16 + group.len()].copy_from_slice(&tmp[..group.len()]);
+            let s = _mm512_mul_ps(fold_blend(&mut acc), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(scores.as_mut_ptr().add(g * 16), s);
+            let real = (1u32 << group.len()) - 1;
+            let lanes = (0..H).fold(0u32, |m, h| m | real << (h * per)) as __mmask16;
+            let keep = lanes & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(s, s);
+            m_run = _mm512_mask_max_ps(m_run, keep, m_run, s);
         }
-        let scores = &mut scores[..keys.len()];
-        let m_c = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut l_c = 0.0f32;
-        let mut o_c = [_mm512_setzero_ps(); ATTN_MAX_DIM / 16];
-        for (g, chunk) in scores.chunks_mut(16).enumerate() {
+        let mut m_c = [f32::NEG_INFINITY; H];
+        let mut m_lanes = [0.0f32; 16];
+        _mm512_storeu_ps(m_lanes.as_mut_ptr(), m_run);
+        for h in 0..H {
+            m_c[h] = m_lanes[h * per..(h + 1) * per].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            m_lanes[h * per..(h + 1) * per].fill(m_c[h]);
+        }
+        let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
+        let mut l_c = [0.0f32; H];
+        let mut o_c = [[_mm512_setzero_ps(); B]; H];
+        for (g, group) in keys.chunks(per).enumerate() {
             let mut tmp = [0.0f32; 16];
-            tmp[..chunk.len()].copy_from_slice(chunk);
-            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(tmp.as_ptr()), _mm512_set1_ps(m_c)));
+            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
             _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
-            for (&p, &at) in tmp.iter().zip(&keys[g * 16..g * 16 + chunk.len()]) {
-                l_c += p;
-                let pv = _mm512_set1_ps(p);
-                for b in 0..blocks {
+            for (i, &at) in group.iter().enumerate() {
+                let mut pv = [_mm512_setzero_ps(); H];
+                for h in 0..H {
+                    l_c[h] += tmp[h * per + i];
+                    pv[h] = _mm512_set1_ps(tmp[h * per + i]);
+                }
+                for b in 0..B {
                     let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
-                    o_c[b] = _mm512_fmadd_ps(pv, v, o_c[b]);
+                    for h in 0..H {
+                        o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
+                    }
                 }
             }
         }
-        if c == 0 {
-            (m, l, o) = (m_c, l_c, o_c);
-        } else {
-            let mn = m.max(m_c);
-            let (fa, fb) = (crate::math::exp(m - mn), crate::math::exp(m_c - mn));
-            l = l * fa + l_c * fb;
-            let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
-            for b in 0..blocks {
-                o[b] = _mm512_add_ps(_mm512_mul_ps(o[b], va), _mm512_mul_ps(o_c[b], vb));
+        for h in 0..H {
+            if c == 0 {
+                (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
+            } else {
+                let mn = m[h].max(m_c[h]);
+                let (fa, fb) = (crate::math::exp(m[h] - mn), crate::math::exp(m_c[h] - mn));
+                l[h] = l[h] * fa + l_c[h] * fb;
+                let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
+                for b in 0..B {
+                    o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
+                }
+                m[h] = mn;
             }
-            m = mn;
         }
     }
-    let lv = _mm512_set1_ps(l);
-    for b in 0..blocks {
-        _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[b], lv));
+    for (h, out) in outs.into_iter().enumerate() {
+        let lv = _mm512_set1_ps(l[h]);
+        for b in 0..B {
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[h][b], lv));
+        }
     }
+}
+
+/// [`attention_heads_avx512`] with `B = ⌈d / 16⌉` chosen at run time (so its head_dim loops are
+/// unrolled and its accumulators live in registers).
+///
+/// # Safety
+/// As [`attention_heads_avx512`].
+pub(crate) unsafe fn attention_heads_dispatch<const H: usize>(
+    qs: [&[f32]; H],
+    keys: &AttnKeys<'_>,
+    scores: &mut [f32],
+    outs: [&mut [f32]; H],
+) {
+    macro_rules! with_blocks {
+        ($($b:literal)*) => {
+            match qs[0].len().div_ceil(16) {
+                $($b => attention_heads_avx512::<H, $b>(qs, keys, scores, outs),)*
+                blocks => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_MAX_DIM"),
+            }
+        };
+    }
+    with_blocks!(1 2 3 4 5 6 7 8)
 }
 
 #[cfg(test)]
