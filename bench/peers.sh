@@ -154,10 +154,10 @@ smollm2_file() {
 
 # --- engines -----------------------------------------------------------------------------------
 
-run_lockstep() { # label model-path engine [extra lockstep bench flags...]
-    local label=$1 model=$2 engine=$3
-    shift 3
-    local flags=(--model "$model" --modes invariant --threads "$THREADS" --warmup "$@")
+run_lockstep() { # label model-path engine mode [extra lockstep bench flags...]
+    local label=$1 model=$2 engine=$3 mode=$4
+    shift 4
+    local flags=(--model "$model" --modes "$mode" --threads "$THREADS" --warmup "$@")
     note "lockstep ($engine): decode at batch $BATCHES, pp128"
     "$LS" bench "${flags[@]}" --batch "$BATCHES" --prompt-tokens 128 --new-tokens "$NEW_TOKENS" 2>>"$RUN/lockstep.log" |
         tee -a "$RUN/lockstep.out" | collect lockstep "$label" "$engine" >>"$RESULTS" ||
@@ -247,9 +247,9 @@ if has_model synth-bf16 || has_model synth-f32; then
         section "Synthetic Qwen2.5-0.5B, $dtype"
         synth_model "$dtype" || { note "conversion failed: llama.cpp skipped for $label"; GGUF=""; }
         record_weights "$label" "$(cat "$HF_DIR"/*.safetensors | wc -c)"
-        run_lockstep "$label" "$HF_DIR" "lockstep invariant" --numerics portable || true
+        run_lockstep "$label" "$HF_DIR" "lockstep invariant" invariant || true
         if native_flags; then
-            run_lockstep "$label" "$HF_DIR" "lockstep native" --numerics native || true
+            run_lockstep "$label" "$HF_DIR" "lockstep native" native || true
         else
             note "lockstep native column skipped: $NATIVE_WHY"
         fi
@@ -268,7 +268,7 @@ if has_model smollm2; then
     smollm2_file
     note "file: $SMOLLM2"
     record_weights "$label" "$(wc -c <"$SMOLLM2")"
-    run_lockstep "$label" "$SMOLLM2" "lockstep invariant" --numerics portable || true
+    run_lockstep "$label" "$SMOLLM2" "lockstep invariant" invariant || true
     run_llama_cpp "$label" "$SMOLLM2"
     note "transformers column skipped for a GGUF file (transformers runs Hugging Face directories here)"
 fi

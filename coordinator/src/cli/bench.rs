@@ -57,6 +57,14 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         "| mode | TP | batch | prompt tok | new tok | prefill tok/s | decode tok/s | new tok/s incl. prefill | backend |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    // `--numerics native` (or `--kernels native`) with `--modes` that leave native out would
+    // quietly measure another mode: `--modes` decides each row's numerics.
+    if a.engine.options()?.mode == KernelMode::Native && !a.modes.contains(&KernelMode::Native) {
+        anyhow::bail!(
+            "--numerics native asks for native numerics but --modes {} leaves them out: use --modes native (each row's mode sets its numerics)",
+            a.modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+        );
+    }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (&mode, &tp) in a.modes.iter().flat_map(|m| a.tps.iter().map(move |t| (m, t))) {
         let mut opts = a.engine.options()?;
