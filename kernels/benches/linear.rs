@@ -189,13 +189,50 @@ fn main() {
             return;
         }
     }
-    let shapes = [(896usize, 4864usize, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
     println!();
     println!("| shape K→N | M | weights | threads | invariant GFLOP/s | fast GFLOP/s | inv/fast | invariant GB/s (weights) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut rng = SplitMix64::new(1);
-    for (k, n, name) in shapes {
-        for dtype in [DType::F32, DType::Bf16] {
+    let dtypes = [DType::F32, DType::Bf16];
+    side_by_side(&filter, &mut rng, &dtypes, [KernelMode::Invariant, KernelMode::Fast], "", |row, s| {
+        let [ti, tf] = s.secs;
+        println!(
+            "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
+            s.flops / ti / 1e9,
+            s.flops / tf / 1e9,
+            tf / ti,
+            s.bytes / ti / 1e9
+        )
+    });
+    quantized_decode(&filter, &mut rng);
+    native_linear(&filter, &mut rng);
+    decode_step(&filter, &mut rng);
+}
+
+/// Qwen2.5-0.5B's linear shapes (K, N, name) for the side-by-side tables.
+const SHAPES: [(usize, usize, &str); 4] =
+    [(896, 4864, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
+
+/// One row's measurement: its FLOPs, weight bytes, and the seconds of each mode.
+struct Measured {
+    flops: f64,
+    bytes: f64,
+    secs: [f64; 2],
+}
+
+/// Times the two modes on every shape × dtype × thread count × M (M = 1, 8, 64, 512), the same
+/// pseudo-random weights for both, and hands `print` each row's head (`| K→N (name) | M | dtype |
+/// threads |`) with its numbers. A row runs when `filter` is empty or in its head followed by `tag`.
+fn side_by_side(
+    filter: &str,
+    rng: &mut SplitMix64,
+    dtypes: &[DType],
+    modes: [KernelMode; 2],
+    tag: &str,
+    mut print: impl FnMut(&str, Measured),
+) {
+    for (k, n, name) in SHAPES {
+        for &dtype in dtypes {
             // Deterministic pseudo-random weights, uniform in ±0.05.
             let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
             let w = HostWeight::from_f32(&vals, dtype, n, k);
@@ -206,33 +243,22 @@ fn main() {
                 }
                 let mk =
                     |mode| CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: bench_numerics() }).unwrap();
-                let (inv, fast) = (mk(KernelMode::Invariant), mk(KernelMode::Fast));
-                let wi = inv.prepare_weight(w.clone());
-                let wf = fast.prepare_weight(w.clone());
+                let bes = modes.map(mk);
+                let ws = [bes[0].prepare_weight(w.clone()), bes[1].prepare_weight(w.clone())];
                 for m in [1usize, 8, 64, 512] {
                     let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
-                    if !filter.is_empty() && !row.contains(&filter) {
+                    if !filter.is_empty() && !format!("{row}{tag}").contains(filter) {
                         continue;
                     }
                     let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
                     let mut y = vec![0.0f32; m * n];
-                    let flops = 2.0 * (m * n * k) as f64;
-                    let ti = time(|| inv.linear(&x, m, &wi, None, &mut y));
-                    let tf = time(|| fast.linear(&x, m, &wf, None, &mut y));
-                    println!(
-                        "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
-                        flops / ti / 1e9,
-                        flops / tf / 1e9,
-                        tf / ti,
-                        (n * k * dtype.size()) as f64 / ti / 1e9
-                    );
+                    let secs = [0, 1].map(|i| time(|| bes[i].linear(&x, m, &ws[i], None, &mut y)));
+                    let (flops, bytes) = (2.0 * (m * n * k) as f64, (n * k * dtype.size()) as f64);
+                    print(&row, Measured { flops, bytes, secs });
                 }
             }
         }
     }
-    quantized_decode(&filter, &mut rng);
-    native_linear(&filter, &mut rng);
-    decode_step(&filter, &mut rng);
 }
 
 /// bf16 linears in CPU native numerics (the class this CPU runs: AMX or AVX512-BF16) beside the
@@ -242,45 +268,22 @@ fn native_linear(filter: &str, rng: &mut SplitMix64) {
         println!("\nnative: skipped, this CPU has neither AMX nor AVX512-BF16");
         return;
     };
-    let shapes = [(896usize, 4864usize, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
     println!();
     println!(
         "| shape K→N | M | weights | threads | {} GFLOP/s | invariant GFLOP/s | native/inv | native GB/s (weights) |",
         class.fingerprint_name()
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (k, n, name) in shapes {
-        let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
-        let w = HostWeight::from_f32(&vals, DType::Bf16, n, k);
-        drop(vals);
-        for threads in [1, 2] {
-            if threads > 1 && cpu_clock() {
-                continue;
-            }
-            let mk =
-                |mode| CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: bench_numerics() }).unwrap();
-            let (inv, nat) = (mk(KernelMode::Invariant), mk(KernelMode::Native));
-            let (wi, wn) = (inv.prepare_weight(w.clone()), nat.prepare_weight(w.clone()));
-            for m in [1usize, 8, 64, 512] {
-                let row = format!("| {k}→{n} ({name}) | {m} | bf16 | {threads} | native");
-                if !filter.is_empty() && !row.contains(filter) {
-                    continue;
-                }
-                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-                let mut y = vec![0.0f32; m * n];
-                let flops = 2.0 * (m * n * k) as f64;
-                let tn = time(|| nat.linear(&x, m, &wn, None, &mut y));
-                let ti = time(|| inv.linear(&x, m, &wi, None, &mut y));
-                println!(
-                    "| {k}→{n} ({name}) | {m} | bf16 | {threads} | {:.1} | {:.1} | {:.2} | {:.1} |",
-                    flops / tn / 1e9,
-                    flops / ti / 1e9,
-                    ti / tn,
-                    (n * k * 2) as f64 / tn / 1e9
-                );
-            }
-        }
-    }
+    side_by_side(filter, rng, &[DType::Bf16], [KernelMode::Native, KernelMode::Invariant], " native", |row, s| {
+        let [tn, ti] = s.secs;
+        println!(
+            "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
+            s.flops / tn / 1e9,
+            s.flops / ti / 1e9,
+            ti / tn,
+            s.bytes / tn / 1e9
+        )
+    });
 }
 
 /// GB/s of one batch-1 decode step's linears over every layer of Qwen2.5-0.5B (bf16, distinct

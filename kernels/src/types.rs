@@ -201,15 +201,10 @@ impl SharedBytes {
     pub fn release_resident(&self) {
         #[cfg(target_os = "linux")]
         if self.file_mapped {
-            const PAGE: usize = 4096;
-            let base = self.as_slice().as_ptr() as usize;
-            let (start, end) = (base.next_multiple_of(PAGE), (base + self.len()) / PAGE * PAGE);
-            if start < end {
-                // SAFETY: the range lies inside a read-only file mapping that stays mapped (the
-                // owner lives); MADV_DONTNEED there only drops page-table entries, and the
-                // contents read back are the file's, unchanged.
-                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
-            }
+            // SAFETY: the range lies inside a read-only file mapping that stays mapped (the owner
+            // lives); MADV_DONTNEED there only drops page-table entries, and the contents read
+            // back are the file's, unchanged.
+            unsafe { advise_whole_pages(self.as_slice().as_ptr(), self.len(), libc::MADV_DONTNEED) };
         }
     }
     #[inline]
@@ -221,6 +216,20 @@ impl SharedBytes {
     }
     pub fn is_empty(&self) -> bool {
         self.range.is_empty()
+    }
+}
+
+/// `madvise(advice)` over the whole 4 KiB pages inside `[base, base + len)` (a partial page at
+/// either end is shared with other data and left alone).
+///
+/// # Safety
+/// The range is mapped memory this process owns, and `advice` is harmless to its contents there.
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn advise_whole_pages(base: *const u8, len: usize, advice: libc::c_int) {
+    const PAGE: usize = 4096;
+    let (start, end) = ((base as usize).next_multiple_of(PAGE), (base as usize + len) / PAGE * PAGE);
+    if start < end {
+        libc::madvise(start as *mut libc::c_void, end - start, advice);
     }
 }
 

@@ -300,17 +300,24 @@ fn amx_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unsplit() {
 #[test]
 fn amx_hardware_gives_the_software_models_bits() {
     on_hardware("amx_hardware_gives_the_software_models_bits", |hw| {
-        let mut rng = Rng::new(25);
-        for dtype in [DType::Bf16, DType::F16] {
-            let (m, k, n) = (37, 517, 45);
+        hardware_gives_the_models_bits(hw, model, 25, &[(37, 45)])
+    })
+}
+
+/// `hw` and `model` give the same bits for every `(m, n)` at K = 517, bf16 and f16 weights.
+fn hardware_gives_the_models_bits(hw: Make, model: Make, seed: u64, cases: &[(usize, usize)]) {
+    let mut rng = Rng::new(seed);
+    let k = 517;
+    for dtype in [DType::Bf16, DType::F16] {
+        for &(m, n) in cases {
             let x = rng.vec(m * k);
             let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
             let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
             hw(2, 8).linear(&x, m, &w, None, &mut a);
             model(2, 8).linear(&x, m, &w, None, &mut b);
-            assert_eq!(bits(&a), bits(&b), "{dtype:?}");
+            assert_eq!(bits(&a), bits(&b), "{dtype:?} m={m}");
         }
-    })
+    }
 }
 
 /// Native numerics are a different rule: on bf16 weights they must not quietly give the
@@ -430,18 +437,8 @@ fn avx512bf16_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unspl
 #[test]
 fn avx512bf16_hardware_gives_the_software_models_bits() {
     on_avx512bf16("avx512bf16_hardware_gives_the_software_models_bits", |hw| {
-        let mut rng = Rng::new(28);
-        for dtype in [DType::Bf16, DType::F16] {
-            for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 37] {
-                let (k, n) = (517, 45 + 16 * (m % 4));
-                let x = rng.vec(m * k);
-                let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
-                let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
-                hw(2, 8).linear(&x, m, &w, None, &mut a);
-                dp_model(2, 8).linear(&x, m, &w, None, &mut b);
-                assert_eq!(bits(&a), bits(&b), "{dtype:?} m={m}");
-            }
-        }
+        let cases: Vec<(usize, usize)> = [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 37].map(|m| (m, 45 + 16 * (m % 4))).into();
+        hardware_gives_the_models_bits(hw, dp_model, 28, &cases)
     })
 }
 

@@ -391,7 +391,7 @@ impl Default for SoftTiles {
 /// when its rounded f32 is denormal; x86 detects tininess after rounding as well (an unbounded
 /// exponent result within half a denormal ulp of 2^-126 is the one case this could misjudge).
 #[inline]
-fn flush(x: f32) -> f32 {
+pub(super) fn flush(x: f32) -> f32 {
     if x.is_subnormal() {
         f32::from_bits(x.to_bits() & 0x8000_0000)
     } else {
@@ -400,7 +400,7 @@ fn flush(x: f32) -> f32 {
 }
 
 #[inline]
-fn bf16_f32(bits: u32) -> f32 {
+pub(super) fn bf16_f32(bits: u32) -> f32 {
     f32::from_bits(bits << 16)
 }
 
@@ -626,12 +626,7 @@ pub(crate) fn linear_native(
             AmxExec::Hardware => unreachable!("no AMX outside x86-64"),
         }
     };
-    let tasks = n.div_ceil(TASK_COLS);
-    if be.threads() == 1 || tasks == 1 {
-        (0..tasks).for_each(task);
-    } else {
-        be.pool().install(|| (0..tasks).into_par_iter().for_each(task));
-    }
+    be.run_tasks(n.div_ceil(TASK_COLS), task);
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@
 use rayon::prelude::*;
 use std::ops::Range;
 
-use super::amx::{bf16_bits, planes, weight_planes};
+use super::amx::{bf16_bits, bf16_f32, flush, planes, weight_planes};
 use super::{CpuBackend, SharedOut};
 use crate::{DType, SegmentRange, WeightView};
 
@@ -80,14 +80,15 @@ pub struct PairPanels {
 }
 
 impl PairPanels {
-    pub fn pack(w: WeightView<'_>) -> PairPanels {
+    /// Packs `w` on the backend's threads.
+    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>) -> PairPanels {
         let planes = planes(w.dtype);
         let pairs = w.cols.div_ceil(2);
         let panels = w.rows.div_ceil(PANEL_ROWS);
         let panel_words = pairs * planes * PANEL_ROWS;
         let mut words = super::packed_buffer(panels * panel_words);
         // A shard whose columns all lie past the row (`cols` 0) has empty panels.
-        words.par_chunks_mut(panel_words.max(1)).enumerate().for_each(|(nb, panel)| {
+        let pack_panel = |(nb, panel): (usize, &mut [u32])| {
             for j in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {
                 let row = w.row(nb * PANEL_ROWS + j);
                 if w.dtype == DType::Bf16 {
@@ -110,7 +111,8 @@ impl PairPanels {
                     }
                 }
             }
-        });
+        };
+        be.pool().install(|| words.par_chunks_mut(panel_words.max(1)).enumerate().for_each(pack_panel));
         PairPanels { words, rows: w.rows, cols: w.cols, pairs, planes }
     }
     fn panel_words(&self) -> usize {
@@ -118,10 +120,6 @@ impl PairPanels {
     }
     fn panels(&self) -> usize {
         self.rows.div_ceil(PANEL_ROWS)
-    }
-    /// Whether these panels were packed from a weight of this shape.
-    pub fn fits(&self, w: WeightView<'_>) -> bool {
-        self.rows == w.rows && self.cols == w.cols && self.planes == planes(w.dtype)
     }
 }
 
@@ -177,20 +175,6 @@ fn segment_pairs(segs: SegmentRange, k_real: usize) -> Vec<Range<usize>> {
 }
 
 // ---------------------------------------------------------------- the model
-
-#[inline]
-fn flush(x: f32) -> f32 {
-    if x.is_subnormal() {
-        f32::from_bits(x.to_bits() & 0x8000_0000)
-    } else {
-        x
-    }
-}
-
-#[inline]
-fn bf16_f32(bits: u32) -> f32 {
-    f32::from_bits(bits << 16)
-}
 
 /// One `VDPBF16PS` lane (Intel SDM): the odd product, then the even one, each an f32 fma with
 /// denormal inputs read as zero and a denormal result flushed to zero, round to nearest even.
@@ -445,12 +429,7 @@ pub(crate) fn linear_native(
             Dpbf16Exec::Hardware => unreachable!("no AVX512-BF16 outside x86-64"),
         }
     };
-    let tasks = total.div_ceil(nb);
-    if be.threads() == 1 || tasks == 1 {
-        (0..tasks).for_each(task);
-    } else {
-        be.pool().install(|| (0..tasks).into_par_iter().for_each(task));
-    }
+    be.run_tasks(total.div_ceil(nb), task);
 }
 
 #[cfg(test)]

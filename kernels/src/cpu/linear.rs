@@ -21,8 +21,6 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::{CpuBackend, Isa, SharedOut};
 use crate::sampling::lane_tree;
 use crate::{DType, SegmentRange, WeightView, LANES};
@@ -225,12 +223,7 @@ pub(crate) fn linear_invariant(
             }
         }
     };
-    let tasks = row_blocks * col_blocks;
-    if be.threads() == 1 || tasks == 1 {
-        (0..tasks).for_each(task);
-    } else {
-        be.pool().install(|| (0..tasks).into_par_iter().for_each(task));
-    }
+    be.run_tasks(row_blocks * col_blocks, task);
 }
 
 /// The K-blocked tiles of one task (see the module comment).

@@ -138,22 +138,25 @@ impl NativeExec {
     }
 }
 
+/// A row-parallel partial's operands fit each other: `x` `[m, k]`, `w` `[n, k]` with `k` the
+/// segment range's real columns, `y` `[m, n]`.
+fn assert_linear_shapes(x: &[f32], m: usize, w: WeightView<'_>, segs: SegmentRange, y: &[f32]) {
+    assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
+    assert_eq!(x.len(), m * w.cols, "x shape");
+    assert_eq!(y.len(), m * w.rows, "y shape");
+}
+
 /// A zeroed buffer for a weight's packed copy, on 2 MiB pages where Linux allows them
 /// (`MADV_HUGEPAGE` before the first write faults it in): a decode step streams every weight once,
 /// and 4 KiB pages cost it a TLB miss per page (BENCHMARKS §2.2: ~15 % of the decode tiles' time).
 pub(crate) fn packed_buffer(len: usize) -> Vec<u32> {
     let mut v: Vec<u32> = Vec::with_capacity(len);
+    // SAFETY: a hint over whole pages inside the vector's own (not yet written) allocation; it
+    // changes no contents.
     #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let base = v.as_ptr() as usize;
-        let (start, end) = (base.next_multiple_of(PAGE), (base + len * 4) / PAGE * PAGE);
-        if start < end {
-            // SAFETY: a hint over whole pages inside the vector's own (not yet written)
-            // allocation; it changes no contents.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
+    unsafe {
+        crate::types::advise_whole_pages(v.as_ptr() as *const u8, len * 4, libc::MADV_HUGEPAGE)
+    };
     v.resize(len, 0);
     v
 }
@@ -258,19 +261,26 @@ impl CpuBackend {
     pub(crate) fn pool(&self) -> &rayon::ThreadPool {
         &self.pool
     }
+    /// Runs `task(0..tasks)`, on the pool where there is more than one task and thread, in order
+    /// on this thread otherwise. Tasks own disjoint outputs, so where they run changes no bit.
+    pub(crate) fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync + Send) {
+        if self.threads() == 1 || tasks == 1 {
+            (0..tasks).for_each(task);
+        } else {
+            self.pool.install(|| (0..tasks).into_par_iter().for_each(task));
+        }
+    }
 
     /// Row-parallel partial on slices: `x` is `[m, segs.real_range().len()]`, `w` `[n, same]`.
     pub fn linear_partial_into(&self, x: &[f32], m: usize, w: WeightView<'_>, segs: SegmentRange, y: &mut [f32]) {
-        assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
-        assert_eq!(x.len(), m * w.cols, "x shape");
-        assert_eq!(y.len(), m * w.rows, "y shape");
+        assert_linear_shapes(x, m, w, segs, y);
         match (self.cfg.mode, self.native) {
             (KernelMode::Native, Some(NativeExec::Amx(exec))) if amx::takes(w.dtype) => {
                 amx::linear_native(self, exec, x, m, w, segs, None, y)
             }
             // A bare view has no cache for its packed panels: pack for this call.
             (KernelMode::Native, Some(NativeExec::Avx512Bf16(exec))) if amx::takes(w.dtype) => {
-                dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(w), segs, y)
+                dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(self, w), segs, y)
             }
             (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
             _ => linear::linear_invariant(self, x, m, w, segs, y),
@@ -284,12 +294,10 @@ impl CpuBackend {
         let Some(exec) = self.native.filter(|_| amx::takes(w.dtype)) else {
             return self.linear_partial_into(x, m, w.view(), segs, y);
         };
-        assert_eq!(w.cols, segs.real_range().len(), "weight columns must cover the segment range");
-        assert_eq!(x.len(), m * w.cols, "x shape");
-        assert_eq!(y.len(), m * w.rows, "y shape");
+        assert_linear_shapes(x, m, w.view(), segs, y);
         let packed = w.native_packed.get_or_init(|| {
             let packed = match exec {
-                NativeExec::Avx512Bf16(_) => NativePacked::Panels(dpbf16::PairPanels::pack(w.view())),
+                NativeExec::Avx512Bf16(_) => NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view())),
                 NativeExec::Amx(_) => NativePacked::Tiles(amx::PackedB::pack(self, w.view(), segs)),
             };
             w.bytes.release_resident();
