@@ -383,8 +383,12 @@ impl Backend for CpuBackend {
     fn mode(&self) -> KernelMode {
         self.cfg.mode
     }
+    /// The pool at every thread count, one included: a one-thread backend (each rank of a TP
+    /// group sharing a host's cores) left outside its pool handed every norm, attention and
+    /// sampling call of a step to the pool's one worker and back (~75 hand-offs per decode step,
+    /// BENCHMARKS §11), where a step entered once on the worker runs them all inline.
     fn step_pool(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
-        (self.threads() > 1).then(|| self.pool.clone())
+        Some(self.pool.clone())
     }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
@@ -470,5 +474,23 @@ impl Backend for CpuBackend {
     }
     fn sample_shard(&self, logits: &Vec<f32>, shard: VocabShard, requests: &[SampleRequest]) -> Vec<ShardSample> {
         self.sample_shard_slice(logits, shard, requests)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-thread backend (a TP rank on a shared host) runs a step on its pool's worker, and the
+    /// kernels' own `install`s inside the step stay on that thread instead of handing off.
+    #[test]
+    fn a_one_thread_backend_runs_its_steps_on_its_pool_without_hand_offs() {
+        let be = CpuBackend::new(CpuConfig { threads: 1, ..CpuConfig::default() }).unwrap();
+        let pool = be.step_pool().expect("a one-thread backend has a step pool");
+        pool.install(|| {
+            let step_thread = std::thread::current();
+            assert_eq!(step_thread.name(), Some("lockstep-cpu-0"));
+            be.pool().install(|| assert_eq!(std::thread::current().id(), step_thread.id()));
+        });
     }
 }
