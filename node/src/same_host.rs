@@ -3,8 +3,8 @@
 //! instead of through the QUIC connection and its async tasks.
 //!
 //! ```text
-//!  QUIC (QUIC path)   model thread ─▶ channel ─▶ sender task ─▶ QUIC ─▶ receiver task ─▶ channel ─▶ model thread
-//!  socket (same host) model thread ─────────────── Unix socket ─────────────────────────────────▶ model thread
+//!  QUIC:       model thread ─▶ channel ─▶ sender task ─▶ QUIC ─▶ receiver task ─▶ channel ─▶ model thread
+//!  same host:  model thread ─────────────────────── Unix socket ──────────────────────────▶ model thread
 //! ```
 //!
 //! **Negotiated over the authenticated ring connection, never guessed.** The QUIC ring connection
@@ -303,15 +303,14 @@ impl RingSockets {
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let (next_ready, prev_ready) = wait(Some((next, libc::POLLOUT)), self.prev.as_ref(), deadline)
-                        .map_err(|e| match e {
+                    let (_, prev_ready) =
+                        wait(Some((next, libc::POLLOUT)), self.prev.as_ref(), deadline).map_err(|e| match e {
                             WaitError::Timeout => SocketFailure::Timeout,
                             WaitError::Io(e) => SocketFailure::Successor(format!("waiting on its socket failed: {e}")),
                         })?;
                     if prev_ready {
                         self.fill_from_prev()?;
                     }
-                    let _ = next_ready;
                 }
                 Err(e) => return Err(SocketFailure::Successor(format!("its socket failed: {e}"))),
             }
