@@ -35,7 +35,10 @@
 //! kernel: a rank waiting for its predecessor also watches its successor's socket, so either end
 //! closing fails the step at once with the name of the node that went away. Closes that arrive on
 //! QUIC (a released assignment, with its reason) wake the model thread by shutting its
-//! predecessor socket down ([`SocketWaker`]).
+//! predecessor socket down ([`SocketWaker`]). A link whose two directions differ (one neighbour
+//! runs `--ring-transport quic`) waits on QUIC for its predecessor; a successor that dies on the
+//! socket side is then noticed through its QUIC connection (at once for an orderly exit, within the
+//! transport's idle timeout for a killed process).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
