@@ -1,15 +1,17 @@
 //! `cargo bench -p lockstep-node --bench allreduce`: the fixed-order ring all-reduce over real
 //! mutual-TLS QUIC connections on loopback (every rank in this process, each with its own UDP
 //! endpoint), against a plain memcpy of the same bytes and a raw QUIC stream between two
-//! endpoints. Sizes are the hidden sizes of the synthetic qwen2.5-0.5b (896) and llama-3.2-1b
-//! (2048) at batch 1, 8 and 32 tokens. Prints a Markdown table.
+//! endpoints, and the same rings with their frames on same-host sockets (`--ring-transport auto`).
+//! Sizes are the hidden sizes of the synthetic qwen2.5-0.5b (896) and llama-3.2-1b (2048) at batch
+//! 1, 8 and 32 tokens. Prints a Markdown table.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockstep_node::model::Collective;
-use lockstep_node::quic_ring::{connect_ring, QuicRing, RingPlace};
+use lockstep_node::quic_ring::{connect_ring, LinkPath, NodeRing, RingPlace};
 use lockstep_node::ring::RingCollective;
+use lockstep_node::same_host::RingTransportMode;
 use lockstep_proto::wire::Frame;
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, Endpoint, DEFAULT_SERVER_NAME};
@@ -30,11 +32,13 @@ fn main() {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!(
-        "| hidden | batch | floats | memcpy µs | raw QUIC stream µs | ring TP=2 µs | ring TP=4 µs | ring TP=2 GB/s |"
+        "| hidden | batch | floats | memcpy µs | raw QUIC stream µs | ring TP=2 µs | ring TP=4 µs | ring TP=2 GB/s | same-host TP=2 µs | same-host TP=4 µs |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    let rings: Vec<Vec<Arc<RingCollective<QuicRing>>>> =
-        [2usize, 4].iter().map(|&tp| build_ring(&rt, &dir, tp)).collect();
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let rings: Vec<Vec<Arc<RingCollective<NodeRing>>>> = [RingTransportMode::Quic, RingTransportMode::Auto]
+        .into_iter()
+        .flat_map(|mode| [2usize, 4].map(|tp| build_ring(&rt, &dir, tp, mode)))
+        .collect();
     let raw = raw_pair(&rt, &dir);
     for hidden in [896usize, 2048] {
         for batch in [1usize, 8, 32] {
@@ -54,21 +58,28 @@ fn main() {
             let raw_t = rt.block_on(raw_roundtrip(&raw, &src));
             let ring_t: Vec<f64> = rings.iter().map(|r| ring_time(r, &src)).collect();
             println!(
-                "| {hidden} | {batch} | {n} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {hidden} | {batch} | {n} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
                 memcpy * 1e6,
                 raw_t * 1e6,
                 ring_t[0] * 1e6,
                 ring_t[1] * 1e6,
                 // Bytes each rank sends in a TP=2 all-gather: its own partial once.
-                (n * 4) as f64 / ring_t[0] / 1e9
+                (n * 4) as f64 / ring_t[0] / 1e9,
+                ring_t[2] * 1e6,
+                ring_t[3] * 1e6,
             );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `tp` ranks connected in a ring, each with its own endpoint.
-fn build_ring(rt: &tokio::runtime::Runtime, dir: &std::path::Path, tp: usize) -> Vec<Arc<RingCollective<QuicRing>>> {
+/// `tp` ranks connected in a ring, each with its own endpoint, their links as `mode` makes them.
+fn build_ring(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    tp: usize,
+    mode: RingTransportMode,
+) -> Vec<Arc<RingCollective<NodeRing>>> {
     rt.block_on(async {
         let eps: Vec<Endpoint> = (0..tp)
             .map(|r| {
@@ -89,7 +100,9 @@ fn build_ring(rt: &tokio::runtime::Runtime, dir: &std::path::Path, tp: usize) ->
                     prev_node: format!("rank-{}", (r + tp - 1) % tp),
                 };
                 tokio::spawn(async move {
-                    let (ring, links) = connect_ring(&ep, &place).await.unwrap();
+                    let (ring, links) = connect_ring(&ep, &place, mode).await.unwrap();
+                    let want = if mode == RingTransportMode::Auto { LinkPath::SameHostSocket } else { LinkPath::Quic };
+                    assert_eq!(ring.paths(), (want, want), "the {mode} ring's links");
                     std::mem::forget(links);
                     std::mem::forget(ep);
                     ring
@@ -105,7 +118,7 @@ fn build_ring(rt: &tokio::runtime::Runtime, dir: &std::path::Path, tp: usize) ->
 }
 
 /// Median time of one all-reduce (all ranks in parallel threads).
-fn ring_time(ranks: &[Arc<RingCollective<QuicRing>>], src: &[f32]) -> f64 {
+fn ring_time(ranks: &[Arc<RingCollective<NodeRing>>], src: &[f32]) -> f64 {
     let times: Vec<Vec<f64>> = std::thread::scope(|s| {
         let hs: Vec<_> = ranks
             .iter()

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod model;
 pub mod quic_ring;
 pub mod ring;
+pub mod same_host;
 pub mod server;
 pub mod shard;
 pub mod source;

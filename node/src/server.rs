@@ -23,7 +23,8 @@
 //! still loading cancels it at the next step boundary, and the next assignment starts loading
 //! only once everything the previous one held has been let go, so two models never share the
 //! memory at once. The forward pass is synchronous, CPU-bound code; it runs on its own thread and
-//! talks to the async QUIC tasks through channels ([`QuicRing`]). The coordinator connection is
+//! talks to the async QUIC tasks through channels, or to a same-host neighbour's socket itself
+//! ([`NodeRing`]). The coordinator connection is
 //! the node's lifeline: when it closes, the node exits — unless it follows an etcd leader
 //! (`lockstep node --membership etcd`, in the coordinator crate), which runs one
 //! [`serve_coordinator`] session after another on the same endpoint, leaving a coordinator as
@@ -47,8 +48,9 @@ use crate::config::ModelConfig;
 use crate::control::{ControlAction, ControlExit, Generation, NodeControl, ReadyReport, Refusal, StepOutcome};
 use crate::fingerprint::deployment_fingerprint;
 use crate::model::{Collective, Model, ModelOptions, StepError};
-use crate::quic_ring::{connect_ring, QuicRing, RingLinks, RingPlace};
+use crate::quic_ring::{connect_ring, NodeRing, RingLinks, RingPlace};
 use crate::ring::RingCollective;
+use crate::same_host::RingTransportMode;
 use crate::shard::ShardPlan;
 use crate::source::{load_config, WeightStore};
 
@@ -66,6 +68,8 @@ pub struct NodeOptions {
     pub name: String,
     /// Where to accept the ring predecessor (`host:port`, port 0 = any).
     pub listen: SocketAddr,
+    /// Whether ring links to neighbours on this machine may move to a same-host socket.
+    pub ring_transport: RingTransportMode,
     pub threads: usize,
     pub isa: Option<Isa>,
     /// Load the model from here instead of the assigned path (the files must still match the
@@ -221,7 +225,7 @@ struct Preparation {
 /// Everything a ready assignment needs to serve, before its model thread starts.
 struct Loaded {
     model: Model<CpuBackend>,
-    collective: Arc<RingCollective<QuicRing>>,
+    collective: Arc<RingCollective<NodeRing>>,
     links: RingLinks,
     report: ReadyReport,
 }
@@ -427,7 +431,7 @@ async fn prepare_assignment(
         prev_node: a.ring_prev_node.clone(),
     };
     let (ring, links) = tokio::select! {
-        r = connect_ring(&endpoint, &place) => r.map_err(|e| refusal(RefuseCode::BadRequest, e.to_string()))?,
+        r = connect_ring(&endpoint, &place, opts.ring_transport) => r.map_err(|e| refusal(RefuseCode::BadRequest, e.to_string()))?,
         _ = &mut cancelled => return Err(released()),
     };
     let collective = Arc::new(RingCollective::new(a.rank as usize, a.tp as usize, ring, RING_TIMEOUT));
@@ -491,7 +495,7 @@ struct TestAids {
 fn model_thread(
     generation: Generation,
     mut model: Model<CpuBackend>,
-    collective: Arc<RingCollective<QuicRing>>,
+    collective: Arc<RingCollective<NodeRing>>,
     plans: std_mpsc::Receiver<PlanDelta>,
     outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
     aids: TestAids,

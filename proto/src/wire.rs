@@ -27,7 +27,7 @@
 //! and every bit — NaN payloads, `-0.0`, subnormals — survives, which a bitwise-reproducible
 //! all-reduce needs.
 //!
-//! **The version lives in ALPN.** [`ALPN`] (`lockstep/3`) names the protocol version and is
+//! **The version lives in ALPN.** [`ALPN`] (`lockstep/4`) names the protocol version and is
 //! negotiated in the TLS handshake, so two builds that would misread each other's postcard never
 //! get as far as exchanging a frame: the mismatch is a handshake failure with a clear cause rather
 //! than a garbled message later. [`Hello::protocol_version`] repeats it for logs and for the
@@ -44,11 +44,12 @@ use crate::session::PlanDelta;
 /// History: 2 added [`Message::Release`] (re-formation on one connection) and
 /// [`Message::RingHello`] (ring connections say which group they belong to); 3 made
 /// [`Message::Step`] carry a [`PlanDelta`] (the session step protocol, `crate::session`) and added
-/// [`Message::StepRejected`].
-pub const PROTOCOL_VERSION: u32 = 3;
+/// [`Message::StepRejected`]; 4 added [`Message::RingSameHost`] and
+/// [`Message::RingSameHostAnswer`] (the same-host ring socket).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The TLS application protocol name: `lockstep/` followed by [`PROTOCOL_VERSION`].
-pub const ALPN: &[u8] = b"lockstep/3";
+pub const ALPN: &[u8] = b"lockstep/4";
 
 /// Hard cap on the length prefix of a frame (kind byte plus body): 64 MiB.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -204,6 +205,30 @@ pub enum Message {
         step_id: u64,
         message: String,
     },
+    /// Node → node, the acceptor's answer to a [`Message::RingHello`]: where the dialler may send
+    /// its ring frames instead of on this connection, if it runs on the same machine (`None`: the
+    /// frames stay on QUIC). Sent over the mutually authenticated ring connection, so the offer
+    /// reaches only the predecessor the acceptor's assignment names.
+    RingSameHost {
+        offer: Option<SameHostOffer>,
+    },
+    /// Node → node, the dialler's reply to [`Message::RingSameHost`]: `connected` when it has
+    /// connected to the offered socket and written the token there; otherwise the ring frames of
+    /// this connection stay on QUIC.
+    RingSameHostAnswer {
+        connected: bool,
+    },
+}
+
+/// A same-host ring socket offered by a ring acceptor to its predecessor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SameHostOffer {
+    /// The acceptor's `/proc/sys/kernel/random/boot_id`: equal only on the same running kernel.
+    pub boot_id: String,
+    /// A Unix stream socket in a directory only the acceptor's user may enter.
+    pub socket_path: String,
+    /// Random bytes the dialler must write first on the socket; good for one connection.
+    pub token: Vec<u8>,
 }
 
 impl Message {
@@ -225,6 +250,8 @@ impl Message {
             Message::Release { .. } => "Release",
             Message::RingHello { .. } => "RingHello",
             Message::StepRejected { .. } => "StepRejected",
+            Message::RingSameHost { .. } => "RingSameHost",
+            Message::RingSameHostAnswer { .. } => "RingSameHostAnswer",
         }
     }
 }
@@ -619,6 +646,16 @@ mod tests {
             Message::RingHello { group: 7, rank: 1 },
             Message::RingHello { group: u32::MAX, rank: u32::MAX },
             Message::StepRejected { step_id: 8, message: "step 8 builds on step 6".into() },
+            Message::RingSameHost { offer: None },
+            Message::RingSameHost {
+                offer: Some(SameHostOffer {
+                    boot_id: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+                    socket_path: "/tmp/lockstep-ring-1/ring.sock".into(),
+                    token: vec![0, 255, 7, 42],
+                }),
+            },
+            Message::RingSameHostAnswer { connected: true },
+            Message::RingSameHostAnswer { connected: false },
         ]
     }
 
@@ -655,7 +692,7 @@ mod tests {
     fn every_message_variant_round_trips() {
         let messages = all_messages();
         let names: std::collections::HashSet<_> = messages.iter().map(Message::name).collect();
-        assert_eq!(names.len(), 15, "a Message variant is missing from the round-trip list");
+        assert_eq!(names.len(), 17, "a Message variant is missing from the round-trip list");
         for message in messages {
             let frame = Frame::Control(message);
             let bytes = encode(&frame).unwrap();

@@ -471,3 +471,83 @@ fn a_static_node_restarted_under_the_same_name_rejoins() {
     drop(coordinator);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The ring lines of `stderr` that say how a rank's frames travel (one per rank per formation).
+fn ring_paths(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains("frames to successor")).collect()
+}
+
+/// Guards the same-host ring path (issue #11): a TP 2 group of embedded nodes on one machine moves
+/// both ring directions onto same-host sockets under the default `--ring-transport auto`, stays
+/// on QUIC under `quic`, and both give exactly the one-process answers.
+#[test]
+fn a_tp_2_group_on_one_host_rings_over_same_host_sockets_with_tp_1_bits() {
+    let Some(model) = stories260k() else {
+        return;
+    };
+    let dir = scratch("cluster-same-host");
+    let prompts = prompts_file(&dir, &PROMPTS[..4]);
+    let sampling = ["--temperature", "0.8", "--seed", "7"];
+    let local = generate(&model, &prompts, &sampling);
+    for (transport, path, other) in [("auto", "on same-host socket", "on QUIC"), ("quic", "on QUIC", "on same-host")] {
+        let (model_s, prompts_s) = (model.to_str().unwrap(), prompts.to_str().unwrap());
+        let args = [
+            &["generate", "--model", model_s, "--prompts", prompts_s, "--json", "--max-tokens", "24"][..],
+            &sampling,
+            &["--tp", "2", "--node-threads", "1", "--ring-transport", transport],
+        ]
+        .concat();
+        let out = run_lockstep(&args, LIMIT);
+        let err = stderr(&out);
+        assert!(out.status.success(), "--ring-transport {transport}: {err}");
+        let lines = ring_paths(&err);
+        assert_eq!(lines.len(), 2, "one ring line per rank: {err}");
+        for l in lines {
+            assert!(l.contains(path) && !l.contains(other), "--ring-transport {transport}: {l}");
+        }
+        let got: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_same(&format!("TP 2 --ring-transport {transport}"), &got, &local);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Guards failing fast by name on the same-host path: a rank killed mid-generation closes its
+/// sockets in the kernel, and the survivor's step fails on the socket, naming it. The node timeout
+/// is a minute, so only the ring can have reported the loss.
+#[test]
+fn a_rank_killed_mid_step_fails_its_same_host_neighbour_by_name() {
+    let Some(model) = stories260k() else {
+        return;
+    };
+    let dir = scratch("cluster-same-host-kill");
+    let prompts = prompts_file(&dir, &PROMPTS[..4]);
+    let tls = dir.join("tls");
+    certs(&tls, &["node-a", "node-b"]);
+    let tls_s = tls.to_str().unwrap();
+    let generate = ["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
+    let sizes = ["--max-tokens", "200", "--max-context", "512", "--ignore-eos", "--tp", "2"];
+    let cluster = ["--nodes", "static", "--tls-dir", tls_s, "--cluster-listen", "127.0.0.1:0"];
+    let timing = ["--node-timeout-ms", "60000"];
+    let mut coordinator = Watched::lockstep(&[&generate[..], &sizes, &cluster, &timing].concat());
+    let addr = coordinator_addr(&mut coordinator);
+    let node = |name: &str| {
+        let delay = ["--step-delay-ms", "25", "--threads", "1"];
+        Watched::lockstep(&[&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", name][..], &delay].concat())
+    };
+    let (mut victim, mut survivor) = (node("node-a"), node("node-b"));
+    let formed =
+        survivor.wait_for_stderr(STEP_LIMIT, |line| line.contains("frames to successor").then(|| line.to_owned()));
+    assert!(formed.contains("on same-host socket"), "{formed}");
+    coordinator.wait_for_stderr(STEP_LIMIT, |line| line.contains("group(s) ready").then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    victim.kill();
+    let stopped =
+        coordinator.wait_for_stderr(STEP_LIMIT, |line| line.contains("stopped serving").then(|| line.to_owned()));
+    assert!(
+        stopped.contains("node node-b (rank") && stopped.contains("node-a is gone") && stopped.contains("socket"),
+        "the survivor's step failed on the socket, naming the killed node: {stopped}"
+    );
+    drop(survivor);
+    drop(coordinator);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,7 @@ use clap::Args;
 use lockstep_coordinator::engine::{backend_fingerprint_name, EngineEvent, GenerateRequest, ModelInfo};
 use lockstep_coordinator::service::SubmitOptions;
 use lockstep_kernels::{DType, KernelMode, SamplingParams};
+use lockstep_node::same_host::RingTransportMode;
 use lockstep_node::synth::{synth_with, Preset, SynthOptions};
 
 use super::{start_service, synth_cache_dir, ClusterArgs, EngineArgs, UNBOUNDED};
@@ -37,6 +38,10 @@ pub(crate) struct BenchArgs {
     /// benchmarks such as llama-bench warm up the same way).
     #[arg(long)]
     warmup: bool,
+    /// How the TP > 1 rows' node processes link their ring: `auto` (same-host sockets, as
+    /// `lockstep serve`) or `quic`.
+    #[arg(long, default_value = "auto")]
+    ring_transport: RingTransportMode,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -79,10 +84,11 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         let backend = if tp == 1 {
             format!("cpu/{} threads/{numerics}", opts.threads)
         } else {
-            format!("{tp} nodes × {node_threads} threads/{numerics}")
+            format!("{tp} nodes × {node_threads} threads/{numerics}/ring {}", a.ring_transport)
         };
         let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
-        let service = start_service(&model, &ClusterArgs::embedded(tp, node_threads), &opts, info, UNBOUNDED, None)?;
+        let cluster = ClusterArgs { ring_transport: a.ring_transport, ..ClusterArgs::embedded(tp, node_threads) };
+        let service = start_service(&model, &cluster, &opts, info, UNBOUNDED, None)?;
         // Prompts `first..first + b`: distinct, exactly `prompt_tokens` ids, no shared prefix.
         let requests = |first: usize, b: usize, max_tokens: u32| {
             (first..first + b)

@@ -31,6 +31,7 @@ use lockstep_coordinator::service::{
     NoopObserver, Service, ServiceObserver, ServiceOptions, DEFAULT_MIGRATION_LIMIT, DEFAULT_QUEUE_TIMEOUT,
 };
 use lockstep_kernels::{DType, Isa, KernelMode};
+use lockstep_node::same_host::RingTransportMode;
 
 use bench::BenchArgs;
 use certs::CertsCmd;
@@ -229,6 +230,10 @@ pub(crate) struct ClusterArgs {
     /// Kernel threads per node process (default: this machine's cores ÷ nodes, at least 1).
     #[arg(long)]
     pub(crate) node_threads: Option<usize>,
+    /// Embedded nodes: `auto` moves the ring between neighbours on this machine onto Unix
+    /// sockets negotiated over the authenticated QUIC ring connections; `quic` keeps it on QUIC.
+    #[arg(long, default_value = "auto")]
+    pub(crate) ring_transport: RingTransportMode,
     /// Seconds to wait for every group to become ready.
     #[arg(long, default_value_t = 300)]
     pub(crate) join_timeout: u64,
@@ -270,6 +275,7 @@ impl ClusterArgs {
             cluster_listen: "127.0.0.1:0".parse().expect("a valid address"),
             tls_dir: None,
             node_threads: Some(node_threads),
+            ring_transport: RingTransportMode::default(),
             join_timeout: 300,
             spare_nodes: 0,
             heartbeat_ms: DEFAULT_HEARTBEAT_EVERY.as_millis() as u64,
@@ -338,6 +344,7 @@ pub(crate) fn executors(
         tls_dir: c.tls_dir.clone(),
         engine: opts.clone(),
         node_threads: c.node_threads.unwrap_or((cores / (max_tp * c.replicas)).max(1)),
+        ring_transport: c.ring_transport,
         join_timeout: Duration::from_secs(c.join_timeout),
         spare_nodes: c.spare_nodes,
         heartbeat_every: Duration::from_millis(c.heartbeat_ms),

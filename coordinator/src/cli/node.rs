@@ -9,6 +9,7 @@ use lockstep_coordinator::discovery::MembershipMode;
 use lockstep_coordinator::engine::EngineOptions;
 use lockstep_coordinator::membership::DEFAULT_NODE_TIMEOUT;
 use lockstep_kernels::Isa;
+use lockstep_node::same_host::RingTransportMode;
 
 use super::etcd::EtcdArgs;
 
@@ -36,6 +37,10 @@ pub(crate) struct NodeArgs {
     /// Where to accept the ring predecessor.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
+    /// `auto`: ring frames to and from a neighbour on this machine travel on a Unix socket
+    /// negotiated over the authenticated QUIC ring connection; `quic`: always on QUIC.
+    #[arg(long, default_value = "auto")]
+    ring_transport: RingTransportMode,
     /// Kernel threads.
     #[arg(long)]
     threads: Option<usize>,
@@ -67,6 +72,7 @@ pub(crate) fn run(a: NodeArgs) -> Result<()> {
         tls_dir: a.tls_dir,
         name: a.name,
         listen: a.listen,
+        ring_transport: a.ring_transport,
         threads: a.threads.unwrap_or_else(|| EngineOptions::default().threads),
         isa: a.isa,
         model_override: a.model,

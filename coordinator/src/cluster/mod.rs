@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use lockstep_node::same_host::RingTransportMode;
 use lockstep_proto::wire::{Assignment, Frame, Hello, Message, RefuseCode, PROTOCOL_VERSION};
 use lockstep_transport::certs::{init_ca, issue, TlsIdentity};
 use lockstep_transport::{Conn, ConnSender, Endpoint};
@@ -86,6 +87,8 @@ pub struct ClusterOptions {
     pub engine: EngineOptions,
     /// Kernel threads per node (embedded mode).
     pub node_threads: usize,
+    /// Embedded nodes' `--ring-transport`.
+    pub ring_transport: RingTransportMode,
     /// How long to wait for every group to be ready.
     pub join_timeout: Duration,
     /// Embedded nodes beyond `max(tp) × replicas`, waiting as hot spares.
@@ -111,6 +114,7 @@ impl ClusterOptions {
             tls_dir: None,
             engine,
             node_threads: 1,
+            ring_transport: RingTransportMode::default(),
             join_timeout: Duration::from_secs(300),
             spare_nodes: 0,
             heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
@@ -324,6 +328,7 @@ struct NodeCommand {
     addr: SocketAddr,
     tls_dir: PathBuf,
     threads: usize,
+    ring_transport: RingTransportMode,
     step_delay: Option<Duration>,
 }
 
@@ -334,6 +339,7 @@ impl NodeCommand {
             .arg(&self.tls_dir)
             .args(["--name", name, "--threads", &self.threads.to_string()])
             .args(["--listen", "127.0.0.1:0"])
+            .args(["--ring-transport", self.ring_transport.as_str()])
             .stdin(Stdio::null());
         if let Some(d) = self.step_delay {
             cmd.args(["--step-delay-ms", &d.as_millis().to_string()]);
@@ -417,6 +423,7 @@ impl Cluster {
                 addr,
                 tls_dir: tls_dir.clone(),
                 threads: opts.node_threads,
+                ring_transport: opts.ring_transport,
                 step_delay: opts.node_step_delay,
             };
             let mut children = shared.children.lock().expect("lock");
