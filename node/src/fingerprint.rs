@@ -223,6 +223,11 @@ impl FingerprintInputs<'_> {
         frame(&mut h, dtypes.join(",").as_bytes());
         h.update(self.contract_version.to_le_bytes());
         frame(&mut h, self.backend.as_bytes());
+        // A native class's later rules (block weights' integer dot products) change its bits
+        // without renaming it: their revision joins the hash, so nodes built before them differ.
+        if let Some(revisions) = lockstep_kernels::cpu::native_rule_revisions(self.backend) {
+            frame(&mut h, revisions.as_bytes());
+        }
         h.update((self.reduce_segments as u64).to_le_bytes());
         h.update((self.kv_chunk as u64).to_le_bytes());
         format!("fp_{}", &hex(&h.finalize())[..16])
