@@ -311,6 +311,9 @@ mod hw {
     use super::{packed_block_bytes, quant_bytes, Job, PANEL_ROWS};
     use crate::DType;
 
+    /// How far ahead (in packed blocks of the same panel) a decode tile prefetches.
+    const PREFETCH_BLOCKS: usize = 4;
+
     /// Weight kinds as const parameters of the tile.
     pub(super) const Q8_0: u8 = 0;
     pub(super) const Q4_0: u8 = 1;
@@ -355,12 +358,11 @@ mod hw {
                 for j in 0..NB {
                     let wp = base.add(j * pb + b * bb);
                     if MR <= 2 {
-                        // Decode streams each weight once: ask for the panel's next blocks.
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(4 * bb) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(4 * bb + 64) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(4 * bb + 128) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(4 * bb + 192) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(4 * bb + 256) as *const i8);
+                        // Decode streams each weight once: ask for the panel's block a few
+                        // blocks ahead (a hint: no bit depends on it).
+                        for line in (0..bb).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BLOCKS * bb + line) as *const i8);
+                        }
                     }
                     let mut wv = [_mm512_setzero_si512(); 8];
                     if KIND == Q8_0 {
