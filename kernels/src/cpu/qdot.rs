@@ -361,7 +361,7 @@ mod hw {
                         // Decode streams each weight once: ask for the panel's block a few
                         // blocks ahead (a hint: no bit depends on it).
                         for line in (0..bb).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BLOCKS * bb + line) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(PREFETCH_BLOCKS * bb + line) as *const i8);
                         }
                     }
                     let mut wv = [_mm512_setzero_si512(); 8];
