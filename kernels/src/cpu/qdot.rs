@@ -128,7 +128,7 @@ pub struct QuantRows {
 pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     debug_assert!(x.len() == QUANT_BLOCK && q.len() == QUANT_BLOCK);
     let amax_bits = x.iter().map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0);
-    if amax_bits >= 0x7f80_0000 || amax_bits < TINY_AMAX_BITS {
+    if !(TINY_AMAX_BITS..0x7f80_0000).contains(&amax_bits) {
         q.fill(0);
         return (if amax_bits >= 0x7f80_0000 { f32::NAN } else { 0.0 }, 0);
     }
@@ -152,7 +152,8 @@ impl QuantRows {
         if blocks == 0 {
             return out;
         }
-        let row = |(((q, dx), sum), xr): (((&mut [i8], &mut [f32]), &mut [i32]), &[f32])| {
+        type RowParts<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [i32]), &'a [f32]);
+        let row = |(((q, dx), sum), xr): RowParts<'_>| {
             for (b, (xb, qb)) in xr.chunks_exact(QUANT_BLOCK).zip(q.chunks_exact_mut(QUANT_BLOCK)).enumerate() {
                 (dx[b], sum[b]) = quantize_block(xb, qb);
             }
