@@ -415,7 +415,7 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
             // M = 512: a prefill chunk.
             for (m, threads) in [(1, 1), (1, 2), (8, 1), (8, 2), (512, 2)] {
                 let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
-                if !filter.is_empty() && !row.contains(filter) {
+                if (!filter.is_empty() && !row.contains(filter)) || (threads > 1 && cpu_clock()) {
                     continue;
                 }
                 if bandwidth[threads].is_nan() {
