@@ -221,8 +221,9 @@ fn cpu_native_numerics_need_amx_or_avx512bf16_and_portable_stays_the_cpu_default
 }
 
 /// CPU native numerics on the real SmolLM2-135M-Instruct Q4_1 GGUF: its block weights take the
-/// integer rule (`cpu::qdot`), and its answers repeat bit for bit beside other prompts and at TP 3
-/// (row-parallel shares cut on whole blocks), differ from portable's, and still name Paris.
+/// integer rule (`cpu::qdot`), and its answers repeat bit for bit beside other prompts, with the
+/// prompt prefilled in chunks of 7 tokens and at TP 3 (row-parallel shares cut on whole blocks),
+/// differ from portable's, and still name Paris.
 /// The question carries "Answer in one word.": asked bare, this 135M model's first token is a
 /// near-tie (portable: "The" at logprob −1.88, a French "L'" just behind), which int8 activations
 /// tip the other way (docs/BENCHMARKS.md §11).
@@ -248,6 +249,7 @@ fn smollm2_q4_1_native_is_batch_and_tp_invariant_and_still_answers_paris() {
     assert!(alone.0.contains("Paris"), "native answer: {}", alone.0);
     let crowd = ["--numerics", "native", "--prompt", "Write a haiku about rivers.", "--prompt", "Name three colors."];
     assert_eq!(gen(&crowd), alone, "beside two other prompts");
+    assert_eq!(gen(&["--numerics", "native", "--prefill-chunk", "7"]), alone, "prefill in chunks of 7");
     assert_eq!(gen(&["--numerics", "native", "--tp", "3", "--node-threads", "1"]), alone, "TP 3 = TP 1");
     assert_ne!(gen(&["--numerics", "portable"]).2, alone.2, "Q4_1 linears ran native, not portable");
 }
