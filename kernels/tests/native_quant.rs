@@ -41,6 +41,12 @@ fn skip_without_vnni(test: &str) -> bool {
     true
 }
 
+/// The model everywhere, and the hardware where the CPU has it (else a printed skip of that half).
+fn model_and_hardware(test: &str) -> Vec<QdotExec> {
+    let hardware = !skip_without_vnni(&format!("{test} (hardware half)"));
+    [QdotExec::Model].into_iter().chain(hardware.then_some(QdotExec::Hardware)).collect()
+}
+
 fn linear(be: &CpuBackend, x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
     let mut y = vec![0.0; m * w.rows];
     be.linear(&x.to_vec(), m, w, None, &mut y);
@@ -88,11 +94,7 @@ fn qdot_hardware_equals_the_model_bitwise_for_m_1_to_64_threads_1_2_3() {
 #[test]
 fn qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
     let mut rng = Rng::new(42);
-    let mut execs = vec![QdotExec::Model];
-    if !skip_without_vnni("qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64 (hardware half)") {
-        execs.push(QdotExec::Hardware);
-    }
-    for exec in execs {
+    for exec in model_and_hardware("qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64") {
         for dtype in BLOCK_TYPES {
             let (k, n) = (320, 45);
             let w = quant_weight(&mut rng, dtype, n, k);
@@ -108,11 +110,7 @@ fn qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
 #[test]
 fn qdot_row_parallel_shards_tp_1_2_3_4_6_plus_tree_combine_equal_unsplit() {
     let mut rng = Rng::new(43);
-    let mut execs = vec![QdotExec::Model];
-    if !skip_without_vnni("qdot_row_parallel_shards_tp_1_2_3_4_6_plus_tree_combine_equal_unsplit (hardware half)") {
-        execs.push(QdotExec::Hardware);
-    }
-    for exec in execs {
+    for exec in model_and_hardware("qdot_row_parallel_shards_tp_1_2_3_4_6_plus_tree_combine_equal_unsplit") {
         for (case, (segments, degrees)) in [(8, &[1, 2, 4][..]), (6, &[1, 3, 6])].into_iter().enumerate() {
             for dtype in BLOCK_TYPES {
                 let (m, k, n) = (5 + case, 576, 40);

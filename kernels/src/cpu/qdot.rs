@@ -614,13 +614,8 @@ mod tests {
             eprintln!("SKIPPED the_vector_quantizer_gives_the_models_bits: no AVX-512 on this CPU");
             return;
         }
-        let mut s = 0x853c_49e6_748f_ea9bu64;
-        let mut rnd = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut rng = crate::splitmix::SplitMix64::new(0x853c_49e6);
+        let mut rnd = move || rng.next_u64();
         let (mut qm, mut qv) = ([0i8; 32], [0i8; 32]);
         for round in 0..50_000 {
             let e = (rnd() % 80) as i32 - 60;
