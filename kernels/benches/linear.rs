@@ -384,11 +384,14 @@ fn advise_pages(buf: &Vec<u8>, huge: bool) {
 #[cfg(not(target_os = "linux"))]
 fn advise_pages(_buf: &Vec<u8>, _huge: bool) {}
 
-/// GB/s of quantized weights streamed by the invariant linear at M = 1 and 8.
+/// GB/s of quantized weights streamed by the invariant linear at M = 1 and 8 (and 512, prefill),
+/// beside the native rule in the same run where the CPU has a native class (block types: the
+/// integer rule, `cpu::qdot`; bf16: the class's own).
 fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
     let shapes = [
         (576usize, 1536usize, "SmolLM2 gate/up"),
         (1536, 576, "SmolLM2 down"),
+        (576, 49152, "SmolLM2 lm_head"),
         (896, 4864, "Qwen2.5 gate/up"),
         (4864, 896, "Qwen2.5 down"),
         (896, 151936, "Qwen2.5 lm_head"),
@@ -397,8 +400,9 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
     let isa: Option<Isa> = std::env::var("LOCKSTEP_BENCH_ISA").ok().map(|s| s.parse().expect("LOCKSTEP_BENCH_ISA"));
     println!();
     println!("block types at M = 1 and 8, isa {:?}", isa.unwrap_or_else(Isa::best));
-    println!("| shape K→N | M | weights | threads | invariant GB/s (weights) | share of read bandwidth |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    let native = lockstep_kernels::cpu::native_exec().is_ok();
+    println!("| shape K→N | M | weights | threads | invariant GB/s (weights) | share of read bandwidth | native GB/s | native share | native/inv |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (k, n, name) in shapes {
         for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Bf16] {
             let w = if dtype.is_quantized() {
@@ -408,26 +412,35 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
                 HostWeight::from_f32(&vals, dtype, n, k)
             };
             // M = 8: a decode batch, where the multi-row tiles share each widened weight.
-            for (m, threads) in [(1, 1), (1, 2), (8, 1), (8, 2)] {
+            // M = 512: a prefill chunk.
+            for (m, threads) in [(1, 1), (1, 2), (8, 1), (8, 2), (512, 2)] {
                 let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
-                if !filter.is_empty() && !row.contains(filter) {
+                if (!filter.is_empty() && !row.contains(filter)) || (threads > 1 && cpu_clock()) {
                     continue;
                 }
                 if bandwidth[threads].is_nan() {
                     bandwidth[threads] = read_bandwidth_gbs(threads);
                 }
-                let be = CpuBackend::new(CpuConfig {
-                    threads,
-                    isa,
-                    mode: KernelMode::Invariant,
-                    numerics: NumericsConfig::default(),
-                })
-                .unwrap();
+                let mk = |mode| {
+                    CpuBackend::new(CpuConfig { threads, isa, mode, numerics: NumericsConfig::default() }).unwrap()
+                };
                 let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
                 let mut y = vec![0.0f32; m * n];
+                let share = |secs: f64| {
+                    let gbs = w.bytes.len() as f64 / secs / 1e9;
+                    format!("{gbs:.1} | {:.0} %", 100.0 * gbs / bandwidth[threads])
+                };
+                let be = mk(KernelMode::Invariant);
                 let secs = time(|| be.linear(&x, m, &w, None, &mut y));
-                let gbs = w.bytes.len() as f64 / secs / 1e9;
-                println!("{row} {gbs:.1} | {:.0} % |", 100.0 * gbs / bandwidth[threads]);
+                if native {
+                    // A fresh clone: the native packing is kept with the weight.
+                    let wn = HostWeight::new(w.dtype, w.bytes.clone(), w.rows, w.cols).unwrap();
+                    let be = mk(KernelMode::Native);
+                    let native_secs = time(|| be.linear(&x, m, &wn, None, &mut y));
+                    println!("{row} {} | {} | {:.2} |", share(secs), share(native_secs), secs / native_secs);
+                } else {
+                    println!("{row} {} | – | – | – |", share(secs));
+                }
             }
         }
     }

@@ -27,8 +27,9 @@
 //!
 //! [`Backend`] is the one trait the model code calls; [`cpu::CpuBackend`] implements it and is always
 //! built. [`KernelMode::Fast`] swaps the matmul for a conventional, non-invariant GEMM to measure what
-//! invariance costs. [`KernelMode::Native`] runs bf16/f16 linears on AMX tiles ([`cpu::amx`]):
-//! invariant within the AMX class, with bits of its own.
+//! invariance costs. [`KernelMode::Native`] runs bf16/f16 linears on AMX tiles ([`cpu::amx`]) or
+//! AVX512-BF16 ([`cpu::dpbf16`]) and GGUF block-weight linears as int8 × integer dot products on
+//! AVX512-VNNI ([`cpu::qdot`]): invariant within the native class, with bits of its own.
 //!
 //! With the cargo feature `cuda`, `cuda::CudaBackend` implements it on NVIDIA GPUs: *portable*
 //! numerics give the reference's bits (the 16 lanes are a half-warp), *native* numerics use tensor

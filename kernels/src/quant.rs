@@ -23,6 +23,10 @@
 //! why a kernel may look a 4-bit weight up in a per-block table of its 16 possible values instead
 //! of computing it (the AVX-512 paths do, `cpu/x86.rs`): every route yields this one value.
 //!
+//! (That is the contract. Native mode, which promises bits of its own, multiplies the weights'
+//! integers by int8-quantized activations instead and applies `d` and `m` per block:
+//! [`crate::cpu::qdot`].)
+//!
 //! A row of `cols` weights is `cols / 32` whole blocks; a row-parallel shard holds whole blocks
 //! ([`crate::HostWeight::columns`]), so its cuts must fall on multiples of 32.
 

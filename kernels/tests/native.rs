@@ -17,7 +17,7 @@ use lockstep_kernels::{
 };
 
 mod common;
-use common::{assert_rows_alone_equal_batched, columns_of, quant_weight, ContractData, Rng};
+use common::{assert_rows_alone_equal_batched, columns_of, ContractData, Rng};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -335,29 +335,18 @@ fn model_native_bits_differ_from_portable_on_bf16_weights() {
     assert!(differ > 0, "native gave the portable bits on every one of {} outputs", m * n);
 }
 
-/// f32 and GGUF block weights have no tile path: native mode runs them on the portable kernels,
-/// bit for bit the contract's.
+/// f32 weights have no native path: native mode runs them on the portable kernels, bit for bit
+/// the contract's. (GGUF block weights have a native rule of their own: `tests/native_quant.rs`.)
 #[test]
-fn native_mode_keeps_the_portable_bits_for_f32_and_block_weights() {
+fn native_mode_keeps_the_portable_bits_for_f32_weights() {
     for make in [model as Make, dp_model] {
-        portable_bits_for_f32_and_block_weights(make)
-    }
-}
-
-fn portable_bits_for_f32_and_block_weights(model: Make) {
-    let mut rng = Rng::new(27);
-    let (m, k, n) = (5, 256, 19);
-    let x = rng.vec(m * k);
-    let weights = [
-        HostWeight::from_f32(&rng.vec(n * k), DType::F32, n, k),
-        quant_weight(&mut rng, DType::Q8_0, n, k),
-        quant_weight(&mut rng, DType::Q4_0, n, k),
-        quant_weight(&mut rng, DType::Q4_1, n, k),
-    ];
-    for w in &weights {
+        let mut rng = Rng::new(27);
+        let (m, k, n) = (5, 256, 19);
+        let x = rng.vec(m * k);
+        let w = HostWeight::from_f32(&rng.vec(n * k), DType::F32, n, k);
         let mut y = vec![0.0; m * n];
-        model(2, 8).linear(&x, m, w, None, &mut y);
-        assert_eq!(bits(&y), bits(&reference::linear(&x, m, w.view(), None, 8)), "{:?}", w.dtype);
+        make(2, 8).linear(&x, m, &w, None, &mut y);
+        assert_eq!(bits(&y), bits(&reference::linear(&x, m, w.view(), None, 8)));
     }
 }
 

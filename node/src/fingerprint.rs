@@ -215,6 +215,11 @@ pub struct FingerprintInputs<'a> {
 impl FingerprintInputs<'_> {
     /// `fp_` + the first 16 hex digits of a SHA-256 over every input, each length-framed.
     pub fn fingerprint(&self) -> String {
+        self.fingerprint_with_revisions(lockstep_kernels::cpu::native_rule_revisions(self.backend))
+    }
+
+    /// The fingerprint with the backend's later rule revisions given (`None`: as before any).
+    fn fingerprint_with_revisions(&self, revisions: Option<&str>) -> String {
         let mut h = Sha256::new();
         frame(&mut h, b"lockstep-fingerprint-v1");
         frame(&mut h, self.weights_hash.as_bytes());
@@ -223,6 +228,11 @@ impl FingerprintInputs<'_> {
         frame(&mut h, dtypes.join(",").as_bytes());
         h.update(self.contract_version.to_le_bytes());
         frame(&mut h, self.backend.as_bytes());
+        // A native class's later rules (block weights' integer dot products) change its bits
+        // without renaming it: their revision joins the hash, so nodes built before them differ.
+        if let Some(revisions) = revisions {
+            frame(&mut h, revisions.as_bytes());
+        }
         h.update((self.reduce_segments as u64).to_le_bytes());
         h.update((self.kv_chunk as u64).to_le_bytes());
         format!("fp_{}", &hex(&h.finalize())[..16])
@@ -314,6 +324,31 @@ mod tests {
         let mut seen = std::collections::BTreeSet::from([fp]);
         for v in variants {
             assert!(seen.insert(v.fingerprint()), "{v:?} collides");
+        }
+    }
+
+    /// A node built before native mode's block-weight rule computed other bits for Q4/Q8 models
+    /// under the same class name: the rule's revision joins native fingerprints (so such a node is
+    /// refused) and leaves every other backend's fingerprint as it was.
+    #[test]
+    fn native_fingerprints_carry_the_block_weight_rule_revision_and_others_are_unchanged() {
+        let inputs = |backend| FingerprintInputs {
+            weights_hash: "aa",
+            config_json: "{}",
+            dtypes: &[DType::Q4_1],
+            contract_version: 2,
+            backend,
+            reduce_segments: 8,
+            kv_chunk: 64,
+        };
+        for backend in ["native-amx", "native-avx512bf16"] {
+            let i = inputs(backend);
+            assert_ne!(i.fingerprint(), i.fingerprint_with_revisions(None), "{backend}");
+            assert_eq!(i.fingerprint(), i.fingerprint_with_revisions(Some("qdot-1")), "{backend}");
+        }
+        for backend in ["portable", "cpu-fast", "cuda-native-sm_90"] {
+            let i = inputs(backend);
+            assert_eq!(i.fingerprint(), i.fingerprint_with_revisions(None), "{backend}");
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lockstep_test_env::{shared_model, stories260k};
+use lockstep_test_env::{shared_model, smollm2_gguf, stories260k};
 use lockstep_tests::{run_lockstep, scratch, stderr, stdout};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -218,4 +218,38 @@ fn cpu_native_numerics_need_amx_or_avx512bf16_and_portable_stays_the_cpu_default
             let _ = std::fs::remove_dir_all(&root);
         }
     }
+}
+
+/// CPU native numerics on the real SmolLM2-135M-Instruct Q4_1 GGUF: its block weights take the
+/// integer rule (`cpu::qdot`), and its answers repeat bit for bit beside other prompts, with the
+/// prompt prefilled in chunks of 7 tokens and at TP 3 (row-parallel shares cut on whole blocks),
+/// differ from portable's, and still name Paris.
+/// The question carries "Answer in one word.": asked bare, this 135M model's first token is a
+/// near-tie (portable: "The" at logprob −1.88, a French "L'" just behind), which int8 activations
+/// tip the other way (docs/BENCHMARKS.md §12).
+#[test]
+fn smollm2_q4_1_native_is_batch_and_tp_invariant_and_still_answers_paris() {
+    let Some(model) = smollm2_gguf() else { return };
+    if lockstep_kernels::cpu::native_exec().is_err() {
+        use std::io::Write;
+        let test = "smollm2_q4_1_native_is_batch_and_tp_invariant_and_still_answers_paris";
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: CPU has neither AMX nor AVX512-BF16");
+        return;
+    }
+    let m = model.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let base = ["generate", "--model", m, "--chat", "--temperature", "0", "--max-tokens", "16", "--json"];
+        let first = ["--prompt", "What is the capital of France? Answer in one word."];
+        let out = run_lockstep(&[&base[..], &first, extra].concat(), LIMIT);
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        let first = json_lines(&stdout(&out)).remove(0);
+        (first["text"].as_str().unwrap().to_string(), first["token_ids"].clone(), first["logprobs"].clone())
+    };
+    let alone = gen(&["--numerics", "native"]);
+    assert!(alone.0.contains("Paris"), "native answer: {}", alone.0);
+    let crowd = ["--numerics", "native", "--prompt", "Write a haiku about rivers.", "--prompt", "Name three colors."];
+    assert_eq!(gen(&crowd), alone, "beside two other prompts");
+    assert_eq!(gen(&["--numerics", "native", "--prefill-chunk", "7"]), alone, "prefill in chunks of 7");
+    assert_eq!(gen(&["--numerics", "native", "--tp", "3", "--node-threads", "1"]), alone, "TP 3 = TP 1");
+    assert_ne!(gen(&["--numerics", "portable"]).2, alone.2, "Q4_1 linears ran native, not portable");
 }

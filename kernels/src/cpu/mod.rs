@@ -19,12 +19,15 @@
 //!   the best class the CPU has ([`native_exec`]): AMX tiles ([`amx`], fingerprint `native-amx`),
 //!   else AVX512-BF16 dot products ([`dpbf16`], `native-avx512bf16`); other weight types and
 //!   everything that is not a linear stay on the contract path. Starting it where the CPU has
-//!   neither is an error naming what is missing.
+//!   neither is an error naming what is missing. Block-quantized weights (Q8_0, Q4_0, Q4_1) run
+//!   one rule of their own in both classes: int8 activations times the weights' integers,
+//!   exactly, on AVX512-VNNI ([`qdot`]).
 
 pub mod amx;
 pub mod dpbf16;
 mod linear;
 mod ops;
+pub mod qdot;
 pub use ops::tree_combine;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -118,6 +121,8 @@ pub struct CpuBackend {
     pool: std::sync::Arc<rayon::ThreadPool>,
     /// The native class and who executes it (`None` in the other modes).
     native: Option<NativeExec>,
+    /// Who executes native mode's rule for block weights.
+    qdot: qdot::QdotExec,
 }
 
 /// A CPU native numerics class, with who executes its rule: the hardware, or the bit-exact
@@ -135,6 +140,16 @@ impl NativeExec {
             NativeExec::Amx(_) => "native-amx",
             NativeExec::Avx512Bf16(_) => "native-avx512bf16",
         }
+    }
+}
+
+/// The revisions of the rules a backend of fingerprint name `backend` runs beyond its class's
+/// first ones, for the determinism fingerprint: both CPU native classes run [`qdot::QDOT_RULE`]
+/// for block weights. `None` for every other backend (their fingerprints stay as they were).
+pub fn native_rule_revisions(backend: &str) -> Option<&'static str> {
+    match backend {
+        "native-amx" | "native-avx512bf16" => Some(qdot::QDOT_RULE),
+        _ => None,
     }
 }
 
@@ -167,6 +182,8 @@ pub enum NativePacked {
     Panels(dpbf16::PairPanels),
     /// `native-amx`: every B tile of the weight, for one segmentation.
     Tiles(amx::PackedB),
+    /// Block weights, both classes: 16-row panels for `VPDPBUSD`.
+    Blocks(qdot::QPanels),
 }
 
 /// The native class this CPU runs on its hardware: AMX where the CPU and Linux allow tiles (the
@@ -229,7 +246,22 @@ impl CpuBackend {
             .thread_name(|i| format!("lockstep-cpu-{i}"))
             .build()
             .expect("thread pool");
-        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), native })
+        let qdot = qdot::QdotExec::best();
+        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), native, qdot })
+    }
+
+    /// The same backend with native mode's block-weight rule run by `exec` (tests run the
+    /// model on any CPU). The hardware where the CPU lacks AVX512-VNNI is an error.
+    pub fn with_qdot_exec(mut self, exec: qdot::QdotExec) -> Result<Self, KernelError> {
+        if exec == qdot::QdotExec::Hardware && !qdot::vnni_available() {
+            return Err(KernelError::NativeUnavailable("this CPU has no AVX512-VNNI".into()));
+        }
+        self.qdot = exec;
+        Ok(self)
+    }
+    /// Who runs native mode's rule for block weights.
+    pub fn qdot_exec(&self) -> qdot::QdotExec {
+        self.qdot
     }
     pub fn isa(&self) -> Isa {
         self.isa
@@ -282,6 +314,10 @@ impl CpuBackend {
             (KernelMode::Native, Some(NativeExec::Avx512Bf16(exec))) if amx::takes(w.dtype) => {
                 dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(self, w), segs, y)
             }
+            (KernelMode::Native, Some(_)) if qdot::takes(w.dtype) => {
+                let packed = (self.qdot == qdot::QdotExec::Hardware).then(|| qdot::QPanels::pack(self, w));
+                qdot::linear_native(self, self.qdot, x, m, w, packed.as_ref(), segs, y)
+            }
             (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
             _ => linear::linear_invariant(self, x, m, w, segs, y),
         }
@@ -291,6 +327,17 @@ impl CpuBackend {
     /// call, keeps the packing with the weight (`HostWeight::native_packed`) and drops the
     /// file map's resident pages of the original, which the linears no longer read.
     pub fn linear_weight_partial_into(&self, x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange, y: &mut [f32]) {
+        if self.native.is_some() && qdot::takes(w.dtype) && self.qdot == qdot::QdotExec::Hardware {
+            assert_linear_shapes(x, m, w.view(), segs, y);
+            let packed = w.native_packed.get_or_init(|| {
+                let packed = NativePacked::Blocks(qdot::QPanels::pack(self, w.view()));
+                w.bytes.release_resident();
+                packed
+            });
+            if let NativePacked::Blocks(p) = packed {
+                return qdot::linear_native(self, self.qdot, x, m, w.view(), Some(p), segs, y);
+            }
+        }
         let Some(exec) = self.native.filter(|_| amx::takes(w.dtype)) else {
             return self.linear_partial_into(x, m, w.view(), segs, y);
         };
