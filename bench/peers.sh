@@ -269,6 +269,13 @@ if has_model smollm2; then
     note "file: $SMOLLM2"
     record_weights "$label" "$(wc -c <"$SMOLLM2")"
     run_lockstep "$label" "$SMOLLM2" "lockstep invariant" invariant || true
+    # Block weights in native mode run the integer rule (DESIGN §2.2, `qdot-1`) on AVX512-VNNI;
+    # without it the rule's scalar model runs (the same bits, far slower): no row then.
+    if native_flags && grep -qw avx512_vnni /proc/cpuinfo; then
+        run_lockstep "$label" "$SMOLLM2" "lockstep native" native || true
+    else
+        note "lockstep native column skipped: ${NATIVE_WHY:-this CPU has no AVX512-VNNI}"
+    fi
     run_llama_cpp "$label" "$SMOLLM2"
     note "transformers column skipped for a GGUF file (transformers runs Hugging Face directories here)"
 fi
