@@ -403,13 +403,10 @@ pub(crate) fn linear_native(
     }
     let job =
         Job { x: pack_x(be, x, m, k), w: panels, n, segs: segment_pairs(segs, k), out: SharedOut(y.as_mut_ptr()) };
-    let (mr, mut nb) = tile_shape(m);
+    let (mr, nb) = tile_shape(m);
     let total = panels.panels();
-    // Narrower tiles where a small weight would leave threads idle (q/k/v at decode: 8–56
-    // panels). The tile shape never changes a bit.
-    while nb > 2 && total.div_ceil(nb) < 4 * be.threads() {
-        nb /= 2;
-    }
+    // q/k/v at decode have 8–56 panels.
+    let nb = be.panels_per_task(total, nb, 2);
     // A task: `nb` panels (one tile column) over every row, so its weight panels are read from
     // memory once and meet all of M from cache.
     let task = |t: usize| {

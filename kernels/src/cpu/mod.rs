@@ -293,6 +293,17 @@ impl CpuBackend {
     pub(crate) fn pool(&self) -> &rayon::ThreadPool {
         &self.pool
     }
+    /// Panels per task for a weight of `panels` panels, from a tile's `widest` down to `narrowest`
+    /// (halving): narrower where a small weight would leave threads idle (q/k/v at decode), at
+    /// least four tasks per thread when it can. The tile shape never changes a bit.
+    pub(crate) fn panels_per_task(&self, panels: usize, widest: usize, narrowest: usize) -> usize {
+        let mut nb = widest;
+        while nb > narrowest && panels.div_ceil(nb) < 4 * self.threads() {
+            nb /= 2;
+        }
+        nb
+    }
+
     /// Runs `task(0..tasks)`, on the pool where there is more than one task and thread, in order
     /// on this thread otherwise. Tasks own disjoint outputs, so where they run changes no bit.
     pub(crate) fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync + Send) {

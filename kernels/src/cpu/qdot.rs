@@ -561,13 +561,9 @@ pub(crate) fn linear_native(
                 DType::Q4_0 => hw::Q4_0,
                 _ => hw::Q4_1,
             };
-            let (mr, mut nb) = tile_shape(m);
+            let (mr, nb) = tile_shape(m);
             let total = packed.panels();
-            // Narrower tiles where a small weight would leave threads idle. The tile shape
-            // never changes a bit.
-            while nb > 1 && total.div_ceil(nb) < 4 * be.threads() {
-                nb /= 2;
-            }
+            let nb = be.panels_per_task(total, nb, 1);
             let task = |t: usize| {
                 let cols = t * nb..((t + 1) * nb).min(total);
                 for i0 in (0..m).step_by(mr) {
