@@ -194,16 +194,7 @@ fn main() {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut rng = SplitMix64::new(1);
     let dtypes = [DType::F32, DType::Bf16];
-    side_by_side(&filter, &mut rng, &dtypes, [KernelMode::Invariant, KernelMode::Fast], "", |row, s| {
-        let [ti, tf] = s.secs;
-        println!(
-            "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
-            s.flops / ti / 1e9,
-            s.flops / tf / 1e9,
-            tf / ti,
-            s.bytes / ti / 1e9
-        )
-    });
+    side_by_side(&filter, &mut rng, &dtypes, [KernelMode::Invariant, KernelMode::Fast], "");
     quantized_decode(&filter, &mut rng);
     native_linear(&filter, &mut rng);
     decode_step(&filter, &mut rng);
@@ -213,24 +204,12 @@ fn main() {
 const SHAPES: [(usize, usize, &str); 4] =
     [(896, 4864, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
 
-/// One row's measurement: its FLOPs, weight bytes, and the seconds of each mode.
-struct Measured {
-    flops: f64,
-    bytes: f64,
-    secs: [f64; 2],
-}
-
 /// Times the two modes on every shape × dtype × thread count × M (M = 1, 8, 64, 512), the same
-/// pseudo-random weights for both, and hands `print` each row's head (`| K→N (name) | M | dtype |
-/// threads |`) with its numbers. A row runs when `filter` is empty or in its head followed by `tag`.
-fn side_by_side(
-    filter: &str,
-    rng: &mut SplitMix64,
-    dtypes: &[DType],
-    modes: [KernelMode; 2],
-    tag: &str,
-    mut print: impl FnMut(&str, Measured),
-) {
+/// pseudo-random weights for both, and prints a row each: `| K→N (name) | M | dtype | threads |`,
+/// then the first mode's GFLOP/s, the second's, first ÷ second in speed, and the first's GB/s of
+/// weights (the caller prints the header naming the modes). A row runs when `filter` is empty or
+/// in its head followed by `tag`.
+fn side_by_side(filter: &str, rng: &mut SplitMix64, dtypes: &[DType], modes: [KernelMode; 2], tag: &str) {
     for (k, n, name) in SHAPES {
         for &dtype in dtypes {
             // Deterministic pseudo-random weights, uniform in ±0.05.
@@ -252,9 +231,15 @@ fn side_by_side(
                     }
                     let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
                     let mut y = vec![0.0f32; m * n];
-                    let secs = [0, 1].map(|i| time(|| bes[i].linear(&x, m, &ws[i], None, &mut y)));
+                    let [t0, t1] = [0, 1].map(|i| time(|| bes[i].linear(&x, m, &ws[i], None, &mut y)));
                     let (flops, bytes) = (2.0 * (m * n * k) as f64, (n * k * dtype.size()) as f64);
-                    print(&row, Measured { flops, bytes, secs });
+                    println!(
+                        "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
+                        flops / t0 / 1e9,
+                        flops / t1 / 1e9,
+                        t1 / t0,
+                        bytes / t0 / 1e9
+                    );
                 }
             }
         }
@@ -274,16 +259,7 @@ fn native_linear(filter: &str, rng: &mut SplitMix64) {
         class.fingerprint_name()
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    side_by_side(filter, rng, &[DType::Bf16], [KernelMode::Native, KernelMode::Invariant], " native", |row, s| {
-        let [tn, ti] = s.secs;
-        println!(
-            "{row} {:.1} | {:.1} | {:.2} | {:.1} |",
-            s.flops / tn / 1e9,
-            s.flops / ti / 1e9,
-            ti / tn,
-            s.bytes / tn / 1e9
-        )
-    });
+    side_by_side(filter, rng, &[DType::Bf16], [KernelMode::Native, KernelMode::Invariant], " native");
 }
 
 /// GB/s of one batch-1 decode step's linears over every layer of Qwen2.5-0.5B (bf16, distinct
