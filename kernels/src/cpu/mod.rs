@@ -338,23 +338,15 @@ impl CpuBackend {
     /// call, keeps the packing with the weight (`HostWeight::native_packed`) and drops the
     /// file map's resident pages of the original, which the linears no longer read.
     pub fn linear_weight_partial_into(&self, x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange, y: &mut [f32]) {
-        if self.native.is_some() && qdot::takes(w.dtype) && self.qdot == qdot::QdotExec::Hardware {
-            assert_linear_shapes(x, m, w.view(), segs, y);
-            let packed = w.native_packed.get_or_init(|| {
-                let packed = NativePacked::Blocks(qdot::QPanels::pack(self, w.view()));
-                w.bytes.release_resident();
-                packed
-            });
-            if let NativePacked::Blocks(p) = packed {
-                return qdot::linear_native(self, self.qdot, x, m, w.view(), Some(p), segs, y);
-            }
-        }
-        let Some(exec) = self.native.filter(|_| amx::takes(w.dtype)) else {
+        // Block weights pack only for the hardware executor; the model reads them as stored.
+        let blocks = qdot::takes(w.dtype) && self.qdot == qdot::QdotExec::Hardware;
+        let Some(exec) = self.native.filter(|_| blocks || amx::takes(w.dtype)) else {
             return self.linear_partial_into(x, m, w.view(), segs, y);
         };
         assert_linear_shapes(x, m, w.view(), segs, y);
         let packed = w.native_packed.get_or_init(|| {
             let packed = match exec {
+                _ if blocks => NativePacked::Blocks(qdot::QPanels::pack(self, w.view())),
                 NativeExec::Avx512Bf16(_) => NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view())),
                 NativeExec::Amx(_) => NativePacked::Tiles(amx::PackedB::pack(self, w.view(), segs)),
             };
@@ -362,6 +354,7 @@ impl CpuBackend {
             packed
         });
         match (exec, packed) {
+            (_, NativePacked::Blocks(p)) => qdot::linear_native(self, self.qdot, x, m, w.view(), Some(p), segs, y),
             (NativeExec::Avx512Bf16(e), NativePacked::Panels(p)) => dpbf16::linear_native(self, e, x, m, p, segs, y),
             (NativeExec::Amx(e), NativePacked::Tiles(t)) if t.fits(w.view(), segs) => {
                 amx::linear_native(self, e, x, m, w.view(), segs, Some(t), y)
