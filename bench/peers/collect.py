@@ -88,6 +88,13 @@ def table(results_path: str, bandwidth_gbs: float, weights_path: str) -> None:
         print(f"| {model} | {target} | {got} | {goal} | {'–' if ok is None else ('yes' if ok else 'no')} |")
 
     for model in models:
+        # The peers' batch-1 stream, for scale: where a peer already streams most of the bandwidth,
+        # "1.3× that peer" asks for more than the machine reads.
+        for peer in ["llama.cpp", "transformers"]:
+            b1 = value.get((model, peer, "b1"))
+            if b1 is not None and model in weights and bandwidth_gbs > 0:
+                gbs = weights[model] * b1 / 1e9
+                line(f"{model}, {peer}", "decode b1 weight stream ÷ read bandwidth", f"{gbs:.1f} GB/s = {100 * gbs / bandwidth_gbs:.0f} % of {bandwidth_gbs:.1f}", "(the peer's, for scale)", None)
         engines = [e for e in dict.fromkeys(r["engine"] for r in rows if r["model"] == model) if e.startswith("lockstep")]
         for ours in engines:
             name = f"{model}, {ours}"
