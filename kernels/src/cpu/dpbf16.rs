@@ -407,18 +407,21 @@ fn tile_shape(m: usize) -> (usize, usize) {
 impl<'a> Job<'a> {
     /// Row-parallel partial of a bf16/f16 linear in the `native-avx512bf16` numerics: `x`
     /// prepared for the weight's columns (those of its segment range), `panels` the packed
-    /// `[n, k_real]` weight; `y` `[m, n]` receives the subtree sums.
+    /// `[n, k_real]` weight; `y` `[m, n]` receives the subtree sums. `pass_panels`: the 16-output
+    /// panels of every linear in this pass over the pool (this one's alone, or its group's), which
+    /// sizes the tasks.
     pub(crate) fn new(
         be: &CpuBackend,
         exec: Dpbf16Exec,
         x: &'a PreparedX,
         panels: &'a PairPanels,
+        pass_panels: usize,
         y: &mut [f32],
     ) -> Job<'a> {
         assert_eq!(x.k, panels.cols, "x prepared for another K");
         let total = panels.panels();
         // q/k/v at decode have 8–56 panels.
-        let nb = be.panels_per_task(total, tile_shape(x.m.max(1)).1, 2);
+        let nb = be.panels_per_task(pass_panels.max(total), tile_shape(x.m.max(1)).1, 2);
         let tasks = if x.m == 0 { 0 } else { total.div_ceil(nb) };
         Job { x, w: panels, exec, n: panels.rows, out: SharedOut(y.as_mut_ptr()), nb, tasks }
     }
@@ -465,7 +468,7 @@ pub(crate) fn linear_native(
         return;
     }
     let xp = PreparedX::new(be, x, m, panels.cols, segs);
-    let job = Job::new(be, exec, &xp, panels, y);
+    let job = Job::new(be, exec, &xp, panels, panels.panels(), y);
     be.run_tasks(job.tasks(), |t| job.run(t));
 }
 

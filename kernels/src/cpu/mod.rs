@@ -227,6 +227,9 @@ struct GroupX<'x> {
     m: usize,
     k: usize,
     segs: SegmentRange,
+    /// 16-output panels of the whole group: a native linear sizes its tasks for the pass (k and v
+    /// alone are a handful of panels, which alone would be cut one panel per task).
+    panels: usize,
     padded: std::cell::OnceCell<linear::PaddedX>,
     quant: std::cell::OnceCell<qdot::PreparedX>,
     pairs: std::cell::OnceCell<dpbf16::PreparedX>,
@@ -234,12 +237,13 @@ struct GroupX<'x> {
 }
 
 impl<'x> GroupX<'x> {
-    fn new(x: &'x [f32], m: usize, k: usize, segs: SegmentRange) -> Self {
+    fn new(x: &'x [f32], m: usize, k: usize, segs: SegmentRange, panels: usize) -> Self {
         GroupX {
             x,
             m,
             k,
             segs,
+            panels,
             padded: Default::default(),
             quant: Default::default(),
             pairs: Default::default(),
@@ -430,7 +434,8 @@ impl CpuBackend {
         group: &mut [(&HostWeight, &mut [f32])],
     ) {
         let Some(k) = group.first().map(|(w, _)| w.cols) else { return };
-        let gx = GroupX::new(x, m, k, segs);
+        let panels = group.iter().map(|(w, _)| w.rows.div_ceil(qdot::PANEL_ROWS)).sum();
+        let gx = GroupX::new(x, m, k, segs, panels);
         let mut jobs = Vec::with_capacity(group.len());
         for (w, y) in group.iter_mut() {
             assert_linear_shapes(x, m, w.view(), segs, y);
@@ -464,7 +469,7 @@ impl CpuBackend {
             (KernelMode::Native, Some(exec)) if blocks || amx::takes(w.dtype) => exec,
             (KernelMode::Native, Some(_)) if qdot::takes(w.dtype) => {
                 let xq = gx.quant.get_or_init(|| qdot::PreparedX::new(self, x, m, gx.k, segs));
-                return Some(LinearJob::Blocks(qdot::Job::new(self, self.qdot, xq, w.view(), None, y)));
+                return Some(LinearJob::Blocks(qdot::Job::new(self, self.qdot, xq, w.view(), None, gx.panels, y)));
             }
             (KernelMode::Fast, _) => {
                 crate::fast::linear_fast(self, x, m, w.view(), y);
@@ -487,11 +492,11 @@ impl CpuBackend {
         Some(match (native, packed) {
             (_, NativePacked::Blocks(p)) => {
                 let xq = gx.quant.get_or_init(|| qdot::PreparedX::new(self, x, m, gx.k, segs));
-                LinearJob::Blocks(qdot::Job::new(self, self.qdot, xq, w.view(), Some(p), y))
+                LinearJob::Blocks(qdot::Job::new(self, self.qdot, xq, w.view(), Some(p), gx.panels, y))
             }
             (NativeExec::Avx512Bf16(e), NativePacked::Panels(p)) => {
                 let xp = gx.pairs.get_or_init(|| dpbf16::PreparedX::new(self, x, m, gx.k, segs));
-                LinearJob::Pairs(dpbf16::Job::new(self, e, xp, p, y))
+                LinearJob::Pairs(dpbf16::Job::new(self, e, xp, p, gx.panels, y))
             }
             (NativeExec::Amx(e), NativePacked::Tiles(t)) if t.fits(w.view(), segs) => {
                 let xa = gx.tiles.get_or_init(|| amx::PreparedX::new(x, m, gx.k, segs));

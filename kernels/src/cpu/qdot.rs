@@ -540,13 +540,15 @@ impl<'a> Job<'a> {
     /// Row-parallel partial of a block-weight linear in the native numerics: `x` prepared for
     /// `w`'s columns (the columns of its segment range), `w` the `[n, k_real]` weight as stored,
     /// `packed` its packing (needed by the hardware executor); `y` `[m, n]` receives the subtree
-    /// sums.
+    /// sums. `pass_panels`: the 16-output panels of every linear in this pass over the pool (this
+    /// one's alone, or its group's), which sizes the tasks.
     pub(crate) fn new(
         be: &CpuBackend,
         exec: QdotExec,
         x: &'a PreparedX,
         w: WeightView<'a>,
         packed: Option<&'a QPanels>,
+        pass_panels: usize,
         y: &mut [f32],
     ) -> Job<'a> {
         let n = w.rows;
@@ -558,7 +560,7 @@ impl<'a> Job<'a> {
             QdotExec::Hardware => {
                 let packed = packed.expect("the hardware executor runs on packed panels");
                 assert!(packed.fits(w), "packing of another weight");
-                let nb = be.panels_per_task(panels, tile_shape(x.m.max(1)).1, 1);
+                let nb = be.panels_per_task(pass_panels.max(panels), tile_shape(x.m.max(1)).1, 1);
                 (nb, panels.div_ceil(nb))
             }
         };
@@ -614,7 +616,7 @@ pub(crate) fn linear_native(
         return;
     }
     let xq = PreparedX::new(be, x, m, w.cols, segs);
-    let job = Job::new(be, exec, &xq, w, packed, y);
+    let job = Job::new(be, exec, &xq, w, packed, w.rows.div_ceil(PANEL_ROWS), y);
     be.run_tasks(job.tasks(), |t| job.run(t));
 }
 
