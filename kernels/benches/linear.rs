@@ -447,8 +447,8 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
 /// What one pass over a 2-thread pool costs a decode step, entered from the pool's own worker as a
 /// step is: short busy tasks split by rayon's adaptive `par_iter` (what `CpuBackend::run_tasks` does)
 /// and by a static split into one contiguous chunk per thread (`join`); then SmolLM2-135M's
-/// q/k/v (576→576, 192, 192) and gate/up (576→1536 twice), Q4_1, native numerics, as separate
-/// calls and as one `linear_group` (weights small enough to stay cached: the difference is the
+/// q/k/v (576→576, 192, 192) and gate/up (576→1536 twice), Q4_1, native and portable numerics,
+/// M = 1 and 8, as separate calls and as one `linear_group` (weights small enough to stay cached: the difference is the
 /// per-call cost).
 fn pool_pass(filter: &str, rng: &mut SplitMix64) {
     let rows = ["par_iter", "join", "q/k/v", "gate/up"];
@@ -500,28 +500,36 @@ fn pool_pass(filter: &str, rng: &mut SplitMix64) {
         }
     }
     let k = 576;
+    let portable = CpuBackend::new(CpuConfig { mode: KernelMode::Invariant, ..cfg }).expect("portable");
     for (name, widths) in [("q/k/v", &[576usize, 192, 192][..]), ("gate/up", &[1536, 1536][..])] {
         let ws: Vec<HostWeight> = widths.iter().map(|&n| common::quant_weight(rng, DType::Q4_1, n, k)).collect();
-        let x: Vec<f32> = (0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-        let mut ys: Vec<Vec<f32>> = widths.iter().map(|&n| vec![0.0; n]).collect();
-        let separate = pool.install(|| {
-            time(|| {
-                for (w, y) in ws.iter().zip(ys.iter_mut()) {
-                    be.linear(&x, 1, w, None, y);
-                }
-            })
-        });
-        let grouped = pool.install(|| {
-            time(|| {
-                let mut group: Vec<lockstep_kernels::GroupLinear<'_, HostWeight, Vec<f32>>> = ws
-                    .iter()
-                    .zip(ys.iter_mut())
-                    .map(|(weight, out)| lockstep_kernels::GroupLinear { weight, bias: None, out })
-                    .collect();
-                be.linear_group(&x, 1, &mut group);
-            })
-        });
-        println!("| SmolLM2 {name} M=1 Q4_1 native, {} calls | - | {:.2} |", widths.len(), separate * 1e6);
-        println!("| SmolLM2 {name} M=1 Q4_1 native, one group | - | {:.2} |", grouped * 1e6);
+        for (numerics, be) in [("native", &be), ("portable", &portable)] {
+            // Each backend has its own pool; run on it, as a step would.
+            let pool = be.step_pool().expect("the CPU backend has a pool");
+            for m in [1usize, 8] {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+                let mut ys: Vec<Vec<f32>> = widths.iter().map(|&n| vec![0.0; m * n]).collect();
+                let separate = pool.install(|| {
+                    time(|| {
+                        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                            be.linear(&x, m, w, None, y);
+                        }
+                    })
+                });
+                let grouped = pool.install(|| {
+                    time(|| {
+                        let mut group: Vec<lockstep_kernels::GroupLinear<'_, HostWeight, Vec<f32>>> = ws
+                            .iter()
+                            .zip(ys.iter_mut())
+                            .map(|(weight, out)| lockstep_kernels::GroupLinear { weight, bias: None, out })
+                            .collect();
+                        be.linear_group(&x, m, &mut group);
+                    })
+                });
+                let calls = widths.len();
+                println!("| SmolLM2 {name} M={m} Q4_1 {numerics}, {calls} calls | - | {:.2} |", separate * 1e6);
+                println!("| SmolLM2 {name} M={m} Q4_1 {numerics}, one group | - | {:.2} |", grouped * 1e6);
+            }
+        }
     }
 }
