@@ -613,6 +613,9 @@ impl<'a> Job<'a> {
         let kl = &self.x.kl;
         let mut b = Vec::new();
         let mut sums: Vec<CTile> = vec![[0.0; TILE_ROWS * TILE_COLS]; kl.count];
+        // One output's segment sums (its first `kl.count` written before each tree): zeroed once
+        // per task, not once per output.
+        let mut v = [0.0f32; 64];
         for n0 in cols.clone().step_by(TILE_COLS) {
             let tiles = match self.packed {
                 Some(p) => p.block(n0),
@@ -628,7 +631,6 @@ impl<'a> Job<'a> {
                 for i in i0..(i0 + TILE_ROWS).min(rows.end) {
                     for j in n0..(n0 + TILE_COLS).min(cols.end) {
                         let at = (i - i0) * TILE_COLS + (j - n0);
-                        let mut v = [0.0f32; 64];
                         for (s, sum) in sums.iter().enumerate() {
                             v[s] = sum[at];
                         }
