@@ -9,7 +9,9 @@
 //!   thread in the contract's order, so the thread count cannot change a bit. A model step runs
 //!   on the pool as a whole ([`Backend::step_pool`]): entered from outside, each of a decode
 //!   step's hundreds of kernel calls parked the caller and woke the pool (a third of SmolLM2's
-//!   batch-1 CPU time went to the scheduler).
+//!   batch-1 CPU time went to the scheduler). Linears that read the same x (q/k/v, gate/up) run
+//!   as one group ([`Backend::linear_group`]): one pass over the pool for all their tasks, x
+//!   prepared once per format; each output keeps the bits of its own call.
 //! * **Weights** stay as stored (f32 / bf16 / f16, usually memory-mapped) and are widened exactly
 //!   in registers. The bf16 dot-product instructions (`vdpbf16ps`) are never used: their internal
 //!   rounding is not the fma chain of the contract.
