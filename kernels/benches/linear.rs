@@ -5,7 +5,9 @@
 //! GB/s of weight bytes and as a share of the measured read bandwidth. A third streams one whole
 //! batch-1 decode step's linears (every layer's own weights, ~1 GB, so from DRAM as in a real
 //! step, unlike the tables above whose weights stay cached between calls) on 4 KiB and 2 MiB
-//! pages (filter `decode step`). Prints Markdown tables (numbers, never assertions).
+//! pages (filter `decode step`). A fourth prices one pass over the thread pool and what grouping
+//! q/k/v (gate/up) into one pass saves (filter `pool pass`). Prints Markdown tables (numbers,
+//! never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows (`peak`: only the
 //! machine's limits, no tables);
@@ -217,6 +219,7 @@ fn main() {
     quantized_decode(&filter, &mut rng);
     native_linear(&filter, &mut rng);
     decode_step(&filter, &mut rng);
+    pool_pass(&filter, &mut rng);
 }
 
 /// Qwen2.5-0.5B's linear shapes (K, N, name) for the side-by-side tables.
@@ -436,6 +439,96 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
                 } else {
                     println!("{row} {} | – | – | – |", share(secs));
                 }
+            }
+        }
+    }
+}
+
+/// What one pass over a 2-thread pool costs a decode step, entered from the pool's own worker as a
+/// step is: short busy tasks split by rayon's adaptive `par_iter` (what `CpuBackend::run_tasks` does)
+/// and by a static split into one contiguous chunk per thread (`join`); then SmolLM2-135M's
+/// q/k/v (576→576, 192, 192) and gate/up (576→1536 twice), Q4_1, native and portable numerics,
+/// M = 1 and 8, as separate calls and as one `linear_group` (weights small enough to stay cached: the difference is the
+/// per-call cost).
+fn pool_pass(filter: &str, rng: &mut SplitMix64) {
+    let rows = ["par_iter", "join", "q/k/v", "gate/up"];
+    let wanted = filter.is_empty() || "pool pass".contains(filter) || rows.iter().any(|r| r.contains(filter));
+    if !wanted {
+        return;
+    }
+    let threads = 2;
+    let cfg = CpuConfig { threads, isa: None, mode: KernelMode::Native, numerics: NumericsConfig::default() };
+    let Ok(be) = CpuBackend::new(cfg) else {
+        println!("\npool pass: skipped (no native class on this CPU)");
+        return;
+    };
+    let pool = be.step_pool().expect("the CPU backend has a pool");
+    println!();
+    println!("one pass over the pool (2 threads, entered from a worker as a step is)");
+    println!("| what | tasks | µs per pass or call |");
+    println!("| --- | --- | --- |");
+    const REPS: usize = 200;
+    // Tasks of 2 µs each (a small decode linear's share): long enough that the second thread
+    // steals, as in a step; the table shows the pass's time over the ideal `tasks · 2 µs / 2`.
+    const TASK_US: f64 = 2.0;
+    let busy = |_: usize| {
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() < TASK_US * 1e-6 {
+            std::hint::spin_loop();
+        }
+    };
+    for tasks in [2usize, 8, 32] {
+        let adaptive = pool.install(|| {
+            time(|| {
+                for _ in 0..REPS {
+                    use rayon::prelude::*;
+                    (0..tasks).into_par_iter().for_each(busy);
+                }
+            })
+        });
+        let halves = pool.install(|| {
+            time(|| {
+                for _ in 0..REPS {
+                    rayon::join(|| (0..tasks / 2).for_each(busy), || (tasks / 2..tasks).for_each(busy));
+                }
+            })
+        });
+        let ideal = tasks as f64 * TASK_US / threads as f64;
+        for (how, secs) in [("par_iter", adaptive), ("join of two halves", halves)] {
+            let us = secs / REPS as f64 * 1e6;
+            println!("| {TASK_US} µs tasks, {how} | {tasks} | {us:.2} ({:+.2} over ideal) |", us - ideal);
+        }
+    }
+    let k = 576;
+    let portable = CpuBackend::new(CpuConfig { mode: KernelMode::Invariant, ..cfg }).expect("portable");
+    for (name, widths) in [("q/k/v", &[576usize, 192, 192][..]), ("gate/up", &[1536, 1536][..])] {
+        let ws: Vec<HostWeight> = widths.iter().map(|&n| common::quant_weight(rng, DType::Q4_1, n, k)).collect();
+        for (numerics, be) in [("native", &be), ("portable", &portable)] {
+            // Each backend has its own pool; run on it, as a step would.
+            let pool = be.step_pool().expect("the CPU backend has a pool");
+            for m in [1usize, 8] {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+                let mut ys: Vec<Vec<f32>> = widths.iter().map(|&n| vec![0.0; m * n]).collect();
+                let separate = pool.install(|| {
+                    time(|| {
+                        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                            be.linear(&x, m, w, None, y);
+                        }
+                    })
+                });
+                let grouped = pool.install(|| {
+                    time(|| {
+                        let mut group: Vec<lockstep_kernels::GroupLinear<'_, HostWeight, Vec<f32>>> = ws
+                            .iter()
+                            .zip(ys.iter_mut())
+                            .map(|(weight, out)| lockstep_kernels::GroupLinear { weight, bias: None, out })
+                            .collect();
+                        be.linear_group(&x, m, &mut group);
+                    })
+                });
+                let calls = widths.len();
+                println!("| SmolLM2 {name} M={m} Q4_1 {numerics}, {calls} calls | - | {:.2} |", separate * 1e6);
+                println!("| SmolLM2 {name} M={m} Q4_1 {numerics}, one group | - | {:.2} |", grouped * 1e6);
             }
         }
     }

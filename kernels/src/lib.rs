@@ -166,6 +166,13 @@ impl NumericsConfig {
     }
 }
 
+/// One linear of a [`Backend::linear_group`]: `out = x · weightᵀ (+ bias)`.
+pub struct GroupLinear<'a, W, Buf> {
+    pub weight: &'a W,
+    pub bias: Option<&'a W>,
+    pub out: &'a mut Buf,
+}
+
 /// The one trait the model code calls. Activations live in `Buf` (host memory for the CPU, device
 /// memory for a GPU backend), weights in `Weight`, one layer's paged K/V in `KvCache`. Shapes are
 /// row-major; an output buffer must already have the exact length (a mismatch is a bug and panics).
@@ -194,6 +201,14 @@ pub trait Backend: Send + Sync {
 
     /// `y[m, N] = x[m, K] · Wᵀ (+ bias)` with `W` of shape `[N, K]`.
     fn linear(&self, x: &Self::Buf, m: usize, w: &Self::Weight, bias: Option<&Self::Weight>, y: &mut Self::Buf);
+    /// [`Self::linear`] for several weights of the same `K` that read the same `x` (q/k/v,
+    /// gate/up): each output gets exactly the bits of its own call. A backend may run them as one
+    /// piece of work (the CPU backend: one pass over its threads, `x` prepared once per format).
+    fn linear_group(&self, x: &Self::Buf, m: usize, group: &mut [GroupLinear<'_, Self::Weight, Self::Buf>]) {
+        for g in group.iter_mut() {
+            self.linear(x, m, g.weight, g.bias, g.out);
+        }
+    }
     /// Row-parallel partial: `x` and `w` hold only the columns of `segs` (segments of `full_k`);
     /// `y` receives the subtree sums (no bias).
     fn linear_partial(&self, x: &Self::Buf, m: usize, w: &Self::Weight, segs: SegmentRange, y: &mut Self::Buf);

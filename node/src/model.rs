@@ -14,7 +14,9 @@
 
 use std::path::Path;
 
-use lockstep_kernels::{AttnParams, AttnSeq, Backend, HostWeight, KvLayout, RopeTables, SampleRequest, ShardSample};
+use lockstep_kernels::{
+    AttnParams, AttnSeq, Backend, GroupLinear, HostWeight, KvLayout, RopeTables, SampleRequest, ShardSample,
+};
 use lockstep_proto::step::StepPlan;
 
 use crate::config::ModelConfig;
@@ -108,6 +110,52 @@ pub struct Model<B: Backend> {
     kv_layout: KvLayout,
     kv: Vec<B::KvCache>,
     collective: Box<dyn Collective>,
+    /// The last step's activation buffers, reused by the next step of the same token count (every
+    /// decode step of a steady batch): every kernel overwrites its whole output, so what they held
+    /// changes no bit.
+    buffers: Option<StepBuffers<B>>,
+}
+
+/// One step's activation buffers, for `t` tokens.
+struct StepBuffers<B: Backend> {
+    t: usize,
+    x: B::Buf,
+    h: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    a: B::Buf,
+    /// Qwen3's per-head norms write here (the kernels do not normalise in place).
+    qn: B::Buf,
+    kn: B::Buf,
+    o: B::Buf,
+    /// Where the all-reduce writes its result (then swapped with `o`).
+    reduced: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    s: B::Buf,
+}
+
+impl<B: Backend> StepBuffers<B> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(be: &B, t: usize, hidden: usize, qw: usize, kvw: usize, inter: usize, qk_norm: bool, ranks: usize) -> Self {
+        StepBuffers {
+            t,
+            x: be.zeros(t * hidden),
+            h: be.zeros(t * hidden),
+            q: be.zeros(t * qw),
+            k: be.zeros(t * kvw),
+            v: be.zeros(t * kvw),
+            a: be.zeros(t * qw),
+            qn: be.zeros(if qk_norm { t * qw } else { 0 }),
+            kn: be.zeros(if qk_norm { t * kvw } else { 0 }),
+            o: be.zeros(t * hidden),
+            reduced: be.zeros(if ranks > 1 { t * hidden } else { 0 }),
+            g: be.zeros(t * inter),
+            u: be.zeros(t * inter),
+            s: be.zeros(t * inter),
+        }
+    }
 }
 
 /// One sampled row of a step: which sequence, and this shard's report.
@@ -205,7 +253,7 @@ impl<B: Backend> Model<B> {
             head_dim: plan.head_dim,
         };
         let kv = (0..cfg.num_hidden_layers).map(|_| be.alloc_kv(kv_layout)).collect();
-        Ok(Model { be, cfg, plan, opts, layers, embed, norm, lm_head, rope, kv_layout, kv, collective })
+        Ok(Model { be, cfg, plan, opts, layers, embed, norm, lm_head, rope, kv_layout, kv, collective, buffers: None })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -295,58 +343,63 @@ impl<B: Backend> Model<B> {
         let (qw, kvw) = (nh * hd, nkv * hd);
         let inter = self.plan.mlp_rows().len();
 
-        let mut x = be.zeros(t * hidden);
-        be.embedding(&tokens, &self.embed, &mut x);
-        let mut h = be.zeros(t * hidden);
-        let mut q = be.zeros(t * qw);
-        let mut k = be.zeros(t * kvw);
-        let mut v = be.zeros(t * kvw);
-        let mut a = be.zeros(t * qw);
-        // Qwen3's per-head norms write here (the kernels do not normalise in place).
-        let (mut qn, mut kn) =
-            if self.cfg.qk_norm { (be.zeros(t * qw), be.zeros(t * kvw)) } else { (be.zeros(0), be.zeros(0)) };
-        let mut o = be.zeros(t * hidden);
-        // Where the all-reduce writes its result (then swapped with `o`).
-        let mut reduced = be.zeros(if self.collective.ranks() > 1 { t * hidden } else { 0 });
-        let mut g = be.zeros(t * inter);
-        let mut u = be.zeros(t * inter);
-        let mut s = be.zeros(t * inter);
+        let mut buffers = match self.buffers.take() {
+            Some(b) if b.t == t => b,
+            _ => StepBuffers::new(be, t, hidden, qw, kvw, inter, self.cfg.qk_norm, self.collective.ranks()),
+        };
+        let StepBuffers { x, h, q, k, v, a, qn, kn, o, reduced, g, u, s, .. } = &mut buffers;
+        be.embedding(&tokens, &self.embed, x);
         for (layer, cache) in self.layers.iter().zip(self.kv.iter_mut()) {
-            be.rms_norm(&x, &layer.input_norm, eps, &mut h);
-            be.linear(&h, t, &layer.q, layer.q_bias.as_ref(), &mut q);
-            be.linear(&h, t, &layer.k, layer.k_bias.as_ref(), &mut k);
-            be.linear(&h, t, &layer.v, layer.v_bias.as_ref(), &mut v);
+            be.rms_norm(x, &layer.input_norm, eps, h);
+            be.linear_group(
+                h,
+                t,
+                &mut [
+                    GroupLinear { weight: &layer.q, bias: layer.q_bias.as_ref(), out: &mut *q },
+                    GroupLinear { weight: &layer.k, bias: layer.k_bias.as_ref(), out: &mut *k },
+                    GroupLinear { weight: &layer.v, bias: layer.v_bias.as_ref(), out: &mut *v },
+                ],
+            );
             // RMSNorm over each head: the weight is `[head_dim]`, so every head is one row.
             if let (Some(qw_norm), Some(kw_norm)) = (&layer.q_norm, &layer.k_norm) {
-                be.rms_norm(&q, qw_norm, eps, &mut qn);
-                std::mem::swap(&mut q, &mut qn);
-                be.rms_norm(&k, kw_norm, eps, &mut kn);
-                std::mem::swap(&mut k, &mut kn);
+                be.rms_norm(q, qw_norm, eps, qn);
+                std::mem::swap(q, qn);
+                be.rms_norm(k, kw_norm, eps, kn);
+                std::mem::swap(k, kn);
             }
-            be.rope(&mut q, nh, &positions, &self.rope);
-            be.rope(&mut k, nkv, &positions, &self.rope);
-            be.write_kv(cache, &k, &v, &slots);
-            be.attention(&q, &seqs, cache, attn, &mut a);
-            be.linear_partial(&a, t, &layer.o, self.plan.o_segs, &mut o);
-            all_reduce(be, self.collective.as_ref(), &mut o, &mut reduced)?;
+            be.rope(q, nh, &positions, &self.rope);
+            be.rope(k, nkv, &positions, &self.rope);
+            be.write_kv(cache, k, v, &slots);
+            be.attention(q, &seqs, cache, attn, a);
+            be.linear_partial(a, t, &layer.o, self.plan.o_segs, o);
+            all_reduce(be, self.collective.as_ref(), o, reduced)?;
             if let Some(b) = &layer.o_bias {
-                be.add_bias(&mut o, b);
+                be.add_bias(o, b);
             }
-            be.add_assign(&mut x, &o);
-            be.rms_norm(&x, &layer.post_norm, eps, &mut h);
-            be.linear(&h, t, &layer.gate, None, &mut g);
-            be.linear(&h, t, &layer.up, None, &mut u);
-            be.swiglu(&g, &u, &mut s);
-            be.linear_partial(&s, t, &layer.down, self.plan.mlp_segs, &mut o);
-            all_reduce(be, self.collective.as_ref(), &mut o, &mut reduced)?;
-            be.add_assign(&mut x, &o);
+            be.add_assign(x, o);
+            be.rms_norm(x, &layer.post_norm, eps, h);
+            be.linear_group(
+                h,
+                t,
+                &mut [
+                    GroupLinear { weight: &layer.gate, bias: None, out: &mut *g },
+                    GroupLinear { weight: &layer.up, bias: None, out: &mut *u },
+                ],
+            );
+            be.swiglu(g, u, s);
+            be.linear_partial(s, t, &layer.down, self.plan.mlp_segs, o);
+            all_reduce(be, self.collective.as_ref(), o, reduced)?;
+            be.add_assign(x, o);
         }
         let r = sample_rows.len();
+        let mut last = be.zeros(r * hidden);
+        if r > 0 {
+            be.gather_rows(x, hidden, &sample_rows, &mut last);
+        }
+        self.buffers = Some(buffers);
         if r == 0 {
             return Ok(Vec::new());
         }
-        let mut last = be.zeros(r * hidden);
-        be.gather_rows(&x, hidden, &sample_rows, &mut last);
         let mut normed = be.zeros(r * hidden);
         be.rms_norm(&last, &self.norm, eps, &mut normed);
         let mut logits = be.zeros(r * self.plan.vocab.rows);

@@ -522,48 +522,119 @@ impl TileUnit for HardTiles {
 /// per call and then serves all of M.
 const TASK_COLS: usize = 64;
 
-/// One linear call's shared inputs: the packed A panel and what the tasks need to pack B and
-/// write their outputs.
-struct Job<'a> {
+/// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
+/// range): the packed A panel.
+pub(crate) struct PreparedX {
     a: Vec<u16>,
     a_stride: usize,
+    kl: KLayout,
+    m: usize,
+}
+
+impl PreparedX {
+    pub(crate) fn new(x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PreparedX {
+        let kl = KLayout::new(segs, k_real);
+        PreparedX { a: pack_a(x, m, &kl), a_stride: kl.row_elems() * 2, kl, m }
+    }
+}
+
+/// One linear call cut into tasks of [`TASK_COLS`] output columns over every row: the A panel
+/// and what the tasks need to pack B and write their outputs.
+pub(crate) struct Job<'a> {
+    x: &'a PreparedX,
+    exec: AmxExec,
     w: WeightView<'a>,
     /// The weight's B tiles packed at its first call, when it is a held weight.
     packed: Option<&'a PackedB>,
-    kl: KLayout,
     planes: usize,
     out: SharedOut,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    /// Row-parallel partial of a bf16/f16 linear in the native numerics: `x` prepared for `w`'s
+    /// columns (those of its segment range), `w` `[n, k_real]`; `y` `[m, n]` receives the subtree
+    /// sums. `packed`: the weight's B tiles for this segmentation, if it has them; else each task
+    /// packs its own.
+    pub(crate) fn new(
+        exec: AmxExec,
+        x: &'a PreparedX,
+        w: WeightView<'a>,
+        packed: Option<&'a PackedB>,
+        y: &mut [f32],
+    ) -> Job<'a> {
+        assert!(takes(w.dtype), "{:?} weights never take the tile path", w.dtype);
+        assert_eq!(x.kl.k_real, w.cols, "x prepared for another K");
+        Job { x, exec, w, packed, planes: planes(w.dtype), out: SharedOut(y.as_mut_ptr()) }
+    }
+
+    pub(crate) fn tasks(&self) -> usize {
+        if self.x.m == 0 {
+            0
+        } else {
+            self.w.rows.div_ceil(TASK_COLS)
+        }
+    }
+
+    /// Task `t`: columns `t·TASK_COLS..` over every row.
+    pub(crate) fn run(&self, t: usize) {
+        let n = self.w.rows;
+        let (rows, cols) = (0..self.x.m, t * TASK_COLS..((t + 1) * TASK_COLS).min(n));
+        match self.exec {
+            AmxExec::Model => {
+                let mut unit = SoftTiles::default();
+                // SAFETY: configured before use; tasks own disjoint output blocks.
+                unsafe {
+                    unit.configure(&TileConfig::program());
+                    self.run_on(&mut unit, rows, cols);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the backend selects `Hardware` only after `amx_available` succeeded. The
+            // tile configuration is per thread: set here before this task's first tile
+            // instruction and released after its last, and a task runs on one thread throughout.
+            // Tasks own disjoint output blocks.
+            AmxExec::Hardware => unsafe {
+                let mut unit = HardTiles::new();
+                unit.configure(&TileConfig::program());
+                self.run_on(&mut unit, rows, cols);
+                unit.release();
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            AmxExec::Hardware => unreachable!("no AMX outside x86-64"),
+        }
+    }
+
     /// Output rows `rows` × columns `cols` (one task's block), 16 × 16 at a time, on `u`.
     ///
     /// # Safety
     /// `u` is configured with [`TileConfig::program`]; no other task writes this block of `out`.
-    unsafe fn run<U: TileUnit>(&self, u: &mut U, rows: Range<usize>, cols: Range<usize>) {
+    unsafe fn run_on<U: TileUnit>(&self, u: &mut U, rows: Range<usize>, cols: Range<usize>) {
         let n = self.w.rows;
+        let kl = &self.x.kl;
         let mut b = Vec::new();
-        let mut sums: Vec<CTile> = vec![[0.0; TILE_ROWS * TILE_COLS]; self.kl.count];
+        let mut sums: Vec<CTile> = vec![[0.0; TILE_ROWS * TILE_COLS]; kl.count];
+        // One output's segment sums (its first `kl.count` written before each tree): zeroed once
+        // per task, not once per output.
+        let mut v = [0.0f32; 64];
         for n0 in cols.clone().step_by(TILE_COLS) {
             let tiles = match self.packed {
                 Some(p) => p.block(n0),
                 None => {
-                    pack_b(self.w, n0, &self.kl, &mut b);
+                    pack_b(self.w, n0, kl, &mut b);
                     &b[..]
                 }
             };
             for i0 in rows.clone().step_by(TILE_ROWS) {
                 // Row i0 of the A panel exists: its rows are padded to a multiple of 16.
-                let ap = (self.a.as_ptr() as *const u8).add(i0 * self.a_stride);
-                tile_program(u, ap, self.a_stride, tiles.as_ptr() as *const u8, &self.kl, self.planes, &mut sums);
+                let ap = (self.x.a.as_ptr() as *const u8).add(i0 * self.x.a_stride);
+                tile_program(u, ap, self.x.a_stride, tiles.as_ptr() as *const u8, kl, self.planes, &mut sums);
                 for i in i0..(i0 + TILE_ROWS).min(rows.end) {
                     for j in n0..(n0 + TILE_COLS).min(cols.end) {
                         let at = (i - i0) * TILE_COLS + (j - n0);
-                        let mut v = [0.0f32; 64];
                         for (s, sum) in sums.iter().enumerate() {
                             v[s] = sum[at];
                         }
-                        *self.out.0.add(i * n + j) = super::linear::segment_tree_inplace(&mut v[..self.kl.count]);
+                        *self.out.0.add(i * n + j) = super::linear::segment_tree_inplace(&mut v[..kl.count]);
                     }
                 }
             }
@@ -571,9 +642,8 @@ impl Job<'_> {
     }
 }
 
-/// Row-parallel partial of a bf16/f16 linear in the native numerics: `x` is `[m, k_real]`, `w`
-/// `[n, k_real]` (the columns of `segs`), `y` `[m, n]` receives the subtree sums. `packed`: the
-/// weight's B tiles for this segmentation, if it has them; else each task packs its own.
+/// Row-parallel partial of a bf16/f16 linear in the native numerics (see [`Job::new`]), `x`
+/// `[m, k_real]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_native(
     be: &CpuBackend,
@@ -585,48 +655,12 @@ pub(crate) fn linear_native(
     packed: Option<&PackedB>,
     y: &mut [f32],
 ) {
-    assert!(takes(w.dtype), "{:?} weights never take the tile path", w.dtype);
-    let n = w.rows;
-    if m == 0 || n == 0 {
+    if m == 0 || w.rows == 0 {
         return;
     }
-    let kl = KLayout::new(segs, w.cols);
-    let job = Job {
-        a: pack_a(x, m, &kl),
-        a_stride: kl.row_elems() * 2,
-        w,
-        packed,
-        kl,
-        planes: planes(w.dtype),
-        out: SharedOut(y.as_mut_ptr()),
-    };
-    let task = |t: usize| {
-        let (rows, cols) = (0..m, t * TASK_COLS..((t + 1) * TASK_COLS).min(n));
-        match exec {
-            AmxExec::Model => {
-                let mut unit = SoftTiles::default();
-                // SAFETY: configured before use; tasks own disjoint output blocks.
-                unsafe {
-                    unit.configure(&TileConfig::program());
-                    job.run(&mut unit, rows, cols);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the backend selects `Hardware` only after `amx_available` succeeded. The
-            // tile configuration is per thread: set here before this task's first tile
-            // instruction and released after its last, and a task runs on one thread throughout.
-            // Tasks own disjoint output blocks.
-            AmxExec::Hardware => unsafe {
-                let mut unit = HardTiles::new();
-                unit.configure(&TileConfig::program());
-                job.run(&mut unit, rows, cols);
-                unit.release();
-            },
-            #[cfg(not(target_arch = "x86_64"))]
-            AmxExec::Hardware => unreachable!("no AMX outside x86-64"),
-        }
-    };
-    be.run_tasks(n.div_ceil(TASK_COLS), task);
+    let xa = PreparedX::new(x, m, w.cols, segs);
+    let job = Job::new(exec, &xa, w, packed, y);
+    be.run_tasks(job.tasks(), |t| job.run(t));
 }
 
 #[cfg(test)]

@@ -123,6 +123,21 @@ impl PairPanels {
     }
 }
 
+/// `x` prepared once for every bf16/f16 linear of a group that reads it (the same `x`, `m` and
+/// segment range): its rows as bf16 pairs and each segment's pairs.
+pub(crate) struct PreparedX {
+    pairs: Vec<u32>,
+    segs: Vec<Range<usize>>,
+    m: usize,
+    k: usize,
+}
+
+impl PreparedX {
+    pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k: usize, segs: SegmentRange) -> PreparedX {
+        PreparedX { pairs: pack_x(be, x, m, k), segs: segment_pairs(segs, k), m, k }
+    }
+}
+
 /// x rows as bf16 pairs, `pairs` dwords a row (the second half of a pair past the row is zero),
 /// rows split among the pool's threads when there are many.
 fn pack_x(be: &CpuBackend, x: &[f32], m: usize, k: usize) -> Vec<u32> {
@@ -189,13 +204,13 @@ pub fn dp_lane(acc: f32, x: u32, w: u32) -> f32 {
 /// The model's output block: rows `rows` × panels `panels` of the job, scalar.
 fn model_block(job: &Job<'_>, rows: Range<usize>, panels: Range<usize>) {
     let (pp, n) = (job.w, job.n);
-    let mut sums = vec![0f32; job.segs.len()];
+    let mut sums = vec![0f32; job.x.segs.len()];
     for nb in panels {
         let panel = &pp.words[nb * pp.panel_words()..(nb + 1) * pp.panel_words()];
         for i in rows.clone() {
-            let xr = &job.x[i * pp.pairs..(i + 1) * pp.pairs];
+            let xr = &job.x.pairs[i * pp.pairs..(i + 1) * pp.pairs];
             for j in 0..PANEL_ROWS.min(n - nb * PANEL_ROWS) {
-                for (sum, prs) in sums.iter_mut().zip(&job.segs) {
+                for (sum, prs) in sums.iter_mut().zip(&job.x.segs) {
                     let mut acc = 0.0f32;
                     for p in prs.clone() {
                         for q in 0..pp.planes {
@@ -234,14 +249,14 @@ mod hw {
         job: &Job<'_>,
         i0: usize,
         nb0: usize,
-        sums: &mut Vec<[[__m512; NB]; MR]>,
+        sums: &mut [__m512],
     ) {
         let pp = job.w;
         let (pairs, planes, pw) = (pp.pairs, pp.planes, pp.panel_words());
         let w0 = pp.words.as_ptr().add(nb0 * pw);
-        let x0 = job.x.as_ptr().add(i0 * pairs);
-        sums.clear();
-        for prs in &job.segs {
+        let x0 = job.x.pairs.as_ptr().add(i0 * pairs);
+        let count = job.x.segs.len();
+        for (s, prs) in job.x.segs.iter().enumerate() {
             let mut acc = [[_mm512_setzero_ps(); NB]; MR];
             if planes == 1 {
                 for p in prs.clone() {
@@ -278,15 +293,17 @@ mod hw {
                     }
                 }
             }
-            sums.push(acc);
+            for (i, a) in acc.iter().enumerate() {
+                for (j, &v) in a.iter().enumerate() {
+                    *sums.get_unchecked_mut((i * NB + j) * count + s) = v;
+                }
+            }
         }
         let n = job.n;
-        let mut tree = Vec::with_capacity(sums.len());
         for i in 0..MR {
             for j in 0..NB {
-                tree.clear();
-                tree.extend(sums.iter().map(|s| s[i][j]));
-                let v = crate::reference::tree_reduce(&mut tree, |a, b| _mm512_add_ps(a, b));
+                let tree = &mut sums[(i * NB + j) * count..][..count];
+                let v = crate::reference::tree_reduce(tree, |a, b| _mm512_add_ps(a, b));
                 let col = (nb0 + j) * PANEL_ROWS;
                 let valid = PANEL_ROWS.min(n - col);
                 let mask: __mmask16 = if valid == PANEL_ROWS { 0xffff } else { (1u16 << valid) - 1 };
@@ -347,11 +364,10 @@ mod hw {
             pub(super) fn tile_fn(mr: usize, nb: usize) -> TileFn {
                 match (mr, nb) {
                     $($(($mr, $nb) => |job, i0, nb0| {
-                        thread_local! {
-                            static SUMS: std::cell::RefCell<Vec<[[__m512; $nb]; $mr]>> = const { std::cell::RefCell::new(Vec::new()) };
-                        }
                         // SAFETY: as for `tile`, which the caller promises.
-                        SUMS.with_borrow_mut(|s| unsafe { tile::<$mr, $nb>(job, i0, nb0, s) })
+                        crate::cpu::with_tile_sums($mr * $nb * job.x.segs.len(), |s| unsafe {
+                            tile::<$mr, $nb>(job, i0, nb0, s)
+                        })
                     },)*)*
                     _ => unreachable!("no {mr}×{nb} tile"),
                 }
@@ -364,13 +380,16 @@ mod hw {
 
 // ---------------------------------------------------------------- the linear
 
-/// One call's shared inputs.
+/// One bf16/f16 linear cut into tasks that own disjoint blocks of its output.
 pub(crate) struct Job<'a> {
-    x: Vec<u32>,
+    x: &'a PreparedX,
     w: &'a PairPanels,
+    exec: Dpbf16Exec,
     n: usize,
-    segs: Vec<Range<usize>>,
     out: SharedOut,
+    /// Panels per task.
+    nb: usize,
+    tasks: usize,
 }
 
 /// Rows per tile and panels per tile for `m` rows: `MR·NB ≤ 24` accumulators plus `NB` weight
@@ -385,9 +404,57 @@ fn tile_shape(m: usize) -> (usize, usize) {
     }
 }
 
-/// Row-parallel partial of a bf16/f16 linear in the `native-avx512bf16` numerics: `x` is
-/// `[m, k_real]`, `panels` the packed `[n, k_real]` weight (the columns of `segs`), `y` `[m, n]`
-/// receives the subtree sums.
+impl<'a> Job<'a> {
+    /// Row-parallel partial of a bf16/f16 linear in the `native-avx512bf16` numerics: `x`
+    /// prepared for the weight's columns (those of its segment range), `panels` the packed
+    /// `[n, k_real]` weight; `y` `[m, n]` receives the subtree sums. `pass_panels`: the 16-output
+    /// panels of every linear in this pass over the pool (this one's alone, or its group's), which
+    /// sizes the tasks.
+    pub(crate) fn new(
+        be: &CpuBackend,
+        exec: Dpbf16Exec,
+        x: &'a PreparedX,
+        panels: &'a PairPanels,
+        pass_panels: usize,
+        y: &mut [f32],
+    ) -> Job<'a> {
+        assert_eq!(x.k, panels.cols, "x prepared for another K");
+        let total = panels.panels();
+        // q/k/v at decode have 8–56 panels.
+        let nb = be.panels_per_task(pass_panels.max(total), tile_shape(x.m.max(1)).1, 2);
+        let tasks = if x.m == 0 { 0 } else { total.div_ceil(nb) };
+        Job { x, w: panels, exec, n: panels.rows, out: SharedOut(y.as_mut_ptr()), nb, tasks }
+    }
+
+    pub(crate) fn tasks(&self) -> usize {
+        self.tasks
+    }
+
+    /// Task `t`: `nb` panels (one tile column) over every row, so its weight panels are read
+    /// from memory once and meet all of M from cache.
+    pub(crate) fn run(&self, t: usize) {
+        let (m, nb) = (self.x.m, self.nb);
+        let cols = t * nb..((t + 1) * nb).min(self.w.panels());
+        match self.exec {
+            Dpbf16Exec::Model => model_block(self, 0..m, cols),
+            #[cfg(target_arch = "x86_64")]
+            Dpbf16Exec::Hardware => {
+                let mr = tile_shape(m).0;
+                for i0 in (0..m).step_by(mr) {
+                    let f = hw::tile_fn(mr.min(m - i0), cols.len());
+                    // SAFETY: the backend picks `Hardware` only where AVX512-BF16 exists; the
+                    // tile lies inside the job and tasks own disjoint columns.
+                    unsafe { f(self, i0, cols.start) }
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Dpbf16Exec::Hardware => unreachable!("no AVX512-BF16 outside x86-64"),
+        }
+    }
+}
+
+/// Row-parallel partial of a bf16/f16 linear in the `native-avx512bf16` numerics (see
+/// [`Job::new`]), `x` `[m, k_real]`.
 pub(crate) fn linear_native(
     be: &CpuBackend,
     exec: Dpbf16Exec,
@@ -397,36 +464,12 @@ pub(crate) fn linear_native(
     segs: SegmentRange,
     y: &mut [f32],
 ) {
-    let (n, k) = (panels.rows, panels.cols);
-    if m == 0 || n == 0 {
+    if m == 0 || panels.rows == 0 {
         return;
     }
-    let job =
-        Job { x: pack_x(be, x, m, k), w: panels, n, segs: segment_pairs(segs, k), out: SharedOut(y.as_mut_ptr()) };
-    let (mr, nb) = tile_shape(m);
-    let total = panels.panels();
-    // q/k/v at decode have 8–56 panels.
-    let nb = be.panels_per_task(total, nb, 2);
-    // A task: `nb` panels (one tile column) over every row, so its weight panels are read from
-    // memory once and meet all of M from cache.
-    let task = |t: usize| {
-        let cols = t * nb..((t + 1) * nb).min(total);
-        match exec {
-            Dpbf16Exec::Model => model_block(&job, 0..m, cols),
-            #[cfg(target_arch = "x86_64")]
-            Dpbf16Exec::Hardware => {
-                for i0 in (0..m).step_by(mr) {
-                    let f = hw::tile_fn(mr.min(m - i0), cols.len());
-                    // SAFETY: the backend picks `Hardware` only where AVX512-BF16 exists; the
-                    // tile lies inside the job and tasks own disjoint columns.
-                    unsafe { f(&job, i0, cols.start) }
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Dpbf16Exec::Hardware => unreachable!("no AVX512-BF16 outside x86-64"),
-        }
-    };
-    be.run_tasks(total.div_ceil(nb), task);
+    let xp = PreparedX::new(be, x, m, panels.cols, segs);
+    let job = Job::new(be, exec, &xp, panels, panels.panels(), y);
+    be.run_tasks(job.tasks(), |t| job.run(t));
 }
 
 #[cfg(test)]

@@ -92,77 +92,106 @@ thread_local! {
     static KB_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-pub(crate) fn linear_invariant(
-    be: &CpuBackend,
-    x: &[f32],
+/// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
+/// range): rows padded to the segment range, and the K-blocked tiles' 8-row packs.
+pub(crate) struct PaddedX {
+    xp: Vec<f32>,
+    /// The 8-row packs, from `align` on (aligned to a cache line: every 16-float load of a packed
+    /// tile is then one whole line).
+    xpack_buf: Vec<f32>,
+    align: usize,
     m: usize,
-    w: WeightView<'_>,
-    segs: SegmentRange,
-    y: &mut [f32],
-) {
-    let k_real = w.cols;
-    let n = w.rows;
-    if m == 0 || n == 0 {
-        return;
-    }
-    let padded = segs.padded_len();
-    let isa = be.isa();
-    let kblocked = cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && m >= KB_MR;
-    // Rows 0..m/8·8 are the K-blocked tiles' (every task's K-blocked rows start at a multiple
-    // of 8 and stop at the last whole 8 of its block): they read x packed per tile instead.
-    let kb_rows = if kblocked { m / KB_MR * KB_MR } else { 0 };
-    let mut xp = vec![0.0f32; m * padded];
-    for i in kb_rows..m {
-        xp[i * padded..i * padded + k_real].copy_from_slice(&x[i * k_real..(i + 1) * k_real]);
-    }
-    // (MR, NR) of the multi-row tile and NR of the single-row tile, per ISA.
-    let (mr, nr, nr1) = match isa {
-        Isa::Avx512 => (4, 4, 16),
-        Isa::Avx2 => (1, 4, 4),
-        Isa::Scalar => (1, 1, 1),
-    };
-    let task_cols = if kblocked { KB_TASK_COLS } else { TASK_COLS };
-    let chunks = if kblocked { k_chunks(segs.count, segs.seg.seg_len) } else { Vec::new() };
-    // Aligned to a cache line: every 16-float load of a packed tile is then one whole line.
-    let mut xpack_buf = vec![0.0f32; kb_rows * padded + 16];
-    let align = xpack_buf.as_ptr().align_offset(64);
-    let xpack = &mut xpack_buf[align..align + kb_rows * padded];
-    for (t, tile) in xpack.chunks_exact_mut(KB_MR * padded).enumerate() {
-        for i in 0..KB_MR {
-            let row = &x[(t * KB_MR + i) * k_real..][..k_real];
-            for (b, part) in row.chunks(16).enumerate() {
-                tile[b * 16 * KB_MR + i * 16..][..part.len()].copy_from_slice(part);
+    k_real: usize,
+    padded: usize,
+    isa: Isa,
+    kblocked: bool,
+    chunks: Vec<ChunkSpan>,
+}
+
+impl PaddedX {
+    pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PaddedX {
+        let padded = segs.padded_len();
+        let isa = be.isa();
+        let kblocked = cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && m >= KB_MR;
+        // Rows 0..m/8·8 are the K-blocked tiles' (every task's K-blocked rows start at a multiple
+        // of 8 and stop at the last whole 8 of its block): they read x packed per tile instead.
+        let kb_rows = if kblocked { m / KB_MR * KB_MR } else { 0 };
+        let mut xp = vec![0.0f32; m * padded];
+        for i in kb_rows..m {
+            xp[i * padded..i * padded + k_real].copy_from_slice(&x[i * k_real..(i + 1) * k_real]);
+        }
+        let chunks = if kblocked { k_chunks(segs.count, segs.seg.seg_len) } else { Vec::new() };
+        let mut xpack_buf = vec![0.0f32; kb_rows * padded + 16];
+        let align = xpack_buf.as_ptr().align_offset(64);
+        let xpack = &mut xpack_buf[align..align + kb_rows * padded];
+        for (t, tile) in xpack.chunks_exact_mut(KB_MR * padded).enumerate() {
+            for i in 0..KB_MR {
+                let row = &x[(t * KB_MR + i) * k_real..][..k_real];
+                for (b, part) in row.chunks(16).enumerate() {
+                    tile[b * 16 * KB_MR + i * 16..][..part.len()].copy_from_slice(part);
+                }
             }
         }
+        PaddedX { xp, xpack_buf, align, m, k_real, padded, isa, kblocked, chunks }
     }
-    let xpack_base = xpack.as_ptr() as usize;
-    let row_blocks = m.div_ceil(TASK_ROWS);
-    let col_blocks = n.div_ceil(task_cols);
-    let out = SharedOut(y.as_mut_ptr());
-    let row_bytes = w.row_bytes();
-    let wbase = w.bytes.as_ptr() as usize;
-    let xbase = xp.as_ptr() as usize;
-    let task = |t: usize| {
-        // Capture the whole `SharedOut` (Send), not its raw-pointer field.
-        #[allow(clippy::redundant_locals)]
-        let out = out;
+}
+
+/// One invariant linear cut into tasks of `TASK_ROWS` rows × `task_cols` columns, each owning
+/// its block of the output.
+pub(crate) struct Job<'a> {
+    x: &'a PaddedX,
+    w: WeightView<'a>,
+    segs: SegmentRange,
+    out: SharedOut,
+    task_cols: usize,
+    col_blocks: usize,
+    tasks: usize,
+}
+
+impl<'a> Job<'a> {
+    /// `y = x · Wᵀ` for `x` prepared for `w`'s columns and `segs`.
+    pub(crate) fn new(x: &'a PaddedX, w: WeightView<'a>, segs: SegmentRange, y: &mut [f32]) -> Job<'a> {
+        assert_eq!(x.k_real, w.cols, "x prepared for another K");
+        let task_cols = if x.kblocked { KB_TASK_COLS } else { TASK_COLS };
+        let col_blocks = w.rows.div_ceil(task_cols);
+        let tasks = if x.m == 0 { 0 } else { x.m.div_ceil(TASK_ROWS) * col_blocks };
+        Job { x, w, segs, out: SharedOut(y.as_mut_ptr()), task_cols, col_blocks, tasks }
+    }
+
+    pub(crate) fn tasks(&self) -> usize {
+        self.tasks
+    }
+
+    /// Task `t`: rows of block `t / col_blocks` × columns of block `t % col_blocks`.
+    pub(crate) fn run(&self, t: usize) {
+        let Job { x: px, w, segs, out, task_cols, col_blocks, .. } = *self;
+        let (m, n, k_real, padded, isa) = (px.m, w.rows, px.k_real, px.padded, px.isa);
+        // (MR, NR) of the multi-row tile and NR of the single-row tile, per ISA.
+        let (mr, nr, nr1) = match isa {
+            Isa::Avx512 => (4, 4, 16),
+            Isa::Avx2 => (1, 4, 4),
+            Isa::Scalar => (1, 1, 1),
+        };
+        let row_bytes = w.row_bytes();
+        let wbase = w.bytes.as_ptr();
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (r0, r1) = (rb * TASK_ROWS, ((rb + 1) * TASK_ROWS).min(m));
         let (c0, c1) = (cb * task_cols, ((cb + 1) * task_cols).min(n));
-        let xrow = |i: usize| (xbase as *const f32).wrapping_add(i * padded);
+        let xrow = |i: usize| px.xp.as_ptr().wrapping_add(i * padded);
         // Past the last real column, tiles read the last row again and drop the results.
-        let wrow = |j: usize| (wbase as *const u8).wrapping_add(j.min(n - 1) * row_bytes);
+        let wrow = |j: usize| wbase.wrapping_add(j.min(n - 1) * row_bytes);
         // The bytes of weight rows `first..first + rows` (clamped to W): contiguous in row-major W.
         let next_rows = |first: usize, rows: usize| -> &[u8] {
             let (a, b) = (first.min(n), (first + rows).min(n));
-            // SAFETY: rows `a..b` lie inside W, which outlives this call.
-            unsafe { std::slice::from_raw_parts((wbase as *const u8).add(a * row_bytes), (b - a) * row_bytes) }
+            &w.bytes[a * row_bytes..b * row_bytes]
         };
         let mut res = [0.0f32; 16];
-        let kb_end = if kblocked { r0 + (r1 - r0) / KB_MR * KB_MR } else { r0 };
+        let kb_end = if px.kblocked { r0 + (r1 - r0) / KB_MR * KB_MR } else { r0 };
         if kb_end > r0 {
-            let kb = KTiles { dtype: w.dtype, k_real, seg_len: segs.seg.seg_len, count: segs.count, chunks: &chunks };
-            let xtile = |rt: usize| (xpack_base as *const f32).wrapping_add(rt * KB_MR * padded);
+            let kb =
+                KTiles { dtype: w.dtype, k_real, seg_len: segs.seg.seg_len, count: segs.count, chunks: &px.chunks };
+            let xpack = px.xpack_buf[px.align..].as_ptr();
+            let xtile = |rt: usize| xpack.wrapping_add(rt * KB_MR * padded);
             // Output row `r`; the task writes only its columns c0..c1 of it (blocks are disjoint).
             let yrow = |r: usize| out.0.wrapping_add(r * n);
             kb.run(r0..kb_end, c0..c1, xtile, wrow, yrow);
@@ -222,8 +251,23 @@ pub(crate) fn linear_invariant(
                 }
             }
         }
-    };
-    be.run_tasks(row_blocks * col_blocks, task);
+    }
+}
+
+pub(crate) fn linear_invariant(
+    be: &CpuBackend,
+    x: &[f32],
+    m: usize,
+    w: WeightView<'_>,
+    segs: SegmentRange,
+    y: &mut [f32],
+) {
+    if m == 0 || w.rows == 0 {
+        return;
+    }
+    let px = PaddedX::new(be, x, m, w.cols, segs);
+    let job = Job::new(&px, w, segs, y);
+    be.run_tasks(job.tasks(), |t| job.run(t));
 }
 
 /// The K-blocked tiles of one task (see the module comment).

@@ -9,7 +9,9 @@
 //!   thread in the contract's order, so the thread count cannot change a bit. A model step runs
 //!   on the pool as a whole ([`Backend::step_pool`]): entered from outside, each of a decode
 //!   step's hundreds of kernel calls parked the caller and woke the pool (a third of SmolLM2's
-//!   batch-1 CPU time went to the scheduler).
+//!   batch-1 CPU time went to the scheduler). Linears that read the same x (q/k/v, gate/up) run
+//!   as one group ([`Backend::linear_group`]): one pass over the pool for all their tasks, x
+//!   prepared once per format; each output keeps the bits of its own call.
 //! * **Weights** stay as stored (f32 / bf16 / f16, usually memory-mapped) and are widened exactly
 //!   in registers. The bf16 dot-product instructions (`vdpbf16ps`) are never used: their internal
 //!   rounding is not the fma chain of the contract.
@@ -35,8 +37,8 @@ mod x86;
 use rayon::prelude::*;
 
 use crate::{
-    reference, AttnParams, AttnSeq, Backend, HostWeight, KernelError, KernelMode, KvLayout, NumericsConfig, RopeTables,
-    SampleRequest, SegmentRange, Segmentation, ShardSample, VocabShard, WeightView,
+    reference, AttnParams, AttnSeq, Backend, GroupLinear, HostWeight, KernelError, KernelMode, KvLayout,
+    NumericsConfig, RopeTables, SampleRequest, SegmentRange, Segmentation, ShardSample, VocabShard, WeightView,
 };
 
 /// A SIMD instruction-set path.
@@ -199,6 +201,86 @@ pub fn native_exec() -> Result<NativeExec, KernelError> {
     }
 }
 
+/// Runs `f` on this thread's tile scratch of at least `len` vectors: a native tile's segment sums,
+/// output-major (`[outputs][segments]`), so each output's segment tree runs in place on its own
+/// slice. Kept per thread and only ever grown, so a tile call neither allocates nor clears
+/// (a 4 KiB zeroed tree array and a growing `Vec` per tile call were ~2.5 % of a SmolLM2 decode
+/// step). Every element a tile reads it has written first.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn with_tile_sums<R>(len: usize, f: impl FnOnce(&mut [std::arch::x86_64::__m512]) -> R) -> R {
+    use std::arch::x86_64::__m512;
+    thread_local! {
+        static SUMS: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SUMS.with_borrow_mut(|sums| {
+        if sums.len() < len {
+            // SAFETY: an all-zero bit pattern is a valid `__m512`.
+            sums.resize(len, unsafe { std::mem::zeroed() });
+        }
+        f(&mut sums[..len])
+    })
+}
+
+/// `x` prepared for a group of linears that read it (the same `x`, `m` and segment range), once
+/// per format, at the first weight that needs it: q/k/v (and gate/up) of one format share one
+/// quantization or packing of x.
+struct GroupX<'x> {
+    x: &'x [f32],
+    m: usize,
+    k: usize,
+    segs: SegmentRange,
+    /// 16-output panels of the whole group: a native linear sizes its tasks for the pass (k and v
+    /// alone are a handful of panels, which alone would be cut one panel per task).
+    panels: usize,
+    padded: std::cell::OnceCell<linear::PaddedX>,
+    quant: std::cell::OnceCell<qdot::PreparedX>,
+    pairs: std::cell::OnceCell<dpbf16::PreparedX>,
+    tiles: std::cell::OnceCell<amx::PreparedX>,
+}
+
+impl<'x> GroupX<'x> {
+    fn new(x: &'x [f32], m: usize, k: usize, segs: SegmentRange, panels: usize) -> Self {
+        GroupX {
+            x,
+            m,
+            k,
+            segs,
+            panels,
+            padded: Default::default(),
+            quant: Default::default(),
+            pairs: Default::default(),
+            tiles: Default::default(),
+        }
+    }
+}
+
+/// One linear of a group, prepared: its tasks, each owning a disjoint block of its output.
+enum LinearJob<'a> {
+    Invariant(linear::Job<'a>),
+    Blocks(qdot::Job<'a>),
+    Pairs(dpbf16::Job<'a>),
+    Tiles(amx::Job<'a>),
+}
+
+impl LinearJob<'_> {
+    fn tasks(&self) -> usize {
+        match self {
+            LinearJob::Invariant(j) => j.tasks(),
+            LinearJob::Blocks(j) => j.tasks(),
+            LinearJob::Pairs(j) => j.tasks(),
+            LinearJob::Tiles(j) => j.tasks(),
+        }
+    }
+    fn run(&self, t: usize) {
+        match self {
+            LinearJob::Invariant(j) => j.run(t),
+            LinearJob::Blocks(j) => j.run(t),
+            LinearJob::Pairs(j) => j.run(t),
+            LinearJob::Tiles(j) => j.run(t),
+        }
+    }
+}
+
 /// A raw pointer that tiles of one output may share across threads: every tile writes a disjoint
 /// set of elements, which is what makes this sound.
 #[derive(Clone, Copy)]
@@ -307,7 +389,7 @@ impl CpuBackend {
     /// Runs `task(0..tasks)`, on the pool where there is more than one task and thread, in order
     /// on this thread otherwise. Tasks own disjoint outputs, so where they run changes no bit.
     pub(crate) fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync + Send) {
-        if self.threads() == 1 || tasks == 1 {
+        if self.threads() == 1 || tasks <= 1 {
             (0..tasks).for_each(task);
         } else {
             self.pool.install(|| (0..tasks).into_par_iter().for_each(task));
@@ -338,14 +420,70 @@ impl CpuBackend {
     /// call, keeps the packing with the weight (`HostWeight::native_packed`) and drops the
     /// file map's resident pages of the original, which the linears no longer read.
     pub fn linear_weight_partial_into(&self, x: &[f32], m: usize, w: &HostWeight, segs: SegmentRange, y: &mut [f32]) {
+        self.linear_group_partial_into(x, m, segs, &mut [(w, y)]);
+    }
+
+    /// [`Self::linear_weight_partial_into`] for several weights that read the same `x` (q/k/v,
+    /// gate/up), in ONE pass over the pool: every weight's tasks are enumerated together, each
+    /// still owning a disjoint block of its own output, and `x` is quantized or packed once per
+    /// format the group needs. Where a task runs never changes a bit, so each output has the bits
+    /// of its own call. Every weight has the columns of `segs`.
+    pub fn linear_group_partial_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        segs: SegmentRange,
+        group: &mut [(&HostWeight, &mut [f32])],
+    ) {
+        let Some(k) = group.first().map(|(w, _)| w.cols) else { return };
+        let panels = group.iter().map(|(w, _)| w.rows.div_ceil(qdot::PANEL_ROWS)).sum();
+        let gx = GroupX::new(x, m, k, segs, panels);
+        let mut jobs = Vec::with_capacity(group.len());
+        for (w, y) in group.iter_mut() {
+            assert_linear_shapes(x, m, w.view(), segs, y);
+            jobs.extend(self.prepare_linear(&gx, w, y));
+        }
+        if let [job] = &jobs[..] {
+            return self.run_tasks(job.tasks(), |t| job.run(t));
+        }
+        let total = jobs.iter().map(LinearJob::tasks).sum();
+        self.run_tasks(total, |mut t| {
+            for job in &jobs {
+                if t < job.tasks() {
+                    return job.run(t);
+                }
+                t -= job.tasks();
+            }
+        });
+    }
+
+    /// `w`'s linear on `gx`, prepared to run as tasks; `None` where it ran here already (fast
+    /// mode, empty shapes, a weight packed for another layout).
+    fn prepare_linear<'a>(&self, gx: &'a GroupX<'_>, w: &'a HostWeight, y: &mut [f32]) -> Option<LinearJob<'a>> {
+        let (x, m, segs) = (gx.x, gx.m, gx.segs);
+        debug_assert_eq!(gx.k, w.cols);
+        if m == 0 || w.rows == 0 {
+            return None;
+        }
         // Block weights pack only for the hardware executor; the model reads them as stored.
         let blocks = qdot::takes(w.dtype) && self.qdot == qdot::QdotExec::Hardware;
-        let Some(exec) = self.native.filter(|_| blocks || amx::takes(w.dtype)) else {
-            return self.linear_partial_into(x, m, w.view(), segs, y);
+        let native = match (self.cfg.mode, self.native) {
+            (KernelMode::Native, Some(exec)) if blocks || amx::takes(w.dtype) => exec,
+            (KernelMode::Native, Some(_)) if qdot::takes(w.dtype) => {
+                let xq = gx.quant.get_or_init(|| qdot::PreparedX::new(self, x, m, gx.k, segs));
+                return Some(LinearJob::Blocks(qdot::Job::new(self, self.qdot, xq, w.view(), None, gx.panels, y)));
+            }
+            (KernelMode::Fast, _) => {
+                crate::fast::linear_fast(self, x, m, w.view(), y);
+                return None;
+            }
+            _ => {
+                let px = gx.padded.get_or_init(|| linear::PaddedX::new(self, x, m, gx.k, segs));
+                return Some(LinearJob::Invariant(linear::Job::new(px, w.view(), segs, y)));
+            }
         };
-        assert_linear_shapes(x, m, w.view(), segs, y);
         let packed = w.native_packed.get_or_init(|| {
-            let packed = match exec {
+            let packed = match native {
                 _ if blocks => NativePacked::Blocks(qdot::QPanels::pack(self, w.view())),
                 NativeExec::Avx512Bf16(_) => NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view())),
                 NativeExec::Amx(_) => NativePacked::Tiles(amx::PackedB::pack(self, w.view(), segs)),
@@ -353,16 +491,26 @@ impl CpuBackend {
             w.bytes.release_resident();
             packed
         });
-        match (exec, packed) {
-            (_, NativePacked::Blocks(p)) => qdot::linear_native(self, self.qdot, x, m, w.view(), Some(p), segs, y),
-            (NativeExec::Avx512Bf16(e), NativePacked::Panels(p)) => dpbf16::linear_native(self, e, x, m, p, segs, y),
+        Some(match (native, packed) {
+            (_, NativePacked::Blocks(p)) => {
+                let xq = gx.quant.get_or_init(|| qdot::PreparedX::new(self, x, m, gx.k, segs));
+                LinearJob::Blocks(qdot::Job::new(self, self.qdot, xq, w.view(), Some(p), gx.panels, y))
+            }
+            (NativeExec::Avx512Bf16(e), NativePacked::Panels(p)) => {
+                let xp = gx.pairs.get_or_init(|| dpbf16::PreparedX::new(self, x, m, gx.k, segs));
+                LinearJob::Pairs(dpbf16::Job::new(self, e, xp, p, gx.panels, y))
+            }
             (NativeExec::Amx(e), NativePacked::Tiles(t)) if t.fits(w.view(), segs) => {
-                amx::linear_native(self, e, x, m, w.view(), segs, Some(t), y)
+                let xa = gx.tiles.get_or_init(|| amx::PreparedX::new(x, m, gx.k, segs));
+                LinearJob::Tiles(amx::Job::new(e, xa, w.view(), Some(t), y))
             }
             // A weight packed for another layout (tests reuse weights across segmentations):
             // the view path packs for this call.
-            _ => self.linear_partial_into(x, m, w.view(), segs, y),
-        }
+            _ => {
+                self.linear_partial_into(x, m, w.view(), segs, y);
+                return None;
+            }
+        })
     }
 
     /// `y = x · Wᵀ (+ bias)` on slices.
@@ -458,10 +606,19 @@ impl Backend for CpuBackend {
         CpuKvCache { layout, k: vec![0.0; layout.floats()], v: vec![0.0; layout.floats()] }
     }
     fn linear(&self, x: &Vec<f32>, m: usize, w: &HostWeight, bias: Option<&HostWeight>, y: &mut Vec<f32>) {
-        let segs = Segmentation::new(w.cols, self.cfg.numerics.reduce_segments).expect("validated").full();
-        self.linear_weight_partial_into(x, m, w, segs, y);
-        if let Some(b) = bias {
-            reference::add_bias(y, b.view());
+        self.linear_group(x, m, &mut [GroupLinear { weight: w, bias, out: y }]);
+    }
+    fn linear_group(&self, x: &Vec<f32>, m: usize, group: &mut [GroupLinear<'_, HostWeight, Vec<f32>>]) {
+        let Some(k) = group.first().map(|g| g.weight.cols) else { return };
+        assert!(group.iter().all(|g| g.weight.cols == k), "a group's weights read the same x");
+        let segs = Segmentation::new(k, self.cfg.numerics.reduce_segments).expect("validated").full();
+        let mut outs: Vec<(&HostWeight, &mut [f32])> =
+            group.iter_mut().map(|g| (g.weight, g.out.as_mut_slice())).collect();
+        self.linear_group_partial_into(x, m, segs, &mut outs);
+        for g in group.iter_mut() {
+            if let Some(b) = g.bias {
+                reference::add_bias(g.out, b.view());
+            }
         }
     }
     fn linear_partial(&self, x: &Vec<f32>, m: usize, w: &HostWeight, segs: SegmentRange, y: &mut Vec<f32>) {

@@ -228,6 +228,22 @@ impl QuantRows {
     }
 }
 
+/// `x` prepared once for every block-weight linear of a group that reads it (the same `x`, `m`
+/// and segment range): its rows quantized and each segment's blocks.
+pub(crate) struct PreparedX {
+    rows: QuantRows,
+    segs: Vec<Range<usize>>,
+    m: usize,
+}
+
+impl PreparedX {
+    pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k: usize, segs: SegmentRange) -> PreparedX {
+        let rows = QuantRows::new(be, x, m, k);
+        let segs = segment_blocks(segs, rows.blocks);
+        PreparedX { rows, segs, m }
+    }
+}
+
 /// Each segment's blocks (relative to the range's first column): block `b` belongs to the
 /// segment holding its first column `32b`.
 fn segment_blocks(segs: SegmentRange, blocks: usize) -> Vec<Range<usize>> {
@@ -255,12 +271,12 @@ fn weight_block(dtype: DType, row: &[u8], b: usize) -> ([i32; QUANT_BLOCK], f32,
 
 /// The model's outputs: rows `rows` × outputs `outs`, straight from the rule.
 fn model_block(job: &Job<'_>, w: WeightView<'_>, rows: Range<usize>, outs: Range<usize>) {
-    let xq = job.x;
-    let mut sums = vec![0f32; job.segs.len()];
+    let xq = &job.x.rows;
+    let mut sums = vec![0f32; job.x.segs.len()];
     for o in outs {
         let row = w.row(o);
         for i in rows.clone() {
-            for (sum, blocks) in sums.iter_mut().zip(&job.segs) {
+            for (sum, blocks) in sums.iter_mut().zip(&job.x.segs) {
                 let mut acc = 0.0f32;
                 for b in blocks.clone() {
                     let (wi, d, m) = weight_block(w.dtype, row, b);
@@ -344,9 +360,6 @@ impl QPanels {
     fn panel_bytes(&self) -> usize {
         self.blocks * packed_block_bytes(self.dtype)
     }
-    fn panels(&self) -> usize {
-        self.rows.div_ceil(PANEL_ROWS)
-    }
     /// Whether this packing is of a weight of `w`'s type and shape.
     pub(crate) fn fits(&self, w: WeightView<'_>) -> bool {
         (self.dtype, self.rows, self.cols) == (w.dtype, w.rows, w.cols)
@@ -389,21 +402,21 @@ mod hw {
         job: &Job<'_>,
         i0: usize,
         nb0: usize,
-        sums: &mut Vec<__m512>,
+        sums: &mut [__m512],
     ) {
         let dtype = dtype_of(KIND);
-        let pw = job.w.expect("hardware runs on packed panels");
+        let pw = job.packed.expect("hardware runs on packed panels");
         let (pb, bb, qb) = (pw.panel_bytes(), packed_block_bytes(dtype), quant_bytes(dtype));
         let base = (pw.words.as_ptr() as *const u8).add(nb0 * pb);
-        let xq = job.x;
+        let xq = &job.x.rows;
+        let count = job.x.segs.len();
         let bias = match KIND {
             Q8_0 => 128,
             Q4_0 => 8,
             _ => 0,
         };
         let low = _mm512_set1_epi8(0x0f);
-        sums.clear();
-        for blocks in &job.segs {
+        for (s, blocks) in job.x.segs.iter().enumerate() {
             let mut acc = [[_mm512_setzero_ps(); NB]; MR];
             for b in blocks.clone() {
                 for j in 0..NB {
@@ -455,17 +468,16 @@ mod hw {
                     }
                 }
             }
-            sums.extend(acc.iter().flatten());
+            for (i, a) in acc.iter().enumerate() {
+                for (j, &v) in a.iter().enumerate() {
+                    *sums.get_unchecked_mut((i * NB + j) * count + s) = v;
+                }
+            }
         }
         let n = job.n;
-        let mut tree = [_mm512_setzero_ps(); 64];
         for i in 0..MR {
             for j in 0..NB {
-                // Segment s's sum of output (i, j).
-                let tree = &mut tree[..job.segs.len()];
-                for (s, t) in tree.iter_mut().enumerate() {
-                    *t = sums[(s * MR + i) * NB + j];
-                }
+                let tree = &mut sums[(i * NB + j) * count..][..count];
                 let v = crate::reference::tree_reduce(tree, |a, b| _mm512_add_ps(a, b));
                 let col = (nb0 + j) * PANEL_ROWS;
                 let valid = PANEL_ROWS.min(n - col);
@@ -477,19 +489,13 @@ mod hw {
 
     pub(super) type TileFn = unsafe fn(&Job<'_>, usize, usize);
 
-    thread_local! {
-        /// A tile's per-segment sums (reused: no allocation per tile).
-        static SUMS: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
     macro_rules! tiles {
         ($($mr:literal: [$($nb:literal),*]),*) => {
             /// The tile function for weight kind `kind`, `mr` rows × `nb` panels.
             pub(super) fn tile_fn(kind: u8, mr: usize, nb: usize) -> TileFn {
                 fn one<const KIND: u8, const MR: usize, const NB: usize>(job: &Job<'_>, i0: usize, nb0: usize) {
                     // SAFETY: as for `tile`, which the caller of the tile function promises.
-                    SUMS.with_borrow_mut(|sums| unsafe {
-                        sums.clear();
+                    crate::cpu::with_tile_sums(MR * NB * job.x.segs.len(), |sums| unsafe {
                         tile::<KIND, MR, NB>(job, i0, nb0, sums)
                     })
                 }
@@ -507,13 +513,18 @@ mod hw {
 
 // ---------------------------------------------------------------- the linear
 
-/// One call's shared inputs.
+/// One block-weight linear cut into tasks that own disjoint blocks of its output.
 pub(crate) struct Job<'a> {
-    x: &'a QuantRows,
-    w: Option<&'a QPanels>,
+    x: &'a PreparedX,
+    w: WeightView<'a>,
+    /// The weight's packing (the hardware executor's input).
+    packed: Option<&'a QPanels>,
+    exec: QdotExec,
     n: usize,
-    segs: Vec<Range<usize>>,
     out: SharedOut,
+    /// Panels per hardware task (the model's tasks are one panel each).
+    nb: usize,
+    tasks: usize,
 }
 
 /// Rows per tile and panels per tile for `m` rows.
@@ -525,9 +536,71 @@ fn tile_shape(m: usize) -> (usize, usize) {
     }
 }
 
-/// Row-parallel partial of a block-weight linear in the native numerics: `x` is `[m, k_real]`,
-/// `w` the `[n, k_real]` weight as stored (the columns of `segs`), `packed` its packing (needed
-/// by the hardware executor), `y` `[m, n]` receives the subtree sums.
+impl<'a> Job<'a> {
+    /// Row-parallel partial of a block-weight linear in the native numerics: `x` prepared for
+    /// `w`'s columns (the columns of its segment range), `w` the `[n, k_real]` weight as stored,
+    /// `packed` its packing (needed by the hardware executor); `y` `[m, n]` receives the subtree
+    /// sums. `pass_panels`: the 16-output panels of every linear in this pass over the pool (this
+    /// one's alone, or its group's), which sizes the tasks.
+    pub(crate) fn new(
+        be: &CpuBackend,
+        exec: QdotExec,
+        x: &'a PreparedX,
+        w: WeightView<'a>,
+        packed: Option<&'a QPanels>,
+        pass_panels: usize,
+        y: &mut [f32],
+    ) -> Job<'a> {
+        let n = w.rows;
+        assert_eq!(x.rows.blocks, w.cols / QUANT_BLOCK, "x prepared for another K");
+        let panels = n.div_ceil(PANEL_ROWS);
+        let (nb, tasks) = match exec {
+            // One task per 16 outputs, every row.
+            QdotExec::Model => (1, panels),
+            QdotExec::Hardware => {
+                let packed = packed.expect("the hardware executor runs on packed panels");
+                assert!(packed.fits(w), "packing of another weight");
+                let nb = be.panels_per_task(pass_panels.max(panels), tile_shape(x.m.max(1)).1, 1);
+                (nb, panels.div_ceil(nb))
+            }
+        };
+        let tasks = if x.m == 0 { 0 } else { tasks };
+        Job { x, w, packed, exec, n, out: SharedOut(y.as_mut_ptr()), nb, tasks }
+    }
+
+    pub(crate) fn tasks(&self) -> usize {
+        self.tasks
+    }
+
+    /// Task `t`: panels `t·nb..` over every row.
+    pub(crate) fn run(&self, t: usize) {
+        let (m, n, nb) = (self.x.m, self.n, self.nb);
+        match self.exec {
+            QdotExec::Model => model_block(self, self.w, 0..m, t * PANEL_ROWS..((t + 1) * PANEL_ROWS).min(n)),
+            #[cfg(target_arch = "x86_64")]
+            QdotExec::Hardware => {
+                let kind = match self.w.dtype {
+                    DType::Q8_0 => hw::Q8_0,
+                    DType::Q4_0 => hw::Q4_0,
+                    _ => hw::Q4_1,
+                };
+                let mr = tile_shape(m).0;
+                let cols = t * nb..((t + 1) * nb).min(n.div_ceil(PANEL_ROWS));
+                for i0 in (0..m).step_by(mr) {
+                    let f = hw::tile_fn(kind, mr.min(m - i0), cols.len());
+                    // SAFETY: the backend picks `Hardware` only where VNNI exists; the tile lies
+                    // inside the job and tasks own disjoint panels.
+                    unsafe { f(self, i0, cols.start) }
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            QdotExec::Hardware => unreachable!("no AVX512-VNNI outside x86-64"),
+        }
+    }
+}
+
+/// Row-parallel partial of a block-weight linear in the native numerics (see [`Job::new`]), `x`
+/// `[m, k_real]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_native(
     be: &CpuBackend,
@@ -539,45 +612,12 @@ pub(crate) fn linear_native(
     segs: SegmentRange,
     y: &mut [f32],
 ) {
-    let (n, k) = (w.rows, w.cols);
-    if m == 0 || n == 0 {
+    if m == 0 || w.rows == 0 {
         return;
     }
-    let xq = QuantRows::new(be, x, m, k);
-    let job = Job { x: &xq, w: packed, n, segs: segment_blocks(segs, xq.blocks), out: SharedOut(y.as_mut_ptr()) };
-    match exec {
-        QdotExec::Model => {
-            // One task per 16 outputs, every row.
-            be.run_tasks(n.div_ceil(PANEL_ROWS), |t| {
-                model_block(&job, w, 0..m, t * PANEL_ROWS..((t + 1) * PANEL_ROWS).min(n))
-            });
-        }
-        #[cfg(target_arch = "x86_64")]
-        QdotExec::Hardware => {
-            let packed = packed.expect("the hardware executor runs on packed panels");
-            assert!(packed.fits(w), "packing of another weight");
-            let kind = match w.dtype {
-                DType::Q8_0 => hw::Q8_0,
-                DType::Q4_0 => hw::Q4_0,
-                _ => hw::Q4_1,
-            };
-            let (mr, nb) = tile_shape(m);
-            let total = packed.panels();
-            let nb = be.panels_per_task(total, nb, 1);
-            let task = |t: usize| {
-                let cols = t * nb..((t + 1) * nb).min(total);
-                for i0 in (0..m).step_by(mr) {
-                    let f = hw::tile_fn(kind, mr.min(m - i0), cols.len());
-                    // SAFETY: the backend picks `Hardware` only where VNNI exists; the tile lies
-                    // inside the job and tasks own disjoint panels.
-                    unsafe { f(&job, i0, cols.start) }
-                }
-            };
-            be.run_tasks(total.div_ceil(nb), task);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        QdotExec::Hardware => unreachable!("no AVX512-VNNI outside x86-64"),
-    }
+    let xq = PreparedX::new(be, x, m, w.cols, segs);
+    let job = Job::new(be, exec, &xq, w, packed, w.rows.div_ceil(PANEL_ROWS), y);
+    be.run_tasks(job.tasks(), |t| job.run(t));
 }
 
 #[cfg(test)]
