@@ -117,14 +117,57 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lane_tree(acc)
 }
 
-/// All heads of one query row (see [`crate::reference::attention`] for the rule). `key_at[kp]` is
-/// the cache offset of key `kp`'s head 0, for keys `0..=pos`.
+/// Query heads that run together (in one pass over the keys): on AVX-512, two heads that read the
+/// same KV head when `head_dim ≤ ATTN_PAIR_MAX_DIM` (each key and value is then loaded once for
+/// both), one head otherwise. Units only group work: each head's operations are the same in any
+/// unit, so neither the unit shape nor which thread runs a unit changes a bit.
+#[derive(Clone, Copy)]
+struct HeadUnits {
+    /// Query heads per KV head.
+    group: usize,
+    /// Heads per unit: 2 (pairs inside a group, the odd head of an odd group alone) or 1.
+    width: usize,
+    /// Units per group.
+    per_group: usize,
+}
+
+impl HeadUnits {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn new(be: &CpuBackend, p: AttnParams) -> Self {
+        let group = p.n_heads / p.n_kv_heads;
+        #[cfg(target_arch = "x86_64")]
+        let width = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM { 2 } else { 1 };
+        #[cfg(not(target_arch = "x86_64"))]
+        let width = 1;
+        HeadUnits { group, width, per_group: group.div_ceil(width) }
+    }
+
+    fn count(&self, n_heads: usize) -> usize {
+        n_heads / self.group * self.per_group
+    }
+
+    /// Unit `u`'s heads, `first..first + heads`.
+    fn heads(&self, u: usize) -> (usize, usize) {
+        let (g, j) = (u / self.per_group, u % self.per_group);
+        let first = j * self.width;
+        (g * self.group + first, self.width.min(self.group - first))
+    }
+}
+
+/// Scores of one chunk of keys for the AVX-512 heads: 16 floats per group of 8 keys (two heads)
+/// or 16 keys (one head). Chunks up to this size keep them on the stack.
+const STACK_SCORES: usize = 1024;
+
+/// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
+/// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
+/// keys `0..=pos`; `qrow` and `out` are the whole row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn attention_row(
+fn attention_heads(
     be: &CpuBackend,
     qrow: &[f32],
+    (first, heads): (usize, usize),
     key_at: &[usize],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -137,25 +180,28 @@ fn attention_row(
     let scale = p.scale();
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
-        use super::x86::{attention_heads_dispatch, AttnKeys, ATTN_PAIR_MAX_DIM};
+        use super::x86::{attention_heads_dispatch, AttnKeys};
         // 16 floats per group of keys: 8 keys per group when two heads run together.
-        let mut scores = vec![0.0f32; p.kv_chunk.div_ceil(8) * 16];
-        let mut h = 0;
-        while h < p.n_heads {
-            let (qh, o) = (&qrow[h * d..], &mut out[h * d..]);
-            let keys = AttnKeys { key_at, kv_head: h / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
-            // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
-            // (≤ ATTN_PAIR_MAX_DIM for a pair) and every key offset was computed from the
-            // layout, whose caches hold every slot.
-            unsafe {
-                if d <= ATTN_PAIR_MAX_DIM && h + 1 < p.n_heads && (h + 1) / group == h / group {
-                    let (oa, ob) = o[..2 * d].split_at_mut(d);
-                    attention_heads_dispatch::<2>([&qh[..d], &qh[d..2 * d]], &keys, &mut scores, [oa, ob]);
-                    h += 2;
-                } else {
-                    attention_heads_dispatch::<1>([&qh[..d]], &keys, &mut scores, [&mut o[..d]]);
-                    h += 1;
-                }
+        let need = p.kv_chunk.div_ceil(8) * 16;
+        let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
+        let scores = if need <= STACK_SCORES {
+            &mut stack[..need]
+        } else {
+            heap.resize(need, 0.0);
+            &mut heap[..]
+        };
+        let (qh, o) = (&qrow[first * d..(first + heads) * d], &mut out[first * d..(first + heads) * d]);
+        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
+        // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
+        // (a unit of two only where d ≤ ATTN_PAIR_MAX_DIM, both heads in one KV group) and every
+        // key offset was computed from the layout, whose caches hold every slot.
+        unsafe {
+            if heads == 2 {
+                let (qa, qb) = qh.split_at(d);
+                let (oa, ob) = o.split_at_mut(d);
+                attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob]);
+            } else {
+                attention_heads_dispatch::<1>([qh], &keys, scores, [o]);
             }
         }
         return;
@@ -163,7 +209,7 @@ fn attention_row(
     let mut scores = vec![0.0f32; p.kv_chunk];
     let mut o = vec![0.0f32; d];
     let mut o_c = vec![0.0f32; d];
-    for h in 0..p.n_heads {
+    for h in first..first + heads {
         let qh = &qrow[h * d..(h + 1) * d];
         let kvh = h / group;
         let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
@@ -206,6 +252,10 @@ fn attention_row(
     }
 }
 
+/// Query rows per pool thread below which attention runs a task per (row, unit of heads) rather
+/// than per row: one decode row alone would otherwise keep one thread busy while the rest wait.
+const ROWS_PER_THREAD_FOR_ROW_TASKS: usize = 4;
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     be: &CpuBackend,
@@ -236,17 +286,27 @@ pub(crate) fn attention(
         .zip(&key_offsets)
         .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice())))
         .collect();
+    let units = HeadUnits::new(be, p);
+    let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
+    // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.
+    let run = |r: usize, unit: (usize, usize)| {
+        // Capture the whole `SharedOut` (Send), not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        let (row, pos, keys) = rows[r];
+        // SAFETY: each query row appears once across the sequences, and each (row, head) is
+        // written by one task only.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
+        let key_at = &keys[..=pos];
+        with_fma!(be, attention_heads(be, &q[row * width..(row + 1) * width], unit, key_at, k_cache, v_cache, p, o))
+    };
     be.pool().install(|| {
-        rows.par_iter().for_each(|&(row, pos, keys)| {
-            // Capture the whole `SharedOut` (Send), not its raw-pointer field.
-            #[allow(clippy::redundant_locals)]
-            let dst = dst;
-            // SAFETY: each query row appears once across the sequences, so rows are disjoint.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
-            let key_at = &keys[..=pos];
-            with_fma!(be, attention_row(be, &q[row * width..(row + 1) * width], key_at, k_cache, v_cache, p, o))
-        })
+        if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {
+            (0..rows.len()).into_par_iter().for_each(|r| (0..n_units).for_each(|u| run(r, units.heads(u))))
+        } else {
+            (0..rows.len() * n_units).into_par_iter().for_each(|t| run(t / n_units, units.heads(t % n_units)))
+        }
     });
 }
 
