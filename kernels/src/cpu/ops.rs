@@ -3,8 +3,9 @@
 //! These are scalar loops in the contract order (they cost O(hidden) per token, against O(hidden²)
 //! for the matmuls). On x86 they are compiled a second time with the `fma` target feature, so the
 //! contract's `mul_add` becomes one `vfmadd` instruction instead of a call into libm's software
-//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads; each
-//! row's bits never depend on which thread ran it.
+//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads (and
+//! attention with few rows, as at batch-1 decode, spreads each row's units of heads); each row's
+//! bits never depend on which thread ran it.
 
 use rayon::prelude::*;
 
