@@ -447,7 +447,8 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
 /// Attention at SmolLM2-135M's and Qwen2.5-0.5B's head shapes: a batch-1 decode step (one query
 /// row at position `keys − 1` in each layer, every layer with a cache of its own, so the keys come
 /// from wherever a real step finds them) and a prefill of one sequence (`keys` rows from position
-/// 0, one layer). Prints µs per call and ns per (query row, head, key) score.
+/// 0, one layer), timed inside the backend's pool as a step runs. Prints µs per call and ns per
+/// (query row, head, key) score.
 fn attention(filter: &str, rng: &mut SplitMix64) {
     use lockstep_kernels::{AttnParams, AttnSeq, KvLayout};
     // (name, layers, n_heads, n_kv_heads, head_dim)
@@ -493,10 +494,15 @@ fn attention(filter: &str, rng: &mut SplitMix64) {
                     numerics: NumericsConfig::default(),
                 })
                 .unwrap();
-                let secs = time(|| {
-                    for (k, v) in &caches {
-                        be.attention_into(&q, &seqs, k, v, &layout, p, &mut out);
-                    }
+                // Inside the pool, as a model step runs (entering it per call would time the
+                // hand-off to the pool's workers, which a step pays once).
+                let pool = be.step_pool().expect("the CPU backend has a step pool");
+                let secs = pool.install(|| {
+                    time(|| {
+                        for (k, v) in &caches {
+                            be.attention_into(&q, &seqs, k, v, &layout, p, &mut out);
+                        }
+                    })
                 });
                 // Row i (position keys − rows + i) scores keys − rows + i + 1 keys per head.
                 let scores = layer_caches * n_heads * (0..rows).map(|i| keys - rows + i + 1).sum::<usize>();
