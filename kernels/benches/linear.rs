@@ -456,6 +456,12 @@ fn attention(filter: &str, rng: &mut SplitMix64) {
     // (what, query rows, keys): decode rows at the two lengths of the engine bench, prefill rows.
     let cases = [("decode", 1usize, 144usize), ("decode", 1, 512), ("prefill", 128, 128), ("prefill", 512, 512)];
     let mut header = false;
+    // One backend per thread count for every row: a dropped backend's pool threads exit while the
+    // next row runs, and with `LOCKSTEP_BENCH_CLOCK=cpu` their CPU time would leave the total.
+    let backends = [1, 2].map(|threads| {
+        let config = CpuConfig { threads, isa: None, mode: KernelMode::Invariant, numerics: NumericsConfig::default() };
+        CpuBackend::new(config).unwrap()
+    });
     for (name, layers, n_heads, n_kv_heads, head_dim) in models {
         for (what, rows, keys) in cases {
             for threads in [1, 2] {
@@ -487,13 +493,7 @@ fn attention(filter: &str, rng: &mut SplitMix64) {
                     block_size,
                     kv_chunk: lockstep_kernels::DEFAULT_KV_CHUNK,
                 };
-                let be = CpuBackend::new(CpuConfig {
-                    threads,
-                    isa: None,
-                    mode: KernelMode::Invariant,
-                    numerics: NumericsConfig::default(),
-                })
-                .unwrap();
+                let be = &backends[threads - 1];
                 // Inside the pool, as a model step runs (entering it per call would time the
                 // hand-off to the pool's workers, which a step pays once).
                 let pool = be.step_pool().expect("the CPU backend has a step pool");
