@@ -161,8 +161,7 @@ const STACK_SCORES: usize = 1024;
 
 /// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
 /// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
-/// keys `0..=pos`; `qrow` and `out` are the whole row; `decode`: the row is its sequence's only
-/// one (no other row reads its keys, so they come from memory rather than cache).
+/// keys `0..=pos`; `qrow` and `out` are the whole row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -171,7 +170,6 @@ fn attention_heads(
     qrow: &[f32],
     (first, heads): (usize, usize),
     key_at: &[usize],
-    decode: bool,
     k_cache: &[f32],
     v_cache: &[f32],
     p: AttnParams,
@@ -194,15 +192,7 @@ fn attention_heads(
             &mut heap[..]
         };
         let (qh, o) = (&qrow[first * d..(first + heads) * d], &mut out[first * d..(first + heads) * d]);
-        let keys = AttnKeys {
-            key_at,
-            kv_head: first / group,
-            k_cache,
-            v_cache,
-            kv_chunk: p.kv_chunk,
-            scale,
-            prefetch: decode,
-        };
+        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
         // (a unit of two only where d ≤ ATTN_PAIR_MAX_DIM, both heads in one KV group) and every
         // key offset was computed from the layout, whose caches hold every slot.
@@ -292,10 +282,10 @@ pub(crate) fn attention(
             slots.take(s.first_pos + s.n_q).map(|slot| slot * stride).collect()
         })
         .collect();
-    let rows: Vec<(usize, usize, &[usize], bool)> = seqs
+    let rows: Vec<(usize, usize, &[usize])> = seqs
         .iter()
         .zip(&key_offsets)
-        .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice(), s.n_q == 1)))
+        .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice())))
         .collect();
     let units = HeadUnits::new(be, p);
     let n_units = units.count(p.n_heads);
@@ -305,15 +295,12 @@ pub(crate) fn attention(
         // Capture the whole `SharedOut` (Send), not its raw-pointer field.
         #[allow(clippy::redundant_locals)]
         let dst = dst;
-        let (row, pos, keys, decode) = rows[r];
+        let (row, pos, keys) = rows[r];
         // SAFETY: each query row appears once across the sequences, and each (row, head) is
         // written by one task only.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
         let key_at = &keys[..=pos];
-        with_fma!(
-            be,
-            attention_heads(be, &q[row * width..(row + 1) * width], unit, key_at, decode, k_cache, v_cache, p, o)
-        )
+        with_fma!(be, attention_heads(be, &q[row * width..(row + 1) * width], unit, key_at, k_cache, v_cache, p, o))
     };
     be.pool().install(|| {
         if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {

@@ -952,10 +952,6 @@ pub(crate) const ATTN_MAX_DIM: usize = 128;
 /// `H = 2`): both heads' queries and running outputs then fit in registers.
 pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 
-/// Keys ahead of the one being read whose K (score pass) or V (value pass) lines are prefetched
-/// ([`AttnKeys::prefetch`]).
-const ATTN_PREFETCH_KEYS: usize = 16;
-
 /// The keys that one query row's heads attend to, and where to read them.
 pub(crate) struct AttnKeys<'a> {
     /// `key_at[kp]`: the cache offset of key `kp`'s head 0, for keys `0..=pos`.
@@ -965,11 +961,6 @@ pub(crate) struct AttnKeys<'a> {
     pub v_cache: &'a [f32],
     pub kv_chunk: usize,
     pub scale: f32,
-    /// Prefetch the keys' K and V lines ahead of use: for a decode row, whose keys no other row
-    /// of the step reads, so they come from DRAM (SmolLM2 at 512 keys: ~12 % less time per
-    /// score). Prefill rows share their keys, which stay in cache, and there the prefetches
-    /// only cost instructions (~12 % more time); they are left out.
-    pub prefetch: bool,
 }
 
 /// `H` query heads (1, or 2 that read the same KV head — grouped-query attention) against keys
@@ -986,13 +977,13 @@ pub(crate) struct AttnKeys<'a> {
 /// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`),
 /// and every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, const PREFETCH: bool>(
+pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
     qs: [&[f32]; H],
     keys_in: &AttnKeys<'_>,
     scores: &mut [f32],
     outs: [&mut [f32]; H],
 ) {
-    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale, prefetch: _ } = *keys_in;
+    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale } = *keys_in;
     // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
     let per = 16 / H;
     let d = qs[0].len();
@@ -1021,12 +1012,6 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
             // registers.
             let mut acc = [_mm512_setzero_ps(); 16];
             for i in 0..per {
-                let ahead = first + g * per + i + ATTN_PREFETCH_KEYS;
-                if PREFETCH && i < group.len() && ahead < keys_total {
-                    for b in 0..B {
-                        _mm_prefetch::<_MM_HINT_T0>(kp.add(key_at[ahead] + b * 16) as *const i8);
-                    }
-                }
                 let at = group[i.min(group.len() - 1)];
                 for b in 0..B {
                     let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
@@ -1057,12 +1042,6 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
             let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
             _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
             for (i, &at) in group.iter().enumerate() {
-                let ahead = first + g * per + i + ATTN_PREFETCH_KEYS;
-                if PREFETCH && ahead < keys_total {
-                    for b in 0..B {
-                        _mm_prefetch::<_MM_HINT_T0>(vp.add(key_at[ahead] + b * 16) as *const i8);
-                    }
-                }
                 let mut pv = [_mm512_setzero_ps(); H];
                 for h in 0..H {
                     l_c[h] += tmp[h * per + i];
@@ -1099,9 +1078,8 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     }
 }
 
-/// [`attention_heads_avx512`] with `B = ⌈d / 16⌉` and `PREFETCH` chosen at run time (so its
-/// head_dim loops are unrolled, its accumulators live in registers, and a prefill row's loops
-/// carry no prefetch test).
+/// [`attention_heads_avx512`] with `B = ⌈d / 16⌉` chosen at run time (so its head_dim loops are
+/// unrolled and its accumulators live in registers).
 ///
 /// # Safety
 /// As [`attention_heads_avx512`].
@@ -1113,10 +1091,9 @@ pub(crate) unsafe fn attention_heads_dispatch<const H: usize>(
 ) {
     macro_rules! with_blocks {
         ($($b:literal)*) => {
-            match (qs[0].len().div_ceil(16), keys.prefetch) {
-                $(($b, false) => attention_heads_avx512::<H, $b, false>(qs, keys, scores, outs),
-                ($b, true) => attention_heads_avx512::<H, $b, true>(qs, keys, scores, outs),)*
-                (blocks, _) => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_MAX_DIM"),
+            match qs[0].len().div_ceil(16) {
+                $($b => attention_heads_avx512::<H, $b>(qs, keys, scores, outs),)*
+                blocks => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_MAX_DIM"),
             }
         };
     }
