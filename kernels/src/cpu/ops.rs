@@ -156,12 +156,13 @@ impl HeadUnits {
 }
 
 /// Scores of one chunk of keys for the AVX-512 heads: 16 floats per group of 8 keys (two heads)
-/// or 16 keys (one head). Chunks up to this size keep them on the stack.
-const STACK_SCORES: usize = 1024;
+/// or 16 keys (one head). Chunks of up to 128 keys keep them on the stack (zeroed per unit, so
+/// it stays small: 1 KiB).
+const STACK_SCORES: usize = 256;
 
 /// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
 /// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
-/// keys `0..=pos`; `qrow` and `out` are the whole row.
+/// keys `0..=pos`; `qrow` is the whole row, `out` the unit's heads (`heads · head_dim` floats).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -191,7 +192,7 @@ fn attention_heads(
             heap.resize(need, 0.0);
             &mut heap[..]
         };
-        let (qh, o) = (&qrow[first * d..(first + heads) * d], &mut out[first * d..(first + heads) * d]);
+        let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
         // (a unit of two only where d ≤ ATTN_PAIR_MAX_DIM, both heads in one KV group) and every
@@ -247,7 +248,7 @@ fn attention_heads(
                 m = mn;
             }
         }
-        for (dst, &x) in out[h * d..(h + 1) * d].iter_mut().zip(&o) {
+        for (dst, &x) in out[(h - first) * d..(h - first + 1) * d].iter_mut().zip(&o) {
             *dst = x / l;
         }
     }
@@ -268,7 +269,7 @@ pub(crate) fn attention(
     p: AttnParams,
     out: &mut [f32],
 ) {
-    let width = p.n_heads * p.head_dim;
+    let (d, width) = (p.head_dim, p.n_heads * p.head_dim);
     assert!(q.len() == out.len() && q.len().is_multiple_of(width));
     assert!(p.n_kv_heads == layout.n_kv_heads && p.head_dim == layout.head_dim && p.block_size == layout.block_size);
     // The cache offset of each key's head 0, once per sequence (a query row at position `pos`
@@ -291,16 +292,16 @@ pub(crate) fn attention(
     let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
     // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.
-    let run = |r: usize, unit: (usize, usize)| {
+    let run = |r: usize, (first, heads): (usize, usize)| {
         // Capture the whole `SharedOut` (Send), not its raw-pointer field.
         #[allow(clippy::redundant_locals)]
         let dst = dst;
         let (row, pos, keys) = rows[r];
-        // SAFETY: each query row appears once across the sequences, and each (row, head) is
-        // written by one task only.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
-        let key_at = &keys[..=pos];
-        with_fma!(be, attention_heads(be, &q[row * width..(row + 1) * width], unit, key_at, k_cache, v_cache, p, o))
+        // SAFETY: each query row appears once across the sequences, and each (row, head) is in
+        // one task only, so no two tasks' slices overlap.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width + first * d), heads * d) };
+        let (qrow, key_at, unit) = (&q[row * width..(row + 1) * width], &keys[..=pos], (first, heads));
+        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o))
     };
     be.pool().install(|| {
         if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {
