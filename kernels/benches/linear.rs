@@ -6,8 +6,10 @@
 //! batch-1 decode step's linears (every layer's own weights, ~1 GB, so from DRAM as in a real
 //! step, unlike the tables above whose weights stay cached between calls) on 4 KiB and 2 MiB
 //! pages (filter `decode step`). A fourth prices one pass over the thread pool and what grouping
-//! q/k/v (gate/up) into one pass saves (filter `pool pass`). Prints Markdown tables (numbers,
-//! never assertions).
+//! q/k/v (gate/up) into one pass saves (filter `pool pass`). A fifth times attention (filter
+//! `attention`): one decode row against every layer's own KV cache (as a decode step reads them)
+//! and one prefill sequence's rows against one layer. Prints Markdown tables (numbers, never
+//! assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows (`peak`: only the
 //! machine's limits, no tables);
@@ -220,6 +222,7 @@ fn main() {
     native_linear(&filter, &mut rng);
     decode_step(&filter, &mut rng);
     pool_pass(&filter, &mut rng);
+    attention(&filter, &mut rng);
 }
 
 /// Qwen2.5-0.5B's linear shapes (K, N, name) for the side-by-side tables.
@@ -529,6 +532,74 @@ fn pool_pass(filter: &str, rng: &mut SplitMix64) {
                 let calls = widths.len();
                 println!("| SmolLM2 {name} M={m} Q4_1 {numerics}, {calls} calls | - | {:.2} |", separate * 1e6);
                 println!("| SmolLM2 {name} M={m} Q4_1 {numerics}, one group | - | {:.2} |", grouped * 1e6);
+            }
+        }
+    }
+}
+
+/// Attention at SmolLM2-135M's and Qwen2.5-0.5B's head shapes: a batch-1 decode step (one query
+/// row at position `keys − 1` in each layer, every layer with a cache of its own, so the keys come
+/// from wherever a real step finds them) and a prefill of one sequence (`keys` rows from position
+/// 0, one layer), timed inside the backend's pool as a step runs. Prints µs per call and ns per
+/// (query row, head, key) score.
+fn attention(filter: &str, rng: &mut SplitMix64) {
+    use lockstep_kernels::{AttnParams, AttnSeq, KvLayout};
+    // (name, layers, n_heads, n_kv_heads, head_dim)
+    let models = [("SmolLM2-135M", 30usize, 9usize, 3usize, 64usize), ("Qwen2.5-0.5B", 24, 14, 2, 64)];
+    // (what, query rows, keys): decode rows at the two lengths of the engine bench, prefill rows.
+    let cases = [("decode", 1usize, 144usize), ("decode", 1, 512), ("prefill", 128, 128), ("prefill", 512, 512)];
+    let mut header = false;
+    // One backend per thread count for every row: a dropped backend's pool threads exit while the
+    // next row runs, and with `LOCKSTEP_BENCH_CLOCK=cpu` their CPU time would leave the total.
+    let backends = [1, 2].map(|threads| {
+        let config = CpuConfig { threads, isa: None, mode: KernelMode::Invariant, numerics: NumericsConfig::default() };
+        CpuBackend::new(config).unwrap()
+    });
+    for (name, layers, n_heads, n_kv_heads, head_dim) in models {
+        for (what, rows, keys) in cases {
+            for threads in [1, 2] {
+                let row = format!("| attention {what} {name} ({n_heads}/{n_kv_heads} heads × {head_dim}) | {rows} | {keys} | {threads} |");
+                if (!filter.is_empty() && !row.contains(filter)) || (threads > 1 && cpu_clock()) {
+                    continue;
+                }
+                if !header {
+                    println!();
+                    println!("attention (kv_chunk {})", lockstep_kernels::DEFAULT_KV_CHUNK);
+                    println!("| attention | query rows | keys | threads | µs per call (all layers at decode) | ns per score |");
+                    println!("| --- | --- | --- | --- | --- | --- |");
+                    header = true;
+                }
+                let block_size = 16;
+                let layout = KvLayout { num_blocks: keys.div_ceil(block_size), block_size, n_kv_heads, head_dim };
+                let table: Vec<u32> = (0..layout.num_blocks as u32).collect();
+                let layer_caches = if what == "decode" { layers } else { 1 };
+                let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 2.0 - 1.0).collect::<Vec<f32>>();
+                let caches: Vec<(Vec<f32>, Vec<f32>)> =
+                    (0..layer_caches).map(|_| (vals(layout.floats()), vals(layout.floats()))).collect();
+                let q = vals(rows * n_heads * head_dim);
+                let mut out = vec![0.0f32; q.len()];
+                let seqs = [AttnSeq { block_table: &table, q_row: 0, n_q: rows, first_pos: keys - rows }];
+                let p = AttnParams {
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    block_size,
+                    kv_chunk: lockstep_kernels::DEFAULT_KV_CHUNK,
+                };
+                let be = &backends[threads - 1];
+                // Inside the pool, as a model step runs (entering it per call would time the
+                // hand-off to the pool's workers, which a step pays once).
+                let pool = be.step_pool().expect("the CPU backend has a step pool");
+                let secs = pool.install(|| {
+                    time(|| {
+                        for (k, v) in &caches {
+                            be.attention_into(&q, &seqs, k, v, &layout, p, &mut out);
+                        }
+                    })
+                });
+                // Row i (position keys − rows + i) scores keys − rows + i + 1 keys per head.
+                let scores = layer_caches * n_heads * (0..rows).map(|i| keys - rows + i + 1).sum::<usize>();
+                println!("{row} {:.1} | {:.2} |", secs * 1e6, secs * 1e9 / scores as f64);
             }
         }
     }

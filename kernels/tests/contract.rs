@@ -478,6 +478,36 @@ fn every_isa_attention_equals_reference() {
     }
 }
 
+/// Decode runs one query row, or a few: attention then splits each row into units of heads (two
+/// heads of one KV group where head_dim ≤ 64, else one) so every pool thread has work. Such rows
+/// must give the reference's bits at 1, 2, 3 and 4 threads, whether they run as row tasks or as
+/// (row, unit) tasks: groups of 7 (Qwen2.5: three pairs, then a head alone), of 3 (SmolLM2), of
+/// 1, head_dim 64 (paired), 24 (paired, a partial lane block) and 128 (never paired).
+#[test]
+fn few_row_attention_split_into_head_units_equals_reference_at_1_to_4_threads() {
+    let mut rng = Rng::new(12);
+    for (n_heads, n_kv, d) in [(14, 2, 64), (9, 3, 64), (4, 4, 64), (6, 2, 24), (6, 2, 128)] {
+        // One decode row; three rows of three sequences; and nine rows (row tasks at 1 or 2
+        // threads, unit tasks at 3 or 4).
+        for shape in [&[(77, 1)][..], &[(0, 1), (70, 1), (5, 1)], &[(0, 1), (33, 3), (64, 5)]] {
+            let (layout, q, kc, vc, sc) = attention_case(&mut rng, shape, n_heads, n_kv, d);
+            let seqs: Vec<AttnSeq> = sc.iter().map(|s| s.as_seq()).collect();
+            for kv_chunk in [5, 64] {
+                let p = attn_params(&layout, n_heads, kv_chunk);
+                let want = bits(&reference::attention(&q, &seqs, &kc, &vc, &layout, p));
+                for isa in Isa::available() {
+                    for threads in 1..=4 {
+                        let mut o = vec![0.0; q.len()];
+                        backend(isa, threads).attention_into(&q, &seqs, &kc, &vc, &layout, p, &mut o);
+                        let case = format!("{isa:?} threads={threads} heads={n_heads}/{n_kv} d={d} rows={shape:?}");
+                        assert_eq!(bits(&o), want, "{case} chunk={kv_chunk}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A full "model-like" check: one sequence's K/V written by prefill chunks of size 1, 3, 16 or 64
 /// into randomly placed blocks, with other sequences around it, gives every query the same bits
 /// as one whole-prompt prefill — whether its keys came from the cache or from the current chunk.

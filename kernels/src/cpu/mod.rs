@@ -5,7 +5,8 @@
 //!   evaluate the same logical-lane order, so they agree with [`crate::reference`] bit for bit.
 //!   Any path can be forced ([`CpuConfig::isa`]) so the contract tests cover each one.
 //! * **Threads.** A private rayon pool of `threads` workers. Work is cut into output tiles (rows of
-//!   `M`, columns of `N`, query rows for attention); one output element is always computed by one
+//!   `M`, columns of `N`, query rows for attention — or, with fewer than four rows per thread,
+//!   a query row's units of heads); one output element is always computed by one
 //!   thread in the contract's order, so the thread count cannot change a bit. A model step runs
 //!   on the pool as a whole ([`Backend::step_pool`]): entered from outside, each of a decode
 //!   step's hundreds of kernel calls parked the caller and woke the pool (a third of SmolLM2's

@@ -3,8 +3,9 @@
 //! These are scalar loops in the contract order (they cost O(hidden) per token, against O(hidden²)
 //! for the matmuls). On x86 they are compiled a second time with the `fma` target feature, so the
 //! contract's `mul_add` becomes one `vfmadd` instruction instead of a call into libm's software
-//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads; each
-//! row's bits never depend on which thread ran it.
+//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads (and
+//! attention with few rows, as at batch-1 decode, spreads each row's units of heads); each row's
+//! bits never depend on which thread ran it.
 
 use rayon::prelude::*;
 
@@ -125,14 +126,58 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lane_tree(acc)
 }
 
-/// All heads of one query row (see [`crate::reference::attention`] for the rule). `key_at[kp]` is
-/// the cache offset of key `kp`'s head 0, for keys `0..=pos`.
+/// Query heads that run together (in one pass over the keys): on AVX-512, two heads that read the
+/// same KV head when `head_dim ≤ ATTN_PAIR_MAX_DIM` (each key and value is then loaded once for
+/// both), one head otherwise. Units only group work: each head's operations are the same in any
+/// unit, so neither the unit shape nor which thread runs a unit changes a bit.
+#[derive(Clone, Copy)]
+struct HeadUnits {
+    /// Query heads per KV head.
+    group: usize,
+    /// Heads per unit: 2 (pairs inside a group, the odd head of an odd group alone) or 1.
+    width: usize,
+    /// Units per group.
+    per_group: usize,
+}
+
+impl HeadUnits {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn new(be: &CpuBackend, p: AttnParams) -> Self {
+        let group = p.n_heads / p.n_kv_heads;
+        #[cfg(target_arch = "x86_64")]
+        let width = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM { 2 } else { 1 };
+        #[cfg(not(target_arch = "x86_64"))]
+        let width = 1;
+        HeadUnits { group, width, per_group: group.div_ceil(width) }
+    }
+
+    fn count(&self, n_heads: usize) -> usize {
+        n_heads / self.group * self.per_group
+    }
+
+    /// Unit `u`'s heads, `first..first + heads`.
+    fn heads(&self, u: usize) -> (usize, usize) {
+        let (g, j) = (u / self.per_group, u % self.per_group);
+        let first = j * self.width;
+        (g * self.group + first, self.width.min(self.group - first))
+    }
+}
+
+/// Scores of one chunk of keys for the AVX-512 heads: 16 floats per group of 8 keys (two heads)
+/// or 16 keys (one head). Chunks of up to 128 keys keep them on the stack (zeroed per unit, so
+/// it stays small: 1 KiB).
+const STACK_SCORES: usize = 256;
+
+/// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
+/// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
+/// keys `0..=pos`; `qrow` is the whole row, `out` the unit's heads (`heads · head_dim` floats).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn attention_row(
+fn attention_heads(
     be: &CpuBackend,
     qrow: &[f32],
+    (first, heads): (usize, usize),
     key_at: &[usize],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -145,25 +190,28 @@ fn attention_row(
     let scale = p.scale();
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
-        use super::x86::{attention_heads_dispatch, AttnKeys, ATTN_PAIR_MAX_DIM};
+        use super::x86::{attention_heads_dispatch, AttnKeys};
         // 16 floats per group of keys: 8 keys per group when two heads run together.
-        let mut scores = vec![0.0f32; p.kv_chunk.div_ceil(8) * 16];
-        let mut h = 0;
-        while h < p.n_heads {
-            let (qh, o) = (&qrow[h * d..], &mut out[h * d..]);
-            let keys = AttnKeys { key_at, kv_head: h / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
-            // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
-            // (≤ ATTN_PAIR_MAX_DIM for a pair) and every key offset was computed from the
-            // layout, whose caches hold every slot.
-            unsafe {
-                if d <= ATTN_PAIR_MAX_DIM && h + 1 < p.n_heads && (h + 1) / group == h / group {
-                    let (oa, ob) = o[..2 * d].split_at_mut(d);
-                    attention_heads_dispatch::<2>([&qh[..d], &qh[d..2 * d]], &keys, &mut scores, [oa, ob]);
-                    h += 2;
-                } else {
-                    attention_heads_dispatch::<1>([&qh[..d]], &keys, &mut scores, [&mut o[..d]]);
-                    h += 1;
-                }
+        let need = p.kv_chunk.div_ceil(8) * 16;
+        let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
+        let scores = if need <= STACK_SCORES {
+            &mut stack[..need]
+        } else {
+            heap.resize(need, 0.0);
+            &mut heap[..]
+        };
+        let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
+        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
+        // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
+        // (a unit of two only where d ≤ ATTN_PAIR_MAX_DIM, both heads in one KV group) and every
+        // key offset was computed from the layout, whose caches hold every slot.
+        unsafe {
+            if heads == 2 {
+                let (qa, qb) = qh.split_at(d);
+                let (oa, ob) = o.split_at_mut(d);
+                attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob]);
+            } else {
+                attention_heads_dispatch::<1>([qh], &keys, scores, [o]);
             }
         }
         return;
@@ -171,7 +219,7 @@ fn attention_row(
     let mut scores = vec![0.0f32; p.kv_chunk];
     let mut o = vec![0.0f32; d];
     let mut o_c = vec![0.0f32; d];
-    for h in 0..p.n_heads {
+    for h in first..first + heads {
         let qh = &qrow[h * d..(h + 1) * d];
         let kvh = h / group;
         let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
@@ -208,11 +256,15 @@ fn attention_row(
                 m = mn;
             }
         }
-        for (dst, &x) in out[h * d..(h + 1) * d].iter_mut().zip(&o) {
+        for (dst, &x) in out[(h - first) * d..(h - first + 1) * d].iter_mut().zip(&o) {
             *dst = x / l;
         }
     }
 }
+
+/// Query rows per pool thread below which attention runs a task per (row, unit of heads) rather
+/// than per row: one decode row alone would otherwise keep one thread busy while the rest wait.
+const ROWS_PER_THREAD_FOR_ROW_TASKS: usize = 4;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
@@ -225,7 +277,7 @@ pub(crate) fn attention(
     p: AttnParams,
     out: &mut [f32],
 ) {
-    let width = p.n_heads * p.head_dim;
+    let (d, width) = (p.head_dim, p.n_heads * p.head_dim);
     assert!(q.len() == out.len() && q.len().is_multiple_of(width));
     assert!(p.n_kv_heads == layout.n_kv_heads && p.head_dim == layout.head_dim && p.block_size == layout.block_size);
     // The cache offset of each key's head 0, once per sequence (a query row at position `pos`
@@ -244,17 +296,27 @@ pub(crate) fn attention(
         .zip(&key_offsets)
         .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice())))
         .collect();
+    let units = HeadUnits::new(be, p);
+    let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
+    // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.
+    let run = |r: usize, (first, heads): (usize, usize)| {
+        // Capture the whole `SharedOut` (Send), not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        let (row, pos, keys) = rows[r];
+        // SAFETY: each query row appears once across the sequences, and each (row, head) is in
+        // one task only, so no two tasks' slices overlap.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width + first * d), heads * d) };
+        let (qrow, key_at, unit) = (&q[row * width..(row + 1) * width], &keys[..=pos], (first, heads));
+        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o))
+    };
     be.pool().install(|| {
-        rows.par_iter().for_each(|&(row, pos, keys)| {
-            // Capture the whole `SharedOut` (Send), not its raw-pointer field.
-            #[allow(clippy::redundant_locals)]
-            let dst = dst;
-            // SAFETY: each query row appears once across the sequences, so rows are disjoint.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width), width) };
-            let key_at = &keys[..=pos];
-            with_fma!(be, attention_row(be, &q[row * width..(row + 1) * width], key_at, k_cache, v_cache, p, o))
-        })
+        if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {
+            (0..rows.len()).into_par_iter().for_each(|r| (0..n_units).for_each(|u| run(r, units.heads(u))))
+        } else {
+            (0..rows.len() * n_units).into_par_iter().for_each(|t| run(t / n_units, units.heads(t % n_units)))
+        }
     });
 }
 
