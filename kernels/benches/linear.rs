@@ -3,7 +3,8 @@
 //! bandwidth as the physical limits. A second table streams GGUF block weights (Q8_0, Q4_0, Q4_1,
 //! kept quantized) at M = 1 and 8 — decode — at SmolLM2-135M's and Qwen2.5-0.5B's shapes, in
 //! GB/s of weight bytes and as a share of the measured read bandwidth. A third streams one whole
-//! batch-1 decode step's linears (every layer's own weights, ~1 GB, so from DRAM as in a real
+//! batch-1 decode step's linears (every layer's own weights: Qwen2.5-0.5B bf16, ~1 GB, and
+//! SmolLM2-135M Q4_1, ~84 MB, so from DRAM as in a real
 //! step, unlike the tables above whose weights stay cached between calls) on 4 KiB and 2 MiB
 //! pages (filter `decode step`). A fourth prices one pass over the thread pool and what grouping
 //! q/k/v (gate/up) into one pass saves (filter `pool pass`). A fifth times attention (filter
@@ -287,87 +288,128 @@ fn native_linear(filter: &str, rng: &mut SplitMix64) {
     side_by_side(filter, rng, &[DType::Bf16], [KernelMode::Native, KernelMode::Invariant], " native");
 }
 
-/// GB/s of one batch-1 decode step's linears over every layer of Qwen2.5-0.5B (bf16, distinct
-/// weights per layer, ~1 GB in one buffer, as a model file is one mapping): unlike the tables
-/// above, whose weights of one shape stay in the last-level cache from call to call, every weight
-/// here comes from DRAM, as in a real step. Once with the buffer on 4 KiB pages and once on 2 MiB
-/// pages (where the kernel grants them), to show what TLB misses cost a step.
+/// One model's batch-1 decode step for [`decode_step`]: every layer's linears (K, N), then the
+/// lm-head, in `dtype`.
+struct StepModel {
+    name: &'static str,
+    dtype: DType,
+    layers: usize,
+    layer_shapes: [(usize, usize); 7],
+    lm_head: (usize, usize),
+}
+
+const STEP_MODELS: [StepModel; 2] = [
+    StepModel {
+        name: "Qwen2.5-0.5B decode step (24 layers + lm_head)",
+        dtype: DType::Bf16,
+        layers: 24,
+        layer_shapes: [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)],
+        lm_head: (896, 151936),
+    },
+    // SmolLM2-135M's shapes, every weight Q4_1 (the GGUF's own file keeps a few in other types).
+    StepModel {
+        name: "SmolLM2-135M decode step (30 layers + lm_head)",
+        dtype: DType::Q4_1,
+        layers: 30,
+        layer_shapes: [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)],
+        lm_head: (576, 49152),
+    },
+];
+
+/// GB/s of one batch-1 decode step's linears over every layer of a model (distinct weights per
+/// layer, in one buffer, as a model file is one mapping): unlike the tables above, whose weights
+/// of one shape stay in the last-level cache from call to call, every weight here comes from DRAM,
+/// as in a real step (Qwen2.5-0.5B bf16: ~1 GB; SmolLM2-135M Q4_1: ~84 MB, still well over the
+/// last-level cache). Once with the buffer on 4 KiB pages and once on 2 MiB pages (where the
+/// kernel grants them), to show what TLB misses cost a step; a native class packs the weights
+/// into memory of its own (on 2 MiB pages) at the first call, so its two rows differ only by noise.
 fn decode_step(filter: &str, rng: &mut SplitMix64) {
-    const LAYERS: usize = 24;
-    let layer_shapes =
-        [(896usize, 896usize), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)];
-    let shapes: Vec<(usize, usize)> = (0..LAYERS).flat_map(|_| layer_shapes).chain([(896, 151936)]).collect();
     // Native rows (`native-…` numerics: the weights packed into the class's layout at the first
     // call, in memory of their own) where the CPU has a native class.
     let native = lockstep_kernels::cpu::native_exec().ok().map(|c| c.fingerprint_name());
     let modes: Vec<(KernelMode, &str)> = std::iter::once((KernelMode::Invariant, "invariant"))
         .chain(native.map(|name| (KernelMode::Native, name)))
         .collect();
-    let row = |huge: bool, threads: usize, numerics: &str| {
-        let pages = if huge { "2 MiB" } else { "4 KiB" };
-        let row = format!(
-            "| Qwen2.5-0.5B decode step (24 layers + lm_head), {pages} pages | 1 | bf16 | {threads} | {numerics} |"
-        );
-        ((filter.is_empty() || row.contains(filter)) && !(threads > 1 && cpu_clock())).then_some(row)
-    };
-    let any = |huge: bool, t: usize| modes.iter().any(|&(_, name)| row(huge, t, name).is_some());
-    if ![false, true].iter().any(|&huge| [1, 2].iter().any(|&t| any(huge, t))) {
-        return;
-    }
-    println!();
-    println!("one decode step's linears from DRAM");
-    println!("| linears | M | weights | threads | numerics | GB/s (weights) | share of read bandwidth | ms per step |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    // One random tensor per shape, copied per layer: the bytes do not matter, their addresses do.
-    let samples: Vec<((usize, usize), Vec<u8>)> = layer_shapes
-        .iter()
-        .chain(&[(896, 151936)])
-        .map(|&(k, n)| {
-            let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
-            ((k, n), HostWeight::from_f32(&vals, DType::Bf16, n, k).bytes.as_slice().to_vec())
-        })
-        .collect();
-    let total: usize = shapes.iter().map(|(k, n)| k * n * 2).sum();
+    let mut header = false;
     let mut bandwidth = [f64::NAN; 3];
-    for huge in [false, true] {
-        let mut buf: Vec<u8> = Vec::with_capacity(total);
-        advise_pages(&buf, huge);
-        for shape in &shapes {
-            buf.extend_from_slice(&samples.iter().find(|(s, _)| s == shape).expect("a sample per shape").1);
+    for model in &STEP_MODELS {
+        let row = |huge: bool, threads: usize, numerics: &str| {
+            let pages = if huge { "2 MiB" } else { "4 KiB" };
+            let row =
+                format!("| {}, {pages} pages | 1 | {} | {threads} | {numerics} |", model.name, model.dtype.as_str());
+            ((filter.is_empty() || row.contains(filter)) && !(threads > 1 && cpu_clock())).then_some(row)
+        };
+        let any = |huge: bool, t: usize| modes.iter().any(|&(_, name)| row(huge, t, name).is_some());
+        if ![false, true].iter().any(|&huge| [1, 2].iter().any(|&t| any(huge, t))) {
+            continue;
         }
-        let buf: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(buf);
-        let mut offset = 0;
-        let weights: Vec<HostWeight> = shapes
+        if !header {
+            header = true;
+            println!();
+            println!("one decode step's linears from DRAM");
+            println!("| linears | M | weights | threads | numerics | GB/s (weights) | share of read bandwidth | ms per step |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        }
+        let shapes: Vec<(usize, usize)> =
+            (0..model.layers).flat_map(|_| model.layer_shapes).chain([model.lm_head]).collect();
+        // One random tensor per shape, copied per layer: the bytes do not matter, their addresses do.
+        let samples: Vec<((usize, usize), Vec<u8>)> = model
+            .layer_shapes
             .iter()
+            .chain(&[model.lm_head])
             .map(|&(k, n)| {
-                let bytes = lockstep_kernels::SharedBytes::new(buf.clone(), offset..offset + k * n * 2);
-                offset += k * n * 2;
-                HostWeight::new(DType::Bf16, bytes, n, k).unwrap()
+                let w = if model.dtype.is_quantized() {
+                    common::quant_weight(rng, model.dtype, n, k)
+                } else {
+                    let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
+                    HostWeight::from_f32(&vals, model.dtype, n, k)
+                };
+                ((k, n), w.bytes.as_slice().to_vec())
             })
             .collect();
-        let mut io: Vec<(Vec<f32>, Vec<f32>)> = shapes
-            .iter()
-            .map(|&(k, n)| ((0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(), vec![0.0f32; n]))
-            .collect();
-        for (threads, &(mode, name)) in [1, 2].into_iter().flat_map(|t| modes.iter().map(move |m| (t, m))) {
-            let Some(row) = row(huge, threads, name) else { continue };
-            if bandwidth[threads].is_nan() {
-                bandwidth[threads] = read_bandwidth_gbs(threads);
+        let bytes_of = |&(k, n): &(usize, usize)| n * model.dtype.row_bytes(k).expect("whole blocks");
+        let total: usize = shapes.iter().map(bytes_of).sum();
+        for huge in [false, true] {
+            let mut buf: Vec<u8> = Vec::with_capacity(total);
+            advise_pages(&buf, huge);
+            for shape in &shapes {
+                buf.extend_from_slice(&samples.iter().find(|(s, _)| s == shape).expect("a sample per shape").1);
             }
-            let be =
-                CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() }).unwrap();
-            // Fresh clones: a native packing is kept with the weight, and each row packs its own.
-            let prepared: Vec<_> = weights
+            let buf: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(buf);
+            let mut offset = 0;
+            let weights: Vec<HostWeight> = shapes
                 .iter()
-                .map(|w| be.prepare_weight(HostWeight::new(w.dtype, w.bytes.clone(), w.rows, w.cols).unwrap()))
+                .map(|shape @ &(k, n)| {
+                    let len = bytes_of(shape);
+                    let bytes = lockstep_kernels::SharedBytes::new(buf.clone(), offset..offset + len);
+                    offset += len;
+                    HostWeight::new(model.dtype, bytes, n, k).unwrap()
+                })
                 .collect();
-            let secs = time(|| {
-                for (w, (x, y)) in prepared.iter().zip(io.iter_mut()) {
-                    be.linear(x, 1, w, None, y);
+            let mut io: Vec<(Vec<f32>, Vec<f32>)> = shapes
+                .iter()
+                .map(|&(k, n)| ((0..k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(), vec![0.0f32; n]))
+                .collect();
+            for (threads, &(mode, name)) in [1, 2].into_iter().flat_map(|t| modes.iter().map(move |m| (t, m))) {
+                let Some(row) = row(huge, threads, name) else { continue };
+                if bandwidth[threads].is_nan() {
+                    bandwidth[threads] = read_bandwidth_gbs(threads);
                 }
-            });
-            let gbs = total as f64 / secs / 1e9;
-            println!("{row} {gbs:.1} | {:.0} % | {:.1} |", 100.0 * gbs / bandwidth[threads], secs * 1e3);
+                let be = CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: NumericsConfig::default() })
+                    .unwrap();
+                // Fresh clones: a native packing is kept with the weight, and each row packs its own.
+                let prepared: Vec<_> = weights
+                    .iter()
+                    .map(|w| be.prepare_weight(HostWeight::new(w.dtype, w.bytes.clone(), w.rows, w.cols).unwrap()))
+                    .collect();
+                let secs = time(|| {
+                    for (w, (x, y)) in prepared.iter().zip(io.iter_mut()) {
+                        be.linear(x, 1, w, None, y);
+                    }
+                });
+                let gbs = total as f64 / secs / 1e9;
+                println!("{row} {gbs:.1} | {:.0} % | {:.2} |", 100.0 * gbs / bandwidth[threads], secs * 1e3);
+            }
         }
     }
 }

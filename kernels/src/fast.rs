@@ -37,29 +37,13 @@ pub(crate) fn linear_fast(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_
         (0..tiles).into_par_iter().for_each_init(Vec::new, |wide: &mut Vec<f32>, t| {
             let rows = t * ROWS_PER_TILE..((t + 1) * ROWS_PER_TILE).min(n);
             wide.clear();
-            widen_rows_into(w, rows.clone(), wide);
+            w.widen_rows_into(rows.clone(), wide);
             let y_ptr = &y_ptr;
             // SAFETY: this tile writes columns `rows` of the [m, n] output (row stride n) and no
             // other tile writes them; `wide` is [rows.len(), k].
             unsafe { gemm_rows(m, rows.len(), k, y_ptr.0.add(rows.start), n, x, wide, Parallelism::None) }
         });
     });
-}
-
-/// Append rows `rows` of `w` widened to f32. One loop per dtype (the match stays outside it) so
-/// the compiler vectorizes the float conversions; the values are [`WeightView::get`]'s.
-fn widen_rows_into(w: WeightView<'_>, rows: std::ops::Range<usize>, out: &mut Vec<f32>) {
-    let bytes = &w.bytes[rows.start * w.row_bytes()..rows.end * w.row_bytes()];
-    match w.dtype {
-        DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        DType::Bf16 => {
-            out.extend(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)))
-        }
-        DType::F16 => {
-            out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
-        }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => out.extend(rows.flat_map(|r| (0..w.cols).map(move |c| w.get(r, c)))),
-    }
 }
 
 /// A raw output pointer shared by the tile tasks, each writing its own columns.

@@ -166,7 +166,24 @@ impl<'a> WeightView<'a> {
         self.dtype.widen_at(self.row(r), c)
     }
     pub fn to_f32(&self) -> Vec<f32> {
-        (0..self.rows).flat_map(|r| (0..self.cols).map(move |c| self.get(r, c))).collect()
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        self.widen_rows_into(0..self.rows, &mut out);
+        out
+    }
+    /// Append rows `rows` widened to f32: [`Self::get`]'s values, one loop per element type (the
+    /// match stays outside it) so the compiler vectorizes the conversions.
+    pub fn widen_rows_into(&self, rows: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        let bytes = &self.bytes[rows.start * self.row_bytes()..rows.end * self.row_bytes()];
+        match self.dtype {
+            DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            DType::Bf16 => out
+                .extend(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))),
+            DType::F16 => out
+                .extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                out.extend(rows.flat_map(|r| (0..self.cols).map(move |c| self.get(r, c))))
+            }
+        }
     }
 }
 

@@ -635,10 +635,11 @@ impl Backend for CpuBackend {
     fn embedding(&self, ids: &[u32], table: &HostWeight, out: &mut Vec<f32>) {
         let t = table.view();
         assert_eq!(out.len(), ids.len() * t.cols);
+        let mut wide = Vec::with_capacity(t.cols);
         for (row, &id) in out.chunks_exact_mut(t.cols).zip(ids) {
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = t.get(id as usize, c);
-            }
+            wide.clear();
+            t.widen_rows_into(id as usize..id as usize + 1, &mut wide);
+            row.copy_from_slice(&wide);
         }
     }
     fn rms_norm(&self, x: &Vec<f32>, weight: &HostWeight, eps: f32, out: &mut Vec<f32>) {

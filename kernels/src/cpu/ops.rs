@@ -55,20 +55,12 @@ fn dot_full(x: &[f32], w: &[f32], seg: Segmentation) -> f32 {
 }
 
 #[inline(always)]
-fn rms_norm_row(row: &[f32], w: WeightView<'_>, eps: f32, seg: Segmentation, out: &mut [f32]) {
+fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, seg: Segmentation, out: &mut [f32]) {
     let n = row.len();
     let mean = dot_full(row, row, seg) / n as f32;
     let r = 1.0 / (mean + eps).sqrt();
-    if w.dtype == crate::DType::F32 {
-        // Norm weights are f32 in most files: read them as they lie (a per-element `get`, a
-        // dtype match and a byte gather, was ~1 % of a SmolLM2 decode step); the same values.
-        for ((o, &v), b) in out.iter_mut().zip(row).zip(w.bytes.chunks_exact(4)) {
-            *o = (v * r) * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        return;
-    }
-    for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-        *o = (v * r) * w.get(0, i);
+    for ((o, &v), &wi) in out.iter_mut().zip(row).zip(w) {
+        *o = (v * r) * wi;
     }
 }
 
@@ -76,6 +68,10 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, 
     let n = w.rows * w.cols;
     assert!(x.len().is_multiple_of(n) && out.len() == x.len());
     let seg = Segmentation::new(n, be.config().numerics.reduce_segments).expect("validated");
+    // The weight widened once per call, not per element of every row.
+    let mut wide = Vec::with_capacity(n);
+    w.widen_rows_into(0..w.rows, &mut wide);
+    let w = wide.as_slice();
     be.pool().install(|| {
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, row)| with_fma!(be, rms_norm_row(row, w, eps, seg, o)))
     });
