@@ -306,7 +306,7 @@ const STEP_MODELS: [StepModel; 2] = [
         layer_shapes: [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)],
         lm_head: (896, 151936),
     },
-    // SmolLM2-135M's shapes, every weight Q4_1 (the GGUF's own file keeps a few in other types).
+    // SmolLM2-135M's shapes, every weight Q4_1 (the real file's tied embedding, its lm-head, is Q8_0).
     StepModel {
         name: "SmolLM2-135M decode step (30 layers + lm_head)",
         dtype: DType::Q4_1,
