@@ -843,3 +843,29 @@ fn fast_mode_tiles_cover_every_output_column_for_every_dtype() {
         }
     }
 }
+
+/// `WeightView::widen_rows_into` (RMSNorm's weight, the embedding rows, fast mode's tiles) gives
+/// per-element `get`'s bits for every weight type: raw random bytes for the element types (NaNs,
+/// infinities and subnormals included), random blocks with edge scales for the block types, and
+/// a row range that starts past row 0.
+#[test]
+fn widened_rows_equal_per_element_widening_for_every_dtype() {
+    let mut rng = Rng::new(0x5eed_71de);
+    let (rows, cols) = (5usize, 64usize);
+    for dtype in [DType::F32, DType::Bf16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let w = if dtype.is_quantized() {
+            quant_weight(&mut rng, dtype, rows, cols)
+        } else {
+            let bytes: Vec<u8> = (0..rows * cols * dtype.block_bytes()).map(|_| rng.next_u64() as u8).collect();
+            HostWeight::new(dtype, lockstep_kernels::SharedBytes::from_vec(bytes), rows, cols).unwrap()
+        };
+        let v = w.view();
+        for range in [0..rows, 2..4, 3..3] {
+            let mut wide = vec![7.0f32];
+            v.widen_rows_into(range.clone(), &mut wide);
+            let want: Vec<u32> = range.flat_map(|r| (0..cols).map(move |c| v.get(r, c).to_bits())).collect();
+            assert_eq!(wide[0], 7.0, "{dtype:?}: appends, keeping what was there");
+            assert_eq!(wide[1..].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "{dtype:?}");
+        }
+    }
+}
