@@ -122,15 +122,19 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lane_tree(acc)
 }
 
-/// Query heads that run together (in one pass over the keys): on AVX-512, two heads that read the
-/// same KV head when `head_dim ≤ ATTN_PAIR_MAX_DIM` (each key and value is then loaded once for
-/// both), one head otherwise. Units only group work: each head's operations are the same in any
-/// unit, so neither the unit shape nor which thread runs a unit changes a bit.
+/// Query heads that run together (in one pass over the keys): on AVX-512 with `head_dim ≤
+/// ATTN_PAIR_MAX_DIM`, up to three heads that read the same KV head (each key and value is then
+/// loaded once for all of them: at decode the f32 KV cache is read from memory, and a group read
+/// once instead of twice is what a long context costs), one head otherwise. Units only group
+/// work: each head's operations are the same in any unit, so neither the unit shape nor which
+/// thread runs a unit changes a bit.
 #[derive(Clone, Copy)]
 struct HeadUnits {
     /// Query heads per KV head.
     group: usize,
-    /// Heads per unit: 2 (pairs inside a group, the odd head of an odd group alone) or 1.
+    /// Heads per unit: 3 or 2 (whichever gives a group fewer units, 2 on a tie; the last unit of
+    /// a group takes what is left) or 1. Where units are the tasks (few rows) and three-wide ones
+    /// would leave a thread short of work (SmolLM2 at batch 1: 3 units on 2 threads), 2.
     width: usize,
     /// Units per group.
     per_group: usize,
@@ -138,10 +142,22 @@ struct HeadUnits {
 
 impl HeadUnits {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn new(be: &CpuBackend, p: AttnParams) -> Self {
+    fn new(be: &CpuBackend, p: AttnParams, rows: usize) -> Self {
         let group = p.n_heads / p.n_kv_heads;
         #[cfg(target_arch = "x86_64")]
-        let width = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM { 2 } else { 1 };
+        let width = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM {
+            let threads = be.threads();
+            let split = rows < ROWS_PER_THREAD_FOR_ROW_TASKS * threads;
+            let tasks3 = rows * p.n_kv_heads * group.div_ceil(3);
+            let balanced = threads == 1 || !split || tasks3 >= 2 * threads;
+            if group.div_ceil(3) < group.div_ceil(2) && balanced {
+                3
+            } else {
+                2
+            }
+        } else {
+            1
+        };
         #[cfg(not(target_arch = "x86_64"))]
         let width = 1;
         HeadUnits { group, width, per_group: group.div_ceil(width) }
@@ -159,10 +175,10 @@ impl HeadUnits {
     }
 }
 
-/// Scores of one chunk of keys for the AVX-512 heads: 16 floats per group of 8 keys (two heads)
-/// or 16 keys (one head). Chunks of up to 128 keys keep them on the stack (zeroed per unit, so
-/// it stays small: 1 KiB).
-const STACK_SCORES: usize = 256;
+/// Scores of one chunk of keys for the AVX-512 heads: 16 floats per group of `16 / heads` keys
+/// (16, 8 or 5). Chunks of up to 128 keys keep them on the stack (zeroed per unit, so it stays
+/// small: 2 KiB).
+const STACK_SCORES: usize = 512;
 
 /// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
 /// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
@@ -187,8 +203,8 @@ fn attention_heads(
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
         use super::x86::{attention_heads_dispatch, AttnKeys};
-        // 16 floats per group of keys: 8 keys per group when two heads run together.
-        let need = p.kv_chunk.div_ceil(8) * 16;
+        // 16 floats per group of keys: 16 / heads keys per group.
+        let need = p.kv_chunk.div_ceil(16 / heads) * 16;
         let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
         let scores = if need <= STACK_SCORES {
             &mut stack[..need]
@@ -199,15 +215,23 @@ fn attention_heads(
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
-        // (a unit of two only where d ≤ ATTN_PAIR_MAX_DIM, both heads in one KV group) and every
-        // key offset was computed from the layout, whose caches hold every slot.
+        // (a unit of two or three only where d ≤ ATTN_PAIR_MAX_DIM, all its heads in one KV
+        // group) and every key offset was computed from the layout, whose caches hold every slot.
         unsafe {
-            if heads == 2 {
-                let (qa, qb) = qh.split_at(d);
-                let (oa, ob) = o.split_at_mut(d);
-                attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob]);
-            } else {
-                attention_heads_dispatch::<1>([qh], &keys, scores, [o]);
+            match heads {
+                3 => {
+                    let (qa, rest) = qh.split_at(d);
+                    let (qb, qc) = rest.split_at(d);
+                    let (oa, rest) = o.split_at_mut(d);
+                    let (ob, oc) = rest.split_at_mut(d);
+                    attention_heads_dispatch::<3>([qa, qb, qc], &keys, scores, [oa, ob, oc]);
+                }
+                2 => {
+                    let (qa, qb) = qh.split_at(d);
+                    let (oa, ob) = o.split_at_mut(d);
+                    attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob]);
+                }
+                _ => attention_heads_dispatch::<1>([qh], &keys, scores, [o]),
             }
         }
         return;
@@ -292,7 +316,7 @@ pub(crate) fn attention(
         .zip(&key_offsets)
         .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice())))
         .collect();
-    let units = HeadUnits::new(be, p);
+    let units = HeadUnits::new(be, p, rows.len());
     let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
     // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.

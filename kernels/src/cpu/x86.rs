@@ -948,8 +948,9 @@ fn dim_mask(d: usize, b: usize) -> __mmask16 {
 
 /// Largest head_dim of the vector attention (8 zmm per running output); larger ones stay scalar.
 pub(crate) const ATTN_MAX_DIM: usize = 128;
-/// Largest head_dim at which two query heads run side by side ([`attention_heads_avx512`] with
-/// `H = 2`): both heads' queries and running outputs then fit in registers.
+/// Largest head_dim at which two or three query heads run side by side
+/// ([`attention_heads_avx512`] with `H = 2` or `3`): their queries and running outputs then fit
+/// in registers.
 pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 
 /// The keys that one query row's heads attend to, and where to read them.
@@ -963,18 +964,20 @@ pub(crate) struct AttnKeys<'a> {
     pub scale: f32,
 }
 
-/// `H` query heads (1, or 2 that read the same KV head — grouped-query attention) against keys
-/// `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time: each key's score is
+/// `H` query heads (1, or 2 or 3 that read the same KV head — grouped-query attention) against
+/// keys `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time (with three
+/// heads lane 15 of a fold is unused): each key's score is
 /// one 16-lane fma chain over head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys
 /// trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the sums that
 /// the contract orders by position — `l_c` and every `o_c` dimension — run key after key in
-/// increasing position. With two heads each key and value vector is loaded once for both, and
+/// increasing position. With two or three heads each key and value vector is loaded once for all, and
 /// their independent `o_c` chains interleave; per head the operations and their order do not
 /// change, so neither do the bits.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats, `B =
-/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H = 2`), `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk · H / 16⌉`),
+/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H > 1`), `scores` holds 16
+/// floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk / (16 / H)⌉`),
 /// and every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
