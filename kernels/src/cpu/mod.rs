@@ -222,6 +222,59 @@ pub(crate) fn with_tile_sums<R>(len: usize, f: impl FnOnce(&mut [std::arch::x86_
     })
 }
 
+/// Keeps segment `s`'s accumulators of an `MR × NB` native tile (output `(i, j)` in `acc[i][j]`)
+/// in the tile scratch of [`with_tile_sums`], output-major with `count` segments per output.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `sums` holds `MR · NB · count` vectors and `s < count`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn keep_segment_sums<const MR: usize, const NB: usize>(
+    acc: &[[std::arch::x86_64::__m512; NB]; MR],
+    sums: &mut [std::arch::x86_64::__m512],
+    count: usize,
+    s: usize,
+) {
+    for (i, a) in acc.iter().enumerate() {
+        for (j, &v) in a.iter().enumerate() {
+            *sums.get_unchecked_mut((i * NB + j) * count + s) = v;
+        }
+    }
+}
+
+/// Finishes an `MR × NB` native tile: per output block (16 outputs, one vector) the contract's
+/// segment tree over its kept segment sums, stored into the `[m, n]` output `out` at rows `i0..`
+/// and 16-output panels `nb0..` (masked where the last panel passes `n`).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `sums` holds `MR · NB · count` vectors written by
+/// [`keep_segment_sums`]; the tile's rows and panels lie inside the output, which no other task
+/// writes there.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn store_tile_outputs<const MR: usize, const NB: usize>(
+    sums: &mut [std::arch::x86_64::__m512],
+    count: usize,
+    out: *mut f32,
+    n: usize,
+    i0: usize,
+    nb0: usize,
+) {
+    use std::arch::x86_64::*;
+    for i in 0..MR {
+        for j in 0..NB {
+            let tree = &mut sums[(i * NB + j) * count..][..count];
+            let v = reference::tree_reduce(tree, |a, b| _mm512_add_ps(a, b));
+            let col = (nb0 + j) * 16;
+            let valid = 16.min(n - col);
+            let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
+            _mm512_mask_storeu_ps(out.add((i0 + i) * n + col), mask, v);
+        }
+    }
+}
+
 /// `x` prepared for a group of linears that read it (the same `x`, `m` and segment range), once
 /// per format, at the first weight that needs it: q/k/v (and gate/up) of one format share one
 /// quantization or packing of x.

@@ -372,7 +372,7 @@ impl QPanels {
 mod hw {
     use std::arch::x86_64::*;
 
-    use super::{packed_block_bytes, quant_bytes, Job, PANEL_ROWS};
+    use super::{packed_block_bytes, quant_bytes, Job};
     use crate::DType;
 
     /// How far ahead of the block it reads a decode tile prefetches, in bytes of the packing. A
@@ -474,23 +474,9 @@ mod hw {
                     }
                 }
             }
-            for (i, a) in acc.iter().enumerate() {
-                for (j, &v) in a.iter().enumerate() {
-                    *sums.get_unchecked_mut((i * NB + j) * count + s) = v;
-                }
-            }
+            crate::cpu::keep_segment_sums(&acc, sums, count, s);
         }
-        let n = job.n;
-        for i in 0..MR {
-            for j in 0..NB {
-                let tree = &mut sums[(i * NB + j) * count..][..count];
-                let v = crate::reference::tree_reduce(tree, |a, b| _mm512_add_ps(a, b));
-                let col = (nb0 + j) * PANEL_ROWS;
-                let valid = PANEL_ROWS.min(n - col);
-                let mask: __mmask16 = if valid == PANEL_ROWS { 0xffff } else { (1u16 << valid) - 1 };
-                _mm512_mask_storeu_ps(job.out.0.add((i0 + i) * n + col), mask, v);
-            }
-        }
+        crate::cpu::store_tile_outputs::<MR, NB>(sums, count, job.out.0, job.n, i0, nb0);
     }
 
     pub(super) type TileFn = unsafe fn(&Job<'_>, usize, usize);
