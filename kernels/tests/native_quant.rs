@@ -89,6 +89,36 @@ fn qdot_hardware_equals_the_model_bitwise_for_m_1_to_64_threads_1_2_3() {
     }
 }
 
+/// Held weights pack at their first call, back to back in their backend's arena (where a
+/// tile's prefetch runs on past a packing's end into the next one's): each gives the bits of a
+/// packing of its own (the bare-view path) and of the model, for every block type, with
+/// packings whose ends fall inside a cache line (Q8_0 at K = 96: 1632-byte panels).
+#[test]
+fn qdot_weights_packed_back_to_back_in_the_arena_equal_their_own_packings_and_the_model() {
+    if skip_without_vnni("qdot_weights_packed_back_to_back_in_the_arena_equal_their_own_packings_and_the_model") {
+        return;
+    }
+    let mut rng = Rng::new(43);
+    for k in [96, 576] {
+        let weights: Vec<HostWeight> = [(DType::Q8_0, 33), (DType::Q4_1, 37), (DType::Q8_0, 1), (DType::Q4_0, 50)]
+            .into_iter()
+            .map(|(dtype, n)| quant_weight(&mut rng, dtype, n, k))
+            .collect();
+        let x = rng.vec(3 * k);
+        let (hw, model) = (backend(2, 4, QdotExec::Hardware), backend(2, 4, QdotExec::Model));
+        for m in [1, 3, 1] {
+            for w in &weights {
+                let got = linear(&hw, &x[..m * k], m, w);
+                let mut own = vec![0.0; m * w.rows];
+                hw.linear_into(&x[..m * k], m, w.view(), None, &mut own);
+                let what = format!("{:?} k={k} n={} M={m}", w.dtype, w.rows);
+                assert_eq!(bits(&got), bits(&own), "arena vs own packing: {what}");
+                assert_eq!(bits(&got), bits(&linear(&model, &x[..m * k], m, w)), "arena vs model: {what}");
+            }
+        }
+    }
+}
+
 /// A row's bits are the same alone as inside every batch of 1 to 64 rows, on the model and on
 /// the hardware.
 #[test]

@@ -281,7 +281,7 @@ fn pack_b(w: WeightView<'_>, n0: usize, kl: &KLayout, out: &mut Vec<u32>) {
 /// `n0 / 16` at `block * per_block` words, laid out as [`pack_b`] lays one block. Decode reads each
 /// weight once per step, so packing per call would triple its memory traffic.
 pub struct PackedB {
-    words: Vec<u32>,
+    words: super::pack_arena::PackedWords,
     per_block: usize,
     rows: usize,
     cols: usize,
@@ -290,10 +290,10 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, segs: SegmentRange) -> PackedB {
+    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, segs: SegmentRange, purpose: super::PackFor) -> PackedB {
         let kl = KLayout::new(segs, w.cols);
         let per_block = kl.count * kl.tiles * planes(w.dtype) * TILE_WORDS;
-        let mut words = super::packed_buffer(w.rows.div_ceil(TILE_COLS) * per_block);
+        let mut words = be.packed_words(w.rows.div_ceil(TILE_COLS) * per_block, purpose);
         be.pool().install(|| {
             words.par_chunks_mut(per_block.max(1)).enumerate().for_each_init(Vec::new, |b, (i, dst)| {
                 pack_b(w, i * TILE_COLS, &kl, b);

@@ -72,7 +72,7 @@ pub enum Dpbf16Exec {
 /// vectors of 16 dwords; rows past the weight and the second half of a pair past the row are
 /// zero.
 pub struct PairPanels {
-    words: Vec<u32>,
+    words: super::pack_arena::PackedWords,
     rows: usize,
     cols: usize,
     pairs: usize,
@@ -81,12 +81,12 @@ pub struct PairPanels {
 
 impl PairPanels {
     /// Packs `w` on the backend's threads.
-    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>) -> PairPanels {
+    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, purpose: super::PackFor) -> PairPanels {
         let planes = planes(w.dtype);
         let pairs = w.cols.div_ceil(2);
         let panels = w.rows.div_ceil(PANEL_ROWS);
         let panel_words = pairs * planes * PANEL_ROWS;
-        let mut words = super::packed_buffer(panels * panel_words);
+        let mut words = be.packed_words(panels * panel_words, purpose);
         // A shard whose columns all lie past the row (`cols` 0) has empty panels.
         let pack_panel = |(nb, panel): (usize, &mut [u32])| {
             for j in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {

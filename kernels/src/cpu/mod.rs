@@ -30,6 +30,7 @@ pub mod amx;
 pub mod dpbf16;
 mod linear;
 mod ops;
+mod pack_arena;
 pub mod qdot;
 pub use ops::tree_combine;
 #[cfg(target_arch = "x86_64")]
@@ -126,6 +127,8 @@ pub struct CpuBackend {
     native: Option<NativeExec>,
     /// Who executes native mode's rule for block weights.
     qdot: qdot::QdotExec,
+    /// Where the weights' kept packings live, back to back in first-use order.
+    arena: pack_arena::PackArena,
 }
 
 /// A CPU native numerics class, with who executes its rule: the hardware, or the bit-exact
@@ -164,21 +167,15 @@ fn assert_linear_shapes(x: &[f32], m: usize, w: WeightView<'_>, segs: SegmentRan
     assert_eq!(y.len(), m * w.rows, "y shape");
 }
 
-/// A zeroed buffer for a weight's packed copy, on 2 MiB pages where Linux allows them
-/// (`MADV_HUGEPAGE` before the first write faults it in): a decode step streams every weight once,
-/// and 4 KiB pages cost it a TLB miss per page (BENCHMARKS §2.2: ~15 % of the decode tiles' time).
-pub(crate) fn packed_buffer(len: usize) -> Vec<u32> {
-    let mut v: Vec<u32> = Vec::with_capacity(len);
-    // SAFETY: a hint over whole pages inside the vector's own (not yet written) allocation; it
-    // changes no contents.
-    #[cfg(target_os = "linux")]
-    unsafe {
-        crate::types::advise_whole_pages(v.as_ptr() as *const u8, len * 4, libc::MADV_HUGEPAGE)
-    };
-    v.resize(len, 0);
-    v
+/// Who a packing is made for, which decides where its memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PackFor {
+    /// A held weight, packed at its first call and kept: appended to the backend's arena, in the
+    /// order a step first reads the weights ([`pack_arena`]).
+    Keeping,
+    /// One call on a bare view: memory of its own, freed after the call.
+    OneCall,
 }
-
 /// A weight in a native class's own layout, kept with the weight after its first native call.
 pub enum NativePacked {
     /// `native-avx512bf16`: 16-row pair panels.
@@ -383,7 +380,7 @@ impl CpuBackend {
             .build()
             .expect("thread pool");
         let qdot = qdot::QdotExec::best();
-        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), native, qdot })
+        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), native, qdot, arena: Default::default() })
     }
 
     /// The same backend with native mode's block-weight rule run by `exec` (tests run the
@@ -429,6 +426,14 @@ impl CpuBackend {
     pub(crate) fn pool(&self) -> &rayon::ThreadPool {
         &self.pool
     }
+    /// `len` zeroed words for a packing made for `purpose`, on 2 MiB pages where Linux allows
+    /// them.
+    pub(crate) fn packed_words(&self, len: usize, purpose: PackFor) -> pack_arena::PackedWords {
+        match purpose {
+            PackFor::Keeping => self.arena.alloc(len),
+            PackFor::OneCall => pack_arena::PackedWords::standalone(len),
+        }
+    }
     /// Panels per task for a weight of `panels` panels, from a tile's `widest` down to `narrowest`
     /// (halving): narrower where a small weight would leave threads idle (q/k/v at decode), at
     /// least four tasks per thread when it can. The tile shape never changes a bit.
@@ -459,10 +464,11 @@ impl CpuBackend {
             }
             // A bare view has no cache for its packed panels: pack for this call.
             (KernelMode::Native, Some(NativeExec::Avx512Bf16(exec))) if amx::takes(w.dtype) => {
-                dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(self, w), segs, y)
+                dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(self, w, PackFor::OneCall), segs, y)
             }
             (KernelMode::Native, Some(_)) if qdot::takes(w.dtype) => {
-                let packed = (self.qdot == qdot::QdotExec::Hardware).then(|| qdot::QPanels::pack(self, w));
+                let packed =
+                    (self.qdot == qdot::QdotExec::Hardware).then(|| qdot::QPanels::pack(self, w, PackFor::OneCall));
                 qdot::linear_native(self, self.qdot, x, m, w, packed.as_ref(), segs, y)
             }
             (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
@@ -538,9 +544,11 @@ impl CpuBackend {
         };
         let packed = w.native_packed.get_or_init(|| {
             let packed = match native {
-                _ if blocks => NativePacked::Blocks(qdot::QPanels::pack(self, w.view())),
-                NativeExec::Avx512Bf16(_) => NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view())),
-                NativeExec::Amx(_) => NativePacked::Tiles(amx::PackedB::pack(self, w.view(), segs)),
+                _ if blocks => NativePacked::Blocks(qdot::QPanels::pack(self, w.view(), PackFor::Keeping)),
+                NativeExec::Avx512Bf16(_) => {
+                    NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view(), PackFor::Keeping))
+                }
+                NativeExec::Amx(_) => NativePacked::Tiles(amx::PackedB::pack(self, w.view(), segs, PackFor::Keeping)),
             };
             w.bytes.release_resident();
             packed

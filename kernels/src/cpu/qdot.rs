@@ -301,7 +301,7 @@ fn model_block(job: &Job<'_>, w: WeightView<'_>, rows: Range<usize>, outs: Range
 /// A block weight packed for `VPDPBUSD` (see the module comment): `ceil(rows / 16)` panels of
 /// `blocks` packed blocks each; rows past the weight are zero.
 pub struct QPanels {
-    words: Vec<u32>,
+    words: super::pack_arena::PackedWords,
     dtype: DType,
     rows: usize,
     cols: usize,
@@ -323,11 +323,11 @@ fn packed_block_bytes(dtype: DType) -> usize {
 
 impl QPanels {
     /// Packs `w` on the backend's threads.
-    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>) -> QPanels {
+    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, purpose: super::PackFor) -> QPanels {
         let (dtype, blocks) = (w.dtype, w.cols / QUANT_BLOCK);
         let pbb = packed_block_bytes(dtype);
         let panel_words = blocks * pbb / 4;
-        let mut words = super::packed_buffer(w.rows.div_ceil(PANEL_ROWS) * panel_words);
+        let mut words = be.packed_words(w.rows.div_ceil(PANEL_ROWS) * panel_words, purpose);
         // Where the quants start in a stored block (after `d`, and for Q4_1 `m`).
         let qoff = if dtype == DType::Q4_1 { 4 } else { 2 };
         let pack_panel = |(nb, panel): (usize, &mut [u32])| {
@@ -373,13 +373,15 @@ mod hw {
     use std::arch::x86_64::*;
 
     use super::{packed_block_bytes, quant_bytes, Job};
+    use crate::cpu::pack_arena::prefetch_target;
     use crate::DType;
 
     /// How far ahead of the block it reads a decode tile prefetches, in bytes of the packing. A
     /// panel is short (Q4_1 at K = 576: 5.8 KB), so a few blocks ahead in the same panel, as the
     /// first version did, left each next tile's panels cold: from DRAM (Qwen2.5's Q4_1 lm-head, 1
     /// thread, CPU clock) 4 blocks ahead streamed 13–16 GB/s, 48 KB ahead 20–28 (16 KB: 14–18;
-    /// 96 KB: 24). The hint goes to L2 (`T1`), and never past the packing's end.
+    /// 96 KB: 24). The hint goes to L2 (`T1`), and never past the end of the packing's arena chunk
+    /// (`pack_arena`): a packing's tail prefetches the head of the one packed after it.
     const PREFETCH_BYTES: usize = 48 << 10;
 
     /// Weight kinds as const parameters of the tile.
@@ -412,7 +414,7 @@ mod hw {
         let pw = job.packed.expect("hardware runs on packed panels");
         let (pb, bb, qb) = (pw.panel_bytes(), packed_block_bytes(dtype), quant_bytes(dtype));
         let base = (pw.words.as_ptr() as *const u8).add(nb0 * pb);
-        let end = (pw.words.as_ptr() as *const u8).wrapping_add(4 * pw.words.len());
+        let end = pw.words.prefetch_end();
         let xq = &job.x.rows;
         let count = job.x.segs.len();
         let bias = match KIND {
@@ -426,10 +428,10 @@ mod hw {
             for b in blocks.clone() {
                 for j in 0..NB {
                     let wp = base.add(j * pb + b * bb);
-                    let ahead = wp.wrapping_add(PREFETCH_BYTES);
-                    if MR <= 2 && ahead < end {
+                    if let Some(ahead) = prefetch_target(wp, PREFETCH_BYTES, end).filter(|_| MR <= 2) {
                         // Decode streams each weight once: ask for the bytes a tile or two
-                        // ahead (a hint: no bit depends on it).
+                        // ahead, past this packing's end into the next one's (a hint: no bit
+                        // depends on it).
                         for line in (0..bb).step_by(64) {
                             _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
                         }
