@@ -5,12 +5,17 @@
 //!
 //! A batch-1 decode step streams every weight once, in the same order every step, and a native
 //! class reads each weight from a packed copy made at its first call (which is in step order
-//! too). As separate `Vec`s those copies were separate mappings, often at descending addresses:
-//! each weight started cold, its first tens of KB fetched by demand misses while the hardware
-//! prefetcher ramped up, and the tiles' software prefetch stopped at each packing's end. In one
-//! arena the packings lie back to back in step order, so the prefetch ahead of a weight's tail
-//! is the next weight's head (fetched while the norms and attention between them run), and a
-//! step reads one ascending stream on 2 MiB pages.
+//! too). As separate `Vec`s those copies were separate mappings, often at descending addresses,
+//! aligned to 16 bytes only (malloc's: large ones start 16 bytes past a page, so every 64-byte
+//! load of a tile straddled two cache lines),
+//! and a tile's software prefetch stopped at each packing's end. In one arena the packings lie
+//! back to back in step order on cache lines, and a step reads one ascending run of memory on
+//! 2 MiB pages. With the block-weight tile of that time (a 48 KB software prefetch, bounded by
+//! the chunk's end so that it ran on into the next weight) the SmolLM2 decode step's linears went
+//! from 17–19 to 19–22 GB/s on one thread (BENCHMARKS §17.1); the interleaved block-weight layout
+//! that followed needs no software prefetch, and there the arena measured within noise of
+//! separate buffers. It stays: it costs no memory, and a step's weights in one stream is what
+//! any prefetch across weights needs.
 //!
 //! # Layout
 //!
@@ -22,8 +27,7 @@
 //! old chunk is never touched. A chunk is unmapped when its last packing is dropped, which may be
 //! after the backend. Packings made for one call only (a bare view's) take a chunk of their own.
 //!
-//! The contents are the packing's words: where they live changes no bit. The bound a tile's
-//! prefetch respects is the end of the packing's chunk ([`PackedWords::prefetch_end`]).
+//! The contents are the packing's words: where they live changes no bit.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -114,9 +118,9 @@ impl PackedWords {
     pub(crate) fn standalone(len: usize) -> PackedWords {
         PackedWords { chunk: Arc::new(Chunk::new((4 * len).max(1))), start: 0, len }
     }
-    /// The end of the memory a prefetch ahead of this packing may touch: its chunk's end, so the
-    /// prefetch ahead of a packing's tail reaches the packings after it.
-    pub(crate) fn prefetch_end(&self) -> *const u8 {
+    /// The end of the packing's chunk (tests tell chunks apart by it).
+    #[cfg(test)]
+    fn chunk_end(&self) -> *const u8 {
         self.chunk.base.as_ptr().wrapping_add(self.chunk.len)
     }
 }
@@ -172,14 +176,6 @@ impl PackArena {
     }
 }
 
-/// Where a prefetch `distance` bytes ahead of `at` goes: there, if that lies before `end` (the
-/// packing's [`PackedWords::prefetch_end`]), else nowhere.
-#[inline]
-pub(crate) fn prefetch_target(at: *const u8, distance: usize, end: *const u8) -> Option<*const u8> {
-    let ahead = at.wrapping_add(distance);
-    (ahead < end).then_some(ahead)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +199,7 @@ mod tests {
             let (pa, pb, pc) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_ptr() as usize);
             assert_eq!(pb, (pa + 4000).next_multiple_of(PACKING_ALIGN), "b follows a");
             assert_eq!(pc, (pb + 28).next_multiple_of(PACKING_ALIGN), "c follows b");
-            assert_eq!(a.prefetch_end(), c.prefetch_end(), "one chunk");
+            assert_eq!(a.chunk_end(), c.chunk_end(), "one chunk");
         }
     }
 
@@ -213,10 +209,10 @@ mod tests {
         let arena = PackArena::default();
         let small = arena.alloc(16);
         let huge = arena.alloc(CHUNK_BYTES / 4); // exactly one chunk of bytes: it cannot follow `small`
-        assert_ne!(small.prefetch_end(), huge.prefetch_end());
-        assert_eq!(huge.prefetch_end(), (huge.as_ptr() as *const u8).wrapping_add(4 * huge.len()));
+        assert_ne!(small.chunk_end(), huge.chunk_end());
+        assert_eq!(huge.chunk_end(), (huge.as_ptr() as *const u8).wrapping_add(4 * huge.len()));
         let next = arena.alloc(16);
-        assert_ne!(next.prefetch_end(), huge.prefetch_end(), "the full chunk takes no more packings");
+        assert_ne!(next.chunk_end(), huge.chunk_end(), "the full chunk takes no more packings");
     }
 
     #[test]
@@ -226,19 +222,5 @@ mod tests {
         drop(arena);
         w.fill(7);
         assert!(w.iter().all(|&x| x == 7));
-    }
-
-    #[test]
-    fn prefetches_stop_before_the_end_they_are_given() {
-        let buf = [0u8; 256];
-        let (at, end) = (buf.as_ptr(), buf.as_ptr().wrapping_add(buf.len()));
-        assert_eq!(prefetch_target(at, 255, end), Some(at.wrapping_add(255)));
-        assert_eq!(prefetch_target(at, 256, end), None);
-        assert_eq!(prefetch_target(at.wrapping_add(200), 100, end), None);
-        // A standalone packing's bound is its own end; an arena packing's is its chunk's.
-        let solo = PackedWords::standalone(10);
-        let last = solo.as_ptr().wrapping_add(9) as *const u8;
-        assert!(prefetch_target(last, 3, solo.prefetch_end()).is_some());
-        assert!(prefetch_target(last, 4, solo.prefetch_end()).is_none());
     }
 }

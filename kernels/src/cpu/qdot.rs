@@ -55,7 +55,14 @@
 //!   `isum = Σ q_x·(q_w + 128) − 128·Σq`.
 //! * then the 16 rows' f16 `d` (and for Q4_1 the 16 `m`): 32 bytes each.
 //!
-//! so the packed copy is exactly as large as the file's blocks.
+//! so the packed copy is exactly as large as the file's blocks. Panels come in groups of four
+//! (the last may be short), interleaved block by block: block `b` of the group's panel `j` lies at
+//! `(b · width + j)` packed blocks into the group. A decode task reads one group (4 panels, or
+//! 2 or 1 of one on small weights), so its tiles read ONE ascending stream of memory, which the
+//! hardware prefetchers follow; panel after panel, a 1 × 4 tile read four short streams 5.8 KB
+//! apart (SmolLM2, K = 576) and needed a software prefetch 48 KB ahead to reach 17–22 GB/s on one
+//! thread, where the interleaved stream without any software prefetch reaches 21–27 (BENCHMARKS
+//! §17.1; a software prefetch of any distance over it lost 10–20 %).
 
 use std::ops::Range;
 
@@ -308,6 +315,18 @@ pub struct QPanels {
     blocks: usize,
 }
 
+/// Panels per group, interleaved block by block (see the module comment): a task's panels (as
+/// many, or 2 or 1 on small weights, always inside one group) are one sequential stream.
+const GROUP_PANELS: usize = 4;
+
+/// Where panel `nb` of a packing of `panels` panels of `panel_bytes` each finds its group: the
+/// group's first byte, its width (panels; the last group may be short) and the panel's place in
+/// it. Block `b` of the panel lies at `start + (b · width + place) ·` [`packed_block_bytes`].
+fn group_of(panels: usize, panel_bytes: usize, nb: usize) -> (usize, usize, usize) {
+    let first = nb / GROUP_PANELS * GROUP_PANELS;
+    (first * panel_bytes, GROUP_PANELS.min(panels - first), nb - first)
+}
+
 /// Bytes of the quant vectors of one packed block (16 rows).
 fn quant_bytes(dtype: DType) -> usize {
     match dtype {
@@ -327,38 +346,47 @@ impl QPanels {
         let (dtype, blocks) = (w.dtype, w.cols / QUANT_BLOCK);
         let pbb = packed_block_bytes(dtype);
         let panel_words = blocks * pbb / 4;
-        let mut words = be.packed_words(w.rows.div_ceil(PANEL_ROWS) * panel_words, purpose);
+        let panels = w.rows.div_ceil(PANEL_ROWS);
+        let mut words = be.packed_words(panels * panel_words, purpose);
         // Where the quants start in a stored block (after `d`, and for Q4_1 `m`).
         let qoff = if dtype == DType::Q4_1 { 4 } else { 2 };
-        let pack_panel = |(nb, panel): (usize, &mut [u32])| {
-            // SAFETY: the u32 panel viewed as its bytes (any bit pattern is valid in both).
-            let panel = unsafe { std::slice::from_raw_parts_mut(panel.as_mut_ptr() as *mut u8, panel.len() * 4) };
-            for r in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {
-                let row = w.row(nb * PANEL_ROWS + r);
-                for b in 0..blocks {
-                    let blk = crate::quant::block(row, b * QUANT_BLOCK, dtype.block_bytes());
-                    let dst = &mut panel[b * pbb..(b + 1) * pbb];
-                    let quants = &blk[qoff..];
-                    for (v, four) in quants.chunks_exact(4).enumerate() {
-                        for (t, &byte) in four.iter().enumerate() {
-                            dst[v * 64 + r * 4 + t] = if dtype == DType::Q8_0 { byte ^ 0x80 } else { byte };
+        let pack_group = |(g, group): (usize, &mut [u32])| {
+            // SAFETY: the u32 group viewed as its bytes (any bit pattern is valid in both).
+            let group = unsafe { std::slice::from_raw_parts_mut(group.as_mut_ptr() as *mut u8, group.len() * 4) };
+            let (_, width, _) = group_of(panels, blocks * pbb, g * GROUP_PANELS);
+            for (j, nb) in (g * GROUP_PANELS..g * GROUP_PANELS + width).enumerate() {
+                for r in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {
+                    let row = w.row(nb * PANEL_ROWS + r);
+                    for b in 0..blocks {
+                        let blk = crate::quant::block(row, b * QUANT_BLOCK, dtype.block_bytes());
+                        let at = (b * width + j) * pbb;
+                        let dst = &mut group[at..at + pbb];
+                        let quants = &blk[qoff..];
+                        for (v, four) in quants.chunks_exact(4).enumerate() {
+                            for (t, &byte) in four.iter().enumerate() {
+                                dst[v * 64 + r * 4 + t] = if dtype == DType::Q8_0 { byte ^ 0x80 } else { byte };
+                            }
                         }
-                    }
-                    let qb = quant_bytes(dtype);
-                    dst[qb + 2 * r..qb + 2 * r + 2].copy_from_slice(&blk[0..2]);
-                    if dtype == DType::Q4_1 {
-                        dst[qb + 32 + 2 * r..qb + 32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                        let qb = quant_bytes(dtype);
+                        dst[qb + 2 * r..qb + 2 * r + 2].copy_from_slice(&blk[0..2]);
+                        if dtype == DType::Q4_1 {
+                            dst[qb + 32 + 2 * r..qb + 32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                        }
                     }
                 }
             }
         };
         if panel_words > 0 {
-            be.pool().install(|| words.par_chunks_mut(panel_words).enumerate().for_each(pack_panel));
+            be.pool().install(|| words.par_chunks_mut(GROUP_PANELS * panel_words).enumerate().for_each(pack_group));
         }
         QPanels { words, dtype, rows: w.rows, cols: w.cols, blocks }
     }
     fn panel_bytes(&self) -> usize {
         self.blocks * packed_block_bytes(self.dtype)
+    }
+    /// [`group_of`] for this packing's panel `nb`.
+    fn group_of(&self, nb: usize) -> (usize, usize, usize) {
+        group_of(self.rows.div_ceil(PANEL_ROWS), self.panel_bytes(), nb)
     }
     /// Whether this packing is of a weight of `w`'s type and shape.
     pub(crate) fn fits(&self, w: WeightView<'_>) -> bool {
@@ -373,16 +401,7 @@ mod hw {
     use std::arch::x86_64::*;
 
     use super::{packed_block_bytes, quant_bytes, Job};
-    use crate::cpu::pack_arena::prefetch_target;
     use crate::DType;
-
-    /// How far ahead of the block it reads a decode tile prefetches, in bytes of the packing. A
-    /// panel is short (Q4_1 at K = 576: 5.8 KB), so a few blocks ahead in the same panel, as the
-    /// first version did, left each next tile's panels cold: from DRAM (Qwen2.5's Q4_1 lm-head, 1
-    /// thread, CPU clock) 4 blocks ahead streamed 13–16 GB/s, 48 KB ahead 20–28 (16 KB: 14–18;
-    /// 96 KB: 24). The hint goes to L2 (`T1`), and never past the end of the packing's arena chunk
-    /// (`pack_arena`): a packing's tail prefetches the head of the one packed after it.
-    const PREFETCH_BYTES: usize = 48 << 10;
 
     /// Weight kinds as const parameters of the tile.
     pub(super) const Q8_0: u8 = 0;
@@ -412,9 +431,11 @@ mod hw {
     ) {
         let dtype = dtype_of(KIND);
         let pw = job.packed.expect("hardware runs on packed panels");
-        let (pb, bb, qb) = (pw.panel_bytes(), packed_block_bytes(dtype), quant_bytes(dtype));
-        let base = (pw.words.as_ptr() as *const u8).add(nb0 * pb);
-        let end = pw.words.prefetch_end();
+        let (bb, qb) = (packed_block_bytes(dtype), quant_bytes(dtype));
+        let (start, width, place) = pw.group_of(nb0);
+        debug_assert!(place + NB <= width, "a tile stays inside its panels' group");
+        let base = (pw.words.as_ptr() as *const u8).add(start + place * bb);
+        let stride = width * bb;
         let xq = &job.x.rows;
         let count = job.x.segs.len();
         let bias = match KIND {
@@ -427,15 +448,7 @@ mod hw {
             let mut acc = [[_mm512_setzero_ps(); NB]; MR];
             for b in blocks.clone() {
                 for j in 0..NB {
-                    let wp = base.add(j * pb + b * bb);
-                    if let Some(ahead) = prefetch_target(wp, PREFETCH_BYTES, end).filter(|_| MR <= 2) {
-                        // Decode streams each weight once: ask for the bytes a tile or two
-                        // ahead, past this packing's end into the next one's (a hint: no bit
-                        // depends on it).
-                        for line in (0..bb).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
-                        }
-                    }
+                    let wp = base.add(b * stride + j * bb);
                     let mut wv = [_mm512_setzero_si512(); 8];
                     if KIND == Q8_0 {
                         for (v, wvv) in wv.iter_mut().enumerate() {
@@ -555,6 +568,8 @@ impl<'a> Job<'a> {
                 let packed = packed.expect("the hardware executor runs on packed panels");
                 assert!(packed.fits(w), "packing of another weight");
                 let nb = be.panels_per_task(pass_panels.max(panels), tile_shape(x.m.max(1)).1, 1);
+                // Tasks start on multiples of `nb`: a task's tiles stay inside one group.
+                assert_eq!(GROUP_PANELS % nb, 0, "a task's panels lie inside one group");
                 (nb, panels.div_ceil(nb))
             }
         };
@@ -662,6 +677,31 @@ mod tests {
             // SAFETY: AVX-512 F checked above.
             let vector = unsafe { quantize_block_avx512(&x, &mut qv) };
             assert_eq!((model.0.to_bits(), model.1, qm), (vector.0.to_bits(), vector.1, qv), "round {round}: {x:?}");
+        }
+    }
+
+    /// The interleaved layout puts every (panel, block) of a packing in its own place, together
+    /// exactly the packing's bytes, and each group's blocks as one ascending stream: block by
+    /// block, the group's panels in order.
+    #[test]
+    fn grouped_panels_tile_the_packing_exactly_in_block_major_order() {
+        for (panels, blocks) in [(1, 1), (3, 2), (4, 18), (5, 3), (7, 1), (9, 4), (13, 18)] {
+            let bb = packed_block_bytes(DType::Q8_0);
+            let mut seen = Vec::new();
+            for first in (0..panels).step_by(GROUP_PANELS) {
+                let (start, width, place) = group_of(panels, blocks * bb, first);
+                assert_eq!((start, place), (first * blocks * bb, 0));
+                assert_eq!(width, GROUP_PANELS.min(panels - first));
+                for b in 0..blocks {
+                    for nb in first..first + width {
+                        let (s, w, p) = group_of(panels, blocks * bb, nb);
+                        assert_eq!((s, w), (start, width), "panel {nb} lies in the group of panel {first}");
+                        seen.push(s + (b * w + p) * bb);
+                    }
+                }
+            }
+            let stream: Vec<usize> = (0..panels * blocks).map(|i| i * bb).collect();
+            assert_eq!(seen, stream, "{panels} panels × {blocks} blocks");
         }
     }
 
