@@ -61,8 +61,8 @@
 //! 2 or 1 of one on small weights), so its tiles read ONE ascending stream of memory, which the
 //! hardware prefetchers follow; panel after panel, a 1 × 4 tile read four short streams 5.8 KB
 //! apart (SmolLM2, K = 576) and needed a software prefetch 48 KB ahead to reach 17–22 GB/s on one
-//! thread, where the interleaved stream without any software prefetch reaches 21–27 (BENCHMARKS
-//! §17.1; a software prefetch of any distance over it lost 10–20 %).
+//! thread, where the interleaved stream without any software prefetch reaches 23–28 (BENCHMARKS
+//! §17.1; a software prefetch of any distance over it lost 5–20 %).
 
 use std::ops::Range;
 
