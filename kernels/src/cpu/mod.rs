@@ -463,8 +463,8 @@ impl CpuBackend {
 
     /// Runs `task(0..tasks)` as one pass of the backend's team (this thread and the helpers), in
     /// order on this thread where there is one task or thread. Tasks own disjoint outputs, so
-    /// where they run changes no bit.
-    pub(crate) fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync) {
+    /// where they run changes no bit. Public for the benches, which price a pass.
+    pub fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync) {
         self.team.run(tasks, &task)
     }
 
