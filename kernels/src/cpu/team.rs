@@ -7,8 +7,12 @@
 //!
 //! * **Publish.** The caller writes the pass (a `&dyn Fn(usize)` and its task count) and opens
 //!   it with one store of the pass state; helpers watching the state join at once.
-//! * **Claim.** Every member, the publisher too, claims task indices from one counter until they
-//!   run out (dynamic claiming keeps the load balanced where tasks differ, e.g. q against k/v).
+//! * **Claim.** The tasks are cut into one contiguous range per member (the publisher's first),
+//!   each with its own counter. A member claims its range's tasks in order, then claims from the
+//!   other ranges' fronts until all run out: contiguous runs keep a member's weight stream
+//!   sequential (the prefetch of one task runs into the next; interleaved claiming cost SmolLM2's
+//!   gate/up pass 13 %, BENCHMARKS §17.2), and claiming stays dynamic, so a member that is late
+//!   or descheduled (an oversubscribed host) leaves its tasks to the others.
 //! * **Close.** The publisher closes the pass when its claims run out and waits for the helpers
 //!   still inside (each registered before it looked at the pass), so the borrowed task outlives
 //!   every use. A helper that registers after the close sees it closed and leaves: the
@@ -63,8 +67,8 @@ struct Pass {
 struct Shared {
     /// Twice the number of passes published, plus one while the newest is open.
     state: Padded<AtomicU64>,
-    /// The next task index to claim in the open pass.
-    next: Padded<AtomicUsize>,
+    /// Per member's range of the open pass, the next task index to claim in it.
+    next: Box<[Padded<AtomicUsize>]>,
     /// Helpers registered for a pass; while any is, the publisher neither returns nor rewrites
     /// `pass`.
     inside: Padded<AtomicUsize>,
@@ -125,7 +129,7 @@ impl Team {
     pub(crate) fn new(members: usize, name: &str) -> Team {
         let shared = Arc::new(Shared {
             state: Padded::default(),
-            next: Padded::default(),
+            next: (0..members.max(1)).map(|_| Padded::default()).collect(),
             inside: Padded::default(),
             pass: UnsafeCell::new(Pass { task: &|_| {}, tasks: 0 }),
             panic: Mutex::new(None),
@@ -139,7 +143,7 @@ impl Team {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("{name}-{i}"))
-                    .spawn(move || helper(&shared))
+                    .spawn(move || helper(&shared, i))
                     .expect("spawn a team helper")
             })
             .collect();
@@ -167,14 +171,16 @@ impl Team {
         // SAFETY: no pass is open and no helper is inside (the last pass waited for that), so no
         // helper reads `pass` now.
         unsafe { *s.pass.get() = Pass { task: task_ptr, tasks } };
-        s.next.store(0, Relaxed);
+        for (member, next) in s.next.iter().enumerate() {
+            next.store(range(member, s.next.len(), tasks).start, Relaxed);
+        }
         let open = s.state.load(Relaxed) + 1;
         s.state.store(open, SeqCst);
         if s.parked.load(SeqCst) > 0 {
             let _g = lock(&s.park_lock);
             s.wake.notify_all();
         }
-        claim(s, task, tasks);
+        claim(s, 0, task, tasks);
         s.state.store(open + 1, SeqCst);
         let mut spins = 0u32;
         while s.inside.load(SeqCst) != 0 {
@@ -205,23 +211,33 @@ impl Drop for Team {
     }
 }
 
-/// Claims and runs the open pass's tasks until none is left. A task's panic is kept for the
-/// publisher (the first one) and the claiming goes on, so every task of a pass runs.
-fn claim(s: &Shared, task: &Task<'_>, tasks: usize) {
+/// Member `member`'s range of a pass of `tasks` tasks cut among `members`.
+fn range(member: usize, members: usize, tasks: usize) -> std::ops::Range<usize> {
+    member * tasks / members..(member + 1) * tasks / members
+}
+
+/// Claims and runs the open pass's tasks, `member`'s own range first, then the others' (from
+/// their fronts), until none is left. A task's panic is kept for the publisher (the first one)
+/// and the claiming goes on, so every task of a pass runs.
+fn claim(s: &Shared, member: usize, task: &Task<'_>, tasks: usize) {
     let _in = InTask::enter();
-    loop {
-        let t = s.next.fetch_add(1, Relaxed);
-        if t >= tasks {
-            return;
-        }
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| task(t))) {
-            lock(&s.panic).get_or_insert(payload);
+    let members = s.next.len();
+    for r in (member..members).chain(0..member) {
+        let end = range(r, members, tasks).end;
+        loop {
+            let t = s.next[r].fetch_add(1, Relaxed);
+            if t >= end {
+                break;
+            }
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| task(t))) {
+                lock(&s.panic).get_or_insert(payload);
+            }
         }
     }
 }
 
 /// A helper's life: join each pass once, spin, yield, then park between passes.
-fn helper(s: &Shared) {
+fn helper(s: &Shared, member: usize) {
     let mut seen = 0u64;
     let mut idle_since = Instant::now();
     let mut idle = Duration::ZERO;
@@ -238,7 +254,7 @@ fn helper(s: &Shared) {
                     let pass = *s.pass.get();
                     (pass, &*pass.task)
                 };
-                claim(s, task, pass.tasks);
+                claim(s, member, task, pass.tasks);
             }
             s.inside.fetch_sub(1, SeqCst);
             idle_since = Instant::now();
