@@ -11,7 +11,7 @@
 //!   each with its own counter. A member claims its range's tasks in order, then claims from the
 //!   other ranges' fronts until all run out: contiguous runs keep a member's weight stream
 //!   sequential (the prefetch of one task runs into the next; interleaved claiming cost SmolLM2's
-//!   gate/up pass 13 %, BENCHMARKS §17.2), and claiming stays dynamic, so a member that is late
+//!   M=1 gate/up group ~15 %, BENCHMARKS §17.2), and claiming stays dynamic, so a member that is late
 //!   or descheduled (an oversubscribed host) leaves its tasks to the others.
 //! * **Close.** The publisher closes the pass when its claims run out and waits for the helpers
 //!   still inside (each registered before it looked at the pass), so the borrowed task outlives
