@@ -9,10 +9,10 @@
 //!   it with one store of the pass state; helpers watching the state join at once.
 //! * **Claim.** The tasks are cut into one contiguous range per member (the publisher's first),
 //!   each with its own counter. A member claims its range's tasks in order, then claims from the
-//!   other ranges' fronts until all run out: contiguous runs keep a member's weight stream
-//!   sequential (the prefetch of one task runs into the next; interleaved claiming cost SmolLM2's
-//!   M=1 gate/up group ~15 %, BENCHMARKS §17.2), and claiming stays dynamic, so a member that is late
-//!   or descheduled (an oversubscribed host) leaves its tasks to the others.
+//!   other ranges' fronts until all run out. Contiguous runs keep a member's weight stream
+//!   sequential (interleaved claiming cost SmolLM2's M=1 gate/up group ~15 %, BENCHMARKS §17.2),
+//!   and claiming stays dynamic, so a member that is late or descheduled (an oversubscribed
+//!   host) leaves its tasks to the others.
 //! * **Close.** The publisher closes the pass when its claims run out and waits for the helpers
 //!   still inside (each registered before it looked at the pass), so the borrowed task outlives
 //!   every use. A helper that registers after the close sees it closed and leaves: the
@@ -44,7 +44,7 @@ const YIELD_UNTIL: Duration = Duration::from_millis(2);
 /// A task of a pass, borrowed from the publisher for the pass.
 type Task<'a> = dyn Fn(usize) + Sync + 'a;
 
-/// One atomic on a cache line of its own: the pass state, the claim counter and the helpers'
+/// One atomic on a cache line of its own: the pass state, the claim counters and the helpers'
 /// registrations are written by different threads at different times.
 #[repr(align(64))]
 #[derive(Default)]
