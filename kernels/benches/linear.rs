@@ -495,13 +495,14 @@ fn quantized_decode(filter: &str, rng: &mut SplitMix64) {
 }
 
 /// What one pass over a 2-thread pool costs a decode step, entered from the pool's own worker as a
-/// step is: short busy tasks split by rayon's adaptive `par_iter` (what `CpuBackend::run_tasks` does)
-/// and by a static split into one contiguous chunk per thread (`join`); then SmolLM2-135M's
+/// step is: short busy tasks split by rayon's adaptive `par_iter` (what `CpuBackend::run_tasks` did
+/// before the team), by a static split into one contiguous chunk per thread (`join`) and by the
+/// backend's team (`CpuBackend::run_tasks`); then SmolLM2-135M's
 /// q/k/v (576→576, 192, 192) and gate/up (576→1536 twice), Q4_1, native and portable numerics,
 /// M = 1 and 8, as separate calls and as one `linear_group` (weights small enough to stay cached: the difference is the
 /// per-call cost).
 fn pool_pass(filter: &str, rng: &mut SplitMix64) {
-    let rows = ["par_iter", "join", "q/k/v", "gate/up"];
+    let rows = ["par_iter", "join", "team", "q/k/v", "gate/up"];
     let wanted = filter.is_empty() || "pool pass".contains(filter) || rows.iter().any(|r| r.contains(filter));
     if !wanted {
         return;
@@ -543,8 +544,15 @@ fn pool_pass(filter: &str, rng: &mut SplitMix64) {
                 }
             })
         });
+        let team = pool.install(|| {
+            time(|| {
+                for _ in 0..REPS {
+                    be.run_tasks(tasks, busy);
+                }
+            })
+        });
         let ideal = tasks as f64 * TASK_US / threads as f64;
-        for (how, secs) in [("par_iter", adaptive), ("join of two halves", halves)] {
+        for (how, secs) in [("par_iter", adaptive), ("join of two halves", halves), ("team (run_tasks)", team)] {
             let us = secs / REPS as f64 * 1e6;
             println!("| {TASK_US} µs tasks, {how} | {tasks} | {us:.2} ({:+.2} over ideal) |", us - ideal);
         }

@@ -186,8 +186,9 @@ pub trait Backend: Send + Sync {
     fn numerics(&self) -> NumericsConfig;
     fn mode(&self) -> KernelMode;
     /// The thread pool a whole step should run on, if the backend has one. A step entered on a
-    /// pool thread hands each parallel kernel call to the pool's other threads directly; entered
-    /// from outside, every one of a decode step's hundreds of calls parks the caller and wakes the
+    /// pool thread hands the pool's work (the CPU backend: weight packing at a weight's first
+    /// native call, fast mode's `gemm`; its passes run on its own team) to the pool's other
+    /// threads directly; entered from outside, each such call parks the caller and wakes the
     /// pool. Where work runs never changes a bit (outputs are cut into disjoint tiles).
     fn step_pool(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
         None

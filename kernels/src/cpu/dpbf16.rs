@@ -139,7 +139,7 @@ impl PreparedX {
 }
 
 /// x rows as bf16 pairs, `pairs` dwords a row (the second half of a pair past the row is zero),
-/// rows split among the pool's threads when there are many.
+/// rows split among the team's threads when there are many.
 fn pack_x(be: &CpuBackend, x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut out = vec![0u32; m * pairs];
@@ -148,7 +148,7 @@ fn pack_x(be: &CpuBackend, x: &[f32], m: usize, k: usize) -> Vec<u32> {
     }
     let row = |(dst, xr): (&mut [u32], &[f32])| pack_x_row(xr, dst);
     if m >= 16 && be.threads() > 1 {
-        be.pool().install(|| out.par_chunks_exact_mut(pairs).zip(x.par_chunks_exact(k)).for_each(row));
+        be.run_chunks(&mut out, pairs, |r, dst| row((dst, &x[r * k..(r + 1) * k])));
     } else {
         out.chunks_exact_mut(pairs).zip(x.chunks_exact(k)).for_each(row);
     }

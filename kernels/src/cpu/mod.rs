@@ -4,15 +4,17 @@
 //!   [`Isa::Scalar`] (a plain loop over the 16 logical lanes, the path for every other target) all
 //!   evaluate the same logical-lane order, so they agree with [`crate::reference`] bit for bit.
 //!   Any path can be forced ([`CpuConfig::isa`]) so the contract tests cover each one.
-//! * **Threads.** A private rayon pool of `threads` workers. Work is cut into output tiles (rows of
-//!   `M`, columns of `N`, query rows for attention — or, with fewer than four rows per thread,
-//!   a query row's units of heads); one output element is always computed by one
-//!   thread in the contract's order, so the thread count cannot change a bit. A model step runs
-//!   on the pool as a whole ([`Backend::step_pool`]): entered from outside, each of a decode
-//!   step's hundreds of kernel calls parked the caller and woke the pool (a third of SmolLM2's
-//!   batch-1 CPU time went to the scheduler). Linears that read the same x (q/k/v, gate/up) run
-//!   as one group ([`Backend::linear_group`]): one pass over the pool for all their tasks, x
-//!   prepared once per format; each output keeps the bits of its own call.
+//! * **Threads.** Work is cut into output tiles (rows of `M`, columns of `N`, query rows for
+//!   attention — or, with fewer than four rows per thread, a query row's units of heads); one
+//!   output element is always computed by one thread in the contract's order, so the thread count
+//!   cannot change a bit. Every pass of tiles runs on the backend's [`team`]: the calling thread
+//!   and `threads - 1` helpers that spin between a step's passes and park when idle (a rayon
+//!   hand-off per pass cost SmolLM2's batch-1 decode ~10 % of its samples in the scheduler). A
+//!   private rayon pool of `threads` workers keeps the rest: weight packing, fast mode's `gemm`,
+//!   and the model step as a whole ([`Backend::step_pool`]: entered from outside, each of a
+//!   decode step's pool calls parked the caller and woke the pool). Linears that read the same x
+//!   (q/k/v, gate/up) run as one group ([`Backend::linear_group`]): one pass for all their tasks,
+//!   x prepared once per format; each output keeps the bits of its own call.
 //! * **Weights** stay as stored (f32 / bf16 / f16, usually memory-mapped) and are widened exactly
 //!   in registers. The bf16 dot-product instructions (`vdpbf16ps`) are never used: their internal
 //!   rounding is not the fma chain of the contract.
@@ -32,11 +34,10 @@ mod linear;
 mod ops;
 mod pack_arena;
 pub mod qdot;
+mod team;
 pub use ops::tree_combine;
 #[cfg(target_arch = "x86_64")]
 mod x86;
-
-use rayon::prelude::*;
 
 use crate::{
     reference, AttnParams, AttnSeq, Backend, GroupLinear, HostWeight, KernelError, KernelMode, KvLayout,
@@ -122,7 +123,11 @@ impl Default for CpuConfig {
 pub struct CpuBackend {
     cfg: CpuConfig,
     isa: Isa,
+    /// Work outside a step's passes: weight packing at load, fast mode's `gemm`, and the step
+    /// itself ([`Backend::step_pool`]).
     pool: std::sync::Arc<rayon::ThreadPool>,
+    /// Every pass inside a step ([`Self::run_tasks`]): the step's thread and `threads - 1` helpers.
+    team: team::Team,
     /// The native class and who executes it (`None` in the other modes).
     native: Option<NativeExec>,
     /// Who executes native mode's rule for block weights.
@@ -334,13 +339,28 @@ impl LinearJob<'_> {
 
 /// A raw pointer that tiles of one output may share across threads: every tile writes a disjoint
 /// set of elements, which is what makes this sound.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub *mut f32);
+pub(crate) struct SharedOut<T = f32>(pub *mut T);
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
 // SAFETY: the pointer is only written through, at elements no other thread writes (see above),
 // and the output it points into outlives the scoped threads that hold it.
-unsafe impl Send for SharedOut {}
+unsafe impl<T: Send> Send for SharedOut<T> {}
 // SAFETY: as for `Send`: shared references only ever write disjoint elements.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The `len` elements from `start`.
+    ///
+    /// # Safety
+    /// They lie inside the output, and no other task reads or writes them while the slice lives.
+    pub(crate) unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
 
 impl CpuBackend {
     pub fn new(cfg: CpuConfig) -> Result<Self, KernelError> {
@@ -379,8 +399,9 @@ impl CpuBackend {
             .thread_name(|i| format!("lockstep-cpu-{i}"))
             .build()
             .expect("thread pool");
+        let team = team::Team::new(cfg.threads.max(1), "lockstep-team");
         let qdot = qdot::QdotExec::best();
-        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), native, qdot, arena: Default::default() })
+        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), team, native, qdot, arena: Default::default() })
     }
 
     /// The same backend with native mode's block-weight rule run by `exec` (tests run the
@@ -445,14 +466,24 @@ impl CpuBackend {
         nb
     }
 
-    /// Runs `task(0..tasks)`, on the pool where there is more than one task and thread, in order
-    /// on this thread otherwise. Tasks own disjoint outputs, so where they run changes no bit.
-    pub(crate) fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync + Send) {
-        if self.threads() == 1 || tasks <= 1 {
-            (0..tasks).for_each(task);
-        } else {
-            self.pool.install(|| (0..tasks).into_par_iter().for_each(task));
-        }
+    /// Runs `task(0..tasks)` as one pass of the backend's team (this thread and the helpers), in
+    /// order on this thread where there is one task or thread. Tasks own disjoint outputs, so
+    /// where they run changes no bit. Public for the benches, which price a pass.
+    pub fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync) {
+        self.team.run(tasks, &task)
+    }
+
+    /// Runs `task(i, chunk)` over `out` cut into chunks of `len` elements (the last may be
+    /// shorter), one task per chunk, as [`Self::run_tasks`].
+    pub(crate) fn run_chunks<T: Send>(&self, out: &mut [T], len: usize, task: impl Fn(usize, &mut [T]) + Sync) {
+        assert!(len > 0 || out.is_empty(), "chunks of no elements");
+        let total = out.len();
+        let dst = SharedOut(out.as_mut_ptr());
+        self.run_tasks(total.div_ceil(len.max(1)), |i| {
+            let start = i * len;
+            // SAFETY: chunk `i` lies inside `out`, and each chunk belongs to one task.
+            task(i, unsafe { dst.slice(start, len.min(total - start)) })
+        });
     }
 
     /// Row-parallel partial on slices: `x` is `[m, segs.real_range().len()]`, `w` `[n, same]`.
@@ -484,7 +515,7 @@ impl CpuBackend {
     }
 
     /// [`Self::linear_weight_partial_into`] for several weights that read the same `x` (q/k/v,
-    /// gate/up), in ONE pass over the pool: every weight's tasks are enumerated together, each
+    /// gate/up), in ONE pass over the team: every weight's tasks are enumerated together, each
     /// still owning a disjoint block of its own output, and `x` is quantized or packed once per
     /// format the group needs. Where a task runs never changes a bit, so each output has the bits
     /// of its own call. Every weight has the columns of `segs`.
@@ -613,13 +644,12 @@ impl CpuBackend {
         requests: &[SampleRequest],
     ) -> Vec<ShardSample> {
         assert_eq!(logits.len(), requests.len() * shard.rows);
-        self.pool.install(|| {
-            requests
-                .par_iter()
-                .enumerate()
-                .map(|(i, r)| ops::shard_sample(self, &logits[i * shard.rows..(i + 1) * shard.rows], &shard, r))
-                .collect()
-        })
+        let mut samples: Vec<Option<ShardSample>> = requests.iter().map(|_| None).collect();
+        self.run_chunks(&mut samples, 1, |i, sample| {
+            let rows = &logits[i * shard.rows..(i + 1) * shard.rows];
+            sample[0] = Some(ops::shard_sample(self, rows, &shard, &requests[i]));
+        });
+        samples.into_iter().map(|s| s.expect("every request sampled")).collect()
     }
 }
 

@@ -7,8 +7,6 @@
 //! attention with few rows, as at batch-1 decode, spreads each row's units of heads); each row's
 //! bits never depend on which thread ran it.
 
-use rayon::prelude::*;
-
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
 use crate::sampling::{lane_tree, shard_sample as shard_sample_scalar, shard_sample_with};
@@ -72,9 +70,7 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, 
     let mut wide = Vec::with_capacity(n);
     w.widen_rows_into(0..w.rows, &mut wide);
     let w = wide.as_slice();
-    be.pool().install(|| {
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, row)| with_fma!(be, rms_norm_row(row, w, eps, seg, o)))
-    });
+    be.run_chunks(out, n, |r, o| with_fma!(be, rms_norm_row(&x[r * n..(r + 1) * n], w, eps, seg, o)));
 }
 
 #[inline(always)]
@@ -87,15 +83,14 @@ fn swiglu_slice(gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub(crate) fn swiglu(be: &CpuBackend, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == up.len() && out.len() == gate.len());
     const CHUNK: usize = 4096;
-    be.pool().install(|| {
-        out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
-            #[cfg(target_arch = "x86_64")]
-            if be.isa() == Isa::Avx512 {
-                // SAFETY: the AVX-512 path is only selected when the CPU has it.
-                return unsafe { super::x86::swiglu_avx512(g, u, o) };
-            }
-            with_fma!(be, swiglu_slice(g, u, o))
-        })
+    be.run_chunks(out, CHUNK, |i, o| {
+        let (g, u) = (&gate[i * CHUNK..][..o.len()], &up[i * CHUNK..][..o.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if be.isa() == Isa::Avx512 {
+            // SAFETY: the AVX-512 path is only selected when the CPU has it.
+            return unsafe { super::x86::swiglu_avx512(g, u, o) };
+        }
+        with_fma!(be, swiglu_slice(g, u, o))
     });
 }
 
@@ -282,7 +277,7 @@ fn attention_heads(
     }
 }
 
-/// Query rows per pool thread below which attention runs a task per (row, unit of heads) rather
+/// Query rows per thread below which attention runs a task per (row, unit of heads) rather
 /// than per row: one decode row alone would otherwise keep one thread busy while the rest wait.
 const ROWS_PER_THREAD_FOR_ROW_TASKS: usize = 4;
 
@@ -331,13 +326,11 @@ pub(crate) fn attention(
         let (qrow, key_at, unit) = (&q[row * width..(row + 1) * width], &keys[..=pos], (first, heads));
         with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o))
     };
-    be.pool().install(|| {
-        if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {
-            (0..rows.len()).into_par_iter().for_each(|r| (0..n_units).for_each(|u| run(r, units.heads(u))))
-        } else {
-            (0..rows.len() * n_units).into_par_iter().for_each(|t| run(t / n_units, units.heads(t % n_units)))
-        }
-    });
+    if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {
+        be.run_tasks(rows.len(), |r| (0..n_units).for_each(|u| run(r, units.heads(u))))
+    } else {
+        be.run_tasks(rows.len() * n_units, |t| run(t / n_units, units.heads(t % n_units)))
+    }
 }
 
 pub(crate) fn shard_sample(be: &CpuBackend, logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> ShardSample {

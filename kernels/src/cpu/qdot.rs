@@ -197,7 +197,7 @@ fn quantize_block_fast(x: &[f32], q: &mut [i8], avx512: bool) -> (f32, i32) {
 }
 
 impl QuantRows {
-    /// `m` rows of `k` (a multiple of 32) activations, rows split among the pool's threads when
+    /// `m` rows of `k` (a multiple of 32) activations, rows split among the team's threads when
     /// there are many.
     pub fn new(be: &CpuBackend, x: &[f32], m: usize, k: usize) -> QuantRows {
         let blocks = k / QUANT_BLOCK;
@@ -217,12 +217,12 @@ impl QuantRows {
         };
         let (q, dx, sum) = (&mut out.q, &mut out.dx, &mut out.sum);
         if m >= 16 && be.threads() > 1 {
-            be.pool().install(|| {
-                q.par_chunks_exact_mut(k)
-                    .zip(dx.par_chunks_exact_mut(blocks))
-                    .zip(sum.par_chunks_exact_mut(blocks))
-                    .zip(x.par_chunks_exact(k))
-                    .for_each(row)
+            let (dx, sum) = (SharedOut(dx.as_mut_ptr()), SharedOut(sum.as_mut_ptr()));
+            // SAFETY: row `r`'s scales and sums belong to the task of row `r` only.
+            let parts = |r: usize| unsafe { (dx.slice(r * blocks, blocks), sum.slice(r * blocks, blocks)) };
+            be.run_chunks(q, k, |r, q| {
+                let (dx, sum) = parts(r);
+                row((((q, dx), sum), &x[r * k..(r + 1) * k]))
             });
         } else {
             q.chunks_exact_mut(k)
