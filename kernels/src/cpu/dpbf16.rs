@@ -256,6 +256,7 @@ mod hw {
         let w0 = pp.words.as_ptr().add(nb0 * pw);
         let x0 = job.x.pairs.as_ptr().add(i0 * pairs);
         let count = job.x.segs.len();
+        crate::cpu::prefetch_tile_outputs::<MR, NB>(job.out.0, job.n, i0, nb0);
         for (s, prs) in job.x.segs.iter().enumerate() {
             let mut acc = [[_mm512_setzero_ps(); NB]; MR];
             if planes == 1 {

@@ -443,6 +443,7 @@ mod hw {
             Q4_0 => 8,
             _ => 0,
         };
+        crate::cpu::prefetch_tile_outputs::<MR, NB>(job.out.0, job.n, i0, nb0);
         let low = _mm512_set1_epi8(0x0f);
         for (s, blocks) in job.x.segs.iter().enumerate() {
             let mut acc = [[_mm512_setzero_ps(); NB]; MR];
