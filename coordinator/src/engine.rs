@@ -224,6 +224,9 @@ pub struct LocalExecutor {
     model: LocalModel,
 }
 
+// One per process, never moved after load: the variants' sizes (each a whole `Model`) differ by a
+// few hundred bytes, which boxing would not make cheaper anywhere.
+#[allow(clippy::large_enum_variant)]
 enum LocalModel {
     Cpu(Model<CpuBackend>),
     #[cfg(feature = "cuda")]
