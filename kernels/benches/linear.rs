@@ -528,29 +528,17 @@ fn pool_pass(filter: &str, rng: &mut SplitMix64) {
             std::hint::spin_loop();
         }
     };
+    // `REPS` passes, timed on the pool's worker.
+    let passes = |pass: &(dyn Fn() + Sync)| pool.install(|| time(|| (0..REPS).for_each(|_| pass())));
     for tasks in [2usize, 8, 32] {
-        let adaptive = pool.install(|| {
-            time(|| {
-                for _ in 0..REPS {
-                    use rayon::prelude::*;
-                    (0..tasks).into_par_iter().for_each(busy);
-                }
-            })
+        let adaptive = passes(&|| {
+            use rayon::prelude::*;
+            (0..tasks).into_par_iter().for_each(busy)
         });
-        let halves = pool.install(|| {
-            time(|| {
-                for _ in 0..REPS {
-                    rayon::join(|| (0..tasks / 2).for_each(busy), || (tasks / 2..tasks).for_each(busy));
-                }
-            })
+        let halves = passes(&|| {
+            rayon::join(|| (0..tasks / 2).for_each(busy), || (tasks / 2..tasks).for_each(busy));
         });
-        let team = pool.install(|| {
-            time(|| {
-                for _ in 0..REPS {
-                    be.run_tasks(tasks, busy);
-                }
-            })
-        });
+        let team = passes(&|| be.run_tasks(tasks, busy));
         let ideal = tasks as f64 * TASK_US / threads as f64;
         for (how, secs) in [("par_iter", adaptive), ("join of two halves", halves), ("team (run_tasks)", team)] {
             let us = secs / REPS as f64 * 1e6;

@@ -595,9 +595,6 @@ impl CpuBackend {
             assert_linear_shapes(x, m, w.view(), segs, y);
             jobs.extend(self.prepare_linear(&gx, w, y));
         }
-        if let [job] = &jobs[..] {
-            return self.run_tasks(job.tasks(), |t| job.run(t));
-        }
         let total = jobs.iter().map(LinearJob::tasks).sum();
         self.run_tasks(total, |mut t| {
             for job in &jobs {
