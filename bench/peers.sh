@@ -10,8 +10,10 @@
 # convert_hf_to_gguf.py imports torch and transformers at its top) go into a venv in the cache.
 #
 # Models: the synthetic Qwen2.5-0.5B of `lockstep model synth` in bf16 and f32 (converted to GGUF
-# with llama.cpp's own convert_hf_to_gguf.py through bench/peers/convert_synth.py), and the real
-# SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both engines). Numbers are tokens/s; every
+# with llama.cpp's own convert_hf_to_gguf.py through bench/peers/convert_synth.py), the same model
+# quantized to Q8_0 by that converter (a quantized model whose batch-1 step is all weights: the
+# same GGUF file for both engines), and the real SmolLM2-135M-Instruct Q4_1 GGUF (the same file
+# for both engines). Numbers are tokens/s; every
 # engine gets the same token ids. A negative control shows whether each engine's logits depend on
 # the batch around a sequence (bench/peers/batch_invariance.cpp for llama.cpp, `lockstep
 # generate --json` for lockstep).
@@ -24,7 +26,7 @@ usage() {
 usage: bench/peers.sh [--threads N] [--models LIST] [--quick] [--no-control]
 
   --threads N     threads for every engine (default 2)
-  --models LIST   comma-separated: synth-bf16, synth-f32, smollm2 (default: all three)
+  --models LIST   comma-separated: synth-bf16, synth-f32, synth-q8_0, smollm2 (default: all four)
   --quick         pp128 and decode at batch 1 and 8 only, 16 new tokens, no transformers f32
   --no-control    skip the batch-invariance negative control
 
@@ -34,7 +36,7 @@ EOF
 }
 
 THREADS=2
-MODELS=synth-bf16,synth-f32,smollm2
+MODELS=synth-bf16,synth-f32,synth-q8_0,smollm2
 QUICK=0
 CONTROL=1
 while [[ $# -gt 0 ]]; do
@@ -131,19 +133,20 @@ ensure_lockstep() {
 
 # --- models ------------------------------------------------------------------------------------
 
-# A synthetic Qwen2.5-0.5B directory (with the Qwen2 pre-tokenizer) and its GGUF twin.
-synth_model() { # dtype -> sets HF_DIR, GGUF
-    local dtype=$1
+# A synthetic Qwen2.5-0.5B directory (with the Qwen2 pre-tokenizer) and its GGUF twin, in the
+# directory's dtype or in the converter's `--outtype` (q8_0: quantized by the converter itself).
+synth_model() { # dtype [outtype] -> sets HF_DIR, GGUF
+    local dtype=$1 outtype=${2:-$1}
     HF_DIR=$CACHE/models/qwen2.5-0.5b-$dtype
-    GGUF=$CACHE/models/qwen2.5-0.5b-$dtype.gguf
+    GGUF=$CACHE/models/qwen2.5-0.5b-$outtype.gguf
     if ! grep -q '"Split"' "$HF_DIR/tokenizer.json" 2>/dev/null; then
         rm -rf "$HF_DIR" "$GGUF"
         "$LS" model synth --preset qwen2.5-0.5b --dtype "$dtype" --seed 0 --out "$HF_DIR"
     fi
     if [[ ! -f $GGUF ]]; then
-        note "converting $HF_DIR to GGUF ($dtype) with llama.cpp's convert_hf_to_gguf.py"
-        "$PY" "$HERE/convert_synth.py" "$SRC" "$HF_DIR" --outtype "$dtype" --outfile "$GGUF.part" >"$RUN/convert-$dtype.log" 2>&1 ||
-            { tail -20 "$RUN/convert-$dtype.log"; return 1; }
+        note "converting $HF_DIR to GGUF ($outtype) with llama.cpp's convert_hf_to_gguf.py"
+        "$PY" "$HERE/convert_synth.py" "$SRC" "$HF_DIR" --outtype "$outtype" --outfile "$GGUF.part" >"$RUN/convert-$outtype.log" 2>&1 ||
+            { tail -20 "$RUN/convert-$outtype.log"; return 1; }
         mv "$GGUF.part" "$GGUF"
     fi
 }
@@ -217,6 +220,17 @@ native_flags() {
     return 0
 }
 
+# Block weights in native mode run the integer rule (DESIGN §2.2, `qdot-1`) on AVX512-VNNI;
+# without it the rule's scalar model runs (the same bits, far slower): no row then.
+run_lockstep_gguf() { # label gguf
+    run_lockstep "$1" "$2" "lockstep invariant" invariant || true
+    if native_flags && grep -qw avx512_vnni /proc/cpuinfo; then
+        run_lockstep "$1" "$2" "lockstep native" native || true
+    else
+        note "lockstep native column skipped: ${NATIVE_WHY:-this CPU has no AVX512-VNNI}"
+    fi
+}
+
 # --- run ---------------------------------------------------------------------------------------
 
 printf '# lockstep vs peers (bench/peers.sh)\n'
@@ -269,20 +283,26 @@ if has_model synth-bf16 || has_model synth-f32; then
     done
 fi
 
+if has_model synth-q8_0; then
+    label="qwen2.5-0.5b Q8_0 (same GGUF)"
+    section "Synthetic Qwen2.5-0.5B quantized to Q8_0 by the converter, the same GGUF file in both engines"
+    if synth_model bf16 q8_0; then
+        record_weights "$label" "$(wc -c <"$GGUF")"
+        run_lockstep_gguf "$label" "$GGUF"
+        run_llama_cpp "$label" "$GGUF"
+        note "transformers column skipped for a GGUF file (transformers runs Hugging Face directories here)"
+    else
+        note "conversion failed: $label skipped"
+    fi
+fi
+
 if has_model smollm2; then
     label="SmolLM2-135M Q4_1 (same GGUF)"
     section "SmolLM2-135M-Instruct Q4_1, the same GGUF file in both engines"
     smollm2_file
     note "file: $SMOLLM2"
     record_weights "$label" "$(wc -c <"$SMOLLM2")"
-    run_lockstep "$label" "$SMOLLM2" "lockstep invariant" invariant || true
-    # Block weights in native mode run the integer rule (DESIGN §2.2, `qdot-1`) on AVX512-VNNI;
-    # without it the rule's scalar model runs (the same bits, far slower): no row then.
-    if native_flags && grep -qw avx512_vnni /proc/cpuinfo; then
-        run_lockstep "$label" "$SMOLLM2" "lockstep native" native || true
-    else
-        note "lockstep native column skipped: ${NATIVE_WHY:-this CPU has no AVX512-VNNI}"
-    fi
+    run_lockstep_gguf "$label" "$SMOLLM2"
     run_llama_cpp "$label" "$SMOLLM2"
     note "transformers column skipped for a GGUF file (transformers runs Hugging Face directories here)"
 fi
