@@ -34,28 +34,48 @@ macro_rules! with_fma {
     }};
 }
 
-/// The canonical dot product of two real-length slices over a full segmentation, without
-/// allocating: the same order as [`crate::reference::dot`].
+/// The canonical dot product of a real-length slice with itself over a full segmentation,
+/// without allocating: the same order as [`crate::reference::dot`]. `lanes(lo, hi)` gives the 16
+/// lane sums of the squares of `x[lo..hi]` (lane `e % 16` takes element `e`, an fma chain in
+/// element order): [`square_lanes`] or a SIMD twin with its bits.
 #[inline(always)]
-fn dot_full(x: &[f32], w: &[f32], seg: Segmentation) -> f32 {
+fn squares_full(x: &[f32], seg: Segmentation, lanes: impl Fn(usize, usize) -> [f32; LANES]) -> f32 {
     let mut sums = [0.0f32; 64];
     for (s, sum) in sums.iter_mut().enumerate().take(seg.segments) {
-        let mut acc = [0.0f32; LANES];
-        for e in s * seg.seg_len..((s + 1) * seg.seg_len).min(x.len()) {
-            acc[e % LANES] = x[e].mul_add(w[e], acc[e % LANES]);
-        }
         // Padding lanes would add fma(0, 0, acc) = acc + 0: the same as skipping them, since
         // every accumulator is either +0.0 or has absorbed a product already (−0 + +0 = +0 is
         // the one case that differs, and it cannot arise from a +0.0 start).
-        *sum = lane_tree(acc);
+        *sum = lane_tree(lanes((s * seg.seg_len).min(x.len()), ((s + 1) * seg.seg_len).min(x.len())));
     }
     segment_tree_inplace(&mut sums[..seg.segments])
 }
 
+/// The lane sums of [`squares_full`], one element at a time.
 #[inline(always)]
-fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, seg: Segmentation, out: &mut [f32]) {
+fn square_lanes(x: &[f32], lo: usize, hi: usize) -> [f32; LANES] {
+    let mut acc = [0.0f32; LANES];
+    for e in lo..hi {
+        acc[e % LANES] = x[e].mul_add(x[e], acc[e % LANES]);
+    }
+    acc
+}
+
+#[inline(always)]
+fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, seg: Segmentation, out: &mut [f32], avx512: bool) {
     let n = row.len();
-    let mean = dot_full(row, row, seg) / n as f32;
+    #[cfg(target_arch = "x86_64")]
+    let squares = if avx512 {
+        // SAFETY: the caller found AVX-512 on this CPU; the ranges lie inside the row.
+        squares_full(row, seg, |lo, hi| unsafe { super::x86::square_lanes_avx512(row, lo, hi) })
+    } else {
+        squares_full(row, seg, |lo, hi| square_lanes(row, lo, hi))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let squares = {
+        let _ = avx512;
+        squares_full(row, seg, |lo, hi| square_lanes(row, lo, hi))
+    };
+    let mean = squares / n as f32;
     let r = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &wi) in out.iter_mut().zip(row).zip(w) {
         *o = (v * r) * wi;
@@ -76,7 +96,8 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, 
             wide.as_slice()
         }
     };
-    be.run_chunks(out, n, |r, o| with_fma!(be, rms_norm_row(&x[r * n..(r + 1) * n], w, eps, seg, o)));
+    let avx512 = be.isa() == Isa::Avx512;
+    be.run_chunks(out, n, |r, o| with_fma!(be, rms_norm_row(&x[r * n..(r + 1) * n], w, eps, seg, o, avx512)));
 }
 
 #[inline(always)]
@@ -356,6 +377,28 @@ mod tests {
     use super::*;
     use crate::splitmix::SplitMix64;
     use crate::{reference, CpuConfig, KernelMode, NumericsConfig};
+
+    /// RMSNorm's sum of squares on AVX-512 gives the scalar lanes' bits for every range of a row
+    /// (segments start and end anywhere in a 16-lane block), with signed zeros, subnormals,
+    /// infinities and NaN among the values.
+    #[test]
+    fn avx512_square_lanes_equal_the_scalar_lanes_for_every_range() {
+        if !Isa::Avx512.is_available() {
+            eprintln!("SKIPPED avx512_square_lanes_equal_the_scalar_lanes_for_every_range: no AVX-512 on this CPU");
+            return;
+        }
+        let mut rng = SplitMix64::new(5);
+        let mut x: Vec<f32> = (0..70).map(|_| (rng.unit_f64() as f32 - 0.5) * 1e3).collect();
+        (x[3], x[17], x[31], x[40], x[41]) = (-0.0, f32::from_bits(1), f32::INFINITY, f32::NAN, 1e-30);
+        let bits = |lanes: [f32; LANES]| lanes.map(f32::to_bits);
+        for lo in 0..=x.len() {
+            for hi in lo..=x.len() {
+                // SAFETY: AVX-512 is present (checked above); lo..hi lies inside x.
+                let got = bits(unsafe { super::super::x86::square_lanes_avx512(&x, lo, hi) });
+                assert_eq!(got, bits(square_lanes(&x, lo, hi)), "x[{lo}..{hi}]");
+            }
+        }
+    }
 
     /// A logits row's vocab segments run as tasks on the team (batch-1 decode) and combine to the
     /// one-thread sampler's report, bit for bit, at 1 to 4 threads: greedy, Gumbel-max (whose
