@@ -3,9 +3,10 @@
 //! These are scalar loops in the contract order (they cost O(hidden) per token, against O(hidden²)
 //! for the matmuls). On x86 they are compiled a second time with the `fma` target feature, so the
 //! contract's `mul_add` becomes one `vfmadd` instruction instead of a call into libm's software
-//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads (and
-//! attention with few rows, as at batch-1 decode, spreads each row's units of heads); each row's
-//! bits never depend on which thread ran it.
+//! `fmaf` — the same IEEE result, much faster (RMSNorm's sum of squares, SwiGLU and the vocabulary
+//! log-sum-exp have AVX-512 twins with the same bits). Rows are spread over the backend's threads
+//! (with few rows, as at batch-1 decode, attention spreads each row's units of heads and sampling
+//! each row's vocab segments); each row's bits never depend on which thread ran it.
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
