@@ -8,7 +8,7 @@
 use gemm::{gemm, Parallelism};
 
 use crate::cpu::CpuBackend;
-use crate::{DType, WeightView};
+use crate::WeightView;
 
 /// Output rows (weight rows) widened and multiplied at a time: a 128-row tile of a 4864-wide bf16
 /// matrix is 2.4 MiB of f32, so the widened copy stays in cache instead of doubling the resident
@@ -20,9 +20,7 @@ pub(crate) fn linear_fast(be: &CpuBackend, x: &[f32], m: usize, w: WeightView<'_
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: every bit pattern is a valid f32, and `align_to` hands out only the aligned middle.
-    let as_f32 = unsafe { w.bytes.align_to::<f32>() };
-    if let (DType::F32, ([], wf, [])) = (w.dtype, as_f32) {
+    if let Some(wf) = w.as_f32() {
         let par = if be.threads() > 1 { Parallelism::Rayon(be.threads()) } else { Parallelism::None };
         // SAFETY: y is [m, n], x is [m, k], wf is [n, k]; all cover exactly those extents.
         be.pool().install(|| unsafe { gemm_rows(m, n, k, y.as_mut_ptr(), n, x, wf, par) });

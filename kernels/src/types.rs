@@ -165,6 +165,15 @@ impl<'a> WeightView<'a> {
     pub fn get(&self, r: usize, c: usize) -> f32 {
         self.dtype.widen_at(self.row(r), c)
     }
+    /// The weights as the f32 values they are, in place: `None` unless the type is f32 and the
+    /// bytes are 4-byte aligned (then callers widen a copy instead).
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        // SAFETY: every bit pattern is a valid f32, and `align_to` hands out only the aligned middle.
+        match (self.dtype, unsafe { self.bytes.align_to::<f32>() }) {
+            (DType::F32, ([], values, [])) => Some(values),
+            _ => None,
+        }
+    }
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         self.widen_rows_into(0..self.rows, &mut out);

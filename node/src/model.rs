@@ -114,6 +114,19 @@ pub struct Model<B: Backend> {
     /// decode step of a steady batch): every kernel overwrites its whole output, so what they held
     /// changes no bit.
     buffers: Option<StepBuffers<B>>,
+    /// The last step's lm-head buffers, reused by the next step that samples as many rows (at
+    /// batch-1 decode a fresh 49k-float logits buffer per step was zeroed, and its free
+    /// consolidated the heap, on the step's thread while the team waited).
+    head: Option<HeadBuffers<B>>,
+}
+
+/// The lm-head's buffers for `rows` sampled rows.
+struct HeadBuffers<B: Backend> {
+    rows: usize,
+    /// The sampled rows' hidden states, then normalised.
+    last: B::Buf,
+    normed: B::Buf,
+    logits: B::Buf,
 }
 
 /// One step's activation buffers, for `t` tokens.
@@ -253,7 +266,22 @@ impl<B: Backend> Model<B> {
             head_dim: plan.head_dim,
         };
         let kv = (0..cfg.num_hidden_layers).map(|_| be.alloc_kv(kv_layout)).collect();
-        Ok(Model { be, cfg, plan, opts, layers, embed, norm, lm_head, rope, kv_layout, kv, collective, buffers: None })
+        Ok(Model {
+            be,
+            cfg,
+            plan,
+            opts,
+            layers,
+            embed,
+            norm,
+            lm_head,
+            rope,
+            kv_layout,
+            kv,
+            collective,
+            buffers: None,
+            head: None,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -392,19 +420,26 @@ impl<B: Backend> Model<B> {
             be.add_assign(x, o);
         }
         let r = sample_rows.len();
-        let mut last = be.zeros(r * hidden);
-        if r > 0 {
-            be.gather_rows(x, hidden, &sample_rows, &mut last);
-        }
-        self.buffers = Some(buffers);
         if r == 0 {
+            self.buffers = Some(buffers);
             return Ok(Vec::new());
         }
-        let mut normed = be.zeros(r * hidden);
-        be.rms_norm(&last, &self.norm, eps, &mut normed);
-        let mut logits = be.zeros(r * self.plan.vocab.rows);
-        be.linear(&normed, r, &self.lm_head, None, &mut logits);
-        let samples = be.sample_shard(&logits, self.plan.vocab, &requests);
+        let mut head = match self.head.take() {
+            Some(b) if b.rows == r => b,
+            _ => HeadBuffers {
+                rows: r,
+                last: be.zeros(r * hidden),
+                normed: be.zeros(r * hidden),
+                logits: be.zeros(r * self.plan.vocab.rows),
+            },
+        };
+        let HeadBuffers { last, normed, logits, .. } = &mut head;
+        be.gather_rows(x, hidden, &sample_rows, last);
+        self.buffers = Some(buffers);
+        be.rms_norm(last, &self.norm, eps, normed);
+        be.linear(normed, r, &self.lm_head, None, logits);
+        let samples = be.sample_shard(logits, self.plan.vocab, &requests);
+        self.head = Some(head);
         Ok(sample_seqs
             .into_iter()
             .zip(requests)

@@ -702,10 +702,15 @@ impl CpuBackend {
         requests: &[SampleRequest],
     ) -> Vec<ShardSample> {
         assert_eq!(logits.len(), requests.len() * shard.rows);
+        let row = |i: usize| &logits[i * shard.rows..(i + 1) * shard.rows];
+        // Fewer rows than threads (batch-1 decode): one row at a time, each spreading its vocab
+        // segments over the team. Otherwise a task per row (a row's segments then run inline).
+        if requests.len() < self.threads() {
+            return requests.iter().enumerate().map(|(i, req)| ops::shard_sample(self, row(i), &shard, req)).collect();
+        }
         let mut samples: Vec<Option<ShardSample>> = requests.iter().map(|_| None).collect();
         self.run_chunks(&mut samples, 1, |i, sample| {
-            let rows = &logits[i * shard.rows..(i + 1) * shard.rows];
-            sample[0] = Some(ops::shard_sample(self, rows, &shard, &requests[i]));
+            sample[0] = Some(ops::shard_sample(self, row(i), &shard, &requests[i]));
         });
         samples.into_iter().map(|s| s.expect("every request sampled")).collect()
     }

@@ -3,13 +3,14 @@
 //! These are scalar loops in the contract order (they cost O(hidden) per token, against O(hidden²)
 //! for the matmuls). On x86 they are compiled a second time with the `fma` target feature, so the
 //! contract's `mul_add` becomes one `vfmadd` instruction instead of a call into libm's software
-//! `fmaf` — the same IEEE result, much faster. Rows are spread over the backend's threads (and
-//! attention with few rows, as at batch-1 decode, spreads each row's units of heads); each row's
-//! bits never depend on which thread ran it.
+//! `fmaf` — the same IEEE result, much faster (RMSNorm's sum of squares, SwiGLU and the vocabulary
+//! log-sum-exp have AVX-512 twins with the same bits). Rows are spread over the backend's threads
+//! (with few rows, as at batch-1 decode, attention spreads each row's units of heads and sampling
+//! each row's vocab segments); each row's bits never depend on which thread ran it.
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
-use crate::sampling::{lane_tree, shard_sample as shard_sample_scalar, shard_sample_with};
+use crate::sampling::{lane_tree, segment_exp_lanes, shard_sample_on};
 use crate::{AttnParams, AttnSeq, KvLayout, SampleRequest, Segmentation, ShardSample, VocabShard, WeightView, LANES};
 
 /// Run `$body` (a generic `#[inline(always)]` fn call) through a copy compiled with FMA when the
@@ -34,28 +35,48 @@ macro_rules! with_fma {
     }};
 }
 
-/// The canonical dot product of two real-length slices over a full segmentation, without
-/// allocating: the same order as [`crate::reference::dot`].
+/// The canonical dot product of a real-length slice with itself over a full segmentation,
+/// without allocating: the same order as [`crate::reference::dot`]. `lanes(lo, hi)` gives the 16
+/// lane sums of the squares of `x[lo..hi]` (lane `e % 16` takes element `e`, an fma chain in
+/// element order): [`square_lanes`] or a SIMD twin with its bits.
 #[inline(always)]
-fn dot_full(x: &[f32], w: &[f32], seg: Segmentation) -> f32 {
+fn squares_full(x: &[f32], seg: Segmentation, lanes: impl Fn(usize, usize) -> [f32; LANES]) -> f32 {
     let mut sums = [0.0f32; 64];
     for (s, sum) in sums.iter_mut().enumerate().take(seg.segments) {
-        let mut acc = [0.0f32; LANES];
-        for e in s * seg.seg_len..((s + 1) * seg.seg_len).min(x.len()) {
-            acc[e % LANES] = x[e].mul_add(w[e], acc[e % LANES]);
-        }
         // Padding lanes would add fma(0, 0, acc) = acc + 0: the same as skipping them, since
         // every accumulator is either +0.0 or has absorbed a product already (−0 + +0 = +0 is
         // the one case that differs, and it cannot arise from a +0.0 start).
-        *sum = lane_tree(acc);
+        *sum = lane_tree(lanes((s * seg.seg_len).min(x.len()), ((s + 1) * seg.seg_len).min(x.len())));
     }
     segment_tree_inplace(&mut sums[..seg.segments])
 }
 
+/// The lane sums of [`squares_full`], one element at a time.
 #[inline(always)]
-fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, seg: Segmentation, out: &mut [f32]) {
+fn square_lanes(x: &[f32], lo: usize, hi: usize) -> [f32; LANES] {
+    let mut acc = [0.0f32; LANES];
+    for e in lo..hi {
+        acc[e % LANES] = x[e].mul_add(x[e], acc[e % LANES]);
+    }
+    acc
+}
+
+#[inline(always)]
+fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, seg: Segmentation, out: &mut [f32], avx512: bool) {
     let n = row.len();
-    let mean = dot_full(row, row, seg) / n as f32;
+    #[cfg(target_arch = "x86_64")]
+    let squares = if avx512 {
+        // SAFETY: the caller found AVX-512 on this CPU; the ranges lie inside the row.
+        squares_full(row, seg, |lo, hi| unsafe { super::x86::square_lanes_avx512(row, lo, hi) })
+    } else {
+        squares_full(row, seg, |lo, hi| square_lanes(row, lo, hi))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let squares = {
+        let _ = avx512;
+        squares_full(row, seg, |lo, hi| square_lanes(row, lo, hi))
+    };
+    let mean = squares / n as f32;
     let r = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &wi) in out.iter_mut().zip(row).zip(w) {
         *o = (v * r) * wi;
@@ -66,11 +87,18 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, 
     let n = w.rows * w.cols;
     assert!(x.len().is_multiple_of(n) && out.len() == x.len());
     let seg = Segmentation::new(n, be.config().numerics.reduce_segments).expect("validated");
-    // The weight widened once per call, not per element of every row.
-    let mut wide = Vec::with_capacity(n);
-    w.widen_rows_into(0..w.rows, &mut wide);
-    let w = wide.as_slice();
-    be.run_chunks(out, n, |r, o| with_fma!(be, rms_norm_row(&x[r * n..(r + 1) * n], w, eps, seg, o)));
+    // An f32 weight is read in place (widening it cost a decode step ~1 % of its time on the step
+    // thread); another type is widened once per call, not per element of every row.
+    let wide;
+    let w = match w.as_f32() {
+        Some(values) => values,
+        None => {
+            wide = w.to_f32();
+            wide.as_slice()
+        }
+    };
+    let avx512 = be.isa() == Isa::Avx512;
+    be.run_chunks(out, n, |r, o| with_fma!(be, rms_norm_row(&x[r * n..(r + 1) * n], w, eps, seg, o, avx512)));
 }
 
 #[inline(always)]
@@ -333,14 +361,16 @@ pub(crate) fn attention(
     }
 }
 
+/// One logits row's report, its vocab segments spread over the backend's team.
 pub(crate) fn shard_sample(be: &CpuBackend, logits: &[f32], shard: &VocabShard, req: &SampleRequest) -> ShardSample {
+    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| be.run_tasks(tasks, task);
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 {
         // SAFETY: the AVX-512 path is only selected when the CPU has it.
         let lanes = |xs: &[f32], max: f32| unsafe { super::x86::segment_exp_lanes_avx512(xs, max) };
-        return with_fma!(be, shard_sample_with(logits, shard, req, lanes));
+        return with_fma!(be, shard_sample_on(logits, shard, req, lanes, &run));
     }
-    with_fma!(be, shard_sample_scalar(logits, shard, req))
+    with_fma!(be, shard_sample_on(logits, shard, req, segment_exp_lanes, &run))
 }
 
 #[cfg(test)]
@@ -348,6 +378,87 @@ mod tests {
     use super::*;
     use crate::splitmix::SplitMix64;
     use crate::{reference, CpuConfig, KernelMode, NumericsConfig};
+
+    /// RMSNorm's sum of squares on AVX-512 gives the scalar lanes' bits for every range of a row
+    /// (segments start and end anywhere in a 16-lane block), with signed zeros, subnormals,
+    /// infinities and NaN among the values.
+    #[test]
+    fn avx512_square_lanes_equal_the_scalar_lanes_for_every_range() {
+        if !Isa::Avx512.is_available() {
+            eprintln!("SKIPPED avx512_square_lanes_equal_the_scalar_lanes_for_every_range: no AVX-512 on this CPU");
+            return;
+        }
+        let mut rng = SplitMix64::new(5);
+        let mut x: Vec<f32> = (0..70).map(|_| (rng.unit_f64() as f32 - 0.5) * 1e3).collect();
+        (x[3], x[17], x[31], x[40], x[41]) = (-0.0, f32::from_bits(1), f32::INFINITY, f32::NAN, 1e-30);
+        let bits = |lanes: [f32; LANES]| lanes.map(f32::to_bits);
+        for lo in 0..=x.len() {
+            for hi in lo..=x.len() {
+                // SAFETY: AVX-512 is present (checked above); lo..hi lies inside x.
+                let got = bits(unsafe { super::super::x86::square_lanes_avx512(&x, lo, hi) });
+                assert_eq!(got, bits(square_lanes(&x, lo, hi)), "x[{lo}..{hi}]");
+            }
+        }
+    }
+
+    /// A logits row's vocab segments run as tasks on the team (batch-1 decode) and combine to the
+    /// one-thread sampler's report, bit for bit, at 1 to 4 threads: greedy, Gumbel-max (whose
+    /// cutoff skips most tokens), top-k and top-p; rows with ties straddling segments, NaN, ±0
+    /// and a segment of −inf only; whole vocabularies and TP shards. The best candidate also
+    /// equals a plain scan of every token in id order, which never splits the row.
+    #[test]
+    fn a_row_sampled_on_the_team_equals_the_serial_sampler_at_1_to_4_threads() {
+        use crate::sampling::{gumbel, ranks_before, shard_sample as serial, Candidate};
+        use crate::SamplingParams;
+        let mut rng = SplitMix64::new(12);
+        let vocab = 1000;
+        let mut logits: Vec<f32> = (0..vocab).map(|_| (rng.unit_f64() as f32 - 0.5) * 12.0).collect();
+        // Ties at the top in three segments (ids 80, 170, 950), NaN, signed zeros, and segment 5
+        // (ids 420..504 of 12 segments of 84) all −inf.
+        for id in [950, 170, 80] {
+            logits[id] = 9.5;
+        }
+        logits[3] = f32::NAN;
+        logits[600] = f32::NAN;
+        logits[7] = -0.0;
+        logits[8] = 0.0;
+        logits[420..504].fill(f32::NEG_INFINITY);
+        let params = [
+            SamplingParams::greedy(),
+            SamplingParams { temperature: 0.8, seed: 42, ..Default::default() },
+            SamplingParams { temperature: 40.0, seed: 3, ..Default::default() },
+            SamplingParams { temperature: 1.3, top_k: 7, top_p: 1.0, seed: 5 },
+            SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.8, seed: 9 },
+        ];
+        let seg = Segmentation::new(vocab, 12).unwrap();
+        let shards: Vec<VocabShard> =
+            [(0, 1), (0, 3), (2, 3), (5, 6)].iter().map(|&(r, t)| VocabShard::new(seg.shard(r, t).unwrap())).collect();
+        for threads in 1..=4 {
+            let be = CpuBackend::new(CpuConfig { threads, ..CpuConfig::default() }).unwrap();
+            for shard in &shards {
+                let row = &logits[shard.offset..shard.offset + shard.rows];
+                for (step, params) in params.iter().enumerate() {
+                    let req = SampleRequest { params: *params, step: step as u64 };
+                    let got = be.sample_shard_slice(row, *shard, &[req]).remove(0);
+                    let want = serial(row, shard, &req);
+                    let at = format!("{threads} threads, shard at {}, {params:?}", shard.offset);
+                    assert_eq!(format!("{got:?}"), format!("{want:?}"), "{at}");
+                    if params.top_k > 0 || params.top_p < 1.0 {
+                        continue;
+                    }
+                    let t = params.temperature;
+                    let plain = (0..row.len())
+                        .map(|i| {
+                            let (id, logit) = ((shard.offset + i) as u32, row[i]);
+                            let score = if t > 0.0 { logit / t + gumbel(params.seed, req.step, id) } else { logit };
+                            Candidate { id, logit, z: if t > 0.0 { logit / t } else { logit }, score }
+                        })
+                        .reduce(|a, b| if ranks_before(b.score, b.id, a.score, a.id) { b } else { a });
+                    assert_eq!(format!("{:?}", got.best), format!("{plain:?}"), "{at}");
+                }
+            }
+        }
+    }
 
     /// Query heads run two at a time where two read the same KV head and head_dim ≤ 64, one at a
     /// time otherwise: Qwen2.5-0.5B's groups of 7 (three pairs, then one head alone), a pair

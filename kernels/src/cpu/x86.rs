@@ -919,6 +919,26 @@ pub(crate) unsafe fn segment_exp_lanes_avx512(xs: &[f32], max: f32) -> [f32; LAN
     out
 }
 
+/// `square_lanes` (the CPU ops' sum of squares of `x[lo..hi]`) on AVX-512: lane `l` of the
+/// accumulator is the contract's lane `l` (elements `e` with `e % 16 == l`), one fma chain per
+/// lane in element order; lanes outside `lo..hi` are masked, neither loaded nor changed.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn square_lanes_avx512(x: &[f32], lo: usize, hi: usize) -> [f32; LANES] {
+    debug_assert!(lo <= hi && hi <= x.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut block = lo / 16 * 16;
+    while block < hi {
+        let (first, end) = (lo.saturating_sub(block), (hi - block).min(16));
+        let mask = (((1u32 << end) - 1) & !((1u32 << first) - 1)) as __mmask16;
+        let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(block));
+        acc = _mm512_mask3_fmadd_ps(v, v, acc, mask);
+        block += 16;
+    }
+    let mut out = [0.0f32; LANES];
+    _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
 /// `silu(g) · u` on AVX-512, 16 at a time (`g / (1 + exp(−g))` with IEEE division), scalar tail.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
