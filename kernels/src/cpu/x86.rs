@@ -978,7 +978,7 @@ pub(crate) struct AttnKeys<'a> {
 /// bits. Returns each head's `(m_c, l_c, o_c)`.
 #[inline(always)]
 unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
-    q: &[[__m512; B]; H],
+    q: [[__m512; B]; H],
     keys: &[usize],
     (kp, vp): (*const f32, *const f32),
     d: usize,
@@ -1092,7 +1092,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, keys) in key_at.chunks(kv_chunk).enumerate() {
-        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(&q, keys, kv, d, scale, scores);
+        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, keys, kv, d, scale, scores);
         for h in 0..H {
             if c == 0 {
                 (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
