@@ -122,35 +122,37 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Query heads that run together (in one pass over the keys): on AVX-512 with `head_dim ≤
 /// ATTN_PAIR_MAX_DIM`, up to three heads that read the same KV head (each key and value is then
-/// loaded once for all of them: at decode the f32 KV cache is read from memory, and a group read
-/// once instead of twice is what a long context costs), one head otherwise. Units only group
-/// work: each head's operations are the same in any unit, so neither the unit shape nor which
-/// thread runs a unit changes a bit.
+/// loaded once for all of them), one head otherwise. Units only group work: each head's
+/// operations are the same in any unit, so neither the unit shape nor which thread runs a unit
+/// changes a bit.
 #[derive(Clone, Copy)]
 struct HeadUnits {
     /// Query heads per KV head.
     group: usize,
     /// Heads per unit: 3 or 2 (whichever gives a group fewer units, 2 on a tie; the last unit of
-    /// a group takes what is left) or 1. Where (unit, chunk) pairs are the tasks (few rows) and
-    /// three-wide units would leave a thread short of work (SmolLM2 at batch 1 with one chunk of
-    /// keys: 3 tasks on 2 threads), 2.
+    /// a group takes what is left) or 1. Where few rows' tasks at three wide would leave a
+    /// thread short of work even split by chunks (SmolLM2 at batch 1 with one chunk of keys: 3
+    /// tasks on 2 threads), 2.
     width: usize,
     /// Units per group.
     per_group: usize,
+    /// Whether few rows' tasks are also split by chunk of keys: where (row, unit) tasks at the
+    /// widest units would leave a thread short of work (SmolLM2 at batch 1: 3 on 2 threads), so
+    /// that a group's keys are still read by one unit. Where there are enough (Qwen2.5's 6),
+    /// chunk tasks would only add their partials and fold (its cold-decode bench rows ~+10 %).
+    by_chunks: bool,
 }
 
 impl HeadUnits {
-    /// `row_chunks`: the chunks of keys summed over the rows (the tasks per unit where rows are
-    /// split).
+    /// `few`: rows run as (row, unit) tasks rather than whole rows; `row_chunks`: the chunks of
+    /// keys summed over the `rows` rows.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn new(be: &CpuBackend, p: AttnParams, split: bool, row_chunks: usize) -> Self {
+    fn new(be: &CpuBackend, p: AttnParams, few: bool, rows: usize, row_chunks: usize) -> Self {
         let group = p.n_heads / p.n_kv_heads;
+        let threads = be.threads();
         #[cfg(target_arch = "x86_64")]
-        let width = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM {
-            let threads = be.threads();
-            let tasks3 = row_chunks * p.n_kv_heads * group.div_ceil(3);
-            let balanced = threads == 1 || !split || tasks3 >= 2 * threads;
-            if group.div_ceil(3) < group.div_ceil(2) && balanced {
+        let widest = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM {
+            if group.div_ceil(3) < group.div_ceil(2) {
                 3
             } else {
                 2
@@ -159,8 +161,12 @@ impl HeadUnits {
             1
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let width = 1;
-        HeadUnits { group, width, per_group: group.div_ceil(width) }
+        let widest = 1;
+        let short = |tasks: usize| few && threads > 1 && tasks < 2 * threads;
+        let by_chunks = short(rows * p.n_kv_heads * group.div_ceil(widest));
+        let tasks_per_unit = if by_chunks { row_chunks } else { rows };
+        let width = if widest == 3 && short(tasks_per_unit * p.n_kv_heads * group.div_ceil(3)) { 2 } else { widest };
+        HeadUnits { group, width, per_group: group.div_ceil(width), by_chunks }
     }
 
     fn count(&self, n_heads: usize) -> usize {
@@ -229,7 +235,7 @@ fn fold_chunk_partials(parts: &mut [f32], stride: usize, chunks: usize, out: &mu
 /// `out` receives the unit's heads (`heads · head_dim` floats), or with `partial` each head's
 /// unnormalised state `[m, l, o…]` (`heads · (2 + head_dim)` floats) for
 /// [`fold_chunk_partials`]. `cold`: the keys are likely out of cache (few rows, at decode), so the
-/// vector kernel prefetches them.
+/// vector kernel prefetches them, and then `ahead` too (the row's keys after `key_at`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -243,7 +249,7 @@ fn attention_heads(
     p: AttnParams,
     out: &mut [f32],
     partial: bool,
-    cold: bool,
+    (cold, ahead): (bool, &[usize]),
 ) {
     let d = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
@@ -263,7 +269,7 @@ fn attention_heads(
         };
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let kv_chunk = p.kv_chunk;
-        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk, scale, cold };
+        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk, scale, cold, ahead };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
         // (a unit of two or three only where d ≤ ATTN_PAIR_MAX_DIM, all its heads in one KV
         // group), `o` holds `heads · out_width` floats, and every key offset was computed from
@@ -378,7 +384,7 @@ pub(crate) fn attention(
     let split = rows.len() < ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads();
     let chunks_of = |pos: usize| pos / p.kv_chunk + 1;
     let row_chunks = rows.iter().map(|&(_, pos, _)| chunks_of(pos)).sum();
-    let units = HeadUnits::new(be, p, split, row_chunks);
+    let units = HeadUnits::new(be, p, split, rows.len(), row_chunks);
     let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
     // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.
@@ -391,14 +397,12 @@ pub(crate) fn attention(
         // one task only, so no two tasks' slices overlap.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width + first * d), heads * d) };
         let (qrow, key_at, unit) = (&q[row * width..(row + 1) * width], &keys[..=pos], (first, heads));
-        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o, false, split))
+        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o, false, (split, &[])))
     };
     if !split {
         return be.run_tasks(rows.len(), |r| (0..n_units).for_each(|u| run(r, units.heads(u))));
     }
-    if be.threads() == 1 {
-        // One thread gains nothing from chunk tasks and would pay their partials and fold (~10 %
-        // of a SmolLM2 decode row at 144 keys).
+    if !units.by_chunks {
         return be.run_tasks(rows.len() * n_units, |t| run(t / n_units, units.heads(t % n_units)));
     }
     // Few rows: a task per (row, unit, chunk of keys) — flash-decoding — so a KV group's keys are
@@ -435,11 +439,12 @@ pub(crate) fn attention(
             if chunks == 1 {
                 return run(r, (first, heads));
             }
-            let key_at = &keys[c * p.kv_chunk..((c + 1) * p.kv_chunk).min(pos + 1)];
+            let (key_at, ahead) = keys[c * p.kv_chunk..=pos].split_at(p.kv_chunk.min(pos + 1 - c * p.kv_chunk));
             let qrow = &q[row * width..(row + 1) * width];
             // SAFETY: task `t` alone writes partial slot `t`, which lies inside the scratch.
             let part = unsafe { parts.slice(t * part_width, heads * (2 + d)) };
-            with_fma!(be, attention_heads(be, qrow, (first, heads), key_at, k_cache, v_cache, p, part, true, true));
+            let cold = (true, ahead);
+            with_fma!(be, attention_heads(be, qrow, (first, heads), key_at, k_cache, v_cache, p, part, true, cold));
             let unit_first = t - c;
             // AcqRel: the last chunk's task sees every other chunk's partial.
             if done[unit_first].fetch_add(1, AcqRel) + 1 < chunks {

@@ -963,9 +963,20 @@ pub(crate) struct AttnKeys<'a> {
     pub kv_chunk: usize,
     pub scale: f32,
     /// Whether the keys are likely out of cache (few query rows, as at decode): the kernel then
-    /// prefetches them ahead of use.
+    /// prefetches them ahead of use, into the next chunks too.
     pub cold: bool,
+    /// The keys after `key_at` in the row (chunks another call runs next, most often on this
+    /// thread): prefetched only.
+    pub ahead: &'a [usize],
 }
+
+/// How many keys ahead a cold attention pass asks for keys and values (into L2: a key's vector
+/// is 4 lines at head_dim 64, and 16–32 keys ahead keep ~100 lines in flight, more than L1's
+/// miss buffers hold). The cache's slots stride `n_kv_heads · head_dim` floats, so the hardware
+/// prefetchers, which stop at 4 KiB boundaries, lose the stream every few keys; at decode a
+/// cold KV cache read at 16–32 keys' distance cost SmolLM2's 1-thread cold-decode bench row
+/// ~20 % less than without (BENCHMARKS §18.1).
+const ATTN_PREFETCH_KEYS: usize = 24;
 
 /// One chunk of keys (`keys`: the cache offsets of its keys' head 0) for `H` query heads (1, or
 /// 2 or 3 that read the same KV head — grouped-query attention), `16 / H` keys at a time (with
@@ -979,7 +990,7 @@ pub(crate) struct AttnKeys<'a> {
 #[inline(always)]
 unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     q: [[__m512; B]; H],
-    keys: &[usize],
+    (keys, ahead): (&[usize], (&[usize], &[usize])),
     (kp, vp): (*const f32, *const f32),
     d: usize,
     scale: f32,
@@ -993,19 +1004,28 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     // maximum cannot change a bit, since m_c only enters through `exp` of a difference).
     let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
     for (g, group) in keys.chunks(per).enumerate() {
-        // The next group's keys, and this group's values (read by the second loop below), are
-        // asked for now, so the misses of a cold KV cache (at decode the weights' stream evicts
-        // it) overlap the scores' arithmetic (BENCHMARKS §18.1).
-        // Only where few rows run (decode): a prefill's keys are hot, and there the prefetches
-        // cost ~10 % of attention.
+        // Keys and values `ATTN_PREFETCH_KEYS` ahead of this group (a chunk's first group asks
+        // for the whole distance), so the misses of a cold KV cache (at decode the weights'
+        // stream evicts it) overlap the arithmetic. Only where few rows run: a prefill's keys are
+        // hot, and there the prefetches cost ~10 % of attention.
         if COLD {
-            let next = &keys[((g + 1) * per).min(keys.len())..((g + 2) * per).min(keys.len())];
-            for b in 0..B {
-                for &at in next {
-                    _mm_prefetch::<_MM_HINT_T0>(kp.add(at + b * 16) as *const i8);
-                }
-                for &at in group {
-                    _mm_prefetch::<_MM_HINT_T0>(vp.add(at + b * 16) as *const i8);
+            let lo = if g == 0 { 0 } else { g * per + ATTN_PREFETCH_KEYS };
+            for j in lo..(g + 1) * per + ATTN_PREFETCH_KEYS {
+                // Key j counted from the chunk's start: in this chunk, then in `ahead` (the
+                // rest of this call's keys, then the row's keys after them).
+                let at = match keys.get(j) {
+                    Some(&at) => at,
+                    None => match ahead.0.get(j - keys.len()) {
+                        Some(&at) => at,
+                        None => match ahead.1.get(j - keys.len() - ahead.0.len()) {
+                            Some(&at) => at,
+                            None => break,
+                        },
+                    },
+                };
+                for b in 0..B {
+                    _mm_prefetch::<_MM_HINT_T1>(kp.add(at + b * 16) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(vp.add(at + b * 16) as *const i8);
                 }
             }
         }
@@ -1079,7 +1099,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     outs: [&mut [f32]; H],
     partial: bool,
 ) {
-    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale, .. } = *keys_in;
+    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale, ahead, .. } = *keys_in;
     let d = qs[0].len();
     debug_assert_eq!(d.div_ceil(16), B);
     let mut q = [[_mm512_setzero_ps(); B]; H];
@@ -1092,7 +1112,8 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, keys) in key_at.chunks(kv_chunk).enumerate() {
-        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, keys, kv, d, scale, scores);
+        let later = (&key_at[(c * kv_chunk + keys.len())..], ahead);
+        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, (keys, later), kv, d, scale, scores);
         for h in 0..H {
             if c == 0 {
                 (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
