@@ -973,12 +973,13 @@ pub(crate) struct AttnKeys<'a> {
 /// How many keys ahead a cold attention pass asks for keys and values (into L2: a key's vector
 /// is 4 lines at head_dim 64, and 16–32 keys ahead keep ~100 lines in flight, more than L1's
 /// miss buffers hold). The cache's slots stride `n_kv_heads · head_dim` floats, so the hardware
-/// prefetchers, which stop at 4 KiB boundaries, lose the stream every few keys; at decode a
-/// cold KV cache read at 16–32 keys' distance cost SmolLM2's 1-thread cold-decode bench row
-/// ~20 % less than without (BENCHMARKS §18.1).
+/// prefetchers, which stop at 4 KiB boundaries, lose the stream every few keys. Prefetching at
+/// 16–32 keys' distance made SmolLM2's 1-thread cold-decode bench row ~20 % cheaper, and 12 to 40
+/// keys price the same (BENCHMARKS §18.1).
 const ATTN_PREFETCH_KEYS: usize = 24;
 
-/// One chunk of keys (`keys`: the cache offsets of its keys' head 0) for `H` query heads (1, or
+/// One chunk of keys (`keys`: the cache offsets of its keys' head 0; `ahead`: the keys that
+/// follow it, in two slices, only prefetched with `COLD`) for `H` query heads (1, or
 /// 2 or 3 that read the same KV head — grouped-query attention), `16 / H` keys at a time (with
 /// three heads lane 15 of a fold is unused): each key's score is one 16-lane fma chain over
 /// head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys trees side by side), `exp` is
