@@ -8,9 +8,10 @@
 //! step, unlike the tables above whose weights stay cached between calls) on 4 KiB and 2 MiB
 //! pages (filter `decode step`). A fourth prices one pass over the thread pool and what grouping
 //! q/k/v (gate/up) into one pass saves (filter `pool pass`). A fifth times attention (filter
-//! `attention`): one decode row against every layer's own KV cache (as a decode step reads them)
-//! and one prefill sequence's rows against one layer. Prints Markdown tables (numbers, never
-//! assertions).
+//! `attention`): one decode row against every layer's own KV cache (as a decode step reads them;
+//! `cold decode` cycles through enough copies of the layers' caches, > 64 MB, that every call reads
+//! its keys from DRAM, as a real step does once the weights' stream has evicted them) and one
+//! prefill sequence's rows against one layer. Prints Markdown tables (numbers, never assertions).
 //!
 //! Environment: `LOCKSTEP_BENCH_FILTER=substring` runs only matching rows (`peak`: only the
 //! machine's limits, no tables);
@@ -581,16 +582,25 @@ fn pool_pass(filter: &str, rng: &mut SplitMix64) {
 }
 
 /// Attention at SmolLM2-135M's and Qwen2.5-0.5B's head shapes: a batch-1 decode step (one query
-/// row at position `keys − 1` in each layer, every layer with a cache of its own, so the keys come
-/// from wherever a real step finds them) and a prefill of one sequence (`keys` rows from position
-/// 0, one layer), timed inside the backend's pool as a step runs. Prints µs per call and ns per
-/// (query row, head, key) score.
+/// row at position `keys − 1` in each layer, every layer with a cache of its own; these stay in
+/// L3 between steps), the same from DRAM (`cold decode`: the layers' caches repeated past 64 MB,
+/// each call reading a copy not touched for > 64 MB of other reads, as a real step finds its KV
+/// after streaming the weights) and a prefill of one sequence (`keys` rows from position 0, one
+/// layer), timed inside the backend's pool as a step runs. Prints µs per call (per decode step's
+/// layers) and ns per (query row, head, key) score.
 fn attention(filter: &str, rng: &mut SplitMix64) {
     use lockstep_kernels::{AttnParams, AttnSeq, KvLayout};
     // (name, layers, n_heads, n_kv_heads, head_dim)
     let models = [("SmolLM2-135M", 30usize, 9usize, 3usize, 64usize), ("Qwen2.5-0.5B", 24, 14, 2, 64)];
     // (what, query rows, keys): decode rows at the two lengths of the engine bench, prefill rows.
-    let cases = [("decode", 1usize, 144usize), ("decode", 1, 512), ("prefill", 128, 128), ("prefill", 512, 512)];
+    let cases = [
+        ("decode", 1usize, 144usize),
+        ("decode", 1, 512),
+        ("cold decode", 1, 144),
+        ("cold decode", 1, 512),
+        ("prefill", 128, 128),
+        ("prefill", 512, 512),
+    ];
     let mut header = false;
     // One backend per thread count for every row: a dropped backend's pool threads exit while the
     // next row runs, and with `LOCKSTEP_BENCH_CLOCK=cpu` their CPU time would leave the total.
@@ -615,7 +625,10 @@ fn attention(filter: &str, rng: &mut SplitMix64) {
                 let block_size = 16;
                 let layout = KvLayout { num_blocks: keys.div_ceil(block_size), block_size, n_kv_heads, head_dim };
                 let table: Vec<u32> = (0..layout.num_blocks as u32).collect();
-                let layer_caches = if what == "decode" { layers } else { 1 };
+                // Copies of a step's caches: one, or for `cold decode` enough to pass 64 MB.
+                let step_bytes = layers * 2 * layout.floats() * 4;
+                let steps = if what == "cold decode" { (64usize << 20).div_ceil(step_bytes) } else { 1 };
+                let layer_caches = if what == "prefill" { 1 } else { layers * steps };
                 let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 2.0 - 1.0).collect::<Vec<f32>>();
                 let caches: Vec<(Vec<f32>, Vec<f32>)> =
                     (0..layer_caches).map(|_| (vals(layout.floats()), vals(layout.floats()))).collect();
@@ -642,7 +655,7 @@ fn attention(filter: &str, rng: &mut SplitMix64) {
                 });
                 // Row i (position keys − rows + i) scores keys − rows + i + 1 keys per head.
                 let scores = layer_caches * n_heads * (0..rows).map(|i| keys - rows + i + 1).sum::<usize>();
-                println!("{row} {:.1} | {:.2} |", secs * 1e6, secs * 1e9 / scores as f64);
+                println!("{row} {:.1} | {:.2} |", secs * 1e6 / steps as f64, secs * 1e9 / scores as f64);
             }
         }
     }

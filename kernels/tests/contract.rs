@@ -478,18 +478,33 @@ fn every_isa_attention_equals_reference() {
     }
 }
 
-/// Decode runs one query row, or a few: attention then splits each row into units of heads (two
-/// heads of one KV group where head_dim ≤ 64, else one) so every pool thread has work. Such rows
-/// must give the reference's bits at 1, 2, 3 and 4 threads, whether they run as row tasks or as
-/// (row, unit) tasks: groups of 7 (Qwen2.5: three pairs, then a head alone), of 3 (SmolLM2), of
-/// 1, head_dim 64 (paired), 24 (paired, a partial lane block) and 128 (never paired).
+/// Decode runs one query row, or a few: attention then splits each row into (unit of heads,
+/// chunk of keys) tasks — a unit being up to three heads of one KV group where head_dim ≤ 64,
+/// else one — computes each chunk's partial apart and folds them in chunk order, so every
+/// thread has work and a group's keys are read once. Such rows must give the reference's bits at
+/// 1, 2, 3 and 4 threads, whether they run as row tasks or split: contexts of one key, one chunk,
+/// two chunks (full, and with a partial last one), five and more chunks, rows of one sequence
+/// and of several with different chunk counts; groups of 7 (Qwen2.5), of 3 (SmolLM2), of 1,
+/// head_dim 64, 24 (a partial lane block) and 128 (one head per unit).
 #[test]
-fn few_row_attention_split_into_head_units_equals_reference_at_1_to_4_threads() {
+fn few_row_attention_split_into_head_units_and_kv_chunks_equals_reference_at_1_to_4_threads() {
     let mut rng = Rng::new(12);
     for (n_heads, n_kv, d) in [(14, 2, 64), (9, 3, 64), (4, 4, 64), (6, 2, 24), (6, 2, 128)] {
-        // One decode row; three rows of three sequences; and nine rows (row tasks at 1 or 2
-        // threads, unit tasks at 3 or 4).
-        for shape in [&[(77, 1)][..], &[(0, 1), (70, 1), (5, 1)], &[(0, 1), (33, 3), (64, 5)]] {
+        // (first position, query rows) per sequence: one decode row at 1, 64, 78, 128 and 301
+        // keys; two rows of one sequence; three rows of three sequences; nine rows (row tasks at 1
+        // or 2 threads, split at 3 or 4).
+        let shapes: [&[(usize, usize)]; 9] = [
+            &[(0, 1)],
+            &[(63, 1)],
+            &[(77, 1)],
+            &[(127, 1)],
+            &[(300, 1)],
+            &[(190, 2)],
+            &[(0, 1), (70, 1), (5, 1)],
+            &[(260, 1), (63, 1), (129, 1)],
+            &[(0, 1), (33, 3), (64, 5)],
+        ];
+        for shape in shapes {
             let (layout, q, kc, vc, sc) = attention_case(&mut rng, shape, n_heads, n_kv, d);
             let seqs: Vec<AttnSeq> = sc.iter().map(|s| s.as_seq()).collect();
             for kv_chunk in [5, 64] {

@@ -5,13 +5,16 @@
 //! contract's `mul_add` becomes one `vfmadd` instruction instead of a call into libm's software
 //! `fmaf` — the same IEEE result, much faster (RMSNorm's sum of squares, SwiGLU and the vocabulary
 //! log-sum-exp have AVX-512 twins with the same bits). Rows are spread over the backend's threads
-//! (with few rows, as at batch-1 decode, attention spreads each row's units of heads and sampling
-//! each row's vocab segments); each row's bits never depend on which thread ran it.
+//! (with few rows, as at batch-1 decode, attention spreads each row's units of heads — and where
+//! those are too few, chunks of keys, whose partials are folded in chunk order afterwards — and
+//! sampling each row's vocab segments); each row's bits never depend on which thread ran it.
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
 use crate::sampling::{lane_tree, segment_exp_lanes, shard_sample_on};
 use crate::{AttnParams, AttnSeq, KvLayout, SampleRequest, Segmentation, ShardSample, VocabShard, WeightView, LANES};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering::*};
 
 /// Run `$body` (a generic `#[inline(always)]` fn call) through a copy compiled with FMA when the
 /// backend's ISA has it.
@@ -147,33 +150,37 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Query heads that run together (in one pass over the keys): on AVX-512 with `head_dim ≤
 /// ATTN_PAIR_MAX_DIM`, up to three heads that read the same KV head (each key and value is then
-/// loaded once for all of them: at decode the f32 KV cache is read from memory, and a group read
-/// once instead of twice is what a long context costs), one head otherwise. Units only group
-/// work: each head's operations are the same in any unit, so neither the unit shape nor which
-/// thread runs a unit changes a bit.
+/// loaded once for all of them), one head otherwise. Units only group work: each head's
+/// operations are the same in any unit, so neither the unit shape nor which thread runs a unit
+/// changes a bit.
 #[derive(Clone, Copy)]
 struct HeadUnits {
     /// Query heads per KV head.
     group: usize,
     /// Heads per unit: 3 or 2 (whichever gives a group fewer units, 2 on a tie; the last unit of
-    /// a group takes what is left) or 1. Where units are the tasks (few rows) and three-wide ones
-    /// would leave a thread short of work (SmolLM2 at batch 1: 3 units on 2 threads), 2.
+    /// a group takes what is left) or 1. Where few rows' tasks at three wide would leave a
+    /// thread short of work even split by chunks (SmolLM2 at batch 1 with one chunk of keys: 3
+    /// tasks on 2 threads), 2.
     width: usize,
     /// Units per group.
     per_group: usize,
+    /// Whether few rows' tasks are also split by chunk of keys: where (row, unit) tasks at the
+    /// widest units would leave a thread short of work (SmolLM2 at batch 1: 3 on 2 threads), so
+    /// that a group's keys are still read by one unit. Where there are enough (Qwen2.5's 6),
+    /// chunk tasks would only add their partials and fold (its cold-decode bench rows ~+10 %).
+    by_chunks: bool,
 }
 
 impl HeadUnits {
+    /// `few`: rows run as (row, unit) tasks rather than whole rows; `row_chunks`: the chunks of
+    /// keys summed over the `rows` rows.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn new(be: &CpuBackend, p: AttnParams, rows: usize) -> Self {
+    fn new(be: &CpuBackend, p: AttnParams, few: bool, rows: usize, row_chunks: usize) -> Self {
         let group = p.n_heads / p.n_kv_heads;
+        let threads = be.threads();
         #[cfg(target_arch = "x86_64")]
-        let width = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM {
-            let threads = be.threads();
-            let split = rows < ROWS_PER_THREAD_FOR_ROW_TASKS * threads;
-            let tasks3 = rows * p.n_kv_heads * group.div_ceil(3);
-            let balanced = threads == 1 || !split || tasks3 >= 2 * threads;
-            if group.div_ceil(3) < group.div_ceil(2) && balanced {
+        let widest = if be.isa() == Isa::Avx512 && p.head_dim <= super::x86::ATTN_PAIR_MAX_DIM {
+            if group.div_ceil(3) < group.div_ceil(2) {
                 3
             } else {
                 2
@@ -182,8 +189,12 @@ impl HeadUnits {
             1
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let width = 1;
-        HeadUnits { group, width, per_group: group.div_ceil(width) }
+        let widest = 1;
+        let short = |tasks: usize| few && threads > 1 && tasks < 2 * threads;
+        let by_chunks = short(rows * p.n_kv_heads * group.div_ceil(widest));
+        let tasks_per_unit = if by_chunks { row_chunks } else { rows };
+        let width = if widest == 3 && short(tasks_per_unit * p.n_kv_heads * group.div_ceil(3)) { 2 } else { widest };
+        HeadUnits { group, width, per_group: group.div_ceil(width), by_chunks }
     }
 
     fn count(&self, n_heads: usize) -> usize {
@@ -203,9 +214,56 @@ impl HeadUnits {
 /// small: 2 KiB).
 const STACK_SCORES: usize = 512;
 
+/// The contract's merge of a chunk's `(m_c, l_c)` into the running `(m, l)` of the chunks before
+/// it (chunk order): updates them and returns the weights `(a, b)` of the output merge
+/// `o = o · a + o_c · b` (two products and a sum, not an fma). Every merge of attention — in one
+/// pass over a row's keys, or folding chunk partials computed apart — runs through here.
+#[inline(always)]
+pub(super) fn merge_chunk_weights((m, l): (&mut f32, &mut f32), m_c: f32, l_c: f32) -> (f32, f32) {
+    let mn = m.max(m_c);
+    let (a, b) = (exp(*m - mn), exp(m_c - mn));
+    *l = *l * a + l_c * b;
+    *m = mn;
+    (a, b)
+}
+
+/// Merges a chunk's partial `part` (`[m_c, l_c, o_c…]`) into the running state of the chunks
+/// before it (`[m, l, o…]`, the same layout), as [`merge_chunk_weights`] says.
+#[inline(always)]
+fn merge_chunk(state: &mut [f32], part: &[f32]) {
+    let (ml, o) = state.split_at_mut(2);
+    let (m, l) = ml.split_at_mut(1);
+    let (a, b) = merge_chunk_weights((&mut m[0], &mut l[0]), part[0], part[1]);
+    for (x, &y) in o.iter_mut().zip(&part[2..]) {
+        *x = *x * a + y * b;
+    }
+}
+
+/// Folds one head's `chunks` chunk partials, in chunk order, into its output: part `c` is `[m_c,
+/// l_c, o_c…]` (`2 + d` floats, as [`attention_heads`] writes them with `partial`) at `c ·
+/// stride` of `parts`; the first part is the running state, overwritten. `out` receives `o / l`.
+/// Plain loops, no iterator adaptors: those are not inlined into the FMA copy of [`with_fma`],
+/// and `exp`'s `mul_add` there would call the software `fmaf`.
+#[inline(always)]
+fn fold_chunk_partials(parts: &mut [f32], stride: usize, chunks: usize, out: &mut [f32]) {
+    let width = 2 + out.len();
+    let (state, rest) = parts.split_at_mut(width);
+    for c in 1..chunks {
+        merge_chunk(state, &rest[c * stride - width..][..width]);
+    }
+    let l = state[1];
+    for (dst, &x) in out.iter_mut().zip(&state[2..]) {
+        *dst = x / l;
+    }
+}
+
 /// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
 /// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
-/// keys `0..=pos`; `qrow` is the whole row, `out` the unit's heads (`heads · head_dim` floats).
+/// the keys attended (all of `0..=pos`, or with `partial` one chunk's); `qrow` is the whole row.
+/// `out` receives the unit's heads (`heads · head_dim` floats), or with `partial` each head's
+/// unnormalised state `[m, l, o…]` (`heads · (2 + head_dim)` floats) for
+/// [`fold_chunk_partials`]. `cold`: the keys are likely out of cache (few rows, at decode), so the
+/// vector kernel prefetches them, and then `ahead` too (the row's keys after `key_at`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -218,11 +276,13 @@ fn attention_heads(
     v_cache: &[f32],
     p: AttnParams,
     out: &mut [f32],
+    partial: bool,
+    (cold, ahead): (bool, &[usize]),
 ) {
     let d = p.head_dim;
-    let pos = key_at.len() - 1;
     let group = p.n_heads / p.n_kv_heads;
     let scale = p.scale();
+    let out_width = if partial { 2 + d } else { d };
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
         use super::x86::{attention_heads_dispatch, AttnKeys};
@@ -236,78 +296,88 @@ fn attention_heads(
             &mut heap[..]
         };
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
-        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk: p.kv_chunk, scale };
+        let kv_chunk = p.kv_chunk;
+        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk, scale, cold, ahead };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
         // (a unit of two or three only where d ≤ ATTN_PAIR_MAX_DIM, all its heads in one KV
-        // group) and every key offset was computed from the layout, whose caches hold every slot.
+        // group), `o` holds `heads · out_width` floats, and every key offset was computed from
+        // the layout, whose caches hold every slot.
         unsafe {
             match heads {
                 3 => {
                     let (qa, rest) = qh.split_at(d);
                     let (qb, qc) = rest.split_at(d);
-                    let (oa, rest) = o.split_at_mut(d);
-                    let (ob, oc) = rest.split_at_mut(d);
-                    attention_heads_dispatch::<3>([qa, qb, qc], &keys, scores, [oa, ob, oc]);
+                    let (oa, rest) = o.split_at_mut(out_width);
+                    let (ob, oc) = rest.split_at_mut(out_width);
+                    attention_heads_dispatch::<3>([qa, qb, qc], &keys, scores, [oa, ob, oc], partial);
                 }
                 2 => {
                     let (qa, qb) = qh.split_at(d);
-                    let (oa, ob) = o.split_at_mut(d);
-                    attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob]);
+                    let (oa, ob) = o.split_at_mut(out_width);
+                    attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob], partial);
                 }
-                _ => attention_heads_dispatch::<1>([qh], &keys, scores, [o]),
+                _ => attention_heads_dispatch::<1>([qh], &keys, scores, [o], partial),
             }
         }
         return;
     }
     let mut scores = vec![0.0f32; p.kv_chunk];
-    let mut o = vec![0.0f32; d];
-    let mut o_c = vec![0.0f32; d];
+    // One head's running state `[m, l, o…]` and a chunk's partial `[m_c, l_c, o_c…]`.
+    let mut state = vec![0.0f32; 2 + d];
+    let mut chunk = vec![0.0f32; 2 + d];
     for h in first..first + heads {
         let qh = &qrow[h * d..(h + 1) * d];
         let kvh = h / group;
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        for c in 0..=pos / p.kv_chunk {
-            let first = c * p.kv_chunk;
-            let keys = ((c + 1) * p.kv_chunk).min(pos + 1) - first;
-            let at = |kp: usize| key_at[kp] + kvh * d;
+        for (c, keys) in key_at.chunks(p.kv_chunk).enumerate() {
+            let at = |i: usize| keys[i] + kvh * d;
             let mut m_c = f32::NEG_INFINITY;
-            for (i, s) in scores[..keys].iter_mut().enumerate() {
-                let a = at(first + i);
+            for (i, s) in scores[..keys.len()].iter_mut().enumerate() {
+                let a = at(i);
                 *s = lane_dot(qh, &k_cache[a..a + d]) * scale;
                 m_c = m_c.max(*s);
             }
-            let mut l_c = 0.0f32;
+            let part = if c == 0 { &mut state } else { &mut chunk };
+            let (ml, o_c) = part.split_at_mut(2);
             o_c.fill(0.0);
-            for (i, &s) in scores[..keys].iter().enumerate() {
+            let mut l_c = 0.0f32;
+            for (i, &s) in scores[..keys.len()].iter().enumerate() {
                 let pr = exp(s - m_c);
                 l_c += pr;
-                let a = at(first + i);
+                let a = at(i);
                 for (acc, &v) in o_c.iter_mut().zip(&v_cache[a..a + d]) {
                     *acc = pr.mul_add(v, *acc);
                 }
             }
-            if c == 0 {
-                (m, l) = (m_c, l_c);
-                o.copy_from_slice(&o_c);
-            } else {
-                let mn = m.max(m_c);
-                let (fa, fb) = (exp(m - mn), exp(m_c - mn));
-                l = l * fa + l_c * fb;
-                for (x, &y) in o.iter_mut().zip(&o_c) {
-                    *x = *x * fa + y * fb;
-                }
-                m = mn;
+            (ml[0], ml[1]) = (m_c, l_c);
+            if c > 0 {
+                merge_chunk(&mut state, &chunk);
             }
         }
-        for (dst, &x) in out[(h - first) * d..(h - first + 1) * d].iter_mut().zip(&o) {
-            *dst = x / l;
+        let dst = &mut out[(h - first) * out_width..(h - first + 1) * out_width];
+        if partial {
+            dst.copy_from_slice(&state);
+        } else {
+            fold_chunk_partials(&mut state, 0, 1, dst);
         }
     }
 }
 
-/// Query rows per thread below which attention runs a task per (row, unit of heads) rather
-/// than per row: one decode row alone would otherwise keep one thread busy while the rest wait.
+/// Query rows per thread below which attention splits rows into (row, unit of heads, chunk of
+/// keys) tasks rather than running a task per row: one decode row alone would otherwise keep one
+/// thread busy while the rest wait.
 const ROWS_PER_THREAD_FOR_ROW_TASKS: usize = 4;
+
+/// The split path's scratch (see [`attention`]), kept per calling thread and only grown: each
+/// (row, unit, chunk) task's partials, and per (row, unit) how many of its chunks are done.
+#[derive(Default)]
+struct SplitScratch {
+    partials: Vec<f32>,
+    done: Vec<AtomicUsize>,
+}
+
+thread_local! {
+    static SPLIT_SCRATCH: RefCell<SplitScratch> = RefCell::new(SplitScratch::default());
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
@@ -339,7 +409,10 @@ pub(crate) fn attention(
         .zip(&key_offsets)
         .flat_map(|(s, keys)| (0..s.n_q).map(move |i| (s.q_row + i, s.first_pos + i, keys.as_slice())))
         .collect();
-    let units = HeadUnits::new(be, p, rows.len());
+    let split = rows.len() < ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads();
+    let chunks_of = |pos: usize| pos / p.kv_chunk + 1;
+    let row_chunks = rows.iter().map(|&(_, pos, _)| chunks_of(pos)).sum();
+    let units = HeadUnits::new(be, p, split, rows.len(), row_chunks);
     let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
     // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.
@@ -352,13 +425,70 @@ pub(crate) fn attention(
         // one task only, so no two tasks' slices overlap.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width + first * d), heads * d) };
         let (qrow, key_at, unit) = (&q[row * width..(row + 1) * width], &keys[..=pos], (first, heads));
-        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o))
+        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o, false, (split, &[])))
     };
-    if rows.len() >= ROWS_PER_THREAD_FOR_ROW_TASKS * be.threads() {
-        be.run_tasks(rows.len(), |r| (0..n_units).for_each(|u| run(r, units.heads(u))))
-    } else {
-        be.run_tasks(rows.len() * n_units, |t| run(t / n_units, units.heads(t % n_units)))
+    if !split {
+        return be.run_tasks(rows.len(), |r| (0..n_units).for_each(|u| run(r, units.heads(u))));
     }
+    if !units.by_chunks {
+        return be.run_tasks(rows.len() * n_units, |t| run(t / n_units, units.heads(t % n_units)));
+    }
+    // Few rows: a task per (row, unit, chunk of keys) — flash-decoding — so a KV group's keys are
+    // read once by a three-wide unit and still every thread has work. Each chunk's partial goes
+    // to the scratch, and the task that finishes a (row, unit)'s last chunk folds its partials in
+    // chunk order with the contract's merge: the same operations in the same order as one pass
+    // over the row, so neither the split nor which thread runs or folds changes a bit. Tasks are
+    // numbered row by row, unit by unit, chunk by chunk, and a task's partials sit at its number.
+    let tasks = n_units * row_chunks;
+    let part_width = units.width * (2 + d);
+    SPLIT_SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.partials.len() < tasks * part_width {
+            scratch.partials.resize(tasks * part_width, 0.0);
+        }
+        if scratch.done.len() < tasks {
+            scratch.done.resize_with(tasks, AtomicUsize::default);
+        }
+        // Reset here (not by the folder) so a task that panicked leaves no stale count behind.
+        scratch.done[..tasks].iter().for_each(|c| c.store(0, Relaxed));
+        let parts = SharedOut(scratch.partials.as_mut_ptr());
+        let done = &scratch.done[..tasks];
+        be.run_tasks(tasks, |t| {
+            #[allow(clippy::redundant_locals)]
+            let (parts, dst) = (parts, dst);
+            let (mut r, mut row_first) = (0, 0);
+            while t >= row_first + n_units * chunks_of(rows[r].1) {
+                row_first += n_units * chunks_of(rows[r].1);
+                r += 1;
+            }
+            let (row, pos, keys) = rows[r];
+            let chunks = chunks_of(pos);
+            let (u, c) = ((t - row_first) / chunks, (t - row_first) % chunks);
+            let (first, heads) = units.heads(u);
+            if chunks == 1 {
+                return run(r, (first, heads));
+            }
+            let (key_at, ahead) = keys[c * p.kv_chunk..=pos].split_at(p.kv_chunk.min(pos + 1 - c * p.kv_chunk));
+            let qrow = &q[row * width..(row + 1) * width];
+            // SAFETY: task `t` alone writes partial slot `t`, which lies inside the scratch.
+            let part = unsafe { parts.slice(t * part_width, heads * (2 + d)) };
+            let cold = (true, ahead);
+            with_fma!(be, attention_heads(be, qrow, (first, heads), key_at, k_cache, v_cache, p, part, true, cold));
+            let unit_first = t - c;
+            // AcqRel: the last chunk's task sees every other chunk's partial.
+            if done[unit_first].fetch_add(1, AcqRel) + 1 < chunks {
+                return;
+            }
+            // SAFETY: every chunk task of this (row, unit) has finished (counted above) and none
+            // reads its slot again; the output heads belong to this unit only.
+            let unit_parts = unsafe { parts.slice(unit_first * part_width, chunks * part_width) };
+            for h in 0..heads {
+                // SAFETY: head `first + h` of `row` belongs to this unit's tasks, and only the
+                // last of them (this one) writes it.
+                let o = unsafe { dst.slice(row * width + (first + h) * d, d) };
+                with_fma!(be, fold_chunk_partials(&mut unit_parts[h * (2 + d)..], part_width, chunks, o));
+            }
+        });
+    });
 }
 
 /// One logits row's report, its vocab segments spread over the backend's team.

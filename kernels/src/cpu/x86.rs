@@ -982,33 +982,145 @@ pub(crate) struct AttnKeys<'a> {
     pub v_cache: &'a [f32],
     pub kv_chunk: usize,
     pub scale: f32,
+    /// Whether the keys are likely out of cache (few query rows, as at decode): the kernel then
+    /// prefetches them ahead of use, into the next chunks too.
+    pub cold: bool,
+    /// The keys after `key_at` in the row (chunks another call runs next, most often on this
+    /// thread): prefetched only.
+    pub ahead: &'a [usize],
 }
 
-/// `H` query heads (1, or 2 or 3 that read the same KV head — grouped-query attention) against
-/// keys `0..=pos` (see [`crate::reference::attention`]), `16 / H` keys at a time (with three
-/// heads lane 15 of a fold is unused): each key's score is
-/// one 16-lane fma chain over head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys
-/// trees side by side), `exp` is [`exp16`] (the contract's exp, lane for lane), and the sums that
-/// the contract orders by position — `l_c` and every `o_c` dimension — run key after key in
-/// increasing position. With two or three heads each key and value vector is loaded once for all, and
-/// their independent `o_c` chains interleave; per head the operations and their order do not
-/// change, so neither do the bits.
+/// How many keys ahead a cold attention pass asks for keys and values (into L2: a key's vector
+/// is 4 lines at head_dim 64, and 16–32 keys ahead keep ~100 lines in flight, more than L1's
+/// miss buffers hold). The cache's slots stride `n_kv_heads · head_dim` floats, so the hardware
+/// prefetchers, which stop at 4 KiB boundaries, lose the stream every few keys. Prefetching at
+/// 16–32 keys' distance made SmolLM2's 1-thread cold-decode bench row ~20 % cheaper, and 12 to 40
+/// keys price the same (BENCHMARKS §18.1).
+const ATTN_PREFETCH_KEYS: usize = 24;
+
+/// One chunk of keys (`keys`: the cache offsets of its keys' head 0; `ahead`: the keys that
+/// follow it, in two slices, only prefetched with `COLD`) for `H` query heads (1, or
+/// 2 or 3 that read the same KV head — grouped-query attention), `16 / H` keys at a time (with
+/// three heads lane 15 of a fold is unused): each key's score is one 16-lane fma chain over
+/// head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys trees side by side), `exp` is
+/// [`exp16`] (the contract's exp, lane for lane), and the sums that the contract orders by
+/// position — `l_c` and every `o_c` dimension — run key after key in increasing position. With two
+/// or three heads each key and value vector is loaded once for all, and their independent `o_c`
+/// chains interleave; per head the operations and their order do not change, so neither do the
+/// bits. Returns each head's `(m_c, l_c, o_c)`.
+#[inline(always)]
+unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
+    q: [[__m512; B]; H],
+    (keys, ahead): (&[usize], (&[usize], &[usize])),
+    (kp, vp): (*const f32, *const f32),
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+) -> ([f32; H], [f32; H], [[__m512; B]; H]) {
+    // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
+    let per = 16 / H;
+    // Each group's 16 scores stay as the fold left them (`scores[g · 16 ..]`, lane h · per + i),
+    // and the chunk maximum runs lane-wise beside them: `max` is exact, so any order gives the
+    // contract's `m_c` (NaN scores are skipped, as `f32::max` skips them; the sign of a zero
+    // maximum cannot change a bit, since m_c only enters through `exp` of a difference).
+    let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
+    for (g, group) in keys.chunks(per).enumerate() {
+        // Keys and values `ATTN_PREFETCH_KEYS` ahead of this group (a chunk's first group asks
+        // for the whole distance), so the misses of a cold KV cache (at decode the weights'
+        // stream evicts it) overlap the arithmetic. Only where few rows run: a prefill's keys are
+        // hot, and there the prefetches cost ~10 % of attention.
+        if COLD {
+            let lo = if g == 0 { 0 } else { g * per + ATTN_PREFETCH_KEYS };
+            for j in lo..(g + 1) * per + ATTN_PREFETCH_KEYS {
+                // Key j counted from the chunk's start: in this chunk, then in `ahead` (the
+                // rest of this call's keys, then the row's keys after them).
+                let at = match keys.get(j) {
+                    Some(&at) => at,
+                    None => match ahead.0.get(j - keys.len()) {
+                        Some(&at) => at,
+                        None => match ahead.1.get(j - keys.len() - ahead.0.len()) {
+                            Some(&at) => at,
+                            None => break,
+                        },
+                    },
+                };
+                for b in 0..B {
+                    _mm_prefetch::<_MM_HINT_T1>(kp.add(at + b * 16) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(vp.add(at + b * 16) as *const i8);
+                }
+            }
+        }
+        // Every lane of the fold is computed (a short group repeats its last key; those lanes
+        // are never read), so that the loops unroll and the accumulators stay in registers.
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for i in 0..per {
+            let at = group[i.min(group.len() - 1)];
+            for b in 0..B {
+                let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
+                for h in 0..H {
+                    acc[h * per + i] = _mm512_fmadd_ps(q[h][b], kv, acc[h * per + i]);
+                }
+            }
+        }
+        let s = _mm512_mul_ps(fold_blend(&mut acc), _mm512_set1_ps(scale));
+        _mm512_storeu_ps(scores.as_mut_ptr().add(g * 16), s);
+        let real = (1u32 << group.len()) - 1;
+        let lanes = (0..H).fold(0u32, |m, h| m | real << (h * per)) as __mmask16;
+        let keep = lanes & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(s, s);
+        m_run = _mm512_mask_max_ps(m_run, keep, m_run, s);
+    }
+    let mut m_c = [f32::NEG_INFINITY; H];
+    let mut m_lanes = [0.0f32; 16];
+    _mm512_storeu_ps(m_lanes.as_mut_ptr(), m_run);
+    for h in 0..H {
+        m_c[h] = m_lanes[h * per..(h + 1) * per].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        m_lanes[h * per..(h + 1) * per].fill(m_c[h]);
+    }
+    let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
+    let mut l_c = [0.0f32; H];
+    let mut o_c = [[_mm512_setzero_ps(); B]; H];
+    for (g, group) in keys.chunks(per).enumerate() {
+        let mut tmp = [0.0f32; 16];
+        let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
+        _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
+        for (i, &at) in group.iter().enumerate() {
+            let mut pv = [_mm512_setzero_ps(); H];
+            for h in 0..H {
+                l_c[h] += tmp[h * per + i];
+                pv[h] = _mm512_set1_ps(tmp[h * per + i]);
+            }
+            for b in 0..B {
+                let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
+                for h in 0..H {
+                    o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
+                }
+            }
+        }
+    }
+    (m_c, l_c, o_c)
+}
+
+/// `H` query heads against the keys of `keys_in` (see [`crate::reference::attention`]): each
+/// chunk by [`attention_chunk`], merged in chunk order as
+/// [`super::ops::merge_chunk_weights`] says. `outs[h]` receives `o / l` (`d` floats), or with
+/// `partial` the unnormalised state `[m, l, o…]` (`2 + d` floats) for [`super::ops`]' fold of
+/// chunk partials (where `key_at` is one chunk's keys, the state is that chunk's `(m_c, l_c,
+/// o_c)`).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; every `qs[h]` and `outs[h]` holds `d` floats, `B =
-/// ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H > 1`), `scores` holds 16
-/// floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk / (16 / H)⌉`),
-/// and every `key_at[kp] + kv_head·d + d` lies inside both caches.
+/// AVX-512 F/BW/VL must be available; every `qs[h]` holds `d` floats and `outs[h]` `d` (or
+/// `2 + d`) floats, `B = ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H > 1`),
+/// `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk / (16 /
+/// H)⌉`), and every `key_at[kp] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
+pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, const COLD: bool>(
     qs: [&[f32]; H],
     keys_in: &AttnKeys<'_>,
     scores: &mut [f32],
     outs: [&mut [f32]; H],
+    partial: bool,
 ) {
-    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale } = *keys_in;
-    // Keys per fold: head h's score of the group's key i comes out in lane h · per + i.
-    let per = 16 / H;
+    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale, ahead, .. } = *keys_in;
     let d = qs[0].len();
     debug_assert_eq!(d.div_ceil(16), B);
     let mut q = [[_mm512_setzero_ps(); B]; H];
@@ -1017,91 +1129,40 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize>(
             q[h][b] = _mm512_maskz_loadu_ps(dim_mask(d, b), qs[h].as_ptr().add(b * 16));
         }
     }
-    let (kp, vp) = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
-    let keys_total = key_at.len();
+    let kv = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
-    for (c, first) in (0..keys_total).step_by(kv_chunk).enumerate() {
-        let keys = &key_at[first..(first + kv_chunk).min(keys_total)];
-        // Each group's 16 scores stay as the fold left them (`scores[g · 16 ..]`, lane h · per
-        // + i), and the chunk maximum runs lane-wise beside them: `max` is exact, so any order
-        // gives the contract's `m_c` (NaN scores are skipped, as `f32::max` skips them; the sign
-        // of a zero maximum cannot change a bit, since m_c only enters through `exp` of a
-        // difference).
-        let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
-        for (g, group) in keys.chunks(per).enumerate() {
-            // Every lane of the fold is computed (a short group repeats its last key; those
-            // lanes are never read), so that the loops unroll and the accumulators stay in
-            // registers.
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for i in 0..per {
-                let at = group[i.min(group.len() - 1)];
-                for b in 0..B {
-                    let kv = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
-                    for h in 0..H {
-                        acc[h * per + i] = _mm512_fmadd_ps(q[h][b], kv, acc[h * per + i]);
-                    }
-                }
-            }
-            let s = _mm512_mul_ps(fold_blend(&mut acc), _mm512_set1_ps(scale));
-            _mm512_storeu_ps(scores.as_mut_ptr().add(g * 16), s);
-            let real = (1u32 << group.len()) - 1;
-            let lanes = (0..H).fold(0u32, |m, h| m | real << (h * per)) as __mmask16;
-            let keep = lanes & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(s, s);
-            m_run = _mm512_mask_max_ps(m_run, keep, m_run, s);
-        }
-        let mut m_c = [f32::NEG_INFINITY; H];
-        let mut m_lanes = [0.0f32; 16];
-        _mm512_storeu_ps(m_lanes.as_mut_ptr(), m_run);
-        for h in 0..H {
-            m_c[h] = m_lanes[h * per..(h + 1) * per].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            m_lanes[h * per..(h + 1) * per].fill(m_c[h]);
-        }
-        let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
-        let mut l_c = [0.0f32; H];
-        let mut o_c = [[_mm512_setzero_ps(); B]; H];
-        for (g, group) in keys.chunks(per).enumerate() {
-            let mut tmp = [0.0f32; 16];
-            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
-            _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
-            for (i, &at) in group.iter().enumerate() {
-                let mut pv = [_mm512_setzero_ps(); H];
-                for h in 0..H {
-                    l_c[h] += tmp[h * per + i];
-                    pv[h] = _mm512_set1_ps(tmp[h * per + i]);
-                }
-                for b in 0..B {
-                    let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
-                    for h in 0..H {
-                        o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
-                    }
-                }
-            }
-        }
+    for (c, keys) in key_at.chunks(kv_chunk).enumerate() {
+        let later = (&key_at[(c * kv_chunk + keys.len())..], ahead);
+        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, (keys, later), kv, d, scale, scores);
         for h in 0..H {
             if c == 0 {
                 (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
             } else {
-                let mn = m[h].max(m_c[h]);
-                let (fa, fb) = (crate::math::exp(m[h] - mn), crate::math::exp(m_c[h] - mn));
-                l[h] = l[h] * fa + l_c[h] * fb;
+                let (fa, fb) = super::ops::merge_chunk_weights((&mut m[h], &mut l[h]), m_c[h], l_c[h]);
                 let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
                 for b in 0..B {
                     o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
                 }
-                m[h] = mn;
             }
         }
     }
     for (h, out) in outs.into_iter().enumerate() {
-        let lv = _mm512_set1_ps(l[h]);
-        for b in 0..B {
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[h][b], lv));
+        if partial {
+            (out[0], out[1]) = (m[h], l[h]);
+            for b in 0..B {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(2 + b * 16), dim_mask(d, b), o[h][b]);
+            }
+        } else {
+            let lv = _mm512_set1_ps(l[h]);
+            for b in 0..B {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[h][b], lv));
+            }
         }
     }
 }
 
-/// [`attention_heads_avx512`] with `B = ⌈d / 16⌉` chosen at run time (so its head_dim loops are
+/// [`attention_heads_avx512`] with `B = ⌈d / 16⌉` and `COLD = keys.cold` chosen at run time (so its head_dim loops are
 /// unrolled and its accumulators live in registers).
 ///
 /// # Safety
@@ -1111,16 +1172,21 @@ pub(crate) unsafe fn attention_heads_dispatch<const H: usize>(
     keys: &AttnKeys<'_>,
     scores: &mut [f32],
     outs: [&mut [f32]; H],
+    partial: bool,
 ) {
     macro_rules! with_blocks {
-        ($($b:literal)*) => {
+        ($cold:literal: $($b:literal)*) => {
             match qs[0].len().div_ceil(16) {
-                $($b => attention_heads_avx512::<H, $b>(qs, keys, scores, outs),)*
+                $($b => attention_heads_avx512::<H, $b, $cold>(qs, keys, scores, outs, partial),)*
                 blocks => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_MAX_DIM"),
             }
         };
     }
-    with_blocks!(1 2 3 4 5 6 7 8)
+    if keys.cold {
+        with_blocks!(true: 1 2 3 4 5 6 7 8)
+    } else {
+        with_blocks!(false: 1 2 3 4 5 6 7 8)
+    }
 }
 
 #[cfg(test)]
