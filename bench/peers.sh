@@ -314,7 +314,8 @@ BANDWIDTH=$(awk -v a="${BANDWIDTH_BEFORE:-0}" -v b="${BANDWIDTH_AFTER:-0}" 'BEGI
 note "the decode-bandwidth ratio below uses ${BANDWIDTH} GB/s, the higher of ${BANDWIDTH_BEFORE:-?} (before) and ${BANDWIDTH_AFTER:-?} (after), ${BW_THREADS} threads (kernels/benches/linear.rs)"
 
 section "Results (tokens/s) and the issue's ratios"
-collect table "$RESULTS" "${BANDWIDTH:-0}" "$WEIGHTS"
+OTHER_PROBE=$(awk -v a="${BANDWIDTH_BEFORE:-0}" -v b="${BANDWIDTH_AFTER:-0}" 'BEGIN { print (a + 0 > b + 0) ? b : a }')
+collect table "$RESULTS" "${BANDWIDTH:-0}" "$WEIGHTS" "${OTHER_PROBE:-0}"
 
 if [[ $CONTROL == 1 ]]; then
     section "Negative control: the same sequence alone and among others, bit for bit"
