@@ -310,11 +310,12 @@ fi
 section "Read bandwidth, after the engines"
 measure_bandwidth
 BANDWIDTH_AFTER=$BW_MEASURED
-BANDWIDTH=$(awk -v a="${BANDWIDTH_BEFORE:-0}" -v b="${BANDWIDTH_AFTER:-0}" 'BEGIN { print (a + 0 > b + 0) ? a : b }')
+# The higher reading rates the shares; the other is shown beside it.
+read -r BANDWIDTH OTHER_PROBE < <(awk -v a="${BANDWIDTH_BEFORE:-0}" -v b="${BANDWIDTH_AFTER:-0}" \
+    'BEGIN { if (a + 0 > b + 0) print a, b; else print b, a }')
 note "the decode-bandwidth ratio below uses ${BANDWIDTH} GB/s, the higher of ${BANDWIDTH_BEFORE:-?} (before) and ${BANDWIDTH_AFTER:-?} (after), ${BW_THREADS} threads (kernels/benches/linear.rs)"
 
 section "Results (tokens/s) and the issue's ratios"
-OTHER_PROBE=$(awk -v a="${BANDWIDTH_BEFORE:-0}" -v b="${BANDWIDTH_AFTER:-0}" 'BEGIN { print (a + 0 > b + 0) ? b : a }')
 collect table "$RESULTS" "${BANDWIDTH:-0}" "$WEIGHTS" "${OTHER_PROBE:-0}"
 
 if [[ $CONTROL == 1 ]]; then

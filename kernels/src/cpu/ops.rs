@@ -258,12 +258,13 @@ fn fold_chunk_partials(parts: &mut [f32], stride: usize, chunks: usize, out: &mu
 }
 
 /// Heads `first..first + heads` of one query row (see [`crate::reference::attention`] for the
-/// rule), one unit of [`HeadUnits`]. `key_at[kp]` is the cache offset of key `kp`'s head 0, for
-/// the keys attended (all of `0..=pos`, or with `partial` one chunk's); `qrow` is the whole row.
+/// rule), one unit of [`HeadUnits`]. `keys[kp]` is the cache offset of key `kp`'s head 0; the
+/// first `attended` are the keys attended (all of `0..=pos`, or with `partial` one chunk's) and
+/// the rest the row's later keys; `qrow` is the whole row.
 /// `out` receives the unit's heads (`heads · head_dim` floats), or with `partial` each head's
 /// unnormalised state `[m, l, o…]` (`heads · (2 + head_dim)` floats) for
 /// [`fold_chunk_partials`]. `cold`: the keys are likely out of cache (few rows, at decode), so the
-/// vector kernel prefetches them, and then `ahead` too (the row's keys after `key_at`).
+/// vector kernel prefetches them, the row's later keys too.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -271,13 +272,13 @@ fn attention_heads(
     be: &CpuBackend,
     qrow: &[f32],
     (first, heads): (usize, usize),
-    key_at: &[usize],
+    (keys, attended): (&[usize], usize),
     k_cache: &[f32],
     v_cache: &[f32],
     p: AttnParams,
     out: &mut [f32],
     partial: bool,
-    (cold, ahead): (bool, &[usize]),
+    cold: bool,
 ) {
     let d = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
@@ -297,7 +298,7 @@ fn attention_heads(
         };
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let kv_chunk = p.kv_chunk;
-        let keys = AttnKeys { key_at, kv_head: first / group, k_cache, v_cache, kv_chunk, scale, cold, ahead };
+        let keys = AttnKeys { keys, attended, kv_head: first / group, k_cache, v_cache, kv_chunk, scale, cold };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
         // (a unit of two or three only where d ≤ ATTN_PAIR_MAX_DIM, all its heads in one KV
         // group), `o` holds `heads · out_width` floats, and every key offset was computed from
@@ -328,7 +329,7 @@ fn attention_heads(
     for h in first..first + heads {
         let qh = &qrow[h * d..(h + 1) * d];
         let kvh = h / group;
-        for (c, keys) in key_at.chunks(p.kv_chunk).enumerate() {
+        for (c, keys) in keys[..attended].chunks(p.kv_chunk).enumerate() {
             let at = |i: usize| keys[i] + kvh * d;
             let mut m_c = f32::NEG_INFINITY;
             for (i, s) in scores[..keys.len()].iter_mut().enumerate() {
@@ -461,9 +462,9 @@ fn attention_rows(
         let (row, pos, keys) = row_keys(r);
         // SAFETY: each query row appears once across the sequences, and each (row, head) is in
         // one task only, so no two tasks' slices overlap.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * width + first * d), heads * d) };
-        let (qrow, key_at, unit) = (&q[row * width..(row + 1) * width], &keys[..=pos], (first, heads));
-        with_fma!(be, attention_heads(be, qrow, unit, key_at, k_cache, v_cache, p, o, false, (split, &[])))
+        let o = unsafe { dst.slice(row * width + first * d, heads * d) };
+        let (qrow, attended, unit) = (&q[row * width..(row + 1) * width], (&keys[..=pos], pos + 1), (first, heads));
+        with_fma!(be, attention_heads(be, qrow, unit, attended, k_cache, v_cache, p, o, false, split))
     };
     if !split {
         return be.run_tasks(rows.len(), |r| (0..n_units).for_each(|u| run(r, units.heads(u))));
@@ -505,12 +506,13 @@ fn attention_rows(
             if chunks == 1 {
                 return run(r, (first, heads));
             }
-            let (key_at, ahead) = keys[c * p.kv_chunk..=pos].split_at(p.kv_chunk.min(pos + 1 - c * p.kv_chunk));
+            // This chunk's keys, then the row's later ones (prefetched only).
+            let from_chunk = &keys[c * p.kv_chunk..=pos];
+            let attended = (from_chunk, p.kv_chunk.min(from_chunk.len()));
             let qrow = &q[row * width..(row + 1) * width];
             // SAFETY: task `t` alone writes partial slot `t`, which lies inside the scratch.
             let part = unsafe { parts.slice(t * part_width, heads * (2 + d)) };
-            let cold = (true, ahead);
-            with_fma!(be, attention_heads(be, qrow, (first, heads), key_at, k_cache, v_cache, p, part, true, cold));
+            with_fma!(be, attention_heads(be, qrow, (first, heads), attended, k_cache, v_cache, p, part, true, true));
             let unit_first = t - c;
             // AcqRel: the last chunk's task sees every other chunk's partial.
             if done[unit_first].fetch_add(1, AcqRel) + 1 < chunks {

@@ -975,8 +975,11 @@ pub(crate) const ATTN_PAIR_MAX_DIM: usize = 64;
 
 /// The keys that one query row's heads attend to, and where to read them.
 pub(crate) struct AttnKeys<'a> {
-    /// `key_at[kp]`: the cache offset of key `kp`'s head 0, for keys `0..=pos`.
-    pub key_at: &'a [usize],
+    /// `keys[kp]`: the cache offset of key `kp`'s head 0. The first `attended` are the keys the
+    /// heads attend to; the rest (the row's later chunks, which another call runs next, most often
+    /// on this thread) are only prefetched, with `cold`.
+    pub keys: &'a [usize],
+    pub attended: usize,
     pub kv_head: usize,
     pub k_cache: &'a [f32],
     pub v_cache: &'a [f32],
@@ -985,9 +988,6 @@ pub(crate) struct AttnKeys<'a> {
     /// Whether the keys are likely out of cache (few query rows, as at decode): the kernel then
     /// prefetches them ahead of use, into the next chunks too.
     pub cold: bool,
-    /// The keys after `key_at` in the row (chunks another call runs next, most often on this
-    /// thread): prefetched only.
-    pub ahead: &'a [usize],
 }
 
 /// How many keys ahead a cold attention pass asks for keys and values (into L2: a key's vector
@@ -998,8 +998,8 @@ pub(crate) struct AttnKeys<'a> {
 /// keys price the same (BENCHMARKS §18.1).
 const ATTN_PREFETCH_KEYS: usize = 24;
 
-/// One chunk of keys (`keys`: the cache offsets of its keys' head 0; `ahead`: the keys that
-/// follow it, in two slices, only prefetched with `COLD`) for `H` query heads (1, or
+/// One chunk of keys (the first `len` of `keys`: the cache offsets of its keys' head 0; the rest
+/// follow it in the row and are only prefetched, with `COLD`) for `H` query heads (1, or
 /// 2 or 3 that read the same KV head — grouped-query attention), `16 / H` keys at a time (with
 /// three heads lane 15 of a fold is unused): each key's score is one 16-lane fma chain over
 /// head_dim and the lane tree of [`fold_blend`] (the 16 heads × keys trees side by side), `exp` is
@@ -1011,7 +1011,7 @@ const ATTN_PREFETCH_KEYS: usize = 24;
 #[inline(always)]
 unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     q: [[__m512; B]; H],
-    (keys, ahead): (&[usize], (&[usize], &[usize])),
+    (keys, len): (&[usize], usize),
     (kp, vp): (*const f32, *const f32),
     d: usize,
     scale: f32,
@@ -1023,6 +1023,7 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     // and the chunk maximum runs lane-wise beside them: `max` is exact, so any order gives the
     // contract's `m_c` (NaN scores are skipped, as `f32::max` skips them; the sign of a zero
     // maximum cannot change a bit, since m_c only enters through `exp` of a difference).
+    let (upcoming, keys) = (keys, &keys[..len]);
     let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
     for (g, group) in keys.chunks(per).enumerate() {
         // Keys and values `ATTN_PREFETCH_KEYS` ahead of this group (a chunk's first group asks
@@ -1031,19 +1032,8 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
         // hot, and there the prefetches cost ~10 % of attention.
         if COLD {
             let lo = if g == 0 { 0 } else { g * per + ATTN_PREFETCH_KEYS };
-            for j in lo..(g + 1) * per + ATTN_PREFETCH_KEYS {
-                // Key j counted from the chunk's start: in this chunk, then in `ahead` (the
-                // rest of this call's keys, then the row's keys after them).
-                let at = match keys.get(j) {
-                    Some(&at) => at,
-                    None => match ahead.0.get(j - keys.len()) {
-                        Some(&at) => at,
-                        None => match ahead.1.get(j - keys.len() - ahead.0.len()) {
-                            Some(&at) => at,
-                            None => break,
-                        },
-                    },
-                };
+            let hi = ((g + 1) * per + ATTN_PREFETCH_KEYS).min(upcoming.len());
+            for &at in upcoming.get(lo..hi).unwrap_or_default() {
                 for b in 0..B {
                     _mm_prefetch::<_MM_HINT_T1>(kp.add(at + b * 16) as *const i8);
                     _mm_prefetch::<_MM_HINT_T1>(vp.add(at + b * 16) as *const i8);
@@ -1120,7 +1110,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     outs: [&mut [f32]; H],
     partial: bool,
 ) {
-    let AttnKeys { key_at, kv_head, k_cache, v_cache, kv_chunk, scale, ahead, .. } = *keys_in;
+    let AttnKeys { keys: row_keys, attended, kv_head, k_cache, v_cache, kv_chunk, scale, .. } = *keys_in;
     let d = qs[0].len();
     debug_assert_eq!(d.div_ceil(16), B);
     let mut q = [[_mm512_setzero_ps(); B]; H];
@@ -1132,9 +1122,9 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     let kv = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
-    for (c, keys) in key_at.chunks(kv_chunk).enumerate() {
-        let later = (&key_at[(c * kv_chunk + keys.len())..], ahead);
-        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, (keys, later), kv, d, scale, scores);
+    for (c, keys) in row_keys[..attended].chunks(kv_chunk).enumerate() {
+        let from_chunk = (&row_keys[c * kv_chunk..], keys.len());
+        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, from_chunk, kv, d, scale, scores);
         for h in 0..H {
             if c == 0 {
                 (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
