@@ -45,19 +45,7 @@ if [ ! -x "$bin" ]; then
 fi
 
 # A pip-installed NVRTC wheel, when the loader has no libnvrtc of its own.
-if [ -z "${LOCKSTEP_NVRTC_LIB_DIR:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
-    candidates=("${XDG_CACHE_HOME:-$HOME/.cache}"/lockstep/nvidia-cuda-nvrtc-*)
-    if command -v python3 >/dev/null 2>&1; then
-        read -r -a site <<<"$(python3 -c 'import site; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null || true)"
-        candidates+=("${site[@]}")
-    fi
-    for dir in "${candidates[@]}"; do
-        if [ -e "$dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
-            export LOCKSTEP_NVRTC_LIB_DIR="$dir/nvidia/cu13/lib"
-            break
-        fi
-    done
-fi
+source deploy/nvrtc-env.sh
 
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

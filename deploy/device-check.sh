@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Every check that needs a lent accelerator machine, as one prepared run (its minutes are few:
+# one start, one command). Made with deploy/device-kit.sh here, then on the device tool:
+#
+#   run(command="deploy/device-check.sh .device-kit", carry=[".device-kit"], timeout_s=540)
+#
+# 1. deploy/gpu-check.sh with the kit's gpu_check: portable kernels == the CPU reference bit for
+#    bit, native M- and TP-invariance, timings against cuBLAS.
+# 2. `lockstep generate --json` on stories260K, CPU vs `--device cuda:0 --numerics portable`,
+#    greedy and sampled, one prompt and a batch of three: identical bytes expected (the
+#    determinism contract: portable bits are the same on every device).
+# 3. `--device cuda:0 --numerics native`, twice, and batched vs alone: identical to itself
+#    (invariant within the tensor-core class; not expected to equal portable).
+# 4. Where the host CPU has AMX: the kernels' native tests (their AMX halves run on silicon), and
+#    `lockstep generate --numerics native` on the CPU at 1 and all threads, then a short
+#    `lockstep bench` of invariant vs native on a synthetic Qwen2.5-0.5B.
+# Every result is a PASS / FAIL / SKIP line in $OUT/summary.txt (the logs beside it); exits
+# non-zero on any FAIL. Each step has its own time limit so one hang cannot eat the lease.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+kit="${1:-.device-kit}"
+out="${OUT:-/tmp/device-check}"
+mkdir -p "$out"
+lockstep="$kit/lockstep"
+stories="$kit/stories260K"
+summary="$out/summary.txt"
+: >"$summary"
+fails=0
+say() { echo "$*" | tee -a "$summary"; }
+result() { # result NAME OK(0/1) [detail]
+    if [ "$2" = 0 ]; then say "PASS $1${3:+: $3}"; else say "FAIL $1${3:+: $3}"; fails=$((fails + 1)); fi
+}
+
+if [ ! -x "$lockstep" ]; then
+    echo "device-check: no kit at $kit (make one with deploy/device-kit.sh and carry it)" >&2
+    exit 2
+fi
+say "device-check: kit commit $(cat "$kit/COMMIT" 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+    lscpu 2>&1 || true
+} >"$out/machine.txt"
+say "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) threads"
+
+source deploy/nvrtc-env.sh
+
+# 1. The kernels' GPU checks.
+timeout 240 deploy/gpu-check.sh "$kit/gpu_check" >"$out/gpu-check.log" 2>&1
+rc=$?
+result "gpu-check ($(grep -E '^[0-9]+ passed' "$out/gpu-check.log" | tail -1))" "$rc" "$([ "$rc" = 124 ] && echo "timed out after 240 s")"
+
+# 2 and 3. The engine end to end on the GPU.
+gen() { # gen FILE ARGS...: one `generate --json` run, its stdout kept
+    local file="$1"
+    shift
+    timeout 120 "$lockstep" generate --model "$stories" --max-tokens 48 --json "$@" >"$out/$file" 2>>"$out/generate.log"
+}
+prompts=(--prompt "Once upon a time" --prompt "The little dog" --prompt "Lily and Ben went to the park")
+for mode in "greedy:--temperature 0 --seed 1" "sampled:--temperature 0.9 --top-p 0.95 --seed 7"; do
+    name="${mode%%:*}"
+    read -r -a samp <<<"${mode#*:}"
+    gen "cpu-$name.jsonl" --device cpu --numerics portable "${prompts[@]}" "${samp[@]}"
+    cpu_rc=$?
+    gen "cuda-$name.jsonl" --device cuda:0 --numerics portable "${prompts[@]}" "${samp[@]}"
+    cuda_rc=$?
+    if [ "$cpu_rc" != 0 ] || [ "$cuda_rc" != 0 ]; then
+        result "generate portable $name: cuda:0 == cpu" 1 "exit codes cpu $cpu_rc, cuda $cuda_rc (see generate.log)"
+    else
+        cmp -s "$out/cpu-$name.jsonl" "$out/cuda-$name.jsonl"
+        result "generate portable $name: cuda:0 == cpu, 3 prompts batched" $? "$(md5sum <"$out/cuda-$name.jsonl" | cut -c1-12)"
+    fi
+done
+gen cuda-native-a.jsonl --device cuda:0 --numerics native "${prompts[@]}" --temperature 0 --seed 1
+a=$?
+gen cuda-native-b.jsonl --device cuda:0 --numerics native "${prompts[@]}" --temperature 0 --seed 1
+b=$?
+gen cuda-native-alone.jsonl --device cuda:0 --numerics native --prompt "The little dog" --temperature 0 --seed 1
+c=$?
+if [ "$a$b$c" != 000 ]; then
+    result "generate native on cuda:0" 1 "exit codes $a $b $c (see generate.log)"
+else
+    cmp -s "$out/cuda-native-a.jsonl" "$out/cuda-native-b.jsonl"
+    result "generate native on cuda:0: the same bytes twice" $?
+    sed -n 2p "$out/cuda-native-a.jsonl" | cmp -s - "$out/cuda-native-alone.jsonl"
+    result "generate native on cuda:0: a prompt alone == inside the batch of three" $?
+fi
+
+# 4. AMX on the host CPU, where it has it.
+if grep -qw amx_bf16 /proc/cpuinfo && grep -qw amx_tile /proc/cpuinfo; then
+    timeout 180 "$kit/native-test" --test-threads 4 >"$out/native-test.log" 2>&1
+    rc=$?
+    result "kernels native tests on AMX silicon ($(grep -E '^test result' "$out/native-test.log" | tail -1))" "$rc"
+    if grep -q '^SKIPPED amx' "$out/native-test.log"; then
+        result "AMX halves ran (no SKIPPED amx line)" 1 "$(grep '^SKIPPED amx' "$out/native-test.log" | head -1)"
+    fi
+    gen cpu-native-t1.jsonl --device cpu --numerics native --threads 1 "${prompts[@]}" --temperature 0 --seed 1
+    a=$?
+    gen cpu-native-tn.jsonl --device cpu --numerics native --threads "$(nproc)" "${prompts[@]}" --temperature 0 --seed 1
+    b=$?
+    if [ "$a$b" != 00 ]; then
+        result "generate native (AMX) on the CPU" 1 "exit codes $a $b (see generate.log)"
+    else
+        cmp -s "$out/cpu-native-t1.jsonl" "$out/cpu-native-tn.jsonl"
+        result "generate native (AMX) on the CPU: 1 thread == $(nproc) threads" $?
+    fi
+    synth="$out/synth-q05"
+    if timeout 120 "$lockstep" model synth --preset qwen2.5-0.5b --out "$synth" >>"$out/bench.log" 2>&1; then
+        timeout 200 "$lockstep" bench --model "$synth" --batch 1,8 --prompt-tokens 128 --new-tokens 16 \
+            --modes invariant,native --threads 2 --warmup >>"$out/bench.log" 2>&1
+        result "bench invariant vs native (AMX), 2 threads (table in bench.log)" $?
+        rm -rf "$synth"
+    else
+        result "model synth qwen2.5-0.5b for the AMX bench" 1 "see bench.log"
+    fi
+else
+    say "SKIP AMX: this CPU has no amx_bf16/amx_tile"
+fi
+
+say "device-check: $fails failed"
+[ "$fails" = 0 ]
