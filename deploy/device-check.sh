@@ -4,6 +4,10 @@
 #
 #   run(command="deploy/device-check.sh .device-kit", carry=[".device-kit"], timeout_s=540)
 #
+# `deploy/device-check.sh --record KIT` (device-kit.sh runs it) writes step 2's CPU outputs of the
+# machine that made the kit into KIT/expected/, and step 2 then also compares with those: the
+# same bytes on another machine's CPU as well.
+#
 # 1. deploy/gpu-check.sh with the kit's gpu_check: portable kernels == the CPU reference bit for
 #    bit, native M- and TP-invariance, timings against cuBLAS.
 # 2. `lockstep generate --json` on stories260K, CPU vs `--device cuda:0 --numerics portable`,
@@ -14,18 +18,25 @@
 # 4. Where the host CPU has AMX: the kernels' native tests (their AMX halves run on silicon), and
 #    `lockstep generate --numerics native` on the CPU at 1 and all threads, then a short
 #    `lockstep bench` of invariant vs native on a synthetic Qwen2.5-0.5B.
-# Every result is a PASS / FAIL / SKIP line in $OUT/summary.txt (the logs beside it); exits
+# Every result is a PASS / FAIL / SKIP line in $OUT/summary.txt (the logs beside it, the
+# `generate` outputs in generate.tgz); exits
 # non-zero on any FAIL. Each step has its own time limit so one hang cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+record=0
+if [ "${1:-}" = --record ]; then
+    record=1
+    shift
+fi
 kit="${1:-.device-kit}"
 out="${OUT:-/tmp/device-check}"
-mkdir -p "$out"
+gens="$out/generate" # the jsonl outputs, packed into one file at the end (the device tool returns 8 files)
+[ "$record" = 1 ] && out="$kit/expected" && gens="$out"
+mkdir -p "$out" "$gens"
 lockstep="$kit/lockstep"
 stories="$kit/stories260K"
 summary="$out/summary.txt"
-: >"$summary"
 fails=0
 say() { echo "$*" | tee -a "$summary"; }
 result() { # result NAME OK(0/1) [detail]
@@ -36,6 +47,24 @@ if [ ! -x "$lockstep" ]; then
     echo "device-check: no kit at $kit (make one with deploy/device-kit.sh and carry it)" >&2
     exit 2
 fi
+# `generate --json` runs of steps 2-4, the same on the machine that made the kit (--record).
+gen() { # gen FILE ARGS...: one `generate --json` run, its stdout kept
+    local file="$1"
+    shift
+    timeout 120 "$lockstep" generate --model "$stories" --max-tokens 48 --json "$@" >"$gens/$file" 2>>"$out/generate.log"
+}
+prompts=(--prompt "Once upon a time" --prompt "The little dog" --prompt "Lily and Ben went to the park")
+cases=("greedy:--temperature 0 --seed 1" "sampled:--temperature 0.9 --top-p 0.95 --seed 7")
+if [ "$record" = 1 ]; then
+    for mode in "${cases[@]}"; do
+        read -r -a samp <<<"${mode#*:}"
+        gen "cpu-${mode%%:*}.jsonl" --device cpu --numerics portable "${prompts[@]}" "${samp[@]}" || exit 1
+    done
+    echo "device-check: recorded this CPU's portable outputs in $out"
+    exit 0
+fi
+
+: >"$summary"
 say "device-check: kit commit $(cat "$kit/COMMIT" 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
@@ -52,13 +81,7 @@ rc=$?
 result "gpu-check ($(grep -E '^[0-9]+ passed' "$out/gpu-check.log" | tail -1))" "$rc" "$([ "$rc" = 124 ] && echo "timed out after 240 s")"
 
 # 2 and 3. The engine end to end on the GPU.
-gen() { # gen FILE ARGS...: one `generate --json` run, its stdout kept
-    local file="$1"
-    shift
-    timeout 120 "$lockstep" generate --model "$stories" --max-tokens 48 --json "$@" >"$out/$file" 2>>"$out/generate.log"
-}
-prompts=(--prompt "Once upon a time" --prompt "The little dog" --prompt "Lily and Ben went to the park")
-for mode in "greedy:--temperature 0 --seed 1" "sampled:--temperature 0.9 --top-p 0.95 --seed 7"; do
+for mode in "${cases[@]}"; do
     name="${mode%%:*}"
     read -r -a samp <<<"${mode#*:}"
     gen "cpu-$name.jsonl" --device cpu --numerics portable "${prompts[@]}" "${samp[@]}"
@@ -68,8 +91,12 @@ for mode in "greedy:--temperature 0 --seed 1" "sampled:--temperature 0.9 --top-p
     if [ "$cpu_rc" != 0 ] || [ "$cuda_rc" != 0 ]; then
         result "generate portable $name: cuda:0 == cpu" 1 "exit codes cpu $cpu_rc, cuda $cuda_rc (see generate.log)"
     else
-        cmp -s "$out/cpu-$name.jsonl" "$out/cuda-$name.jsonl"
-        result "generate portable $name: cuda:0 == cpu, 3 prompts batched" $? "$(md5sum <"$out/cuda-$name.jsonl" | cut -c1-12)"
+        cmp -s "$gens/cpu-$name.jsonl" "$gens/cuda-$name.jsonl"
+        result "generate portable $name: cuda:0 == cpu, 3 prompts batched" $? "$(md5sum <"$gens/cuda-$name.jsonl" | cut -c1-12)"
+    fi
+    if [ -f "$kit/expected/cpu-$name.jsonl" ] && [ "$cpu_rc" = 0 ]; then
+        cmp -s "$kit/expected/cpu-$name.jsonl" "$gens/cpu-$name.jsonl"
+        result "generate portable $name: this CPU == the kit machine's CPU" $?
     fi
 done
 gen cuda-native-a.jsonl --device cuda:0 --numerics native "${prompts[@]}" --temperature 0 --seed 1
@@ -81,9 +108,9 @@ c=$?
 if [ "$a$b$c" != 000 ]; then
     result "generate native on cuda:0" 1 "exit codes $a $b $c (see generate.log)"
 else
-    cmp -s "$out/cuda-native-a.jsonl" "$out/cuda-native-b.jsonl"
+    cmp -s "$gens/cuda-native-a.jsonl" "$gens/cuda-native-b.jsonl"
     result "generate native on cuda:0: the same bytes twice" $?
-    sed -n 2p "$out/cuda-native-a.jsonl" | cmp -s - "$out/cuda-native-alone.jsonl"
+    sed -n 2p "$gens/cuda-native-a.jsonl" | cmp -s - "$gens/cuda-native-alone.jsonl"
     result "generate native on cuda:0: a prompt alone == inside the batch of three" $?
 fi
 
@@ -102,7 +129,7 @@ if grep -qw amx_bf16 /proc/cpuinfo && grep -qw amx_tile /proc/cpuinfo; then
     if [ "$a$b" != 00 ]; then
         result "generate native (AMX) on the CPU" 1 "exit codes $a $b (see generate.log)"
     else
-        cmp -s "$out/cpu-native-t1.jsonl" "$out/cpu-native-tn.jsonl"
+        cmp -s "$gens/cpu-native-t1.jsonl" "$gens/cpu-native-tn.jsonl"
         result "generate native (AMX) on the CPU: 1 thread == $(nproc) threads" $?
     fi
     synth="$out/synth-q05"
@@ -118,5 +145,6 @@ else
     say "SKIP AMX: this CPU has no amx_bf16/amx_tile"
 fi
 
+tar -czf "$out/generate.tgz" -C "$out" generate && rm -rf "$gens"
 say "device-check: $fails failed"
 [ "$fails" = 0 ]

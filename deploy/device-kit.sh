@@ -8,7 +8,8 @@
 # binaries with the CUDA backend (loaded at run time, so no CUDA toolkit is needed to build them),
 # stripped: `lockstep`, the `gpu_check` example and the kernels' `native` test binary (its AMX
 # halves run where the CPU has AMX, and print SKIPPED elsewhere); plus stories260K from ../shared,
-# which does not travel with the checkout. Then, on the device tool:
+# which does not travel with the checkout; and this CPU's portable `generate` outputs
+# (`device-check.sh --record`). Then, on the device tool:
 #   run(command="deploy/device-check.sh .device-kit", carry=[".device-kit"], timeout_s=540)
 # The target directory is CARGO_TARGET_DIR, else target/ (a `--features cuda` build beside the
 # default one rebuilds only the lockstep crates and cudarc).
@@ -43,6 +44,8 @@ strip -o "$kit/gpu_check" "$target/release/examples/gpu_check"
 strip -o "$kit/native-test" "$native_test"
 cp "$stories"/*.json "$stories"/*.safetensors "$kit/stories260K/"
 git rev-parse HEAD >"$kit/COMMIT"
+# This machine's CPU outputs, which the device machine's CPU and GPU must equal byte for byte.
+deploy/device-check.sh --record "$kit"
 
 # The kit is the session's own: keep it out of commits without touching .gitignore.
 exclude="$(git rev-parse --git-path info/exclude)"
