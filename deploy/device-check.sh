@@ -48,10 +48,33 @@ if [ ! -x "$lockstep" ]; then
     exit 2
 fi
 # `generate --json` runs of steps 2-4, the same on the machine that made the kit (--record).
-gen() { # gen FILE ARGS...: one `generate --json` run, its stdout kept
+declare -A gen_rc
+gen() { # gen FILE ARGS...: one `generate --json` run, its stdout kept, its exit code remembered
     local file="$1"
     shift
     timeout 120 "$lockstep" generate --model "$stories" --max-tokens 48 --json "$@" >"$gens/$file" 2>>"$out/generate.log"
+    gen_rc[$gens/$file]=$?
+    return "${gen_rc[$gens/$file]}"
+}
+same() { # same NAME A B: a result line for file A's bytes == file B's; `FILE:N` means line N
+    local name="$1" codes="" bad=0 f rc
+    for f in "${2%%:*}" "${3%%:*}"; do
+        rc="${gen_rc[$f]:-0}"
+        codes+="$rc "
+        [ "$rc" = 0 ] || bad=1
+    done
+    if [ "$bad" = 1 ]; then
+        result "$name" 1 "generate exit codes ${codes% } (see generate.log)"
+    else
+        cmp -s <(lines "$2") <(lines "$3")
+        result "$name" $?
+    fi
+}
+lines() { # the bytes of FILE, or of its line N for FILE:N
+    case "$1" in
+        *:*) sed -n "${1##*:}p" "${1%%:*}" ;;
+        *) cat "$1" ;;
+    esac
 }
 prompts=(--prompt "Once upon a time" --prompt "The little dog" --prompt "Lily and Ben went to the park")
 cases=("greedy:--temperature 0 --seed 1" "sampled:--temperature 0.9 --top-p 0.95 --seed 7")
@@ -85,34 +108,19 @@ for mode in "${cases[@]}"; do
     name="${mode%%:*}"
     read -r -a samp <<<"${mode#*:}"
     gen "cpu-$name.jsonl" --device cpu --numerics portable "${prompts[@]}" "${samp[@]}"
-    cpu_rc=$?
     gen "cuda-$name.jsonl" --device cuda:0 --numerics portable "${prompts[@]}" "${samp[@]}"
-    cuda_rc=$?
-    if [ "$cpu_rc" != 0 ] || [ "$cuda_rc" != 0 ]; then
-        result "generate portable $name: cuda:0 == cpu" 1 "exit codes cpu $cpu_rc, cuda $cuda_rc (see generate.log)"
-    else
-        cmp -s "$gens/cpu-$name.jsonl" "$gens/cuda-$name.jsonl"
-        result "generate portable $name: cuda:0 == cpu, 3 prompts batched" $? "$(md5sum <"$gens/cuda-$name.jsonl" | cut -c1-12)"
-    fi
-    if [ -f "$kit/expected/cpu-$name.jsonl" ] && [ "$cpu_rc" = 0 ]; then
-        cmp -s "$kit/expected/cpu-$name.jsonl" "$gens/cpu-$name.jsonl"
-        result "generate portable $name: this CPU == the kit machine's CPU" $?
+    same "generate portable $name: cuda:0 == cpu, 3 prompts batched" "$gens/cpu-$name.jsonl" "$gens/cuda-$name.jsonl"
+    if [ -f "$kit/expected/cpu-$name.jsonl" ]; then
+        same "generate portable $name: this CPU == the kit machine's CPU" "$kit/expected/cpu-$name.jsonl" "$gens/cpu-$name.jsonl"
     fi
 done
-gen cuda-native-a.jsonl --device cuda:0 --numerics native "${prompts[@]}" --temperature 0 --seed 1
-a=$?
-gen cuda-native-b.jsonl --device cuda:0 --numerics native "${prompts[@]}" --temperature 0 --seed 1
-b=$?
-gen cuda-native-alone.jsonl --device cuda:0 --numerics native --prompt "The little dog" --temperature 0 --seed 1
-c=$?
-if [ "$a$b$c" != 000 ]; then
-    result "generate native on cuda:0" 1 "exit codes $a $b $c (see generate.log)"
-else
-    cmp -s "$gens/cuda-native-a.jsonl" "$gens/cuda-native-b.jsonl"
-    result "generate native on cuda:0: the same bytes twice" $?
-    sed -n 2p "$gens/cuda-native-a.jsonl" | cmp -s - "$gens/cuda-native-alone.jsonl"
-    result "generate native on cuda:0: a prompt alone == inside the batch of three" $?
-fi
+native=(--numerics native --temperature 0 --seed 1)
+gen cuda-native-a.jsonl --device cuda:0 "${native[@]}" "${prompts[@]}"
+gen cuda-native-b.jsonl --device cuda:0 "${native[@]}" "${prompts[@]}"
+gen cuda-native-alone.jsonl --device cuda:0 "${native[@]}" --prompt "${prompts[3]}"
+same "generate native on cuda:0: the same bytes twice" "$gens/cuda-native-a.jsonl" "$gens/cuda-native-b.jsonl"
+same "generate native on cuda:0: a prompt alone == inside the batch of three" \
+    "$gens/cuda-native-a.jsonl:2" "$gens/cuda-native-alone.jsonl"
 
 # 4. AMX on the host CPU, where it has it.
 if grep -qw amx_bf16 /proc/cpuinfo && grep -qw amx_tile /proc/cpuinfo; then
@@ -122,16 +130,10 @@ if grep -qw amx_bf16 /proc/cpuinfo && grep -qw amx_tile /proc/cpuinfo; then
     if grep -q '^SKIPPED amx' "$out/native-test.log"; then
         result "AMX halves ran (no SKIPPED amx line)" 1 "$(grep '^SKIPPED amx' "$out/native-test.log" | head -1)"
     fi
-    gen cpu-native-t1.jsonl --device cpu --numerics native --threads 1 "${prompts[@]}" --temperature 0 --seed 1
-    a=$?
-    gen cpu-native-tn.jsonl --device cpu --numerics native --threads "$(nproc)" "${prompts[@]}" --temperature 0 --seed 1
-    b=$?
-    if [ "$a$b" != 00 ]; then
-        result "generate native (AMX) on the CPU" 1 "exit codes $a $b (see generate.log)"
-    else
-        cmp -s "$gens/cpu-native-t1.jsonl" "$gens/cpu-native-tn.jsonl"
-        result "generate native (AMX) on the CPU: 1 thread == $(nproc) threads" $?
-    fi
+    gen cpu-native-t1.jsonl --device cpu "${native[@]}" --threads 1 "${prompts[@]}"
+    gen cpu-native-tn.jsonl --device cpu "${native[@]}" --threads "$(nproc)" "${prompts[@]}"
+    same "generate native (AMX) on the CPU: 1 thread == $(nproc) threads" \
+        "$gens/cpu-native-t1.jsonl" "$gens/cpu-native-tn.jsonl"
     synth="$out/synth-q05"
     if timeout 120 "$lockstep" model synth --preset qwen2.5-0.5b --out "$synth" >>"$out/bench.log" 2>&1; then
         timeout 200 "$lockstep" bench --model "$synth" --batch 1,8 --prompt-tokens 128 --new-tokens 16 \
