@@ -589,6 +589,7 @@ fn pool_pass(filter: &str, rng: &mut SplitMix64) {
 /// layer), timed inside the backend's pool as a step runs. Prints µs per call (per decode step's
 /// layers) and ns per (query row, head, key) score.
 fn attention(filter: &str, rng: &mut SplitMix64) {
+    use lockstep_kernels::cpu::KvFloats;
     use lockstep_kernels::{AttnParams, AttnSeq, KvLayout};
     // (name, layers, n_heads, n_kv_heads, head_dim)
     let models = [("SmolLM2-135M", 30usize, 9usize, 3usize, 64usize), ("Qwen2.5-0.5B", 24, 14, 2, 64)];
@@ -630,8 +631,9 @@ fn attention(filter: &str, rng: &mut SplitMix64) {
                 let steps = if what == "cold decode" { (64usize << 20).div_ceil(step_bytes) } else { 1 };
                 let layer_caches = if what == "prefill" { 1 } else { layers * steps };
                 let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 2.0 - 1.0).collect::<Vec<f32>>();
-                let caches: Vec<(Vec<f32>, Vec<f32>)> =
-                    (0..layer_caches).map(|_| (vals(layout.floats()), vals(layout.floats()))).collect();
+                // In the backend's KV memory (2 MiB pages from the first slot), as a step reads it.
+                let caches: Vec<(KvFloats, KvFloats)> =
+                    (0..layer_caches).map(|_| (vals(layout.floats()).into(), vals(layout.floats()).into())).collect();
                 let q = vals(rows * n_heads * head_dim);
                 let mut out = vec![0.0f32; q.len()];
                 let seqs = [AttnSeq { block_table: &table, q_row: 0, n_q: rows, first_pos: keys - rows }];

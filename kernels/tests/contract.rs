@@ -540,8 +540,8 @@ fn attention_is_identical_for_any_prefill_chunking_and_block_placement() {
         let layout = KvLayout { num_blocks: 80, block_size: 4, n_kv_heads: n_kv, head_dim: d };
         let mut cache = be.alloc_kv(layout);
         // Garbage everywhere first: only written slots may matter.
-        cache.k = rng.vec(layout.floats());
-        cache.v = rng.vec(layout.floats());
+        cache.k = rng.vec(layout.floats()).into();
+        cache.v = rng.vec(layout.floats()).into();
         let mut free: Vec<u32> = (0..80).collect();
         let table: Vec<u32> = (0..len.div_ceil(4)).map(|_| free.swap_remove(rng.below(free.len()))).collect();
         let other_table: Vec<u32> = (0..10).map(|_| free.swap_remove(rng.below(free.len()))).collect();

@@ -381,15 +381,34 @@ struct SplitScratch {
 /// `pos + 1`) back to back, rather than a slot lookup with a division per key and row; and per
 /// query row `(output row, position, index of its sequence's first offset)`. A decode step's calls
 /// (one per layer) used to allocate and collect both, ~4 % of the step thread's time.
+///
+/// A step's layers call with the same sequences, so the index is rebuilt only when they differ
+/// from the last call's (compared by what it is built from: O(blocks), not O(keys)).
 #[derive(Default)]
 struct KeyIndex {
     offsets: Vec<usize>,
     rows: Vec<(usize, usize, usize)>,
+    /// What `offsets` and `rows` were built from: the block size and slot stride, then per
+    /// sequence its first query row, query count, first position and the block ids it reads.
+    built_from: Vec<usize>,
+    /// The same for the current call, before it is compared.
+    asked: Vec<usize>,
 }
 
 impl KeyIndex {
     fn build(&mut self, seqs: &[AttnSeq<'_>], layout: &KvLayout) {
         let (bs, stride) = (layout.block_size, layout.n_kv_heads * layout.head_dim);
+        self.asked.clear();
+        self.asked.extend([bs, stride]);
+        for s in seqs {
+            self.asked.extend([s.q_row, s.n_q, s.first_pos]);
+            let blocks = (s.first_pos + s.n_q).div_ceil(bs);
+            self.asked.extend(s.block_table.iter().take(blocks).map(|&b| b as usize));
+        }
+        if self.asked == self.built_from {
+            return;
+        }
+        std::mem::swap(&mut self.asked, &mut self.built_from);
         self.offsets.clear();
         self.rows.clear();
         for s in seqs {
@@ -627,6 +646,46 @@ mod tests {
                     assert_eq!(format!("{:?}", got.best), format!("{plain:?}"), "{at}");
                 }
             }
+        }
+    }
+
+    /// The key index is kept between calls with the same sequences (a step's layers) and rebuilt
+    /// when any of what it is built from differs: a block id, a first position, a query count or
+    /// row, the block size or the slot stride.
+    #[test]
+    fn the_key_index_is_rebuilt_when_what_it_is_built_from_changes() {
+        let fresh = |seqs: &[AttnSeq<'_>], layout: &KvLayout| {
+            let mut index = KeyIndex::default();
+            index.build(seqs, layout);
+            (index.offsets, index.rows)
+        };
+        let layout = KvLayout { num_blocks: 8, block_size: 4, n_kv_heads: 2, head_dim: 8 };
+        let (t1, t2, t3) = ([3u32, 1, 6], [3u32, 2, 6], [3u32, 1, 6, 5]);
+        let seq = |table: &'static [u32], q_row, n_q, first_pos| AttnSeq { block_table: table, q_row, n_q, first_pos };
+        let t1: &'static [u32] = Box::leak(Box::new(t1));
+        let t2: &'static [u32] = Box::leak(Box::new(t2));
+        let t3: &'static [u32] = Box::leak(Box::new(t3));
+        let wide = KvLayout { n_kv_heads: 3, ..layout };
+        let other_blocks = KvLayout { block_size: 2, num_blocks: 16, ..layout };
+        let calls: Vec<(Vec<AttnSeq<'_>>, KvLayout)> = vec![
+            (vec![seq(t1, 0, 1, 9)], layout),
+            (vec![seq(t1, 0, 1, 9)], layout),
+            (vec![seq(t2, 0, 1, 9)], layout),
+            (vec![seq(t2, 0, 1, 10)], layout),
+            (vec![seq(t3, 0, 1, 12)], layout),
+            (vec![seq(t3, 1, 1, 12)], layout),
+            (vec![seq(t3, 1, 2, 11)], layout),
+            (vec![seq(t3, 0, 1, 9), seq(t1, 1, 1, 5)], layout),
+            (vec![seq(t3, 0, 1, 9), seq(t2, 1, 1, 5)], layout),
+            (vec![seq(t3, 0, 1, 9), seq(t2, 1, 1, 5)], wide),
+            (vec![seq(t3, 0, 1, 5)], other_blocks),
+            (vec![seq(t1, 0, 1, 9)], layout),
+        ];
+        let mut kept = KeyIndex::default();
+        for (seqs, layout) in &calls {
+            kept.build(seqs, layout);
+            let want = fresh(seqs, layout);
+            assert_eq!((&kept.offsets, &kept.rows), (&want.0, &want.1), "{:?}", kept.built_from);
         }
     }
 

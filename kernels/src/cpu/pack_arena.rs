@@ -118,6 +118,16 @@ impl PackedWords {
     pub(crate) fn standalone(len: usize) -> PackedWords {
         PackedWords { chunk: Arc::new(Chunk::new((4 * len).max(1))), start: 0, len }
     }
+    /// `len` zeroed words in a chunk of their own, starting on a 2 MiB boundary, so that every
+    /// word from the first lies on 2 MiB pages where Linux grants them (a mapping's own start is
+    /// only page-aligned, and the pages before its first 2 MiB boundary stay 4 KiB). Reserves
+    /// 2 MiB more address space than it uses, never committed.
+    pub(crate) fn on_huge_pages(len: usize) -> PackedWords {
+        const HUGE_PAGE: usize = 2 << 20;
+        let chunk = Chunk::new(4 * len + HUGE_PAGE);
+        let base = chunk.base.as_ptr() as usize;
+        PackedWords { chunk: Arc::new(chunk), start: base.next_multiple_of(HUGE_PAGE) - base, len }
+    }
     /// The end of the packing's chunk (tests tell chunks apart by it).
     #[cfg(test)]
     fn chunk_end(&self) -> *const u8 {
@@ -213,6 +223,18 @@ mod tests {
         assert_eq!(huge.chunk_end(), (huge.as_ptr() as *const u8).wrapping_add(4 * huge.len()));
         let next = arena.alloc(16);
         assert_ne!(next.chunk_end(), huge.chunk_end(), "the full chunk takes no more packings");
+    }
+
+    #[test]
+    fn words_on_huge_pages_start_on_a_2_mib_boundary_and_are_zero() {
+        for len in [1, 1000, (3 << 20) / 4 + 5] {
+            let mut w = PackedWords::on_huge_pages(len);
+            assert_eq!(w.len(), len);
+            assert_eq!(w.as_ptr() as usize % (2 << 20), 0, "{len} words");
+            assert!(w.iter().all(|&x| x == 0), "fresh words are zero");
+            w.fill(3);
+            assert!(w.chunk_end() >= (w.as_ptr() as *const u8).wrapping_add(4 * len), "inside its chunk");
+        }
     }
 
     #[test]

@@ -990,12 +990,15 @@ pub(crate) struct AttnKeys<'a> {
     pub cold: bool,
 }
 
-/// How many keys ahead a cold attention pass asks for keys and values (into L2: a key's vector
-/// is 4 lines at head_dim 64, and 16–32 keys ahead keep ~100 lines in flight, more than L1's
-/// miss buffers hold). The cache's slots stride `n_kv_heads · head_dim` floats, so the hardware
-/// prefetchers, which stop at 4 KiB boundaries, lose the stream every few keys. Prefetching at
-/// 16–32 keys' distance made SmolLM2's 1-thread cold-decode bench row ~20 % cheaper, and 12 to 40
-/// keys price the same (BENCHMARKS §18.1).
+/// How many keys ahead a cold attention pass asks for keys (in the score phase) and values (in
+/// the value phase), into L2: a key's vector is 4 lines at head_dim 64, and 16–32 keys ahead keep
+/// ~100 lines in flight, more than L1's miss buffers hold. The cache's slots stride `n_kv_heads ·
+/// head_dim` floats, so the hardware prefetchers, which stop at 4 KiB boundaries, lose the stream
+/// every few keys. Prefetching at 16–32 keys' distance made SmolLM2's 1-thread cold-decode bench
+/// row ~20 % cheaper, and 12 to 40 keys price the same (BENCHMARKS §18.1). Each phase asks for
+/// what it reads itself: values asked for beside the keys, a whole chunk before their use, doubled
+/// the lines in flight while the score phase waited on its keys (§19.2: the value-phase prefetch
+/// took the cold rows ~8 % lower).
 const ATTN_PREFETCH_KEYS: usize = 24;
 
 /// One chunk of keys (the first `len` of `keys`: the cache offsets of its keys' head 0; the rest
@@ -1026,17 +1029,16 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     let (upcoming, keys) = (keys, &keys[..len]);
     let mut m_run = _mm512_set1_ps(f32::NEG_INFINITY);
     for (g, group) in keys.chunks(per).enumerate() {
-        // Keys and values `ATTN_PREFETCH_KEYS` ahead of this group (a chunk's first group asks
-        // for the whole distance), so the misses of a cold KV cache (at decode the weights'
-        // stream evicts it) overlap the arithmetic. Only where few rows run: a prefill's keys are
-        // hot, and there the prefetches cost ~10 % of attention.
+        // Keys `ATTN_PREFETCH_KEYS` ahead of this group (a chunk's first group asks for the
+        // whole distance), so the misses of a cold KV cache (at decode the weights' stream evicts
+        // it) overlap the arithmetic. Only where few rows run: a prefill's keys are hot, and
+        // there the prefetches cost ~10 % of attention.
         if COLD {
             let lo = if g == 0 { 0 } else { g * per + ATTN_PREFETCH_KEYS };
             let hi = ((g + 1) * per + ATTN_PREFETCH_KEYS).min(upcoming.len());
             for &at in upcoming.get(lo..hi).unwrap_or_default() {
                 for b in 0..B {
                     _mm_prefetch::<_MM_HINT_T1>(kp.add(at + b * 16) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(vp.add(at + b * 16) as *const i8);
                 }
             }
         }
@@ -1069,11 +1071,27 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     let m_lanes = _mm512_loadu_ps(m_lanes.as_ptr());
     let mut l_c = [0.0f32; H];
     let mut o_c = [[_mm512_setzero_ps(); B]; H];
+    // Values `ATTN_PREFETCH_KEYS` ahead, as the keys above: the first ones now, then one key's
+    // per key.
+    if COLD {
+        for &at in upcoming.get(..ATTN_PREFETCH_KEYS.min(upcoming.len())).unwrap_or_default() {
+            for b in 0..B {
+                _mm_prefetch::<_MM_HINT_T1>(vp.add(at + b * 16) as *const i8);
+            }
+        }
+    }
     for (g, group) in keys.chunks(per).enumerate() {
         let mut tmp = [0.0f32; 16];
         let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.as_ptr().add(g * 16)), m_lanes));
         _mm512_storeu_ps(tmp.as_mut_ptr(), pr);
         for (i, &at) in group.iter().enumerate() {
+            if COLD {
+                if let Some(&ahead) = upcoming.get(g * per + i + ATTN_PREFETCH_KEYS) {
+                    for b in 0..B {
+                        _mm_prefetch::<_MM_HINT_T1>(vp.add(ahead + b * 16) as *const i8);
+                    }
+                }
+            }
             let mut pv = [_mm512_setzero_ps(); H];
             for h in 0..H {
                 l_c[h] += tmp[h * per + i];
