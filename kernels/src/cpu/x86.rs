@@ -664,8 +664,6 @@ const LM_VECS: usize = LM_NR / 16;
 /// Accumulators of a lane-major tile: `R` rows × `G` lanes at once × 3 vectors, plus the row
 /// broadcasts and one weight vector, of the 32 zmm registers.
 const LM_ACC: usize = 24;
-/// Lanes a tile runs at once (with `8 / LM_GROUP` rows); 2 and 1 measured slower (more stores).
-const LM_GROUP: usize = 4;
 /// Levels of a tile's state: the stack of lane groups (4) and the segment-tree stack (7, S ≤ 64),
 /// each level one set of the tile's results (`R` rows × 48 outputs).
 const LM_LEVELS: usize = 11;
@@ -674,11 +672,20 @@ pub(crate) const fn lm_state_floats(rows: usize) -> usize {
     rows * LM_LEVELS * LM_NR
 }
 
-/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 4 × 48` floats
-/// (12 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
-/// down projection: 608) measured no faster in lane-major tiles of 4 rows × 2 lanes than in the
-/// K-blocked tiles at M = 512, and slower at M = 64 and 128 (BENCHMARKS §19.1), so they keep those.
-pub(crate) const LM_MAX_SEG: usize = 256;
+/// The longest segment whose tiles run 4 lanes (× 2 rows) at once: a group's panel,
+/// `seg_len / 16 × 4 × 48` floats (12 KiB), then leaves room in L1 for the tiles' x lines and
+/// state. Longer segments (Qwen2.5's down projection: 608) run 2 lanes × 4 rows, half the panel
+/// per group and twice the stores — which their longer lanes amortize.
+pub(crate) const LM_SHORT_SEG: usize = 256;
+
+/// Lanes a tile runs at once for segments of `seg_len` (see [`LM_SHORT_SEG`]).
+const fn lm_group(seg_len: usize) -> usize {
+    if seg_len <= LM_SHORT_SEG {
+        4
+    } else {
+        2
+    }
+}
 
 /// `g` with its lowest `bits` bits reversed: the order lane groups run in, so that groups `2k`
 /// and `2k + 1` of that order are the lane tree's pairs at the level above a group's own, runs of
@@ -796,11 +803,47 @@ pub(crate) unsafe fn pack_lanes_avx512(
     count: usize,
     panel: *mut f32,
 ) {
+    macro_rules! pack {
+        ($l:ty) => {
+            match lm_group(seg_len) {
+                4 => pack_lanes512::<$l, 4>(ws, k_real, seg_len, count, panel),
+                _ => pack_lanes512::<$l, 2>(ws, k_real, seg_len, count, panel),
+            }
+        };
+    }
     match dtype {
-        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
-        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
-        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::F32 => pack!(F32x16),
+        DType::Bf16 => pack!(Bf16x16),
+        DType::F16 => pack!(F16x16),
         other => unreachable!("{other:?} weights take the K-blocked tiles"),
+    }
+}
+
+/// 8 rows of x (`rows`: 8 × `k_real` floats) packed lane-major for [`lanes512`] into `dst`
+/// (`8 × count × seg_len` floats): element `e = s · seg_len + 16t + l` of row `i` at
+/// `((s · 16 + l) · steps + t) · 8 + i`, zeros past `k_real` — one 16-column block of the 8 rows
+/// transposed at a time.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn pack_x_lanes_avx512(rows: &[f32], k_real: usize, seg_len: usize, count: usize, dst: &mut [f32]) {
+    assert!(rows.len() == 8 * k_real && dst.len() == 8 * count * seg_len);
+    let steps = seg_len / 16;
+    let (src, out) = (rows.as_ptr(), dst.as_mut_ptr());
+    for block in 0..count * steps {
+        let (col, seg, step) = (block * 16, block / steps, block % steps);
+        let rem = k_real.saturating_sub(col).min(16);
+        let mask = ((1u32 << rem) - 1) as __mmask16;
+        // Rows 8..16 stay zero: only the low 8 lanes of each transposed vector are stored.
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, v) in r.iter_mut().take(8).enumerate() {
+            *v = _mm512_maskz_loadu_ps(mask, src.wrapping_add(i * k_real + col));
+        }
+        transpose16(&mut r);
+        for (lane, v) in r.iter().enumerate() {
+            _mm256_storeu_ps(out.add(((seg * 16 + lane) * steps + step) * 8), _mm512_castps512_ps256(*v));
+        }
     }
 }
 
@@ -926,13 +969,17 @@ unsafe fn lanes512<const R: usize, const G: usize, const OUT: usize>(b: &LaneBlo
     }
 }
 
-/// One task's rows in lane-major tiles ([`lanes512`]): 2 rows × 4 lanes at once.
+/// One task's rows in lane-major tiles ([`lanes512`]): 2 rows × 4 lanes at once, or 4 rows ×
+/// 2 lanes in long segments ([`LM_SHORT_SEG`]).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL must be available; `b` must describe valid x, panel (packed by
 /// [`pack_lanes_avx512`] for the same segments), state and output rows.
 pub(crate) unsafe fn lanes_avx512(b: &LaneBlock<'_>) {
-    lanes512::<{ 8 / LM_GROUP }, LM_GROUP, { 8 / LM_GROUP * LM_VECS }>(b)
+    match lm_group(b.seg_len) {
+        4 => lanes512::<2, 4, { 2 * LM_VECS }>(b),
+        _ => lanes512::<4, 2, { 4 * LM_VECS }>(b),
+    }
 }
 
 // ---------------------------------------------------------------- AVX2
