@@ -199,10 +199,10 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
-/// Batches of 64 rows or more with f32/bf16/f16 weights (256 or more in segments longer than 256
-/// columns) run lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run four
-/// (long segments: two) at a time against a weight panel packed per call, and the lane tree is
-/// folded partly in registers and partly through a stack. Every output must still equal the reference — for both segment-count
+/// Batches of 64 rows or more with short segments (≤ 256 columns) and f32/bf16/f16 weights run
+/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run four at a time
+/// against a weight panel packed per call, and the lane tree is folded partly in registers and
+/// partly through a stack. Every output must still equal the reference — for both segment-count
 /// families, K not a multiple of 16 (the real row ending inside a lane's last step), output
 /// counts that leave a partial 48-column block, row counts that leave 1–7 rows to the other
 /// tiles and more than one 64-row task, 1 to 4 threads (tasks of one column block split between
@@ -212,8 +212,8 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
     let mut rng = Rng::new(47);
     // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112); 1000 at S = 8 (seg_len 128, the
     // row ends mid-step); 200 at S = 1 (one 208-column segment); 333 at S = 3 (seg_len 112);
-    // 300 at S = 12 (seg_len 32); 1300 at S = 2 (seg_len 656: two lanes at a time); and 2016 at
-    // S = 1 with too few rows for lane-major tiles in so long a segment.
+    // 300 at S = 12 (seg_len 32); and 1300 at S = 2, 2016 at S = 1, segments too long for
+    // lane-major tiles (the routing between the two kinds of tiles inside one backend).
     let cases = [
         (512, 896, 50, 8),
         (64, 1000, 97, 8),

@@ -19,8 +19,7 @@
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
 //!
-//! **Lane-major tiles (AVX-512, f32/bf16/f16 weights, M ≥ 64 — M ≥ 256 for segments longer than
-//! 256 columns).** The
+//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 256 columns).** The
 //! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
 //! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
 //! lanes are independent chains, so these tiles compute the same chains the other way round: a
@@ -30,8 +29,7 @@
 //! reused by the thread's next task when it is the same block (tasks then run column block after
 //! column block) — so no copy of the weights outlives the call, and x packed lane by lane. Each
 //! task fetches its share of the next column block's weights into L2 while it computes, so the
-//! packing of that block does not wait on memory. Tiles run 2 rows × 4 lanes at once, or 4 rows ×
-//! 2 lanes in long segments. Decode (M < 8) and block-type weights never
+//! packing of that block does not wait on memory. Tiles run 2 rows × 4 lanes at once. Decode (M < 8) and block-type weights never
 //! take them.
 
 use std::cell::RefCell;
@@ -112,12 +110,10 @@ thread_local! {
         const { RefCell::new(LaneBufs { packed: None, panel: Vec::new(), scratch: Vec::new() }) };
 }
 
-/// Batches of at least this many rows take the lane-major tiles (f32, bf16, f16 weights): their
-/// weight panel is packed per call and pays off over many row blocks. Segments longer than
-/// `LM_SHORT_SEG` run tiles of 2 lanes, which beat the K-blocked tiles at M = 512 (f32) but not
-/// at 64 or 128 (BENCHMARKS §19.1).
+/// Batches of at least this many rows take the lane-major tiles (f32, bf16, f16 weights, segments
+/// of at most `LM_MAX_SEG` columns): their weight panel is packed per call and pays off over
+/// many row blocks.
 const LANES_MIN_M: usize = 64;
-const LANES_MIN_M_LONG_SEGMENTS: usize = 256;
 
 /// Tells one `Job` from every other, so a thread's packed panel is never taken for another call's.
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(0);
@@ -284,8 +280,7 @@ impl<'a> Job<'a> {
         let col_blocks = w.rows.div_ceil(task_cols);
         let row_blocks = x.m.div_ceil(TASK_ROWS);
         let tasks = row_blocks * col_blocks;
-        let min_m = if segs.seg.seg_len <= LM_SHORT_SEG { LANES_MIN_M } else { LANES_MIN_M_LONG_SEGMENTS };
-        let lanes = x.kblocked && x.m >= min_m && !w.dtype.is_quantized();
+        let lanes = x.kblocked && x.m >= LANES_MIN_M && !w.dtype.is_quantized() && segs.seg.seg_len <= LM_MAX_SEG;
         let id = NEXT_JOB_ID.fetch_add(1, Relaxed);
         let xpack = match (lanes, x.kblocked) {
             (true, _) => Some(x.lane_pack()),
@@ -495,11 +490,11 @@ struct KTiles<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::x86::{KB_ACC_FLOATS, KB_MR, KB_NR, KB_STACK_FLOATS, KB_STATE_FLOATS, LM_SHORT_SEG};
+use super::x86::{KB_ACC_FLOATS, KB_MR, KB_NR, KB_STACK_FLOATS, KB_STATE_FLOATS, LM_MAX_SEG};
 #[cfg(not(target_arch = "x86_64"))]
 const KB_MR: usize = usize::MAX;
 #[cfg(not(target_arch = "x86_64"))]
-const LM_SHORT_SEG: usize = 0;
+const LM_MAX_SEG: usize = 0;
 
 impl KTiles<'_> {
     /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols`; `xtile(row / 8)` is the packed x

@@ -672,20 +672,17 @@ pub(crate) const fn lm_state_floats(rows: usize) -> usize {
     rows * LM_LEVELS * LM_NR
 }
 
-/// The longest segment whose tiles run 4 lanes (× 2 rows) at once: a group's panel,
-/// `seg_len / 16 × 4 × 48` floats (12 KiB), then leaves room in L1 for the tiles' x lines and
-/// state. Longer segments (Qwen2.5's down projection: 608) run 2 lanes × 4 rows, half the panel
-/// per group and twice the stores — which their longer lanes amortize.
-pub(crate) const LM_SHORT_SEG: usize = 256;
+/// Rows of a lane-major tile and lanes it runs at once. Fewer lanes at once store more of the
+/// lane tree (8 rows × 1 lane: its stores took ~14 % of the time, BENCHMARKS §19.1); more would
+/// load a weight vector per FMA or two.
+const LM_ROWS: usize = 2;
+const LM_GROUP: usize = 4;
 
-/// Lanes a tile runs at once for segments of `seg_len` (see [`LM_SHORT_SEG`]).
-const fn lm_group(seg_len: usize) -> usize {
-    if seg_len <= LM_SHORT_SEG {
-        4
-    } else {
-        2
-    }
-}
+/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 4 × 48` floats
+/// (12 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
+/// down projection: 608) keep the K-blocked tiles: lane-major tiles of 4 rows × 2 lanes (half
+/// the panel per group) measured no faster there (BENCHMARKS §19.1).
+pub(crate) const LM_MAX_SEG: usize = 256;
 
 /// `g` with its lowest `bits` bits reversed: the order lane groups run in, so that groups `2k`
 /// and `2k + 1` of that order are the lane tree's pairs at the level above a group's own, runs of
@@ -803,18 +800,10 @@ pub(crate) unsafe fn pack_lanes_avx512(
     count: usize,
     panel: *mut f32,
 ) {
-    macro_rules! pack {
-        ($l:ty) => {
-            match lm_group(seg_len) {
-                4 => pack_lanes512::<$l, 4>(ws, k_real, seg_len, count, panel),
-                _ => pack_lanes512::<$l, 2>(ws, k_real, seg_len, count, panel),
-            }
-        };
-    }
     match dtype {
-        DType::F32 => pack!(F32x16),
-        DType::Bf16 => pack!(Bf16x16),
-        DType::F16 => pack!(F16x16),
+        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
         other => unreachable!("{other:?} weights take the K-blocked tiles"),
     }
 }
@@ -969,17 +958,14 @@ unsafe fn lanes512<const R: usize, const G: usize, const OUT: usize>(b: &LaneBlo
     }
 }
 
-/// One task's rows in lane-major tiles ([`lanes512`]): 2 rows × 4 lanes at once, or 4 rows ×
-/// 2 lanes in long segments ([`LM_SHORT_SEG`]).
+/// One task's rows in lane-major tiles ([`lanes512`]): [`LM_ROWS`] rows × [`LM_GROUP`] lanes at
+/// once.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL must be available; `b` must describe valid x, panel (packed by
 /// [`pack_lanes_avx512`] for the same segments), state and output rows.
 pub(crate) unsafe fn lanes_avx512(b: &LaneBlock<'_>) {
-    match lm_group(b.seg_len) {
-        4 => lanes512::<2, 4, { 2 * LM_VECS }>(b),
-        _ => lanes512::<4, 2, { 4 * LM_VECS }>(b),
-    }
+    lanes512::<LM_ROWS, LM_GROUP, { LM_ROWS * LM_VECS }>(b)
 }
 
 // ---------------------------------------------------------------- AVX2
