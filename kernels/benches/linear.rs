@@ -231,7 +231,7 @@ fn main() {
 const SHAPES: [(usize, usize, &str); 4] =
     [(896, 4864, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
 
-/// Times the two modes on every shape × dtype × thread count × M (M = 1, 8, 64, 512), the same
+/// Times the two modes on every shape × dtype × thread count × M (M = 1, 8, 64, 128, 512), the same
 /// pseudo-random weights for both, and prints a row each: `| K→N (name) | M | dtype | threads |`,
 /// then the first mode's GFLOP/s, the second's, first ÷ second in speed, and the first's GB/s of
 /// weights (the caller prints the header naming the modes). A row runs when `filter` is empty or
@@ -251,7 +251,7 @@ fn side_by_side(filter: &str, rng: &mut SplitMix64, dtypes: &[DType], modes: [Ke
                     |mode| CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: bench_numerics() }).unwrap();
                 let bes = modes.map(mk);
                 let ws = [bes[0].prepare_weight(w.clone()), bes[1].prepare_weight(w.clone())];
-                for m in [1usize, 8, 64, 512] {
+                for m in [1usize, 8, 64, 128, 512] {
                     let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
                     if !filter.is_empty() && !format!("{row}{tag}").contains(filter) {
                         continue;

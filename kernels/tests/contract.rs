@@ -199,6 +199,60 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
+/// Batches of 64 rows or more with short segments (≤ 256 columns) and f32/bf16/f16 weights run
+/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run four at a time
+/// against a weight panel packed per call, and the lane tree is folded partly in registers and
+/// partly through a stack. Every output must still equal the reference — for both segment-count
+/// families, K not a multiple of 16 (the real row ending inside a lane's last step), output
+/// counts that leave a partial 48-column block, row counts that leave 1–7 rows to the other
+/// tiles and more than one 64-row task, 1 to 4 threads (tasks of one column block split between
+/// threads, each packing its own panel), and a row-parallel subtree.
+#[test]
+fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_threads() {
+    let mut rng = Rng::new(47);
+    // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112); 1000 at S = 8 (seg_len 128, the
+    // row ends mid-step); 200 at S = 1 (one 208-column segment); 333 at S = 3 (seg_len 112);
+    // 300 at S = 12 (seg_len 32); and 1300 at S = 2, 2016 at S = 1, segments too long for
+    // lane-major tiles (the routing between the two kinds of tiles inside one backend).
+    let cases = [
+        (512, 896, 50, 8),
+        (64, 1000, 97, 8),
+        (71, 200, 48, 1),
+        (136, 333, 1, 3),
+        (130, 300, 145, 12),
+        (264, 1300, 70, 2),
+        (64, 2016, 20, 1),
+    ];
+    for &(m, k, n, segments) in &cases {
+        let x = rng.vec(m * k);
+        let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+        for dtype in DTYPES {
+            let w = weight(&mut rng, dtype, n, k);
+            let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+            for isa in Isa::available() {
+                for threads in 1..=4 {
+                    let be = backend_with(isa, threads, numerics);
+                    let mut y = vec![0.0; m * n];
+                    be.linear(&x, m, &w, None, &mut y);
+                    assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} k={k} n={n} S={segments} {dtype:?}");
+                }
+            }
+        }
+        // The last rank of the widest split: a subtree of one segment (or of the whole range).
+        let seg = Segmentation::new(k, segments).unwrap();
+        let degree = *Segmentation::tp_degrees(segments).last().unwrap();
+        let segs = seg.shard(degree - 1, degree).unwrap();
+        let cols = segs.real_range();
+        let (xs, w) = (columns_of(&x, k, cols.clone()), weight(&mut rng, DType::Bf16, n, cols.len()));
+        let want = bits(&reference::linear_partial(&xs, m, w.view(), segs));
+        for isa in Isa::available() {
+            let mut p = vec![0.0; m * n];
+            backend_with(isa, 2, numerics).linear_partial(&xs, m, &w, segs, &mut p);
+            assert_eq!(bits(&p), want, "{isa:?} partial m={m} k={k} S={segments}");
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);

@@ -18,8 +18,23 @@
 //! fetched for writing during the task's last chunk: an 8×3 tile's 24 results lie on 8 rows `N`
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
+//!
+//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 256 columns).** The
+//! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
+//! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
+//! lanes are independent chains, so these tiles compute the same chains the other way round: a
+//! register holds one lane of 16 outputs, x is broadcast, and the lane tree becomes vertical adds
+//! of whole registers (see `x86::lanes512`). They read the weights as a panel in their own order,
+//! widened to f32 — packed per call into a per-thread buffer, once per 48-column block, and
+//! reused by the thread's next task when it is the same block (tasks then run column block after
+//! column block) — so no copy of the weights outlives the call, and x packed lane by lane. Each
+//! task fetches its share of the next column block's weights into L2 while it computes, so the
+//! packing of that block does not wait on memory. Tiles run 2 rows × 4 lanes at once. Decode and
+//! block-type weights never take them.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 
 use super::{CpuBackend, Isa, SharedOut};
 use crate::sampling::lane_tree;
@@ -90,81 +105,199 @@ fn k_chunks(count: usize, seg_len: usize) -> Vec<ChunkSpan> {
 thread_local! {
     /// Per-thread state of the K-blocked tiles of one task (reused: no allocation per call).
     static KB_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread weight panel and tree stacks of the lane-major tiles (reused across calls).
+    static LANE_BUFS: RefCell<LaneBufs> =
+        const { RefCell::new(LaneBufs { packed: None, panel: Vec::new(), scratch: Vec::new() }) };
+}
+
+/// Batches of at least this many rows take the lane-major tiles (f32, bf16, f16 weights, segments
+/// of at most `LM_MAX_SEG` columns): their weight panel is packed per call and pays off over
+/// many row blocks.
+const LANES_MIN_M: usize = 64;
+
+/// Tells one `Job` from every other, so a thread's packed panel is never taken for another call's.
+static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A thread's lane-major buffers: the panel of column block `packed.1` of job `packed.0`, and the
+/// scratch of one tile's tree stacks (both 64-byte aligned from their align offset on).
+struct LaneBufs {
+    packed: Option<(u64, usize)>,
+    panel: Vec<f32>,
+    scratch: Vec<f32>,
 }
 
 /// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
-/// range): rows padded to the segment range, and the K-blocked tiles' 8-row packs.
-pub(crate) struct PaddedX {
+/// range): rows padded to the segment range, and the 8-row packs of the K-blocked or the
+/// lane-major tiles, each built at the first linear that reads it.
+pub(crate) struct PaddedX<'x> {
+    x: &'x [f32],
     xp: Vec<f32>,
-    /// The 8-row packs, from `align` on (aligned to a cache line: every 16-float load of a packed
-    /// tile is then one whole line).
-    xpack_buf: Vec<f32>,
-    align: usize,
+    /// The K-blocked tiles' 8-row packs (see `KChunk::x`).
+    kb_pack: OnceLock<AlignedF32>,
+    /// The lane-major tiles' 8-row packs (see [`PaddedX::lane_pack`]).
+    lane_pack: OnceLock<AlignedF32>,
     m: usize,
     k_real: usize,
     padded: usize,
+    segs: SegmentRange,
     isa: Isa,
     kblocked: bool,
     chunks: Vec<ChunkSpan>,
 }
 
-impl PaddedX {
-    pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PaddedX {
+/// Floats from a cache-line boundary on: every 16-float load of a packed tile is then one line.
+struct AlignedF32 {
+    buf: Vec<f32>,
+    align: usize,
+}
+
+impl AlignedF32 {
+    fn zeros(len: usize) -> AlignedF32 {
+        let buf = vec![0.0f32; len + 16];
+        let align = buf.as_ptr().align_offset(64);
+        AlignedF32 { buf, align }
+    }
+    fn as_mut_slice(&mut self, len: usize) -> &mut [f32] {
+        &mut self.buf[self.align..self.align + len]
+    }
+    fn as_ptr(&self) -> *const f32 {
+        self.buf[self.align..].as_ptr()
+    }
+}
+
+impl<'x> PaddedX<'x> {
+    /// Rows 0..m/8·8, those of the K-blocked or lane-major tiles (every task's such rows start
+    /// at a multiple of 8 and stop at the last whole 8 of its block).
+    fn kb_rows(&self) -> usize {
+        if self.kblocked {
+            self.m / KB_MR * KB_MR
+        } else {
+            0
+        }
+    }
+
+    /// The K-blocked tiles' packs: column `col` of row `i` of a pack at `col · 8 + i · 16` (`col`
+    /// a multiple of 16, plus its lane), so one 16-column block of 8 rows is 512 contiguous bytes.
+    fn kb_pack(&self) -> &AlignedF32 {
+        let (x, k_real, padded, rows) = (self.x, self.k_real, self.padded, self.kb_rows());
+        self.kb_pack.get_or_init(|| {
+            let mut pack = AlignedF32::zeros(rows * padded);
+            for (t, tile) in pack.as_mut_slice(rows * padded).chunks_exact_mut(KB_MR * padded).enumerate() {
+                for i in 0..KB_MR {
+                    let row = &x[(t * KB_MR + i) * k_real..][..k_real];
+                    for (b, part) in row.chunks(16).enumerate() {
+                        tile[b * 16 * KB_MR + i * 16..][..part.len()].copy_from_slice(part);
+                    }
+                }
+            }
+            pack
+        })
+    }
+
+    /// The lane-major tiles' packs: element `e = s · seg_len + 16t + l` of row `i` of a pack at
+    /// `((s · 16 + l) · steps + t) · 8 + i` — a lane's elements in order, the pack's 8 rows side by
+    /// side — so a tile's broadcasts of one lane walk one run of lines.
+    fn lane_pack(&self) -> &AlignedF32 {
+        let (x, k_real, padded, rows) = (self.x, self.k_real, self.padded, self.kb_rows());
+        let seg_len = self.segs.seg.seg_len;
+        self.lane_pack.get_or_init(|| {
+            let mut pack = AlignedF32::zeros(rows * padded);
+            let dst = pack.as_mut_slice(rows * padded);
+            for (p, dst) in dst.chunks_exact_mut(KB_MR * padded).enumerate() {
+                let rows = &x[p * KB_MR * k_real..(p + 1) * KB_MR * k_real];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: lane-major tiles run only where AVX-512 is available (`kblocked`); the
+                // rows hold 8 × k_real floats and the pack 8 × padded.
+                unsafe {
+                    super::x86::pack_x_lanes_avx512(rows, k_real, seg_len, padded / seg_len, dst)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (rows, dst);
+                    unreachable!("lane-major tiles run on AVX-512 only");
+                }
+            }
+            pack
+        })
+    }
+}
+
+impl<'x> PaddedX<'x> {
+    pub(crate) fn new(be: &CpuBackend, x: &'x [f32], m: usize, k_real: usize, segs: SegmentRange) -> PaddedX<'x> {
         let padded = segs.padded_len();
         let isa = be.isa();
         let kblocked = cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && m >= KB_MR;
         // Rows 0..m/8·8 are the K-blocked tiles' (every task's K-blocked rows start at a multiple
         // of 8 and stop at the last whole 8 of its block): they read x packed per tile instead.
         let kb_rows = if kblocked { m / KB_MR * KB_MR } else { 0 };
+        // The other rows are read in place, padded.
         let mut xp = vec![0.0f32; m * padded];
         for i in kb_rows..m {
             xp[i * padded..i * padded + k_real].copy_from_slice(&x[i * k_real..(i + 1) * k_real]);
         }
         let chunks = if kblocked { k_chunks(segs.count, segs.seg.seg_len) } else { Vec::new() };
-        let mut xpack_buf = vec![0.0f32; kb_rows * padded + 16];
-        let align = xpack_buf.as_ptr().align_offset(64);
-        let xpack = &mut xpack_buf[align..align + kb_rows * padded];
-        for (t, tile) in xpack.chunks_exact_mut(KB_MR * padded).enumerate() {
-            for i in 0..KB_MR {
-                let row = &x[(t * KB_MR + i) * k_real..][..k_real];
-                for (b, part) in row.chunks(16).enumerate() {
-                    tile[b * 16 * KB_MR + i * 16..][..part.len()].copy_from_slice(part);
-                }
-            }
+        PaddedX {
+            x,
+            xp,
+            kb_pack: OnceLock::new(),
+            lane_pack: OnceLock::new(),
+            m,
+            k_real,
+            padded,
+            segs,
+            isa,
+            kblocked,
+            chunks,
         }
-        PaddedX { xp, xpack_buf, align, m, k_real, padded, isa, kblocked, chunks }
     }
 }
 
 /// One invariant linear cut into tasks of `TASK_ROWS` rows × `task_cols` columns, each owning
 /// its block of the output.
 pub(crate) struct Job<'a> {
-    x: &'a PaddedX,
+    x: &'a PaddedX<'a>,
+    /// The packs of x the K-blocked or lane-major tiles read (built for this job if no job of
+    /// the group built them yet).
+    xpack: Option<&'a AlignedF32>,
     w: WeightView<'a>,
     segs: SegmentRange,
     out: SharedOut,
     task_cols: usize,
     col_blocks: usize,
+    row_blocks: usize,
     tasks: usize,
+    /// Lane-major tiles (see the module comment): tasks then run column block after column
+    /// block, so a thread's consecutive tasks mostly share its packed panel.
+    lanes: bool,
+    id: u64,
 }
 
 impl<'a> Job<'a> {
     /// `y = x · Wᵀ` for `x` prepared for `w`'s columns and `segs`.
-    pub(crate) fn new(x: &'a PaddedX, w: WeightView<'a>, segs: SegmentRange, y: &mut [f32]) -> Job<'a> {
+    pub(crate) fn new(x: &'a PaddedX<'a>, w: WeightView<'a>, segs: SegmentRange, y: &mut [f32]) -> Job<'a> {
         assert_eq!(x.k_real, w.cols, "x prepared for another K");
         let task_cols = if x.kblocked { KB_TASK_COLS } else { TASK_COLS };
         let col_blocks = w.rows.div_ceil(task_cols);
-        let tasks = if x.m == 0 { 0 } else { x.m.div_ceil(TASK_ROWS) * col_blocks };
-        Job { x, w, segs, out: SharedOut(y.as_mut_ptr()), task_cols, col_blocks, tasks }
+        let row_blocks = x.m.div_ceil(TASK_ROWS);
+        let tasks = row_blocks * col_blocks;
+        let lanes = x.kblocked && x.m >= LANES_MIN_M && !w.dtype.is_quantized() && segs.seg.seg_len <= LM_MAX_SEG;
+        let id = NEXT_JOB_ID.fetch_add(1, Relaxed);
+        let xpack = match (lanes, x.kblocked) {
+            (true, _) => Some(x.lane_pack()),
+            (false, true) => Some(x.kb_pack()),
+            (false, false) => None,
+        };
+        Job { x, xpack, w, segs, out: SharedOut(y.as_mut_ptr()), task_cols, col_blocks, row_blocks, tasks, lanes, id }
     }
 
     pub(crate) fn tasks(&self) -> usize {
         self.tasks
     }
 
-    /// Task `t`: rows of block `t / col_blocks` × columns of block `t % col_blocks`.
+    /// Task `t`: rows of block `t / col_blocks` × columns of block `t % col_blocks` (lane-major:
+    /// rows of block `t % row_blocks` × columns of block `t / row_blocks`).
     pub(crate) fn run(&self, t: usize) {
-        let Job { x: px, w, segs, out, task_cols, col_blocks, .. } = *self;
+        let Job { x: px, w, segs, out, task_cols, col_blocks, row_blocks, .. } = *self;
         let (m, n, k_real, padded, isa) = (px.m, w.rows, px.k_real, px.padded, px.isa);
         // (MR, NR) of the multi-row tile and NR of the single-row tile, per ISA.
         let (mr, nr, nr1) = match isa {
@@ -174,7 +307,7 @@ impl<'a> Job<'a> {
         };
         let row_bytes = w.row_bytes();
         let wbase = w.bytes.as_ptr();
-        let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let (rb, cb) = if self.lanes { (t % row_blocks, t / row_blocks) } else { (t / col_blocks, t % col_blocks) };
         let (r0, r1) = (rb * TASK_ROWS, ((rb + 1) * TASK_ROWS).min(m));
         let (c0, c1) = (cb * task_cols, ((cb + 1) * task_cols).min(n));
         let xrow = |i: usize| px.xp.as_ptr().wrapping_add(i * padded);
@@ -190,11 +323,15 @@ impl<'a> Job<'a> {
         if kb_end > r0 {
             let kb =
                 KTiles { dtype: w.dtype, k_real, seg_len: segs.seg.seg_len, count: segs.count, chunks: &px.chunks };
-            let xpack = px.xpack_buf[px.align..].as_ptr();
+            let xpack = self.xpack.expect("K-blocked rows read packed x").as_ptr();
             let xtile = |rt: usize| xpack.wrapping_add(rt * KB_MR * padded);
             // Output row `r`; the task writes only its columns c0..c1 of it (blocks are disjoint).
             let yrow = |r: usize| out.0.wrapping_add(r * n);
-            kb.run(r0..kb_end, c0..c1, xtile, wrow, yrow);
+            if self.lanes {
+                self.run_lanes((rb, cb), r0..kb_end, c0..c1, xtile, wrow, yrow);
+            } else {
+                kb.run(r0..kb_end, c0..c1, xtile, wrow, yrow);
+            }
         }
         let multi_end = if mr > 1 { kb_end + (r1 - kb_end) / mr * mr } else { kb_end };
         for rq in (kb_end..multi_end).step_by(mr) {
@@ -254,6 +391,79 @@ impl<'a> Job<'a> {
     }
 }
 
+impl Job<'_> {
+    /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols` (row block `rb`, column block
+    /// `cb`) in lane-major tiles: the block's weight panel is packed unless this thread packed it
+    /// last, then the tiles run the whole segment range and store their outputs row by row.
+    #[cfg(target_arch = "x86_64")]
+    fn run_lanes(
+        &self,
+        (rb, cb): (usize, usize),
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        xtile: impl Fn(usize) -> *const f32,
+        wrow: impl Fn(usize) -> *const u8,
+        yrow: impl Fn(usize) -> *mut f32,
+    ) {
+        use super::x86::{lanes_avx512, lm_state_floats, pack_lanes_avx512, LaneBlock, LM_NR};
+        let (seg_len, count) = (self.segs.seg.seg_len, self.segs.count);
+        LANE_BUFS.with_borrow_mut(|bufs| {
+            let aligned = |v: &mut Vec<f32>, floats: usize| {
+                if v.len() < floats + 16 {
+                    v.resize(floats + 16, 0.0);
+                }
+                let p = v.as_mut_ptr();
+                p.wrapping_add(p.align_offset(64))
+            };
+            let panel = aligned(&mut bufs.panel, count * seg_len * LM_NR);
+            if bufs.packed != Some((self.id, cb)) {
+                let ws: [*const u8; LM_NR] = std::array::from_fn(|j| wrow(cols.start + j));
+                // SAFETY: only an ISA that `Isa::is_available` confirmed runs (the caller checked
+                // AVX-512); rows are clamped weight rows; the panel holds count × seg_len × 48 floats.
+                unsafe { pack_lanes_avx512(self.w.dtype, &ws, self.x.k_real, seg_len, count, panel) };
+                bufs.packed = Some((self.id, cb));
+            }
+            // This task's share of the next column block's weight rows (contiguous in W), fetched
+            // into L2 while it computes: the panel of that block is packed from them next, and
+            // the packing would otherwise wait on memory for every line.
+            let row_bytes = self.w.row_bytes();
+            let (n0, n1) = (cols.end.min(self.w.rows), (cols.end + LM_NR).min(self.w.rows));
+            let next = &self.w.bytes[n0 * row_bytes..n1 * row_bytes];
+            let share = next.len().div_ceil(self.row_blocks);
+            let prefetch = next.get(rb * share..((rb + 1) * share).min(next.len())).unwrap_or(&[]);
+            let block = LaneBlock {
+                x: xtile(rows.start / KB_MR),
+                padded: self.x.padded,
+                rows: rows.len(),
+                panel,
+                seg_len,
+                count,
+                state: aligned(&mut bufs.scratch, lm_state_floats(rows.len())),
+                y: yrow(rows.start).wrapping_add(cols.start),
+                n: self.w.rows,
+                cols: cols.len(),
+                prefetch,
+            };
+            // SAFETY: as above; x holds the block's packed rows, and output rows `rows` hold
+            // columns `cols`, which belong to this task alone.
+            unsafe { lanes_avx512(&block) };
+        });
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn run_lanes(
+        &self,
+        _task: (usize, usize),
+        _rows: std::ops::Range<usize>,
+        _cols: std::ops::Range<usize>,
+        _xtile: impl Fn(usize) -> *const f32,
+        _wrow: impl Fn(usize) -> *const u8,
+        _yrow: impl Fn(usize) -> *mut f32,
+    ) {
+        unreachable!("lane-major tiles run on AVX-512 only")
+    }
+}
+
 pub(crate) fn linear_invariant(
     be: &CpuBackend,
     x: &[f32],
@@ -280,9 +490,11 @@ struct KTiles<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::x86::{KB_ACC_FLOATS, KB_MR, KB_NR, KB_STACK_FLOATS, KB_STATE_FLOATS};
+use super::x86::{KB_ACC_FLOATS, KB_MR, KB_NR, KB_STACK_FLOATS, KB_STATE_FLOATS, LM_MAX_SEG};
 #[cfg(not(target_arch = "x86_64"))]
 const KB_MR: usize = usize::MAX;
+#[cfg(not(target_arch = "x86_64"))]
+const LM_MAX_SEG: usize = 0;
 
 impl KTiles<'_> {
     /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols`; `xtile(row / 8)` is the packed x

@@ -349,7 +349,7 @@ struct GroupX<'x> {
     /// 16-output panels of the whole group: a native linear sizes its tasks for the pass (k and v
     /// alone are a handful of panels, which alone would be cut one panel per task).
     panels: usize,
-    padded: std::cell::OnceCell<linear::PaddedX>,
+    padded: std::cell::OnceCell<linear::PaddedX<'x>>,
     quant: std::cell::OnceCell<qdot::PreparedX>,
     pairs: std::cell::OnceCell<dpbf16::PreparedX>,
     tiles: std::cell::OnceCell<amx::PreparedX>,

@@ -10,6 +10,10 @@
 //! once, a block cut in two by a segment boundary is widened once and its second half carried
 //! into the next segment, and on AVX-512 a 4-bit block's weights are looked up (`vpermps`, the
 //! nibble as index) in the table of its 16 possible values.
+//!
+//! The lane-major tiles ([`lanes512`]) turn the contract around: a register holds lane `l` of 16
+//! outputs instead of the 16 lanes of one output — the same fma chains, the lane tree then as
+//! vertical adds.
 
 use std::arch::x86_64::*;
 
@@ -650,6 +654,318 @@ pub(crate) unsafe fn kchunk_avx512(c: &KChunk<'_>) {
         DType::Q4_0 => kchunk512::<Q4_0x16>(c),
         DType::Q4_1 => kchunk512::<Q4_1x16>(c),
     }
+}
+
+// ---------------------------------------------------------------- AVX-512, lane-major
+
+/// Outputs (weight rows) of a lane-major tile: 3 vectors of 16.
+pub(crate) const LM_NR: usize = 48;
+const LM_VECS: usize = LM_NR / 16;
+/// Accumulators of a lane-major tile: `R` rows × `G` lanes at once × 3 vectors, plus the row
+/// broadcasts and one weight vector, of the 32 zmm registers.
+const LM_ACC: usize = 24;
+/// Levels of a tile's state: the stack of lane groups (4) and the segment-tree stack (7, S ≤ 64),
+/// each level one set of the tile's results (`R` rows × 48 outputs).
+const LM_LEVELS: usize = 11;
+/// Floats of the state of `rows` rows of tiles (of any `R`).
+pub(crate) const fn lm_state_floats(rows: usize) -> usize {
+    rows * LM_LEVELS * LM_NR
+}
+
+/// Rows of a lane-major tile and lanes it runs at once. Fewer lanes at once store more of the
+/// lane tree (8 rows × 1 lane: its stores took ~14 % of the time, BENCHMARKS §19.1); more would
+/// load a weight vector per FMA or two.
+const LM_ROWS: usize = 2;
+const LM_GROUP: usize = 4;
+
+/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 4 × 48` floats
+/// (12 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
+/// down projection: 608) keep the K-blocked tiles: lane-major tiles of 4 rows × 2 lanes (half
+/// the panel per group) measured no faster there (BENCHMARKS §19.1).
+pub(crate) const LM_MAX_SEG: usize = 256;
+
+/// `g` with its lowest `bits` bits reversed: the order lane groups run in, so that groups `2k`
+/// and `2k + 1` of that order are the lane tree's pairs at the level above a group's own, runs of
+/// four those of the next level, and so on — the tree then folds with a binary-carry stack, like
+/// the segment tree. Bit reversal is its own inverse.
+const fn bit_reverse(g: usize, bits: u32) -> usize {
+    if bits == 0 {
+        0
+    } else {
+        g.reverse_bits() >> (usize::BITS - bits)
+    }
+}
+
+/// One task's rows of lane-major tiles over the whole segment range.
+pub(crate) struct LaneBlock<'a> {
+    /// The packed x of the block's first row (a multiple of 8), 8-row packs `8 · padded` floats
+    /// apart, each lane-major: element `e = s · seg_len + 16t + l` of row `i` at
+    /// `((s · 16 + l) · steps + t) · 8 + i`.
+    pub x: *const f32,
+    pub padded: usize,
+    /// Rows of the block (a multiple of 8).
+    pub rows: usize,
+    /// The panel of [`pack_lanes_avx512`] (64-byte aligned).
+    pub panel: *const f32,
+    pub seg_len: usize,
+    pub count: usize,
+    /// [`lm_state_floats`]`(rows)` floats of this thread's, 64-byte aligned.
+    pub state: *mut f32,
+    /// The block's first output row from its first column; rows `n` floats apart, `cols` (≤ 48)
+    /// columns of each written.
+    pub y: *mut f32,
+    pub n: usize,
+    pub cols: usize,
+    /// Bytes to fetch into L2 while the block computes (weights that will be packed next).
+    pub prefetch: &'a [u8],
+}
+
+/// 16 vectors (row `j` = 16 consecutive weights of output `j`) transposed in place: vector `l`
+/// then holds element `l` of every output, output `j` in lane `j`.
+#[inline(always)]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    // Pairs of rows interleaved: per 128-bit quarter q, a[2i] = (r2i, r2i+1) elements 4q, 4q+1.
+    let mut a = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // Quads: b[4i + e] holds, per quarter q, element 4q + e of rows 4i..4i + 4.
+    let mut b = [_mm512_setzero_ps(); 16];
+    let pd = |v: __m512| _mm512_castps_pd(v);
+    for i in 0..4 {
+        b[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a[4 * i]), pd(a[4 * i + 2])));
+        b[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a[4 * i]), pd(a[4 * i + 2])));
+        b[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a[4 * i + 1]), pd(a[4 * i + 3])));
+        b[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a[4 * i + 1]), pd(a[4 * i + 3])));
+    }
+    // Quarters: element 4q + e of all 16 rows is quarter q of b[e], b[4 + e], b[8 + e], b[12 + e].
+    for e in 0..4 {
+        let d0 = _mm512_shuffle_f32x4::<0b10_00_10_00>(b[e], b[4 + e]);
+        let d1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(b[e], b[4 + e]);
+        let d2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(b[8 + e], b[12 + e]);
+        let d3 = _mm512_shuffle_f32x4::<0b11_01_11_01>(b[8 + e], b[12 + e]);
+        r[e] = _mm512_shuffle_f32x4::<0b10_00_10_00>(d0, d2);
+        r[4 + e] = _mm512_shuffle_f32x4::<0b10_00_10_00>(d1, d3);
+        r[8 + e] = _mm512_shuffle_f32x4::<0b11_01_11_01>(d0, d2);
+        r[12 + e] = _mm512_shuffle_f32x4::<0b11_01_11_01>(d1, d3);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_lanes512<L: Load512, const G: usize>(
+    ws: &[*const u8; LM_NR],
+    k_real: usize,
+    seg_len: usize,
+    count: usize,
+    panel: *mut f32,
+) {
+    let (groups, group_bits) = (16 / G, (16 / G).trailing_zeros());
+    let steps = seg_len / 16;
+    let full_end = k_real / 16 * 16;
+    for block in 0..count * steps {
+        let (col, seg, step) = (block * 16, block / steps, block % steps);
+        let rem = k_real.saturating_sub(col).min(16);
+        let mask = ((1u32 << rem) - 1) as __mmask16;
+        for jv in 0..LM_VECS {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for j in 0..16 {
+                let row = ws[jv * 16 + j];
+                r[j] = if col < full_end { L::full(row, col) } else { L::masked(row, col, mask) };
+            }
+            transpose16(&mut r);
+            for (lane, v) in r.iter().enumerate() {
+                let (g, q) = (lane % groups, lane / groups);
+                let group = seg * groups + bit_reverse(g, group_bits);
+                let at = ((group * steps + step) * G + q) * LM_NR + jv * 16;
+                _mm512_store_ps(panel.add(at), *v);
+            }
+        }
+    }
+}
+
+/// Packs weight rows `ws` (clamped to W by the caller) for [`lanes_avx512`]: every weight widened
+/// to f32, laid out in the order the tiles read them — segment by segment, lane group by lane
+/// group in bit-reversed order, step by step, the group's lanes in turn — with the 48 outputs of
+/// one (lane, column) in a row, and zeros past `k_real`. `panel` holds `count × seg_len × 48`
+/// floats, 64-byte aligned.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; `ws` are weight rows of `k_real` weights of `dtype`.
+pub(crate) unsafe fn pack_lanes_avx512(
+    dtype: DType,
+    ws: &[*const u8; LM_NR],
+    k_real: usize,
+    seg_len: usize,
+    count: usize,
+    panel: *mut f32,
+) {
+    match dtype {
+        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        other => unreachable!("{other:?} weights take the K-blocked tiles"),
+    }
+}
+
+/// 8 rows of x (`rows`: 8 × `k_real` floats) packed lane-major for [`lanes512`] into `dst`
+/// (`8 × count × seg_len` floats): element `e = s · seg_len + 16t + l` of row `i` at
+/// `((s · 16 + l) · steps + t) · 8 + i`, zeros past `k_real` — one 16-column block of the 8 rows
+/// transposed at a time.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn pack_x_lanes_avx512(rows: &[f32], k_real: usize, seg_len: usize, count: usize, dst: &mut [f32]) {
+    assert!(rows.len() == 8 * k_real && dst.len() == 8 * count * seg_len);
+    let steps = seg_len / 16;
+    let (src, out) = (rows.as_ptr(), dst.as_mut_ptr());
+    for block in 0..count * steps {
+        let (col, seg, step) = (block * 16, block / steps, block % steps);
+        let rem = k_real.saturating_sub(col).min(16);
+        let mask = ((1u32 << rem) - 1) as __mmask16;
+        // Rows 8..16 stay zero: only the low 8 lanes of each transposed vector are stored.
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, v) in r.iter_mut().take(8).enumerate() {
+            *v = _mm512_maskz_loadu_ps(mask, src.wrapping_add(i * k_real + col));
+        }
+        transpose16(&mut r);
+        for (lane, v) in r.iter().enumerate() {
+            _mm256_storeu_ps(out.add(((seg * 16 + lane) * steps + step) * 8), _mm512_castps512_ps256(*v));
+        }
+    }
+}
+
+/// Pushes the `index`-th of a run of tile results (`acc[..OUT]`) onto the binary-carry stack at
+/// `stack`: each trailing one-bit of `index + 1` adds the finished subtree below it, left operand
+/// first, as [`SegmentTree512::push`] does. The result stays in `acc`; it is stored only if `keep`.
+#[inline(always)]
+unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mut [__m512], keep: bool) {
+    let mut depth = index.count_ones() as usize;
+    let mut done = index + 1;
+    while done & 1 == 0 {
+        depth -= 1;
+        let entry = stack.add(depth * OUT * 16);
+        for o in 0..OUT {
+            acc[o] = _mm512_add_ps(_mm512_load_ps(entry.add(o * 16)), acc[o]);
+        }
+        done >>= 1;
+    }
+    if keep {
+        let entry = stack.add(depth * OUT * 16);
+        for o in 0..OUT {
+            _mm512_store_ps(entry.add(o * 16), acc[o]);
+        }
+    }
+}
+
+/// The outer-product ("lane-major") form of the contract: a zmm holds one lane of 16 outputs
+/// rather than the 16 lanes of one output. Lane `l` of a segment is the chain
+/// `acc = fma(x[e], w[e], acc)` over `e = l, l + 16, …` from +0.0 — for `R` rows × 48 outputs at
+/// once, x broadcast, the panel's 48 weights of column `e` as 3 vectors — so each lane's chain is
+/// exactly the contract's, and the lane tree is vertical adds of whole vectors: no shuffles.
+/// A tile runs a group of `G` lanes (`g + 16/G · q`) at once and folds them in registers (the
+/// tree's lower levels: `(l, l + 8)`, then `(l, l + 4)`), and the groups of a segment meet in a
+/// binary-carry stack (the upper levels): the stack is what costs — a store of every result that
+/// waits for its sibling — and groups of `G` lanes store `G` times less than single lanes would.
+/// Every tile of the block runs one group before the next group starts, so that group's panel
+/// (`seg_len / 16 × G × 48` floats) stays in L1 while the tiles pass.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn lanes512<const R: usize, const G: usize, const OUT: usize>(b: &LaneBlock<'_>) {
+    debug_assert!(R * G * LM_VECS == LM_ACC && OUT == R * LM_VECS);
+    let (groups, group_bits) = (16 / G, (16 / G).trailing_zeros());
+    let state_floats = LM_LEVELS * OUT * 16;
+    let steps = b.seg_len / 16;
+    let tiles = b.rows / R;
+    let xrow = |r: usize| b.x.add(r / 8 * 8 * b.padded + r % 8);
+    // The prefetch spread evenly over the tile runs.
+    let lines = b.prefetch.len().div_ceil(64);
+    let per_run = lines.div_ceil(b.count * groups * tiles);
+    let mut next_line = 0;
+    for seg in 0..b.count {
+        for gk in 0..groups {
+            let g = bit_reverse(gk, group_bits);
+            let panel = b.panel.add((seg * groups + gk) * steps * G * LM_NR);
+            let lanes_of = |tile: usize| xrow(tile * R).add((seg * 16 + g) * steps * 8);
+            for tile in 0..tiles {
+                for _ in 0..per_run {
+                    if next_line < lines {
+                        _mm_prefetch::<_MM_HINT_T1>(b.prefetch.as_ptr().add(next_line * 64) as *const i8);
+                        next_line += 1;
+                    }
+                }
+                let x = lanes_of(tile);
+                // The next tile's x lines, fetched while this one computes: a tile reads 16 or 32
+                // bytes of each, too few in a row for the hardware prefetcher.
+                let next = lanes_of((tile + 1).min(tiles - 1));
+                // Accumulator (q, i, j): lane g + 16/G · q, row i, outputs 16j..16j + 16.
+                let mut acc = [_mm512_setzero_ps(); LM_ACC];
+                let (mut w, mut xp) = (panel, x);
+                for step in 0..steps {
+                    for q in 0..G {
+                        let run = q * groups * steps * 8;
+                        _mm_prefetch::<_MM_HINT_T0>(next.add(run + step * 8) as *const i8);
+                        let lane = xp.add(run);
+                        let xb: [__m512; R] = std::array::from_fn(|i| _mm512_set1_ps(*lane.add(i)));
+                        for j in 0..LM_VECS {
+                            let wv = _mm512_load_ps(w.add(q * LM_NR + j * 16));
+                            for i in 0..R {
+                                let a = (q * R + i) * LM_VECS + j;
+                                acc[a] = _mm512_fmadd_ps(xb[i], wv, acc[a]);
+                            }
+                        }
+                    }
+                    w = w.add(G * LM_NR);
+                    xp = xp.add(8);
+                }
+                // The group's own levels of the lane tree: with `G` = 4, (q, q + 2) is
+                // (l, l + 8), then (q, q + 1) is (l, l + 4).
+                let mut half = G / 2;
+                while half >= 1 {
+                    for q in 0..half {
+                        for o in 0..OUT {
+                            acc[q * OUT + o] = _mm512_add_ps(acc[q * OUT + o], acc[(q + half) * OUT + o]);
+                        }
+                    }
+                    half /= 2;
+                }
+                let state = b.state.add(tile * state_floats);
+                let last_group = gk + 1 == groups;
+                push_results::<OUT>(state, gk, &mut acc, !last_group);
+                if last_group {
+                    push_results::<OUT>(state.add(4 * OUT * 16), seg, &mut acc, true);
+                }
+            }
+        }
+    }
+    // The segment stack holds one finished run per binary digit of the count, largest first,
+    // added left to right as `reference::tree_reduce` does.
+    let runs = b.count.count_ones() as usize;
+    let mask = (1u64 << b.cols) - 1;
+    for tile in 0..tiles {
+        let stack = b.state.add(tile * state_floats + 4 * OUT * 16);
+        for i in 0..R {
+            let y = b.y.add((tile * R + i) * b.n);
+            for j in 0..LM_VECS {
+                let o = (i * LM_VECS + j) * 16;
+                let mut total = _mm512_load_ps(stack.add(o));
+                for d in 1..runs {
+                    total = _mm512_add_ps(total, _mm512_load_ps(stack.add(d * OUT * 16 + o)));
+                }
+                _mm512_mask_storeu_ps(y.add(j * 16), (mask >> (j * 16)) as __mmask16, total);
+            }
+        }
+    }
+}
+
+/// One task's rows in lane-major tiles ([`lanes512`]): [`LM_ROWS`] rows × [`LM_GROUP`] lanes at
+/// once.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; `b` must describe valid x, panel (packed by
+/// [`pack_lanes_avx512`] for the same segments), state and output rows.
+pub(crate) unsafe fn lanes_avx512(b: &LaneBlock<'_>) {
+    lanes512::<LM_ROWS, LM_GROUP, { LM_ROWS * LM_VECS }>(b)
 }
 
 // ---------------------------------------------------------------- AVX2
