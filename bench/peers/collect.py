@@ -68,8 +68,9 @@ def ratio(a, b) -> str:
 
 def table(results_path: str, bandwidth_gbs: float, weights_path: str, other_gbs: float = 0.0) -> None:
     """`bandwidth_gbs` rates the batch-1 shares; `other_gbs`, the run's other probe reading, is
-    shown beside it where it is lower (a VM's host backs 2 MiB pages with its own huge pages in
-    some phases only, and the probe can catch one phase while an engine runs in the other)."""
+    shown beside it where it is lower (on a VM the 2-thread reading can double for a while,
+    where the host lets the two vCPUs' memory traffic add up, and the probe can catch such a
+    period while an engine runs outside it, or the other way round: docs/BENCHMARKS.md §19.4)."""
     rows = [json.loads(l) for l in open(results_path) if l.strip()]
     weights = json.load(open(weights_path))
     models = list(dict.fromkeys(r["model"] for r in rows))
