@@ -463,9 +463,10 @@ pub(crate) const KB_NR: usize = 3;
 /// Outputs of one K-blocked tile.
 pub(crate) const KB_OUTPUTS: usize = KB_MR * KB_NR;
 /// Floats of one tile's state between K chunks: its 24 lane accumulators (a segment cut into
-/// chunks) and its segment-tree stack of up to 7 finished subtrees (S ≤ 64), 32 floats each.
+/// chunks) and its segment-tree stack of up to 7 finished subtrees (S ≤ 64), each the tile's two
+/// folded vectors (an entry of [`push_results`]`::<2>`).
 pub(crate) const KB_ACC_FLOATS: usize = KB_OUTPUTS * 16;
-pub(crate) const KB_STACK_FLOATS: usize = 32;
+pub(crate) const KB_STACK_FLOATS: usize = 2 * 16;
 pub(crate) const KB_STATE_FLOATS: usize = KB_ACC_FLOATS + 7 * KB_STACK_FLOATS;
 
 /// One K chunk of one K-blocked tile: columns `begin..end`, either whole segments (several short
@@ -624,21 +625,10 @@ unsafe fn kchunk512<L: Load512>(c: &KChunk<'_>) {
         let mut last8 = [_mm512_setzero_ps(); 8];
         first16.copy_from_slice(&acc[..16]);
         last8.copy_from_slice(&acc[16..]);
-        let (mut v0, mut v1) = (fold_blend(&mut first16), fold_blend(&mut last8));
-        // The segment tree as in `tile512`: before segment `seg` the stack holds popcount(seg)
-        // finished subtrees; each trailing one-bit of seg + 1 is a carry into the one below it.
-        let mut depth = seg.count_ones() as usize;
-        let mut done = seg + 1;
-        while done & 1 == 0 {
-            depth -= 1;
-            let entry = stack.add(depth * KB_STACK_FLOATS);
-            v0 = _mm512_add_ps(_mm512_loadu_ps(entry), v0);
-            v1 = _mm512_add_ps(_mm512_loadu_ps(entry.add(16)), v1);
-            done >>= 1;
-        }
-        let entry = stack.add(depth * KB_STACK_FLOATS);
-        _mm512_storeu_ps(entry, v0);
-        _mm512_storeu_ps(entry.add(16), v1);
+        // The segment tree as in `tile512`, its stack in the state (one entry of the tile's two
+        // folded vectors per level).
+        let mut folded = [fold_blend(&mut first16), fold_blend(&mut last8)];
+        push_results::<2>(stack, seg, &mut folded, true);
         begin = end;
     }
 }
@@ -837,8 +827,11 @@ pub(crate) unsafe fn pack_x_lanes_avx512(rows: &[f32], k_real: usize, seg_len: u
 }
 
 /// Pushes the `index`-th of a run of tile results (`acc[..OUT]`) onto the binary-carry stack at
-/// `stack`: each trailing one-bit of `index + 1` adds the finished subtree below it, left operand
-/// first, as [`SegmentTree512::push`] does. The result stays in `acc`; it is stored only if `keep`.
+/// `stack` (one entry of `OUT` vectors per level): before it the stack holds popcount(`index`)
+/// finished subtrees, and each trailing one-bit of `index + 1` adds the one below it, left operand
+/// first, as [`SegmentTree512::push`] does in registers. The result stays in `acc`; it is stored
+/// only if `keep`. The K-blocked tiles' segment tree and the lane-major tiles' lane groups and
+/// segment tree all run on it.
 #[inline(always)]
 unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mut [__m512], keep: bool) {
     let mut depth = index.count_ones() as usize;
@@ -847,14 +840,14 @@ unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mu
         depth -= 1;
         let entry = stack.add(depth * OUT * 16);
         for o in 0..OUT {
-            acc[o] = _mm512_add_ps(_mm512_load_ps(entry.add(o * 16)), acc[o]);
+            acc[o] = _mm512_add_ps(_mm512_loadu_ps(entry.add(o * 16)), acc[o]);
         }
         done >>= 1;
     }
     if keep {
         let entry = stack.add(depth * OUT * 16);
         for o in 0..OUT {
-            _mm512_store_ps(entry.add(o * 16), acc[o]);
+            _mm512_storeu_ps(entry.add(o * 16), acc[o]);
         }
     }
 }
