@@ -193,6 +193,16 @@ impl RingTransport for NodeRing {
             }
         }
     }
+
+    fn can_check_neighbours(&self) -> bool {
+        let s = self.sockets.lock().expect("ring socket lock");
+        s.has_next() || s.has_prev()
+    }
+
+    fn check_neighbours(&self) -> Result<(), RingError> {
+        let failure = self.sockets.lock().expect("ring socket lock").check_neighbours();
+        failure.map_err(|f| self.socket_error(f, Duration::ZERO))
+    }
 }
 
 /// The connections, sockets and pump tasks of one ring membership. Dropping it closes both

@@ -107,6 +107,16 @@ pub trait RingTransport: Send + Sync {
     /// encodes it straight from the slice.
     fn send_next(&self, step_id: u64, op: u32, origin_rank: u32, data: &[f32]) -> Result<(), RingError>;
     fn recv_prev(&self, timeout: Duration) -> Result<RingFrame, RingError>;
+    /// Whether [`RingTransport::check_neighbours`] can notice, between steps, a neighbour that
+    /// went away (a link the kernel closes when the neighbour's process dies).
+    fn can_check_neighbours(&self) -> bool {
+        false
+    }
+    /// Between steps, without waiting: an error naming the neighbour whose link has closed. Frames
+    /// of the next step that arrived early stay queued for [`RingTransport::recv_prev`].
+    fn check_neighbours(&self) -> Result<(), RingError> {
+        Ok(())
+    }
 }
 
 /// The model's [`Collective`] on a ring. All ranks run the same layers in the same order, so
@@ -123,6 +133,9 @@ pub struct RingCollective<T: RingTransport> {
 impl<T: RingTransport> RingCollective<T> {
     pub fn new(rank: usize, tp: usize, transport: T, timeout: Duration) -> Self {
         RingCollective { rank, tp, transport, step_id: AtomicU64::new(0), op: AtomicU32::new(0), timeout }
+    }
+    pub fn transport(&self) -> &T {
+        &self.transport
     }
     /// Call before each step.
     pub fn begin_step(&self, step_id: u64) {

@@ -33,7 +33,11 @@
 //!
 //! **Failing fast, by name.** A neighbour that exits or is killed closes its socket ends in the
 //! kernel: a rank waiting for its predecessor also watches its successor's socket, so either end
-//! closing fails the step at once with the name of the node that went away. Closes that arrive on
+//! closing fails the step at once with the name of the node that went away. Between steps the
+//! model thread looks at both sockets every 20 ms while it waits for a plan: a neighbour killed
+//! after its last ring frame of a step, before it answered, would otherwise leave the coordinator
+//! waiting on that step for the transport's idle timeout, so the survivor reports the closed socket
+//! as a failure of the step it last answered. Closes that arrive on
 //! QUIC (a released assignment, with its reason) wake the model thread by shutting its
 //! predecessor socket down ([`SocketWaker`]). A link whose two directions differ (one neighbour
 //! runs `--ring-transport quic`) waits on QUIC for its predecessor; a successor that dies on the
@@ -349,6 +353,18 @@ impl RingSockets {
         }
     }
 
+    /// Between steps, without waiting: fails when either neighbour's socket has closed. Whatever
+    /// the predecessor already sent for the next step stays in the decoder for [`RingSockets::recv`].
+    pub fn check_neighbours(&mut self) -> Result<(), SocketFailure> {
+        if self.prev.is_some() {
+            self.fill_from_prev()?;
+        }
+        if self.next.is_some() {
+            self.check_successor()?;
+        }
+        Ok(())
+    }
+
     /// Reads whatever the predecessor has sent into the decoder; `true` if anything came.
     fn fill_from_prev(&mut self) -> Result<bool, SocketFailure> {
         let prev = self.prev.as_ref().expect("a predecessor socket");
@@ -496,6 +512,24 @@ mod tests {
         let e = r0.recv(Duration::from_secs(30)).unwrap_err();
         assert!(matches!(e, SocketFailure::Predecessor(_)), "{e:?}");
         drop(prev);
+    }
+
+    /// Guards the report between steps: a neighbour killed after its last frame of a step leaves
+    /// nothing waiting on its sockets, so the check must see the close without a step, and must
+    /// keep a frame of the next step that arrived before it.
+    #[test]
+    fn between_steps_a_closed_neighbour_is_named_and_an_early_frame_is_kept() {
+        let (mut r0, mut r1) = two_ranks();
+        assert_eq!(r0.check_neighbours(), Ok(()), "open and silent: nothing to report");
+        r1.send(8, 0, 1, &[1.5, -2.0], Duration::from_secs(5)).unwrap();
+        assert_eq!(r0.check_neighbours(), Ok(()), "a frame of the next step is not a failure");
+        let RingSockets { next, prev, .. } = r1;
+        drop(prev);
+        assert!(matches!(r0.check_neighbours(), Err(SocketFailure::Successor(_))));
+        drop(next);
+        let f = r0.recv(Duration::from_secs(5)).unwrap();
+        assert_eq!((f.step_id, f.origin_rank, f.data), (8, 1, vec![1.5, -2.0]));
+        assert!(matches!(r0.check_neighbours(), Err(SocketFailure::Predecessor(_))));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use crate::control::{ControlAction, ControlExit, Generation, NodeControl, ReadyR
 use crate::fingerprint::deployment_fingerprint;
 use crate::model::{Collective, Model, ModelOptions, StepError};
 use crate::quic_ring::{connect_ring, NodeRing, RingLinks, RingPlace};
-use crate::ring::RingCollective;
+use crate::ring::{RingCollective, RingTransport};
 use crate::same_host::RingTransportMode;
 use crate::shard::ShardPlan;
 use crate::source::{load_config, WeightStore};
@@ -83,6 +83,9 @@ pub struct NodeOptions {
     /// Test aid: forget the step session just before a delta for the step with this id arrives,
     /// so the node rejects it and the coordinator's resend path runs.
     pub forget_session_at_step: Option<u64>,
+    /// Test aid: end the process (`_exit`) right after the forward pass of the step with this id,
+    /// before answering it, as a node killed after its last ring frame of a step.
+    pub die_after_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +338,7 @@ impl Node {
             step_delay: self.opts.step_delay,
             panic_at_step: self.opts.panic_at_step,
             forget_session_at_step: self.opts.forget_session_at_step,
+            die_after_step: self.opts.die_after_step,
         };
         let thread = std::thread::Builder::new()
             .name(format!("lockstep-model-{}", report.rank))
@@ -480,11 +484,16 @@ fn prepare(a: &Assignment) -> Result<Prepared, String> {
     Ok((cfg, plan, fp, weights))
 }
 
+/// How often a model thread waiting for its next plan looks at its same-host ring sockets (two
+/// non-blocking reads; a plan that arrives ends the wait at once).
+const RING_CHECK_BETWEEN_STEPS: Duration = Duration::from_millis(20);
+
 /// The test aids of [`NodeOptions`] the model thread acts on.
 struct TestAids {
     step_delay: Option<Duration>,
     panic_at_step: Option<u64>,
     forget_session_at_step: Option<u64>,
+    die_after_step: Option<u64>,
 }
 
 /// Runs plans until the plan channel closes, expanding each against the assignment's session (a
@@ -500,9 +509,39 @@ fn model_thread(
     outcomes: mpsc::UnboundedSender<(Generation, StepOutcome)>,
     aids: TestAids,
 ) {
-    let TestAids { step_delay, panic_at_step, forget_session_at_step } = aids;
+    let TestAids { step_delay, panic_at_step, forget_session_at_step, die_after_step } = aids;
     let mut session = SessionState::new();
-    while let Ok(delta) = plans.recv() {
+    let watch_ring = collective.transport().can_check_neighbours();
+    // The last step this thread answered, and whether a lost neighbour has been reported since.
+    let (mut last_step, mut loss_reported) = (None, false);
+    loop {
+        let delta = if watch_ring {
+            match plans.recv_timeout(RING_CHECK_BETWEEN_STEPS) {
+                Ok(delta) => delta,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    // A neighbour killed after its last ring frame of a step, before it answered,
+                    // leaves the coordinator waiting on that step: say so now, not after the
+                    // transport's idle timeout.
+                    if let (Some(step_id), false) = (last_step, loss_reported) {
+                        if let Err(e) = collective.transport().check_neighbours() {
+                            loss_reported = true;
+                            let message = format!("{e} (noticed after the step, waiting for the next)");
+                            tracing::warn!("step {step_id}: {message}");
+                            if outcomes.send((generation, StepOutcome::Failed { step_id, message })).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match plans.recv() {
+                Ok(delta) => delta,
+                Err(_) => return,
+            }
+        };
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
@@ -528,6 +567,11 @@ fn model_thread(
             }
             model.step(&plan)
         }));
+        if die_after_step == Some(step_id) {
+            tracing::warn!("--die-after-step {step_id} (a test aid): exiting before answering the step");
+            // SAFETY: `_exit` ends the process at once; no Rust state is used after it.
+            unsafe { libc::_exit(137) };
+        }
         let (outcome, panicked) = match result {
             Ok(Ok(samples)) => (
                 StepOutcome::Done { step_id, samples: samples.into_iter().map(|s| (s.seq_id, s.sample)).collect() },
@@ -539,6 +583,7 @@ fn model_thread(
         if outcomes.send((generation, outcome)).is_err() || panicked {
             return;
         }
+        last_step = Some(step_id);
     }
 }
 

@@ -164,7 +164,9 @@ pub enum Message {
         step_id: u64,
         samples: Vec<(u64, ShardSample)>,
     },
-    /// Node → coordinator: the step could not run.
+    /// Node → coordinator: the step could not run. Also sent after [`Message::StepDone`] for the
+    /// same step when a same-host ring neighbour's socket closes before the next step arrives: a
+    /// neighbour killed after its last ring frame never answers, so the group cannot finish it.
     StepFailed {
         step_id: u64,
         message: String,

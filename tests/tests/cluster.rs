@@ -513,13 +513,30 @@ fn a_tp_2_group_on_one_host_rings_over_same_host_sockets_with_tp_1_bits() {
 
 /// Guards failing fast by name on the same-host path: a rank killed mid-generation closes its
 /// sockets in the kernel, and the survivor's step fails on the socket, naming it. The node timeout
-/// is a minute, so only the ring can have reported the loss.
+/// is a minute, so only the ring can have reported the loss (the kill may land between the
+/// victim's last ring frame of a step and its answer: the next test pins that moment).
 #[test]
 fn a_rank_killed_mid_step_fails_its_same_host_neighbour_by_name() {
+    survivor_names_its_lost_same_host_neighbour("cluster-same-host-kill", &[], true);
+}
+
+/// Guards the report between steps: a rank that dies after its last ring frame of a step, before
+/// answering it, leaves its neighbour idle and the coordinator waiting on that step. The survivor
+/// must notice the closed socket while it waits for the next plan and report it, rather than the
+/// group waiting for the transport's idle timeout on the dead node's connection (the CI failure of
+/// stop 22 was that race, hit by a random kill).
+#[test]
+fn a_rank_dead_after_its_last_ring_frame_is_named_by_its_idle_neighbour() {
+    survivor_names_its_lost_same_host_neighbour("cluster-same-host-die", &["--die-after-step", "4"], false);
+}
+
+/// A TP 2 group of two nodes on same-host sockets; node-a (`victim_aids`) is lost, by a kill when
+/// `kill`, and the coordinator must stop the group on node-b's report naming node-a.
+fn survivor_names_its_lost_same_host_neighbour(scratch_name: &str, victim_aids: &[&str], kill: bool) {
     let Some(model) = stories260k() else {
         return;
     };
-    let dir = scratch("cluster-same-host-kill");
+    let dir = scratch(scratch_name);
     let prompts = prompts_file(&dir, &PROMPTS[..4]);
     let tls = dir.join("tls");
     certs(&tls, &["node-a", "node-b"]);
@@ -530,22 +547,25 @@ fn a_rank_killed_mid_step_fails_its_same_host_neighbour_by_name() {
     let timing = ["--node-timeout-ms", "60000"];
     let mut coordinator = Watched::lockstep(&[&generate[..], &sizes, &cluster, &timing].concat());
     let addr = coordinator_addr(&mut coordinator);
-    let node = |name: &str| {
+    let node = |name: &str, aids: &[&str]| {
         let delay = ["--step-delay-ms", "25", "--threads", "1"];
-        Watched::lockstep(&[&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", name][..], &delay].concat())
+        let args = [&["node", "--coordinator", &addr, "--tls-dir", tls_s, "--name", name][..], &delay, aids].concat();
+        Watched::lockstep(&args)
     };
-    let (mut victim, mut survivor) = (node("node-a"), node("node-b"));
+    let (mut victim, mut survivor) = (node("node-a", victim_aids), node("node-b", &[]));
     let formed =
         survivor.wait_for_stderr(STEP_LIMIT, |line| line.contains("frames to successor").then(|| line.to_owned()));
     assert!(formed.contains("on same-host socket"), "{formed}");
     coordinator.wait_for_stderr(STEP_LIMIT, |line| line.contains("group(s) ready").then_some(()));
-    std::thread::sleep(Duration::from_millis(300));
-    victim.kill();
+    if kill {
+        std::thread::sleep(Duration::from_millis(300));
+        victim.kill();
+    }
     let stopped =
         coordinator.wait_for_stderr(STEP_LIMIT, |line| line.contains("stopped serving").then(|| line.to_owned()));
     assert!(
         stopped.contains("node node-b (rank") && stopped.contains("node-a is gone") && stopped.contains("socket"),
-        "the survivor's step failed on the socket, naming the killed node: {stopped}"
+        "the survivor's step failed on the socket, naming the lost node: {stopped}"
     );
     drop(survivor);
     drop(coordinator);

@@ -62,6 +62,11 @@ pub(crate) struct NodeArgs {
     /// rejected (`StepRejected`) and the coordinator must resend the step as a full snapshot.
     #[arg(long, hide = true, value_name = "STEP_ID")]
     forget_session_at_step: Option<u64>,
+    /// Test aid: end the process at once (`_exit`, nothing closed in an orderly way) right after
+    /// the forward pass of the step with this id, before answering it: the moment a node killed
+    /// mid-generation can die in after its last ring frame of a step.
+    #[arg(long, hide = true, value_name = "STEP_ID")]
+    die_after_step: Option<u64>,
 }
 
 pub(crate) fn run(a: NodeArgs) -> Result<()> {
@@ -79,6 +84,7 @@ pub(crate) fn run(a: NodeArgs) -> Result<()> {
         step_delay: a.step_delay_ms.map(std::time::Duration::from_millis),
         panic_at_step: a.panic_at_step,
         forget_session_at_step: a.forget_session_at_step,
+        die_after_step: a.die_after_step,
     };
     match (a.membership, a.coordinator) {
         (MembershipMode::Etcd, None) => {
