@@ -125,8 +125,14 @@ pub struct CpuBackend {
     cfg: CpuConfig,
     isa: Isa,
     /// Work outside a step's passes: weight packing at load, fast mode's `gemm`, and the step
-    /// itself ([`Backend::step_pool`]).
+    /// itself where `step` is this pool.
     pool: std::sync::Arc<rayon::ThreadPool>,
+    /// Where a step runs ([`Backend::step_pool`]): `pool` where it has one worker or fast mode's
+    /// `gemm` runs inside the step, else a pool of one worker of its own. Entered on the shared
+    /// pool, each step woke it and the worker the step did not land on spun through rayon's idle
+    /// rounds (`sched_yield`) beside the step's thread and the team's helper: ~5 % of a SmolLM2
+    /// batch-1 decode's samples on a 2-core host.
+    step: std::sync::Arc<rayon::ThreadPool>,
     /// Every pass inside a step ([`Self::run_tasks`]): the step's thread and `threads - 1` helpers.
     team: team::Team,
     /// The native class and who executes it (`None` in the other modes).
@@ -492,7 +498,14 @@ impl CpuBackend {
             .expect("thread pool");
         let team = team::Team::new(cfg.threads.max(1), "lockstep-team");
         let qdot = qdot::QdotExec::best();
-        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), team, native, qdot, arena: Default::default() })
+        let pool = std::sync::Arc::new(pool);
+        let step = if cfg.threads > 1 && cfg.mode != KernelMode::Fast {
+            let step = rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "lockstep-step".into());
+            std::sync::Arc::new(step.build().expect("thread pool"))
+        } else {
+            pool.clone()
+        };
+        Ok(CpuBackend { cfg, isa, pool, step, team, native, qdot, arena: Default::default() })
     }
 
     /// The same backend with native mode's block-weight rule run by `exec` (tests run the
@@ -806,12 +819,12 @@ impl Backend for CpuBackend {
     fn mode(&self) -> KernelMode {
         self.cfg.mode
     }
-    /// The pool at every thread count, one included: a one-thread backend (each rank of a TP
-    /// group sharing a host's cores) left outside its pool handed every norm, attention and
+    /// A pool at every thread count, one included (which one: the `step` field): a one-thread
+    /// backend (each rank of a TP group sharing a host's cores) left outside its pool handed every norm, attention and
     /// sampling call of a step to the pool's one worker and back (~75 hand-offs per decode step,
     /// BENCHMARKS §11), where a step entered once on the worker runs them all inline.
     fn step_pool(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
-        Some(self.pool.clone())
+        Some(self.step.clone())
     }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
@@ -1030,6 +1043,23 @@ mod tests {
             assert_eq!(prepared.dtype, kept.dtype);
             assert_eq!(prepared.bytes.as_slice().as_ptr(), kept.bytes.as_slice().as_ptr(), "used as loaded");
         }
+    }
+
+    /// A backend with helpers runs its steps on one worker of their own (the shared pool's workers
+    /// then sleep through a decode), except in fast mode, whose `gemm` inside a step runs on the
+    /// shared pool without a hand-off.
+    #[test]
+    fn a_backend_with_helpers_steps_on_a_one_worker_pool_of_its_own_except_in_fast_mode() {
+        let be = CpuBackend::new(CpuConfig { threads: 2, ..CpuConfig::default() }).unwrap();
+        let step = be.step_pool().expect("a step pool");
+        assert_eq!(step.current_num_threads(), 1);
+        step.install(|| assert_eq!(std::thread::current().name(), Some("lockstep-step")));
+        let fast = CpuBackend::new(CpuConfig { threads: 2, mode: KernelMode::Fast, ..CpuConfig::default() }).unwrap();
+        let step = fast.step_pool().expect("a step pool");
+        step.install(|| {
+            let step_thread = std::thread::current().id();
+            fast.pool().install(|| assert_eq!(std::thread::current().id(), step_thread));
+        });
     }
 
     /// A one-thread backend (a TP rank on a shared host) runs a step on its pool's worker, and the
