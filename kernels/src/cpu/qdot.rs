@@ -159,7 +159,6 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// The CPU has AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[inline]
 unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     use std::arch::x86_64::*;
     assert!(x.len() == QUANT_BLOCK && q.len() == QUANT_BLOCK);
@@ -185,33 +184,16 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (dx, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
 }
 
-/// A row's blocks by [`quantize_block_avx512`], inlined into one loop: each block is a chain of
-/// horizontal reductions and divisions, and called one at a time the chains ran back to back
-/// (x quantization was ~2 % of a SmolLM2 batch-1 step, serial, with the team waiting); in one
-/// loop the CPU overlaps the blocks' chains.
-///
-/// # Safety
-/// The CPU has AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], dx: &mut [f32], sum: &mut [i32]) {
-    for (((xb, qb), d), s) in x.chunks_exact(QUANT_BLOCK).zip(q.chunks_exact_mut(QUANT_BLOCK)).zip(dx).zip(sum) {
-        (*d, *s) = quantize_block_avx512(xb, qb);
-    }
-}
-
-/// A row's blocks by the fastest route this CPU has (every route gives [`quantize_block`]'s
-/// bits): `q` its integers, `dx` and `sum` each block's scale and `Σq`.
-fn quantize_row_fast(x: &[f32], q: &mut [i8], dx: &mut [f32], sum: &mut [i32], avx512: bool) {
+/// One block by the fastest route this CPU has (every route gives [`quantize_block`]'s bits).
+#[inline]
+fn quantize_block_fast(x: &[f32], q: &mut [i8], avx512: bool) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         // SAFETY: the caller found AVX-512 F on this CPU.
-        return unsafe { quantize_row_avx512(x, q, dx, sum) };
+        return unsafe { quantize_block_avx512(x, q) };
     }
     let _ = avx512;
-    for (b, (xb, qb)) in x.chunks_exact(QUANT_BLOCK).zip(q.chunks_exact_mut(QUANT_BLOCK)).enumerate() {
-        (dx[b], sum[b]) = quantize_block(xb, qb);
-    }
+    quantize_block(x, q)
 }
 
 /// The buffers of a [`QuantRows`]: `q`, `dx`, `sum`.
@@ -263,7 +245,11 @@ impl QuantRows {
         #[cfg(not(target_arch = "x86_64"))]
         let avx512 = false;
         type RowParts<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [i32]), &'a [f32]);
-        let row = |(((q, dx), sum), xr): RowParts<'_>| quantize_row_fast(xr, q, dx, sum, avx512);
+        let row = |(((q, dx), sum), xr): RowParts<'_>| {
+            for (b, (xb, qb)) in xr.chunks_exact(QUANT_BLOCK).zip(q.chunks_exact_mut(QUANT_BLOCK)).enumerate() {
+                (dx[b], sum[b]) = quantize_block_fast(xb, qb, avx512);
+            }
+        };
         let (q, dx, sum) = (&mut out.q, &mut out.dx, &mut out.sum);
         if m >= 16 && be.threads() > 1 {
             let (dx, sum) = (SharedOut(dx.as_mut_ptr()), SharedOut(sum.as_mut_ptr()));
@@ -711,33 +697,22 @@ mod tests {
         }
         let mut rng = crate::splitmix::SplitMix64::new(0x853c_49e6);
         let mut rnd = move || rng.next_u64();
-        // Rows of three blocks, so the row loop's overlapped blocks are checked too.
-        let (mut qm, mut qv, mut dx, mut sum) = ([0i8; 32], [0i8; 96], [0f32; 3], [0i32; 3]);
-        for round in 0..20_000 {
-            let mut row = [0f32; 96];
-            for (b, x) in row.chunks_exact_mut(32).enumerate() {
-                let e = (rnd() % 80) as i32 - 60;
-                x.iter_mut().for_each(|v| *v = ((rnd() % 2_000_001) as f32 - 1e6) * 2f32.powi(e - 20));
-                // Ties: values that land exactly on k + 0.5 after scaling, and edge blocks.
-                if (round + b) % 7 == 1 {
-                    x.iter_mut().enumerate().for_each(|(j, v)| *v = (j as f32 - 15.5) * 0.5);
-                    x[0] = 127.0 * 0.5;
-                }
-                if (round + b) % 11 == 2 {
-                    x[(rnd() % 32) as usize] = [f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-30][(rnd() % 4) as usize];
-                }
+        let (mut qm, mut qv) = ([0i8; 32], [0i8; 32]);
+        for round in 0..50_000 {
+            let e = (rnd() % 80) as i32 - 60;
+            let mut x: [f32; 32] = std::array::from_fn(|_| ((rnd() % 2_000_001) as f32 - 1e6) * 2f32.powi(e - 20));
+            // Ties: values that land exactly on k + 0.5 after scaling, and edge blocks.
+            if round % 7 == 1 {
+                x.iter_mut().enumerate().for_each(|(j, v)| *v = (j as f32 - 15.5) * 0.5);
+                x[0] = 127.0 * 0.5;
             }
+            if round % 11 == 2 {
+                x[(rnd() % 32) as usize] = [f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-30][(rnd() % 4) as usize];
+            }
+            let model = quantize_block(&x, &mut qm);
             // SAFETY: AVX-512 F checked above.
-            unsafe { quantize_row_avx512(&row, &mut qv, &mut dx, &mut sum) };
-            for (b, x) in row.chunks_exact(32).enumerate() {
-                let model = quantize_block(x, &mut qm);
-                let vector = (dx[b], sum[b], &qv[32 * b..32 * (b + 1)]);
-                assert_eq!(
-                    (model.0.to_bits(), model.1, &qm[..]),
-                    (vector.0.to_bits(), vector.1, vector.2),
-                    "round {round}, block {b}: {x:?}"
-                );
-            }
+            let vector = unsafe { quantize_block_avx512(&x, &mut qv) };
+            assert_eq!((model.0.to_bits(), model.1, qm), (vector.0.to_bits(), vector.1, qv), "round {round}: {x:?}");
         }
     }
 
