@@ -130,8 +130,8 @@ pub struct CpuBackend {
     /// Where a step runs ([`Backend::step_pool`]): `pool` where it has one worker or fast mode's
     /// `gemm` runs inside the step, else a pool of one worker of its own. Entered on the shared
     /// pool, each step woke it and the worker the step did not land on spun through rayon's idle
-    /// rounds (`sched_yield`) beside the step's thread and the team's helper: ~5 % of a SmolLM2
-    /// batch-1 decode's samples on a 2-core host.
+    /// rounds (`sched_yield`) beside the step's thread and the team's helper: 3–5 % of a
+    /// SmolLM2 batch-1 decode's samples on a 2-core host (BENCHMARKS §20.2).
     step: std::sync::Arc<rayon::ThreadPool>,
     /// Every pass inside a step ([`Self::run_tasks`]): the step's thread and `threads - 1` helpers.
     team: team::Team,
@@ -336,8 +336,8 @@ pub(crate) unsafe fn store_tile_outputs<const MR: usize, const NB: usize>(
     use std::arch::x86_64::*;
     // The usual segment counts get a copy of the tree for their count, one tree at a time in
     // registers: run on the scratch for any count, each level's adds were loads and stores of
-    // the sums just made, plus the loop's control for runs of two to eight (~4 % of a SmolLM2
-    // batch-1 step's tile time).
+    // the sums just made, plus the loop's control for runs of two to eight (~3 % of the samples
+    // of a SmolLM2 batch-1 step's tiles, BENCHMARKS §20.2).
     match count {
         8 => trees_in_registers::<8>(&mut sums[..MR * NB * 8]),
         12 => trees_in_registers::<12>(&mut sums[..MR * NB * 12]),
@@ -820,9 +820,10 @@ impl Backend for CpuBackend {
         self.cfg.mode
     }
     /// A pool at every thread count, one included (which one: the `step` field): a one-thread
-    /// backend (each rank of a TP group sharing a host's cores) left outside its pool handed every norm, attention and
-    /// sampling call of a step to the pool's one worker and back (~75 hand-offs per decode step,
-    /// BENCHMARKS §11), where a step entered once on the worker runs them all inline.
+    /// backend (each rank of a TP group sharing a host's cores) left outside its pool handed
+    /// every norm, attention and sampling call of a step to the pool's one worker and back (~75
+    /// hand-offs per decode step, BENCHMARKS §11), where a step entered once on the worker runs
+    /// them all inline.
     fn step_pool(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
         Some(self.step.clone())
     }
@@ -1020,8 +1021,8 @@ mod tests {
             let wide = prepared.view().as_f32().expect("an aligned f32 vector");
             assert!(wide.iter().zip(loaded.view().to_f32()).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?}");
             let start = wide.as_ptr() as usize;
+            #[cfg(target_os = "linux")]
             if let Some(end) = last_end {
-                #[cfg(target_os = "linux")]
                 assert_eq!(start, end.next_multiple_of(pack_arena::PACKING_ALIGN), "{dtype:?} follows the last vector");
             }
             last_end = Some(start + 4 * n);
