@@ -40,8 +40,9 @@ pub use ops::tree_combine;
 mod x86;
 
 use crate::{
-    reference, AttnParams, AttnSeq, Backend, GroupLinear, HostWeight, KernelError, KernelMode, KvLayout,
-    NumericsConfig, RopeTables, SampleRequest, SegmentRange, Segmentation, ShardSample, VocabShard, WeightView,
+    reference, AttnParams, AttnSeq, Backend, DType, GroupLinear, HostWeight, KernelError, KernelMode, KvLayout,
+    NumericsConfig, RopeTables, SampleRequest, SegmentRange, Segmentation, ShardSample, SharedBytes, VocabShard,
+    WeightView,
 };
 
 /// A SIMD instruction-set path.
@@ -124,15 +125,22 @@ pub struct CpuBackend {
     cfg: CpuConfig,
     isa: Isa,
     /// Work outside a step's passes: weight packing at load, fast mode's `gemm`, and the step
-    /// itself ([`Backend::step_pool`]).
+    /// itself where `step` is this pool.
     pool: std::sync::Arc<rayon::ThreadPool>,
+    /// Where a step runs ([`Backend::step_pool`]): `pool` where it has one worker or fast mode's
+    /// `gemm` runs inside the step, else a pool of one worker of its own. Entered on the shared
+    /// pool, each step woke it and the worker the step did not land on spun through rayon's idle
+    /// rounds (`sched_yield`) beside the step's thread and the team's helper: 3–5 % of a
+    /// SmolLM2 batch-1 decode's samples on a 2-core host (BENCHMARKS §20.2).
+    step: std::sync::Arc<rayon::ThreadPool>,
     /// Every pass inside a step ([`Self::run_tasks`]): the step's thread and `threads - 1` helpers.
     team: team::Team,
     /// The native class and who executes it (`None` in the other modes).
     native: Option<NativeExec>,
     /// Who executes native mode's rule for block weights.
     qdot: qdot::QdotExec,
-    /// Where the weights' kept packings live, back to back in first-use order.
+    /// Where the weights' kept packings live, back to back in first-use order, and the vectors
+    /// (`prepare_weight`), in load order.
     arena: pack_arena::PackArena,
 }
 
@@ -326,7 +334,17 @@ pub(crate) unsafe fn store_tile_outputs<const MR: usize, const NB: usize>(
     nb0: usize,
 ) {
     use std::arch::x86_64::*;
-    trees_in_place(&mut sums[..MR * NB * count], count, |a, b| _mm512_add_ps(a, b));
+    // The usual segment counts get a copy of the tree for their count, one tree at a time in
+    // registers: run on the scratch for any count, each level's adds were loads and stores of
+    // the sums just made, plus the loop's control for runs of two to eight (~3 % of the samples
+    // of a SmolLM2 batch-1 step's tiles, BENCHMARKS §20.2).
+    match count {
+        8 => trees_in_registers::<8>(&mut sums[..MR * NB * 8]),
+        12 => trees_in_registers::<12>(&mut sums[..MR * NB * 12]),
+        16 => trees_in_registers::<16>(&mut sums[..MR * NB * 16]),
+        24 => trees_in_registers::<24>(&mut sums[..MR * NB * 24]),
+        _ => trees_in_place(&mut sums[..MR * NB * count], count, |a, b| _mm512_add_ps(a, b)),
+    }
     for i in 0..MR {
         for j in 0..NB {
             let v = sums[(i * NB + j) * count];
@@ -335,6 +353,24 @@ pub(crate) unsafe fn store_tile_outputs<const MR: usize, const NB: usize>(
             let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
             _mm512_mask_storeu_ps(out.add((i0 + i) * n + col), mask, v);
         }
+    }
+}
+
+/// [`trees_in_place`] over each `COUNT`-long slice of `sums`, one slice at a time copied into
+/// registers (the count a constant, so the tree unrolls): the same adds in the same order, each
+/// slice's total left in its first element.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn trees_in_registers<const COUNT: usize>(sums: &mut [std::arch::x86_64::__m512]) {
+    use std::arch::x86_64::_mm512_add_ps;
+    for tree in sums.chunks_exact_mut(COUNT) {
+        let mut v: [std::arch::x86_64::__m512; COUNT] = tree.try_into().expect("a whole tree");
+        trees_in_place(&mut v, COUNT, |a, b| _mm512_add_ps(a, b));
+        tree[0] = v[0];
     }
 }
 
@@ -462,7 +498,14 @@ impl CpuBackend {
             .expect("thread pool");
         let team = team::Team::new(cfg.threads.max(1), "lockstep-team");
         let qdot = qdot::QdotExec::best();
-        Ok(CpuBackend { cfg, isa, pool: std::sync::Arc::new(pool), team, native, qdot, arena: Default::default() })
+        let pool = std::sync::Arc::new(pool);
+        let step = if cfg.threads > 1 && cfg.mode != KernelMode::Fast {
+            let step = rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "lockstep-step".into());
+            std::sync::Arc::new(step.build().expect("thread pool"))
+        } else {
+            pool.clone()
+        };
+        Ok(CpuBackend { cfg, isa, pool, step, team, native, qdot, arena: Default::default() })
     }
 
     /// The same backend with native mode's block-weight rule run by `exec` (tests run the
@@ -669,7 +712,7 @@ impl CpuBackend {
         let segs = Segmentation::new(w.cols, self.cfg.numerics.reduce_segments).expect("validated").full();
         self.linear_partial_into(x, m, w, segs, y);
         if let Some(b) = bias {
-            reference::add_bias(y, b);
+            ops::add_bias(y, b);
         }
     }
 
@@ -776,12 +819,13 @@ impl Backend for CpuBackend {
     fn mode(&self) -> KernelMode {
         self.cfg.mode
     }
-    /// The pool at every thread count, one included: a one-thread backend (each rank of a TP
-    /// group sharing a host's cores) left outside its pool handed every norm, attention and
-    /// sampling call of a step to the pool's one worker and back (~75 hand-offs per decode step,
-    /// BENCHMARKS §11), where a step entered once on the worker runs them all inline.
+    /// A pool at every thread count, one included (which one: the `step` field): a one-thread
+    /// backend (each rank of a TP group sharing a host's cores) left outside its pool handed
+    /// every norm, attention and sampling call of a step to the pool's one worker and back (~75
+    /// hand-offs per decode step, BENCHMARKS §11), where a step entered once on the worker runs
+    /// them all inline.
     fn step_pool(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
-        Some(self.pool.clone())
+        Some(self.step.clone())
     }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
@@ -793,8 +837,24 @@ impl Backend for CpuBackend {
         vec![0.0; len]
     }
     fn prepare_weight(&self, w: HostWeight) -> HostWeight {
-        // Both modes read the weights as stored (fast mode widens tiles per call, see `fast`).
-        w
+        // Matrices are read as stored (fast mode widens tiles per call, see `fast`; native mode
+        // packs at the first call). A vector (a norm weight, a bias) is read whole by every call
+        // that uses it: read in place from the file map, each RMSNorm waited on a TLB miss of a
+        // 4 KiB page (the f32 norm weights were ~1 % of a SmolLM2 batch-1 step), and a bf16 one
+        // was widened into a fresh `Vec` per call. So a vector is widened once, exactly, into the
+        // arena: the model's vectors lie back to back in load order on 2 MiB pages.
+        if w.rows != 1 || w.dtype.is_quantized() {
+            return w;
+        }
+        let mut words = self.arena.alloc(w.cols);
+        let mut wide = Vec::with_capacity(w.cols);
+        w.view().widen_rows_into(0..1, &mut wide);
+        for (word, value) in words.iter_mut().zip(wide) {
+            *word = value.to_bits();
+        }
+        let len = 4 * words.len();
+        HostWeight::new(DType::F32, SharedBytes::new(std::sync::Arc::new(words), 0..len), 1, w.cols)
+            .expect("the arena holds exactly the vector's f32 bytes")
     }
     fn alloc_kv(&self, layout: KvLayout) -> CpuKvCache {
         CpuKvCache { layout, k: KvFloats::zeros(layout.floats()), v: KvFloats::zeros(layout.floats()) }
@@ -811,7 +871,7 @@ impl Backend for CpuBackend {
         self.linear_group_partial_into(x, m, segs, &mut outs);
         for g in group.iter_mut() {
             if let Some(b) = g.bias {
-                reference::add_bias(g.out, b.view());
+                ops::add_bias(g.out, b.view());
             }
         }
     }
@@ -823,7 +883,7 @@ impl Backend for CpuBackend {
         ops::tree_combine(&parts, y)
     }
     fn add_bias(&self, y: &mut Vec<f32>, bias: &HostWeight) {
-        reference::add_bias(y, bias.view())
+        ops::add_bias(y, bias.view())
     }
     fn embedding(&self, ids: &[u32], table: &HostWeight, out: &mut Vec<f32>) {
         let t = table.view();
@@ -902,6 +962,105 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A native tile's stored outputs are each output's segment tree of the contract, bit for
+    /// bit, for every segment count: the counts with a tree in registers and the others.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tile_outputs_are_the_reference_tree_of_their_segment_sums_for_every_count() {
+        use std::arch::x86_64::__m512;
+        if !Isa::Avx512.is_available() {
+            eprintln!("SKIPPED tile_outputs_are_the_reference_tree_of_their_segment_sums_for_every_count: no AVX-512");
+            return;
+        }
+        const MR: usize = 2;
+        const NB: usize = 3;
+        let mut rng = crate::splitmix::SplitMix64::new(5);
+        let n = NB * 16 - 5; // the last panel is masked
+        for count in 1..=40 {
+            let values: Vec<f32> = (0..MR * NB * count * 16)
+                .map(|_| ((rng.unit_f64() - 0.5) * 2f64.powi((rng.unit_f64() * 40.0) as i32 - 20)) as f32)
+                .collect();
+            // SAFETY: any 16 floats are a valid `__m512`.
+            let mut sums: Vec<__m512> = values
+                .chunks_exact(16)
+                .map(|v| unsafe { std::mem::transmute::<[f32; 16], __m512>(v.try_into().unwrap()) })
+                .collect();
+            let mut out = vec![f32::NAN; MR * n];
+            // SAFETY: AVX-512 checked above; the tile's rows and panels lie inside `out`.
+            unsafe { store_tile_outputs::<MR, NB>(&mut sums, count, out.as_mut_ptr(), n, 0, 0) };
+            for i in 0..MR {
+                for c in 0..n {
+                    let (j, lane) = (c / 16, c % 16);
+                    let mut seg: Vec<f32> =
+                        (0..count).map(|s| values[(((i * NB + j) * count + s) * 16) + lane]).collect();
+                    let want = reference::tree_reduce(&mut seg, |a, b| a + b);
+                    assert_eq!(out[i * n + c].to_bits(), want.to_bits(), "count {count}, row {i}, column {c}");
+                }
+            }
+        }
+    }
+
+    /// A vector the backend prepared (a norm weight, a bias) is its exact f32 values, in the arena
+    /// right after the vector prepared before it (what an RMSNorm's prefetch of the next norm
+    /// relies on), and RMSNorm and the bias add give the bits they give on the weight as loaded;
+    /// matrices and block-type vectors stay as loaded.
+    #[test]
+    fn prepared_vectors_are_exact_f32_back_to_back_and_keep_norm_and_bias_bits() {
+        let be = CpuBackend::new(CpuConfig { threads: 2, ..CpuConfig::default() }).unwrap();
+        let mut rng = crate::splitmix::SplitMix64::new(11);
+        let n = 576;
+        let x: Vec<f32> = (0..3 * n).map(|_| (rng.unit_f64() as f32 - 0.5) * 8.0).collect();
+        let mut last_end: Option<usize> = None;
+        for dtype in [DType::F32, DType::Bf16, DType::F16] {
+            let values: Vec<f32> = (0..n).map(|_| (rng.unit_f64() as f32 - 0.5) * 3.0).collect();
+            let loaded = HostWeight::from_f32(&values, dtype, 1, n);
+            let prepared = be.prepare_weight(loaded.clone());
+            assert_eq!((prepared.dtype, prepared.rows, prepared.cols), (DType::F32, 1, n));
+            let wide = prepared.view().as_f32().expect("an aligned f32 vector");
+            assert!(wide.iter().zip(loaded.view().to_f32()).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?}");
+            let start = wide.as_ptr() as usize;
+            #[cfg(target_os = "linux")]
+            if let Some(end) = last_end {
+                assert_eq!(start, end.next_multiple_of(pack_arena::PACKING_ALIGN), "{dtype:?} follows the last vector");
+            }
+            last_end = Some(start + 4 * n);
+            let (mut want, mut got) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            be.rms_norm(&x, &loaded, 1e-5, &mut want);
+            be.rms_norm(&x, &prepared, 1e-5, &mut got);
+            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} norm");
+            let (mut want, mut got) = (x.clone(), x.clone());
+            reference::add_bias(&mut want, loaded.view());
+            be.add_bias(&mut got, &prepared);
+            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} bias");
+        }
+        let matrix = HostWeight::from_f32(&x, DType::Bf16, 3, n);
+        // Q8_0 blocks of scale 0x3c00 (1.0) and arbitrary quants.
+        let block: Vec<u8> = (0..n / 32).flat_map(|b| [[0x00, 0x3c].as_slice(), &[b as u8; 32]].concat()).collect();
+        let block = HostWeight::new(DType::Q8_0, SharedBytes::from_vec(block), 1, n).unwrap();
+        for kept in [matrix, block] {
+            let prepared = be.prepare_weight(kept.clone());
+            assert_eq!(prepared.dtype, kept.dtype);
+            assert_eq!(prepared.bytes.as_slice().as_ptr(), kept.bytes.as_slice().as_ptr(), "used as loaded");
+        }
+    }
+
+    /// A backend with helpers runs its steps on one worker of their own (the shared pool's workers
+    /// then sleep through a decode), except in fast mode, whose `gemm` inside a step runs on the
+    /// shared pool without a hand-off.
+    #[test]
+    fn a_backend_with_helpers_steps_on_a_one_worker_pool_of_its_own_except_in_fast_mode() {
+        let be = CpuBackend::new(CpuConfig { threads: 2, ..CpuConfig::default() }).unwrap();
+        let step = be.step_pool().expect("a step pool");
+        assert_eq!(step.current_num_threads(), 1);
+        step.install(|| assert_eq!(std::thread::current().name(), Some("lockstep-step")));
+        let fast = CpuBackend::new(CpuConfig { threads: 2, mode: KernelMode::Fast, ..CpuConfig::default() }).unwrap();
+        let step = fast.step_pool().expect("a step pool");
+        step.install(|| {
+            let step_thread = std::thread::current().id();
+            fast.pool().install(|| assert_eq!(std::thread::current().id(), step_thread));
+        });
     }
 
     /// A one-thread backend (a TP rank on a shared host) runs a step on its pool's worker, and the

@@ -102,6 +102,26 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &[f32], w: WeightView<'_>, eps: f32, 
     };
     let avx512 = be.isa() == Isa::Avx512;
     be.run_chunks(out, n, |r, o| with_fma!(be, rms_norm_row(&x[r * n..(r + 1) * n], w, eps, seg, o, avx512)));
+    prefetch_following(w);
+}
+
+/// Asks for the `values.len()` floats after `values` (into L2): the model's vectors lie back to
+/// back in load order (`CpuBackend::prepare_weight`), so after a layer's input norm that is its
+/// post-attention norm and after that the next layer's input norm, whose loads otherwise each
+/// waited on DRAM with the team idle. A hint past any allocation's end is harmless: a prefetch
+/// never faults, and no bit depends on it.
+fn prefetch_following(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let end = values.as_ptr_range().end as *const i8;
+        for line in (0..4 * values.len()).step_by(64) {
+            // SAFETY: a prefetch reads nothing architecturally, at any address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(end.wrapping_add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 #[inline(always)]
@@ -123,6 +143,22 @@ pub(crate) fn swiglu(be: &CpuBackend, gate: &[f32], up: &[f32], out: &mut [f32])
         }
         with_fma!(be, swiglu_slice(g, u, o))
     });
+}
+
+/// `y += bias`, the bias repeated over `y`'s rows: [`crate::reference::add_bias`]'s one f32 add
+/// per element, without widening element by element where the bias is f32 already (every vector
+/// the CPU backend prepared is).
+pub(crate) fn add_bias(y: &mut [f32], bias: WeightView<'_>) {
+    match bias.as_f32() {
+        Some(b) if !b.is_empty() => {
+            for row in y.chunks_mut(b.len()) {
+                for (v, &add) in row.iter_mut().zip(b) {
+                    *v += add;
+                }
+            }
+        }
+        _ => crate::reference::add_bias(y, bias),
+    }
 }
 
 /// Finish the segment tree over `t` partials (rank order), element by element, into `y`.

@@ -1,5 +1,6 @@
 //! Memory for the native classes' packed weights: one arena per backend, packings appended in
-//! the order of their first use.
+//! the order of their first use. The backend's vectors (norm weights, biases), widened to f32 at
+//! load, lie there too, before the packings.
 //!
 //! # Why
 //!
@@ -148,6 +149,14 @@ impl DerefMut for PackedWords {
     fn deref_mut(&mut self) -> &mut [u32] {
         // SAFETY: as for `deref`; `&mut self` makes this the region's only reference.
         unsafe { std::slice::from_raw_parts_mut(self.chunk.base.as_ptr().add(self.start) as *mut u32, self.len) }
+    }
+}
+
+/// The words as bytes: a vector weight kept in the arena is a `HostWeight`'s owner.
+impl AsRef<[u8]> for PackedWords {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: as for `deref`, viewed as its bytes (any bit pattern is a valid u8).
+        unsafe { std::slice::from_raw_parts(self.chunk.base.as_ptr().add(self.start), 4 * self.len) }
     }
 }
 
