@@ -7,7 +7,9 @@
 //! log-sum-exp have AVX-512 twins with the same bits). Rows are spread over the backend's threads
 //! (with few rows, as at batch-1 decode, attention spreads each row's units of heads — and where
 //! those are too few, chunks of keys, whose partials are folded in chunk order afterwards — and
-//! sampling each row's vocab segments); each row's bits never depend on which thread ran it.
+//! sampling each row's vocab segments); each row's bits never depend on which thread ran it. A
+//! prefill's rows (16 or more of one sequence) score against their keys transposed into lanes once
+//! per call, 16 keys a register, which turns the lane tree into vertical adds ([`LaneKeys`]).
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
