@@ -532,6 +532,30 @@ fn every_isa_attention_equals_reference() {
     }
 }
 
+/// Sequences of `shape` (see [`attention_case`]) give the reference's bits on every ISA at 1 to 4
+/// threads, at each of `kv_chunks`.
+fn attention_equals_reference_at_1_to_4_threads(
+    rng: &mut Rng,
+    shape: &[(usize, usize)],
+    (n_heads, n_kv, d): (usize, usize, usize),
+    kv_chunks: &[usize],
+) {
+    let (layout, q, kc, vc, sc) = attention_case(rng, shape, n_heads, n_kv, d);
+    let seqs: Vec<AttnSeq> = sc.iter().map(|s| s.as_seq()).collect();
+    for &kv_chunk in kv_chunks {
+        let p = attn_params(&layout, n_heads, kv_chunk);
+        let want = bits(&reference::attention(&q, &seqs, &kc, &vc, &layout, p));
+        for isa in Isa::available() {
+            for threads in 1..=4 {
+                let mut o = vec![0.0; q.len()];
+                backend(isa, threads).attention_into(&q, &seqs, &kc, &vc, &layout, p, &mut o);
+                let case = format!("{isa:?} threads={threads} heads={n_heads}/{n_kv} d={d} rows={shape:?}");
+                assert_eq!(bits(&o), want, "{case} chunk={kv_chunk}");
+            }
+        }
+    }
+}
+
 /// Decode runs one query row, or a few: attention then splits each row into (unit of heads,
 /// chunk of keys) tasks — a unit being up to three heads of one KV group where head_dim ≤ 64,
 /// else one — computes each chunk's partial apart and folds them in chunk order, so every
@@ -559,20 +583,28 @@ fn few_row_attention_split_into_head_units_and_kv_chunks_equals_reference_at_1_t
             &[(0, 1), (33, 3), (64, 5)],
         ];
         for shape in shapes {
-            let (layout, q, kc, vc, sc) = attention_case(&mut rng, shape, n_heads, n_kv, d);
-            let seqs: Vec<AttnSeq> = sc.iter().map(|s| s.as_seq()).collect();
-            for kv_chunk in [5, 64] {
-                let p = attn_params(&layout, n_heads, kv_chunk);
-                let want = bits(&reference::attention(&q, &seqs, &kc, &vc, &layout, p));
-                for isa in Isa::available() {
-                    for threads in 1..=4 {
-                        let mut o = vec![0.0; q.len()];
-                        backend(isa, threads).attention_into(&q, &seqs, &kc, &vc, &layout, p, &mut o);
-                        let case = format!("{isa:?} threads={threads} heads={n_heads}/{n_kv} d={d} rows={shape:?}");
-                        assert_eq!(bits(&o), want, "{case} chunk={kv_chunk}");
-                    }
-                }
-            }
+            attention_equals_reference_at_1_to_4_threads(&mut rng, shape, (n_heads, n_kv, d), &[5, 64]);
+        }
+    }
+}
+
+/// A prefill's rows (a sequence of at least 16 query rows, on AVX-512 with head_dim ≤ 64) score
+/// against their keys transposed into lanes once per call (16 keys a vector, shared by every row
+/// and head), the lane tree as plain vector adds; where every row's sequence has them, units are
+/// four heads wide. They must give the reference's bits at 1–4 threads: a prompt from position 0
+/// (full and partial chunks), a chunk after cached keys (its diagonal starting mid-chunk),
+/// exactly 16 rows and 15 (the fold), two prefills at once, and a prefill beside decode rows
+/// (lanes for one sequence, the fold for the others, units of three); groups of 7 (Qwen2.5:
+/// 4 + 3), 3 (SmolLM2), 4 and 1; head_dim 64, 24 (a partial lane block), 16 and 128 (no lanes);
+/// kv_chunk 5, 16, 64 and 100.
+#[test]
+fn prefill_rows_with_keys_in_lanes_equal_reference_at_1_to_4_threads() {
+    let mut rng = Rng::new(13);
+    for (n_heads, n_kv, d) in [(14, 2, 64), (9, 3, 64), (8, 2, 24), (4, 1, 16), (4, 4, 64), (6, 2, 128)] {
+        let shapes: [&[(usize, usize)]; 6] =
+            [&[(0, 70)], &[(40, 90)], &[(0, 16)], &[(3, 15)], &[(0, 33), (20, 40)], &[(10, 50), (100, 1), (7, 1)]];
+        for shape in shapes {
+            attention_equals_reference_at_1_to_4_threads(&mut rng, shape, (n_heads, n_kv, d), &[5, 16, 64, 100]);
         }
     }
 }

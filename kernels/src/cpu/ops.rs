@@ -7,7 +7,9 @@
 //! log-sum-exp have AVX-512 twins with the same bits). Rows are spread over the backend's threads
 //! (with few rows, as at batch-1 decode, attention spreads each row's units of heads — and where
 //! those are too few, chunks of keys, whose partials are folded in chunk order afterwards — and
-//! sampling each row's vocab segments); each row's bits never depend on which thread ran it.
+//! sampling each row's vocab segments); each row's bits never depend on which thread ran it. A
+//! prefill's rows (16 or more of one sequence) score against their keys transposed into lanes once
+//! per call, 16 keys a register, which turns the lane tree into vertical adds ([`LaneKeys`]).
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
@@ -196,7 +198,7 @@ struct HeadUnits {
     /// Heads per unit: 3 or 2 (whichever gives a group fewer units, 2 on a tie; the last unit of
     /// a group takes what is left) or 1. Where few rows' tasks at three wide would leave a
     /// thread short of work even split by chunks (SmolLM2 at batch 1 with one chunk of keys: 3
-    /// tasks on 2 threads), 2.
+    /// tasks on 2 threads), 2; where every row's keys are in lanes ([`LaneKeys`]), up to 4.
     width: usize,
     /// Units per group.
     per_group: usize,
@@ -231,6 +233,12 @@ impl HeadUnits {
         let tasks_per_unit = if by_chunks { row_chunks } else { rows };
         let width = if widest == 3 && short(tasks_per_unit * p.n_kv_heads * group.div_ceil(3)) { 2 } else { widest };
         HeadUnits { group, width, per_group: group.div_ceil(width), by_chunks }
+    }
+
+    /// Units of at most `width` heads (a group's last unit takes what is left).
+    fn with_width(self, width: usize) -> Self {
+        let width = width.min(self.group);
+        HeadUnits { width, per_group: self.group.div_ceil(width), ..self }
     }
 
     fn count(&self, n_heads: usize) -> usize {
@@ -300,7 +308,8 @@ fn fold_chunk_partials(parts: &mut [f32], stride: usize, chunks: usize, out: &mu
 /// `out` receives the unit's heads (`heads · head_dim` floats), or with `partial` each head's
 /// unnormalised state `[m, l, o…]` (`heads · (2 + head_dim)` floats) for
 /// [`fold_chunk_partials`]. `cold`: the keys are likely out of cache (few rows, at decode), so the
-/// vector kernel prefetches them, the row's later keys too.
+/// vector kernel prefetches them, the row's later keys too. `lanes`: the row's sequence's keys in
+/// lanes, every KV head's in turn (see [`LaneKeys`]), where it has them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -315,6 +324,7 @@ fn attention_heads(
     out: &mut [f32],
     partial: bool,
     cold: bool,
+    lanes: Option<&[f32]>,
 ) {
     let d = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
@@ -323,8 +333,9 @@ fn attention_heads(
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
         use super::x86::{attention_heads_dispatch, AttnKeys};
-        // 16 floats per group of keys: 16 / heads keys per group.
-        let need = p.kv_chunk.div_ceil(16 / heads) * 16;
+        // 16 floats per group of keys: 16 / heads keys per group; in lanes, each head's scores
+        // and then its exps, 16 keys a block.
+        let need = (p.kv_chunk.div_ceil(16 / heads) * 16).max(2 * heads * p.kv_chunk.div_ceil(16) * 16);
         let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
         let scores = if need <= STACK_SCORES {
             &mut stack[..need]
@@ -334,7 +345,12 @@ fn attention_heads(
         };
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let kv_chunk = p.kv_chunk;
-        let keys = AttnKeys { keys, attended, kv_head: first / group, k_cache, v_cache, kv_chunk, scale, cold };
+        let kv_head = first / group;
+        let lanes = lanes.map(|all| {
+            let per_head = all.len() / p.n_kv_heads;
+            &all[kv_head * per_head..][..per_head]
+        });
+        let keys = AttnKeys { keys, attended, kv_head, k_cache, v_cache, kv_chunk, scale, cold, lanes };
         // SAFETY: the AVX-512 path is only selected when the CPU has it; d is within bounds
         // (a unit of two or three only where d ≤ ATTN_PAIR_MAX_DIM, all its heads in one KV
         // group), `o` holds `heads · out_width` floats, and every key offset was computed from
@@ -352,6 +368,15 @@ fn attention_heads(
                     let (qa, qb) = qh.split_at(d);
                     let (oa, ob) = o.split_at_mut(out_width);
                     attention_heads_dispatch::<2>([qa, qb], &keys, scores, [oa, ob], partial);
+                }
+                4 => {
+                    let (qa, rest) = qh.split_at(d);
+                    let (qb, rest) = rest.split_at(d);
+                    let (qc, qd) = rest.split_at(d);
+                    let (oa, rest) = o.split_at_mut(out_width);
+                    let (ob, rest) = rest.split_at_mut(out_width);
+                    let (oc, od) = rest.split_at_mut(out_width);
+                    attention_heads_dispatch::<4>([qa, qb, qc, qd], &keys, scores, [oa, ob, oc, od], partial);
                 }
                 _ => attention_heads_dispatch::<1>([qh], &keys, scores, [o], partial),
             }
@@ -461,9 +486,125 @@ impl KeyIndex {
     }
 }
 
+/// Query rows of one sequence from which its keys are transposed into lanes for the call (a
+/// prefill chunk's): the transpose costs about what one row's scores against the keys cost, and a
+/// batch of decode rows (one per sequence) keeps the fold.
+const LANE_KEYS_MIN_ROWS: usize = 16;
+
+/// Heads per unit where every row's keys are in lanes (Qwen2.5's groups of 7: 4 + 3, rather than
+/// the fold's 3 + 3 + 1, whose lone head loads a key vector per fma).
+const LANE_UNIT_HEADS: usize = 4;
+
+/// A call's keys in lanes, kept per calling thread and only grown: for each sequence with at
+/// least [`LANE_KEYS_MIN_ROWS`] query rows, every KV head's chunks of keys transposed once
+/// (`x86::transpose_keys_avx512`) and then read by all its rows and heads, whose scores are then
+/// plain vector fmas and adds in the contract's order (`x86::attention_chunk_lanes`).
+#[derive(Default)]
+struct LaneKeys {
+    floats: Vec<f32>,
+    seqs: Vec<LaneSeq>,
+}
+
+/// One sequence's keys in lanes: KV head `h`'s chunk `c` at `base + (h · chunks + c) ·
+/// x86::lane_key_floats`.
+#[derive(Clone, Copy)]
+struct LaneSeq {
+    /// The index of its first key offset (a row's third field in [`KeyIndex::rows`]).
+    first: usize,
+    keys: usize,
+    chunks: usize,
+    base: usize,
+}
+
+impl LaneKeys {
+    /// Transposes the keys of the sequences of `rows` that have enough rows, on the backend's
+    /// team; another call's are forgotten. Returns whether every row's sequence has them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn build(
+        &mut self,
+        be: &CpuBackend,
+        rows: &[(usize, usize, usize)],
+        offsets: &[usize],
+        k_cache: &[f32],
+        p: AttnParams,
+    ) -> bool {
+        self.seqs.clear();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::x86::{lane_key_floats, transpose_keys_avx512, ATTN_PAIR_MAX_DIM};
+            let d = p.head_dim;
+            if be.isa() != Isa::Avx512 || d > ATTN_PAIR_MAX_DIM {
+                return false;
+            }
+            let mut every_row = true;
+            let chunk_floats = lane_key_floats(p.kv_chunk, d);
+            let (mut base, mut at) = (0, 0);
+            // A sequence's rows are consecutive and in position order (`KeyIndex::build`).
+            while at < rows.len() {
+                let first = rows[at].2;
+                let n_q = rows[at..].iter().take_while(|r| r.2 == first).count();
+                let keys = rows[at + n_q - 1].1 + 1;
+                if n_q >= LANE_KEYS_MIN_ROWS {
+                    let chunks = keys.div_ceil(p.kv_chunk);
+                    self.seqs.push(LaneSeq { first, keys, chunks, base });
+                    base += p.n_kv_heads * chunks * chunk_floats;
+                } else {
+                    every_row = false;
+                }
+                at += n_q;
+            }
+            if self.floats.len() < base {
+                self.floats.resize(base, 0.0);
+            }
+            // One task per (sequence, KV head, chunk), numbered in that order.
+            let seqs = &self.seqs;
+            let tasks = seqs.iter().map(|s| p.n_kv_heads * s.chunks).sum();
+            let dst = SharedOut(self.floats.as_mut_ptr());
+            be.run_tasks(tasks, |t| {
+                #[allow(clippy::redundant_locals)]
+                let dst = dst;
+                let (mut s, mut seq_task) = (0, 0);
+                while t >= seq_task + p.n_kv_heads * seqs[s].chunks {
+                    seq_task += p.n_kv_heads * seqs[s].chunks;
+                    s += 1;
+                }
+                let LaneSeq { first, keys, chunks, base } = seqs[s];
+                let (kv_head, c) = ((t - seq_task) / chunks, (t - seq_task) % chunks);
+                let chunk = &offsets[first + c * p.kv_chunk..first + ((c + 1) * p.kv_chunk).min(keys)];
+                // SAFETY: task `t` alone writes its chunk's floats, inside the buffer (sized
+                // above); AVX-512 is present (checked above), d ≤ ATTN_PAIR_MAX_DIM, and every key
+                // offset was computed from the layout, whose cache holds every slot.
+                unsafe {
+                    let out = dst.slice(base + (kv_head * chunks + c) * chunk_floats, chunk_floats);
+                    transpose_keys_avx512(chunk, k_cache, kv_head, d, out);
+                }
+            });
+            every_row
+        }
+    }
+
+    /// The keys in lanes of the sequence whose key offsets start at index `first`, if it has them.
+    fn of(&self, first: usize, p: AttnParams) -> Option<&[f32]> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let chunk_floats = super::x86::lane_key_floats(p.kv_chunk, p.head_dim);
+            let s = self.seqs.iter().find(|s| s.first == first)?;
+            Some(&self.floats[s.base..][..p.n_kv_heads * s.chunks * chunk_floats])
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (first, p);
+            None
+        }
+    }
+}
+
 thread_local! {
     static SPLIT_SCRATCH: RefCell<SplitScratch> = RefCell::new(SplitScratch::default());
     static KEY_INDEX: RefCell<KeyIndex> = RefCell::new(KeyIndex::default());
+    static LANE_KEYS: RefCell<LaneKeys> = RefCell::new(LaneKeys::default());
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -510,7 +651,7 @@ fn attention_rows(
     let n_units = units.count(p.n_heads);
     let dst = SharedOut(out.as_mut_ptr());
     // Run `(first, heads)` of `rows[r]`; units of one row write disjoint heads, rows disjoint rows.
-    let run = |r: usize, (first, heads): (usize, usize)| {
+    let run = |r: usize, (first, heads): (usize, usize), lanes: Option<&[f32]>| {
         // Capture the whole `SharedOut` (Send), not its raw-pointer field.
         #[allow(clippy::redundant_locals)]
         let dst = dst;
@@ -519,13 +660,24 @@ fn attention_rows(
         // one task only, so no two tasks' slices overlap.
         let o = unsafe { dst.slice(row * width + first * d, heads * d) };
         let (qrow, attended, unit) = (&q[row * width..(row + 1) * width], (&keys[..=pos], pos + 1), (first, heads));
-        with_fma!(be, attention_heads(be, qrow, unit, attended, k_cache, v_cache, p, o, false, split))
+        with_fma!(be, attention_heads(be, qrow, unit, attended, k_cache, v_cache, p, o, false, split, lanes))
     };
     if !split {
-        return be.run_tasks(rows.len(), |r| (0..n_units).for_each(|u| run(r, units.heads(u))));
+        return LANE_KEYS.with_borrow_mut(|lanes| {
+            let every_row = lanes.build(be, rows, offsets, k_cache, p);
+            let lanes = &*lanes;
+            // Keys in lanes are loaded once per element for all of a unit's heads, and the
+            // queries' elements are broadcast from memory, so up to four heads fit the registers.
+            let units = if every_row { units.with_width(LANE_UNIT_HEADS) } else { units };
+            let n_units = units.count(p.n_heads);
+            be.run_tasks(rows.len(), |r| {
+                let row_lanes = lanes.of(rows[r].2, p);
+                (0..n_units).for_each(|u| run(r, units.heads(u), row_lanes))
+            })
+        });
     }
     if !units.by_chunks {
-        return be.run_tasks(rows.len() * n_units, |t| run(t / n_units, units.heads(t % n_units)));
+        return be.run_tasks(rows.len() * n_units, |t| run(t / n_units, units.heads(t % n_units), None));
     }
     // Few rows: a task per (row, unit, chunk of keys) — flash-decoding — so a KV group's keys are
     // read once by a three-wide unit and still every thread has work. Each chunk's partial goes
@@ -559,7 +711,7 @@ fn attention_rows(
             let (u, c) = ((t - row_first) / chunks, (t - row_first) % chunks);
             let (first, heads) = units.heads(u);
             if chunks == 1 {
-                return run(r, (first, heads));
+                return run(r, (first, heads), None);
             }
             // This chunk's keys, then the row's later ones (prefetched only).
             let from_chunk = &keys[c * p.kv_chunk..=pos];
@@ -567,7 +719,8 @@ fn attention_rows(
             let qrow = &q[row * width..(row + 1) * width];
             // SAFETY: task `t` alone writes partial slot `t`, which lies inside the scratch.
             let part = unsafe { parts.slice(t * part_width, heads * (2 + d)) };
-            with_fma!(be, attention_heads(be, qrow, (first, heads), attended, k_cache, v_cache, p, part, true, true));
+            let unit = (first, heads);
+            with_fma!(be, attention_heads(be, qrow, unit, attended, k_cache, v_cache, p, part, true, true, None));
             let unit_first = t - c;
             // AcqRel: the last chunk's task sees every other chunk's partial.
             if done[unit_first].fetch_add(1, AcqRel) + 1 < chunks {

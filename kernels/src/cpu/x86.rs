@@ -1297,6 +1297,10 @@ pub(crate) struct AttnKeys<'a> {
     /// Whether the keys are likely out of cache (few query rows, as at decode): the kernel then
     /// prefetches them ahead of use, into the next chunks too.
     pub cold: bool,
+    /// This KV head's keys in lanes ([`transpose_keys_avx512`]; chunk `c` at `c ·`
+    /// [`lane_key_floats`]), where a prefill's many rows share them: the scores then take
+    /// [`attention_chunk_lanes`]. Only with `head_dim ≤ ATTN_PAIR_MAX_DIM`.
+    pub lanes: Option<&'a [f32]>,
 }
 
 /// How many keys ahead a cold attention pass asks for keys (in the score phase) and values (in
@@ -1417,6 +1421,150 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
     (m_c, l_c, o_c)
 }
 
+/// Floats of one chunk of keys in lanes: `⌈kv_chunk / 16⌉` blocks of 16 keys, each `⌈d / 16⌉ · 16`
+/// vectors (element `e` of the block's keys, key `j` in lane `j`; padding elements and keys zero).
+pub(crate) fn lane_key_floats(kv_chunk: usize, d: usize) -> usize {
+    kv_chunk.div_ceil(16) * d.div_ceil(16) * 16 * 16
+}
+
+/// One chunk of keys (cache offsets of their head 0, at most `kv_chunk`) of KV head `kv_head`
+/// transposed into lanes at `dst` ([`lane_key_floats`] floats): block `j / 16` of key `j`, vector
+/// `e` (element `e`), lane `j % 16`. Padding lanes and elements are zero.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; `d ≤ ATTN_MAX_DIM`; `dst` holds the chunk's floats; every
+/// `keys[j] + kv_head·d + d` lies inside `k_cache`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn transpose_keys_avx512(keys: &[usize], k_cache: &[f32], kv_head: usize, d: usize, dst: &mut [f32]) {
+    let padded = d.div_ceil(16) * 16;
+    let kp = k_cache.as_ptr().add(kv_head * d);
+    for (blk, block) in keys.chunks(16).enumerate() {
+        let out = dst.as_mut_ptr().add(blk * padded * 16);
+        for b in 0..padded / 16 {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (j, &at) in block.iter().enumerate() {
+                r[j] = _mm512_maskz_loadu_ps(dim_mask(d, b), kp.add(at + b * 16));
+            }
+            transpose16(&mut r);
+            for (l, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(out.add((b * 16 + l) * 16), *v);
+            }
+        }
+    }
+}
+
+/// Lane `l`'s score chains for `H` heads over a block of 16 keys in lanes (`kb`): one key vector
+/// per element, shared by the heads, each head's query element broadcast.
+#[inline(always)]
+unsafe fn lane_chains<const H: usize, const B: usize>(
+    q: &[[f32; ATTN_PAIR_MAX_DIM]; H],
+    kb: *const f32,
+    l: usize,
+) -> [__m512; H] {
+    let mut acc = [_mm512_setzero_ps(); H];
+    for b in 0..B {
+        let k = _mm512_loadu_ps(kb.add((b * 16 + l) * 16));
+        for h in 0..H {
+            acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][b * 16 + l]), k, acc[h]);
+        }
+    }
+    acc
+}
+
+/// The lane tree's first level for lane `l < 8`: `(l, l + 8)`.
+#[inline(always)]
+unsafe fn lane_pair<const H: usize, const B: usize>(
+    q: &[[f32; ATTN_PAIR_MAX_DIM]; H],
+    kb: *const f32,
+    l: usize,
+) -> [__m512; H] {
+    add_heads(lane_chains::<H, B>(q, kb, l), lane_chains::<H, B>(q, kb, l + 8))
+}
+
+#[inline(always)]
+unsafe fn add_heads<const H: usize>(mut x: [__m512; H], y: [__m512; H]) -> [__m512; H] {
+    for h in 0..H {
+        x[h] = _mm512_add_ps(x[h], y[h]);
+    }
+    x
+}
+
+/// [`attention_chunk`] with the chunk's keys in lanes (`kt`: its [`lane_key_floats`], shared by
+/// every row and head of a prefill), for the same bits: per block of 16 keys and head, lane `l`
+/// of the contract's score is the fma chain over elements `l, l + 16, …` (the key's element from
+/// `kt`'s vector `e`, the query's broadcast), and the lane tree is the same adds — `(l, l+8)`,
+/// `(l, l+4)`, `(l, l+2)`, `(l, l+1)` — as plain vector adds, 16 keys at a time, instead of
+/// [`fold_blend`]'s shuffles. `q[h]` is head `h`'s query zero-padded to `B · 16` floats (the
+/// padding elements' fmas are the contract's zero-padded ones). `scores` holds `2 · H · ⌈len /
+/// 16⌉ · 16` floats.
+#[inline(always)]
+unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
+    q: &[[f32; ATTN_PAIR_MAX_DIM]; H],
+    (keys, len): (&[usize], usize),
+    (kt, vp): (*const f32, *const f32),
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+) -> ([f32; H], [f32; H], [[__m512; B]; H]) {
+    let blocks = len.div_ceil(16);
+    let (s_buf, p_buf) = scores.split_at_mut(H * blocks * 16);
+    let mut m_run = [_mm512_set1_ps(f32::NEG_INFINITY); H];
+    for blk in 0..blocks {
+        let kb = kt.add(blk * B * 16 * 16);
+        // Opaque per block, so the queries' elements are broadcast from memory at each fma (an
+        // embedded 4-byte broadcast) rather than hoisted as 64-byte vectors spilled to the stack,
+        // which doubled the loads per fma.
+        let q = &*std::hint::black_box(q as *const [[f32; ATTN_PAIR_MAX_DIM]; H]);
+        // The lane tree in the order of `sampling::lane_tree`'s levels, depth first.
+        let v0 = add_heads(
+            add_heads(lane_pair::<H, B>(q, kb, 0), lane_pair::<H, B>(q, kb, 4)),
+            add_heads(lane_pair::<H, B>(q, kb, 2), lane_pair::<H, B>(q, kb, 6)),
+        );
+        let v1 = add_heads(
+            add_heads(lane_pair::<H, B>(q, kb, 1), lane_pair::<H, B>(q, kb, 5)),
+            add_heads(lane_pair::<H, B>(q, kb, 3), lane_pair::<H, B>(q, kb, 7)),
+        );
+        let s = add_heads(v0, v1);
+        let real = (((1u32 << (len - blk * 16).min(16)) - 1) & 0xffff) as __mmask16;
+        for h in 0..H {
+            let sh = _mm512_mul_ps(s[h], _mm512_set1_ps(scale));
+            _mm512_storeu_ps(s_buf.as_mut_ptr().add((h * blocks + blk) * 16), sh);
+            let keep = real & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(sh, sh);
+            m_run[h] = _mm512_mask_max_ps(m_run[h], keep, m_run[h], sh);
+        }
+    }
+    // `max` is exact, so any order gives the contract's `m_c` (see `attention_chunk`).
+    let mut m_c = [0.0f32; H];
+    for h in 0..H {
+        m_c[h] = _mm512_reduce_max_ps(m_run[h]);
+    }
+    for h in 0..H {
+        let m = _mm512_set1_ps(m_c[h]);
+        for blk in 0..blocks {
+            let at = (h * blocks + blk) * 16;
+            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(s_buf.as_ptr().add(at)), m));
+            _mm512_storeu_ps(p_buf.as_mut_ptr().add(at), pr);
+        }
+    }
+    let mut l_c = [0.0f32; H];
+    let mut o_c = [[_mm512_setzero_ps(); B]; H];
+    for (j, &at) in keys[..len].iter().enumerate() {
+        let mut pv = [_mm512_setzero_ps(); H];
+        for h in 0..H {
+            let pr = p_buf[h * blocks * 16 + j];
+            l_c[h] += pr;
+            pv[h] = _mm512_set1_ps(pr);
+        }
+        for b in 0..B {
+            let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
+            for h in 0..H {
+                o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
+            }
+        }
+    }
+    (m_c, l_c, o_c)
+}
+
 /// `H` query heads against the keys of `keys_in` (see [`crate::reference::attention`]): each
 /// chunk by [`attention_chunk`], merged in chunk order as
 /// [`super::ops::merge_chunk_weights`] says. `outs[h]` receives `o / l` (`d` floats), or with
@@ -1437,7 +1585,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
     outs: [&mut [f32]; H],
     partial: bool,
 ) {
-    let AttnKeys { keys: row_keys, attended, kv_head, k_cache, v_cache, kv_chunk, scale, .. } = *keys_in;
+    let AttnKeys { keys: row_keys, attended, kv_head, k_cache, v_cache, kv_chunk, scale, lanes, .. } = *keys_in;
     let d = qs[0].len();
     debug_assert_eq!(d.div_ceil(16), B);
     let mut q = [[_mm512_setzero_ps(); B]; H];
@@ -1446,12 +1594,27 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
             q[h][b] = _mm512_maskz_loadu_ps(dim_mask(d, b), qs[h].as_ptr().add(b * 16));
         }
     }
+    // Keys in lanes (B ≤ 4 there): the queries zero-padded, for broadcasts one element at a time.
+    let lanes = lanes.filter(|_| B * 16 <= ATTN_PAIR_MAX_DIM);
+    let mut q_padded = [[0.0f32; ATTN_PAIR_MAX_DIM]; H];
+    if lanes.is_some() {
+        for h in 0..H {
+            q_padded[h][..d].copy_from_slice(qs[h]);
+        }
+    }
+    let chunk_floats = lane_key_floats(kv_chunk, d);
     let kv = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
     for (c, keys) in row_keys[..attended].chunks(kv_chunk).enumerate() {
         let from_chunk = (&row_keys[c * kv_chunk..], keys.len());
-        let (m_c, l_c, o_c) = attention_chunk::<H, B, COLD>(q, from_chunk, kv, d, scale, scores);
+        let (m_c, l_c, o_c) = match lanes {
+            Some(kt) => {
+                let kt = kt[c * chunk_floats..][..chunk_floats].as_ptr();
+                attention_chunk_lanes::<H, B>(&q_padded, from_chunk, (kt, kv.1), d, scale, scores)
+            }
+            None => attention_chunk::<H, B, COLD>(q, from_chunk, kv, d, scale, scores),
+        };
         for h in 0..H {
             if c == 0 {
                 (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
