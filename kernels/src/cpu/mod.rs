@@ -407,6 +407,35 @@ impl<'x> GroupX<'x> {
     }
 }
 
+/// Panels per task for a pass of `panels` panels over `threads` threads, from a tile's `widest`
+/// down to `narrowest` (halving): narrower where a small weight would leave threads idle (q/k/v
+/// at decode), at least four tasks per thread when it can; then narrower still where that shortens
+/// the pass's busiest thread. A pass lasts as long as the member with the most tasks: SmolLM2's
+/// o and down (36 panels) in 9 tasks of 4 left one of 2 threads a task alone at every pass's end
+/// (its q/k/v group, 60 panels, in 15), where 18 (30) tasks of 2 split evenly (BENCHMARKS §20.3).
+/// The tile shape never changes a bit.
+fn panels_per_task(panels: usize, widest: usize, narrowest: usize, threads: usize) -> usize {
+    let mut nb = widest;
+    while nb > narrowest && panels.div_ceil(nb) < 4 * threads {
+        nb /= 2;
+    }
+    if threads < 2 {
+        return nb;
+    }
+    // Panels of the busiest member, counting every task as a whole one (a short last task is
+    // rare and small). Not below 2 panels for this: a 1-panel task reads one in four of its
+    // group's interleaved blocks (`qdot`'s layout), the short streams §17.1 moved away from.
+    let busiest = |nb: usize| panels.div_ceil(nb).div_ceil(threads) * nb;
+    let mut best = nb;
+    while nb > narrowest.max(2) {
+        nb /= 2;
+        if busiest(nb) < busiest(best) {
+            best = nb;
+        }
+    }
+    best
+}
+
 /// One linear of a group, prepared: its tasks, each owning a disjoint block of its output.
 enum LinearJob<'a> {
     Invariant(linear::Job<'a>),
@@ -559,15 +588,10 @@ impl CpuBackend {
             PackFor::OneCall => pack_arena::PackedWords::standalone(len),
         }
     }
-    /// Panels per task for a weight of `panels` panels, from a tile's `widest` down to `narrowest`
-    /// (halving): narrower where a small weight would leave threads idle (q/k/v at decode), at
-    /// least four tasks per thread when it can. The tile shape never changes a bit.
+    /// Panels per task for a pass of `panels` panels, from a tile's `widest` down to `narrowest`
+    /// (halving), for this backend's team (see [`panels_per_task`]).
     pub(crate) fn panels_per_task(&self, panels: usize, widest: usize, narrowest: usize) -> usize {
-        let mut nb = widest;
-        while nb > narrowest && panels.div_ceil(nb) < 4 * self.threads() {
-            nb /= 2;
-        }
-        nb
+        panels_per_task(panels, widest, narrowest, self.threads())
     }
 
     /// Runs `task(0..tasks)` as one pass of the backend's team (this thread and the helpers), in
@@ -943,6 +967,32 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pass's tasks split evenly among the threads where 2-panel tasks can and 4-panel ones
+    /// cannot (SmolLM2's o/down and q/k/v at 2 threads), and keep their width where the split is
+    /// even already (gate/up, the lm-head, Qwen2.5's passes), on one thread, and below 2 panels.
+    #[test]
+    fn tasks_narrow_only_where_that_evens_the_threads_shares() {
+        // (panels, widest, narrowest, threads) → panels per task
+        for (case, want) in [
+            ((36, 4, 1, 2), 2),
+            ((60, 4, 1, 2), 2),
+            ((192, 4, 1, 2), 4),
+            ((3072, 4, 1, 2), 4),
+            ((56, 4, 1, 2), 4),
+            ((72, 4, 1, 2), 4),
+            ((36, 4, 1, 1), 4),
+            ((36, 4, 1, 3), 2),
+            ((36, 4, 1, 4), 2),
+            ((56, 4, 1, 3), 4),
+            ((36, 2, 1, 2), 2),
+            ((60, 4, 2, 2), 2),
+            ((12, 4, 1, 2), 1),
+        ] {
+            let (panels, widest, narrowest, threads) = case;
+            assert_eq!(panels_per_task(panels, widest, narrowest, threads), want, "{case:?}");
+        }
+    }
 
     /// The tile's interleaved trees are the contract's tree, slice by slice, bit for bit (sums
     /// whose order shows: wide exponents and cancellation).
