@@ -138,9 +138,11 @@ fn qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
 /// whose 8 segments of 80 columns cut blocks inside the shards) recombine through `tree_combine`
 /// to the unsplit bits.
 /// Passes whose 4-panel tasks do and do not divide evenly among the threads (the backend then cuts
-/// 2-panel tasks, `cpu::panels_per_task`): SmolLM2's o/down (36 panels), its q/k/v group (36 + 12
-/// + 12), Qwen2.5's o (56), a ragged 37 and a group of ragged widths, at threads 1 to 4, batch 1
-/// and 8: every output has the bits of the scalar model on one thread.
+/// 2-panel tasks and packs the weight in groups of 2, `cpu::panels_per_task`): SmolLM2's o/down
+/// (36 panels), its q/k/v group (36 + 12 + 12), Qwen2.5's o (56), a ragged 37 and a group of
+/// ragged widths, at threads 1 to 4, batch 1 and 8, on weights packed for this thread count and on
+/// ones packed for another (the first backend's): every output has the bits of the scalar model
+/// on one thread.
 #[test]
 fn qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits() {
     if skip_without_vnni("qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits") {
@@ -156,14 +158,21 @@ fn qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits() {
         let model = backend(1, segments, QdotExec::Model);
         for m in [1, 8] {
             let want: Vec<Vec<f32>> = ws.iter().map(|w| linear(&model, &x[..m * k], m, w)).collect();
-            for threads in 1..=4 {
+            for (threads, packed_here) in (1..=4).flat_map(|t| [(t, true), (t, false)]) {
                 let hw = backend(threads, segments, QdotExec::Hardware);
+                let fresh: Vec<HostWeight> =
+                    ws.iter().map(|w| HostWeight::new(w.dtype, w.bytes.clone(), w.rows, w.cols).unwrap()).collect();
                 let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
-                let mut group: Vec<GroupLinear<'_, HostWeight, Vec<f32>>> =
-                    ws.iter().zip(outs.iter_mut()).map(|(w, out)| GroupLinear { weight: w, bias: None, out }).collect();
+                let weights = if packed_here { &fresh } else { &ws };
+                let mut group: Vec<GroupLinear<'_, HostWeight, Vec<f32>>> = weights
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(w, out)| GroupLinear { weight: w, bias: None, out })
+                    .collect();
                 hw.linear_group(&x[..m * k].to_vec(), m, &mut group);
                 for (i, (got, want)) in outs.iter().zip(&want).enumerate() {
-                    assert_eq!(bits(got), bits(want), "{dtype:?} widths {widths:?} member {i} M={m} t={threads}");
+                    let label = format!("{dtype:?} widths {widths:?} member {i} M={m} t={threads} here={packed_here}");
+                    assert_eq!(bits(got), bits(want), "{label}");
                 }
             }
         }

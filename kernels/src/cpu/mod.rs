@@ -626,8 +626,9 @@ impl CpuBackend {
                 dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(self, w, PackFor::OneCall), segs, y)
             }
             (KernelMode::Native, Some(_)) if qdot::takes(w.dtype) => {
-                let packed =
-                    (self.qdot == qdot::QdotExec::Hardware).then(|| qdot::QPanels::pack(self, w, PackFor::OneCall));
+                let group = qdot::QPanels::group_for(self, w.rows.div_ceil(qdot::PANEL_ROWS));
+                let packed = (self.qdot == qdot::QdotExec::Hardware)
+                    .then(|| qdot::QPanels::pack(self, w, PackFor::OneCall, group));
                 qdot::linear_native(self, self.qdot, x, m, w, packed.as_ref(), segs, y)
             }
             (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
@@ -700,7 +701,10 @@ impl CpuBackend {
         };
         let packed = w.native_packed.get_or_init(|| {
             let packed = match native {
-                _ if blocks => NativePacked::Blocks(qdot::QPanels::pack(self, w.view(), PackFor::Keeping)),
+                _ if blocks => {
+                    let group = qdot::QPanels::group_for(self, gx.panels);
+                    NativePacked::Blocks(qdot::QPanels::pack(self, w.view(), PackFor::Keeping, group))
+                }
                 NativeExec::Avx512Bf16(_) => {
                     NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view(), PackFor::Keeping))
                 }
