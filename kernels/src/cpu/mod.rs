@@ -423,13 +423,14 @@ fn panels_per_task(panels: usize, widest: usize, narrowest: usize, threads: usiz
         return nb;
     }
     // Panels of the busiest member, counting every task as a whole one (a short last task is
-    // rare and small). Not below 2 panels for this: a 1-panel task reads one in four of its
-    // group's interleaved blocks (`qdot`'s layout), the short streams §17.1 moved away from.
+    // rare and small). Only a gain of at least 1/32 of the pass's length is worth more, narrower
+    // tasks (an lm-head's odd thousands of tasks are even enough), and not below 2 panels: each
+    // task has its fixed costs (x's blocks, the segment trees, a claim).
     let busiest = |nb: usize| panels.div_ceil(nb).div_ceil(threads) * nb;
     let mut best = nb;
     while nb > narrowest.max(2) {
         nb /= 2;
-        if busiest(nb) < busiest(best) {
+        if 32 * (busiest(best) - busiest(nb).min(busiest(best))) >= busiest(best) {
             best = nb;
         }
     }
@@ -974,7 +975,8 @@ mod tests {
 
     /// A pass's tasks split evenly among the threads where 2-panel tasks can and 4-panel ones
     /// cannot (SmolLM2's o/down and q/k/v at 2 threads), and keep their width where the split is
-    /// even already (gate/up, the lm-head, Qwen2.5's passes), on one thread, and below 2 panels.
+    /// even already (gate/up, the lm-head, Qwen2.5's passes) or nearly (an lm-head's odd
+    /// thousands), on one thread, and below 2 panels.
     #[test]
     fn tasks_narrow_only_where_that_evens_the_threads_shares() {
         // (panels, widest, narrowest, threads) → panels per task
@@ -992,6 +994,10 @@ mod tests {
             ((36, 2, 1, 2), 2),
             ((60, 4, 2, 2), 2),
             ((12, 4, 1, 2), 1),
+            ((9496, 4, 1, 3), 4),
+            ((9496, 8, 2, 2), 8),
+            ((608, 8, 2, 3), 8),
+            ((72, 8, 2, 2), 4),
         ] {
             let (panels, widest, narrowest, threads) = case;
             assert_eq!(panels_per_task(panels, widest, narrowest, threads), want, "{case:?}");
