@@ -424,11 +424,13 @@ fn panels_per_task(panels: usize, widest: usize, narrowest: usize, threads: usiz
     }
     // Panels of the busiest member, counting every task as a whole one (a short last task is
     // rare and small). Only a gain of at least 1/32 of the pass's length is worth more, narrower
-    // tasks (an lm-head's odd thousands of tasks are even enough), and not below 2 panels: each
-    // task has its fixed costs (x's blocks, the segment trees, a claim).
+    // tasks (an lm-head's odd thousands of tasks are even enough), and neither below 2 panels nor
+    // below `narrowest`: each task has its fixed costs (x's blocks, the segment trees, a claim),
+    // and a prefill task of 1 bf16 panel where the tile takes 3 reads x three times as often
+    // (synth-q05's pp128 fell 510 → 370–460 tok/s, BENCHMARKS §20.3).
     let busiest = |nb: usize| panels.div_ceil(nb).div_ceil(threads) * nb;
     let mut best = nb;
-    while nb > narrowest.max(2) {
+    while nb / 2 >= narrowest.max(2) {
         nb /= 2;
         if 32 * (busiest(best) - busiest(nb).min(busiest(best))) >= busiest(best) {
             best = nb;
@@ -976,7 +978,8 @@ mod tests {
     /// A pass's tasks split evenly among the threads where 2-panel tasks can and 4-panel ones
     /// cannot (SmolLM2's o/down and q/k/v at 2 threads), and keep their width where the split is
     /// even already (gate/up, the lm-head, Qwen2.5's passes) or nearly (an lm-head's odd
-    /// thousands), on one thread, and below 2 panels.
+    /// thousands), on one thread, and below 2 panels or the narrowest asked for (a prefill tile of
+    /// 3 bf16 panels stays 3: 1-panel tasks read x three times as often).
     #[test]
     fn tasks_narrow_only_where_that_evens_the_threads_shares() {
         // (panels, widest, narrowest, threads) → panels per task
@@ -998,6 +1001,8 @@ mod tests {
             ((9496, 8, 2, 2), 8),
             ((608, 8, 2, 3), 8),
             ((72, 8, 2, 2), 4),
+            ((56, 3, 2, 2), 3),
+            ((56, 6, 2, 2), 6),
         ] {
             let (panels, widest, narrowest, threads) = case;
             assert_eq!(panels_per_task(panels, widest, narrowest, threads), want, "{case:?}");
