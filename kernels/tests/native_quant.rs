@@ -137,12 +137,11 @@ fn qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
 /// Row-parallel shards cut on whole blocks (TP 2 and 4 of 8 segments, 3 and 6 of 6; K = 576
 /// whose 8 segments of 80 columns cut blocks inside the shards) recombine through `tree_combine`
 /// to the unsplit bits.
-/// Passes whose 4-panel tasks do and do not divide evenly among the threads (the backend then cuts
-/// 2-panel tasks and packs the weight in groups of 2, `cpu::panels_per_task`): SmolLM2's o/down
-/// (36 panels), its q/k/v group (36 + 12 + 12), Qwen2.5's o (56), a ragged 37 and a group of
-/// ragged widths, at threads 1 to 4, batch 1 and 8, on weights packed for this thread count and on
-/// ones packed for another (the first backend's): every output has the bits of the scalar model
-/// on one thread.
+/// Passes whose tasks do and do not divide evenly among the threads (a task split or packing that
+/// followed the thread count was tried, BENCHMARKS §20.3): SmolLM2's o/down (36 panels), its
+/// q/k/v group (36 + 12 + 12), Qwen2.5's o (56), a ragged 37 and a group of ragged widths, at
+/// threads 1 to 4, batch 1 and 8, on weights packed by this backend and on ones packed by another
+/// (the first one's): every output has the bits of the scalar model on one thread.
 #[test]
 fn qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits() {
     if skip_without_vnni("qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits") {

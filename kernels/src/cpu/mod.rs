@@ -407,38 +407,6 @@ impl<'x> GroupX<'x> {
     }
 }
 
-/// Panels per task for a pass of `panels` panels over `threads` threads, from a tile's `widest`
-/// down to `narrowest` (halving): narrower where a small weight would leave threads idle (q/k/v
-/// at decode), at least four tasks per thread when it can; then narrower still where that shortens
-/// the pass's busiest thread. A pass lasts as long as the member with the most tasks: SmolLM2's
-/// o and down (36 panels) in 9 tasks of 4 left one of 2 threads a task alone at every pass's end
-/// (its q/k/v group, 60 panels, in 15), where 18 (30) tasks of 2 split evenly (BENCHMARKS §20.3).
-/// The tile shape never changes a bit.
-fn panels_per_task(panels: usize, widest: usize, narrowest: usize, threads: usize) -> usize {
-    let mut nb = widest;
-    while nb > narrowest && panels.div_ceil(nb) < 4 * threads {
-        nb /= 2;
-    }
-    if threads < 2 {
-        return nb;
-    }
-    // Panels of the busiest member, counting every task as a whole one (a short last task is
-    // rare and small). Only a gain of at least 1/32 of the pass's length is worth more, narrower
-    // tasks (an lm-head's odd thousands of tasks are even enough), and neither below 2 panels nor
-    // below `narrowest`: each task has its fixed costs (x's blocks, the segment trees, a claim),
-    // and a prefill task of 1 bf16 panel where the tile takes 3 reads x three times as often
-    // (synth-q05's pp128 fell 510 → 370–460 tok/s, BENCHMARKS §20.3).
-    let busiest = |nb: usize| panels.div_ceil(nb).div_ceil(threads) * nb;
-    let mut best = nb;
-    while nb / 2 >= narrowest.max(2) {
-        nb /= 2;
-        if 32 * (busiest(best) - busiest(nb).min(busiest(best))) >= busiest(best) {
-            best = nb;
-        }
-    }
-    best
-}
-
 /// One linear of a group, prepared: its tasks, each owning a disjoint block of its output.
 enum LinearJob<'a> {
     Invariant(linear::Job<'a>),
@@ -591,10 +559,15 @@ impl CpuBackend {
             PackFor::OneCall => pack_arena::PackedWords::standalone(len),
         }
     }
-    /// Panels per task for a pass of `panels` panels, from a tile's `widest` down to `narrowest`
-    /// (halving), for this backend's team (see [`panels_per_task`]).
+    /// Panels per task for a weight of `panels` panels, from a tile's `widest` down to `narrowest`
+    /// (halving): narrower where a small weight would leave threads idle (q/k/v at decode), at
+    /// least four tasks per thread when it can. The tile shape never changes a bit.
     pub(crate) fn panels_per_task(&self, panels: usize, widest: usize, narrowest: usize) -> usize {
-        panels_per_task(panels, widest, narrowest, self.threads())
+        let mut nb = widest;
+        while nb > narrowest && panels.div_ceil(nb) < 4 * self.threads() {
+            nb /= 2;
+        }
+        nb
     }
 
     /// Runs `task(0..tasks)` as one pass of the backend's team (this thread and the helpers), in
@@ -629,9 +602,8 @@ impl CpuBackend {
                 dpbf16::linear_native(self, exec, x, m, &dpbf16::PairPanels::pack(self, w, PackFor::OneCall), segs, y)
             }
             (KernelMode::Native, Some(_)) if qdot::takes(w.dtype) => {
-                let group = qdot::QPanels::group_for(self, w.rows.div_ceil(qdot::PANEL_ROWS));
-                let packed = (self.qdot == qdot::QdotExec::Hardware)
-                    .then(|| qdot::QPanels::pack(self, w, PackFor::OneCall, group));
+                let packed =
+                    (self.qdot == qdot::QdotExec::Hardware).then(|| qdot::QPanels::pack(self, w, PackFor::OneCall));
                 qdot::linear_native(self, self.qdot, x, m, w, packed.as_ref(), segs, y)
             }
             (KernelMode::Fast, _) => crate::fast::linear_fast(self, x, m, w, y),
@@ -704,10 +676,7 @@ impl CpuBackend {
         };
         let packed = w.native_packed.get_or_init(|| {
             let packed = match native {
-                _ if blocks => {
-                    let group = qdot::QPanels::group_for(self, gx.panels);
-                    NativePacked::Blocks(qdot::QPanels::pack(self, w.view(), PackFor::Keeping, group))
-                }
+                _ if blocks => NativePacked::Blocks(qdot::QPanels::pack(self, w.view(), PackFor::Keeping)),
                 NativeExec::Avx512Bf16(_) => {
                     NativePacked::Panels(dpbf16::PairPanels::pack(self, w.view(), PackFor::Keeping))
                 }
@@ -974,40 +943,6 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A pass's tasks split evenly among the threads where 2-panel tasks can and 4-panel ones
-    /// cannot (SmolLM2's o/down and q/k/v at 2 threads), and keep their width where the split is
-    /// even already (gate/up, the lm-head, Qwen2.5's passes) or nearly (an lm-head's odd
-    /// thousands), on one thread, and below 2 panels or the narrowest asked for (a prefill tile of
-    /// 3 bf16 panels stays 3: 1-panel tasks read x three times as often).
-    #[test]
-    fn tasks_narrow_only_where_that_evens_the_threads_shares() {
-        // (panels, widest, narrowest, threads) → panels per task
-        for (case, want) in [
-            ((36, 4, 1, 2), 2),
-            ((60, 4, 1, 2), 2),
-            ((192, 4, 1, 2), 4),
-            ((3072, 4, 1, 2), 4),
-            ((56, 4, 1, 2), 4),
-            ((72, 4, 1, 2), 4),
-            ((36, 4, 1, 1), 4),
-            ((36, 4, 1, 3), 2),
-            ((36, 4, 1, 4), 2),
-            ((56, 4, 1, 3), 4),
-            ((36, 2, 1, 2), 2),
-            ((60, 4, 2, 2), 2),
-            ((12, 4, 1, 2), 1),
-            ((9496, 4, 1, 3), 4),
-            ((9496, 8, 2, 2), 8),
-            ((608, 8, 2, 3), 8),
-            ((72, 8, 2, 2), 4),
-            ((56, 3, 2, 2), 3),
-            ((56, 6, 2, 2), 6),
-        ] {
-            let (panels, widest, narrowest, threads) = case;
-            assert_eq!(panels_per_task(panels, widest, narrowest, threads), want, "{case:?}");
-        }
-    }
 
     /// The tile's interleaved trees are the contract's tree, slice by slice, bit for bit (sums
     /// whose order shows: wide exponents and cancellation).

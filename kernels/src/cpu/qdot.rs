@@ -348,22 +348,18 @@ pub struct QPanels {
     rows: usize,
     cols: usize,
     blocks: usize,
-    /// Panels per interleaved group: the width of the weight's batch-1 tasks ([`QPanels::group_for`]).
-    group: usize,
 }
 
-/// The widest group of panels interleaved block by block (see the module comment): a batch-1
-/// task's panels (as many, or 2 or 1 on small weights or to even out the threads, always one
-/// whole group) are one sequential stream.
+/// Panels per group, interleaved block by block (see the module comment): a task's panels (as
+/// many, or 2 or 1 on small weights, always inside one group) are one sequential stream.
 const GROUP_PANELS: usize = 4;
 
-/// Where panel `nb` of a packing of `panels` panels of `panel_bytes` each, in groups of `group`,
-/// finds its group: the group's first byte, its width (panels; the last group may be short) and
-/// the panel's place in it. Block `b` of the panel lies at `start + (b · width + place) ·`
-/// [`packed_block_bytes`].
-fn group_of(panels: usize, panel_bytes: usize, group: usize, nb: usize) -> (usize, usize, usize) {
-    let first = nb / group * group;
-    (first * panel_bytes, group.min(panels - first), nb - first)
+/// Where panel `nb` of a packing of `panels` panels of `panel_bytes` each finds its group: the
+/// group's first byte, its width (panels; the last group may be short) and the panel's place in
+/// it. Block `b` of the panel lies at `start + (b · width + place) ·` [`packed_block_bytes`].
+fn group_of(panels: usize, panel_bytes: usize, nb: usize) -> (usize, usize, usize) {
+    let first = nb / GROUP_PANELS * GROUP_PANELS;
+    (first * panel_bytes, GROUP_PANELS.min(panels - first), nb - first)
 }
 
 /// Bytes of the quant vectors of one packed block (16 rows).
@@ -380,19 +376,8 @@ fn packed_block_bytes(dtype: DType) -> usize {
 }
 
 impl QPanels {
-    /// Panels per interleaved group for a weight in a pass of `pass_panels` panels: as many as
-    /// its batch-1 tasks read, so that each task reads one whole group, one ascending stream.
-    /// Where 4-panel tasks would leave a thread a task alone at the pass's end, the backend cuts
-    /// 2-panel ones ([`CpuBackend::panels_per_task`]); inside groups of four those read every other
-    /// pair of packed blocks, and SmolLM2's 2-thread decode step's linears took 2.4–2.6 → 3.1–3.7 ms
-    /// (BENCHMARKS §20.3), so the packing follows the tasks' width.
-    pub(crate) fn group_for(be: &CpuBackend, pass_panels: usize) -> usize {
-        be.panels_per_task(pass_panels, tile_shape(1).1, 1)
-    }
-
-    /// Packs `w` on the backend's threads in interleaved groups of `group_panels` panels (1, 2 or 4).
-    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, purpose: super::PackFor, group_panels: usize) -> QPanels {
-        assert_eq!(GROUP_PANELS % group_panels, 0, "a group of 1, 2 or 4 panels");
+    /// Packs `w` on the backend's threads.
+    pub(crate) fn pack(be: &CpuBackend, w: WeightView<'_>, purpose: super::PackFor) -> QPanels {
         let (dtype, blocks) = (w.dtype, w.cols / QUANT_BLOCK);
         let pbb = packed_block_bytes(dtype);
         let panel_words = blocks * pbb / 4;
@@ -403,8 +388,8 @@ impl QPanels {
         let pack_group = |(g, group): (usize, &mut [u32])| {
             // SAFETY: the u32 group viewed as its bytes (any bit pattern is valid in both).
             let group = unsafe { std::slice::from_raw_parts_mut(group.as_mut_ptr() as *mut u8, group.len() * 4) };
-            let (_, width, _) = group_of(panels, blocks * pbb, group_panels, g * group_panels);
-            for (j, nb) in (g * group_panels..g * group_panels + width).enumerate() {
+            let (_, width, _) = group_of(panels, blocks * pbb, g * GROUP_PANELS);
+            for (j, nb) in (g * GROUP_PANELS..g * GROUP_PANELS + width).enumerate() {
                 for r in 0..PANEL_ROWS.min(w.rows - nb * PANEL_ROWS) {
                     let row = w.row(nb * PANEL_ROWS + r);
                     for b in 0..blocks {
@@ -427,16 +412,16 @@ impl QPanels {
             }
         };
         if panel_words > 0 {
-            be.pool().install(|| words.par_chunks_mut(group_panels * panel_words).enumerate().for_each(pack_group));
+            be.pool().install(|| words.par_chunks_mut(GROUP_PANELS * panel_words).enumerate().for_each(pack_group));
         }
-        QPanels { words, dtype, rows: w.rows, cols: w.cols, blocks, group: group_panels }
+        QPanels { words, dtype, rows: w.rows, cols: w.cols, blocks }
     }
     fn panel_bytes(&self) -> usize {
         self.blocks * packed_block_bytes(self.dtype)
     }
     /// [`group_of`] for this packing's panel `nb`.
     fn group_of(&self, nb: usize) -> (usize, usize, usize) {
-        group_of(self.rows.div_ceil(PANEL_ROWS), self.panel_bytes(), self.group, nb)
+        group_of(self.rows.div_ceil(PANEL_ROWS), self.panel_bytes(), nb)
     }
     /// Whether this packing is of a weight of `w`'s type and shape.
     pub(crate) fn fits(&self, w: WeightView<'_>) -> bool {
@@ -618,9 +603,9 @@ impl<'a> Job<'a> {
             QdotExec::Hardware => {
                 let packed = packed.expect("the hardware executor runs on packed panels");
                 assert!(packed.fits(w), "packing of another weight");
-                let nb = be.panels_per_task(pass_panels.max(panels), tile_shape(x.m.max(1)).1, 1).min(packed.group);
+                let nb = be.panels_per_task(pass_panels.max(panels), tile_shape(x.m.max(1)).1, 1);
                 // Tasks start on multiples of `nb`: a task's tiles stay inside one group.
-                assert_eq!(packed.group % nb, 0, "a task's panels lie inside one group");
+                assert_eq!(GROUP_PANELS % nb, 0, "a task's panels lie inside one group");
                 (nb, panels.div_ceil(nb))
             }
         };
@@ -736,24 +721,23 @@ mod tests {
     /// block, the group's panels in order.
     #[test]
     fn grouped_panels_tile_the_packing_exactly_in_block_major_order() {
-        let cases = [(1, 1), (3, 2), (4, 18), (5, 3), (7, 1), (9, 4), (13, 18)];
-        for ((panels, blocks), group) in cases.into_iter().flat_map(|c| [1, 2, 4].map(|g| (c, g))) {
+        for (panels, blocks) in [(1, 1), (3, 2), (4, 18), (5, 3), (7, 1), (9, 4), (13, 18)] {
             let bb = packed_block_bytes(DType::Q8_0);
             let mut seen = Vec::new();
-            for first in (0..panels).step_by(group) {
-                let (start, width, place) = group_of(panels, blocks * bb, group, first);
+            for first in (0..panels).step_by(GROUP_PANELS) {
+                let (start, width, place) = group_of(panels, blocks * bb, first);
                 assert_eq!((start, place), (first * blocks * bb, 0));
-                assert_eq!(width, group.min(panels - first));
+                assert_eq!(width, GROUP_PANELS.min(panels - first));
                 for b in 0..blocks {
                     for nb in first..first + width {
-                        let (s, w, p) = group_of(panels, blocks * bb, group, nb);
+                        let (s, w, p) = group_of(panels, blocks * bb, nb);
                         assert_eq!((s, w), (start, width), "panel {nb} lies in the group of panel {first}");
                         seen.push(s + (b * w + p) * bb);
                     }
                 }
             }
             let stream: Vec<usize> = (0..panels * blocks).map(|i| i * bb).collect();
-            assert_eq!(seen, stream, "{panels} panels × {blocks} blocks in groups of {group}");
+            assert_eq!(seen, stream, "{panels} panels × {blocks} blocks");
         }
     }
 
