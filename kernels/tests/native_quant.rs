@@ -10,7 +10,7 @@ use lockstep_kernels::cpu::dpbf16::Dpbf16Exec;
 use lockstep_kernels::cpu::qdot::{vnni_available, QdotExec};
 use lockstep_kernels::cpu::NativeExec;
 use lockstep_kernels::{
-    reference, Backend, CpuBackend, CpuConfig, DType, HostWeight, KernelMode, NumericsConfig, Segmentation,
+    reference, Backend, CpuBackend, CpuConfig, DType, GroupLinear, HostWeight, KernelMode, NumericsConfig, Segmentation,
 };
 
 mod common;
@@ -137,6 +137,47 @@ fn qdot_rows_are_identical_alone_and_inside_batches_of_1_to_64() {
 /// Row-parallel shards cut on whole blocks (TP 2 and 4 of 8 segments, 3 and 6 of 6; K = 576
 /// whose 8 segments of 80 columns cut blocks inside the shards) recombine through `tree_combine`
 /// to the unsplit bits.
+/// Passes whose tasks do and do not divide evenly among the threads (a task split or packing that
+/// followed the thread count was tried, BENCHMARKS §20.3): SmolLM2's o/down (36 panels), its
+/// q/k/v group (36 + 12 + 12), Qwen2.5's o (56), a ragged 37 and a group of ragged widths, at
+/// threads 1 to 4, batch 1 and 8, on weights packed by this backend and on ones packed by another
+/// (the first one's): every output has the bits of the scalar model on one thread.
+#[test]
+fn qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits() {
+    if skip_without_vnni("qdot_tasks_cut_evenly_or_not_among_threads_1_to_4_give_the_models_bits") {
+        return;
+    }
+    let (k, segments) = (576, 8);
+    let mut rng = Rng::new(43);
+    let groups: [&[usize]; 5] = [&[576], &[576, 192, 192], &[896], &[592], &[584, 200, 40]];
+    for (case, widths) in groups.into_iter().enumerate() {
+        let dtype = BLOCK_TYPES[case % 3];
+        let ws: Vec<HostWeight> = widths.iter().map(|&n| quant_weight(&mut rng, dtype, n, k)).collect();
+        let x = rng.vec(8 * k);
+        let model = backend(1, segments, QdotExec::Model);
+        for m in [1, 8] {
+            let want: Vec<Vec<f32>> = ws.iter().map(|w| linear(&model, &x[..m * k], m, w)).collect();
+            for (threads, packed_here) in (1..=4).flat_map(|t| [(t, true), (t, false)]) {
+                let hw = backend(threads, segments, QdotExec::Hardware);
+                let fresh: Vec<HostWeight> =
+                    ws.iter().map(|w| HostWeight::new(w.dtype, w.bytes.clone(), w.rows, w.cols).unwrap()).collect();
+                let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+                let weights = if packed_here { &fresh } else { &ws };
+                let mut group: Vec<GroupLinear<'_, HostWeight, Vec<f32>>> = weights
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(w, out)| GroupLinear { weight: w, bias: None, out })
+                    .collect();
+                hw.linear_group(&x[..m * k].to_vec(), m, &mut group);
+                for (i, (got, want)) in outs.iter().zip(&want).enumerate() {
+                    let label = format!("{dtype:?} widths {widths:?} member {i} M={m} t={threads} here={packed_here}");
+                    assert_eq!(bits(got), bits(want), "{label}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn qdot_row_parallel_shards_tp_1_2_3_4_6_plus_tree_combine_equal_unsplit() {
     let mut rng = Rng::new(43);
