@@ -5,7 +5,7 @@
     collect.py llama-bench MODEL ENGINE < `llama-bench -o json` output
     collect.py batched MODEL ENGINE < `llama-batched-bench --output-format jsonl` output
     collect.py transformers MODEL ENGINE < transformers_bench.py output
-    collect.py table RESULTS.jsonl BANDWIDTH_GBS WEIGHTS.json [OTHER_PROBE_GBS]
+    collect.py table RESULTS.jsonl BANDWIDTH_GBS WEIGHTS.json [LOWEST_PROBE_GBS]
     collect.py control BASE.jsonl NAME OTHER.jsonl [NAME OTHER.jsonl ...]
 
 Result lines are JSON: {"model", "engine", "metric", "tok_s"}; metrics are `pp<N>` (prefill of
@@ -67,8 +67,8 @@ def ratio(a, b) -> str:
 
 
 def table(results_path: str, bandwidth_gbs: float, weights_path: str, other_gbs: float = 0.0) -> None:
-    """`bandwidth_gbs` rates the batch-1 shares; `other_gbs`, the run's other probe reading, is
-    shown beside it where it is lower (on a VM the 2-thread reading can double for a while,
+    """`bandwidth_gbs` (the run's highest probe reading) rates the batch-1 shares; `other_gbs`,
+    its lowest, is shown beside it where it is lower (on a VM the 2-thread reading can double for a while,
     where the host lets the two vCPUs' memory traffic add up, and the probe can catch such a
     period while an engine runs outside it, or the other way round: docs/BENCHMARKS.md §19.4)."""
     rows = [json.loads(l) for l in open(results_path) if l.strip()]
@@ -91,7 +91,10 @@ def table(results_path: str, bandwidth_gbs: float, weights_path: str, other_gbs:
     def stream(gbs):
         text = f"{gbs:.1f} GB/s = {100 * gbs / bandwidth_gbs:.0f} % of {bandwidth_gbs:.1f}"
         if 0 < other_gbs < bandwidth_gbs:
-            text += f" ({100 * gbs / other_gbs:.0f} % of the other probe's {other_gbs:.1f})"
+            text += f" ({100 * gbs / other_gbs:.0f} % of the lowest probe's {other_gbs:.1f})"
+        if gbs > bandwidth_gbs:
+            # More than any probe read: the bandwidth rose while this engine ran, between probes.
+            text += "; above every probe reading, so the bandwidth rose between them and the share overstates"
         return text
 
     def line(model, target, got, goal, ok):
