@@ -173,15 +173,34 @@ run_lockstep() { # label model-path engine mode [extra lockstep bench flags...]
     fi
 }
 
+# llama.cpp's weight repacking into its extra buffer types is on by default; on an AMX CPU that
+# sends Q4_0/Q4_1/Q8_0 matmuls to ggml's AMX kernels, which die with SIGILL on the 2-vCPU Xeon VMs
+# this project runs on (`tilezero` on a worker thread whose tiles were never configured; seen
+# with llama.cpp 0c1e570). A short run of each GGUF tells; where it dies that way, that model's
+# llama.cpp rows run with repacking off (`--repack 0` / `--no-repack`: the plain CPU kernels),
+# and the script says so.
+llama_repack_flags() { # gguf -> sets BENCH_REPACK, BATCHED_REPACK
+    BENCH_REPACK=()
+    BATCHED_REPACK=()
+    local rc=0
+    "$BUILD/bin/llama-bench" -m "$1" -p 16 -n 0 -r 1 -t "$THREADS" >>"$RUN/llama.log" 2>&1 || rc=$?
+    if [[ $rc == 132 ]]; then
+        note "llama.cpp died with SIGILL (exit 132) with weight repacking on (its AMX path on this CPU): its rows for this model run with --repack 0 / --no-repack"
+        BENCH_REPACK=(--repack 0)
+        BATCHED_REPACK=(--no-repack)
+    fi
+}
+
 run_llama_cpp() { # label gguf
     local label=$1 gguf=$2
+    llama_repack_flags "$gguf"
     note "llama.cpp: llama-bench pp$PROMPTS"
-    "$BUILD/bin/llama-bench" -m "$gguf" -p "$PROMPTS" -n 0 -r 3 -t "$THREADS" -o json 2>>"$RUN/llama.log" |
+    "$BUILD/bin/llama-bench" -m "$gguf" -p "$PROMPTS" -n 0 -r 3 -t "$THREADS" "${BENCH_REPACK[@]}" -o json 2>>"$RUN/llama.log" |
         tee -a "$RUN/llama.out" | collect llama-bench "$label" llama.cpp >>"$RESULTS" ||
         note "llama-bench failed (see $RUN/llama.log)"
     note "llama.cpp: llama-batched-bench decode at batch $BATCHES"
     "$BUILD/bin/llama-batched-bench" -m "$gguf" -c $((MAX_BATCH * (128 + NEW_TOKENS) + 256)) -b 2048 -ub 512 \
-        -npp 128 -ntg "$NEW_TOKENS" -npl "$BATCHES" -t "$THREADS" -tb "$THREADS" --output-format jsonl \
+        -npp 128 -ntg "$NEW_TOKENS" -npl "$BATCHES" -t "$THREADS" -tb "$THREADS" "${BATCHED_REPACK[@]}" --output-format jsonl \
         2>>"$RUN/llama.log" | tee -a "$RUN/llama.out" | collect batched "$label" llama.cpp >>"$RESULTS" ||
         note "llama-batched-bench failed (see $RUN/llama.log)"
 }

@@ -681,20 +681,102 @@ mod tests {
         assert!(c.0[2..16].iter().chain(&c.0[32..48]).chain(&c.0[56..]).all(|&b| b == 0), "reserved bytes are zero");
     }
 
-    /// One `TDPBF16PS` from a zero accumulator on the model, with A and B as given.
+    /// One `TDPBF16PS` on the model, with C, A and B as given.
     fn one_dot(a: &[u8; 1024], b: &[u8; 1024]) -> [f32; 256] {
-        let mut u = SoftTiles::default();
-        let mut c = [0f32; 256];
-        // SAFETY: every buffer holds 16 rows of 64 bytes.
+        dot_on(&mut SoftTiles::default(), &[0f32; 256], a, b)
+    }
+
+    /// One `TDPBF16PS` on `u` from the accumulator `c0`, with A and B as given.
+    fn dot_on<U: TileUnit>(u: &mut U, c0: &[f32; 256], a: &[u8; 1024], b: &[u8; 1024]) -> [f32; 256] {
+        let mut c = *c0;
+        // SAFETY: every buffer holds 16 rows of 64 bytes; the unit is configured first and
+        // released last.
         unsafe {
             u.configure(&TileConfig::program());
-            u.zero_c();
+            u.load(Tmm::C, c.as_ptr() as *const u8, 64);
             u.load(Tmm::A, a.as_ptr(), 64);
             u.load(Tmm::B, b.as_ptr(), 64);
             u.dot();
             u.store_c(c.as_mut_ptr() as *mut u8, 64);
+            u.release();
         }
         c
+    }
+
+    /// A bf16 with a random sign, significand and an exponent anywhere from denormal to infinity
+    /// (biased exponent 0..=255, weighted towards the ends where flushing and overflow happen).
+    #[cfg(target_arch = "x86_64")]
+    fn extreme_bf16(rng: &mut u64) -> u16 {
+        let mut next = || {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        };
+        let r = next();
+        let exp = match r % 4 {
+            0 => (r >> 8) % 8,        // denormals and the smallest normals
+            1 => 248 + (r >> 8) % 8,  // the largest normals, infinity and NaN
+            2 => 60 + (r >> 8) % 16,  // products near 2^-126
+            _ => 100 + (r >> 8) % 60, // ordinary magnitudes
+        };
+        let sign = (r >> 20) & 1;
+        let mant = (r >> 24) & 0x7f;
+        ((sign << 15) | (exp << 7) | mant) as u16
+    }
+
+    /// The tile unit gives the model's bits on operands chosen to hit flushing, rounding at the
+    /// denormal boundary, overflow and the separate even/odd accumulators: the edges the SDM
+    /// pseudo-code defines and random normal operands rarely reach. NaNs compare as NaN (their
+    /// payloads are not part of the rule).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_tile_unit_gives_the_models_bits_on_denormals_overflow_and_even_odd_sums() {
+        if let Err(why) = amx_available() {
+            eprintln!("SKIPPED amx_tile_unit_gives_the_models_bits_on_denormals_overflow_and_even_odd_sums: {why}");
+            return;
+        }
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for case in 0..200 {
+            let (mut a, mut b) = ([0u8; 1024], [0u8; 1024]);
+            for v in a.chunks_exact_mut(2).chain(b.chunks_exact_mut(2)) {
+                v.copy_from_slice(&extreme_bf16(&mut rng).to_le_bytes());
+            }
+            let mut c0 = [0f32; 256];
+            for v in c0.iter_mut() {
+                // Accumulators from denormal to huge, as a chain of K tiles leaves them.
+                let hi = extreme_bf16(&mut rng) as u32;
+                *v = f32::from_bits(hi << 16 | (rng as u32 & 0xffff));
+            }
+            // SAFETY: amx_available() succeeded in this process.
+            let hw = dot_on(&mut unsafe { HardTiles::new() }, &c0, &a, &b);
+            let model = dot_on(&mut SoftTiles::default(), &c0, &a, &b);
+            for (i, (h, m)) in hw.iter().zip(&model).enumerate() {
+                let same = h.to_bits() == m.to_bits() || (h.is_nan() && m.is_nan());
+                assert!(
+                    same,
+                    "case {case}, output {i}: tile unit {h:e} ({:#010x}), model {m:e} ({:#010x}), C was {:e}",
+                    h.to_bits(),
+                    m.to_bits(),
+                    c0[i]
+                );
+            }
+        }
+        // The crafted cases of the model's own test, on the tile unit.
+        let (mut a, mut b) = ([0u8; 1024], [0u8; 1024]);
+        let put = |buf: &mut [u8], at: usize, v: u16| buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        put(&mut a, 0, bf16_bits(2f32.powi(24)));
+        put(&mut b, 0, bf16_bits(1.0));
+        put(&mut a, 6, bf16_bits(1.0));
+        put(&mut b, 64 + 2, bf16_bits(1.0));
+        put(&mut a, 10, bf16_bits(1.0));
+        put(&mut b, 128 + 2, bf16_bits(1.0));
+        put(&mut a, 64, bf16_bits(2f32.powi(-70)));
+        put(&mut b, 4, bf16_bits(2f32.powi(-70)));
+        // SAFETY: as above.
+        let hw = dot_on(&mut unsafe { HardTiles::new() }, &[0f32; 256], &a, &b);
+        assert_eq!(hw[0], 2f32.powi(24) + 2.0, "even and odd products accumulate apart on silicon");
+        assert_eq!(hw[16 + 1].to_bits(), 0, "a denormal product is flushed on silicon");
     }
 
     #[test]
