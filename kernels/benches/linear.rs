@@ -299,10 +299,19 @@ struct StepModel {
     lm_head: (usize, usize),
 }
 
-const STEP_MODELS: [StepModel; 2] = [
+const STEP_MODELS: [StepModel; 3] = [
     StepModel {
         name: "Qwen2.5-0.5B decode step (24 layers + lm_head)",
         dtype: DType::Bf16,
+        layers: 24,
+        layer_shapes: [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)],
+        lm_head: (896, 151936),
+    },
+    // Qwen2.5-0.5B's shapes quantized to Q8_0 (~530 MB, as llama.cpp's converter writes it): the
+    // quantized decode step whose weights can never sit in a last-level cache.
+    StepModel {
+        name: "Qwen2.5-0.5B Q8_0 decode step (24 layers + lm_head)",
+        dtype: DType::Q8_0,
         layers: 24,
         layer_shapes: [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)],
         lm_head: (896, 151936),
