@@ -219,7 +219,15 @@ fn main() {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut rng = SplitMix64::new(1);
     let dtypes = [DType::F32, DType::Bf16];
-    side_by_side(&filter, &mut rng, &SHAPES, &[1, 8, 64, 128, 512], &dtypes, [KernelMode::Invariant, KernelMode::Fast], "");
+    side_by_side(
+        &filter,
+        &mut rng,
+        &SHAPES,
+        &[1, 8, 64, 128, 512],
+        &dtypes,
+        [KernelMode::Invariant, KernelMode::Fast],
+        "",
+    );
     quantized_decode(&filter, &mut rng);
     native_linear(&filter, &mut rng);
     decode_step(&filter, &mut rng);
@@ -309,7 +317,10 @@ fn native_linear(filter: &str, rng: &mut SplitMix64) {
     );
     if lockstep_kernels::cpu::amx::amx_available().is_ok() && (filter.is_empty() || filter.contains("native")) {
         for threads in [1, 2] {
-            println!("AMX peak, {threads} thread(s): {:.0} GFLOP/s (independent TDPBF16PS on resident tiles)", amx_peak_gflops(threads));
+            println!(
+                "AMX peak, {threads} thread(s): {:.0} GFLOP/s (independent TDPBF16PS on resident tiles)",
+                amx_peak_gflops(threads)
+            );
         }
     }
 }

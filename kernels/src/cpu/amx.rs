@@ -541,14 +541,38 @@ impl HardTiles {
 macro_rules! with_tmm {
     ($t:expr, $n:ident => $body:expr) => {
         match $t.0 {
-            0 => { const $n: u8 = 0; $body }
-            1 => { const $n: u8 = 1; $body }
-            2 => { const $n: u8 = 2; $body }
-            3 => { const $n: u8 = 3; $body }
-            4 => { const $n: u8 = 4; $body }
-            5 => { const $n: u8 = 5; $body }
-            6 => { const $n: u8 = 6; $body }
-            7 => { const $n: u8 = 7; $body }
+            0 => {
+                const $n: u8 = 0;
+                $body
+            }
+            1 => {
+                const $n: u8 = 1;
+                $body
+            }
+            2 => {
+                const $n: u8 = 2;
+                $body
+            }
+            3 => {
+                const $n: u8 = 3;
+                $body
+            }
+            4 => {
+                const $n: u8 = 4;
+                $body
+            }
+            5 => {
+                const $n: u8 = 5;
+                $body
+            }
+            6 => {
+                const $n: u8 = 6;
+                $body
+            }
+            7 => {
+                const $n: u8 = 7;
+                $body
+            }
             other => unreachable!("no tile register tmm{other}"),
         }
     };
@@ -582,9 +606,15 @@ impl TileUnit for HardTiles {
         }
         dots!(
             // 1 × C: A tmm4, B tmm5, 6, 7 in turn.
-            (0, 4, 5), (1, 4, 6), (2, 4, 7), (3, 4, 5),
+            (0, 4, 5),
+            (1, 4, 6),
+            (2, 4, 7),
+            (3, 4, 5),
             // 2 × C: A tmm4, tmm5, B tmm6, 7.
-            (0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7),
+            (0, 4, 6),
+            (1, 4, 7),
+            (2, 5, 6),
+            (3, 5, 7),
             // 2 × 1: A tmm4, tmm5, B tmm6.
             (1, 5, 6)
         )
@@ -753,7 +783,14 @@ impl<'a> Job<'a> {
                     let nc = (cols.end - n0).div_ceil(TILE_COLS).min(ct);
                     macro_rules! block {
                         ($r:literal, $c:literal, $mr:literal) => {
-                            self.block::<U, $r, $c, $mr>(u, i0, n0, live, std::array::from_fn(|c| tiles(n0 + c * TILE_COLS)), sums)
+                            self.block::<U, $r, $c, $mr>(
+                                u,
+                                i0,
+                                n0,
+                                live,
+                                std::array::from_fn(|c| tiles(n0 + c * TILE_COLS)),
+                                sums,
+                            )
                         };
                     }
                     match (live.div_ceil(TILE_ROWS), nc) {
