@@ -206,15 +206,25 @@ pub(super) fn bf16_bits(v: f32) -> u16 {
     half::bf16::from_f32(v).to_bits()
 }
 
+/// Dwords from one packed A row to the next: the row's K tiles and one 64-byte line more. The
+/// line keeps an A tile's 16 rows on 16 different L1 sets: at K = 896 a row is 2 KiB, and rows
+/// 2 KiB apart share two sets, so a 2 × 2 block's 32 A rows evicted each other (its A tile
+/// loads were most of the tile program's samples).
+fn a_row_words(kl: &KLayout) -> usize {
+    kl.row_elems() / 2 + TILE_ROW_BYTES / 4
+}
+
 /// x (`[m, k_real]` f32) as the A panel, in bf16 pairs (two bf16 a dword, the first in the low
 /// half, as a tile row holds them): rows padded to a multiple of 16 with zero rows, each row
 /// rounded to bf16 and laid out segment by segment in whole K tiles, zeros in the padding. The
 /// rounding is the AVX512-BF16 class's x packing ([`super::dpbf16::pack_x_row`]: `half`'s round
 /// to nearest even, NaN kept quiet, 16 lanes at a time where AVX-512 exists); rows are split among
 /// the team's threads when there are many (M = 512 × K = 4864 is 2.5 M roundings).
-fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<u32> {
-    let width = kl.row_elems() / 2;
-    let mut a = vec![0u32; m.div_ceil(TILE_ROWS) * TILE_ROWS * width];
+fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<Line> {
+    let width = a_row_words(kl);
+    let mut lines = vec![Line([0; 16]); m.div_ceil(TILE_ROWS) * TILE_ROWS * width / 16];
+    // SAFETY: a line is 16 dwords without padding; the slice covers the lines exactly.
+    let a = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) };
     let row = |i: usize, dst: &mut [u32]| {
         let xr = &x[i * kl.k_real..(i + 1) * kl.k_real];
         for s in 0..kl.count {
@@ -228,10 +238,15 @@ fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<u32> {
     if m >= TILE_ROWS && be.threads() > 1 {
         be.run_chunks(&mut a[..m * width], width, row);
     } else {
-        a.chunks_exact_mut(width.max(1)).take(m).enumerate().for_each(|(i, dst)| row(i, dst));
+        a.chunks_exact_mut(width).take(m).enumerate().for_each(|(i, dst)| row(i, dst));
     }
-    a
+    lines
 }
+
+/// One 64-byte line of the A panel: the panel starts on a line, so no tile row straddles two.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
 
 /// The bf16 planes of one weight (f16: the exact split `hi`, `lo`).
 #[inline]
@@ -367,10 +382,10 @@ fn sums_stride<const C: usize>(count: usize) -> usize {
 }
 
 /// One `R × C` block over the range's segments: per segment every accumulator from +0, then per K
-/// tile load each row tile's A, and per plane and column tile load B and `TDPBF16PS` it with each
-/// row tile; the accumulators then go to `sums` (output-major, see [`sums_stride`]). Per
-/// accumulator that is the rule's order: the segment's K tiles in increasing order, planes in
-/// order within a K tile — whatever R and C are.
+/// tile and plane each row tile's A (loaded once per K tile) times each column tile's B (loaded
+/// once per plane) with `TDPBF16PS`; the accumulators then go to `sums` (output-major, see
+/// [`sums_stride`]). Per accumulator that is the rule's order: the segment's K tiles in increasing
+/// order, planes in order within a K tile — whatever R and C are.
 ///
 /// # Safety
 /// The unit is configured with [`TileConfig::program`]; `a` points at `16·R` packed A rows of
@@ -395,13 +410,19 @@ unsafe fn tile_program<U: TileUnit, const R: usize, const C: usize>(
         }
         for t in 0..kl.tiles {
             let kt = s * kl.tiles + t;
-            for r in 0..R {
-                u.load(Block::<R, C>::a(r), a.add(r * TILE_ROWS * a_stride + kt * TILE_ROW_BYTES), a_stride);
-            }
+            // Row tile by row tile, each A loaded just before its first product and each B before
+            // the first row tile's: a tile register is reloaded only after the products that read
+            // it were issued several instructions earlier (2 × 2: A0 B0 C00 B1 C01 A1 C10 C11),
+            // where loading both A first made each wait on the previous K tile's last product.
             for p in 0..planes {
-                for (c, bc) in b.iter().enumerate() {
-                    u.load(Block::<R, C>::b(c), bc.add((kt * planes + p) * TILE_WORDS * 4), TILE_ROW_BYTES);
-                    for r in 0..R {
+                for r in 0..R {
+                    if p == 0 {
+                        u.load(Block::<R, C>::a(r), a.add(r * TILE_ROWS * a_stride + kt * TILE_ROW_BYTES), a_stride);
+                    }
+                    for (c, bc) in b.iter().enumerate() {
+                        if r == 0 {
+                            u.load(Block::<R, C>::b(c), bc.add((kt * planes + p) * TILE_WORDS * 4), TILE_ROW_BYTES);
+                        }
                         u.dot(Block::<R, C>::c(r, c), Block::<R, C>::a(r), Block::<R, C>::b(c));
                     }
                 }
@@ -664,7 +685,7 @@ const TASK_COLS: usize = 64;
 /// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
 /// range): the packed A panel.
 pub(crate) struct PreparedX {
-    a: Vec<u32>,
+    a: Vec<Line>,
     a_stride: usize,
     kl: KLayout,
     m: usize,
@@ -673,7 +694,7 @@ pub(crate) struct PreparedX {
 impl PreparedX {
     pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PreparedX {
         let kl = KLayout::new(segs, k_real);
-        PreparedX { a: pack_a(be, x, m, &kl), a_stride: kl.row_elems() * 2, kl, m }
+        PreparedX { a: pack_a(be, x, m, &kl), a_stride: a_row_words(&kl) * 4, kl, m }
     }
 }
 
