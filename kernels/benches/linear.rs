@@ -219,7 +219,15 @@ fn main() {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut rng = SplitMix64::new(1);
     let dtypes = [DType::F32, DType::Bf16];
-    side_by_side(&filter, &mut rng, &dtypes, [KernelMode::Invariant, KernelMode::Fast], "");
+    side_by_side(
+        &filter,
+        &mut rng,
+        &SHAPES,
+        &[1, 8, 64, 128, 512],
+        &dtypes,
+        [KernelMode::Invariant, KernelMode::Fast],
+        "",
+    );
     quantized_decode(&filter, &mut rng);
     native_linear(&filter, &mut rng);
     decode_step(&filter, &mut rng);
@@ -231,13 +239,25 @@ fn main() {
 const SHAPES: [(usize, usize, &str); 4] =
     [(896, 4864, "gate/up"), (4864, 896, "down"), (896, 1152, "qkv"), (896, 151936, "lm_head")];
 
-/// Times the two modes on every shape × dtype × thread count × M (M = 1, 8, 64, 128, 512), the same
+/// Qwen2.5-0.5B's linear shapes for the native table (issue #11): q/k/v fused, o, gate/up, down.
+const NATIVE_SHAPES: [(usize, usize, &str); 4] =
+    [(896, 1152, "qkv"), (896, 896, "o"), (896, 4864, "gate/up"), (4864, 896, "down")];
+
+/// Times the two modes on every shape × dtype × thread count × M in `ms`, the same
 /// pseudo-random weights for both, and prints a row each: `| K→N (name) | M | dtype | threads |`,
 /// then the first mode's GFLOP/s, the second's, first ÷ second in speed, and the first's GB/s of
 /// weights (the caller prints the header naming the modes). A row runs when `filter` is empty or
 /// in its head followed by `tag`.
-fn side_by_side(filter: &str, rng: &mut SplitMix64, dtypes: &[DType], modes: [KernelMode; 2], tag: &str) {
-    for (k, n, name) in SHAPES {
+fn side_by_side(
+    filter: &str,
+    rng: &mut SplitMix64,
+    shapes: &[(usize, usize, &str)],
+    ms: &[usize],
+    dtypes: &[DType],
+    modes: [KernelMode; 2],
+    tag: &str,
+) {
+    for &(k, n, name) in shapes {
         for &dtype in dtypes {
             // Deterministic pseudo-random weights, uniform in ±0.05.
             let vals: Vec<f32> = (0..n * k).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.1).collect();
@@ -251,7 +271,7 @@ fn side_by_side(filter: &str, rng: &mut SplitMix64, dtypes: &[DType], modes: [Ke
                     |mode| CpuBackend::new(CpuConfig { threads, isa: None, mode, numerics: bench_numerics() }).unwrap();
                 let bes = modes.map(mk);
                 let ws = [bes[0].prepare_weight(w.clone()), bes[1].prepare_weight(w.clone())];
-                for m in [1usize, 8, 64, 128, 512] {
+                for &m in ms {
                     let row = format!("| {k}→{n} ({name}) | {m} | {} | {threads} |", dtype.as_str());
                     if !filter.is_empty() && !format!("{row}{tag}").contains(filter) {
                         continue;
@@ -286,7 +306,36 @@ fn native_linear(filter: &str, rng: &mut SplitMix64) {
         class.fingerprint_name()
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    side_by_side(filter, rng, &[DType::Bf16], [KernelMode::Native, KernelMode::Invariant], " native");
+    side_by_side(
+        filter,
+        rng,
+        &NATIVE_SHAPES,
+        &[1, 16, 128, 512],
+        &[DType::Bf16],
+        [KernelMode::Native, KernelMode::Invariant],
+        " native",
+    );
+    if lockstep_kernels::cpu::amx::amx_available().is_ok() && (filter.is_empty() || filter.contains("native")) {
+        for threads in [1, 2] {
+            println!(
+                "AMX peak, {threads} thread(s): {:.0} GFLOP/s (independent TDPBF16PS on resident tiles)",
+                amx_peak_gflops(threads)
+            );
+        }
+    }
+}
+
+/// The tile unit's bf16 throughput: each thread runs rounds of four independent `TDPBF16PS`
+/// (16 × 16 × 32 multiply-adds each) on tiles that stay in their registers.
+fn amx_peak_gflops(threads: usize) -> f64 {
+    let rounds = 2_000_000;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(move || lockstep_kernels::cpu::amx::dot_throughput_probe(rounds).expect("AMX available"));
+        }
+    });
+    (threads * rounds * 4 * 16 * 16 * 32 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
 /// One model's batch-1 decode step for [`decode_step`]: every layer's linears (K, N), then the

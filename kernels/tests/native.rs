@@ -247,6 +247,40 @@ fn row_parallel_shards_finish_the_unsplit_tree(make: Make) {
     }
 }
 
+/// Every AMX block shape and tail equals the rule, through a held weight (packed once) and a bare
+/// view (packed per task): M ≤ 16 (one row tile × up to four column tiles) and M > 16 (2 × 2, with
+/// a last row block of one tile and a partial tile), column tails of one to four tiles and a
+/// partial panel, bf16 and f16 (two planes), short segments (one ending inside the row, one past
+/// it), one long segment, and S = 3.
+fn every_block_shape_equals_the_rule(make: Make) {
+    let mut rng = Rng::new(31);
+    let cases =
+        [(1, 517, 130, 8), (5, 517, 16, 8), (16, 300, 100, 3), (17, 517, 64, 8), (33, 1100, 45, 1), (50, 300, 130, 4)];
+    for (case, &(m, k, n, segments)) in cases.iter().enumerate() {
+        let dtype = [DType::Bf16, DType::F16][case % 2];
+        let x = rng.vec(m * k);
+        let w = HostWeight::from_f32(&rng.vec(n * k), dtype, n, k);
+        let want = bits(&native_linear(native_dot, &x, m, &w, Segmentation::new(k, segments).unwrap().full()));
+        let be = make(2, segments);
+        let (mut held, mut view) = (vec![0.0; m * n], vec![0.0; m * n]);
+        be.linear(&x, m, &w, None, &mut held);
+        be.linear_into(&x, m, w.view(), None, &mut view);
+        let what = format!("m={m} k={k} n={n} S={segments} {dtype:?}");
+        assert_eq!(bits(&held), want, "held weight, {what}");
+        assert_eq!(bits(&view), want, "bare view, {what}");
+    }
+}
+
+#[test]
+fn model_every_block_shape_and_tail_equals_the_native_rule() {
+    every_block_shape_equals_the_rule(model)
+}
+
+#[test]
+fn amx_every_block_shape_and_tail_equals_the_native_rule() {
+    on_hardware("amx_every_block_shape_and_tail_equals_the_native_rule", every_block_shape_equals_the_rule)
+}
+
 #[test]
 fn model_tile_program_equals_the_native_rule_on_random_shapes() {
     equals_the_rule_on_random_shapes(model, native_dot)
@@ -300,7 +334,7 @@ fn amx_row_parallel_shards_tp_1_2_4_and_3_6_plus_tree_combine_equal_unsplit() {
 #[test]
 fn amx_hardware_gives_the_software_models_bits() {
     on_hardware("amx_hardware_gives_the_software_models_bits", |hw| {
-        hardware_gives_the_models_bits(hw, model, 25, &[(37, 45)])
+        hardware_gives_the_models_bits(hw, model, 25, &[(1, 64), (16, 45), (37, 45), (40, 150)])
     })
 }
 

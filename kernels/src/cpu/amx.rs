@@ -138,19 +138,16 @@ fn request_tile_data() -> Result<(), String> {
 
 // ---------------------------------------------------------------- the tile configuration
 
-/// Which tile register a program step names. The program uses three: C (`tmm0`, the f32
-/// accumulator), A (`tmm1`, 16 rows of x as bf16 pairs) and B (`tmm2`, one K tile of 16 weight
-/// rows in pair-interleaved "VNNI" order).
+/// A tile register, `tmm0`..`tmm7`. The program keeps its accumulators (C) in `tmm0..tmm3`, the
+/// rows of x (A) in `tmm4..` and the weights (B) in the registers after those ([`Block`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tmm {
-    C = 0,
-    A = 1,
-    B = 2,
-}
+pub struct Tmm(pub u8);
 
-/// The 64-byte `LDTILECFG` operand: palette 1, `start_row` 0, and for `tmm0..tmm2` 16 rows of 64
-/// bytes (`colsb` u16 little-endian at byte `16 + 2i`, `rows` at byte `48 + i`); the other
-/// tiles unconfigured.
+/// Tile registers of palette 1.
+pub const TILE_REGISTERS: usize = 8;
+
+/// The 64-byte `LDTILECFG` operand: palette 1, `start_row` 0, and for every tile register 16 rows
+/// of 64 bytes (`colsb` u16 little-endian at byte `16 + 2i`, `rows` at byte `48 + i`).
 #[repr(C, align(64))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TileConfig(pub [u8; 64]);
@@ -159,8 +156,7 @@ impl TileConfig {
     pub fn program() -> Self {
         let mut b = [0u8; 64];
         b[0] = 1;
-        for t in [Tmm::C, Tmm::A, Tmm::B] {
-            let i = t as usize;
+        for i in 0..TILE_REGISTERS {
             b[16 + 2 * i..18 + 2 * i].copy_from_slice(&(TILE_ROW_BYTES as u16).to_le_bytes());
             b[48 + i] = TILE_ROWS as u8;
         }
@@ -210,24 +206,47 @@ pub(super) fn bf16_bits(v: f32) -> u16 {
     half::bf16::from_f32(v).to_bits()
 }
 
-/// x (`[m, k_real]` f32) as the A panel: rows padded to a multiple of 16 with zero rows, each row
-/// rounded to bf16 and laid out segment by segment in whole K tiles, zeros in the padding.
-fn pack_a(x: &[f32], m: usize, kl: &KLayout) -> Vec<u16> {
-    let width = kl.row_elems();
-    let rows = m.div_ceil(TILE_ROWS) * TILE_ROWS;
-    let mut a = vec![0u16; rows * width];
-    for (i, row) in a.chunks_exact_mut(width).take(m).enumerate() {
+/// Dwords from one packed A row to the next: the row's K tiles and one 64-byte line more. The
+/// line keeps an A tile's 16 rows on 16 different L1 sets: at K = 896 a row is 2 KiB, and rows
+/// 2 KiB apart share two sets, so a 2 × 2 block's 32 A rows evicted each other (its A tile
+/// loads were most of the tile program's samples).
+fn a_row_words(kl: &KLayout) -> usize {
+    kl.row_elems() / 2 + TILE_ROW_BYTES / 4
+}
+
+/// x (`[m, k_real]` f32) as the A panel, in bf16 pairs (two bf16 a dword, the first in the low
+/// half, as a tile row holds them): rows padded to a multiple of 16 with zero rows, each row
+/// rounded to bf16 and laid out segment by segment in whole K tiles, zeros in the padding. The
+/// rounding is the AVX512-BF16 class's x packing ([`super::dpbf16::pack_x_row`]: `half`'s round
+/// to nearest even, NaN kept quiet, 16 lanes at a time where AVX-512 exists); rows are split among
+/// the team's threads when there are many (M = 512 × K = 4864 is 2.5 M roundings).
+fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<Line> {
+    let width = a_row_words(kl);
+    let mut lines = vec![Line([0; 16]); m.div_ceil(TILE_ROWS) * TILE_ROWS * width / 16];
+    // SAFETY: a line is 16 dwords without padding; the slice covers the lines exactly.
+    let a = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) };
+    let row = |i: usize, dst: &mut [u32]| {
         let xr = &x[i * kl.k_real..(i + 1) * kl.k_real];
         for s in 0..kl.count {
             let cols = kl.segment_cols(s);
-            let at = kl.segment_start(s);
-            for (v, &xv) in row[at..at + cols.len()].iter_mut().zip(&xr[cols]) {
-                *v = bf16_bits(xv);
-            }
+            // Segments start at a whole K tile in the panel and at an even column of x (`seg_len`
+            // is a multiple of 16), so pairs of x are pairs of the panel.
+            let at = kl.segment_start(s) / 2;
+            super::dpbf16::pack_x_row(&xr[cols.clone()], &mut dst[at..at + cols.len().div_ceil(2)]);
         }
+    };
+    if m >= TILE_ROWS && be.threads() > 1 {
+        be.run_chunks(&mut a[..m * width], width, row);
+    } else {
+        a.chunks_exact_mut(width).take(m).enumerate().for_each(|(i, dst)| row(i, dst));
     }
-    a
+    lines
 }
+
+/// One 64-byte line of the A panel: the panel starts on a line, so no tile row straddles two.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
 
 /// The bf16 planes of one weight (f16: the exact split `hi`, `lo`).
 #[inline]
@@ -323,47 +342,98 @@ impl PackedB {
 pub(crate) trait TileUnit {
     /// `LDTILECFG`.
     unsafe fn configure(&mut self, cfg: &TileConfig);
-    /// `TILEZERO tmm0`.
-    unsafe fn zero_c(&mut self);
-    /// `TILELOADD tmmN, [src + stride]`.
+    /// `TILEZERO t`.
+    unsafe fn zero(&mut self, t: Tmm);
+    /// `TILELOADD t, [src + stride]`.
     unsafe fn load(&mut self, t: Tmm, src: *const u8, stride: usize);
-    /// `TDPBF16PS tmm0, tmm1, tmm2`.
-    unsafe fn dot(&mut self);
-    /// `TILESTORED [dst + stride], tmm0`.
-    unsafe fn store_c(&mut self, dst: *mut u8, stride: usize);
+    /// `TDPBF16PS c, a, b` (one of the triples a [`Block`] names).
+    unsafe fn dot(&mut self, c: Tmm, a: Tmm, b: Tmm);
+    /// `TILESTORED [dst + stride], t`.
+    unsafe fn store(&mut self, t: Tmm, dst: *mut u8, stride: usize);
     /// `TILERELEASE`.
     unsafe fn release(&mut self);
 }
 
-/// One C tile's 16 × 16 f32, row-major.
-type CTile = [f32; TILE_ROWS * TILE_COLS];
+/// The register plan of an `R × C` block (R row tiles of 16 rows of x, C column tiles of 16
+/// outputs): its `R·C ≤ 4` accumulators in `tmm0..`, one A register per row tile from `tmm4`,
+/// and the remaining registers for B, taken in turn by the column tiles (`1 × 4`: three B
+/// registers for four columns; `2 × 2`: two). Independent accumulators let the unit overlap
+/// `TDPBF16PS`s, which one accumulator chains; each A load serves C products and each B load R.
+pub(crate) struct Block<const R: usize, const C: usize>;
 
-/// One 16×16 output block over the range's segments: per segment, C from +0, then per K tile
-/// load A, and per plane load B and `TDPBF16PS`; C's 16×16 f32 go to `sums[s]`.
+impl<const R: usize, const C: usize> Block<R, C> {
+    const FITS: () = assert!(R >= 1 && C >= 1 && R * C <= 4 && R < 4, "a block needs its registers");
+    fn c(r: usize, c: usize) -> Tmm {
+        Tmm((r * C + c) as u8)
+    }
+    fn a(r: usize) -> Tmm {
+        Tmm((4 + r) as u8)
+    }
+    fn b(c: usize) -> Tmm {
+        Tmm((4 + R + c % (TILE_REGISTERS - 4 - R)) as u8)
+    }
+}
+
+/// Bytes between one accumulator tile row and the next in a block's segment sums: the sums lie
+/// output-major, vector `(i·C + j)·count + s` holding row `i`, column tile `j`, segment `s` (the
+/// layout `super::store_tile_outputs` finishes), so a tile store's rows are `C·count` vectors apart.
+fn sums_stride<const C: usize>(count: usize) -> usize {
+    C * count * TILE_ROW_BYTES
+}
+
+/// One `R × C` block over the range's segments: per segment every accumulator from +0, then per K
+/// tile and plane each row tile's A (loaded once per K tile) times each column tile's B (loaded
+/// once per plane) with `TDPBF16PS`; the accumulators then go to `sums` (output-major, see
+/// [`sums_stride`]). Per accumulator that is the rule's order: the segment's K tiles in increasing
+/// order, planes in order within a K tile — whatever R and C are.
 ///
 /// # Safety
-/// The unit is configured with [`TileConfig::program`]; `a` points at 16 packed A rows of
-/// `a_stride` bytes, `b` at `count × tiles × planes` packed B tiles.
-unsafe fn tile_program<U: TileUnit>(
+/// The unit is configured with [`TileConfig::program`]; `a` points at `16·R` packed A rows of
+/// `a_stride` bytes, `b[j]` at column tile `j`'s `count × tiles × planes` packed B tiles, `sums`
+/// at `16·R·C·count` writable vectors of 64 bytes.
+unsafe fn tile_program<U: TileUnit, const R: usize, const C: usize>(
     u: &mut U,
     a: *const u8,
     a_stride: usize,
-    b: *const u8,
+    b: [*const u8; C],
     kl: &KLayout,
     planes: usize,
-    sums: &mut [CTile],
+    sums: *mut u8,
 ) {
-    for (s, sum) in sums.iter_mut().enumerate().take(kl.count) {
-        u.zero_c();
-        for t in 0..kl.tiles {
-            let kt = s * kl.tiles + t;
-            u.load(Tmm::A, a.add(kt * TILE_ROW_BYTES), a_stride);
-            for p in 0..planes {
-                u.load(Tmm::B, b.add((kt * planes + p) * TILE_WORDS * 4), TILE_ROW_BYTES);
-                u.dot();
+    let () = Block::<R, C>::FITS;
+    let stride = sums_stride::<C>(kl.count);
+    for s in 0..kl.count {
+        for r in 0..R {
+            for c in 0..C {
+                u.zero(Block::<R, C>::c(r, c));
             }
         }
-        u.store_c(sum.as_mut_ptr() as *mut u8, TILE_COLS * 4);
+        for t in 0..kl.tiles {
+            let kt = s * kl.tiles + t;
+            // Row tile by row tile, each A loaded just before its first product and each B before
+            // the first row tile's: a tile register is reloaded only after the products that read
+            // it were issued several instructions earlier (2 × 2: A0 B0 C00 B1 C01 A1 C10 C11),
+            // where loading both A first made each wait on the previous K tile's last product.
+            for p in 0..planes {
+                for r in 0..R {
+                    if p == 0 {
+                        u.load(Block::<R, C>::a(r), a.add(r * TILE_ROWS * a_stride + kt * TILE_ROW_BYTES), a_stride);
+                    }
+                    for (c, bc) in b.iter().enumerate() {
+                        if r == 0 {
+                            u.load(Block::<R, C>::b(c), bc.add((kt * planes + p) * TILE_WORDS * 4), TILE_ROW_BYTES);
+                        }
+                        u.dot(Block::<R, C>::c(r, c), Block::<R, C>::a(r), Block::<R, C>::b(c));
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let at = ((r * TILE_ROWS * C + c) * kl.count + s) * TILE_ROW_BYTES;
+                u.store(Block::<R, C>::c(r, c), sums.add(at), stride);
+            }
+        }
     }
 }
 
@@ -378,12 +448,12 @@ unsafe fn tile_program<U: TileUnit>(
 #[derive(Clone)]
 pub(crate) struct SoftTiles {
     cfg: [u8; 64],
-    tmm: [[u32; TILE_ROWS * TILE_COLS]; 3],
+    tmm: [[u32; TILE_ROWS * TILE_COLS]; TILE_REGISTERS],
 }
 
 impl Default for SoftTiles {
     fn default() -> Self {
-        SoftTiles { cfg: [0; 64], tmm: [[0; TILE_ROWS * TILE_COLS]; 3] }
+        SoftTiles { cfg: [0; 64], tmm: [[0; TILE_ROWS * TILE_COLS]; TILE_REGISTERS] }
     }
 }
 
@@ -414,14 +484,14 @@ impl SoftTiles {
 impl TileUnit for SoftTiles {
     unsafe fn configure(&mut self, cfg: &TileConfig) {
         self.cfg = cfg.0;
-        self.tmm = [[0; TILE_ROWS * TILE_COLS]; 3];
+        self.tmm = [[0; TILE_ROWS * TILE_COLS]; TILE_REGISTERS];
     }
-    unsafe fn zero_c(&mut self) {
-        self.tmm[Tmm::C as usize] = [0; TILE_ROWS * TILE_COLS];
+    unsafe fn zero(&mut self, t: Tmm) {
+        self.tmm[t.0 as usize] = [0; TILE_ROWS * TILE_COLS];
     }
     unsafe fn load(&mut self, t: Tmm, src: *const u8, stride: usize) {
-        let (rows, colsb) = self.shape(t as usize);
-        let tile = &mut self.tmm[t as usize];
+        let (rows, colsb) = self.shape(t.0 as usize);
+        let tile = &mut self.tmm[t.0 as usize];
         *tile = [0; TILE_ROWS * TILE_COLS];
         for r in 0..rows {
             for d in 0..colsb / 4 {
@@ -430,10 +500,11 @@ impl TileUnit for SoftTiles {
             }
         }
     }
-    unsafe fn dot(&mut self) {
-        let (c_rows, c_colsb) = self.shape(Tmm::C as usize);
-        let (_, a_colsb) = self.shape(Tmm::A as usize);
-        let [c, a, b] = &mut self.tmm;
+    unsafe fn dot(&mut self, ct: Tmm, at: Tmm, bt: Tmm) {
+        let (c_rows, c_colsb) = self.shape(ct.0 as usize);
+        let (_, a_colsb) = self.shape(at.0 as usize);
+        let (a, b) = (self.tmm[at.0 as usize], self.tmm[bt.0 as usize]);
+        let c = &mut self.tmm[ct.0 as usize];
         for m in 0..c_rows {
             let mut even = [0.0f32; TILE_COLS];
             let mut odd = [0.0f32; TILE_COLS];
@@ -454,11 +525,11 @@ impl TileUnit for SoftTiles {
             }
         }
     }
-    unsafe fn store_c(&mut self, dst: *mut u8, stride: usize) {
-        let (rows, colsb) = self.shape(Tmm::C as usize);
+    unsafe fn store(&mut self, t: Tmm, dst: *mut u8, stride: usize) {
+        let (rows, colsb) = self.shape(t.0 as usize);
         for r in 0..rows {
             for d in 0..colsb / 4 {
-                let bytes = self.tmm[Tmm::C as usize][r * TILE_COLS + d].to_le_bytes();
+                let bytes = self.tmm[t.0 as usize][r * TILE_COLS + d].to_le_bytes();
                 std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.add(r * stride + d * 4), 4);
             }
         }
@@ -486,34 +557,123 @@ impl HardTiles {
     }
 }
 
+/// `$body` with `$n` a constant naming tile register `$t` (an `asm!` operand must be one).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_tmm {
+    ($t:expr, $n:ident => $body:expr) => {
+        match $t.0 {
+            0 => {
+                const $n: u8 = 0;
+                $body
+            }
+            1 => {
+                const $n: u8 = 1;
+                $body
+            }
+            2 => {
+                const $n: u8 = 2;
+                $body
+            }
+            3 => {
+                const $n: u8 = 3;
+                $body
+            }
+            4 => {
+                const $n: u8 = 4;
+                $body
+            }
+            5 => {
+                const $n: u8 = 5;
+                $body
+            }
+            6 => {
+                const $n: u8 = 6;
+                $body
+            }
+            7 => {
+                const $n: u8 = 7;
+                $body
+            }
+            other => unreachable!("no tile register tmm{other}"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 impl TileUnit for HardTiles {
     unsafe fn configure(&mut self, cfg: &TileConfig) {
         std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
     }
-    unsafe fn zero_c(&mut self) {
-        std::arch::asm!("tilezero tmm0", options(nostack, nomem, preserves_flags));
+    unsafe fn zero(&mut self, t: Tmm) {
+        with_tmm!(t, T => std::arch::asm!("tilezero tmm{t}", t = const T, options(nostack, nomem, preserves_flags)))
     }
     unsafe fn load(&mut self, t: Tmm, src: *const u8, stride: usize) {
-        match t {
-            Tmm::C => std::arch::asm!("tileloadd tmm0, [{0} + {1}*1]", in(reg) src, in(reg) stride,
-                options(nostack, readonly, preserves_flags)),
-            Tmm::A => std::arch::asm!("tileloadd tmm1, [{0} + {1}*1]", in(reg) src, in(reg) stride,
-                options(nostack, readonly, preserves_flags)),
-            Tmm::B => std::arch::asm!("tileloadd tmm2, [{0} + {1}*1]", in(reg) src, in(reg) stride,
-                options(nostack, readonly, preserves_flags)),
+        with_tmm!(t, T => std::arch::asm!("tileloadd tmm{t}, [{0} + {1}*1]", in(reg) src, in(reg) stride, t = const T,
+            options(nostack, readonly, preserves_flags)))
+    }
+    unsafe fn dot(&mut self, c: Tmm, a: Tmm, b: Tmm) {
+        // The triples the block plans name (`Block::<R, C>`: C in tmm0..3, A in tmm4/5, B after
+        // them), spelled out: three nested register matches would be 512 arms.
+        macro_rules! dots {
+            ($(($c:literal, $a:literal, $b:literal)),*) => {
+                match (c.0, a.0, b.0) {
+                    $(($c, $a, $b) => std::arch::asm!(
+                        concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
+                        options(nostack, nomem, preserves_flags)
+                    ),)*
+                    other => unreachable!("no block plan dots {other:?}"),
+                }
+            };
         }
+        dots!(
+            // 1 × C: A tmm4, B tmm5, 6, 7 in turn.
+            (0, 4, 5),
+            (1, 4, 6),
+            (2, 4, 7),
+            (3, 4, 5),
+            // 2 × C: A tmm4, tmm5, B tmm6, 7.
+            (0, 4, 6),
+            (1, 4, 7),
+            (2, 5, 6),
+            (3, 5, 7),
+            // 2 × 1: A tmm4, tmm5, B tmm6.
+            (1, 5, 6)
+        )
     }
-    unsafe fn dot(&mut self) {
-        std::arch::asm!("tdpbf16ps tmm0, tmm1, tmm2", options(nostack, nomem, preserves_flags));
-    }
-    unsafe fn store_c(&mut self, dst: *mut u8, stride: usize) {
-        std::arch::asm!("tilestored [{0} + {1}*1], tmm0", in(reg) dst, in(reg) stride,
-            options(nostack, preserves_flags));
+    unsafe fn store(&mut self, t: Tmm, dst: *mut u8, stride: usize) {
+        with_tmm!(t, T => std::arch::asm!("tilestored [{0} + {1}*1], tmm{t}", in(reg) dst, in(reg) stride, t = const T,
+            options(nostack, preserves_flags)))
     }
     unsafe fn release(&mut self) {
         std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
+}
+
+/// Runs `rounds` rounds of four independent `TDPBF16PS` (the 2 × 2 block's, on tiles loaded once
+/// from zeros) on this thread: the benches time it for the tile unit's throughput.
+pub fn dot_throughput_probe(rounds: usize) -> Result<(), KernelError> {
+    amx_available()?;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX is available (checked above); the unit is configured before its first tile
+    // instruction and released after its last, on this thread; the loads read 16 rows of 64
+    // bytes of `zeros`.
+    unsafe {
+        let zeros = [0u8; TILE_ROWS * TILE_ROW_BYTES];
+        let mut u = HardTiles::new();
+        u.configure(&TileConfig::program());
+        for t in 0..TILE_REGISTERS {
+            u.load(Tmm(t as u8), zeros.as_ptr(), TILE_ROW_BYTES);
+        }
+        for _ in 0..rounds {
+            for r in 0..2 {
+                for c in 0..2 {
+                    u.dot(Block::<2, 2>::c(r, c), Block::<2, 2>::a(r), Block::<2, 2>::b(c));
+                }
+            }
+        }
+        u.release();
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- the linear
@@ -525,16 +685,16 @@ const TASK_COLS: usize = 64;
 /// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
 /// range): the packed A panel.
 pub(crate) struct PreparedX {
-    a: Vec<u16>,
+    a: Vec<Line>,
     a_stride: usize,
     kl: KLayout,
     m: usize,
 }
 
 impl PreparedX {
-    pub(crate) fn new(x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PreparedX {
+    pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PreparedX {
         let kl = KLayout::new(segs, k_real);
-        PreparedX { a: pack_a(x, m, &kl), a_stride: kl.row_elems() * 2, kl, m }
+        PreparedX { a: pack_a(be, x, m, &kl), a_stride: a_row_words(&kl) * 4, kl, m }
     }
 }
 
@@ -548,6 +708,9 @@ pub(crate) struct Job<'a> {
     packed: Option<&'a PackedB>,
     planes: usize,
     out: SharedOut,
+    /// Whether blocks are finished with AVX-512 ([`super::store_tile_outputs`]); else lane by
+    /// lane, the same adds in the same order.
+    vector_finish: bool,
 }
 
 impl<'a> Job<'a> {
@@ -564,7 +727,11 @@ impl<'a> Job<'a> {
     ) -> Job<'a> {
         assert!(takes(w.dtype), "{:?} weights never take the tile path", w.dtype);
         assert_eq!(x.kl.k_real, w.cols, "x prepared for another K");
-        Job { x, exec, w, packed, planes: planes(w.dtype), out: SharedOut(y.as_mut_ptr()) }
+        #[cfg(target_arch = "x86_64")]
+        let vector_finish = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let vector_finish = false;
+        Job { x, exec, w, packed, planes: planes(w.dtype), out: SharedOut(y.as_mut_ptr()), vector_finish }
     }
 
     pub(crate) fn tasks(&self) -> usize {
@@ -604,41 +771,123 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// Output rows `rows` × columns `cols` (one task's block), 16 × 16 at a time, on `u`.
+    /// Output rows `rows` × columns `cols` (one task's), in blocks on `u`: with at most 16 rows of
+    /// x one row tile × four column tiles (a task's 64 columns: each A load serves four
+    /// products), else two × two (each A and each B load serves two). Row blocks run outside
+    /// column blocks, so the task's B tiles (64 columns × K) stay in L2 while x streams past.
     ///
     /// # Safety
     /// `u` is configured with [`TileConfig::program`]; no other task writes this block of `out`.
     unsafe fn run_on<U: TileUnit>(&self, u: &mut U, rows: Range<usize>, cols: Range<usize>) {
-        let n = self.w.rows;
         let kl = &self.x.kl;
-        let mut b = Vec::new();
-        let mut sums: Vec<CTile> = vec![[0.0; TILE_ROWS * TILE_COLS]; kl.count];
-        // One output's segment sums (its first `kl.count` written before each tree): zeroed once
-        // per task, not once per output.
-        let mut v = [0.0f32; 64];
-        for n0 in cols.clone().step_by(TILE_COLS) {
-            let tiles = match self.packed {
-                Some(p) => p.block(n0),
-                None => {
-                    pack_b(self.w, n0, kl, &mut b);
-                    &b[..]
-                }
-            };
-            for i0 in rows.clone().step_by(TILE_ROWS) {
-                // Row i0 of the A panel exists: its rows are padded to a multiple of 16.
-                let ap = (self.x.a.as_ptr() as *const u8).add(i0 * self.x.a_stride);
-                tile_program(u, ap, self.x.a_stride, tiles.as_ptr() as *const u8, kl, self.planes, &mut sums);
-                for i in i0..(i0 + TILE_ROWS).min(rows.end) {
-                    for j in n0..(n0 + TILE_COLS).min(cols.end) {
-                        let at = (i - i0) * TILE_COLS + (j - n0);
-                        for (s, sum) in sums.iter().enumerate() {
-                            v[s] = sum[at];
-                        }
-                        *self.out.0.add(i * n + j) = super::linear::segment_tree_inplace(&mut v[..kl.count]);
+        let per_block = kl.count * kl.tiles * self.planes * TILE_WORDS;
+        // A bare view: this task's column tiles packed once, for every row block.
+        let mut own = Vec::new();
+        if self.packed.is_none() {
+            let mut b = Vec::new();
+            for n0 in cols.clone().step_by(TILE_COLS) {
+                pack_b(self.w, n0, kl, &mut b);
+                own.extend_from_slice(&b);
+            }
+        }
+        let tiles = |n0: usize| -> *const u8 {
+            match self.packed {
+                Some(p) => p.block(n0).as_ptr() as *const u8,
+                None => own[(n0 - cols.start) / TILE_COLS * per_block..].as_ptr() as *const u8,
+            }
+        };
+        let (rt, ct) = if self.x.m <= TILE_ROWS { (1, 4) } else { (2, 2) };
+        with_block_sums(rt * TILE_ROWS * ct * kl.count, |sums| {
+            for i0 in rows.clone().step_by(rt * TILE_ROWS) {
+                let live = (rows.end - i0).min(rt * TILE_ROWS);
+                for n0 in cols.clone().step_by(ct * TILE_COLS) {
+                    let nc = (cols.end - n0).div_ceil(TILE_COLS).min(ct);
+                    macro_rules! block {
+                        ($r:literal, $c:literal, $mr:literal) => {
+                            self.block::<U, $r, $c, $mr>(
+                                u,
+                                i0,
+                                n0,
+                                live,
+                                std::array::from_fn(|c| tiles(n0 + c * TILE_COLS)),
+                                sums,
+                            )
+                        };
+                    }
+                    match (live.div_ceil(TILE_ROWS), nc) {
+                        (1, 1) => block!(1, 1, 16),
+                        (1, 2) => block!(1, 2, 16),
+                        (1, 3) => block!(1, 3, 16),
+                        (1, 4) => block!(1, 4, 16),
+                        (2, 1) => block!(2, 1, 32),
+                        (2, 2) => block!(2, 2, 32),
+                        other => unreachable!("no {other:?} block"),
                     }
                 }
             }
+        })
+    }
+
+    /// One `R × C` block at rows `i0..i0 + live` and columns `n0..`: the tile program, then each
+    /// output's segment tree and the stores (`MR = 16·R` rows of sums, the first `live` finished).
+    ///
+    /// # Safety
+    /// As for [`Self::run_on`]; `b` are the block's column tiles, `live ≤ MR` rows from `i0` lie
+    /// inside x, and `sums` holds `MR·C·count` vectors.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<U: TileUnit, const R: usize, const C: usize, const MR: usize>(
+        &self,
+        u: &mut U,
+        i0: usize,
+        n0: usize,
+        live: usize,
+        b: [*const u8; C],
+        sums: &mut [Lanes],
+    ) {
+        debug_assert!(MR == R * TILE_ROWS && live <= MR);
+        let (kl, n) = (&self.x.kl, self.w.rows);
+        let a = (self.x.a.as_ptr() as *const u8).add(i0 * self.x.a_stride);
+        let sums = &mut sums[..MR * C * kl.count];
+        tile_program::<U, R, C>(u, a, self.x.a_stride, b, kl, self.planes, sums.as_mut_ptr() as *mut u8);
+        #[cfg(target_arch = "x86_64")]
+        if self.vector_finish {
+            // SAFETY: AVX-512 F was detected; the sums are in the layout it reads; rows
+            // `i0..i0 + live` and the block's columns lie inside the output, this task's.
+            return super::store_tile_outputs::<MR, C>(sums, kl.count, self.out.0, n, i0, n0 / TILE_COLS, live);
         }
+        // SAFETY: a vector of sums is 16 f32 (64 bytes, no padding).
+        let lanes = std::slice::from_raw_parts_mut(sums.as_mut_ptr() as *mut [f32; TILE_COLS], sums.len());
+        let lanes = &mut lanes[..live * C * kl.count];
+        super::trees_in_place(lanes, kl.count, |x, y| std::array::from_fn(|l| x[l] + y[l]));
+        for i in 0..live {
+            for j in 0..C {
+                let col = n0 + j * TILE_COLS;
+                let valid = TILE_COLS.min(n - col);
+                let src = &lanes[(i * C + j) * kl.count];
+                std::ptr::copy_nonoverlapping(src.as_ptr(), self.out.0.add((i0 + i) * n + col), valid);
+            }
+        }
+    }
+}
+
+/// A vector of 16 segment sums in a block's scratch (64 bytes).
+#[cfg(target_arch = "x86_64")]
+type Lanes = std::arch::x86_64::__m512;
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Lanes([f32; TILE_COLS]);
+
+/// Runs `f` on this thread's block scratch of `len` vectors (the native tile scratch where there
+/// is one).
+fn with_block_sums<T>(len: usize, f: impl FnOnce(&mut [Lanes]) -> T) -> T {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::with_tile_sums(len, f)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        f(&mut vec![Lanes([0.0; TILE_COLS]); len])
     }
 }
 
@@ -658,7 +907,7 @@ pub(crate) fn linear_native(
     if m == 0 || w.rows == 0 {
         return;
     }
-    let xa = PreparedX::new(x, m, w.cols, segs);
+    let xa = PreparedX::new(be, x, m, w.cols, segs);
     let job = Job::new(exec, &xa, w, packed, y);
     be.run_tasks(job.tasks(), |t| job.run(t));
 }
@@ -668,17 +917,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_tile_configuration_is_palette_1_with_three_16_by_64_byte_tiles() {
+    fn the_tile_configuration_is_palette_1_with_eight_16_by_64_byte_tiles() {
         let c = TileConfig::program();
         assert_eq!(c.0[0], 1, "palette");
         assert_eq!(c.0[1], 0, "start_row");
-        for t in 0..3 {
+        for t in 0..TILE_REGISTERS {
             assert_eq!((c.rows(t), c.colsb(t)), (16, 64), "tmm{t}");
         }
-        for t in 3..8 {
-            assert_eq!((c.rows(t), c.colsb(t)), (0, 0), "tmm{t} stays unconfigured");
+        assert!(c.0[2..16].iter().chain(&c.0[56..]).all(|&b| b == 0), "reserved bytes are zero");
+    }
+
+    /// Every register a block plan names exists, accumulators, A and B registers are distinct, and
+    /// the hardware's `dot` lists each (C, A, B) triple the plans use.
+    #[test]
+    fn block_plans_use_distinct_registers() {
+        fn check<const R: usize, const C: usize>() {
+            let cs: Vec<u8> = (0..R).flat_map(|r| (0..C).map(move |c| Block::<R, C>::c(r, c).0)).collect();
+            let as_: Vec<u8> = (0..R).map(|r| Block::<R, C>::a(r).0).collect();
+            let bs: Vec<u8> = (0..C).map(|c| Block::<R, C>::b(c).0).collect();
+            for (i, t) in cs.iter().chain(&as_).enumerate() {
+                assert!((*t as usize) < TILE_REGISTERS, "{R}×{C}: tmm{t}");
+                assert!(!cs.iter().chain(&as_).skip(i + 1).any(|u| u == t), "{R}×{C}: tmm{t} twice");
+                assert!(!bs.contains(t), "{R}×{C}: B shares tmm{t}");
+            }
+            assert!(bs.iter().all(|&b| (b as usize) < TILE_REGISTERS));
         }
-        assert!(c.0[2..16].iter().chain(&c.0[32..48]).chain(&c.0[56..]).all(|&b| b == 0), "reserved bytes are zero");
+        check::<1, 1>();
+        check::<1, 2>();
+        check::<1, 3>();
+        check::<1, 4>();
+        check::<2, 1>();
+        check::<2, 2>();
     }
 
     /// One `TDPBF16PS` on the model, with C, A and B as given.
@@ -693,11 +962,11 @@ mod tests {
         // released last.
         unsafe {
             u.configure(&TileConfig::program());
-            u.load(Tmm::C, c.as_ptr() as *const u8, 64);
-            u.load(Tmm::A, a.as_ptr(), 64);
-            u.load(Tmm::B, b.as_ptr(), 64);
-            u.dot();
-            u.store_c(c.as_mut_ptr() as *mut u8, 64);
+            u.load(Tmm(0), c.as_ptr() as *const u8, 64);
+            u.load(Tmm(4), a.as_ptr(), 64);
+            u.load(Tmm(5), b.as_ptr(), 64);
+            u.dot(Tmm(0), Tmm(4), Tmm(5));
+            u.store(Tmm(0), c.as_mut_ptr() as *mut u8, 64);
             u.release();
         }
         c

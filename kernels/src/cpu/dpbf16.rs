@@ -157,7 +157,7 @@ fn pack_x(be: &CpuBackend, x: &[f32], m: usize, k: usize) -> Vec<u32> {
 
 /// One x row as bf16 pairs: `half`'s round to nearest even (NaN kept quiet), 16 at a time where
 /// AVX-512 exists — the same integer formula, so the same bits.
-fn pack_x_row(xr: &[f32], dst: &mut [u32]) {
+pub(super) fn pack_x_row(xr: &[f32], dst: &mut [u32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
@@ -296,7 +296,7 @@ mod hw {
             }
             crate::cpu::keep_segment_sums(&acc, sums, count, s);
         }
-        crate::cpu::store_tile_outputs::<MR, NB>(sums, count, job.out.0, job.n, i0, nb0);
+        crate::cpu::store_tile_outputs::<MR, NB>(sums, count, job.out.0, job.n, i0, nb0, MR);
     }
 
     /// Whole pairs of `xr` (16 pairs, 32 floats, at a time) rounded to bf16 as `half` does:

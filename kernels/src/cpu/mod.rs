@@ -316,12 +316,13 @@ pub(crate) fn trees_in_place<T: Copy>(values: &mut [T], count: usize, add: impl 
 
 /// Finishes an `MR × NB` native tile: per output block (16 outputs, one vector) the contract's
 /// segment tree over its kept segment sums, stored into the `[m, n]` output `out` at rows `i0..`
-/// and 16-output panels `nb0..` (masked where the last panel passes `n`).
+/// and 16-output panels `nb0..` (masked where the last panel passes `n`). Only the tile's first
+/// `rows` rows are finished and stored (an AMX block has 16 rows whatever M is).
 ///
 /// # Safety
 /// The CPU has AVX-512 F; `sums` holds `MR · NB · count` vectors written by
-/// [`keep_segment_sums`]; the tile's rows and panels lie inside the output, which no other task
-/// writes there.
+/// [`keep_segment_sums`] (or a tile store in that layout); `rows ≤ MR`; the tile's first `rows`
+/// rows and its panels lie inside the output, which no other task writes there.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -332,20 +333,23 @@ pub(crate) unsafe fn store_tile_outputs<const MR: usize, const NB: usize>(
     n: usize,
     i0: usize,
     nb0: usize,
+    rows: usize,
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(rows <= MR);
+    let live = rows * NB * count;
     // The usual segment counts get a copy of the tree for their count, one tree at a time in
     // registers: run on the scratch for any count, each level's adds were loads and stores of
     // the sums just made, plus the loop's control for runs of two to eight (~3 % of the samples
     // of a SmolLM2 batch-1 step's tiles, BENCHMARKS §20.2).
     match count {
-        8 => trees_in_registers::<8>(&mut sums[..MR * NB * 8]),
-        12 => trees_in_registers::<12>(&mut sums[..MR * NB * 12]),
-        16 => trees_in_registers::<16>(&mut sums[..MR * NB * 16]),
-        24 => trees_in_registers::<24>(&mut sums[..MR * NB * 24]),
-        _ => trees_in_place(&mut sums[..MR * NB * count], count, |a, b| _mm512_add_ps(a, b)),
+        8 => trees_in_registers::<8>(&mut sums[..live]),
+        12 => trees_in_registers::<12>(&mut sums[..live]),
+        16 => trees_in_registers::<16>(&mut sums[..live]),
+        24 => trees_in_registers::<24>(&mut sums[..live]),
+        _ => trees_in_place(&mut sums[..live], count, |a, b| _mm512_add_ps(a, b)),
     }
-    for i in 0..MR {
+    for i in 0..rows {
         for j in 0..NB {
             let v = sums[(i * NB + j) * count];
             let col = (nb0 + j) * 16;
@@ -695,7 +699,7 @@ impl CpuBackend {
                 LinearJob::Pairs(dpbf16::Job::new(self, e, xp, p, gx.panels, y))
             }
             (NativeExec::Amx(e), NativePacked::Tiles(t)) if t.fits(w.view(), segs) => {
-                let xa = gx.tiles.get_or_init(|| amx::PreparedX::new(x, m, gx.k, segs));
+                let xa = gx.tiles.get_or_init(|| amx::PreparedX::new(self, x, m, gx.k, segs));
                 LinearJob::Tiles(amx::Job::new(e, xa, w.view(), Some(t), y))
             }
             // A weight packed for another layout (tests reuse weights across segmentations):
@@ -989,7 +993,7 @@ mod tests {
                 .collect();
             let mut out = vec![f32::NAN; MR * n];
             // SAFETY: AVX-512 checked above; the tile's rows and panels lie inside `out`.
-            unsafe { store_tile_outputs::<MR, NB>(&mut sums, count, out.as_mut_ptr(), n, 0, 0) };
+            unsafe { store_tile_outputs::<MR, NB>(&mut sums, count, out.as_mut_ptr(), n, 0, 0, MR) };
             for i in 0..MR {
                 for c in 0..n {
                     let (j, lane) = (c / 16, c % 16);

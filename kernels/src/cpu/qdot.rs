@@ -527,7 +527,7 @@ mod hw {
             }
             crate::cpu::keep_segment_sums(&acc, sums, count, s);
         }
-        crate::cpu::store_tile_outputs::<MR, NB>(sums, count, job.out.0, job.n, i0, nb0);
+        crate::cpu::store_tile_outputs::<MR, NB>(sums, count, job.out.0, job.n, i0, nb0, MR);
     }
 
     pub(super) type TileFn = unsafe fn(&Job<'_>, usize, usize);
