@@ -975,14 +975,8 @@ mod tests {
     /// A bf16 with a random sign, significand and an exponent anywhere from denormal to infinity
     /// (biased exponent 0..=255, weighted towards the ends where flushing and overflow happen).
     #[cfg(target_arch = "x86_64")]
-    fn extreme_bf16(rng: &mut u64) -> u16 {
-        let mut next = || {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            *rng
-        };
-        let r = next();
+    fn extreme_bf16(rng: &mut crate::splitmix::SplitMix64) -> u16 {
+        let r = rng.next_u64();
         let exp = match r % 4 {
             0 => (r >> 8) % 8,        // denormals and the smallest normals
             1 => 248 + (r >> 8) % 8,  // the largest normals, infinity and NaN
@@ -1005,7 +999,7 @@ mod tests {
             eprintln!("SKIPPED amx_tile_unit_gives_the_models_bits_on_denormals_overflow_and_even_odd_sums: {why}");
             return;
         }
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::splitmix::SplitMix64::new(0x9e37_79b9_7f4a_7c15);
         for case in 0..200 {
             let (mut a, mut b) = ([0u8; 1024], [0u8; 1024]);
             for v in a.chunks_exact_mut(2).chain(b.chunks_exact_mut(2)) {
@@ -1015,7 +1009,7 @@ mod tests {
             for v in c0.iter_mut() {
                 // Accumulators from denormal to huge, as a chain of K tiles leaves them.
                 let hi = extreme_bf16(&mut rng) as u32;
-                *v = f32::from_bits(hi << 16 | (rng as u32 & 0xffff));
+                *v = f32::from_bits(hi << 16 | (rng.next_u64() as u32 & 0xffff));
             }
             // SAFETY: amx_available() succeeded in this process.
             let hw = dot_on(&mut unsafe { HardTiles::new() }, &c0, &a, &b);
