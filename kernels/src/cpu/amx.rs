@@ -229,10 +229,13 @@ fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<Line> {
     let width = a_row_words(kl);
     let mut lines = SPARE_PANEL.take();
     let len = m.div_ceil(TILE_ROWS) * TILE_ROWS * width / 16;
-    lines.truncate(len);
-    lines.resize(len, Line([0; 16]));
-    // SAFETY: a line is 16 dwords without padding; the slice covers the lines exactly.
-    let a = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) };
+    // Longer is kept as it is: a layer's down panel (K = 4864) follows three of K = 896, and
+    // cutting the lines to each would clear 4 MB again for every down.
+    if lines.len() < len {
+        lines.resize(len, Line([0; 16]));
+    }
+    // SAFETY: a line is 16 dwords without padding; the slice covers the panel's lines.
+    let a = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, len * 16) };
     let row = |i: usize, dst: &mut [u32]| {
         let xr = &x[i * kl.k_real..(i + 1) * kl.k_real];
         for s in 0..kl.count {
@@ -699,6 +702,7 @@ const TASK_COLS: usize = 64;
 /// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
 /// range): the packed A panel.
 pub(crate) struct PreparedX {
+    /// The panel in its first lines (more may follow, left from a larger panel: [`pack_a`]).
     a: Vec<Line>,
     a_stride: usize,
     kl: KLayout,
