@@ -271,6 +271,45 @@ fn every_block_shape_equals_the_rule(make: Make) {
     }
 }
 
+/// An A panel's lines are the previous panel's on the calling thread (not cleared first), so the
+/// zeros of every K tile must be written again: after a panel of NaN and infinity (whose products
+/// with the zero padding of B would be NaN), panels with K-tile tails, short segments and
+/// segments past the row still equal the rule — with fewer rows, more rows, shorter and longer
+/// rows than the poisoned one, through a held weight and a bare view.
+fn a_panel_padding_is_zero_after_a_nan_panel(make: Make) {
+    let mut rng = Rng::new(37);
+    let poison = |m: usize, k: usize| -> Vec<f32> {
+        (0..m * k).map(|i| [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][i % 3]).collect()
+    };
+    for &(m, k, n, segments) in &[(17, 300, 40, 8), (40, 517, 33, 3), (5, 100, 20, 8), (33, 1100, 17, 12)] {
+        let be = make(1, segments);
+        let w = HostWeight::from_f32(&rng.vec(n * k), DType::Bf16, n, k);
+        let x = rng.vec(m * k);
+        let want = bits(&native_linear(native_dot, &x, m, &w, Segmentation::new(k, segments).unwrap().full()));
+        for &(pm, pk) in &[(48, 1100), (m + 16, k), (3, 64)] {
+            let (pw, px) = (HostWeight::from_f32(&rng.vec(4 * pk), DType::Bf16, 4, pk), poison(pm, pk));
+            be.linear(&px, pm, &pw, None, &mut vec![0.0; pm * 4]);
+            let mut held = vec![0.0; m * n];
+            be.linear(&x, m, &w, None, &mut held);
+            assert_eq!(bits(&held), want, "held weight, m={m} k={k} S={segments} after a {pm}×{pk} NaN panel");
+            be.linear(&px, pm, &pw, None, &mut vec![0.0; pm * 4]);
+            let mut view = vec![0.0; m * n];
+            be.linear_into(&x, m, w.view(), None, &mut view);
+            assert_eq!(bits(&view), want, "bare view, m={m} k={k} S={segments} after a {pm}×{pk} NaN panel");
+        }
+    }
+}
+
+#[test]
+fn model_a_panel_padding_is_zero_after_a_nan_panel() {
+    a_panel_padding_is_zero_after_a_nan_panel(model)
+}
+
+#[test]
+fn amx_a_panel_padding_is_zero_after_a_nan_panel() {
+    on_hardware("amx_a_panel_padding_is_zero_after_a_nan_panel", a_panel_padding_is_zero_after_a_nan_panel)
+}
+
 #[test]
 fn model_every_block_shape_and_tail_equals_the_native_rule() {
     every_block_shape_equals_the_rule(model)

@@ -219,20 +219,32 @@ fn a_row_words(kl: &KLayout) -> usize {
 /// rounded to bf16 and laid out segment by segment in whole K tiles, zeros in the padding. The
 /// rounding is the AVX512-BF16 class's x packing ([`super::dpbf16::pack_x_row`]: `half`'s round
 /// to nearest even, NaN kept quiet, 16 lanes at a time where AVX-512 exists); rows are split among
-/// the team's threads when there are many (M = 512 × K = 4864 is 2.5 M roundings).
+/// the team's threads when there are many (M = 512 × K = 4864 is 2.5 M roundings). The lines are
+/// the previous panel's on this thread where it had one ([`PreparedX`] gives them back), so a
+/// panel (up to 5 MB at M = 512) is not cleared first: each row writes the zeros of its K tiles
+/// itself. The line past a row's K tiles and the rows past M keep what they held: no tile load
+/// reads the first, and a tile row's results depend on that row only, so the second's are never
+/// stored.
 fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<Line> {
     let width = a_row_words(kl);
-    let mut lines = vec![Line([0; 16]); m.div_ceil(TILE_ROWS) * TILE_ROWS * width / 16];
-    // SAFETY: a line is 16 dwords without padding; the slice covers the lines exactly.
-    let a = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) };
+    let mut lines = SPARE_PANEL.take();
+    let len = m.div_ceil(TILE_ROWS) * TILE_ROWS * width / 16;
+    // Longer is kept as it is: a layer's down panel (K = 4864) follows three of K = 896, and
+    // cutting the lines to each would clear 4 MB again for every down.
+    if lines.len() < len {
+        lines.resize(len, Line([0; 16]));
+    }
+    // SAFETY: a line is 16 dwords without padding; the slice covers the panel's lines.
+    let a = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, len * 16) };
     let row = |i: usize, dst: &mut [u32]| {
         let xr = &x[i * kl.k_real..(i + 1) * kl.k_real];
         for s in 0..kl.count {
             let cols = kl.segment_cols(s);
             // Segments start at a whole K tile in the panel and at an even column of x (`seg_len`
             // is a multiple of 16), so pairs of x are pairs of the panel.
-            let at = kl.segment_start(s) / 2;
-            super::dpbf16::pack_x_row(&xr[cols.clone()], &mut dst[at..at + cols.len().div_ceil(2)]);
+            let (at, pairs) = (kl.segment_start(s) / 2, cols.len().div_ceil(2));
+            super::dpbf16::pack_x_row(&xr[cols], &mut dst[at..at + pairs]);
+            dst[at + pairs..kl.segment_start(s + 1) / 2].fill(0);
         }
     };
     if m >= TILE_ROWS && be.threads() > 1 {
@@ -241,6 +253,11 @@ fn pack_a(be: &CpuBackend, x: &[f32], m: usize, kl: &KLayout) -> Vec<Line> {
         a.chunks_exact_mut(width).take(m).enumerate().for_each(|(i, dst)| row(i, dst));
     }
     lines
+}
+
+thread_local! {
+    /// The lines of the last A panel dropped on this thread, for the next [`pack_a`] to fill.
+    static SPARE_PANEL: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// One 64-byte line of the A panel: the panel starts on a line, so no tile row straddles two.
@@ -685,6 +702,7 @@ const TASK_COLS: usize = 64;
 /// `x` prepared once for every linear of a group that reads it (the same `x`, `m` and segment
 /// range): the packed A panel.
 pub(crate) struct PreparedX {
+    /// The panel in its first lines (more may follow, left from a larger panel: [`pack_a`]).
     a: Vec<Line>,
     a_stride: usize,
     kl: KLayout,
@@ -695,6 +713,13 @@ impl PreparedX {
     pub(crate) fn new(be: &CpuBackend, x: &[f32], m: usize, k_real: usize, segs: SegmentRange) -> PreparedX {
         let kl = KLayout::new(segs, k_real);
         PreparedX { a: pack_a(be, x, m, &kl), a_stride: a_row_words(&kl) * 4, kl, m }
+    }
+}
+
+impl Drop for PreparedX {
+    /// The panel's lines go back to this thread's spare for the next call's [`pack_a`].
+    fn drop(&mut self) {
+        SPARE_PANEL.set(std::mem::take(&mut self.a));
     }
 }
 

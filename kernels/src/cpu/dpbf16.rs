@@ -299,9 +299,12 @@ mod hw {
         crate::cpu::store_tile_outputs::<MR, NB>(sums, count, job.out.0, job.n, i0, nb0, MR);
     }
 
-    /// Whole pairs of `xr` (16 pairs, 32 floats, at a time) rounded to bf16 as `half` does:
-    /// NaN → its top half with the quiet bit set; otherwise `(bits + 0x7fff + lsb) >> 16`, the
-    /// lsb being bit 16 (round to nearest even). Returns how many pairs it wrote.
+    /// Pairs of `xr` (16 pairs, 32 floats, at a time, the last block masked) rounded to bf16 as
+    /// `half` does: NaN → its top half with the quiet bit set; otherwise
+    /// `(bits + 0x7fff + lsb) >> 16`, the lsb being bit 16 (round to nearest even); the second
+    /// half of a pair past the row is zero. Returns how many pairs it wrote. The masked last block
+    /// matters: a segment is rarely a multiple of 32 columns (Qwen2.5's 112 leaves 16), and the
+    /// scalar rounding of those was about a sixth of native prefill's A packing (BENCHMARKS §21.1).
     ///
     /// # Safety
     /// The CPU has AVX-512 F.
@@ -316,11 +319,9 @@ mod hw {
             let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(0x40));
             _mm512_mask_blend_epi32(nan, rne, quiet)
         };
-        for b in 0..whole {
-            let src = xr.as_ptr().add(32 * b) as *const __m512i;
-            let (a, c) = (round(_mm512_loadu_si512(src)), round(_mm512_loadu_si512(src.add(1))));
-            // Elements 2p (low half) and 2p + 1 (high half) of each pair: even and odd dwords
-            // of the 32 rounded values, packed as lo | hi << 16.
+        // Elements 2p (low half) and 2p + 1 (high half) of each pair: even and odd dwords of the
+        // 32 rounded values, packed as lo | hi << 16.
+        let pack = |a: __m512i, c: __m512i| {
             let even = _mm512_permutex2var_epi32(
                 a,
                 _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
@@ -331,10 +332,25 @@ mod hw {
                 _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31),
                 c,
             );
-            let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+            _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
+        };
+        for b in 0..whole {
+            let src = xr.as_ptr().add(32 * b) as *const __m512i;
+            let pairs = pack(round(_mm512_loadu_si512(src)), round(_mm512_loadu_si512(src.add(1))));
             _mm512_storeu_si512(dst.as_mut_ptr().add(16 * b) as *mut __m512i, pairs);
         }
-        16 * whole
+        let tail = dst.len() - 16 * whole;
+        if tail == 0 || tail > 16 {
+            return 16 * whole;
+        }
+        // The last pairs: floats past the row load as +0.0, which rounds to a zero half.
+        let floats = (xr.len() - 32 * whole).min(2 * tail);
+        let mask = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
+        let src = xr.as_ptr().add(32 * whole) as *const i32;
+        let a = _mm512_maskz_loadu_epi32(mask(floats), src);
+        let c = _mm512_maskz_loadu_epi32(mask(floats.saturating_sub(16)), src.add(16));
+        _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(16 * whole) as *mut i32, mask(tail), pack(round(a), round(c)));
+        16 * whole + tail
     }
 
     #[inline(always)]
@@ -511,6 +527,34 @@ mod tests {
                     xr[2 * p].to_bits(),
                     xr.get(2 * p + 1).map_or(0, |x| x.to_bits())
                 );
+            }
+        }
+    }
+
+    /// Every row length 0..=100 (each size of the masked last block, odd and even, and a
+    /// destination one pair short of the row) packs the pairs `half` rounds, the specials and
+    /// ties landing in the last block too; nothing past the destination is written.
+    #[test]
+    fn packed_x_pairs_vector_tail_rounds_like_half_for_every_length() {
+        let specials = [0x7fc0_0001u32, 0xff80_0001, 0x7f80_0000, 0x0000_8000, 0x0001_8000, 0x3f80_8000, 0x807f_ffff];
+        let mut rng = crate::splitmix::SplitMix64::new(41);
+        for k in 0..=100usize {
+            let xr: Vec<f32> = (0..k)
+                .map(|i| {
+                    // The last block's values: specials at its end, random bits elsewhere.
+                    let from_end = k - 1 - i;
+                    f32::from_bits(specials.get(from_end).copied().unwrap_or(rng.next_u64() as u32))
+                })
+                .collect();
+            for pairs in [k.div_ceil(2), (k / 2).saturating_sub(1)] {
+                let mut dst = vec![0xdead_beefu32; pairs + 1];
+                pack_x_row(&xr, &mut dst[..pairs]);
+                for (p, &v) in dst[..pairs].iter().enumerate() {
+                    let lo = bf16_bits(xr[2 * p]) as u32;
+                    let hi = if 2 * p + 1 < k { bf16_bits(xr[2 * p + 1]) as u32 } else { 0 };
+                    assert_eq!(v, lo | hi << 16, "k={k} pairs={pairs} pair {p}");
+                }
+                assert_eq!(dst[pairs], 0xdead_beef, "k={k} pairs={pairs}: wrote past the destination");
             }
         }
     }
