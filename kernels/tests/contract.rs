@@ -200,7 +200,7 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
 }
 
 /// Batches of 64 rows or more with short segments (≤ 256 columns) and f32/bf16/f16 weights run
-/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run four at a time
+/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
 /// against a weight panel packed per call, and the lane tree is folded partly in registers and
 /// partly through a stack. Every output must still equal the reference — for both segment-count
 /// families, K not a multiple of 16 (the real row ending inside a lane's last step), output

@@ -29,7 +29,7 @@
 //! reused by the thread's next task when it is the same block (tasks then run column block after
 //! column block) — so no copy of the weights outlives the call, and x packed lane by lane. Each
 //! task fetches its share of the next column block's weights into L2 while it computes, so the
-//! packing of that block does not wait on memory. Tiles run 2 rows × 4 lanes at once. Decode and
+//! packing of that block does not wait on memory. Tiles run 4 rows × 2 lanes at once. Decode and
 //! block-type weights never take them.
 
 use std::cell::RefCell;

@@ -662,14 +662,16 @@ pub(crate) const fn lm_state_floats(rows: usize) -> usize {
     rows * LM_LEVELS * LM_NR
 }
 
-/// Rows of a lane-major tile and lanes it runs at once. Fewer lanes at once store more of the
-/// lane tree (8 rows × 1 lane: its stores took ~14 % of the time, BENCHMARKS §19.1); more would
-/// load a weight vector per FMA or two.
-const LM_ROWS: usize = 2;
-const LM_GROUP: usize = 4;
+/// Rows of a lane-major tile and lanes it runs at once. 4 rows × 2 lanes load 8 broadcasts and 6
+/// weight vectors per 24 FMAs where 2 rows × 4 lanes load 8 and 12: 3–8 % faster on Emerald
+/// Rapids (BENCHMARKS §22.1), whose two 512-bit FMA ports leave little room beside the loads.
+/// Fewer lanes at once store more of the lane tree (8 rows × 1 lane: its stores took ~14 % of
+/// the time on Zen 4, BENCHMARKS §19.1, and it ran ~20 % slower than 4 × 2 in §22.1).
+const LM_ROWS: usize = 4;
+const LM_GROUP: usize = 2;
 
-/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 4 × 48` floats
-/// (12 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
+/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 2 × 48` floats
+/// (6 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
 /// down projection: 608) keep the K-blocked tiles: lane-major tiles of 4 rows × 2 lanes (half
 /// the panel per group) measured no faster there (BENCHMARKS §19.1).
 pub(crate) const LM_MAX_SEG: usize = 256;
@@ -858,9 +860,10 @@ unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mu
 /// once, x broadcast, the panel's 48 weights of column `e` as 3 vectors — so each lane's chain is
 /// exactly the contract's, and the lane tree is vertical adds of whole vectors: no shuffles.
 /// A tile runs a group of `G` lanes (`g + 16/G · q`) at once and folds them in registers (the
-/// tree's lower levels: `(l, l + 8)`, then `(l, l + 4)`), and the groups of a segment meet in a
-/// binary-carry stack (the upper levels): the stack is what costs — a store of every result that
-/// waits for its sibling — and groups of `G` lanes store `G` times less than single lanes would.
+/// tree's lower levels: `(l, l + 8)`, and with four lanes `(l, l + 4)`), and the groups of a
+/// segment meet in a binary-carry stack (the upper levels): the stack is what costs — a store of
+/// every result that waits for its sibling — and groups of `G` lanes store `G` times less than
+/// single lanes would.
 /// Every tile of the block runs one group before the next group starts, so that group's panel
 /// (`seg_len / 16 × G × 48` floats) stays in L1 while the tiles pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
