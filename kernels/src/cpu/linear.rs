@@ -19,7 +19,7 @@
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
 //!
-//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 256 columns).** The
+//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 640 columns).** The
 //! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
 //! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
 //! lanes are independent chains, so these tiles compute the same chains the other way round: a

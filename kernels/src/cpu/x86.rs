@@ -671,10 +671,11 @@ const LM_ROWS: usize = 4;
 const LM_GROUP: usize = 2;
 
 /// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 2 × 48` floats
-/// (6 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
-/// down projection: 608) keep the K-blocked tiles: lane-major tiles of 4 rows × 2 lanes (half
-/// the panel per group) measured no faster there (BENCHMARKS §19.1).
-pub(crate) const LM_MAX_SEG: usize = 256;
+/// (15 KiB), then leaves room in a 48 KiB L1 for the tiles' x lines and state. Qwen2.5's down
+/// projection (608-column segments) takes them: on Emerald Rapids 25–30 % faster than the
+/// K-blocked tiles at M = 512 (BENCHMARKS §22.1; on Zen 4's 32 KiB L1 they measured no faster,
+/// §19.1). Longer segments keep the K-blocked tiles.
+pub(crate) const LM_MAX_SEG: usize = 640;
 
 /// `g` with its lowest `bits` bits reversed: the order lane groups run in, so that groups `2k`
 /// and `2k + 1` of that order are the lane tree's pairs at the level above a group's own, runs of
