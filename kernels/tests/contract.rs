@@ -199,8 +199,8 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
-/// Batches of 64 rows or more with short segments (≤ 256 columns) and f32/bf16/f16 weights run
-/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run four at a time
+/// Batches of 64 rows or more with segments of at most 640 columns and f32/bf16/f16 weights run
+/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
 /// against a weight panel packed per call, and the lane tree is folded partly in registers and
 /// partly through a stack. Every output must still equal the reference — for both segment-count
 /// families, K not a multiple of 16 (the real row ending inside a lane's last step), output
@@ -212,10 +212,14 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
     let mut rng = Rng::new(47);
     // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112); 1000 at S = 8 (seg_len 128, the
     // row ends mid-step); 200 at S = 1 (one 208-column segment); 333 at S = 3 (seg_len 112);
-    // 300 at S = 12 (seg_len 32); and 1300 at S = 2, 2016 at S = 1, segments too long for
-    // lane-major tiles (the routing between the two kinds of tiles inside one backend).
+    // 300 at S = 12 (seg_len 32); Qwen2.5's down projection, K = 4864 at S = 8 (seg_len 608,
+    // the longest lane-major segments, 38 steps per lane chain); 1250 at S = 2 (seg_len 640, the
+    // row ends mid-step); and 1300 at S = 2, 2016 at S = 1, segments too long for lane-major
+    // tiles (the routing between the two kinds of tiles inside one backend).
     let cases = [
         (512, 896, 50, 8),
+        (64, 4864, 50, 8),
+        (72, 1250, 49, 2),
         (64, 1000, 97, 8),
         (71, 200, 48, 1),
         (136, 333, 1, 3),

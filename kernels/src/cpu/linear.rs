@@ -19,7 +19,7 @@
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
 //!
-//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 256 columns).** The
+//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 640 columns).** The
 //! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
 //! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
 //! lanes are independent chains, so these tiles compute the same chains the other way round: a
@@ -29,7 +29,7 @@
 //! reused by the thread's next task when it is the same block (tasks then run column block after
 //! column block) — so no copy of the weights outlives the call, and x packed lane by lane. Each
 //! task fetches its share of the next column block's weights into L2 while it computes, so the
-//! packing of that block does not wait on memory. Tiles run 2 rows × 4 lanes at once. Decode and
+//! packing of that block does not wait on memory. Tiles run 4 rows × 2 lanes at once. Decode and
 //! block-type weights never take them.
 
 use std::cell::RefCell;
@@ -131,6 +131,7 @@ struct LaneBufs {
 /// lane-major tiles, each built at the first linear that reads it.
 pub(crate) struct PaddedX<'x> {
     x: &'x [f32],
+    /// Rows `kb_rows()..m`, padded (the rows no pack holds).
     xp: Vec<f32>,
     /// The K-blocked tiles' 8-row packs (see `KChunk::x`).
     kb_pack: OnceLock<AlignedF32>,
@@ -230,10 +231,11 @@ impl<'x> PaddedX<'x> {
         // Rows 0..m/8·8 are the K-blocked tiles' (every task's K-blocked rows start at a multiple
         // of 8 and stop at the last whole 8 of its block): they read x packed per tile instead.
         let kb_rows = if kblocked { m / KB_MR * KB_MR } else { 0 };
-        // The other rows are read in place, padded.
-        let mut xp = vec![0.0f32; m * padded];
-        for i in kb_rows..m {
-            xp[i * padded..i * padded + k_real].copy_from_slice(&x[i * k_real..(i + 1) * k_real]);
+        // The other rows are read in place, padded (row `kb_rows + i` at `i · padded`): only
+        // they, so a prefill does not allocate and fault in a padded copy it never reads.
+        let mut xp = vec![0.0f32; (m - kb_rows) * padded];
+        for (i, row) in xp.chunks_exact_mut(padded).enumerate() {
+            row[..k_real].copy_from_slice(&x[(kb_rows + i) * k_real..][..k_real]);
         }
         let chunks = if kblocked { k_chunks(segs.count, segs.seg.seg_len) } else { Vec::new() };
         PaddedX {
@@ -310,7 +312,8 @@ impl<'a> Job<'a> {
         let (rb, cb) = if self.lanes { (t % row_blocks, t / row_blocks) } else { (t / col_blocks, t % col_blocks) };
         let (r0, r1) = (rb * TASK_ROWS, ((rb + 1) * TASK_ROWS).min(m));
         let (c0, c1) = (cb * task_cols, ((cb + 1) * task_cols).min(n));
-        let xrow = |i: usize| px.xp.as_ptr().wrapping_add(i * padded);
+        // Rows past the packed ones (every row this reaches is: see `PaddedX::new`).
+        let xrow = |i: usize| px.xp.as_ptr().wrapping_add((i - px.kb_rows()) * padded);
         // Past the last real column, tiles read the last row again and drop the results.
         let wrow = |j: usize| wbase.wrapping_add(j.min(n - 1) * row_bytes);
         // The bytes of weight rows `first..first + rows` (clamped to W): contiguous in row-major W.

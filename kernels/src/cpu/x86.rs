@@ -662,17 +662,20 @@ pub(crate) const fn lm_state_floats(rows: usize) -> usize {
     rows * LM_LEVELS * LM_NR
 }
 
-/// Rows of a lane-major tile and lanes it runs at once. Fewer lanes at once store more of the
-/// lane tree (8 rows × 1 lane: its stores took ~14 % of the time, BENCHMARKS §19.1); more would
-/// load a weight vector per FMA or two.
-const LM_ROWS: usize = 2;
-const LM_GROUP: usize = 4;
+/// Rows of a lane-major tile and lanes it runs at once. 4 rows × 2 lanes load 8 broadcasts and 6
+/// weight vectors per 24 FMAs where 2 rows × 4 lanes load 8 and 12: 3–8 % faster on Emerald
+/// Rapids (BENCHMARKS §22.1), whose two 512-bit FMA ports leave little room beside the loads.
+/// Fewer lanes at once store more of the lane tree (8 rows × 1 lane: its stores took ~14 % of
+/// the time on Zen 4, BENCHMARKS §19.1, and it ran ~20 % slower than 4 × 2 in §22.1).
+const LM_ROWS: usize = 4;
+const LM_GROUP: usize = 2;
 
-/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 4 × 48` floats
-/// (12 KiB), then leaves room in L1 for the tiles' x lines and state. Longer segments (Qwen2.5's
-/// down projection: 608) keep the K-blocked tiles: lane-major tiles of 4 rows × 2 lanes (half
-/// the panel per group) measured no faster there (BENCHMARKS §19.1).
-pub(crate) const LM_MAX_SEG: usize = 256;
+/// The longest segment lane-major tiles take: a group's panel, `seg_len / 16 × 2 × 48` floats
+/// (15 KiB), then leaves room in a 48 KiB L1 for the tiles' x lines and state. Qwen2.5's down
+/// projection (608-column segments) takes them: on Emerald Rapids 25–30 % faster than the
+/// K-blocked tiles at M = 512 (BENCHMARKS §22.1; on Zen 4's 32 KiB L1 they measured no faster,
+/// §19.1). Longer segments keep the K-blocked tiles.
+pub(crate) const LM_MAX_SEG: usize = 640;
 
 /// `g` with its lowest `bits` bits reversed: the order lane groups run in, so that groups `2k`
 /// and `2k + 1` of that order are the lane tree's pairs at the level above a group's own, runs of
@@ -745,6 +748,7 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_lanes512<L: Load512, const G: usize>(
     ws: &[*const u8; LM_NR],
+    elem_bytes: usize,
     k_real: usize,
     seg_len: usize,
     count: usize,
@@ -753,22 +757,30 @@ unsafe fn pack_lanes512<L: Load512, const G: usize>(
     let (groups, group_bits) = (16 / G, (16 / G).trailing_zeros());
     let steps = seg_len / 16;
     let full_end = k_real / 16 * 16;
+    // Where lane `l` of a 16-column block lands from the block's (segment, step) base: its group
+    // (bit-reversed), then its place in the group. A table, so the transposed block is stored
+    // straight from its registers.
+    let lane_at: [usize; 16] = std::array::from_fn(|lane| {
+        let (g, q) = (lane % groups, lane / groups);
+        (bit_reverse(g, group_bits) * steps * G + q) * LM_NR
+    });
     for block in 0..count * steps {
         let (col, seg, step) = (block * 16, block / steps, block % steps);
         let rem = k_real.saturating_sub(col).min(16);
         let mask = ((1u32 << rem) - 1) as __mmask16;
+        let base = panel.add((seg * groups * steps + step) * G * LM_NR);
         for jv in 0..LM_VECS {
             let mut r = [_mm512_setzero_ps(); 16];
             for j in 0..16 {
                 let row = ws[jv * 16 + j];
+                // 48 rows side by side are more streams than the hardware prefetcher follows:
+                // each row's line four blocks ahead is fetched by hand (never faults).
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add((col + 64) * elem_bytes) as *const i8);
                 r[j] = if col < full_end { L::full(row, col) } else { L::masked(row, col, mask) };
             }
             transpose16(&mut r);
             for (lane, v) in r.iter().enumerate() {
-                let (g, q) = (lane % groups, lane / groups);
-                let group = seg * groups + bit_reverse(g, group_bits);
-                let at = ((group * steps + step) * G + q) * LM_NR + jv * 16;
-                _mm512_store_ps(panel.add(at), *v);
+                _mm512_store_ps(base.add(lane_at[lane] + jv * 16), *v);
             }
         }
     }
@@ -791,9 +803,9 @@ pub(crate) unsafe fn pack_lanes_avx512(
     panel: *mut f32,
 ) {
     match dtype {
-        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
-        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
-        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, dtype.size(), k_real, seg_len, count, panel),
+        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, dtype.size(), k_real, seg_len, count, panel),
+        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, dtype.size(), k_real, seg_len, count, panel),
         other => unreachable!("{other:?} weights take the K-blocked tiles"),
     }
 }
@@ -858,9 +870,10 @@ unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mu
 /// once, x broadcast, the panel's 48 weights of column `e` as 3 vectors — so each lane's chain is
 /// exactly the contract's, and the lane tree is vertical adds of whole vectors: no shuffles.
 /// A tile runs a group of `G` lanes (`g + 16/G · q`) at once and folds them in registers (the
-/// tree's lower levels: `(l, l + 8)`, then `(l, l + 4)`), and the groups of a segment meet in a
-/// binary-carry stack (the upper levels): the stack is what costs — a store of every result that
-/// waits for its sibling — and groups of `G` lanes store `G` times less than single lanes would.
+/// tree's lower levels: `(l, l + 8)`, and with four lanes `(l, l + 4)`), and the groups of a
+/// segment meet in a binary-carry stack (the upper levels): the stack is what costs — a store of
+/// every result that waits for its sibling — and groups of `G` lanes store `G` times less than
+/// single lanes would.
 /// Every tile of the block runs one group before the next group starts, so that group's panel
 /// (`seg_len / 16 × G × 48` floats) stays in L1 while the tiles pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
