@@ -574,43 +574,19 @@ impl HardTiles {
     }
 }
 
-/// `$body` with `$n` a constant naming tile register `$t` (an `asm!` operand must be one).
+/// `$body` with `$n` a constant naming tile register `$t` (an `asm!` operand must be one): one
+/// match arm per register, `$body` in each.
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_tmm {
     ($t:expr, $n:ident => $body:expr) => {
+        with_tmm!(@arms $t, $n, $body, 0 1 2 3 4 5 6 7)
+    };
+    (@arms $t:expr, $n:ident, $body:expr, $($k:literal)*) => {
         match $t.0 {
-            0 => {
-                const $n: u8 = 0;
+            $($k => {
+                const $n: u8 = $k;
                 $body
-            }
-            1 => {
-                const $n: u8 = 1;
-                $body
-            }
-            2 => {
-                const $n: u8 = 2;
-                $body
-            }
-            3 => {
-                const $n: u8 = 3;
-                $body
-            }
-            4 => {
-                const $n: u8 = 4;
-                $body
-            }
-            5 => {
-                const $n: u8 = 5;
-                $body
-            }
-            6 => {
-                const $n: u8 = 6;
-                $body
-            }
-            7 => {
-                const $n: u8 = 7;
-                $body
-            }
+            })*
             other => unreachable!("no tile register tmm{other}"),
         }
     };
