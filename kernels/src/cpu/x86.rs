@@ -1661,22 +1661,33 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
 }
 
 /// Chunk `c`'s `(m_c, l_c, o_c)` of `H` heads into their running state (the chunk's own state at
-/// `c = 0`), by [`super::ops::merge_chunk_weights`].
+/// `c = 0`), as [`super::ops::merge_chunk_weights`] says: its `2 · H` exps in one [`exp16`] (the
+/// contract's exp lane for lane) rather than one scalar exp each, which cost ~5 % of a prefill's
+/// attention.
 #[inline(always)]
 unsafe fn merge_chunk_heads<const H: usize, const B: usize>(
     c: usize,
     (m, l, o): (&mut [f32; H], &mut [f32; H], &mut [[__m512; B]; H]),
     (m_c, l_c, o_c): ([f32; H], [f32; H], [[__m512; B]; H]),
 ) {
+    if c == 0 {
+        (*m, *l, *o) = (m_c, l_c, o_c);
+        return;
+    }
+    let mut x = [0.0f32; 16];
     for h in 0..H {
-        if c == 0 {
-            (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
-        } else {
-            let (fa, fb) = super::ops::merge_chunk_weights((&mut m[h], &mut l[h]), m_c[h], l_c[h]);
-            let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
-            for b in 0..B {
-                o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
-            }
+        let mn = m[h].max(m_c[h]);
+        (x[h], x[H + h]) = (m[h] - mn, m_c[h] - mn);
+        m[h] = mn;
+    }
+    let mut w = [0.0f32; 16];
+    _mm512_storeu_ps(w.as_mut_ptr(), exp16(_mm512_loadu_ps(x.as_ptr())));
+    for h in 0..H {
+        let (fa, fb) = (w[h], w[H + h]);
+        l[h] = l[h] * fa + l_c[h] * fb;
+        let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
+        for b in 0..B {
+            o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
         }
     }
 }
