@@ -334,9 +334,8 @@ fn attention_heads(
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
         use super::x86::{attention_heads_dispatch, AttnKeys};
-        // 16 floats per group of keys: 16 / heads keys per group; in lanes, each head's scores
-        // and then its exps, 16 keys a block.
-        let need = (p.kv_chunk.div_ceil(16 / heads) * 16).max(2 * heads * p.kv_chunk.div_ceil(16) * 16);
+        // 16 floats per group of keys: 16 / heads keys per group; in lanes, `x86::lane_scores`.
+        let need = (p.kv_chunk.div_ceil(16 / heads) * 16).max(super::x86::lane_scores(heads, p.kv_chunk));
         let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
         let scores = if need <= STACK_SCORES {
             &mut stack[..need]
@@ -654,7 +653,7 @@ fn attention_lane_blocks(
         };
         let mut scores = [0.0f32; STACK_SCORES];
         let mut heap = Vec::new();
-        let need = 2 * heads * p.kv_chunk.div_ceil(16) * 16;
+        let need = super::x86::lane_scores(heads, p.kv_chunk);
         let scores = if need <= STACK_SCORES {
             &mut scores[..need]
         } else {

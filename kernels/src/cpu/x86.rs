@@ -1526,8 +1526,8 @@ unsafe fn add_heads<const H: usize>(mut x: [__m512; H], y: [__m512; H]) -> [__m5
 /// `kt`'s vector `e`, the query's broadcast), and the lane tree is the same adds — `(l, l+8)`,
 /// `(l, l+4)`, `(l, l+2)`, `(l, l+1)` — as plain vector adds, 16 keys at a time, instead of
 /// [`fold_blend`]'s shuffles. `q[h]` is head `h`'s query zero-padded to `B · 16` floats (the
-/// padding elements' fmas are the contract's zero-padded ones). `scores` holds `2 · H · ⌈len /
-/// 16⌉ · 16` floats.
+/// padding elements' fmas are the contract's zero-padded ones). `scores` holds [`lane_scores`]`(H,
+/// len)` floats.
 #[inline(always)]
 unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
     q: &[[f32; ATTN_PAIR_MAX_DIM]; H],
@@ -1539,6 +1539,7 @@ unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
 ) -> ([f32; H], [f32; H], [[__m512; B]; H]) {
     let blocks = len.div_ceil(16);
     let (s_buf, p_buf) = scores.split_at_mut(H * blocks * 16);
+    debug_assert!(H <= 4 && p_buf.len() >= blocks * 64);
     let mut m_run = [_mm512_set1_ps(f32::NEG_INFINITY); H];
     for blk in 0..blocks {
         let kb = kt.add(blk * B * 16 * 16);
@@ -1569,22 +1570,36 @@ unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
     for h in 0..H {
         m_c[h] = _mm512_reduce_max_ps(m_run[h]);
     }
-    for h in 0..H {
-        let m = _mm512_set1_ps(m_c[h]);
-        for blk in 0..blocks {
-            let at = (h * blocks + blk) * 16;
-            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(s_buf.as_ptr().add(at)), m));
-            _mm512_storeu_ps(p_buf.as_mut_ptr().add(at), pr);
+    // The exps key by key, the heads of a key side by side (four lanes, the padding heads zero),
+    // so that each head's `l_c` is one lane of a 4-lane sum: one add per key for all heads
+    // rather than one scalar add per head, on the ports the fmas need. A block's 16 keys × 4
+    // heads take two levels of unpacks, which leave key `j` at `(j % 4) · 16 + (j / 4) · 4`.
+    for blk in 0..blocks {
+        let mut e = [_mm512_setzero_ps(); 4];
+        for h in 0..H {
+            let sh = _mm512_loadu_ps(s_buf.as_ptr().add((h * blocks + blk) * 16));
+            e[h] = exp16(_mm512_sub_ps(sh, _mm512_set1_ps(m_c[h])));
         }
+        let (t0, t1) = (_mm512_unpacklo_ps(e[0], e[1]), _mm512_unpackhi_ps(e[0], e[1]));
+        let (t2, t3) = (_mm512_unpacklo_ps(e[2], e[3]), _mm512_unpackhi_ps(e[2], e[3]));
+        let pd = |a: __m512, b: __m512, hi: bool| {
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            _mm512_castpd_ps(if hi { _mm512_unpackhi_pd(a, b) } else { _mm512_unpacklo_pd(a, b) })
+        };
+        let out = p_buf.as_mut_ptr().add(blk * 64);
+        _mm512_storeu_ps(out, pd(t0, t2, false));
+        _mm512_storeu_ps(out.add(16), pd(t0, t2, true));
+        _mm512_storeu_ps(out.add(32), pd(t1, t3, false));
+        _mm512_storeu_ps(out.add(48), pd(t1, t3, true));
     }
-    let mut l_c = [0.0f32; H];
+    let mut l4 = _mm_setzero_ps();
     let mut o_c = [[_mm512_setzero_ps(); B]; H];
     for j in 0..len {
+        let at = p_buf.as_ptr().add((j & !15) * 4 + (j & 3) * 16 + (j & 12));
+        l4 = _mm_add_ps(l4, _mm_loadu_ps(at));
         let mut pv = [_mm512_setzero_ps(); H];
         for h in 0..H {
-            let pr = p_buf[h * blocks * 16 + j];
-            l_c[h] += pr;
-            pv[h] = _mm512_set1_ps(pr);
+            pv[h] = _mm512_set1_ps(*at.add(h));
         }
         for b in 0..B {
             let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vt.add(j * d + b * 16));
@@ -1593,7 +1608,17 @@ unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
             }
         }
     }
+    let mut l4s = [0.0f32; 4];
+    _mm_storeu_ps(l4s.as_mut_ptr(), l4);
+    let mut l_c = [0.0f32; H];
+    l_c.copy_from_slice(&l4s[..H]);
     (m_c, l_c, o_c)
+}
+
+/// Floats of [`attention_chunk_lanes`]' scratch for `heads` heads and `len` keys: each head's
+/// scores, then the exps of four heads' (padded) per key.
+pub(crate) fn lane_scores(heads: usize, len: usize) -> usize {
+    (heads + 4) * len.div_ceil(16) * 16
 }
 
 /// `H` query heads against the keys of `keys_in` (see [`crate::reference::attention`]): each
@@ -1607,7 +1632,8 @@ unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
 /// AVX-512 F/BW/VL must be available; every `qs[h]` holds `d` floats and `outs[h]` `d` (or
 /// `2 + d`) floats, `B = ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H > 1`),
 /// `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk / (16 /
-/// H)⌉`), and every `key_at[kp] + kv_head·d + d` lies inside both caches.
+/// H)⌉`) and, with keys in lanes, [`lane_scores`]`(H, kv_chunk)`, and every `key_at[kp] +
+/// kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, const COLD: bool>(
     qs: [&[f32]; H],
@@ -1723,7 +1749,7 @@ pub(crate) struct AttnLaneKeys<'a> {
 /// AVX-512 F/BW/VL must be available; `B = ⌈d / 16⌉ ≤ ATTN_PAIR_MAX_DIM / 16`; `n_rows ≤
 /// LANE_BLOCK_MAX_ROWS`; `rows` gives pointers to `H · d` readable and writable floats (each output
 /// written by no one else meanwhile) and attended counts ≥ 1 within `lanes`' chunks; `scores`
-/// holds `2 · H · ⌈kv_chunk / 16⌉ · 16` floats.
+/// holds [`lane_scores`]`(H, kv_chunk)` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn attention_block_lanes_avx512<const H: usize, const B: usize>(
     block: &AttnLaneKeys<'_>,
