@@ -259,6 +259,17 @@ impl HeadUnits {
 /// small: 2 KiB).
 const STACK_SCORES: usize = 512;
 
+/// The first `need` floats of `stack`, or of `heap` grown to them where the stack has too few.
+#[cfg(target_arch = "x86_64")]
+fn scores_scratch<'a>(stack: &'a mut [f32; STACK_SCORES], heap: &'a mut Vec<f32>, need: usize) -> &'a mut [f32] {
+    if need <= STACK_SCORES {
+        &mut stack[..need]
+    } else {
+        heap.resize(need, 0.0);
+        heap
+    }
+}
+
 /// The contract's merge of a chunk's `(m_c, l_c)` into the running `(m, l)` of the chunks before
 /// it (chunk order): updates them and returns the weights `(a, b)` of the output merge
 /// `o = o · a + o_c · b` (two products and a sum, not an fma). Every merge of attention — in one
@@ -337,12 +348,7 @@ fn attention_heads(
         // 16 floats per group of keys: 16 / heads keys per group; in lanes, `x86::lane_scores`.
         let need = (p.kv_chunk.div_ceil(16 / heads) * 16).max(super::x86::lane_scores(heads, p.kv_chunk));
         let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
-        let scores = if need <= STACK_SCORES {
-            &mut stack[..need]
-        } else {
-            heap.resize(need, 0.0);
-            &mut heap[..]
-        };
+        let scores = scores_scratch(&mut stack, &mut heap, need);
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let kv_chunk = p.kv_chunk;
         let kv_head = first / group;
@@ -611,6 +617,8 @@ impl LaneKeys {
 /// (`x86::attention_block_lanes_avx512`), so that the chunk's keys and values stay in L1 for all
 /// but the first.
 const LANE_BLOCK_ROWS: usize = 16;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(LANE_BLOCK_ROWS <= super::x86::LANE_BLOCK_MAX_ROWS);
 
 /// The rows of a call whose every sequence has its keys in lanes, as tasks of (block of
 /// [`LANE_BLOCK_ROWS`] rows of one sequence, unit of heads), the blocks of the latest positions
@@ -618,7 +626,6 @@ const LANE_BLOCK_ROWS: usize = 16;
 /// ends. A row's heads run the same chunks in the same order as [`attention_heads`], so their
 /// bits do too.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attention_lane_blocks(
     be: &CpuBackend,
@@ -651,15 +658,8 @@ fn attention_lane_blocks(
             // SAFETY: `at..at + heads · d` lies in `q` and `out` (row `row`'s heads of this unit).
             (unsafe { q.as_ptr().add(at) }, pos + 1, unsafe { dst.0.add(at) })
         };
-        let mut scores = [0.0f32; STACK_SCORES];
-        let mut heap = Vec::new();
-        let need = super::x86::lane_scores(heads, p.kv_chunk);
-        let scores = if need <= STACK_SCORES {
-            &mut scores[..need]
-        } else {
-            heap.resize(need, 0.0);
-            &mut heap[..]
-        };
+        let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
+        let scores = scores_scratch(&mut stack, &mut heap, super::x86::lane_scores(heads, p.kv_chunk));
         // SAFETY: AVX-512 and d ≤ ATTN_PAIR_MAX_DIM (the keys are in lanes only then); a block
         // holds at most LANE_BLOCK_ROWS ≤ LANE_BLOCK_MAX_ROWS rows; each (row, unit) is one
         // task's, so no two tasks write the same output; `scores` is sized above; every key offset
