@@ -9,7 +9,8 @@
 //! those are too few, chunks of keys, whose partials are folded in chunk order afterwards — and
 //! sampling each row's vocab segments); each row's bits never depend on which thread ran it. A
 //! prefill's rows (16 or more of one sequence) score against their keys transposed into lanes once
-//! per call, 16 keys a register, which turns the lane tree into vertical adds ([`LaneKeys`]).
+//! per call, 16 keys a register, which turns the lane tree into vertical adds ([`LaneKeys`]), and
+//! run in blocks of rows that take each chunk of keys in turn ([`attention_lane_blocks`]).
 
 use super::{linear::segment_tree_inplace, CpuBackend, Isa, SharedOut};
 use crate::math::{exp, silu};
@@ -258,6 +259,17 @@ impl HeadUnits {
 /// small: 2 KiB).
 const STACK_SCORES: usize = 512;
 
+/// The first `need` floats of `stack`, or of `heap` grown to them where the stack has too few.
+#[cfg(target_arch = "x86_64")]
+fn scores_scratch<'a>(stack: &'a mut [f32; STACK_SCORES], heap: &'a mut Vec<f32>, need: usize) -> &'a mut [f32] {
+    if need <= STACK_SCORES {
+        &mut stack[..need]
+    } else {
+        heap.resize(need, 0.0);
+        heap
+    }
+}
+
 /// The contract's merge of a chunk's `(m_c, l_c)` into the running `(m, l)` of the chunks before
 /// it (chunk order): updates them and returns the weights `(a, b)` of the output merge
 /// `o = o · a + o_c · b` (two products and a sum, not an fma). Every merge of attention — in one
@@ -333,16 +345,10 @@ fn attention_heads(
     #[cfg(target_arch = "x86_64")]
     if be.isa() == Isa::Avx512 && d <= super::x86::ATTN_MAX_DIM {
         use super::x86::{attention_heads_dispatch, AttnKeys};
-        // 16 floats per group of keys: 16 / heads keys per group; in lanes, each head's scores
-        // and then its exps, 16 keys a block.
-        let need = (p.kv_chunk.div_ceil(16 / heads) * 16).max(2 * heads * p.kv_chunk.div_ceil(16) * 16);
+        // 16 floats per group of keys: 16 / heads keys per group; in lanes, `x86::lane_scores`.
+        let need = (p.kv_chunk.div_ceil(16 / heads) * 16).max(super::x86::lane_scores(heads, p.kv_chunk));
         let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
-        let scores = if need <= STACK_SCORES {
-            &mut stack[..need]
-        } else {
-            heap.resize(need, 0.0);
-            &mut heap[..]
-        };
+        let scores = scores_scratch(&mut stack, &mut heap, need);
         let (qh, o) = (&qrow[first * d..(first + heads) * d], out);
         let kv_chunk = p.kv_chunk;
         let kv_head = first / group;
@@ -503,6 +509,9 @@ const LANE_UNIT_HEADS: usize = 4;
 struct LaneKeys {
     floats: Vec<f32>,
     seqs: Vec<LaneSeq>,
+    /// The call's rows of those sequences in blocks for [`attention_lane_blocks`]: first row, rows
+    /// (a block never spans two sequences).
+    blocks: Vec<(usize, usize)>,
 }
 
 /// One sequence's keys in lanes: KV head `h`'s chunk `c` at `base + (h · chunks + c) ·
@@ -525,21 +534,22 @@ impl LaneKeys {
         be: &CpuBackend,
         rows: &[(usize, usize, usize)],
         offsets: &[usize],
-        k_cache: &[f32],
+        (k_cache, v_cache): (&[f32], &[f32]),
         p: AttnParams,
     ) -> bool {
         self.seqs.clear();
+        self.blocks.clear();
         #[cfg(not(target_arch = "x86_64"))]
         return false;
         #[cfg(target_arch = "x86_64")]
         {
-            use super::x86::{lane_key_floats, transpose_keys_avx512, ATTN_PAIR_MAX_DIM};
+            use super::x86::{lane_chunk_floats, transpose_chunk_avx512, ATTN_PAIR_MAX_DIM};
             let d = p.head_dim;
             if be.isa() != Isa::Avx512 || d > ATTN_PAIR_MAX_DIM {
                 return false;
             }
             let mut every_row = true;
-            let chunk_floats = lane_key_floats(p.kv_chunk, d);
+            let chunk_floats = lane_chunk_floats(p.kv_chunk, d);
             let (mut base, mut at) = (0, 0);
             // A sequence's rows are consecutive and in position order (`KeyIndex::build`).
             while at < rows.len() {
@@ -549,6 +559,8 @@ impl LaneKeys {
                 if n_q >= LANE_KEYS_MIN_ROWS {
                     let chunks = keys.div_ceil(p.kv_chunk);
                     self.seqs.push(LaneSeq { first, keys, chunks, base });
+                    let blocks = (at..at + n_q).step_by(LANE_BLOCK_ROWS);
+                    self.blocks.extend(blocks.map(|b| (b, LANE_BLOCK_ROWS.min(at + n_q - b))));
                     base += p.n_kv_heads * chunks * chunk_floats;
                 } else {
                     every_row = false;
@@ -578,7 +590,7 @@ impl LaneKeys {
                 // offset was computed from the layout, whose cache holds every slot.
                 unsafe {
                     let out = dst.slice(base + (kv_head * chunks + c) * chunk_floats, chunk_floats);
-                    transpose_keys_avx512(chunk, k_cache, kv_head, d, out);
+                    transpose_chunk_avx512(chunk, (k_cache, v_cache), (kv_head, d, p.kv_chunk), out);
                 }
             });
             every_row
@@ -589,7 +601,7 @@ impl LaneKeys {
     fn of(&self, first: usize, p: AttnParams) -> Option<&[f32]> {
         #[cfg(target_arch = "x86_64")]
         {
-            let chunk_floats = super::x86::lane_key_floats(p.kv_chunk, p.head_dim);
+            let chunk_floats = super::x86::lane_chunk_floats(p.kv_chunk, p.head_dim);
             let s = self.seqs.iter().find(|s| s.first == first)?;
             Some(&self.floats[s.base..][..p.n_kv_heads * s.chunks * chunk_floats])
         }
@@ -599,6 +611,68 @@ impl LaneKeys {
             None
         }
     }
+}
+
+/// Query rows of one sequence that run a chunk of keys in lanes one after another
+/// (`x86::attention_block_lanes_avx512`), so that the chunk's keys and values stay in L1 for all
+/// but the first.
+const LANE_BLOCK_ROWS: usize = 16;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(LANE_BLOCK_ROWS <= super::x86::LANE_BLOCK_MAX_ROWS);
+
+/// The rows of a call whose every sequence has its keys in lanes, as tasks of (block of
+/// [`LANE_BLOCK_ROWS`] rows of one sequence, unit of heads), the blocks of the latest positions
+/// (the longest rows of the causal triangle) first so that the cheap ones even out the threads'
+/// ends. A row's heads run the same chunks in the same order as [`attention_heads`], so their
+/// bits do too.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn attention_lane_blocks(
+    be: &CpuBackend,
+    q: &[f32],
+    rows: &[(usize, usize, usize)],
+    lanes: &LaneKeys,
+    p: AttnParams,
+    units: HeadUnits,
+    out: &mut [f32],
+) {
+    use super::x86::{attention_block_lanes_dispatch, AttnLaneKeys};
+    let (d, width) = (p.head_dim, p.n_heads * p.head_dim);
+    let n_units = units.count(p.n_heads);
+    let blocks = &lanes.blocks;
+    let dst = SharedOut(out.as_mut_ptr());
+    be.run_tasks(blocks.len() * n_units, |t| {
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        let (start, n_rows) = blocks[blocks.len() - 1 - t / n_units];
+        let (first, heads) = units.heads(t % n_units);
+        let seq_first = rows[start].2;
+        let all = lanes.of(seq_first, p).expect("every row's sequence has its keys in lanes");
+        let per_head = all.len() / p.n_kv_heads;
+        let kv_head = first / units.group;
+        let block =
+            AttnLaneKeys { lanes: &all[kv_head * per_head..][..per_head], kv_chunk: p.kv_chunk, scale: p.scale() };
+        let row = |r: usize| {
+            let (row, pos, _) = rows[start + r];
+            let at = row * width + first * d;
+            // SAFETY: `at..at + heads · d` lies in `q` and `out` (row `row`'s heads of this unit).
+            (unsafe { q.as_ptr().add(at) }, pos + 1, unsafe { dst.0.add(at) })
+        };
+        let (mut stack, mut heap) = ([0.0f32; STACK_SCORES], Vec::new());
+        let scores = scores_scratch(&mut stack, &mut heap, super::x86::lane_scores(heads, p.kv_chunk));
+        // SAFETY: AVX-512 and d ≤ ATTN_PAIR_MAX_DIM (the keys are in lanes only then); a block
+        // holds at most LANE_BLOCK_ROWS ≤ LANE_BLOCK_MAX_ROWS rows; each (row, unit) is one
+        // task's, so no two tasks write the same output; `scores` is sized above; every key offset
+        // was computed from the layout, whose caches hold every slot.
+        unsafe {
+            match heads {
+                1 => attention_block_lanes_dispatch::<1>(&block, d, n_rows, row, scores),
+                2 => attention_block_lanes_dispatch::<2>(&block, d, n_rows, row, scores),
+                3 => attention_block_lanes_dispatch::<3>(&block, d, n_rows, row, scores),
+                _ => attention_block_lanes_dispatch::<4>(&block, d, n_rows, row, scores),
+            }
+        }
+    });
 }
 
 thread_local! {
@@ -664,12 +738,16 @@ fn attention_rows(
     };
     if !split {
         return LANE_KEYS.with_borrow_mut(|lanes| {
-            let every_row = lanes.build(be, rows, offsets, k_cache, p);
+            let every_row = lanes.build(be, rows, offsets, (k_cache, v_cache), p);
             let lanes = &*lanes;
             // Keys in lanes are loaded once per element for all of a unit's heads, and the
             // queries' elements are broadcast from memory, so up to four heads fit the registers.
             let units = if every_row { units.with_width(LANE_UNIT_HEADS) } else { units };
             let n_units = units.count(p.n_heads);
+            #[cfg(target_arch = "x86_64")]
+            if every_row {
+                return with_fma!(be, attention_lane_blocks(be, q, rows, lanes, p, units, out));
+            }
             be.run_tasks(rows.len(), |r| {
                 let row_lanes = lanes.of(rows[r].2, p);
                 (0..n_units).for_each(|u| run(r, units.heads(u), row_lanes))
@@ -882,6 +960,63 @@ mod tests {
     /// time otherwise: Qwen2.5-0.5B's groups of 7 (three pairs, then one head alone), a pair
     /// straddling two groups (never paired), head_dim 128 (never paired) and several kv chunks
     /// must all give the reference's bits; the key offsets are computed once per sequence.
+    /// Every sequence with enough rows for keys in lanes runs in blocks of rows chunk by chunk
+    /// (`attention_lane_blocks`); its bits equal the reference's at 1 and 2 threads, for 1–4
+    /// heads per unit, head_dim 64 and below (a masked last block), rows of one block that attend
+    /// different counts of keys in the same and in different counts of chunks, prefills from
+    /// position 0 and after cached keys, and lengths that end mid-chunk and mid-block.
+    #[test]
+    fn blocks_of_rows_in_lanes_equal_reference() {
+        let mut rng = SplitMix64::new(5);
+        for (n_heads, n_kv_heads, head_dim) in [(14, 2, 64), (9, 3, 64), (3, 3, 64), (8, 2, 40), (6, 3, 24), (6, 2, 8)]
+        {
+            let block_size = 16;
+            // (first position, queries), every sequence with at least LANE_KEYS_MIN_ROWS rows.
+            let shape = [(0usize, 150usize), (40, 37), (129, LANE_KEYS_MIN_ROWS)];
+            let layout = KvLayout { num_blocks: 32, block_size, n_kv_heads, head_dim };
+            let mut next_block = 0u32;
+            let tables: Vec<Vec<u32>> = shape
+                .iter()
+                .map(|&(first, n)| {
+                    let blocks = (first + n).div_ceil(block_size) as u32;
+                    let table = (next_block..next_block + blocks).rev().collect();
+                    next_block += blocks;
+                    table
+                })
+                .collect();
+            let mut q_row = 0;
+            let seqs: Vec<AttnSeq> = shape
+                .iter()
+                .zip(&tables)
+                .map(|(&(first_pos, n_q), table)| {
+                    let s = AttnSeq { block_table: table, q_row, n_q, first_pos };
+                    q_row += n_q;
+                    s
+                })
+                .collect();
+            let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 4.0 - 2.0).collect::<Vec<f32>>();
+            let q = vals(q_row * n_heads * head_dim);
+            let (k_cache, v_cache) = (vals(layout.floats()), vals(layout.floats()));
+            for kv_chunk in [7, 20, 64, 100] {
+                let p = AttnParams { n_heads, n_kv_heads, head_dim, block_size, kv_chunk };
+                let want: Vec<u32> = reference::attention(&q, &seqs, &k_cache, &v_cache, &layout, p)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                for (isa, threads) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 2)]) {
+                    let numerics = NumericsConfig::default();
+                    let config = CpuConfig { threads, isa: Some(isa), mode: KernelMode::Invariant, numerics };
+                    let be = CpuBackend::new(config).unwrap();
+                    let mut out = vec![0.0; q.len()];
+                    attention(&be, &q, &seqs, &k_cache, &v_cache, &layout, p, &mut out);
+                    let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    let what = format!("{isa:?} {threads}t heads={n_heads}/{n_kv_heads} d={head_dim} chunk={kv_chunk}");
+                    assert_eq!(got, want, "{what}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn paired_and_single_attention_heads_equal_reference() {
         let mut rng = SplitMix64::new(3);

@@ -1310,8 +1310,8 @@ pub(crate) struct AttnKeys<'a> {
     /// Whether the keys are likely out of cache (few query rows, as at decode): the kernel then
     /// prefetches them ahead of use, into the next chunks too.
     pub cold: bool,
-    /// This KV head's keys in lanes ([`transpose_keys_avx512`]; chunk `c` at `c ·`
-    /// [`lane_key_floats`]), where a prefill's many rows share them: the scores then take
+    /// This KV head's keys in lanes and values in rows ([`transpose_chunk_avx512`]; chunk `c` at
+    /// `c ·` [`lane_chunk_floats`]), where a prefill's many rows share them: the chunks then take
     /// [`attention_chunk_lanes`]. Only with `head_dim ≤ ATTN_PAIR_MAX_DIM`.
     pub lanes: Option<&'a [f32]>,
 }
@@ -1436,19 +1436,37 @@ unsafe fn attention_chunk<const H: usize, const B: usize, const COLD: bool>(
 
 /// Floats of one chunk of keys in lanes: `⌈kv_chunk / 16⌉` blocks of 16 keys, each `⌈d / 16⌉ · 16`
 /// vectors (element `e` of the block's keys, key `j` in lane `j`; padding elements and keys zero).
-pub(crate) fn lane_key_floats(kv_chunk: usize, d: usize) -> usize {
+fn lane_key_floats(kv_chunk: usize, d: usize) -> usize {
     kv_chunk.div_ceil(16) * d.div_ceil(16) * 16 * 16
 }
 
+/// Floats of one chunk in lanes: its keys in lanes ([`lane_key_floats`]), then its values in rows
+/// (`kv_chunk · d`, key `j`'s at `j · d`).
+pub(crate) fn lane_chunk_floats(kv_chunk: usize, d: usize) -> usize {
+    lane_key_floats(kv_chunk, d) + kv_chunk * d
+}
+
 /// One chunk of keys (cache offsets of their head 0, at most `kv_chunk`) of KV head `kv_head`
-/// transposed into lanes at `dst` ([`lane_key_floats`] floats): block `j / 16` of key `j`, vector
-/// `e` (element `e`), lane `j % 16`. Padding lanes and elements are zero.
+/// transposed into lanes at `dst` ([`lane_chunk_floats`] floats): block `j / 16` of key `j`,
+/// vector `e` (element `e`), lane `j % 16`, padding lanes and elements zero; then their values
+/// one after another. The values' copy is read by every row and head of a prefill in turn: in
+/// the cache a KV head's values lie `n_kv_heads · d` floats apart, so a chunk's values use only
+/// some of L1's sets and evict each other (and the keys) while rows of a block take turns on it.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; `d ≤ ATTN_MAX_DIM`; `dst` holds the chunk's floats; every
-/// `keys[j] + kv_head·d + d` lies inside `k_cache`.
+/// AVX-512 F/BW/VL must be available; `d ≤ ATTN_MAX_DIM`; `dst` holds the chunk's floats
+/// (`keys.len() ≤ kv_chunk`); every `keys[j] + kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn transpose_keys_avx512(keys: &[usize], k_cache: &[f32], kv_head: usize, d: usize, dst: &mut [f32]) {
+pub(crate) unsafe fn transpose_chunk_avx512(
+    keys: &[usize],
+    (k_cache, v_cache): (&[f32], &[f32]),
+    (kv_head, d, kv_chunk): (usize, usize, usize),
+    dst: &mut [f32],
+) {
+    let (key_floats, vp) = (lane_key_floats(kv_chunk, d), v_cache.as_ptr().add(kv_head * d));
+    for (j, &at) in keys.iter().enumerate() {
+        std::ptr::copy_nonoverlapping(vp.add(at), dst.as_mut_ptr().add(key_floats + j * d), d);
+    }
     let padded = d.div_ceil(16) * 16;
     let kp = k_cache.as_ptr().add(kv_head * d);
     for (blk, block) in keys.chunks(16).enumerate() {
@@ -1508,19 +1526,20 @@ unsafe fn add_heads<const H: usize>(mut x: [__m512; H], y: [__m512; H]) -> [__m5
 /// `kt`'s vector `e`, the query's broadcast), and the lane tree is the same adds — `(l, l+8)`,
 /// `(l, l+4)`, `(l, l+2)`, `(l, l+1)` — as plain vector adds, 16 keys at a time, instead of
 /// [`fold_blend`]'s shuffles. `q[h]` is head `h`'s query zero-padded to `B · 16` floats (the
-/// padding elements' fmas are the contract's zero-padded ones). `scores` holds `2 · H · ⌈len /
-/// 16⌉ · 16` floats.
+/// padding elements' fmas are the contract's zero-padded ones). `scores` holds [`lane_scores`]`(H,
+/// len)` floats.
 #[inline(always)]
 unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
     q: &[[f32; ATTN_PAIR_MAX_DIM]; H],
-    (keys, len): (&[usize], usize),
-    (kt, vp): (*const f32, *const f32),
+    len: usize,
+    (kt, vt): (*const f32, *const f32),
     d: usize,
     scale: f32,
     scores: &mut [f32],
 ) -> ([f32; H], [f32; H], [[__m512; B]; H]) {
     let blocks = len.div_ceil(16);
     let (s_buf, p_buf) = scores.split_at_mut(H * blocks * 16);
+    debug_assert!(H <= 4 && p_buf.len() >= blocks * 64);
     let mut m_run = [_mm512_set1_ps(f32::NEG_INFINITY); H];
     for blk in 0..blocks {
         let kb = kt.add(blk * B * 16 * 16);
@@ -1551,31 +1570,55 @@ unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
     for h in 0..H {
         m_c[h] = _mm512_reduce_max_ps(m_run[h]);
     }
-    for h in 0..H {
-        let m = _mm512_set1_ps(m_c[h]);
-        for blk in 0..blocks {
-            let at = (h * blocks + blk) * 16;
-            let pr = exp16(_mm512_sub_ps(_mm512_loadu_ps(s_buf.as_ptr().add(at)), m));
-            _mm512_storeu_ps(p_buf.as_mut_ptr().add(at), pr);
+    // The exps key by key, the heads of a key side by side (four lanes, the padding heads zero),
+    // so that each head's `l_c` is one lane of a 4-lane sum: one add per key for all heads
+    // rather than one scalar add per head, on the ports the fmas need. A block's 16 keys × 4
+    // heads take two levels of unpacks, which leave key `j` at `(j % 4) · 16 + (j / 4) · 4`.
+    for blk in 0..blocks {
+        let mut e = [_mm512_setzero_ps(); 4];
+        for h in 0..H {
+            let sh = _mm512_loadu_ps(s_buf.as_ptr().add((h * blocks + blk) * 16));
+            e[h] = exp16(_mm512_sub_ps(sh, _mm512_set1_ps(m_c[h])));
         }
+        let (t0, t1) = (_mm512_unpacklo_ps(e[0], e[1]), _mm512_unpackhi_ps(e[0], e[1]));
+        let (t2, t3) = (_mm512_unpacklo_ps(e[2], e[3]), _mm512_unpackhi_ps(e[2], e[3]));
+        let pd = |a: __m512, b: __m512, hi: bool| {
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            _mm512_castpd_ps(if hi { _mm512_unpackhi_pd(a, b) } else { _mm512_unpacklo_pd(a, b) })
+        };
+        let out = p_buf.as_mut_ptr().add(blk * 64);
+        _mm512_storeu_ps(out, pd(t0, t2, false));
+        _mm512_storeu_ps(out.add(16), pd(t0, t2, true));
+        _mm512_storeu_ps(out.add(32), pd(t1, t3, false));
+        _mm512_storeu_ps(out.add(48), pd(t1, t3, true));
     }
-    let mut l_c = [0.0f32; H];
+    let mut l4 = _mm_setzero_ps();
     let mut o_c = [[_mm512_setzero_ps(); B]; H];
-    for (j, &at) in keys[..len].iter().enumerate() {
+    for j in 0..len {
+        let at = p_buf.as_ptr().add((j & !15) * 4 + (j & 3) * 16 + (j & 12));
+        l4 = _mm_add_ps(l4, _mm_loadu_ps(at));
         let mut pv = [_mm512_setzero_ps(); H];
         for h in 0..H {
-            let pr = p_buf[h * blocks * 16 + j];
-            l_c[h] += pr;
-            pv[h] = _mm512_set1_ps(pr);
+            pv[h] = _mm512_set1_ps(*at.add(h));
         }
         for b in 0..B {
-            let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vp.add(at + b * 16));
+            let v = _mm512_maskz_loadu_ps(dim_mask(d, b), vt.add(j * d + b * 16));
             for h in 0..H {
                 o_c[h][b] = _mm512_fmadd_ps(pv[h], v, o_c[h][b]);
             }
         }
     }
+    let mut l4s = [0.0f32; 4];
+    _mm_storeu_ps(l4s.as_mut_ptr(), l4);
+    let mut l_c = [0.0f32; H];
+    l_c.copy_from_slice(&l4s[..H]);
     (m_c, l_c, o_c)
+}
+
+/// Floats of [`attention_chunk_lanes`]' scratch for `heads` heads and `len` keys: each head's
+/// scores, then the exps of four heads' (padded) per key.
+pub(crate) fn lane_scores(heads: usize, len: usize) -> usize {
+    (heads + 4) * len.div_ceil(16) * 16
 }
 
 /// `H` query heads against the keys of `keys_in` (see [`crate::reference::attention`]): each
@@ -1589,7 +1632,8 @@ unsafe fn attention_chunk_lanes<const H: usize, const B: usize>(
 /// AVX-512 F/BW/VL must be available; every `qs[h]` holds `d` floats and `outs[h]` `d` (or
 /// `2 + d`) floats, `B = ⌈d / 16⌉` (`d ≤ ATTN_MAX_DIM`, and `≤ ATTN_PAIR_MAX_DIM` for `H > 1`),
 /// `scores` holds 16 floats per group of `16 / H` keys of a chunk (`16 · ⌈kv_chunk / (16 /
-/// H)⌉`), and every `key_at[kp] + kv_head·d + d` lies inside both caches.
+/// H)⌉`) and, with keys in lanes, [`lane_scores`]`(H, kv_chunk)`, and every `key_at[kp] +
+/// kv_head·d + d` lies inside both caches.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, const COLD: bool>(
     qs: [&[f32]; H],
@@ -1615,7 +1659,7 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
             q_padded[h][..d].copy_from_slice(qs[h]);
         }
     }
-    let chunk_floats = lane_key_floats(kv_chunk, d);
+    let (chunk_floats, key_floats) = (lane_chunk_floats(kv_chunk, d), lane_key_floats(kv_chunk, d));
     let kv = (k_cache.as_ptr().add(kv_head * d), v_cache.as_ptr().add(kv_head * d));
     let mut o = [[_mm512_setzero_ps(); B]; H];
     let (mut m, mut l) = ([f32::NEG_INFINITY; H], [0.0f32; H]);
@@ -1624,21 +1668,11 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
         let (m_c, l_c, o_c) = match lanes {
             Some(kt) => {
                 let kt = kt[c * chunk_floats..][..chunk_floats].as_ptr();
-                attention_chunk_lanes::<H, B>(&q_padded, from_chunk, (kt, kv.1), d, scale, scores)
+                attention_chunk_lanes::<H, B>(&q_padded, keys.len(), (kt, kt.add(key_floats)), d, scale, scores)
             }
             None => attention_chunk::<H, B, COLD>(q, from_chunk, kv, d, scale, scores),
         };
-        for h in 0..H {
-            if c == 0 {
-                (m[h], l[h], o[h]) = (m_c[h], l_c[h], o_c[h]);
-            } else {
-                let (fa, fb) = super::ops::merge_chunk_weights((&mut m[h], &mut l[h]), m_c[h], l_c[h]);
-                let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
-                for b in 0..B {
-                    o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
-                }
-            }
-        }
+        merge_chunk_heads(c, (&mut m, &mut l, &mut o), (m_c, l_c, o_c));
     }
     for (h, out) in outs.into_iter().enumerate() {
         if partial {
@@ -1647,10 +1681,112 @@ pub(crate) unsafe fn attention_heads_avx512<const H: usize, const B: usize, cons
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(2 + b * 16), dim_mask(d, b), o[h][b]);
             }
         } else {
-            let lv = _mm512_set1_ps(l[h]);
-            for b in 0..B {
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[h][b], lv));
-            }
+            store_normalised(out, l[h], o[h], d);
+        }
+    }
+}
+
+/// Chunk `c`'s `(m_c, l_c, o_c)` of `H` heads into their running state (the chunk's own state at
+/// `c = 0`), as [`super::ops::merge_chunk_weights`] says: its `2 · H` exps in one [`exp16`] (the
+/// contract's exp lane for lane) rather than one scalar exp each, which cost ~5 % of a prefill's
+/// attention.
+#[inline(always)]
+unsafe fn merge_chunk_heads<const H: usize, const B: usize>(
+    c: usize,
+    (m, l, o): (&mut [f32; H], &mut [f32; H], &mut [[__m512; B]; H]),
+    (m_c, l_c, o_c): ([f32; H], [f32; H], [[__m512; B]; H]),
+) {
+    if c == 0 {
+        (*m, *l, *o) = (m_c, l_c, o_c);
+        return;
+    }
+    let mut x = [0.0f32; 16];
+    for h in 0..H {
+        let mn = m[h].max(m_c[h]);
+        (x[h], x[H + h]) = (m[h] - mn, m_c[h] - mn);
+        m[h] = mn;
+    }
+    let mut w = [0.0f32; 16];
+    _mm512_storeu_ps(w.as_mut_ptr(), exp16(_mm512_loadu_ps(x.as_ptr())));
+    for h in 0..H {
+        let (fa, fb) = (w[h], w[H + h]);
+        l[h] = l[h] * fa + l_c[h] * fb;
+        let (va, vb) = (_mm512_set1_ps(fa), _mm512_set1_ps(fb));
+        for b in 0..B {
+            o[h][b] = _mm512_add_ps(_mm512_mul_ps(o[h][b], va), _mm512_mul_ps(o_c[h][b], vb));
+        }
+    }
+}
+
+/// One head's output `o / l` (`d` floats).
+#[inline(always)]
+unsafe fn store_normalised<const B: usize>(out: &mut [f32], l: f32, o: [__m512; B], d: usize) {
+    let lv = _mm512_set1_ps(l);
+    for b in 0..B {
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * 16), dim_mask(d, b), _mm512_div_ps(o[b], lv));
+    }
+}
+
+/// Most query rows of one [`attention_block_lanes_avx512`] call.
+pub(crate) const LANE_BLOCK_MAX_ROWS: usize = 16;
+
+/// One KV head's keys and values for [`attention_block_lanes_avx512`]: the KV head's chunks in
+/// lanes (chunk `c` at `c ·` [`lane_chunk_floats`]).
+pub(crate) struct AttnLaneKeys<'a> {
+    pub lanes: &'a [f32],
+    pub kv_chunk: usize,
+    pub scale: f32,
+}
+
+/// [`attention_heads_avx512`] with keys in lanes for up to [`LANE_BLOCK_MAX_ROWS`] query rows of
+/// one sequence at once, chunk by chunk: every row that attends chunk `c` runs it (by
+/// [`attention_chunk_lanes`]) before any row moves on, so the chunk's keys and values are read from
+/// L1 by all but the first row rather than streamed from L2 per row. Each row's chunks still run
+/// in chunk order and merge as in one pass, so no bit changes. `rows(r)` gives row `r`'s queries
+/// (`H · d` floats), how many keys it attends, and its output (`H · d` floats, `o / l`).
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; `B = ⌈d / 16⌉ ≤ ATTN_PAIR_MAX_DIM / 16`; `n_rows ≤
+/// LANE_BLOCK_MAX_ROWS`; `rows` gives pointers to `H · d` readable and writable floats (each output
+/// written by no one else meanwhile) and attended counts ≥ 1 within `lanes`' chunks; `scores`
+/// holds [`lane_scores`]`(H, kv_chunk)` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn attention_block_lanes_avx512<const H: usize, const B: usize>(
+    block: &AttnLaneKeys<'_>,
+    d: usize,
+    n_rows: usize,
+    rows: impl Fn(usize) -> (*const f32, usize, *mut f32),
+    scores: &mut [f32],
+) {
+    debug_assert!(n_rows <= LANE_BLOCK_MAX_ROWS && d.div_ceil(16) == B);
+    let AttnLaneKeys { lanes, kv_chunk, scale } = *block;
+    let mut q = [[[0.0f32; ATTN_PAIR_MAX_DIM]; H]; LANE_BLOCK_MAX_ROWS];
+    let mut attended = [0usize; LANE_BLOCK_MAX_ROWS];
+    for r in 0..n_rows {
+        let (qp, n, _) = rows(r);
+        attended[r] = n;
+        for h in 0..H {
+            std::ptr::copy_nonoverlapping(qp.add(h * d), q[r][h].as_mut_ptr(), d);
+        }
+    }
+    let mut m = [[f32::NEG_INFINITY; H]; LANE_BLOCK_MAX_ROWS];
+    let mut l = [[0.0f32; H]; LANE_BLOCK_MAX_ROWS];
+    let mut o = [[[_mm512_setzero_ps(); B]; H]; LANE_BLOCK_MAX_ROWS];
+    let (chunk_floats, key_floats) = (lane_chunk_floats(kv_chunk, d), lane_key_floats(kv_chunk, d));
+    let chunks = attended[..n_rows].iter().max().map_or(0, |n| n.div_ceil(kv_chunk));
+    for c in 0..chunks {
+        let kt = lanes[c * chunk_floats..][..chunk_floats].as_ptr();
+        for r in 0..n_rows {
+            let Some(len) = attended[r].checked_sub(c * kv_chunk).filter(|&n| n > 0) else { continue };
+            let part =
+                attention_chunk_lanes::<H, B>(&q[r], len.min(kv_chunk), (kt, kt.add(key_floats)), d, scale, scores);
+            merge_chunk_heads(c, (&mut m[r], &mut l[r], &mut o[r]), part);
+        }
+    }
+    for r in 0..n_rows {
+        let out = rows(r).2;
+        for h in 0..H {
+            store_normalised(std::slice::from_raw_parts_mut(out.add(h * d), d), l[r][h], o[r][h], d);
         }
     }
 }
@@ -1679,6 +1815,26 @@ pub(crate) unsafe fn attention_heads_dispatch<const H: usize>(
         with_blocks!(true: 1 2 3 4 5 6 7 8)
     } else {
         with_blocks!(false: 1 2 3 4 5 6 7 8)
+    }
+}
+
+/// [`attention_block_lanes_avx512`] with `B = ⌈d / 16⌉` chosen at run time.
+///
+/// # Safety
+/// As [`attention_block_lanes_avx512`].
+pub(crate) unsafe fn attention_block_lanes_dispatch<const H: usize>(
+    block: &AttnLaneKeys<'_>,
+    d: usize,
+    n_rows: usize,
+    rows: impl Fn(usize) -> (*const f32, usize, *mut f32),
+    scores: &mut [f32],
+) {
+    match d.div_ceil(16) {
+        1 => attention_block_lanes_avx512::<H, 1>(block, d, n_rows, rows, scores),
+        2 => attention_block_lanes_avx512::<H, 2>(block, d, n_rows, rows, scores),
+        3 => attention_block_lanes_avx512::<H, 3>(block, d, n_rows, rows, scores),
+        4 => attention_block_lanes_avx512::<H, 4>(block, d, n_rows, rows, scores),
+        blocks => unreachable!("head_dim of {blocks} blocks of 16 is above ATTN_PAIR_MAX_DIM"),
     }
 }
 
