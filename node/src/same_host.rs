@@ -66,10 +66,10 @@ const SOCKET_ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a rank whose predecessor's frame has not (fully) arrived keeps re-reading the socket
 /// before it sleeps in `poll(2)`; again after every piece that arrives. A rank sleeping there lets
-/// its CPU halt, and on a VM each wake-up is an interrupt through the hypervisor: at 48
-/// all-reduces per token that cost TP = 2 a few per cent of a batch-1 token on the 2-vCPU KVM
-/// machine. The ranks finish their halves of a layer close together: there, 97 % of the waits
-/// of a batch-1 decode ended within 100 µs, and the rest ran past 200 µs (one rank slower, or
+/// its CPU halt, and on a VM each wake-up is an interrupt through the hypervisor, 48 times a token
+/// at TP = 2: the spin took 0.2–0.4 ms off a 32 ms batch-1 step on the 2-vCPU KVM machine. The
+/// ranks finish their halves of a layer close together: there, 94–97 % of a batch-1 decode's
+/// waits ended within 100 µs, and most of the rest took far longer (one rank slower, or
 /// preempted), where sleeping costs little (BENCHMARKS §23.2). Only a step spins: between steps
 /// the model thread sleeps, so an idle node uses no CPU.
 pub const RECV_SPIN: Duration = Duration::from_micros(100);
