@@ -10,6 +10,7 @@
 //! truncated file, a missing tensor or a wrong shape is a [`LoadError`] naming the file and the
 //! tensor, because a model that loads "almost right" gives wrong answers bit-reproducibly.
 
+pub mod affinity;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -511,6 +511,38 @@ fn a_tp_2_group_on_one_host_rings_over_same_host_sockets_with_tp_1_bits() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Guards pinning (issue #11): embedded TP 2 nodes get CPUs of their own under the default
+/// `--pin-nodes auto` where two fit, none under `off`, and both give exactly the one-process
+/// answers.
+#[test]
+fn a_tp_2_group_pinned_or_left_to_the_scheduler_gives_tp_1_bits() {
+    let Some(model) = stories260k() else {
+        return;
+    };
+    let dir = scratch("cluster-pinned");
+    let prompts = prompts_file(&dir, &PROMPTS[..3]);
+    let sampling = ["--temperature", "0.8", "--seed", "11"];
+    let local = generate(&model, &prompts, &sampling);
+    // The CPUs the coordinator may use, as it counts them.
+    let cpus = lockstep_node::affinity::allowed_cpus().unwrap().len();
+    for (pin, pinned) in [("auto", cpus >= 2), ("off", false)] {
+        let (model_s, prompts_s) = (model.to_str().unwrap(), prompts.to_str().unwrap());
+        let args = [
+            &["generate", "--model", model_s, "--prompts", prompts_s, "--json", "--max-tokens", "24"][..],
+            &sampling,
+            &["--tp", "2", "--node-threads", "1", "--pin-nodes", pin],
+        ]
+        .concat();
+        let out = run_lockstep(&args, LIMIT);
+        let err = stderr(&out);
+        assert!(out.status.success(), "--pin-nodes {pin}: {err}");
+        assert_eq!(err.contains("pinning 2 embedded nodes"), pinned, "--pin-nodes {pin} on {cpus} CPUs: {err}");
+        let got: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_same(&format!("TP 2 --pin-nodes {pin}"), &got, &local);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Guards failing fast by name on the same-host path: a rank killed mid-generation closes its
 /// sockets in the kernel, and the survivor's step fails on the socket, naming it. The node timeout
 /// is a minute, so only the ring can have reported the loss (the kill may land between the

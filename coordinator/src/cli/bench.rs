@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
+use lockstep_coordinator::cluster::PinNodes;
 use lockstep_coordinator::engine::{backend_fingerprint_name, EngineEvent, GenerateRequest, ModelInfo};
 use lockstep_coordinator::service::SubmitOptions;
 use lockstep_kernels::{DType, KernelMode, SamplingParams};
@@ -42,6 +43,10 @@ pub(crate) struct BenchArgs {
     /// `lockstep serve`) or `quic`.
     #[arg(long, default_value = "auto")]
     ring_transport: RingTransportMode,
+    /// Whether the TP > 1 rows' node processes get CPUs of their own (`auto`, as `lockstep
+    /// serve`: when they fit) or are left to the scheduler (`off`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pin_nodes: PinNodes,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -87,7 +92,11 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             format!("{tp} nodes × {node_threads} threads/{numerics}/ring {}", a.ring_transport)
         };
         let vocab = info.tokenizer.vocab_size().min(info.config.vocab_size) as u32;
-        let cluster = ClusterArgs { ring_transport: a.ring_transport, ..ClusterArgs::embedded(tp, node_threads) };
+        let cluster = ClusterArgs {
+            ring_transport: a.ring_transport,
+            pin_nodes: a.pin_nodes,
+            ..ClusterArgs::embedded(tp, node_threads)
+        };
         let service = start_service(&model, &cluster, &opts, info, UNBOUNDED, None)?;
         // Prompts `first..first + b`: distinct, exactly `prompt_tokens` ids, no shared prefix.
         let requests = |first: usize, b: usize, max_tokens: u32| {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode};
+use lockstep_coordinator::cluster::{Cluster, ClusterOptions, NodesMode, PinNodes};
 use lockstep_coordinator::discovery::MembershipMode;
 use lockstep_coordinator::engine::{Device, EngineOptions, LocalExecutor, ModelInfo, StepExecutor};
 use lockstep_coordinator::membership::{DEFAULT_HEARTBEAT_EVERY, DEFAULT_NODE_TIMEOUT, DEFAULT_STEP_TIMEOUT};
@@ -234,6 +234,12 @@ pub(crate) struct ClusterArgs {
     /// sockets negotiated over the authenticated QUIC ring connections; `quic` keeps it on QUIC.
     #[arg(long, default_value = "auto")]
     pub(crate) ring_transport: RingTransportMode,
+    /// Embedded nodes: `auto` pins each node process to CPUs of its own (`lockstep node
+    /// --pin-cpus`) when all nodes' threads fit on this machine's CPUs, so the ranks of a group,
+    /// which wait for each other at every all-reduce, never share a CPU or move between CPUs;
+    /// `off` leaves them to the scheduler.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) pin_nodes: PinNodes,
     /// Seconds to wait for every group to become ready.
     #[arg(long, default_value_t = 300)]
     pub(crate) join_timeout: u64,
@@ -276,6 +282,7 @@ impl ClusterArgs {
             tls_dir: None,
             node_threads: Some(node_threads),
             ring_transport: RingTransportMode::default(),
+            pin_nodes: PinNodes::default(),
             join_timeout: 300,
             spare_nodes: 0,
             heartbeat_ms: DEFAULT_HEARTBEAT_EVERY.as_millis() as u64,
@@ -345,6 +352,7 @@ pub(crate) fn executors(
         engine: opts.clone(),
         node_threads: c.node_threads.unwrap_or((cores / (max_tp * c.replicas)).max(1)),
         ring_transport: c.ring_transport,
+        pin_nodes: c.pin_nodes,
         join_timeout: Duration::from_secs(c.join_timeout),
         spare_nodes: c.spare_nodes,
         heartbeat_every: Duration::from_millis(c.heartbeat_ms),

@@ -71,6 +71,17 @@ pub enum NodesMode {
     Static,
 }
 
+/// Whether embedded nodes are pinned to CPUs of their own (`--pin-nodes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PinNodes {
+    /// Each node gets `--pin-cpus` with CPUs of its own when every node's threads fit on this
+    /// process's CPUs; otherwise no node is pinned.
+    #[default]
+    Auto,
+    /// Leave placement to the scheduler.
+    Off,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub model_dir: PathBuf,
@@ -89,6 +100,8 @@ pub struct ClusterOptions {
     pub node_threads: usize,
     /// Embedded nodes' `--ring-transport`.
     pub ring_transport: RingTransportMode,
+    /// Whether embedded nodes are pinned to CPUs of their own.
+    pub pin_nodes: PinNodes,
     /// How long to wait for every group to be ready.
     pub join_timeout: Duration,
     /// Embedded nodes beyond `max(tp) × replicas`, waiting as hot spares.
@@ -115,6 +128,7 @@ impl ClusterOptions {
             engine,
             node_threads: 1,
             ring_transport: RingTransportMode::default(),
+            pin_nodes: PinNodes::default(),
             join_timeout: Duration::from_secs(300),
             spare_nodes: 0,
             heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
@@ -316,6 +330,20 @@ impl Shutdown {
     }
 }
 
+/// The CPUs of each of `nodes` embedded nodes of `threads` kernel threads, when they are to be
+/// pinned and all fit on this process's CPUs without sharing one (empty otherwise).
+fn node_cpus(pin: PinNodes, nodes: usize, threads: usize) -> Vec<Vec<usize>> {
+    if pin == PinNodes::Off {
+        return Vec::new();
+    }
+    let allowed = lockstep_node::affinity::allowed_cpus().unwrap_or_default();
+    let sets = lockstep_node::affinity::disjoint_sets(&allowed, nodes, threads).unwrap_or_default();
+    if !sets.is_empty() {
+        tracing::info!("pinning {nodes} embedded nodes to CPUs {sets:?} (--pin-nodes off leaves them unpinned)");
+    }
+    sets
+}
+
 /// Certificate name of embedded node `i`.
 fn node_name(i: usize) -> String {
     format!("node-{i}")
@@ -330,6 +358,8 @@ struct NodeCommand {
     threads: usize,
     ring_transport: RingTransportMode,
     step_delay: Option<Duration>,
+    /// CPUs of each node, by index (`node-i` gets `cpus[i]`); empty: none pinned.
+    cpus: Vec<Vec<usize>>,
 }
 
 impl NodeCommand {
@@ -343,6 +373,11 @@ impl NodeCommand {
             .stdin(Stdio::null());
         if let Some(d) = self.step_delay {
             cmd.args(["--step-delay-ms", &d.as_millis().to_string()]);
+        }
+        // By index, so a node restarted under its name goes back onto the same CPUs.
+        let index = name.strip_prefix("node-").and_then(|i| i.parse::<usize>().ok());
+        if let Some(cpus) = index.and_then(|i| self.cpus.get(i)) {
+            cmd.args(["--pin-cpus", &lockstep_node::affinity::format_cpu_list(cpus)]);
         }
         cmd.spawn().with_context(|| format!("spawning {}", self.exe.display()))
     }
@@ -425,6 +460,7 @@ impl Cluster {
                 threads: opts.node_threads,
                 ring_transport: opts.ring_transport,
                 step_delay: opts.node_step_delay,
+                cpus: node_cpus(opts.pin_nodes, n_nodes, opts.node_threads),
             };
             let mut children = shared.children.lock().expect("lock");
             for i in 0..n_nodes {
