@@ -25,6 +25,11 @@ const PROMPTS: &[&str] = &[
 ];
 
 fn generate(model: &Path, prompts: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    generate_logged(model, prompts, extra).0
+}
+
+/// [`generate`]'s answers, and what the run wrote to stderr.
+fn generate_logged(model: &Path, prompts: &Path, extra: &[&str]) -> (Vec<serde_json::Value>, String) {
     let mut args = vec![
         "generate",
         "--model",
@@ -37,8 +42,9 @@ fn generate(model: &Path, prompts: &Path, extra: &[&str]) -> Vec<serde_json::Val
     ];
     args.extend_from_slice(extra);
     let out = run_lockstep(&args, LIMIT);
-    assert!(out.status.success(), "generate {extra:?} failed: {}", stderr(&out));
-    stdout(&out).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+    let err = stderr(&out);
+    assert!(out.status.success(), "generate {extra:?} failed: {err}");
+    (stdout(&out).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect(), err)
 }
 
 /// The part of an answer that must be identical: ids, logprob bits (as printed), text.
@@ -490,22 +496,13 @@ fn a_tp_2_group_on_one_host_rings_over_same_host_sockets_with_tp_1_bits() {
     let sampling = ["--temperature", "0.8", "--seed", "7"];
     let local = generate(&model, &prompts, &sampling);
     for (transport, path, other) in [("auto", "on same-host socket", "on QUIC"), ("quic", "on QUIC", "on same-host")] {
-        let (model_s, prompts_s) = (model.to_str().unwrap(), prompts.to_str().unwrap());
-        let args = [
-            &["generate", "--model", model_s, "--prompts", prompts_s, "--json", "--max-tokens", "24"][..],
-            &sampling,
-            &["--tp", "2", "--node-threads", "1", "--ring-transport", transport],
-        ]
-        .concat();
-        let out = run_lockstep(&args, LIMIT);
-        let err = stderr(&out);
-        assert!(out.status.success(), "--ring-transport {transport}: {err}");
+        let tp2 = [&sampling[..], &["--tp", "2", "--node-threads", "1", "--ring-transport", transport]].concat();
+        let (got, err) = generate_logged(&model, &prompts, &tp2);
         let lines = ring_paths(&err);
         assert_eq!(lines.len(), 2, "one ring line per rank: {err}");
         for l in lines {
             assert!(l.contains(path) && !l.contains(other), "--ring-transport {transport}: {l}");
         }
-        let got: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_same(&format!("TP 2 --ring-transport {transport}"), &got, &local);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -526,18 +523,9 @@ fn a_tp_2_group_pinned_or_left_to_the_scheduler_gives_tp_1_bits() {
     // The CPUs the coordinator may use, as it counts them.
     let cpus = lockstep_node::affinity::allowed_cpus().unwrap().len();
     for (pin, pinned) in [("auto", cpus >= 2), ("off", false)] {
-        let (model_s, prompts_s) = (model.to_str().unwrap(), prompts.to_str().unwrap());
-        let args = [
-            &["generate", "--model", model_s, "--prompts", prompts_s, "--json", "--max-tokens", "24"][..],
-            &sampling,
-            &["--tp", "2", "--node-threads", "1", "--pin-nodes", pin],
-        ]
-        .concat();
-        let out = run_lockstep(&args, LIMIT);
-        let err = stderr(&out);
-        assert!(out.status.success(), "--pin-nodes {pin}: {err}");
+        let tp2 = [&sampling[..], &["--tp", "2", "--node-threads", "1", "--pin-nodes", pin]].concat();
+        let (got, err) = generate_logged(&model, &prompts, &tp2);
         assert_eq!(err.contains("pinning 2 embedded nodes"), pinned, "--pin-nodes {pin} on {cpus} CPUs: {err}");
-        let got: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_same(&format!("TP 2 --pin-nodes {pin}"), &got, &local);
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -956,10 +956,36 @@ mod tests {
         }
     }
 
-    /// Query heads run two at a time where two read the same KV head and head_dim ≤ 64, one at a
-    /// time otherwise: Qwen2.5-0.5B's groups of 7 (three pairs, then one head alone), a pair
-    /// straddling two groups (never paired), head_dim 128 (never paired) and several kv chunks
-    /// must all give the reference's bits; the key offsets are computed once per sequence.
+    /// Block tables for sequences of `(first position, queries)`: consecutive blocks of the cache
+    /// in reverse order, so that slot order differs from position order.
+    fn reversed_block_tables(shape: &[(usize, usize)], block_size: usize) -> Vec<Vec<u32>> {
+        let mut next_block = 0u32;
+        shape
+            .iter()
+            .map(|&(first, n)| {
+                let blocks = (first + n).div_ceil(block_size) as u32;
+                let table = (next_block..next_block + blocks).rev().collect();
+                next_block += blocks;
+                table
+            })
+            .collect()
+    }
+
+    /// The sequences of `shape` over `tables`, their query rows one after another, and the rows.
+    fn attn_seqs<'a>(shape: &[(usize, usize)], tables: &'a [Vec<u32>]) -> (Vec<AttnSeq<'a>>, usize) {
+        let mut q_row = 0;
+        let seqs = shape
+            .iter()
+            .zip(tables)
+            .map(|(&(first_pos, n_q), table)| {
+                let s = AttnSeq { block_table: table, q_row, n_q, first_pos };
+                q_row += n_q;
+                s
+            })
+            .collect();
+        (seqs, q_row)
+    }
+
     /// Every sequence with enough rows for keys in lanes runs in blocks of rows chunk by chunk
     /// (`attention_lane_blocks`); its bits equal the reference's at 1 and 2 threads, for 1–4
     /// heads per unit, head_dim 64 and below (a masked last block), rows of one block that attend
@@ -974,26 +1000,8 @@ mod tests {
             // (first position, queries), every sequence with at least LANE_KEYS_MIN_ROWS rows.
             let shape = [(0usize, 150usize), (40, 37), (129, LANE_KEYS_MIN_ROWS)];
             let layout = KvLayout { num_blocks: 32, block_size, n_kv_heads, head_dim };
-            let mut next_block = 0u32;
-            let tables: Vec<Vec<u32>> = shape
-                .iter()
-                .map(|&(first, n)| {
-                    let blocks = (first + n).div_ceil(block_size) as u32;
-                    let table = (next_block..next_block + blocks).rev().collect();
-                    next_block += blocks;
-                    table
-                })
-                .collect();
-            let mut q_row = 0;
-            let seqs: Vec<AttnSeq> = shape
-                .iter()
-                .zip(&tables)
-                .map(|(&(first_pos, n_q), table)| {
-                    let s = AttnSeq { block_table: table, q_row, n_q, first_pos };
-                    q_row += n_q;
-                    s
-                })
-                .collect();
+            let tables = reversed_block_tables(&shape, block_size);
+            let (seqs, q_row) = attn_seqs(&shape, &tables);
             let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 4.0 - 2.0).collect::<Vec<f32>>();
             let q = vals(q_row * n_heads * head_dim);
             let (k_cache, v_cache) = (vals(layout.floats()), vals(layout.floats()));
@@ -1017,6 +1025,10 @@ mod tests {
         }
     }
 
+    /// Query heads run two at a time where two read the same KV head and head_dim ≤ 64, one at a
+    /// time otherwise: Qwen2.5-0.5B's groups of 7 (three pairs, then one head alone), a pair
+    /// straddling two groups (never paired), head_dim 128 (never paired) and several kv chunks
+    /// must all give the reference's bits; the key offsets are computed once per sequence.
     #[test]
     fn paired_and_single_attention_heads_equal_reference() {
         let mut rng = SplitMix64::new(3);
@@ -1025,27 +1037,8 @@ mod tests {
             // (first position, queries): a prefill chunk after cached keys, and a decode row.
             let shape = [(40usize, 90usize), (130, 1)];
             let layout = KvLayout { num_blocks: 24, block_size, n_kv_heads, head_dim };
-            let mut next_block = 0u32;
-            let tables: Vec<Vec<u32>> = shape
-                .iter()
-                .map(|&(first, n)| {
-                    let blocks = (first + n).div_ceil(block_size) as u32;
-                    // Blocks in reverse order, so slot order differs from position order.
-                    let table = (next_block..next_block + blocks).rev().collect();
-                    next_block += blocks;
-                    table
-                })
-                .collect();
-            let mut q_row = 0;
-            let seqs: Vec<AttnSeq> = shape
-                .iter()
-                .zip(&tables)
-                .map(|(&(first_pos, n_q), table)| {
-                    let s = AttnSeq { block_table: table, q_row, n_q, first_pos };
-                    q_row += n_q;
-                    s
-                })
-                .collect();
+            let tables = reversed_block_tables(&shape, block_size);
+            let (seqs, q_row) = attn_seqs(&shape, &tables);
             let mut vals = |n: usize| (0..n).map(|_| rng.unit_f64() as f32 * 4.0 - 2.0).collect::<Vec<f32>>();
             let q = vals(q_row * n_heads * head_dim);
             let (k_cache, v_cache) = (vals(layout.floats()), vals(layout.floats()));
