@@ -42,6 +42,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod cuda_sources;
 mod fast;
 pub mod math;
 pub mod quant;
