@@ -165,15 +165,52 @@ pub(crate) fn add_bias(y: &mut [f32], bias: WeightView<'_>) {
 }
 
 /// Finish the segment tree over `t` partials (rank order), element by element, into `y`.
+///
+/// The tree runs on [`LANES`] elements at once, each lane its own element's tree with the same
+/// adds in the same order as one element alone (f32 adds are neither fused nor reassociated), so
+/// no bit changes; `t` is a constant of each instance, so the tree unrolls into vector adds. One
+/// element at a time, the tree's setup per element made this the larger part of a TP = 2
+/// all-reduce at batch 8: ~35 µs of ~65 for 2 × 7 168 floats (BENCHMARKS §24.2).
 pub fn tree_combine(parts: &[&[f32]], y: &mut [f32]) {
     let t = parts.len();
     assert!(crate::is_segment_count(t) && parts.iter().all(|p| p.len() == y.len()));
-    let mut v = [0.0f32; 64];
-    for (j, o) in y.iter_mut().enumerate() {
-        for (r, p) in parts.iter().enumerate() {
-            v[r] = p[j];
+    match t {
+        1 => y.copy_from_slice(parts[0]),
+        2 => tree_combine_lanes::<2>(parts, y),
+        3 => tree_combine_lanes::<3>(parts, y),
+        4 => tree_combine_lanes::<4>(parts, y),
+        6 => tree_combine_lanes::<6>(parts, y),
+        8 => tree_combine_lanes::<8>(parts, y),
+        12 => tree_combine_lanes::<12>(parts, y),
+        16 => tree_combine_lanes::<16>(parts, y),
+        24 => tree_combine_lanes::<24>(parts, y),
+        32 => tree_combine_lanes::<32>(parts, y),
+        48 => tree_combine_lanes::<48>(parts, y),
+        64 => tree_combine_lanes::<64>(parts, y),
+        other => unreachable!("{other} is not a segment count"),
+    }
+}
+
+fn tree_combine_lanes<const T: usize>(parts: &[&[f32]], y: &mut [f32]) {
+    let tree = |v: &mut [[f32; LANES]; T]| {
+        crate::reference::tree_reduce(v, |a: [f32; LANES], b| std::array::from_fn(|l| a[l] + b[l]))
+    };
+    let full = y.len() / LANES * LANES;
+    let mut v = [[0.0f32; LANES]; T];
+    let (body, tail) = y.split_at_mut(full);
+    for (c, out) in body.chunks_exact_mut(LANES).enumerate() {
+        for (lanes, p) in v.iter_mut().zip(parts) {
+            *lanes = p[c * LANES..][..LANES].try_into().expect("a whole chunk");
         }
-        *o = segment_tree_inplace(&mut v[..t]);
+        out.copy_from_slice(&tree(&mut v));
+    }
+    if !tail.is_empty() {
+        // The lanes past the tail stay as they were: their sums are not kept.
+        for (lanes, p) in v.iter_mut().zip(parts) {
+            lanes[..tail.len()].copy_from_slice(&p[full..]);
+        }
+        let sum = tree(&mut v);
+        tail.copy_from_slice(&sum[..tail.len()]);
     }
 }
 
@@ -834,6 +871,43 @@ mod tests {
     use super::*;
     use crate::splitmix::SplitMix64;
     use crate::{reference, CpuConfig, KernelMode, NumericsConfig};
+
+    /// Guards the lane-wise combine: for every segment count (2^k and 3·2^k up to 64) and lengths
+    /// around the lane width (a short last chunk), each element has the reference's element-by-
+    /// element tree bits, with signed zeros, subnormals, infinities and large cancelling values
+    /// among the partials (NaN only as NaN: its payload is not a promise of the contract).
+    #[test]
+    fn tree_combine_in_lanes_equals_the_element_by_element_reference() {
+        let mut rng = SplitMix64::new(11);
+        for t in (1..=64).filter(|&t| crate::is_segment_count(t)) {
+            for n in [0, 1, 7, 15, 16, 17, 31, 33, 100] {
+                let parts: Vec<Vec<f32>> = (0..t)
+                    .map(|r| {
+                        (0..n)
+                            .map(|j| match (r * 31 + j * 7) % 23 {
+                                0 => -0.0,
+                                1 => f32::from_bits(1 + j as u32),
+                                2 if j % 5 == 0 => f32::INFINITY,
+                                3 if j % 11 == 0 => f32::NAN,
+                                4 => 1e30 * if r % 2 == 0 { 1.0 } else { -1.0 },
+                                _ => (rng.unit_f64() as f32 - 0.5) * 10f32.powi((j % 9) as i32 - 4),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+                let want = if n == 0 { Vec::new() } else { reference::tree_combine(&refs) };
+                let mut got = vec![f32::NAN; n];
+                tree_combine(&refs, &mut got);
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        "t {t} n {n} element {j}: {g} {w}"
+                    );
+                }
+            }
+        }
+    }
 
     /// RMSNorm's sum of squares on AVX-512 gives the scalar lanes' bits for every range of a row
     /// (segments start and end anywhere in a 16-lane block), with signed zeros, subnormals,
