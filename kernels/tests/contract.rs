@@ -286,6 +286,29 @@ fn lane_major_unrolled_groups_equal_reference_at_every_segment_count() {
     }
 }
 
+/// Lane-major tasks run in pairs of column blocks, a row block meeting both in turn, each thread
+/// keeping two packed panels; an odd block count leaves one block unpaired, and 2–4 threads split
+/// the tasks mid-pair. Every output must equal the reference for 1–5 column blocks (the last
+/// partial), 1–3 row blocks (the last partial) and 1–4 threads.
+#[test]
+fn lane_major_column_block_pairs_equal_reference_for_odd_counts_and_threads() {
+    let mut rng = Rng::new(49);
+    let (k, segments) = (896, 8);
+    let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+    for (m, n) in [(64, 30), (136, 96), (72, 97), (200, 150), (130, 240)] {
+        let x = rng.vec(m * k);
+        let w = weight(&mut rng, DType::Bf16, n, k);
+        let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+        for isa in Isa::available() {
+            for threads in 1..=4 {
+                let mut y = vec![0.0; m * n];
+                backend_with(isa, threads, numerics).linear(&x, m, &w, None, &mut y);
+                assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} n={n}");
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);
