@@ -257,6 +257,58 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
     }
 }
 
+/// Lane-major tiles run a segment's 8 lane groups unrolled, each group's push onto the lane
+/// stack specialised for its place in the bit-reversed order, and the last tile of a group
+/// prefetches the next group's (or the next segment's) x. Every segment count puts a different
+/// depth on the segment stack behind those pushes: each must still equal the reference, with
+/// Qwen2.5's 7-step lane chains (seg_len 112) and 2-step ones, the real row ending mid-step,
+/// two row blocks (the second of 2 tiles) and a partial 48-column block.
+#[test]
+fn lane_major_unrolled_groups_equal_reference_at_every_segment_count() {
+    let mut rng = Rng::new(48);
+    let (m, n) = (72, 50);
+    for segments in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] {
+        for k in [segments * 112 - 3, segments * 16 + 7] {
+            let x = rng.vec(m * k);
+            let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+            for dtype in DTYPES {
+                let w = weight(&mut rng, dtype, n, k);
+                let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+                for isa in Isa::available() {
+                    for threads in [1, 2] {
+                        let mut y = vec![0.0; m * n];
+                        backend_with(isa, threads, numerics).linear(&x, m, &w, None, &mut y);
+                        assert_eq!(bits(&y), want, "{isa:?} threads={threads} k={k} S={segments} {dtype:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lane-major tasks run in pairs of column blocks, a row block meeting both in turn, each thread
+/// keeping two packed panels; an odd block count leaves one block unpaired, and 2–4 threads split
+/// the tasks mid-pair. Every output must equal the reference for 1–5 column blocks (the last
+/// partial), 1–3 row blocks (the last partial) and 1–4 threads.
+#[test]
+fn lane_major_column_block_pairs_equal_reference_for_odd_counts_and_threads() {
+    let mut rng = Rng::new(49);
+    let (k, segments) = (896, 8);
+    let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+    for (m, n) in [(64, 30), (136, 96), (72, 97), (200, 150), (130, 240)] {
+        let x = rng.vec(m * k);
+        let w = weight(&mut rng, DType::Bf16, n, k);
+        let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+        for isa in Isa::available() {
+            for threads in 1..=4 {
+                let mut y = vec![0.0; m * n];
+                backend_with(isa, threads, numerics).linear(&x, m, &w, None, &mut y);
+                assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} n={n}");
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);

@@ -26,11 +26,14 @@
 //! register holds one lane of 16 outputs, x is broadcast, and the lane tree becomes vertical adds
 //! of whole registers (see `x86::lanes512`). They read the weights as a panel in their own order,
 //! widened to f32 — packed per call into a per-thread buffer, once per 48-column block, and
-//! reused by the thread's next task when it is the same block (tasks then run column block after
-//! column block) — so no copy of the weights outlives the call, and x packed lane by lane. Each
-//! task fetches its share of the next column block's weights into L2 while it computes, so the
-//! packing of that block does not wait on memory. Tiles run 4 rows × 2 lanes at once. Decode and
-//! block-type weights never take them.
+//! reused by the thread's later tasks of the same block — so no copy of the weights outlives the
+//! call, and x packed lane by lane. Tasks run pair of column blocks after pair, and within a
+//! pair each 64-row block meets both column blocks in turn: a thread keeps both panels, and a
+//! row block's packed x (229 KB at Qwen2.5's K) comes from memory once per pair and from L2 the
+//! second time — at M = 512 the packed x (1.8 MB) no longer fits in L2 beside the rest, so
+//! running one column block at a time streamed it once per block. Each task fetches its share of
+//! the next pair's weights into L2 while it computes, so packing those panels does not wait on
+//! memory. Tiles run 4 rows × 2 lanes at once. Decode and block-type weights never take them.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -107,7 +110,7 @@ thread_local! {
     static KB_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-thread weight panel and tree stacks of the lane-major tiles (reused across calls).
     static LANE_BUFS: RefCell<LaneBufs> =
-        const { RefCell::new(LaneBufs { packed: None, panel: Vec::new(), scratch: Vec::new() }) };
+        const { RefCell::new(LaneBufs { packed: [None; LANE_PAIR], panels: [Vec::new(), Vec::new()], scratch: Vec::new() }) };
 }
 
 /// Batches of at least this many rows take the lane-major tiles (f32, bf16, f16 weights, segments
@@ -115,14 +118,19 @@ thread_local! {
 /// many row blocks.
 const LANES_MIN_M: usize = 64;
 
+/// Column blocks a lane-major row block meets in turn (see `Job::lane_task`); a thread keeps the
+/// panel of each.
+const LANE_PAIR: usize = 2;
+
 /// Tells one `Job` from every other, so a thread's packed panel is never taken for another call's.
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(0);
 
-/// A thread's lane-major buffers: the panel of column block `packed.1` of job `packed.0`, and the
-/// scratch of one tile's tree stacks (both 64-byte aligned from their align offset on).
+/// A thread's lane-major buffers: per slot `cb % LANE_PAIR`, the panel of column block
+/// `packed[slot].1` of job `packed[slot].0`; and the scratch of one tile's tree stacks (all
+/// 64-byte aligned from their align offset on).
 struct LaneBufs {
-    packed: Option<(u64, usize)>,
-    panel: Vec<f32>,
+    packed: [Option<(u64, usize)>; LANE_PAIR],
+    panels: [Vec<f32>; LANE_PAIR],
     scratch: Vec<f32>,
 }
 
@@ -268,8 +276,8 @@ pub(crate) struct Job<'a> {
     col_blocks: usize,
     row_blocks: usize,
     tasks: usize,
-    /// Lane-major tiles (see the module comment): tasks then run column block after column
-    /// block, so a thread's consecutive tasks mostly share its packed panel.
+    /// Lane-major tiles (see the module comment): tasks then run in pairs of column blocks
+    /// ([`Job::lane_task`]), so a thread's consecutive tasks mostly share its two packed panels.
     lanes: bool,
     id: u64,
 }
@@ -297,9 +305,9 @@ impl<'a> Job<'a> {
     }
 
     /// Task `t`: rows of block `t / col_blocks` × columns of block `t % col_blocks` (lane-major:
-    /// rows of block `t % row_blocks` × columns of block `t / row_blocks`).
+    /// see [`Job::lane_task`]).
     pub(crate) fn run(&self, t: usize) {
-        let Job { x: px, w, segs, out, task_cols, col_blocks, row_blocks, .. } = *self;
+        let Job { x: px, w, segs, out, task_cols, col_blocks, .. } = *self;
         let (m, n, k_real, padded, isa) = (px.m, w.rows, px.k_real, px.padded, px.isa);
         // (MR, NR) of the multi-row tile and NR of the single-row tile, per ISA.
         let (mr, nr, nr1) = match isa {
@@ -309,7 +317,7 @@ impl<'a> Job<'a> {
         };
         let row_bytes = w.row_bytes();
         let wbase = w.bytes.as_ptr();
-        let (rb, cb) = if self.lanes { (t % row_blocks, t / row_blocks) } else { (t / col_blocks, t % col_blocks) };
+        let ((rb, cb), place) = if self.lanes { self.lane_task(t) } else { ((t / col_blocks, t % col_blocks), (0, 1)) };
         let (r0, r1) = (rb * TASK_ROWS, ((rb + 1) * TASK_ROWS).min(m));
         let (c0, c1) = (cb * task_cols, ((cb + 1) * task_cols).min(n));
         // Rows past the packed ones (every row this reaches is: see `PaddedX::new`).
@@ -331,7 +339,7 @@ impl<'a> Job<'a> {
             // Output row `r`; the task writes only its columns c0..c1 of it (blocks are disjoint).
             let yrow = |r: usize| out.0.wrapping_add(r * n);
             if self.lanes {
-                self.run_lanes((rb, cb), r0..kb_end, c0..c1, xtile, wrow, yrow);
+                self.run_lanes((cb, place), r0..kb_end, c0..c1, xtile, wrow, yrow);
             } else {
                 kb.run(r0..kb_end, c0..c1, xtile, wrow, yrow);
             }
@@ -395,13 +403,29 @@ impl<'a> Job<'a> {
 }
 
 impl Job<'_> {
-    /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols` (row block `rb`, column block
-    /// `cb`) in lane-major tiles: the block's weight panel is packed unless this thread packed it
-    /// last, then the tiles run the whole segment range and store their outputs row by row.
+    /// Lane-major task `t`'s (row block, column block), and its place among the tasks of its pair
+    /// of column blocks with their count: pairs run one after the other, and within a pair a row
+    /// block meets both column blocks in turn, so its x is read from memory once per pair and
+    /// from L2 the second time.
+    fn lane_task(&self, t: usize) -> ((usize, usize), (usize, usize)) {
+        let (rbs, cbs) = (self.row_blocks, self.col_blocks);
+        let paired = cbs / LANE_PAIR * LANE_PAIR * rbs;
+        if t < paired {
+            let (pair, r) = (t / (LANE_PAIR * rbs), t % (LANE_PAIR * rbs));
+            ((r / LANE_PAIR, pair * LANE_PAIR + r % LANE_PAIR), (r, LANE_PAIR * rbs))
+        } else {
+            ((t - paired, cbs - 1), (t - paired, rbs))
+        }
+    }
+
+    /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols` (column block `cb`, the task's
+    /// `place` among the `tasks` of its pair) in lane-major tiles: the block's weight panel is
+    /// packed unless this thread holds it, then the tiles run the whole segment range and store
+    /// their outputs row by row.
     #[cfg(target_arch = "x86_64")]
     fn run_lanes(
         &self,
-        (rb, cb): (usize, usize),
+        (cb, (place, tasks)): (usize, (usize, usize)),
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
         xtile: impl Fn(usize) -> *const f32,
@@ -418,22 +442,24 @@ impl Job<'_> {
                 let p = v.as_mut_ptr();
                 p.wrapping_add(p.align_offset(64))
             };
-            let panel = aligned(&mut bufs.panel, count * seg_len * LM_NR);
-            if bufs.packed != Some((self.id, cb)) {
+            let slot = cb % LANE_PAIR;
+            let panel = aligned(&mut bufs.panels[slot], count * seg_len * LM_NR);
+            if bufs.packed[slot] != Some((self.id, cb)) {
                 let ws: [*const u8; LM_NR] = std::array::from_fn(|j| wrow(cols.start + j));
                 // SAFETY: only an ISA that `Isa::is_available` confirmed runs (the caller checked
                 // AVX-512); rows are clamped weight rows; the panel holds count × seg_len × 48 floats.
                 unsafe { pack_lanes_avx512(self.w.dtype, &ws, self.x.k_real, seg_len, count, panel) };
-                bufs.packed = Some((self.id, cb));
+                bufs.packed[slot] = Some((self.id, cb));
             }
-            // This task's share of the next column block's weight rows (contiguous in W), fetched
-            // into L2 while it computes: the panel of that block is packed from them next, and
-            // the packing would otherwise wait on memory for every line.
+            // This task's share of the next pair's weight rows (contiguous in W), fetched into L2
+            // while it computes: the panels of that pair are packed from them next, and the
+            // packing would otherwise wait on memory for every line.
             let row_bytes = self.w.row_bytes();
-            let (n0, n1) = (cols.end.min(self.w.rows), (cols.end + LM_NR).min(self.w.rows));
+            let first = (cb / LANE_PAIR + 1) * LANE_PAIR * LM_NR;
+            let (n0, n1) = (first.min(self.w.rows), (first + LANE_PAIR * LM_NR).min(self.w.rows));
             let next = &self.w.bytes[n0 * row_bytes..n1 * row_bytes];
-            let share = next.len().div_ceil(self.row_blocks);
-            let prefetch = next.get(rb * share..((rb + 1) * share).min(next.len())).unwrap_or(&[]);
+            let share = next.len().div_ceil(tasks);
+            let prefetch = next.get(place * share..((place + 1) * share).min(next.len())).unwrap_or(&[]);
             let block = LaneBlock {
                 x: xtile(rows.start / KB_MR),
                 padded: self.x.padded,
@@ -456,7 +482,7 @@ impl Job<'_> {
     #[cfg(not(target_arch = "x86_64"))]
     fn run_lanes(
         &self,
-        _task: (usize, usize),
+        _task: (usize, (usize, usize)),
         _rows: std::ops::Range<usize>,
         _cols: std::ops::Range<usize>,
         _xtile: impl Fn(usize) -> *const f32,

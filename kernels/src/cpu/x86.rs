@@ -864,6 +864,89 @@ unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mu
     }
 }
 
+/// The weight lines a [`LaneBlock`] fetches into L2 while it computes, a few per tile.
+struct L2Prefetch {
+    next_line: usize,
+    lines: usize,
+    per_tile: usize,
+}
+
+/// Group `GK` (in run order) of segment `seg` for every tile of the block: its lanes' chains,
+/// folded in registers, then pushed on the tile's lane stack. `GK` is a constant, so the push's
+/// depth and carries are known: straight-line adds and stores, no loop on the index's bits
+/// (3–5 % at Qwen2.5's 112-column segments, BENCHMARKS §24.1).
+#[inline(always)]
+unsafe fn lane_group<const R: usize, const G: usize, const OUT: usize, const GK: usize>(
+    b: &LaneBlock<'_>,
+    seg: usize,
+    pf: &mut L2Prefetch,
+) {
+    let (groups, group_bits) = (16 / G, (16 / G).trailing_zeros());
+    let state_floats = LM_LEVELS * OUT * 16;
+    let steps = b.seg_len / 16;
+    let tiles = b.rows / R;
+    let xrow = |r: usize| b.x.add(r / 8 * 8 * b.padded + r % 8);
+    let g = bit_reverse(GK, group_bits);
+    let panel = b.panel.add((seg * groups + GK) * steps * G * LM_NR);
+    let lanes_of = |tile: usize| xrow(tile * R).add((seg * 16 + g) * steps * 8);
+    // The first tile of the next group (or segment): the last tile fetches its x lines, so no
+    // group starts on a miss.
+    let next_group = if GK + 1 < groups {
+        xrow(0).add((seg * 16 + bit_reverse(GK + 1, group_bits)) * steps * 8)
+    } else {
+        xrow(0).add((seg + 1).min(b.count - 1) * 16 * steps * 8)
+    };
+    for tile in 0..tiles {
+        for _ in 0..pf.per_tile {
+            if pf.next_line < pf.lines {
+                _mm_prefetch::<_MM_HINT_T1>(b.prefetch.as_ptr().add(pf.next_line * 64) as *const i8);
+                pf.next_line += 1;
+            }
+        }
+        let x = lanes_of(tile);
+        // The next tile's x lines, fetched while this one computes: a tile reads 16 or 32
+        // bytes of each, too few in a row for the hardware prefetcher.
+        let next = if tile + 1 < tiles { lanes_of(tile + 1) } else { next_group };
+        // Accumulator (q, i, j): lane g + 16/G · q, row i, outputs 16j..16j + 16.
+        let mut acc = [_mm512_setzero_ps(); LM_ACC];
+        let (mut w, mut xp) = (panel, x);
+        for step in 0..steps {
+            for q in 0..G {
+                let run = q * groups * steps * 8;
+                _mm_prefetch::<_MM_HINT_T0>(next.add(run + step * 8) as *const i8);
+                let lane = xp.add(run);
+                let xb: [__m512; R] = std::array::from_fn(|i| _mm512_set1_ps(*lane.add(i)));
+                for j in 0..LM_VECS {
+                    let wv = _mm512_load_ps(w.add(q * LM_NR + j * 16));
+                    for i in 0..R {
+                        let a = (q * R + i) * LM_VECS + j;
+                        acc[a] = _mm512_fmadd_ps(xb[i], wv, acc[a]);
+                    }
+                }
+            }
+            w = w.add(G * LM_NR);
+            xp = xp.add(8);
+        }
+        // The group's own levels of the lane tree: with `G` = 4, (q, q + 2) is
+        // (l, l + 8), then (q, q + 1) is (l, l + 4).
+        let mut half = G / 2;
+        while half >= 1 {
+            for q in 0..half {
+                for o in 0..OUT {
+                    acc[q * OUT + o] = _mm512_add_ps(acc[q * OUT + o], acc[(q + half) * OUT + o]);
+                }
+            }
+            half /= 2;
+        }
+        let state = b.state.add(tile * state_floats);
+        let last_group = GK + 1 == groups;
+        push_results::<OUT>(state, GK, &mut acc, !last_group);
+        if last_group {
+            push_results::<OUT>(state.add(4 * OUT * 16), seg, &mut acc, true);
+        }
+    }
+}
+
 /// The outer-product ("lane-major") form of the contract: a zmm holds one lane of 16 outputs
 /// rather than the 16 lanes of one output. Lane `l` of a segment is the chain
 /// `acc = fma(x[e], w[e], acc)` over `e = l, l + 16, …` from +0.0 — for `R` rows × 48 outputs at
@@ -875,74 +958,26 @@ unsafe fn push_results<const OUT: usize>(stack: *mut f32, index: usize, acc: &mu
 /// every result that waits for its sibling — and groups of `G` lanes store `G` times less than
 /// single lanes would.
 /// Every tile of the block runs one group before the next group starts, so that group's panel
-/// (`seg_len / 16 × G × 48` floats) stays in L1 while the tiles pass.
+/// (`seg_len / 16 × G × 48` floats) stays in L1 while the tiles pass; the groups of a segment
+/// are unrolled ([`lane_group`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn lanes512<const R: usize, const G: usize, const OUT: usize>(b: &LaneBlock<'_>) {
     debug_assert!(R * G * LM_VECS == LM_ACC && OUT == R * LM_VECS);
-    let (groups, group_bits) = (16 / G, (16 / G).trailing_zeros());
+    let groups = 16 / G;
     let state_floats = LM_LEVELS * OUT * 16;
-    let steps = b.seg_len / 16;
     let tiles = b.rows / R;
-    let xrow = |r: usize| b.x.add(r / 8 * 8 * b.padded + r % 8);
     // The prefetch spread evenly over the tile runs.
     let lines = b.prefetch.len().div_ceil(64);
-    let per_run = lines.div_ceil(b.count * groups * tiles);
-    let mut next_line = 0;
+    let mut pf = L2Prefetch { next_line: 0, lines, per_tile: lines.div_ceil(b.count * groups * tiles) };
     for seg in 0..b.count {
-        for gk in 0..groups {
-            let g = bit_reverse(gk, group_bits);
-            let panel = b.panel.add((seg * groups + gk) * steps * G * LM_NR);
-            let lanes_of = |tile: usize| xrow(tile * R).add((seg * 16 + g) * steps * 8);
-            for tile in 0..tiles {
-                for _ in 0..per_run {
-                    if next_line < lines {
-                        _mm_prefetch::<_MM_HINT_T1>(b.prefetch.as_ptr().add(next_line * 64) as *const i8);
-                        next_line += 1;
-                    }
+        macro_rules! groups {
+            ($($gk:literal)*) => {$(
+                if $gk < groups {
+                    lane_group::<R, G, OUT, $gk>(b, seg, &mut pf);
                 }
-                let x = lanes_of(tile);
-                // The next tile's x lines, fetched while this one computes: a tile reads 16 or 32
-                // bytes of each, too few in a row for the hardware prefetcher.
-                let next = lanes_of((tile + 1).min(tiles - 1));
-                // Accumulator (q, i, j): lane g + 16/G · q, row i, outputs 16j..16j + 16.
-                let mut acc = [_mm512_setzero_ps(); LM_ACC];
-                let (mut w, mut xp) = (panel, x);
-                for step in 0..steps {
-                    for q in 0..G {
-                        let run = q * groups * steps * 8;
-                        _mm_prefetch::<_MM_HINT_T0>(next.add(run + step * 8) as *const i8);
-                        let lane = xp.add(run);
-                        let xb: [__m512; R] = std::array::from_fn(|i| _mm512_set1_ps(*lane.add(i)));
-                        for j in 0..LM_VECS {
-                            let wv = _mm512_load_ps(w.add(q * LM_NR + j * 16));
-                            for i in 0..R {
-                                let a = (q * R + i) * LM_VECS + j;
-                                acc[a] = _mm512_fmadd_ps(xb[i], wv, acc[a]);
-                            }
-                        }
-                    }
-                    w = w.add(G * LM_NR);
-                    xp = xp.add(8);
-                }
-                // The group's own levels of the lane tree: with `G` = 4, (q, q + 2) is
-                // (l, l + 8), then (q, q + 1) is (l, l + 4).
-                let mut half = G / 2;
-                while half >= 1 {
-                    for q in 0..half {
-                        for o in 0..OUT {
-                            acc[q * OUT + o] = _mm512_add_ps(acc[q * OUT + o], acc[(q + half) * OUT + o]);
-                        }
-                    }
-                    half /= 2;
-                }
-                let state = b.state.add(tile * state_floats);
-                let last_group = gk + 1 == groups;
-                push_results::<OUT>(state, gk, &mut acc, !last_group);
-                if last_group {
-                    push_results::<OUT>(state.add(4 * OUT * 16), seg, &mut acc, true);
-                }
-            }
+            )*};
         }
+        groups!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
     }
     // The segment stack holds one finished run per binary digit of the count, largest first,
     // added left to right as `reference::tree_reduce` does.
