@@ -30,6 +30,27 @@ fn weight(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> HostWeight {
     HostWeight::from_f32(&rng.vec(rows * cols), dtype, rows, cols)
 }
 
+/// `linear` on every ISA at each of `threads` gives the reference's bits (`m` rows, `n` outputs).
+fn assert_linear_equals_reference(
+    x: &[f32],
+    m: usize,
+    w: &HostWeight,
+    n: usize,
+    numerics: NumericsConfig,
+    threads: impl IntoIterator<Item = usize> + Clone,
+    case: &str,
+) {
+    let want = bits(&reference::linear(x, m, w.view(), None, numerics.reduce_segments));
+    let x = x.to_vec();
+    for isa in Isa::available() {
+        for t in threads.clone() {
+            let mut y = vec![0.0; m * n];
+            backend_with(isa, t, numerics).linear(&x, m, w, None, &mut y);
+            assert_eq!(bits(&y), want, "{isa:?} threads={t} {case}");
+        }
+    }
+}
+
 #[test]
 fn every_isa_linear_equals_reference_on_random_shapes() {
     let mut rng = Rng::new(1);
@@ -232,15 +253,15 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
         let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
         for dtype in DTYPES {
             let w = weight(&mut rng, dtype, n, k);
-            let want = bits(&reference::linear(&x, m, w.view(), None, segments));
-            for isa in Isa::available() {
-                for threads in 1..=4 {
-                    let be = backend_with(isa, threads, numerics);
-                    let mut y = vec![0.0; m * n];
-                    be.linear(&x, m, &w, None, &mut y);
-                    assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} k={k} n={n} S={segments} {dtype:?}");
-                }
-            }
+            assert_linear_equals_reference(
+                &x,
+                m,
+                &w,
+                n,
+                numerics,
+                1..=4,
+                &format!("m={m} k={k} n={n} S={segments} {dtype:?}"),
+            );
         }
         // The last rank of the widest split: a subtree of one segment (or of the whole range).
         let seg = Segmentation::new(k, segments).unwrap();
@@ -273,14 +294,15 @@ fn lane_major_unrolled_groups_equal_reference_at_every_segment_count() {
             let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
             for dtype in DTYPES {
                 let w = weight(&mut rng, dtype, n, k);
-                let want = bits(&reference::linear(&x, m, w.view(), None, segments));
-                for isa in Isa::available() {
-                    for threads in [1, 2] {
-                        let mut y = vec![0.0; m * n];
-                        backend_with(isa, threads, numerics).linear(&x, m, &w, None, &mut y);
-                        assert_eq!(bits(&y), want, "{isa:?} threads={threads} k={k} S={segments} {dtype:?}");
-                    }
-                }
+                assert_linear_equals_reference(
+                    &x,
+                    m,
+                    &w,
+                    n,
+                    numerics,
+                    [1, 2],
+                    &format!("k={k} S={segments} {dtype:?}"),
+                );
             }
         }
     }
@@ -298,14 +320,7 @@ fn lane_major_column_block_pairs_equal_reference_for_odd_counts_and_threads() {
     for (m, n) in [(64, 30), (136, 96), (72, 97), (200, 150), (130, 240)] {
         let x = rng.vec(m * k);
         let w = weight(&mut rng, DType::Bf16, n, k);
-        let want = bits(&reference::linear(&x, m, w.view(), None, segments));
-        for isa in Isa::available() {
-            for threads in 1..=4 {
-                let mut y = vec![0.0; m * n];
-                backend_with(isa, threads, numerics).linear(&x, m, &w, None, &mut y);
-                assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} n={n}");
-            }
-        }
+        assert_linear_equals_reference(&x, m, &w, n, numerics, 1..=4, &format!("m={m} n={n}"));
     }
 }
 
