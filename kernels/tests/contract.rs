@@ -324,6 +324,40 @@ fn lane_major_column_block_pairs_equal_reference_for_odd_counts_and_threads() {
     }
 }
 
+/// Lane-major tiles add the last segment's result to the earlier runs of the segment stack in
+/// registers and store each output straight from there, masked to the block's columns. Every
+/// count of runs the contract has (one for `2^k`, two for `3·2^k`; a row-parallel rank's subtree,
+/// one), every width of the last 48-column block (1 to 48 columns, stores that end mid-vector),
+/// two row blocks and 1–4 threads must give the reference's bits.
+#[test]
+fn lane_major_segment_totals_stored_from_registers_equal_reference() {
+    let mut rng = Rng::new(50);
+    let m = 72;
+    for segments in [1, 3, 8, 12] {
+        let k = segments * 112 - 5;
+        let x = rng.vec(m * k);
+        let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+        for n in [1, 16, 17, 47, 48, 49, 95] {
+            let w = weight(&mut rng, DType::F32, n, k);
+            assert_linear_equals_reference(&x, m, &w, n, numerics, 1..=4, &format!("n={n} k={k} S={segments}"));
+        }
+        let (n, seg) = (65, Segmentation::new(k, segments).unwrap());
+        for degree in Segmentation::tp_degrees(segments) {
+            for rank in 0..degree {
+                let segs = seg.shard(rank, degree).unwrap();
+                let cols = segs.real_range();
+                let (xs, w) = (columns_of(&x, k, cols.clone()), weight(&mut rng, DType::Bf16, n, cols.len()));
+                let want = bits(&reference::linear_partial(&xs, m, w.view(), segs));
+                for isa in Isa::available() {
+                    let mut p = vec![0.0; m * n];
+                    backend_with(isa, 2, numerics).linear_partial(&xs, m, &w, segs, &mut p);
+                    assert_eq!(bits(&p), want, "{isa:?} partial S={segments} rank {rank} of {degree}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);

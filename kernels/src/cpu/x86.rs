@@ -942,7 +942,42 @@ unsafe fn lane_group<const R: usize, const G: usize, const OUT: usize, const GK:
         let last_group = GK + 1 == groups;
         push_results::<OUT>(state, GK, &mut acc, !last_group);
         if last_group {
-            push_results::<OUT>(state.add(4 * OUT * 16), seg, &mut acc, true);
+            let stack = state.add(4 * OUT * 16);
+            let last_seg = seg + 1 == b.count;
+            push_results::<OUT>(stack, seg, &mut acc, !last_seg);
+            if last_seg {
+                store_total::<R, OUT>(b, tile, stack, &acc);
+            }
+        }
+    }
+}
+
+/// Tile `tile`'s outputs, from the last segment's result `acc` (its carries added): the segment
+/// stack then holds the earlier runs of the count's binary digits, largest first, and the total
+/// adds them left to right and `acc` last, as `reference::tree_reduce` adds its runs. Stored
+/// straight from the registers, so no pass over the stacks follows the last group.
+#[inline(always)]
+unsafe fn store_total<const R: usize, const OUT: usize>(
+    b: &LaneBlock<'_>,
+    tile: usize,
+    stack: *const f32,
+    acc: &[__m512],
+) {
+    let earlier = b.count.count_ones() as usize - 1;
+    let mask = (1u64 << b.cols) - 1;
+    for i in 0..R {
+        let y = b.y.add((tile * R + i) * b.n);
+        for j in 0..LM_VECS {
+            let o = i * LM_VECS + j;
+            let mut total = acc[o];
+            if earlier > 0 {
+                let mut runs = _mm512_load_ps(stack.add(o * 16));
+                for d in 1..earlier {
+                    runs = _mm512_add_ps(runs, _mm512_load_ps(stack.add(d * OUT * 16 + o * 16)));
+                }
+                total = _mm512_add_ps(runs, total);
+            }
+            _mm512_mask_storeu_ps(y.add(j * 16), (mask >> (j * 16)) as __mmask16, total);
         }
     }
 }
@@ -964,7 +999,6 @@ unsafe fn lane_group<const R: usize, const G: usize, const OUT: usize, const GK:
 unsafe fn lanes512<const R: usize, const G: usize, const OUT: usize>(b: &LaneBlock<'_>) {
     debug_assert!(R * G * LM_VECS == LM_ACC && OUT == R * LM_VECS);
     let groups = 16 / G;
-    let state_floats = LM_LEVELS * OUT * 16;
     let tiles = b.rows / R;
     // The prefetch spread evenly over the tile runs.
     let lines = b.prefetch.len().div_ceil(64);
@@ -978,24 +1012,6 @@ unsafe fn lanes512<const R: usize, const G: usize, const OUT: usize>(b: &LaneBlo
             )*};
         }
         groups!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-    }
-    // The segment stack holds one finished run per binary digit of the count, largest first,
-    // added left to right as `reference::tree_reduce` does.
-    let runs = b.count.count_ones() as usize;
-    let mask = (1u64 << b.cols) - 1;
-    for tile in 0..tiles {
-        let stack = b.state.add(tile * state_floats + 4 * OUT * 16);
-        for i in 0..R {
-            let y = b.y.add((tile * R + i) * b.n);
-            for j in 0..LM_VECS {
-                let o = (i * LM_VECS + j) * 16;
-                let mut total = _mm512_load_ps(stack.add(o));
-                for d in 1..runs {
-                    total = _mm512_add_ps(total, _mm512_load_ps(stack.add(d * OUT * 16 + o)));
-                }
-                _mm512_mask_storeu_ps(y.add(j * 16), (mask >> (j * 16)) as __mmask16, total);
-            }
-        }
     }
 }
 
