@@ -903,6 +903,9 @@ unsafe fn lane_group<const R: usize, const G: usize, const OUT: usize, const GK:
                 pf.next_line += 1;
             }
         }
+        if GK + 2 == groups && seg + 1 == b.count {
+            prefetch_out::<R>(b, tile);
+        }
         let x = lanes_of(tile);
         // The next tile's x lines, fetched while this one computes: a tile reads 16 or 32
         // bytes of each, too few in a row for the hardware prefetcher.
@@ -948,6 +951,20 @@ unsafe fn lane_group<const R: usize, const G: usize, const OUT: usize, const GK:
             if last_seg {
                 store_total::<R, OUT>(b, tile, stack, &acc);
             }
+        }
+    }
+}
+
+/// Tile `tile`'s output lines, fetched for writing one group before [`store_total`] writes them:
+/// a miss there would hold up the stores queued behind it.
+#[inline(always)]
+unsafe fn prefetch_out<const R: usize>(b: &LaneBlock<'_>, tile: usize) {
+    for i in 0..R {
+        let row = b.y.wrapping_add((tile * R + i) * b.n);
+        let (mut line, end) = (row as usize & !63, row.wrapping_add(b.cols) as usize);
+        while line < end {
+            _mm_prefetch::<_MM_HINT_ET0>(line as *const i8);
+            line += 64;
         }
     }
 }
