@@ -358,6 +358,36 @@ fn lane_major_segment_totals_stored_from_registers_equal_reference() {
     }
 }
 
+/// Lane-major tiles read x packed on the team (a task per 8 rows) into the buffer the previous
+/// call of the thread left, which holds that call's pack — longer, shorter, another layout —
+/// and is not cleared, or grown where short. One thread runs calls of growing and shrinking
+/// packs in turn (Qwen2.5's K = 896, its down projection's 4864, K = 333 at S = 3 and 1000
+/// ending mid-step, 64 to 200 rows) at 1–4 threads: every output must equal the reference.
+#[test]
+fn lane_major_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
+    let mut rng = Rng::new(51);
+    let calls =
+        [(64, 896, 8), (72, 4864, 8), (136, 896, 8), (64, 333, 3), (200, 1000, 8), (136, 4864, 8), (130, 896, 8)];
+    for threads in 1..=4 {
+        for isa in Isa::available() {
+            let mut backends: Vec<(usize, CpuBackend)> = Vec::new();
+            for &(m, k, segments) in &calls {
+                if !backends.iter().any(|(s, _)| *s == segments) {
+                    let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+                    backends.push((segments, backend_with(isa, threads, numerics)));
+                }
+                let be = &backends.iter().find(|(s, _)| *s == segments).unwrap().1;
+                let (x, n) = (rng.vec(m * k), 50);
+                let w = weight(&mut rng, DType::Bf16, n, k);
+                let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+                let mut y = vec![0.0; m * n];
+                be.linear(&x, m, &w, None, &mut y);
+                assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} k={k} S={segments}");
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);

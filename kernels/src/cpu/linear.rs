@@ -27,7 +27,8 @@
 //! of whole registers (see `x86::lanes512`). They read the weights as a panel in their own order,
 //! widened to f32 — packed per call into a per-thread buffer, once per 48-column block, and
 //! reused by the thread's later tasks of the same block — so no copy of the weights outlives the
-//! call, and x packed lane by lane. Tasks run pair of column blocks after pair, and within a
+//! call, and x packed lane by lane (on the team, 8 rows a task, into a buffer the calling thread
+//! keeps for its next call). Tasks run pair of column blocks after pair, and within a
 //! pair each 64-row block meets both column blocks in turn: a thread keeps both panels, and a
 //! row block's packed x (229 KB at Qwen2.5's K) comes from memory once per pair and from L2 the
 //! second time — at M = 512 the packed x (1.8 MB) no longer fits in L2 beside the rest, so
@@ -35,7 +36,7 @@
 //! the next pair's weights into L2 while it computes, so packing those panels does not wait on
 //! memory. Tiles run 4 rows × 2 lanes at once. Decode and block-type weights never take them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
@@ -108,6 +109,8 @@ fn k_chunks(count: usize, seg_len: usize) -> Vec<ChunkSpan> {
 thread_local! {
     /// Per-thread state of the K-blocked tiles of one task (reused: no allocation per call).
     static KB_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The lane-major x packs of the last `PaddedX` dropped on this thread, for the next to fill.
+    static SPARE_LANE_PACK: Cell<Option<AlignedF32>> = const { Cell::new(None) };
     /// Per-thread weight panel and tree stacks of the lane-major tiles (reused across calls).
     static LANE_BUFS: RefCell<LaneBufs> =
         const { RefCell::new(LaneBufs { packed: [None; LANE_PAIR], panels: [Vec::new(), Vec::new()], scratch: Vec::new() }) };
@@ -162,9 +165,20 @@ struct AlignedF32 {
 
 impl AlignedF32 {
     fn zeros(len: usize) -> AlignedF32 {
-        let buf = vec![0.0f32; len + 16];
+        AlignedF32::within(vec![0.0f32; len + 16])
+    }
+    fn within(buf: Vec<f32>) -> AlignedF32 {
         let align = buf.as_ptr().align_offset(64);
         AlignedF32 { buf, align }
+    }
+    /// `len` floats of this thread's spare lane-major pack (grown if short), their contents
+    /// whatever they were: for a caller that overwrites all of them.
+    fn spare(len: usize) -> AlignedF32 {
+        let mut buf = SPARE_LANE_PACK.take().map(|p| p.buf).unwrap_or_default();
+        if buf.len() < len + 16 {
+            buf.resize(len + 16, 0.0);
+        }
+        AlignedF32::within(buf)
     }
     fn as_mut_slice(&mut self, len: usize) -> &mut [f32] {
         &mut self.buf[self.align..self.align + len]
@@ -205,14 +219,16 @@ impl<'x> PaddedX<'x> {
 
     /// The lane-major tiles' packs: element `e = s · seg_len + 16t + l` of row `i` of a pack at
     /// `((s · 16 + l) · steps + t) · 8 + i` — a lane's elements in order, the pack's 8 rows side by
-    /// side — so a tile's broadcasts of one lane walk one run of lines.
-    fn lane_pack(&self) -> &AlignedF32 {
+    /// side — so a tile's broadcasts of one lane walk one run of lines. Packed on the team, one
+    /// task per 8 rows, into the buffer the last `PaddedX` of this thread left (the packing
+    /// writes every float of it): packing on one thread, into fresh memory, left the other
+    /// threads waiting (BENCHMARKS §25.2).
+    fn lane_pack(&self, be: &CpuBackend) -> &AlignedF32 {
         let (x, k_real, padded, rows) = (self.x, self.k_real, self.padded, self.kb_rows());
         let seg_len = self.segs.seg.seg_len;
         self.lane_pack.get_or_init(|| {
-            let mut pack = AlignedF32::zeros(rows * padded);
-            let dst = pack.as_mut_slice(rows * padded);
-            for (p, dst) in dst.chunks_exact_mut(KB_MR * padded).enumerate() {
+            let mut pack = AlignedF32::spare(rows * padded);
+            let one = |p: usize, dst: &mut [f32]| {
                 let rows = &x[p * KB_MR * k_real..(p + 1) * KB_MR * k_real];
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: lane-major tiles run only where AVX-512 is available (`kblocked`); the
@@ -225,9 +241,24 @@ impl<'x> PaddedX<'x> {
                     let _ = (rows, dst);
                     unreachable!("lane-major tiles run on AVX-512 only");
                 }
-            }
+            };
+            be.run_chunks(pack.as_mut_slice(rows * padded), KB_MR * padded, one);
             pack
         })
+    }
+}
+
+impl Drop for PaddedX<'_> {
+    /// The lane-major pack goes back to this thread's spare for the next call's (the larger of
+    /// the two is kept: a layer's down projection packs 5.4 times the floats of the others).
+    fn drop(&mut self) {
+        if let Some(pack) = self.lane_pack.take() {
+            let keep = match SPARE_LANE_PACK.take() {
+                Some(old) if old.buf.len() > pack.buf.len() => old,
+                _ => pack,
+            };
+            SPARE_LANE_PACK.set(Some(keep));
+        }
     }
 }
 
@@ -284,7 +315,13 @@ pub(crate) struct Job<'a> {
 
 impl<'a> Job<'a> {
     /// `y = x · Wᵀ` for `x` prepared for `w`'s columns and `segs`.
-    pub(crate) fn new(x: &'a PaddedX<'a>, w: WeightView<'a>, segs: SegmentRange, y: &mut [f32]) -> Job<'a> {
+    pub(crate) fn new(
+        be: &CpuBackend,
+        x: &'a PaddedX<'a>,
+        w: WeightView<'a>,
+        segs: SegmentRange,
+        y: &mut [f32],
+    ) -> Job<'a> {
         assert_eq!(x.k_real, w.cols, "x prepared for another K");
         let task_cols = if x.kblocked { KB_TASK_COLS } else { TASK_COLS };
         let col_blocks = w.rows.div_ceil(task_cols);
@@ -293,7 +330,7 @@ impl<'a> Job<'a> {
         let lanes = x.kblocked && x.m >= LANES_MIN_M && !w.dtype.is_quantized() && segs.seg.seg_len <= LM_MAX_SEG;
         let id = NEXT_JOB_ID.fetch_add(1, Relaxed);
         let xpack = match (lanes, x.kblocked) {
-            (true, _) => Some(x.lane_pack()),
+            (true, _) => Some(x.lane_pack(be)),
             (false, true) => Some(x.kb_pack()),
             (false, false) => None,
         };
@@ -420,8 +457,8 @@ impl Job<'_> {
 
     /// Rows `rows` (a multiple of [`KB_MR`]) by columns `cols` (column block `cb`, the task's
     /// `place` among the `tasks` of its pair) in lane-major tiles: the block's weight panel is
-    /// packed unless this thread holds it, then the tiles run the whole segment range and store
-    /// their outputs row by row.
+    /// packed unless this thread holds it, then the tiles run the whole segment range, the last
+    /// segment's last lane group storing the outputs.
     #[cfg(target_arch = "x86_64")]
     fn run_lanes(
         &self,
@@ -505,7 +542,7 @@ pub(crate) fn linear_invariant(
         return;
     }
     let px = PaddedX::new(be, x, m, w.cols, segs);
-    let job = Job::new(&px, w, segs, y);
+    let job = Job::new(be, &px, w, segs, y);
     be.run_tasks(job.tasks(), |t| job.run(t));
 }
 

@@ -675,7 +675,7 @@ impl CpuBackend {
             }
             _ => {
                 let px = gx.padded.get_or_init(|| linear::PaddedX::new(self, x, m, gx.k, segs));
-                return Some(LinearJob::Invariant(linear::Job::new(px, w.view(), segs, y)));
+                return Some(LinearJob::Invariant(linear::Job::new(self, px, w.view(), segs, y)));
             }
         };
         let packed = w.native_packed.get_or_init(|| {
