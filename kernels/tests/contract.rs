@@ -51,6 +51,29 @@ fn assert_linear_equals_reference(
     }
 }
 
+/// Rank `rank` of a `degree`-way row-parallel split of x (`m` rows) through a fresh bf16 weight
+/// of `n` rows: its partial on every ISA (2 threads) must equal the reference's bits.
+fn assert_rank_partial_equals_reference(
+    rng: &mut Rng,
+    x: &[f32],
+    m: usize,
+    n: usize,
+    numerics: NumericsConfig,
+    (rank, degree): (usize, usize),
+    case: &str,
+) {
+    let k = x.len() / m;
+    let segs = Segmentation::new(k, numerics.reduce_segments).unwrap().shard(rank, degree).unwrap();
+    let cols = segs.real_range();
+    let (xs, w) = (columns_of(x, k, cols.clone()), weight(rng, DType::Bf16, n, cols.len()));
+    let want = bits(&reference::linear_partial(&xs, m, w.view(), segs));
+    for isa in Isa::available() {
+        let mut p = vec![0.0; m * n];
+        backend_with(isa, 2, numerics).linear_partial(&xs, m, &w, segs, &mut p);
+        assert_eq!(bits(&p), want, "{isa:?} partial rank {rank} of {degree} {case}");
+    }
+}
+
 #[test]
 fn every_isa_linear_equals_reference_on_random_shapes() {
     let mut rng = Rng::new(1);
@@ -264,17 +287,9 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
             );
         }
         // The last rank of the widest split: a subtree of one segment (or of the whole range).
-        let seg = Segmentation::new(k, segments).unwrap();
         let degree = *Segmentation::tp_degrees(segments).last().unwrap();
-        let segs = seg.shard(degree - 1, degree).unwrap();
-        let cols = segs.real_range();
-        let (xs, w) = (columns_of(&x, k, cols.clone()), weight(&mut rng, DType::Bf16, n, cols.len()));
-        let want = bits(&reference::linear_partial(&xs, m, w.view(), segs));
-        for isa in Isa::available() {
-            let mut p = vec![0.0; m * n];
-            backend_with(isa, 2, numerics).linear_partial(&xs, m, &w, segs, &mut p);
-            assert_eq!(bits(&p), want, "{isa:?} partial m={m} k={k} S={segments}");
-        }
+        let case = format!("m={m} k={k} S={segments}");
+        assert_rank_partial_equals_reference(&mut rng, &x, m, n, numerics, (degree - 1, degree), &case);
     }
 }
 
@@ -341,18 +356,10 @@ fn lane_major_segment_totals_stored_from_registers_equal_reference() {
             let w = weight(&mut rng, DType::F32, n, k);
             assert_linear_equals_reference(&x, m, &w, n, numerics, 1..=4, &format!("n={n} k={k} S={segments}"));
         }
-        let (n, seg) = (65, Segmentation::new(k, segments).unwrap());
         for degree in Segmentation::tp_degrees(segments) {
             for rank in 0..degree {
-                let segs = seg.shard(rank, degree).unwrap();
-                let cols = segs.real_range();
-                let (xs, w) = (columns_of(&x, k, cols.clone()), weight(&mut rng, DType::Bf16, n, cols.len()));
-                let want = bits(&reference::linear_partial(&xs, m, w.view(), segs));
-                for isa in Isa::available() {
-                    let mut p = vec![0.0; m * n];
-                    backend_with(isa, 2, numerics).linear_partial(&xs, m, &w, segs, &mut p);
-                    assert_eq!(bits(&p), want, "{isa:?} partial S={segments} rank {rank} of {degree}");
-                }
+                let case = format!("S={segments}");
+                assert_rank_partial_equals_reference(&mut rng, &x, m, 65, numerics, (rank, degree), &case);
             }
         }
     }
