@@ -395,6 +395,41 @@ fn lane_major_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
     }
 }
 
+/// The K-blocked tiles' x packs are built on the team into the spare buffer an earlier call left
+/// (here a lane-major pack of infinite x, so every float of it is stale): the padding past K
+/// must be written as zeros, not assumed, or an infinite x times a masked-off zero weight makes
+/// a NaN. Batches below 64 rows, block-type weights and segments over 640 columns take these
+/// tiles; K ends mid-block in every case. Every output must equal the reference, at 1–4 threads.
+#[test]
+fn k_blocked_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
+    let mut rng = Rng::new(53);
+    // (m, k, S, weights): padded K 336, 1024, 1024, 2016.
+    let calls =
+        [(8, 333, 3, DType::F32), (63, 1000, 8, DType::Bf16), (64, 992, 8, DType::Q8_0), (77, 2000, 1, DType::F16)];
+    let stale = vec![f32::INFINITY; 200 * 1000];
+    let stale_w = weight(&mut rng, DType::Bf16, 8, 1000);
+    for threads in 1..=4 {
+        for isa in Isa::available() {
+            for &(m, k, segments, dtype) in &calls {
+                let be = backend_with(isa, threads, NumericsConfig { reduce_segments: segments, ..Default::default() });
+                // Leaves this thread's spare x pack (AVX-512's lane-major one) full of infinities.
+                be.linear(&stale, 200, &stale_w, None, &mut vec![0.0; 200 * 8]);
+                let x = rng.vec(m * k);
+                let n = 20;
+                let w = if dtype.is_quantized() {
+                    quant_weight(&mut rng, dtype, n, k)
+                } else {
+                    weight(&mut rng, dtype, n, k)
+                };
+                let want = bits(&reference::linear(&x, m, w.view(), None, segments));
+                let mut y = vec![0.0; m * n];
+                be.linear(&x, m, &w, None, &mut y);
+                assert_eq!(bits(&y), want, "{isa:?} threads={threads} m={m} k={k} S={segments} {dtype:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_counts_1_2_3_8_give_identical_bits() {
     let mut rng = Rng::new(5);

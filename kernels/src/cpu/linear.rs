@@ -14,7 +14,8 @@
 //! segment is unfinished, then its segment-tree stack — so every output still sees exactly the
 //! contract's fma chain per lane, lane tree per segment and segment tree: only *when* each step
 //! runs changes, never its operands. Within a chunk, one 8-row block of x stays in L1 while the
-//! task's weight columns pass by. Finished outputs are stored row by row into output lines
+//! task's weight columns pass by; x is packed into those blocks on the team, one task per 8
+//! rows, into the buffer the calling thread's previous call left (see `PaddedX::kb_pack`). Finished outputs are stored row by row into output lines
 //! fetched for writing during the task's last chunk: an 8×3 tile's 24 results lie on 8 rows `N`
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
@@ -109,8 +110,9 @@ fn k_chunks(count: usize, seg_len: usize) -> Vec<ChunkSpan> {
 thread_local! {
     /// Per-thread state of the K-blocked tiles of one task (reused: no allocation per call).
     static KB_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// The lane-major x packs of the last `PaddedX` dropped on this thread, for the next to fill.
-    static SPARE_LANE_PACK: Cell<Option<AlignedF32>> = const { Cell::new(None) };
+    /// The largest x pack (lane-major or K-blocked) of the `PaddedX`s dropped on this thread, for
+    /// the next to fill.
+    static SPARE_X_PACK: Cell<Option<AlignedF32>> = const { Cell::new(None) };
     /// Per-thread weight panel and tree stacks of the lane-major tiles (reused across calls).
     static LANE_BUFS: RefCell<LaneBufs> =
         const { RefCell::new(LaneBufs { packed: [None; LANE_PAIR], panels: [Vec::new(), Vec::new()], scratch: Vec::new() }) };
@@ -164,17 +166,14 @@ struct AlignedF32 {
 }
 
 impl AlignedF32 {
-    fn zeros(len: usize) -> AlignedF32 {
-        AlignedF32::within(vec![0.0f32; len + 16])
-    }
     fn within(buf: Vec<f32>) -> AlignedF32 {
         let align = buf.as_ptr().align_offset(64);
         AlignedF32 { buf, align }
     }
-    /// `len` floats of this thread's spare lane-major pack (grown if short), their contents
-    /// whatever they were: for a caller that overwrites all of them.
+    /// `len` floats of this thread's spare x pack (grown if short), their contents whatever they
+    /// were: for a caller that overwrites all of them.
     fn spare(len: usize) -> AlignedF32 {
-        let mut buf = SPARE_LANE_PACK.take().map(|p| p.buf).unwrap_or_default();
+        let mut buf = SPARE_X_PACK.take().map(|p| p.buf).unwrap_or_default();
         if buf.len() < len + 16 {
             buf.resize(len + 16, 0.0);
         }
@@ -200,19 +199,25 @@ impl<'x> PaddedX<'x> {
     }
 
     /// The K-blocked tiles' packs: column `col` of row `i` of a pack at `col · 8 + i · 16` (`col`
-    /// a multiple of 16, plus its lane), so one 16-column block of 8 rows is 512 contiguous bytes.
-    fn kb_pack(&self) -> &AlignedF32 {
+    /// a multiple of 16, plus its lane), so one 16-column block of 8 rows is 512 contiguous bytes,
+    /// zeros past `k_real`. Packed on the team, one task per 8 rows, into this thread's spare
+    /// pack, as [`PaddedX::lane_pack`] is (the padding written, not assumed).
+    fn kb_pack(&self, be: &CpuBackend) -> &AlignedF32 {
         let (x, k_real, padded, rows) = (self.x, self.k_real, self.padded, self.kb_rows());
+        assert_eq!(padded % 16, 0, "segment ranges pad to whole 16-column blocks");
         self.kb_pack.get_or_init(|| {
-            let mut pack = AlignedF32::zeros(rows * padded);
-            for (t, tile) in pack.as_mut_slice(rows * padded).chunks_exact_mut(KB_MR * padded).enumerate() {
+            let mut pack = AlignedF32::spare(rows * padded);
+            be.run_chunks(pack.as_mut_slice(rows * padded), KB_MR * padded, |t, tile| {
                 for i in 0..KB_MR {
                     let row = &x[(t * KB_MR + i) * k_real..][..k_real];
-                    for (b, part) in row.chunks(16).enumerate() {
-                        tile[b * 16 * KB_MR + i * 16..][..part.len()].copy_from_slice(part);
+                    for b in 0..padded / 16 {
+                        let (lo, hi) = ((b * 16).min(k_real), ((b + 1) * 16).min(k_real));
+                        let dst = &mut tile[b * 16 * KB_MR + i * 16..][..16];
+                        dst[..hi - lo].copy_from_slice(&row[lo..hi]);
+                        dst[hi - lo..].fill(0.0);
                     }
                 }
-            }
+            });
             pack
         })
     }
@@ -249,15 +254,15 @@ impl<'x> PaddedX<'x> {
 }
 
 impl Drop for PaddedX<'_> {
-    /// The lane-major pack goes back to this thread's spare for the next call's (the larger of
-    /// the two is kept: a layer's down projection packs 5.4 times the floats of the others).
+    /// The x packs go back to this thread's spare for the next call's (the largest is kept: a
+    /// layer's down projection packs 5.4 times the floats of the others).
     fn drop(&mut self) {
-        if let Some(pack) = self.lane_pack.take() {
-            let keep = match SPARE_LANE_PACK.take() {
+        for pack in [self.lane_pack.take(), self.kb_pack.take()].into_iter().flatten() {
+            let keep = match SPARE_X_PACK.take() {
                 Some(old) if old.buf.len() > pack.buf.len() => old,
                 _ => pack,
             };
-            SPARE_LANE_PACK.set(Some(keep));
+            SPARE_X_PACK.set(Some(keep));
         }
     }
 }
@@ -331,7 +336,7 @@ impl<'a> Job<'a> {
         let id = NEXT_JOB_ID.fetch_add(1, Relaxed);
         let xpack = match (lanes, x.kblocked) {
             (true, _) => Some(x.lane_pack(be)),
-            (false, true) => Some(x.kb_pack()),
+            (false, true) => Some(x.kb_pack(be)),
             (false, false) => None,
         };
         Job { x, xpack, w, segs, out: SharedOut(y.as_mut_ptr()), task_cols, col_blocks, row_blocks, tasks, lanes, id }
