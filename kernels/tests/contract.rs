@@ -243,7 +243,7 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
-/// Batches of 64 rows or more with segments of at most 640 columns and f32/bf16/f16 weights run
+/// Batches of 64 rows or more with segments of at most 640 columns run
 /// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
 /// against a weight panel packed per call, and the lane tree is folded partly in registers and
 /// partly through a stack. Every output must still equal the reference — for both segment-count
@@ -290,6 +290,41 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
         let degree = *Segmentation::tp_degrees(segments).last().unwrap();
         let case = format!("m={m} k={k} S={segments}");
         assert_rank_partial_equals_reference(&mut rng, &x, m, n, numerics, (degree - 1, degree), &case);
+    }
+}
+
+/// GGUF block weights (Q8_0, Q4_0, Q4_1) take the lane-major tiles too, widened into the panel
+/// by the quantization formula instead of inside the FMA loop: each half-block of 16 weights
+/// must land in its lanes with the same bits every other path gives it (`quant_weight` plants
+/// f16 scale edge cases — zero, −0, subnormal, ±max). Qwen2.5's K = 896 at S = 8, its down
+/// projection's 4864 (608-column segments), SmolLM2's 576 (72-column segments, ending mid-step)
+/// and 1536 at S = 8; partial 48-column blocks; 1–4 threads; the last rank of the widest split
+/// where its columns fall on block boundaries.
+#[test]
+fn lane_major_tiles_widen_block_weights_into_the_panel_equal_reference() {
+    let mut rng = Rng::new(57);
+    let cases = [(512, 896, 50, 8), (64, 4864, 20, 8), (130, 576, 49, 8), (71, 1536, 97, 8), (96, 320, 145, 12)];
+    for &(m, k, n, segments) in &cases {
+        let x = rng.vec(m * k);
+        let numerics = NumericsConfig { reduce_segments: segments, ..Default::default() };
+        for dtype in QTYPES {
+            let w = quant_weight(&mut rng, dtype, n, k);
+            let case = format!("m={m} k={k} n={n} S={segments} {dtype:?}");
+            assert_linear_equals_reference(&x, m, &w, n, numerics, 1..=4, &case);
+            let degree = *Segmentation::tp_degrees(segments).last().unwrap();
+            let segs = Segmentation::new(k, segments).unwrap().shard(degree - 1, degree).unwrap();
+            let cols = segs.real_range();
+            if !cols.start.is_multiple_of(32) {
+                continue;
+            }
+            let (xs, ws) = (columns_of(&x, k, cols.clone()), w.columns(cols).unwrap());
+            let want = bits(&reference::linear_partial(&xs, m, ws.view(), segs));
+            for isa in Isa::available() {
+                let mut p = vec![0.0; m * n];
+                backend_with(isa, 2, numerics).linear_partial(&xs, m, &ws, segs, &mut p);
+                assert_eq!(bits(&p), want, "{isa:?} partial rank {} of {degree} {case}", degree - 1);
+            }
+        }
     }
 }
 

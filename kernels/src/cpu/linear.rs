@@ -20,22 +20,25 @@
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
 //!
-//! **Lane-major tiles (AVX-512, M ≥ 64, f32/bf16/f16 weights, segments ≤ 640 columns).** The
+//! **Lane-major tiles (AVX-512, M ≥ 64, segments ≤ 640 columns, any weight type).** The
 //! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
 //! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
 //! lanes are independent chains, so these tiles compute the same chains the other way round: a
 //! register holds one lane of 16 outputs, x is broadcast, and the lane tree becomes vertical adds
 //! of whole registers (see `x86::lanes512`). They read the weights as a panel in their own order,
-//! widened to f32 — packed per call into a per-thread buffer, once per 48-column block, and
-//! reused by the thread's later tasks of the same block — so no copy of the weights outlives the
-//! call, and x packed lane by lane (on the team, 8 rows a task, into a buffer the calling thread
+//! widened to f32 (block types by the `crate::quant` formula, as every tile widens them) —
+//! packed per call into a per-thread buffer, once per 48-column block, and reused by the
+//! thread's later tasks of the same block — so no copy of the weights outlives the call, and x
+//! packed lane by lane (on the team, 8 rows a task, into a buffer the calling thread
 //! keeps for its next call). Tasks run pair of column blocks after pair, and within a
 //! pair each 64-row block meets both column blocks in turn: a thread keeps both panels, and a
 //! row block's packed x (229 KB at Qwen2.5's K) comes from memory once per pair and from L2 the
 //! second time — at M = 512 the packed x (1.8 MB) no longer fits in L2 beside the rest, so
 //! running one column block at a time streamed it once per block. Each task fetches its share of
 //! the next pair's weights into L2 while it computes, so packing those panels does not wait on
-//! memory. Tiles run 4 rows × 2 lanes at once. Decode and block-type weights never take them.
+//! memory. Tiles run 4 rows × 2 lanes at once. Decode never takes them. GGUF block types take
+//! them too: the K-blocked tiles widen each weight once per 8 rows inside the FMA loop, the
+//! panel once per call (BENCHMARKS §26).
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -118,9 +121,9 @@ thread_local! {
         const { RefCell::new(LaneBufs { packed: [None; LANE_PAIR], panels: [Vec::new(), Vec::new()], scratch: Vec::new() }) };
 }
 
-/// Batches of at least this many rows take the lane-major tiles (f32, bf16, f16 weights, segments
-/// of at most `LM_MAX_SEG` columns): their weight panel is packed per call and pays off over
-/// many row blocks.
+/// Batches of at least this many rows take the lane-major tiles (segments of at most
+/// `LM_MAX_SEG` columns): their weight panel is packed per call and pays off over many row
+/// blocks.
 const LANES_MIN_M: usize = 64;
 
 /// Column blocks a lane-major row block meets in turn (see `Job::lane_task`); a thread keeps the
@@ -332,7 +335,7 @@ impl<'a> Job<'a> {
         let col_blocks = w.rows.div_ceil(task_cols);
         let row_blocks = x.m.div_ceil(TASK_ROWS);
         let tasks = row_blocks * col_blocks;
-        let lanes = x.kblocked && x.m >= LANES_MIN_M && !w.dtype.is_quantized() && segs.seg.seg_len <= LM_MAX_SEG;
+        let lanes = x.kblocked && x.m >= LANES_MIN_M && segs.seg.seg_len <= LM_MAX_SEG;
         let id = NEXT_JOB_ID.fetch_add(1, Relaxed);
         let xpack = match (lanes, x.kblocked) {
             (true, _) => Some(x.lane_pack(be)),

@@ -30,6 +30,8 @@ trait Load512 {
     unsafe fn full(row: *const u8, col: usize) -> __m512;
     /// Lanes outside `mask` are zero and their addresses are never touched.
     unsafe fn masked(row: *const u8, col: usize, mask: __mmask16) -> __m512;
+    /// Where in a row the bytes of element `col` lie (a block type: its block's start).
+    fn byte_offset(col: usize) -> usize;
     /// Whether [`Load512::pair`] saves work (a block type decodes its 32-weight block once).
     const PAIRED: bool = false;
     /// Weights `col..col + 32` (`col` a multiple of 32, all real) as two vectors.
@@ -44,6 +46,10 @@ struct F16x16;
 
 impl Load512 for F32x16 {
     #[inline(always)]
+    fn byte_offset(col: usize) -> usize {
+        col * 4
+    }
+    #[inline(always)]
     unsafe fn full(row: *const u8, col: usize) -> __m512 {
         _mm512_loadu_ps((row as *const f32).add(col))
     }
@@ -53,6 +59,10 @@ impl Load512 for F32x16 {
     }
 }
 impl Load512 for Bf16x16 {
+    #[inline(always)]
+    fn byte_offset(col: usize) -> usize {
+        col * 2
+    }
     #[inline(always)]
     unsafe fn full(row: *const u8, col: usize) -> __m512 {
         let h = _mm256_loadu_si256((row as *const u16).add(col) as *const __m256i);
@@ -65,6 +75,10 @@ impl Load512 for Bf16x16 {
     }
 }
 impl Load512 for F16x16 {
+    #[inline(always)]
+    fn byte_offset(col: usize) -> usize {
+        col * 2
+    }
     #[inline(always)]
     unsafe fn full(row: *const u8, col: usize) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256((row as *const u16).add(col) as *const __m256i))
@@ -180,8 +194,12 @@ impl Quant512 for Q4_1x16 {
 /// half of one quantization block — all real or (past the row) all padding.
 impl<Q: Quant512> Load512 for Q {
     #[inline(always)]
+    fn byte_offset(col: usize) -> usize {
+        col / 32 * Q::BYTES
+    }
+    #[inline(always)]
     unsafe fn full(row: *const u8, col: usize) -> __m512 {
-        let blk = row.add(col / 32 * Q::BYTES);
+        let blk = row.add(Self::byte_offset(col));
         if col.is_multiple_of(32) {
             Q::half::<false>(blk, Q::prepare(blk))
         } else {
@@ -748,7 +766,6 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_lanes512<L: Load512, const G: usize>(
     ws: &[*const u8; LM_NR],
-    elem_bytes: usize,
     k_real: usize,
     seg_len: usize,
     count: usize,
@@ -775,7 +792,7 @@ unsafe fn pack_lanes512<L: Load512, const G: usize>(
                 let row = ws[jv * 16 + j];
                 // 48 rows side by side are more streams than the hardware prefetcher follows:
                 // each row's line four blocks ahead is fetched by hand (never faults).
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add((col + 64) * elem_bytes) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(L::byte_offset(col + 64)) as *const i8);
                 r[j] = if col < full_end { L::full(row, col) } else { L::masked(row, col, mask) };
             }
             transpose16(&mut r);
@@ -787,7 +804,7 @@ unsafe fn pack_lanes512<L: Load512, const G: usize>(
 }
 
 /// Packs weight rows `ws` (clamped to W by the caller) for [`lanes_avx512`]: every weight widened
-/// to f32, laid out in the order the tiles read them — segment by segment, lane group by lane
+/// to f32 (a block type by the [`crate::quant`] formula, its rows whole blocks), laid out in the order the tiles read them — segment by segment, lane group by lane
 /// group in bit-reversed order, step by step, the group's lanes in turn — with the 48 outputs of
 /// one (lane, column) in a row, and zeros past `k_real`. `panel` holds `count × seg_len × 48`
 /// floats, 64-byte aligned.
@@ -803,10 +820,12 @@ pub(crate) unsafe fn pack_lanes_avx512(
     panel: *mut f32,
 ) {
     match dtype {
-        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, dtype.size(), k_real, seg_len, count, panel),
-        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, dtype.size(), k_real, seg_len, count, panel),
-        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, dtype.size(), k_real, seg_len, count, panel),
-        other => unreachable!("{other:?} weights take the K-blocked tiles"),
+        DType::F32 => pack_lanes512::<F32x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::Bf16 => pack_lanes512::<Bf16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::F16 => pack_lanes512::<F16x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::Q8_0 => pack_lanes512::<Q8_0x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::Q4_0 => pack_lanes512::<Q4_0x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
+        DType::Q4_1 => pack_lanes512::<Q4_1x16, LM_GROUP>(ws, k_real, seg_len, count, panel),
     }
 }
 
