@@ -198,17 +198,27 @@ fn rows_are_identical_alone_and_inside_batches_of_1_to_64() {
     }
 }
 
-/// Batches of 8 rows or more run K-blocked tiles on AVX-512: a tile carries its lane
-/// accumulators across the chunks of a long segment and its segment-tree stack across segments.
-/// Every output must still equal the reference — for segments cut into chunks (seg_len > 640)
-/// and not, both segment-count families, row-parallel subtrees, every storage type, and row
-/// counts that leave 4×4 and single-row remainders and more than one 64-row task.
+/// Batches of 8 rows or more run K-blocked tiles on AVX-512 (below 32 rows, 16 for block types,
+/// or segments over 640 columns): a tile carries its lane accumulators across the chunks of a
+/// long segment and its segment-tree stack across segments. Every output must still equal the
+/// reference — for segments cut into chunks (seg_len > 640) and not, both segment-count
+/// families, row-parallel subtrees, every storage type, and row counts that leave 4×4 and
+/// single-row remainders and more than one 64-row task.
 #[test]
 fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() {
     let mut rng = Rng::new(31);
     // (m, k, n, S): 2016 at S = 1 is one 2016-column segment (four chunks), 1408 at S = 2 two of
-    // 704 (two chunks each), 896 at S = 8 (Qwen2.5's hidden, one chunk per segment).
-    let cases = [(8, 2016, 7, 1), (13, 1408, 10, 2), (70, 896, 50, 8), (77, 288, 23, 12), (150, 160, 5, 3)];
+    // 704 (two chunks each), 896 at S = 8 (Qwen2.5's hidden, one chunk per segment); 77 and 150
+    // rows (more than one task) at 704- and 2016-column segments, which lane-major tiles leave.
+    let cases = [
+        (8, 2016, 7, 1),
+        (13, 1408, 10, 2),
+        (15, 896, 50, 8),
+        (29, 288, 23, 12),
+        (31, 160, 5, 3),
+        (77, 1408, 23, 2),
+        (150, 2016, 5, 1),
+    ];
     let dtypes = [DType::F32, DType::Bf16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
     for &(m, k, n, segments) in &cases {
         let x = rng.vec(m * k);
@@ -243,7 +253,7 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
-/// Batches of 64 rows or more with segments of at most 640 columns run
+/// Batches of 32 rows or more (16 for block types) with segments of at most 640 columns run
 /// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
 /// against a weight panel packed per call, and the lane tree is folded partly in registers and
 /// partly through a stack. Every output must still equal the reference — for both segment-count
@@ -433,14 +443,14 @@ fn lane_major_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
 /// The K-blocked tiles' x packs are built on the team into the spare buffer an earlier call left
 /// (here a lane-major pack of infinite x, so every float of it is stale): the padding past K
 /// must be written as zeros, not assumed, or an infinite x times a masked-off zero weight makes
-/// a NaN. Batches below 64 rows, block-type weights and segments over 640 columns take these
+/// a NaN. Batches below 32 rows (16 for block types) and segments over 640 columns take these
 /// tiles; K ends mid-block in every case. Every output must equal the reference, at 1–4 threads.
 #[test]
 fn k_blocked_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
     let mut rng = Rng::new(53);
     // (m, k, S, weights): padded K 336, 1024, 1024, 2016.
     let calls =
-        [(8, 333, 3, DType::F32), (63, 1000, 8, DType::Bf16), (64, 992, 8, DType::Q8_0), (77, 2000, 1, DType::F16)];
+        [(8, 333, 3, DType::F32), (31, 1000, 8, DType::Bf16), (15, 992, 8, DType::Q8_0), (77, 2000, 1, DType::F16)];
     let stale = vec![f32::INFINITY; 200 * 1000];
     let stale_w = weight(&mut rng, DType::Bf16, 8, 1000);
     for threads in 1..=4 {
