@@ -233,7 +233,7 @@ fn main() {
         &filter,
         &mut rng,
         &SHAPES,
-        &[1, 8, 64, 128, 512],
+        &[1, 8, 16, 32, 64, 128, 512],
         &dtypes,
         [KernelMode::Invariant, KernelMode::Fast],
         "",

@@ -198,8 +198,8 @@ fn rows_are_identical_alone_and_inside_batches_of_1_to_64() {
     }
 }
 
-/// Batches of 8 rows or more run K-blocked tiles on AVX-512 (below 32 rows, 16 for block types,
-/// or segments over 640 columns): a tile carries its lane accumulators across the chunks of a
+/// Batches of 8 rows or more run K-blocked tiles on AVX-512 (below 64 rows — 32 for K ≤ 2048, 16
+/// for block types — or segments over 640 columns): a tile carries its lane accumulators across the chunks of a
 /// long segment and its segment-tree stack across segments. Every output must still equal the
 /// reference — for segments cut into chunks (seg_len > 640) and not, both segment-count
 /// families, row-parallel subtrees, every storage type, and row counts that leave 4×4 and
@@ -216,6 +216,7 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
         (15, 896, 50, 8),
         (29, 288, 23, 12),
         (31, 160, 5, 3),
+        (40, 2432, 10, 8),
         (77, 1408, 23, 2),
         (150, 2016, 5, 1),
     ];
@@ -253,8 +254,8 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
-/// Batches of 32 rows or more (16 for block types) with segments of at most 640 columns run
-/// lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
+/// Batches of 64 rows or more (32 for K ≤ 2048, 16 for block types) with segments of at most 640
+/// columns run lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
 /// against a weight panel packed per call, and the lane tree is folded partly in registers and
 /// partly through a stack. Every output must still equal the reference — for both segment-count
 /// families, K not a multiple of 16 (the real row ending inside a lane's last step), output
@@ -264,7 +265,8 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
 #[test]
 fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_threads() {
     let mut rng = Rng::new(47);
-    // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112); 1000 at S = 8 (seg_len 128, the
+    // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112), at 512 rows and at 40 (a short K
+    // takes these tiles from 32 rows); 1000 at S = 8 (seg_len 128, the
     // row ends mid-step); 200 at S = 1 (one 208-column segment); 333 at S = 3 (seg_len 112);
     // 300 at S = 12 (seg_len 32); Qwen2.5's down projection, K = 4864 at S = 8 (seg_len 608,
     // the longest lane-major segments, 38 steps per lane chain); 1250 at S = 2 (seg_len 640, the
@@ -272,6 +274,7 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
     // tiles (the routing between the two kinds of tiles inside one backend).
     let cases = [
         (512, 896, 50, 8),
+        (40, 896, 50, 8),
         (64, 4864, 50, 8),
         (72, 1250, 49, 2),
         (64, 1000, 97, 8),

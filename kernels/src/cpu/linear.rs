@@ -20,7 +20,8 @@
 //! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
 //! 512-token prefill's CPU time went to that write-out).
 //!
-//! **Lane-major tiles (AVX-512, M ≥ 32 — 16 for block types — segments ≤ 640 columns).** The
+//! **Lane-major tiles (AVX-512, M ≥ 64 — fewer for short K and block types, see
+//! `takes_lane_major` — segments ≤ 640 columns).** The
 //! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
 //! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
 //! lanes are independent chains, so these tiles compute the same chains the other way round: a
@@ -121,13 +122,20 @@ thread_local! {
         const { RefCell::new(LaneBufs { packed: [None; LANE_PAIR], panels: [Vec::new(), Vec::new()], scratch: Vec::new() }) };
 }
 
-/// Batches of at least this many rows take the lane-major tiles (segments of at most
-/// `LM_MAX_SEG` columns): their weight panel is packed per call and pays off over enough rows —
-/// at 32 for f32/bf16/f16 weights (decode at batch 32 ~+8 %, batch 16 slower: BENCHMARKS §26),
-/// at 16 for GGUF block types, which the K-blocked tiles widen once per 8 rows inside their FMA
-/// loop (batch 32 ×1.3–1.8, batch 16 level to ×1.3, batch 8 slower).
-const LANES_MIN_M: usize = 32;
-const LANES_MIN_M_BLOCKS: usize = 16;
+/// Whether a batch of `m` rows (x padded to `padded` columns) through weights of `dtype` takes
+/// the lane-major tiles (given segments of at most `LM_MAX_SEG` columns). Their weight panel is
+/// packed per call and pays off over enough rows: 64 always; 32 where the panel is short (K ≤
+/// 2048: 48 outputs × K f32 ≤ 384 KB, re-read from L2 by every 4-row tile — the down
+/// projection's 934 KB panel at M = 32 made its linear 20–30 % slower than K-blocked); 16 for
+/// GGUF block types, which the K-blocked tiles widen once per 8 rows inside their FMA loop
+/// (BENCHMARKS §26: batch 16–32 decode ×1.2–1.8 for block types, ~+5 % for bf16).
+fn takes_lane_major(m: usize, padded: usize, dtype: DType) -> bool {
+    if dtype.is_quantized() {
+        m >= 16
+    } else {
+        m >= 64 || (m >= 32 && padded <= 2048)
+    }
+}
 
 /// Column blocks a lane-major row block meets in turn (see `Job::lane_task`); a thread keeps the
 /// panel of each.
@@ -338,8 +346,7 @@ impl<'a> Job<'a> {
         let col_blocks = w.rows.div_ceil(task_cols);
         let row_blocks = x.m.div_ceil(TASK_ROWS);
         let tasks = row_blocks * col_blocks;
-        let min_m = if w.dtype.is_quantized() { LANES_MIN_M_BLOCKS } else { LANES_MIN_M };
-        let lanes = x.kblocked && x.m >= min_m && segs.seg.seg_len <= LM_MAX_SEG;
+        let lanes = x.kblocked && segs.seg.seg_len <= LM_MAX_SEG && takes_lane_major(x.m, x.padded, w.dtype);
         let id = NEXT_JOB_ID.fetch_add(1, Relaxed);
         let xpack = match (lanes, x.kblocked) {
             (true, _) => Some(x.lane_pack(be)),
