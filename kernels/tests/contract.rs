@@ -198,8 +198,8 @@ fn rows_are_identical_alone_and_inside_batches_of_1_to_64() {
     }
 }
 
-/// Batches of 8 rows or more run K-blocked tiles on AVX-512 (below 64 rows — 32 for K ≤ 2048, 16
-/// for block types — or segments over 640 columns): a tile carries its lane accumulators across the chunks of a
+/// Batches of 8 rows or more run K-blocked tiles on AVX-512 (below 64 rows — 32 for bf16/f16 at
+/// K ≤ 2048, 16 for block types — or segments over 640 columns): a tile carries its lane accumulators across the chunks of a
 /// long segment and its segment-tree stack across segments. Every output must still equal the
 /// reference — for segments cut into chunks (seg_len > 640) and not, both segment-count
 /// families, row-parallel subtrees, every storage type, and row counts that leave 4×4 and
@@ -254,8 +254,8 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
     }
 }
 
-/// Batches of 64 rows or more (32 for K ≤ 2048, 16 for block types) with segments of at most 640
-/// columns run lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
+/// Batches of 64 rows or more (32 for bf16/f16 at K ≤ 2048, 16 for block types) with segments of
+/// at most 640 columns run lane-major tiles on AVX-512: a zmm holds one lane of 16 outputs, lanes run two at a time
 /// against a weight panel packed per call, and the lane tree is folded partly in registers and
 /// partly through a stack. Every output must still equal the reference — for both segment-count
 /// families, K not a multiple of 16 (the real row ending inside a lane's last step), output
@@ -265,8 +265,8 @@ fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() 
 #[test]
 fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_threads() {
     let mut rng = Rng::new(47);
-    // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112), at 512 rows and at 40 (a short K
-    // takes these tiles from 32 rows); 1000 at S = 8 (seg_len 128, the
+    // (m, k, n, S): Qwen2.5's K = 896 at S = 8 (seg_len 112), at 512 rows and at 40 (bf16/f16
+    // at a short K take these tiles from 32 rows, f32 not); 1000 at S = 8 (seg_len 128, the
     // row ends mid-step); 200 at S = 1 (one 208-column segment); 333 at S = 3 (seg_len 112);
     // 300 at S = 12 (seg_len 32); Qwen2.5's down projection, K = 4864 at S = 8 (seg_len 608,
     // the longest lane-major segments, 38 steps per lane chain); 1250 at S = 2 (seg_len 640, the
@@ -446,8 +446,9 @@ fn lane_major_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
 /// The K-blocked tiles' x packs are built on the team into the spare buffer an earlier call left
 /// (here a lane-major pack of infinite x, so every float of it is stale): the padding past K
 /// must be written as zeros, not assumed, or an infinite x times a masked-off zero weight makes
-/// a NaN. Batches below 32 rows (16 for block types) and segments over 640 columns take these
-/// tiles; K ends mid-block in every case. Every output must equal the reference, at 1–4 threads.
+/// a NaN. Batches below 32 rows (16 for block types), f32 below 64 and segments over 640 columns
+/// take these tiles; K ends mid-block in every case. Every output must equal the reference, at
+/// 1–4 threads.
 #[test]
 fn k_blocked_x_packed_on_the_team_into_a_reused_buffer_equals_reference() {
     let mut rng = Rng::new(53);

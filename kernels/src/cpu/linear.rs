@@ -124,16 +124,18 @@ thread_local! {
 
 /// Whether a batch of `m` rows (x padded to `padded` columns) through weights of `dtype` takes
 /// the lane-major tiles (given segments of at most `LM_MAX_SEG` columns). Their weight panel is
-/// packed per call and pays off over enough rows: 64 always; 32 where the panel is short (K ≤
-/// 2048: 48 outputs × K f32 ≤ 384 KB, re-read from L2 by every 4-row tile — the down
-/// projection's 934 KB panel at M = 32 made its linear 20–30 % slower than K-blocked); 16 for
-/// GGUF block types, which the K-blocked tiles widen once per 8 rows inside their FMA loop
-/// (BENCHMARKS §26: batch 16–32 decode ×1.2–1.8 for block types, ~+5 % for bf16).
+/// packed per call and pays off over enough rows: 64 always; below that only where the K-blocked
+/// tiles would widen every weight inside their FMA loop once per 8 rows — 32 for bf16/f16 where
+/// the panel is short (K ≤ 2048: 48 outputs × K f32 ≤ 384 KB, re-read from L2 by every 4-row
+/// tile; the down projection's 934 KB panel at M = 32 made its linear 20–30 % slower than
+/// K-blocked, and f32, which the K-blocked tiles read as it is, gained nothing), 16 for GGUF
+/// block types (BENCHMARKS §26: batch 16–32 decode ×1.2–1.8 for block types, +15–35 % for the
+/// bf16 linears at M = 32).
 fn takes_lane_major(m: usize, padded: usize, dtype: DType) -> bool {
     if dtype.is_quantized() {
         m >= 16
     } else {
-        m >= 64 || (m >= 32 && padded <= 2048)
+        m >= 64 || (m >= 32 && padded <= 2048 && dtype != DType::F32)
     }
 }
 
