@@ -208,8 +208,9 @@ fn rows_are_identical_alone_and_inside_batches_of_1_to_64() {
 fn k_blocked_tiles_equal_reference_across_chunked_segments_and_row_remainders() {
     let mut rng = Rng::new(31);
     // (m, k, n, S): 2016 at S = 1 is one 2016-column segment (four chunks), 1408 at S = 2 two of
-    // 704 (two chunks each), 896 at S = 8 (Qwen2.5's hidden, one chunk per segment); 77 and 150
-    // rows (more than one task) at 704- and 2016-column segments, which lane-major tiles leave.
+    // 704 (two chunks each), 896 at S = 8 (Qwen2.5's hidden, one chunk per segment); 40 rows at
+    // K = 2432 (bf16/f16 below 64 rows with K > 2048); 77 and 150 rows (more than one task) at
+    // 704- and 2016-column segments, which lane-major tiles leave.
     let cases = [
         (8, 2016, 7, 1),
         (13, 1408, 10, 2),

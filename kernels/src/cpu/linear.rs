@@ -15,15 +15,16 @@
 //! contract's fma chain per lane, lane tree per segment and segment tree: only *when* each step
 //! runs changes, never its operands. Within a chunk, one 8-row block of x stays in L1 while the
 //! task's weight columns pass by; x is packed into those blocks on the team, one task per 8
-//! rows, into the buffer the calling thread's previous call left (see `PaddedX::kb_pack`). Finished outputs are stored row by row into output lines
-//! fetched for writing during the task's last chunk: an 8×3 tile's 24 results lie on 8 rows `N`
-//! floats apart, and storing them where they fall missed the cache on every row (~9 % of a
-//! 512-token prefill's CPU time went to that write-out).
+//! rows, into the buffer the calling thread's previous call left (see `PaddedX::kb_pack`).
+//! Finished outputs are stored row by row into output lines fetched for writing during the
+//! task's last chunk: an 8×3 tile's 24 results lie on 8 rows `N` floats apart, and storing them
+//! where they fall missed the cache on every row (~9 % of a 512-token prefill's CPU time went to
+//! that write-out).
 //!
-//! **Lane-major tiles (AVX-512, M ≥ 64 — fewer for short K and block types, see
-//! `takes_lane_major` — segments ≤ 640 columns).** The
-//! K-blocked tiles hold the 16 lanes of one output per register, so every segment ends in a
-//! shuffle tree per output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
+//! **Lane-major tiles (AVX-512, segments ≤ 640 columns, M ≥ 64 — or fewer rows for weights
+//! the K-blocked tiles widen in their FMA loop, see `takes_lane_major`).** The K-blocked tiles
+//! hold the 16 lanes of one output per register, so every segment ends in a shuffle tree per
+//! output (~15 % of their time at Qwen2.5's 112-column segments). The contract's
 //! lanes are independent chains, so these tiles compute the same chains the other way round: a
 //! register holds one lane of 16 outputs, x is broadcast, and the lane tree becomes vertical adds
 //! of whole registers (see `x86::lanes512`). They read the weights as a panel in their own order,
