@@ -51,13 +51,16 @@ fn assert_linear_equals_reference(
     }
 }
 
-/// Rank `rank` of a `degree`-way row-parallel split of x (`m` rows) through a fresh bf16 weight
-/// of `n` rows: its partial on every ISA (2 threads) must equal the reference's bits.
+/// Rank `rank` of a `degree`-way row-parallel split of x (`m` rows) through a fresh weight of
+/// `n` rows of `dtype` (a block type: the shard's columns must be whole blocks): its partial on
+/// every ISA (2 threads) must equal the reference's bits.
+#[allow(clippy::too_many_arguments)]
 fn assert_rank_partial_equals_reference(
     rng: &mut Rng,
     x: &[f32],
     m: usize,
     n: usize,
+    dtype: DType,
     numerics: NumericsConfig,
     (rank, degree): (usize, usize),
     case: &str,
@@ -65,7 +68,9 @@ fn assert_rank_partial_equals_reference(
     let k = x.len() / m;
     let segs = Segmentation::new(k, numerics.reduce_segments).unwrap().shard(rank, degree).unwrap();
     let cols = segs.real_range();
-    let (xs, w) = (columns_of(x, k, cols.clone()), weight(rng, DType::Bf16, n, cols.len()));
+    let w =
+        if dtype.is_quantized() { quant_weight(rng, dtype, n, cols.len()) } else { weight(rng, dtype, n, cols.len()) };
+    let xs = columns_of(x, k, cols);
     let want = bits(&reference::linear_partial(&xs, m, w.view(), segs));
     for isa in Isa::available() {
         let mut p = vec![0.0; m * n];
@@ -303,7 +308,7 @@ fn lane_major_tiles_equal_reference_across_segment_counts_partial_blocks_and_thr
         // The last rank of the widest split: a subtree of one segment (or of the whole range).
         let degree = *Segmentation::tp_degrees(segments).last().unwrap();
         let case = format!("m={m} k={k} S={segments}");
-        assert_rank_partial_equals_reference(&mut rng, &x, m, n, numerics, (degree - 1, degree), &case);
+        assert_rank_partial_equals_reference(&mut rng, &x, m, n, DType::Bf16, numerics, (degree - 1, degree), &case);
     }
 }
 
@@ -327,16 +332,8 @@ fn lane_major_tiles_widen_block_weights_into_the_panel_equal_reference() {
             assert_linear_equals_reference(&x, m, &w, n, numerics, 1..=4, &case);
             let degree = *Segmentation::tp_degrees(segments).last().unwrap();
             let segs = Segmentation::new(k, segments).unwrap().shard(degree - 1, degree).unwrap();
-            let cols = segs.real_range();
-            if !cols.start.is_multiple_of(32) {
-                continue;
-            }
-            let (xs, ws) = (columns_of(&x, k, cols.clone()), w.columns(cols).unwrap());
-            let want = bits(&reference::linear_partial(&xs, m, ws.view(), segs));
-            for isa in Isa::available() {
-                let mut p = vec![0.0; m * n];
-                backend_with(isa, 2, numerics).linear_partial(&xs, m, &ws, segs, &mut p);
-                assert_eq!(bits(&p), want, "{isa:?} partial rank {} of {degree} {case}", degree - 1);
+            if segs.real_range().start.is_multiple_of(32) {
+                assert_rank_partial_equals_reference(&mut rng, &x, m, n, dtype, numerics, (degree - 1, degree), &case);
             }
         }
     }
@@ -408,7 +405,7 @@ fn lane_major_segment_totals_stored_from_registers_equal_reference() {
         for degree in Segmentation::tp_degrees(segments) {
             for rank in 0..degree {
                 let case = format!("S={segments}");
-                assert_rank_partial_equals_reference(&mut rng, &x, m, 65, numerics, (rank, degree), &case);
+                assert_rank_partial_equals_reference(&mut rng, &x, m, 65, DType::Bf16, numerics, (rank, degree), &case);
             }
         }
     }

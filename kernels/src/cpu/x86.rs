@@ -804,9 +804,10 @@ unsafe fn pack_lanes512<L: Load512, const G: usize>(
 }
 
 /// Packs weight rows `ws` (clamped to W by the caller) for [`lanes_avx512`]: every weight widened
-/// to f32 (a block type by the [`crate::quant`] formula, its rows whole blocks), laid out in the order the tiles read them — segment by segment, lane group by lane
-/// group in bit-reversed order, step by step, the group's lanes in turn — with the 48 outputs of
-/// one (lane, column) in a row, and zeros past `k_real`. `panel` holds `count × seg_len × 48`
+/// to f32 (a block type by the [`crate::quant`] formula, its rows whole blocks), laid out in the
+/// order the tiles read them — segment by segment, lane group by lane group in bit-reversed
+/// order, step by step, the group's lanes in turn — with the 48 outputs of one (lane, column) in
+/// a row, and zeros past `k_real`. `panel` holds `count × seg_len × 48`
 /// floats, 64-byte aligned.
 ///
 /// # Safety
